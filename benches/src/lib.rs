@@ -1,0 +1,65 @@
+//! Helpers shared by Wrenn's benchmarks: locating binaries, reading process
+//! memory, and printing the table and the final `RESULT {json}` line.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The repository root (benchmarks run from anywhere inside it).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Resident set size of a process, in KiB (`VmRSS`), or its peak (`VmHWM`).
+pub fn rss_kib(pid: u32, peak: bool) -> Option<u64> {
+    let key = if peak { "VmHWM:" } else { "VmRSS:" };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Median and 99th percentile of a set of durations, in milliseconds.
+pub fn median_p99_ms(samples: &mut [Duration]) -> (f64, f64) {
+    if samples.is_empty() {
+        return (0.0, 0.0);
+    }
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let p99 = ((samples.len() * 99).div_ceil(100)).saturating_sub(1);
+    (ms(samples[samples.len() / 2]), ms(samples[p99]))
+}
+
+/// Prints a two-column table of figures.
+pub fn print_table(title: &str, rows: &[(String, String)]) {
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0).max(6);
+    println!("\n{title}");
+    println!("{}", "-".repeat(w + 24));
+    for (k, v) in rows {
+        println!("{k:<w$}  {v}");
+    }
+    println!("{}", "-".repeat(w + 24));
+}
+
+/// Prints the machine-readable last line.
+pub fn print_result(json: &serde_json::Value) {
+    println!("RESULT {json}");
+}
+
+/// Rounds to two decimals for display and JSON.
+pub fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}

@@ -1,0 +1,77 @@
+//! `envd`: the in-capsule agent. Runs as an ordinary program on any Linux host too.
+
+use clap::Parser;
+use std::net::{IpAddr, SocketAddr};
+use wrenn_envd::server::{serve, AppState, Config};
+
+#[derive(Debug, Parser)]
+#[command(name = "envd", version = wrenn_envd::ENVD_VERSION, about = "Wrenn's in-guest agent (E2B envd protocol)")]
+struct Args {
+    /// TCP port to listen on.
+    #[arg(long, default_value_t = wrenn_envd::DEFAULT_PORT)]
+    port: u16,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    addr: IpAddr,
+    /// User that runs processes and owns files when a request names none.
+    #[arg(long, default_value = "user")]
+    default_user: String,
+    /// Set the system clock from the host time sent to /init (inside a capsule).
+    #[arg(long)]
+    sync_clock: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENVD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // One thread is plenty for an agent and keeps its footprint small.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("envd: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let addr = SocketAddr::new(args.addr, args.port);
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, version = wrenn_envd::ENVD_VERSION, "envd listening");
+        let state = AppState::new(Config {
+            default_user: args.default_user,
+            sync_clock: args.sync_clock,
+        });
+        serve(listener, state, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("envd: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("envd shutting down");
+}

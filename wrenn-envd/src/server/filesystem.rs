@@ -1,0 +1,616 @@
+//! `filesystem.Filesystem`: stat, list, make, move, remove, and directory watches
+//! (a real server stream, and the create/poll/remove trio).
+
+use super::rpc::{open_stream, stream_error_response, Rpc, RpcError};
+use super::users::{Names, User};
+use super::AppState;
+use crate::connect::{Code, ConnectError};
+use crate::proto::filesystem::*;
+use crate::proto::Timestamp;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::post;
+use axum::Router;
+use futures_util::StreamExt;
+use inotify::{Inotify, WatchDescriptor, WatchMask};
+use std::collections::{HashMap, VecDeque};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// Most polling watchers alive at once (each holds an inotify instance).
+const MAX_WATCHERS: usize = 256;
+/// Events a polling watcher buffers between polls; older ones are dropped.
+const MAX_BUFFERED_EVENTS: usize = 65_536;
+/// Prefix of the xattrs that carry user metadata.
+pub const XATTR_PREFIX: &str = "user.e2b.";
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/filesystem.Filesystem/Stat", post(stat))
+        .route("/filesystem.Filesystem/MakeDir", post(make_dir))
+        .route("/filesystem.Filesystem/Move", post(move_entry))
+        .route("/filesystem.Filesystem/ListDir", post(list_dir))
+        .route("/filesystem.Filesystem/Remove", post(remove))
+        .route("/filesystem.Filesystem/WatchDir", post(watch_dir))
+        .route("/filesystem.Filesystem/CreateWatcher", post(create_watcher))
+        .route(
+            "/filesystem.Filesystem/GetWatcherEvents",
+            post(get_watcher_events),
+        )
+        .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
+}
+
+/// Runs blocking filesystem work off the async thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ConnectError> + Send + 'static,
+) -> Result<T, ConnectError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ConnectError::internal(format!("worker failed: {e}"))))
+}
+
+fn permissions_string(mode: u32, kind: char) -> String {
+    let mut s = String::with_capacity(10);
+    s.push(kind);
+    for shift in [6u32, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+/// User metadata of a file (`user.e2b.*` xattrs, prefix stripped).
+pub fn read_metadata(path: &Path) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    if let Ok(names) = xattr::list(path) {
+        for name in names {
+            let Some(name) = name.to_str() else { continue };
+            let Some(key) = name.strip_prefix(XATTR_PREFIX) else {
+                continue;
+            };
+            if let Ok(Some(v)) = xattr::get(path, name) {
+                out.insert(key.to_string(), String::from_utf8_lossy(&v).into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Describes one path. Symlinks report their target's type and set `symlinkTarget`.
+pub fn entry_info(path: &Path, names: &Names) -> std::io::Result<EntryInfo> {
+    let lmeta = std::fs::symlink_metadata(path)?;
+    let is_symlink = lmeta.file_type().is_symlink();
+    let (meta, target) = if is_symlink {
+        let target = std::fs::read_link(path).ok().map(|t| {
+            let abs = if t.is_absolute() {
+                t
+            } else {
+                path.parent().unwrap_or(Path::new("/")).join(t)
+            };
+            super::users::clean(&abs).display().to_string()
+        });
+        (std::fs::metadata(path).unwrap_or(lmeta), target)
+    } else {
+        (lmeta, None)
+    };
+    let ft = meta.file_type();
+    let (kind, ch) = if ft.is_dir() {
+        (FileType::Directory, 'd')
+    } else if ft.is_symlink() {
+        // A dangling link: its target cannot be described.
+        (FileType::Symlink, 'L')
+    } else {
+        (FileType::File, '-')
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "/".to_string());
+    Ok(EntryInfo {
+        name,
+        r#type: kind as i32,
+        path: path.display().to_string(),
+        size: i64::try_from(meta.len()).unwrap_or(i64::MAX),
+        mode,
+        permissions: permissions_string(mode, ch),
+        owner: names.user(meta.uid()),
+        group: names.group(meta.gid()),
+        modified_time: Some(Timestamp {
+            seconds: meta.mtime(),
+            nanos: i32::try_from(meta.mtime_nsec()).unwrap_or(0),
+        }),
+        symlink_target: target,
+        metadata: read_metadata(path),
+        is_symlink,
+    })
+}
+
+/// Creates `path` and every missing parent, each owned by `user`.
+pub fn create_dir_all_owned(path: &Path, user: &User) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = path;
+    while std::fs::symlink_metadata(cur).is_err() {
+        missing.push(cur.to_path_buf());
+        match cur.parent() {
+            Some(p) => cur = p,
+            None => break,
+        }
+    }
+    for dir in missing.iter().rev() {
+        match std::fs::create_dir(dir) {
+            Ok(()) => {
+                let _ = std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn not_found_or(e: std::io::Error, path: &Path) -> ConnectError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        ConnectError::not_found(format!("path '{}' does not exist", path.display()))
+    } else {
+        ConnectError::from_io(&e, &format!("'{}'", path.display()))
+    }
+}
+
+async fn stat(
+    State(st): State<Arc<AppState>>,
+    rpc: Rpc<PathRequest>,
+) -> Result<Response, RpcError> {
+    let user = st.rpc_user(&rpc.headers)?;
+    let path = st.resolve_path(&rpc.msg.path, &user);
+    let entry =
+        blocking(move || entry_info(&path, &Names::load()).map_err(|e| not_found_or(e, &path)))
+            .await?;
+    Ok(rpc.reply(&EntryResponse { entry: Some(entry) }))
+}
+
+async fn make_dir(
+    State(st): State<Arc<AppState>>,
+    rpc: Rpc<PathRequest>,
+) -> Result<Response, RpcError> {
+    let user = st.rpc_user(&rpc.headers)?;
+    let path = st.resolve_path(&rpc.msg.path, &user);
+    let entry = blocking(move || {
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => {
+                return Err(ConnectError::new(
+                    Code::AlreadyExists,
+                    format!("directory '{}' already exists", path.display()),
+                ))
+            }
+            Ok(_) => {
+                return Err(ConnectError::invalid_argument(format!(
+                    "path '{}' already exists and is not a directory",
+                    path.display()
+                )))
+            }
+            Err(_) => {}
+        }
+        create_dir_all_owned(&path, &user)
+            .map_err(|e| ConnectError::from_io(&e, "creating directory"))?;
+        entry_info(&path, &Names::load()).map_err(|e| not_found_or(e, &path))
+    })
+    .await?;
+    Ok(rpc.reply(&EntryResponse { entry: Some(entry) }))
+}
+
+async fn move_entry(
+    State(st): State<Arc<AppState>>,
+    rpc: Rpc<MoveRequest>,
+) -> Result<Response, RpcError> {
+    let user = st.rpc_user(&rpc.headers)?;
+    let src = st.resolve_path(&rpc.msg.source, &user);
+    let dst = st.resolve_path(&rpc.msg.destination, &user);
+    let entry = blocking(move || {
+        std::fs::symlink_metadata(&src).map_err(|e| not_found_or(e, &src))?;
+        if let Some(parent) = dst.parent() {
+            create_dir_all_owned(parent, &user)
+                .map_err(|e| ConnectError::from_io(&e, "creating parent"))?;
+        }
+        std::fs::rename(&src, &dst).map_err(|e| ConnectError::from_io(&e, "moving"))?;
+        entry_info(&dst, &Names::load()).map_err(|e| not_found_or(e, &dst))
+    })
+    .await?;
+    Ok(rpc.reply(&EntryResponse { entry: Some(entry) }))
+}
+
+fn walk(dir: &Path, depth: u32, names: &Names, out: &mut Vec<EntryInfo>) -> std::io::Result<()> {
+    let mut children: Vec<_> = std::fs::read_dir(dir)?.filter_map(Result::ok).collect();
+    children.sort_by_key(|e| e.file_name());
+    for child in children {
+        let path = child.path();
+        // Entries may vanish while listing; skip those.
+        let Ok(info) = entry_info(&path, names) else {
+            continue;
+        };
+        out.push(info);
+        let real_dir = child.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        if depth > 1 && real_dir {
+            // Unreadable subdirectories are listed but not descended into.
+            let _ = walk(&path, depth - 1, names, out);
+        }
+    }
+    Ok(())
+}
+
+async fn list_dir(
+    State(st): State<Arc<AppState>>,
+    rpc: Rpc<ListDirRequest>,
+) -> Result<Response, RpcError> {
+    let user = st.rpc_user(&rpc.headers)?;
+    let path = st.resolve_path(&rpc.msg.path, &user);
+    let depth = rpc.msg.depth.max(1);
+    let entries = blocking(move || {
+        let meta = std::fs::metadata(&path).map_err(|e| not_found_or(e, &path))?;
+        if !meta.is_dir() {
+            return Err(ConnectError::invalid_argument(format!(
+                "path '{}' is not a directory",
+                path.display()
+            )));
+        }
+        let mut out = Vec::new();
+        walk(&path, depth, &Names::load(), &mut out).map_err(|e| not_found_or(e, &path))?;
+        Ok(out)
+    })
+    .await?;
+    Ok(rpc.reply(&ListDirResponse { entries }))
+}
+
+async fn remove(
+    State(st): State<Arc<AppState>>,
+    rpc: Rpc<PathRequest>,
+) -> Result<Response, RpcError> {
+    let user = st.rpc_user(&rpc.headers)?;
+    let path = st.resolve_path(&rpc.msg.path, &user);
+    blocking(move || {
+        let res = match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
+            Ok(_) => std::fs::remove_file(&path),
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ConnectError::from_io(
+                &e,
+                &format!("removing '{}'", path.display()),
+            )),
+        }
+    })
+    .await?;
+    Ok(rpc.reply(&RemoveResponse {}))
+}
+
+// ---- watches ----
+
+fn is_network_mount(path: &Path) -> bool {
+    const NFS: i64 = 0x6969;
+    const SMB: i64 = 0x517B;
+    const CIFS: i64 = 0xFF53_4D42;
+    const SMB2: i64 = 0xFE53_4D42;
+    const FUSE: i64 = 0x6573_5546;
+    match nix::sys::statfs::statfs(path) {
+        #[allow(clippy::unnecessary_cast)]
+        Ok(s) => matches!(s.filesystem_type().0 as i64, NFS | SMB | CIFS | SMB2 | FUSE),
+        Err(_) => false,
+    }
+}
+
+const WATCH_MASK: WatchMask = WatchMask::CREATE
+    .union(WatchMask::MODIFY)
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::ATTRIB);
+
+/// A running inotify watch whose events arrive on `rx`; dropping `task`'s handle stops it.
+struct Watch {
+    rx: mpsc::Receiver<FilesystemEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn add_tree(
+    watches: &mut inotify::Watches,
+    dir: &Path,
+    recursive: bool,
+    map: &mut HashMap<WatchDescriptor, PathBuf>,
+) {
+    let Ok(wd) = watches.add(dir, WATCH_MASK) else {
+        return;
+    };
+    map.insert(wd, dir.to_path_buf());
+    if !recursive {
+        return;
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.filter_map(Result::ok) {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                add_tree(watches, &e.path(), true, map);
+            }
+        }
+    }
+}
+
+fn start_watch(st: &AppState, req: &WatchRequest, user: &User) -> Result<Watch, ConnectError> {
+    let root = st.resolve_path(&req.path, user);
+    let meta = std::fs::metadata(&root).map_err(|e| not_found_or(e, &root))?;
+    if !meta.is_dir() {
+        return Err(ConnectError::invalid_argument(format!(
+            "path '{}' is not a directory",
+            root.display()
+        )));
+    }
+    if !req.allow_network_mounts && is_network_mount(&root) {
+        return Err(ConnectError::new(
+            Code::FailedPrecondition,
+            format!(
+                "'{}' is on a network mount; set allow_network_mounts to watch it",
+                root.display()
+            ),
+        ));
+    }
+    let inotify = Inotify::init().map_err(|e| ConnectError::from_io(&e, "inotify"))?;
+    let mut map = HashMap::new();
+    let mut watches = inotify.watches();
+    add_tree(&mut watches, &root, req.recursive, &mut map);
+    if map.is_empty() {
+        return Err(ConnectError::internal(format!(
+            "cannot watch '{}'",
+            root.display()
+        )));
+    }
+    let mut stream = inotify
+        .into_event_stream(vec![0u8; 16 * 1024])
+        .map_err(|e| ConnectError::from_io(&e, "inotify stream"))?;
+    let (tx, rx) = mpsc::channel(1024);
+    let recursive = req.recursive;
+    let include_entry = req.include_entry;
+    let task = tokio::spawn(async move {
+        let mut watches = stream.watches();
+        let mut names: Option<Names> = None;
+        while let Some(Ok(ev)) = stream.next().await {
+            if ev.mask.contains(inotify::EventMask::IGNORED) {
+                map.remove(&ev.wd);
+                continue;
+            }
+            let (Some(dir), Some(name)) = (map.get(&ev.wd).cloned(), ev.name) else {
+                continue;
+            };
+            let full = dir.join(&name);
+            let kind = if ev
+                .mask
+                .intersects(inotify::EventMask::CREATE | inotify::EventMask::MOVED_TO)
+            {
+                if recursive && ev.mask.contains(inotify::EventMask::ISDIR) {
+                    add_tree(&mut watches, &full, true, &mut map);
+                }
+                EventType::Create
+            } else if ev.mask.contains(inotify::EventMask::MODIFY) {
+                EventType::Write
+            } else if ev.mask.contains(inotify::EventMask::DELETE) {
+                EventType::Remove
+            } else if ev.mask.contains(inotify::EventMask::MOVED_FROM) {
+                EventType::Rename
+            } else if ev.mask.contains(inotify::EventMask::ATTRIB) {
+                EventType::Chmod
+            } else {
+                continue;
+            };
+            let rel = full
+                .strip_prefix(&root)
+                .unwrap_or(&full)
+                .display()
+                .to_string();
+            let entry = if include_entry && !matches!(kind, EventType::Remove | EventType::Rename) {
+                let names = names.get_or_insert_with(Names::load);
+                entry_info(&full, names).ok()
+            } else {
+                None
+            };
+            let event = FilesystemEvent {
+                name: rel,
+                r#type: kind as i32,
+                entry,
+            };
+            if tx.send(event).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Watch { rx, task })
+}
+
+async fn watch_dir(State(st): State<Arc<AppState>>, rpc: Rpc<WatchRequest>) -> Response {
+    let codec = rpc.codec;
+    let keepalive = rpc.keepalive_interval();
+    let watch = match st
+        .rpc_user(&rpc.headers)
+        .and_then(|u| start_watch(&st, &rpc.msg, &u))
+    {
+        Ok(w) => w,
+        Err(e) => return stream_error_response(codec, e),
+    };
+    let (sender, resp) = open_stream(codec);
+    tokio::spawn(async move {
+        let Watch { mut rx, task } = watch;
+        let start = WatchDirResponse {
+            event: Some(WatchEvent::Start(WatchStart {})),
+        };
+        if sender.send(&start).await.is_ok() {
+            loop {
+                let next = tokio::select! {
+                    ev = tokio::time::timeout(keepalive, rx.recv()) => ev,
+                    _ = sender.closed() => break,
+                };
+                let msg = match next {
+                    Ok(Some(ev)) => WatchEvent::Filesystem(ev),
+                    Ok(None) => break,
+                    Err(_idle) => WatchEvent::Keepalive(KeepAlive {}),
+                };
+                if sender
+                    .send(&WatchDirResponse { event: Some(msg) })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+        task.abort();
+        if !sender.is_closed() {
+            sender.finish(None).await;
+        }
+    });
+    resp
+}
+
+/// A polling watcher: events are buffered until `GetWatcherEvents` drains them.
+#[derive(Debug)]
+struct PollWatcher {
+    events: Arc<Mutex<VecDeque<FilesystemEvent>>>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Drop for PollWatcher {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The polling watchers, by id.
+#[derive(Debug, Default)]
+pub struct Watchers {
+    map: Mutex<HashMap<String, PollWatcher>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+async fn create_watcher(
+    State(st): State<Arc<AppState>>,
+    rpc: Rpc<WatchRequest>,
+) -> Result<Response, RpcError> {
+    if st.watchers.map.lock().map(|m| m.len()).unwrap_or(0) >= MAX_WATCHERS {
+        return Err(ConnectError::new(
+            Code::ResourceExhausted,
+            "too many watchers; remove some first",
+        )
+        .into());
+    }
+    let user = st.rpc_user(&rpc.headers)?;
+    let Watch { mut rx, task } = start_watch(&st, &rpc.msg, &user)?;
+    let events = Arc::new(Mutex::new(VecDeque::new()));
+    let sink = events.clone();
+    let collector = tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            if let Ok(mut q) = sink.lock() {
+                if q.len() >= MAX_BUFFERED_EVENTS {
+                    q.pop_front();
+                }
+                q.push_back(ev);
+            }
+        }
+    });
+    let n = st
+        .watchers
+        .next
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("w-{:08x}{:08x}", std::process::id(), n);
+    if let Ok(mut m) = st.watchers.map.lock() {
+        m.insert(
+            id.clone(),
+            PollWatcher {
+                events,
+                tasks: [task, collector],
+            },
+        );
+    }
+    Ok(rpc.reply(&WatcherIdMessage { watcher_id: id }))
+}
+
+async fn get_watcher_events(
+    State(st): State<Arc<AppState>>,
+    rpc: Rpc<WatcherIdMessage>,
+) -> Result<Response, RpcError> {
+    let events = {
+        let m = st
+            .watchers
+            .map
+            .lock()
+            .map_err(|_| ConnectError::internal("watchers poisoned"))?;
+        let w = m.get(&rpc.msg.watcher_id).ok_or_else(|| {
+            ConnectError::not_found(format!("watcher '{}' not found", rpc.msg.watcher_id))
+        })?;
+        let mut q = w
+            .events
+            .lock()
+            .map_err(|_| ConnectError::internal("watcher poisoned"))?;
+        q.drain(..).collect::<Vec<_>>()
+    };
+    Ok(rpc.reply(&GetWatcherEventsResponse { events }))
+}
+
+async fn remove_watcher(
+    State(st): State<Arc<AppState>>,
+    rpc: Rpc<WatcherIdMessage>,
+) -> Result<Response, RpcError> {
+    let removed = st
+        .watchers
+        .map
+        .lock()
+        .ok()
+        .and_then(|mut m| m.remove(&rpc.msg.watcher_id));
+    if removed.is_none() {
+        return Err(
+            ConnectError::not_found(format!("watcher '{}' not found", rpc.msg.watcher_id)).into(),
+        );
+    }
+    Ok(rpc.reply(&RemoveWatcherResponse {}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permissions_render_like_go() {
+        assert_eq!(permissions_string(0o644, '-'), "-rw-r--r--");
+        assert_eq!(permissions_string(0o755, 'd'), "drwxr-xr-x");
+    }
+
+    #[test]
+    fn entry_info_follows_symlinks() {
+        let dir = std::env::temp_dir().join(format!("envd-entry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("f.txt"), b"12345").unwrap();
+        std::os::unix::fs::symlink("sub", dir.join("link")).unwrap();
+        let names = Names::load();
+        let f = entry_info(&dir.join("f.txt"), &names).unwrap();
+        assert_eq!(
+            (f.r#type, f.size, f.is_symlink),
+            (FileType::File as i32, 5, false)
+        );
+        let l = entry_info(&dir.join("link"), &names).unwrap();
+        assert_eq!(l.r#type, FileType::Directory as i32);
+        assert!(l.is_symlink);
+        assert_eq!(
+            l.symlink_target.as_deref(),
+            Some(dir.join("sub").to_str().unwrap())
+        );
+        let mut out = Vec::new();
+        walk(&dir, 2, &names, &mut out).unwrap();
+        let listed: Vec<_> = out.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(listed, ["f.txt", "link", "sub"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

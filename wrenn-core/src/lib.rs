@@ -2,8 +2,28 @@
 //! and the capsule lifecycle logic.
 //!
 //! This crate performs no syscalls, spawns no processes and opens no sockets,
-//! so everything in it can be read and tested in isolation.
+//! so everything in it can be read and tested in isolation. The implementations
+//! live in `wrenn-vmm` (QEMU), `wrenn-net` (namespaces), `wrenn-storage` (disks)
+//! and `wrenn-envd` (the guest agent client); the `wrenn` crate wires them.
 #![forbid(unsafe_code)]
+
+pub mod error;
+pub mod guest;
+pub mod id;
+pub mod manager;
+pub mod net;
+pub mod record;
+pub mod spec;
+pub mod status;
+pub mod storage;
+pub mod template;
+pub mod vmm;
+
+pub use error::CapsuleError;
+pub use id::CapsuleId;
+pub use manager::{CapsuleInfo, Capsules, ExecOutput, HostParts, ManagerConfig, SweepReport};
+pub use spec::{CapsuleSpec, CreateOptions, Limits};
+pub use status::CapsuleStatus;
 
 /// Port envd listens on inside every capsule.
 pub const ENVD_PORT: u16 = 49983;

@@ -1,0 +1,102 @@
+//! Templates: what a capsule starts from.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::fmt::Debug;
+use std::path::PathBuf;
+
+/// A validated template or snapshot name: `^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TemplateName(String);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("Invalid template name {0:?}: use 1-64 characters from a-z A-Z 0-9 . _ -, starting with a letter or digit")]
+pub struct InvalidTemplateName(pub String);
+
+impl TemplateName {
+    pub fn parse(s: &str) -> Result<Self, InvalidTemplateName> {
+        let mut chars = s.chars();
+        let ok = match chars.next() {
+            Some(c) if c.is_ascii_alphanumeric() => {
+                s.len() <= 64
+                    && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            }
+            _ => false,
+        };
+        if ok {
+            Ok(TemplateName(s.to_string()))
+        } else {
+            Err(InvalidTemplateName(s.to_string()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TemplateName {
+    type Error = InvalidTemplateName;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        TemplateName::parse(&s)
+    }
+}
+
+impl From<TemplateName> for String {
+    fn from(n: TemplateName) -> String {
+        n.0
+    }
+}
+
+impl std::fmt::Display for TemplateName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A template resolved to files on the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template {
+    pub name: TemplateName,
+    /// Read-only root filesystem image (raw ext4).
+    pub rootfs: PathBuf,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Extra kernel command-line arguments of this template.
+    #[serde(default)]
+    pub kernel_args: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TemplateError {
+    #[error("Unknown template '{name}'")]
+    Unknown { name: String },
+    #[error("Template '{name}' is incomplete: {missing} is missing (build it with `wrenn image build --template {name}`)")]
+    Incomplete { name: String, missing: String },
+    #[error("Template store failed")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Finds templates by name.
+#[async_trait]
+pub trait TemplateStore: Send + Sync + Debug {
+    async fn get(&self, name: &TemplateName) -> Result<Template, TemplateError>;
+    async fn list(&self) -> Result<Vec<TemplateName>, TemplateError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_validate() {
+        for ok in ["minimal", "python", "a", "my-snap_1.2", &"x".repeat(64)] {
+            assert!(TemplateName::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-x", ".x", "a/b", "a b", "../etc", &"x".repeat(65), "é"] {
+            assert!(TemplateName::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -12,6 +12,9 @@ pub mod proto;
 #[cfg(feature = "server")]
 pub mod server;
 
+#[cfg(feature = "client")]
+pub mod client;
+
 /// The envd version reported to SDKs: the highest E2B version gate whose features
 /// are all implemented here (metadata xattrs, entry info in watch events,
 /// network-mount watch guard included).

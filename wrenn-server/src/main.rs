@@ -1,0 +1,313 @@
+//! `wrenn`: build guest images, run capsules from the command line, check the host.
+
+mod doctor;
+mod images;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use wrenn::{CapsuleId, CreateOptions, DataDir, ExecEvent, ExecRequest, Host, HostOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wrenn",
+    version,
+    about = "Wrenn: capsules (microVMs) that run untrusted code"
+)]
+struct Cli {
+    /// Data directory (images, templates, capsules).
+    #[arg(long, global = true, env = "WRENN_DATA_DIR", default_value = wrenn::paths::DEFAULT_DATA_DIR)]
+    data_dir: std::path::PathBuf,
+    /// Log filter (e.g. info, debug, wrenn=debug).
+    #[arg(long, global = true, env = "WRENN_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build guest images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCmd,
+    },
+    /// Create a capsule, run one command in it, stream its output, destroy it,
+    /// and exit with the command's exit code.
+    Run(RunArgs),
+    /// Check this host: acceleration, QEMU, images, permissions.
+    Doctor,
+    /// List capsules recorded in the data directory.
+    Ps,
+    /// Remove capsules left behind by crashed processes (all of them, or the given ids).
+    Rm {
+        /// Capsule ids; without any, every capsule whose owner process is gone.
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Build the kernel (cached by input hash), the guest binaries and template root filesystems.
+    Build {
+        /// Template(s) to build; default: minimal and python.
+        #[arg(long = "template")]
+        templates: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[arg(long, default_value = "minimal")]
+    template: String,
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    memory: Option<u32>,
+    /// Disk size in MB.
+    #[arg(long)]
+    disk: Option<u64>,
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    envs: Vec<(String, String)>,
+    /// Working directory in the guest.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Guest user (default `user`; `root` for root).
+    #[arg(long)]
+    user: Option<String>,
+    /// Kill the command after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Forward this process's stdin to the command.
+    #[arg(long, short = 'i')]
+    stdin: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wrenn: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("wrenn: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<u8> {
+    let data = DataDir::new(&cli.data_dir);
+    match cli.command {
+        Cmd::Image {
+            command: ImageCmd::Build { templates },
+        } => images::build(&data, &templates).await.map(|_| 0),
+        Cmd::Run(args) => run(data, args).await,
+        Cmd::Doctor => doctor::run(&data).await,
+        Cmd::Ps => ps(&data).await.map(|_| 0),
+        Cmd::Rm { ids } => rm(data, ids).await.map(|_| 0),
+    }
+}
+
+async fn host(data: DataDir) -> Result<Host> {
+    Host::local(HostOptions {
+        data_dir: data,
+        ..Default::default()
+    })
+    .await
+    .context("setting up the local host")
+}
+
+async fn run(data: DataDir, args: RunArgs) -> Result<u8> {
+    let host = host(data).await?;
+    let caps = host.capsules().clone();
+    tracing::info!(accel = %host.accel_probe().accel, "creating capsule");
+    let opts = CreateOptions {
+        template: Some(args.template.clone()),
+        vcpus: args.vcpus,
+        memory_mb: args.memory,
+        disk_mb: args.disk,
+        ..Default::default()
+    };
+    let info = caps
+        .create(opts)
+        .await
+        .map_err(|e| anyhow::anyhow!(wrenn::manager::error_chain(&e)))?;
+    let id = info.id.clone();
+    let result = tokio::select! {
+        r = run_command(&host, &id, &args) => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("wrenn: interrupted; destroying capsule {id}");
+            Ok(130)
+        }
+    };
+    if let Err(e) = caps.destroy(&id).await {
+        eprintln!(
+            "wrenn: destroying capsule {id}: {}",
+            wrenn::manager::error_chain(&e)
+        );
+    }
+    result
+}
+
+async fn run_command(host: &Host, id: &CapsuleId, args: &RunArgs) -> Result<u8> {
+    let caps = host.capsules();
+    let mut cmd = args.command.clone();
+    let program = cmd.remove(0);
+    let req = ExecRequest {
+        cmd: program,
+        args: cmd,
+        envs: args.envs.iter().cloned().collect::<HashMap<_, _>>(),
+        cwd: args.cwd.clone(),
+        user: args.user.clone(),
+        stdin: args.stdin,
+        timeout: args.timeout.map(Duration::from_secs),
+        tag: None,
+    };
+    let mut stream = caps
+        .exec(id, &req)
+        .await
+        .map_err(|e| anyhow::anyhow!(wrenn::manager::error_chain(&e)))?;
+    if args.stdin {
+        let agent = caps.agent(id).map_err(|e| anyhow::anyhow!(e.to_string()))?;
+        let pid = stream.pid;
+        tokio::spawn(async move {
+            let mut input = tokio::io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match input.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if agent
+                            .send_stdin(pid, Bytes::copy_from_slice(&buf[..n]))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = agent.close_stdin(pid).await;
+        });
+    }
+    while let Some(ev) = stream.events.recv().await {
+        match ev.map_err(|e| anyhow::anyhow!(e.to_string()))? {
+            ExecEvent::Started { .. } => {}
+            ExecEvent::Stdout(b) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&b)?;
+                out.flush()?;
+            }
+            ExecEvent::Stderr(b) => {
+                let mut err = std::io::stderr().lock();
+                err.write_all(&b)?;
+                err.flush()?;
+            }
+            ExecEvent::Exited(exit) => {
+                return Ok(if exit.exited {
+                    u8::try_from(exit.code.clamp(0, 255)).unwrap_or(1)
+                } else {
+                    137
+                });
+            }
+        }
+    }
+    bail!("the command's output ended without an exit status")
+}
+
+async fn ps(data: &DataDir) -> Result<()> {
+    use wrenn::record::StateStore;
+    let store = wrenn::FsStateStore::new(data.clone());
+    let records = store.list().await?;
+    println!(
+        "{:<30} {:<9} {:<10} {:>5} {:>7} {:<16} OWNER",
+        "ID", "STATUS", "TEMPLATE", "VCPUS", "MEM_MB", "ADDRESS"
+    );
+    for (id, rec) in records {
+        match rec {
+            Some(r) => {
+                let owner = if store.owner_alive(&r.owner) {
+                    format!("pid {}", r.owner.pid)
+                } else {
+                    format!("pid {} (gone)", r.owner.pid)
+                };
+                let addr = r
+                    .slot
+                    .as_ref()
+                    .map(|s| s.host_addr.to_string())
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<30} {:<9} {:<10} {:>5} {:>7} {:<16} {}",
+                    id.as_str(),
+                    r.status.as_str(),
+                    r.spec.template.as_str(),
+                    r.spec.vcpus,
+                    r.spec.memory_mb,
+                    addr,
+                    owner
+                );
+            }
+            None => println!("{:<30} {:<9} (unreadable state file)", id.as_str(), "?"),
+        }
+    }
+    Ok(())
+}
+
+async fn rm(data: DataDir, ids: Vec<String>) -> Result<()> {
+    use wrenn::record::StateStore;
+    let store = wrenn::FsStateStore::new(data.clone());
+    for raw in &ids {
+        let id = CapsuleId::parse(raw)?;
+        let rec = store.list().await?.into_iter().find(|(i, _)| *i == id);
+        match rec {
+            None => bail!("no capsule {id} in {}", data.capsules().display()),
+            Some((_, Some(r))) if store.owner_alive(&r.owner) => {
+                bail!(
+                    "capsule {id} belongs to the running process {}; stop that process instead",
+                    r.owner.pid
+                )
+            }
+            _ => {}
+        }
+    }
+    // The startup sweep removes everything whose owner is gone.
+    let host = host(data).await?;
+    let r = host.sweep_report();
+    println!(
+        "removed {} capsule(s), killed {} VMM process(es), removed {} network slot(s); {} capsule(s) of running processes kept",
+        r.removed_capsules, r.killed_vmms, r.removed_slots, r.kept
+    );
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! qcow2 overlays over raw base images, made and flattened with `qemu-img`.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+
+use async_trait::async_trait;
+use tokio::process::Command;
+use wrenn_core::storage::{CowDisk, CowStore, DiskFormat, StorageError};
+
+use super::{check_base, ensure_distinct, remove_file, TempPath};
+use crate::error::DiskError;
+
+/// Environment variable naming the `qemu-img` binary; overrides the `PATH` search.
+pub const QEMU_IMG_ENV: &str = "WRENN_QEMU_IMG";
+
+/// How much of qemu-img's stderr an error keeps (the tail, where the reason is).
+const STDERR_LIMIT: usize = 4096;
+
+/// Finds `qemu-img`: `$WRENN_QEMU_IMG` if set and non-empty, else the first executable
+/// `qemu-img` on `PATH`.
+pub fn find_qemu_img() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(QEMU_IMG_ENV).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("qemu-img"))
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// Capsule disks as qcow2 overlays whose backing file is the (raw) base image.
+///
+/// `create` is O(1) in the base size; the base must stay unchanged while overlays use it.
+/// The overlay records the base's canonical absolute path.
+#[derive(Clone, Debug, Default)]
+pub struct Qcow2Store {
+    qemu_img: Option<PathBuf>,
+    force_share: bool,
+}
+
+impl Qcow2Store {
+    /// A store that looks `qemu-img` up at each call (see [`find_qemu_img`]).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A store that runs the given `qemu-img` binary.
+    pub fn with_qemu_img(path: impl Into<PathBuf>) -> Self {
+        Qcow2Store {
+            qemu_img: Some(path.into()),
+            force_share: false,
+        }
+    }
+
+    /// Passes `-U` (force share) to `qemu-img convert`, so `flatten` works on an overlay
+    /// still opened by a *paused* QEMU. The caller guarantees the guest is paused and QEMU
+    /// has flushed the disk; otherwise the flattened image may be inconsistent.
+    pub fn force_share(mut self, on: bool) -> Self {
+        self.force_share = on;
+        self
+    }
+
+    fn program(&self) -> Result<PathBuf, DiskError> {
+        self.qemu_img
+            .clone()
+            .or_else(find_qemu_img)
+            .ok_or(DiskError::QemuImgNotFound)
+    }
+
+    /// Runs qemu-img with `args`; returns its exit status and the tail of its stderr.
+    async fn run(
+        &self,
+        step: &'static str,
+        args: &[&OsStr],
+    ) -> Result<(ExitStatus, String), DiskError> {
+        let program = self.program()?;
+        tracing::debug!(program = %program.display(), ?args, "running qemu-img");
+        let out = Command::new(&program)
+            .args(args)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|source| DiskError::SpawnQemuImg {
+                program,
+                step,
+                source,
+            })?;
+        Ok((out.status, stderr_tail(&out.stderr)))
+    }
+}
+
+fn stderr_tail(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let text = text.trim();
+    if text.len() <= STDERR_LIMIT {
+        return text.to_owned();
+    }
+    let mut start = text.len() - STDERR_LIMIT;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &text[start..])
+}
+
+#[async_trait]
+impl CowStore for Qcow2Store {
+    fn format(&self) -> DiskFormat {
+        DiskFormat::Qcow2
+    }
+
+    async fn create(
+        &self,
+        base: &Path,
+        dest: &Path,
+        size_mb: u64,
+    ) -> Result<CowDisk, StorageError> {
+        let (base, size_bytes) = check_base(base, size_mb).await?;
+        let tmp = TempPath::for_dest(dest)?;
+        let size_arg = size_bytes.to_string();
+        let (status, stderr) = self
+            .run(
+                "create",
+                &[
+                    OsStr::new("create"),
+                    OsStr::new("-q"),
+                    OsStr::new("-f"),
+                    OsStr::new("qcow2"),
+                    OsStr::new("-F"),
+                    OsStr::new("raw"),
+                    OsStr::new("-b"),
+                    base.path.as_os_str(),
+                    tmp.path().as_os_str(),
+                    OsStr::new(&size_arg),
+                ],
+            )
+            .await?;
+        if !status.success() {
+            return Err(DiskError::QemuImgCreate {
+                base: base.path,
+                dest: dest.to_path_buf(),
+                status,
+                stderr,
+            }
+            .into());
+        }
+        let dest_owned = dest.to_path_buf();
+        super::blocking(move || tmp.commit_new(&dest_owned)).await?;
+        tracing::debug!(disk = %dest.display(), base = %base.path.display(), size_bytes, "qcow2 overlay created");
+        Ok(CowDisk {
+            path: dest.to_path_buf(),
+            format: DiskFormat::Qcow2,
+            base: base.path,
+            size_bytes,
+        })
+    }
+
+    async fn remove(&self, disk: &CowDisk) -> Result<(), StorageError> {
+        remove_file(&disk.path).await
+    }
+
+    /// Also flattens raw disks (the input format is always passed explicitly, never probed).
+    async fn flatten(&self, disk: &CowDisk, dest: &Path) -> Result<(), StorageError> {
+        ensure_distinct(&disk.path, dest).await?;
+        let tmp = TempPath::for_dest(dest)?;
+        let mut args = vec![
+            OsStr::new("convert"),
+            OsStr::new("-f"),
+            OsStr::new(disk.format.as_str()),
+            OsStr::new("-O"),
+            OsStr::new("raw"),
+            OsStr::new("-S"),
+            OsStr::new("4k"),
+        ];
+        if self.force_share {
+            args.push(OsStr::new("-U"));
+        }
+        args.extend([disk.path.as_os_str(), tmp.path().as_os_str()]);
+        let (status, stderr) = self.run("convert", &args).await?;
+        if !status.success() {
+            return Err(DiskError::QemuImgConvert {
+                src: disk.path.clone(),
+                dest: dest.to_path_buf(),
+                status,
+                stderr,
+            }
+            .into());
+        }
+        let dest_owned = dest.to_path_buf();
+        super::blocking(move || tmp.commit_replace(&dest_owned)).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stderr_tail_keeps_the_end() {
+        assert_eq!(stderr_tail(b"  boom\n"), "boom");
+        let long = "é".repeat(STDERR_LIMIT);
+        let tail = stderr_tail(long.as_bytes());
+        assert!(tail.starts_with('…'));
+        assert!(tail.len() <= STDERR_LIMIT + '…'.len_utf8());
+    }
+}

@@ -1,0 +1,155 @@
+//! Typed VM spec → QEMU command line. Pure, so it is tested without QEMU.
+
+use std::path::Path;
+use wrenn_core::vmm::{Accel, VmSpec};
+
+/// File names inside a VM's run directory.
+pub const QMP_SOCKET: &str = "qmp.sock";
+pub const CONSOLE_LOG: &str = "console.log";
+
+/// QEMU option values are comma-separated; a literal comma is doubled.
+fn escape(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
+fn path(p: &Path) -> String {
+    escape(&p.display().to_string())
+}
+
+/// Builds the argument vector (without the binary) for one microvm.
+pub fn build_argv(spec: &VmSpec, accel: Accel, tb_size_mb: Option<u32>) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&[
+        "-name",
+        &format!("{},debug-threads=off", escape(&spec.name)),
+    ]);
+    push(&["-machine", "microvm,rtc=on"]);
+    match accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => {
+            let accel = match tb_size_mb {
+                Some(mb) => format!("tcg,tb-size={mb}"),
+                None => "tcg".to_string(),
+            };
+            push(&["-accel", &accel, "-cpu", "max"]);
+        }
+    }
+    push(&["-m", &format!("{}M", spec.machine.memory_mb)]);
+    push(&["-smp", &spec.machine.vcpus.to_string()]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&["-kernel", &spec.boot.kernel.display().to_string()]);
+    push(&["-append", &spec.boot.cmdline]);
+    push(&[
+        "-chardev",
+        &format!(
+            "file,id=console,path={}",
+            path(&spec.run_dir.join(CONSOLE_LOG))
+        ),
+    ]);
+    push(&["-serial", "chardev:console"]);
+    for d in &spec.drives {
+        let mut drive = format!(
+            "id={},file={},format={},if=none,discard=unmap",
+            escape(&d.id),
+            path(&d.path),
+            d.format.as_str()
+        );
+        if d.read_only {
+            drive.push_str(",readonly=on");
+        }
+        push(&["-drive", &drive]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-device,drive={}", escape(&d.id)),
+        ]);
+    }
+    for n in &spec.nets {
+        push(&[
+            "-netdev",
+            &format!(
+                "tap,id={},ifname={},script=no,downscript=no",
+                escape(&n.id),
+                escape(&n.tap)
+            ),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-net-device,netdev={},mac={}", escape(&n.id), n.mac),
+        ]);
+    }
+    push(&[
+        "-qmp",
+        &format!(
+            "unix:{},server=on,wait=off",
+            path(&spec.run_dir.join(QMP_SOCKET))
+        ),
+    ]);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use wrenn_core::storage::DiskFormat;
+    use wrenn_core::vmm::{BootSource, Drive, MachineConfig, NetIface};
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "wrenn-cl-1".into(),
+            run_dir: PathBuf::from("/run/c1"),
+            boot: BootSource {
+                kernel: "/k/vmlinux".into(),
+                cmdline: "console=ttyS0 root=/dev/vda".into(),
+            },
+            machine: MachineConfig {
+                vcpus: 2,
+                memory_mb: 512,
+            },
+            drives: vec![Drive {
+                id: "rootfs".into(),
+                path: "/d/disk,1.qcow2".into(),
+                format: DiskFormat::Qcow2,
+                read_only: false,
+                root: true,
+            }],
+            nets: vec![NetIface {
+                id: "eth0".into(),
+                tap: "tap0".into(),
+                mac: "02:fc:00:00:00:05".into(),
+                netns_path: "/run/netns/wrenn-ns-1".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn golden_tcg_argv() {
+        let a = build_argv(&spec(), Accel::Tcg, Some(64)).join(" ");
+        assert_eq!(
+            a,
+            "-name wrenn-cl-1,debug-threads=off -machine microvm,rtc=on -accel tcg,tb-size=64 -cpu max \
+             -m 512M -smp 2 -nodefaults -no-user-config -display none -no-reboot -kernel /k/vmlinux \
+             -append console=ttyS0 root=/dev/vda -chardev file,id=console,path=/run/c1/console.log \
+             -serial chardev:console \
+             -drive id=rootfs,file=/d/disk,,1.qcow2,format=qcow2,if=none,discard=unmap \
+             -device virtio-blk-device,drive=rootfs \
+             -netdev tap,id=eth0,ifname=tap0,script=no,downscript=no \
+             -device virtio-net-device,netdev=eth0,mac=02:fc:00:00:00:05 \
+             -qmp unix:/run/c1/qmp.sock,server=on,wait=off"
+        );
+    }
+
+    #[test]
+    fn kvm_uses_host_cpu() {
+        let a = build_argv(&spec(), Accel::Kvm, None);
+        let i = a.iter().position(|x| x == "-accel").unwrap();
+        assert_eq!((a[i + 1].as_str(), a[i + 3].as_str()), ("kvm", "host"));
+    }
+}

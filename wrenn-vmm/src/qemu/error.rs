@@ -1,0 +1,61 @@
+use std::path::PathBuf;
+use wrenn_core::vmm::VmmError;
+
+/// What went wrong in the QEMU backend, naming the step.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("Cannot open network namespace {path}")]
+    OpenNetns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot create run directory {path}")]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot start {binary}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU exited during start-up ({status}): {log_tail}")]
+    EarlyExit { status: String, log_tail: String },
+    #[error("QMP socket {path} did not appear within {secs} s")]
+    QmpTimeout { path: PathBuf, secs: u64 },
+    #[error("QMP I/O on {path}")]
+    QmpIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    QmpCommand {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP protocol error: {0}")]
+    QmpProtocol(String),
+    #[error("QEMU did not stop within {secs} s even after SIGKILL")]
+    StopTimeout { secs: u64 },
+}
+
+impl From<QemuError> for VmmError {
+    fn from(e: QemuError) -> Self {
+        match e {
+            QemuError::EarlyExit { status, log_tail } => VmmError::Exited {
+                detail: format!("{status}: {log_tail}"),
+            },
+            QemuError::QmpTimeout { secs, .. } => VmmError::Timeout { op: "start", secs },
+            QemuError::StopTimeout { secs } => VmmError::Timeout {
+                op: "shutdown",
+                secs,
+            },
+            other => VmmError::Backend(Box::new(other)),
+        }
+    }
+}

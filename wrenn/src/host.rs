@@ -1,0 +1,121 @@
+//! `Host::local`: the default wiring on this machine.
+
+use crate::paths::DataDir;
+use crate::state::FsStateStore;
+use crate::templates::FsTemplates;
+use std::sync::Arc;
+use std::time::Duration;
+use wrenn_core::manager::{Capsules, HostParts, ManagerConfig, SweepReport};
+use wrenn_core::spec::Limits;
+use wrenn_core::CapsuleError;
+use wrenn_envd::client::EnvdConnector;
+use wrenn_net::{NetConfig, NetnsNetwork};
+use wrenn_storage::Qcow2Store;
+use wrenn_vmm::{AccelProbe, QemuConfig, QemuVmm};
+
+/// Settings of a local host.
+#[derive(Clone, Debug)]
+pub struct HostOptions {
+    pub data_dir: DataDir,
+    pub limits: Limits,
+    pub ready_timeout: Duration,
+    /// Run the startup sweep (remove what crashed processes left behind).
+    pub sweep: bool,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions {
+            data_dir: DataDir::from_env(),
+            limits: Limits::default(),
+            ready_timeout: Duration::from_secs(120),
+            sweep: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("No guest kernel under {dir}: run `wrenn image build` first")]
+    NoKernel { dir: String },
+    #[error("Cannot create the data directory {dir}")]
+    DataDir {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Startup sweep failed")]
+    Sweep(#[source] CapsuleError),
+}
+
+/// Capsules on this machine.
+#[derive(Debug, Clone)]
+pub struct Host {
+    capsules: Arc<Capsules>,
+    probe: AccelProbe,
+    data: DataDir,
+    sweep: SweepReport,
+}
+
+impl Host {
+    /// Wires QEMU, network namespaces, qcow2 disks and envd; probes the acceleration
+    /// (cached per host boot) and sweeps leftovers of crashed processes.
+    pub async fn local(opts: HostOptions) -> Result<Host, HostError> {
+        let data = opts.data_dir.clone();
+        for dir in [data.capsules(), data.templates(), data.kernels()] {
+            std::fs::create_dir_all(&dir).map_err(|source| HostError::DataDir {
+                dir: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let kernel = data.kernel().ok_or_else(|| HostError::NoKernel {
+            dir: data.kernels().display().to_string(),
+        })?;
+        let binary = wrenn_vmm::qemu::process::default_binary();
+        let probe = wrenn_vmm::probe(&binary, &kernel, Some(&data.run_dir())).await;
+        tracing::info!(accel = %probe.accel, reason = %probe.reason, "acceleration");
+        let parts = HostParts {
+            vmm: Arc::new(QemuVmm::new(QemuConfig::new(probe.accel))),
+            net: Arc::new(NetnsNetwork::new(NetConfig::default())),
+            disks: Arc::new(Qcow2Store::new()),
+            templates: Arc::new(FsTemplates::new(data.clone())),
+            guests: Arc::new(EnvdConnector::default()),
+            state: Arc::new(FsStateStore::new(data.clone())),
+        };
+        let config = ManagerConfig {
+            limits: opts.limits,
+            ready_timeout: opts.ready_timeout,
+            ..Default::default()
+        };
+        let capsules = Capsules::new(parts, config);
+        let sweep = if opts.sweep {
+            capsules.recover().await.map_err(HostError::Sweep)?
+        } else {
+            SweepReport::default()
+        };
+        Ok(Host {
+            capsules,
+            probe,
+            data,
+            sweep,
+        })
+    }
+
+    pub fn capsules(&self) -> &Arc<Capsules> {
+        &self.capsules
+    }
+
+    /// How the acceleration was decided.
+    pub fn accel_probe(&self) -> &AccelProbe {
+        &self.probe
+    }
+
+    pub fn data_dir(&self) -> &DataDir {
+        &self.data
+    }
+
+    /// What the startup sweep removed.
+    pub fn sweep_report(&self) -> &SweepReport {
+        &self.sweep
+    }
+}

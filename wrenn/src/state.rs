@@ -1,0 +1,185 @@
+//! Capsule records as files (`capsules/<id>/state.json`) and host process facts.
+
+use crate::paths::DataDir;
+use async_trait::async_trait;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::path::{Path, PathBuf};
+use wrenn_core::id::CapsuleId;
+use wrenn_core::record::{CapsuleRecord, Owner, StateError, StateStore};
+
+const STATE_FILE: &str = "state.json";
+
+/// Stores records under `capsules/` of a data directory.
+#[derive(Clone, Debug)]
+pub struct FsStateStore {
+    data: DataDir,
+}
+
+impl FsStateStore {
+    pub fn new(data: DataDir) -> Self {
+        FsStateStore { data }
+    }
+
+    fn dir(&self, id: &CapsuleId) -> PathBuf {
+        self.data.capsules().join(id.as_str())
+    }
+}
+
+fn err(context: String, e: impl std::error::Error + Send + Sync + 'static) -> StateError {
+    StateError {
+        context,
+        source: Box::new(e),
+    }
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses; fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Capsule ids of running VMM processes tagged `-name wrenn-<id>`, with their pids.
+pub fn tagged_vmms() -> Vec<(u32, CapsuleId)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        for w in args.windows(2) {
+            if w[0] == b"-name" {
+                let name = String::from_utf8_lossy(w[1]);
+                let tag = name.split(',').next().unwrap_or("");
+                if let Some(id) = tag
+                    .strip_prefix("wrenn-")
+                    .and_then(|s| CapsuleId::parse(s).ok())
+                {
+                    out.push((pid, id));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[async_trait]
+impl StateStore for FsStateStore {
+    async fn create_dir(&self, id: &CapsuleId) -> Result<PathBuf, StateError> {
+        let dir = self.dir(id);
+        std::fs::create_dir_all(&dir).map_err(|e| err(format!("creating {}", dir.display()), e))?;
+        Ok(dir)
+    }
+
+    async fn remove_dir(&self, id: &CapsuleId) -> Result<(), StateError> {
+        let dir = self.dir(id);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(err(format!("removing {}", dir.display()), e)),
+        }
+    }
+
+    async fn save(&self, record: &CapsuleRecord) -> Result<(), StateError> {
+        let path = self.dir(&record.id).join(STATE_FILE);
+        let bytes = serde_json::to_vec_pretty(record)
+            .map_err(|e| err("encoding capsule record".into(), e))?;
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || write_atomic(&p, &bytes))
+            .await
+            .map_err(|e| err("writing capsule record".into(), e))?
+            .map_err(|e| err(format!("writing {}", path.display()), e))
+    }
+
+    async fn list(&self) -> Result<Vec<(CapsuleId, Option<CapsuleRecord>)>, StateError> {
+        let mut out = Vec::new();
+        let root = self.data.capsules();
+        let rd = match std::fs::read_dir(&root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(err(format!("listing {}", root.display()), e)),
+        };
+        for e in rd.flatten() {
+            let Some(id) = e
+                .file_name()
+                .to_str()
+                .and_then(|s| CapsuleId::parse(s).ok())
+            else {
+                continue;
+            };
+            let rec = std::fs::read(e.path().join(STATE_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<CapsuleRecord>(&b).ok());
+            out.push((id, rec));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    fn current_owner(&self) -> Owner {
+        let pid = std::process::id();
+        Owner {
+            pid,
+            start_time: process_start_time(pid).unwrap_or(0),
+        }
+    }
+
+    fn owner_alive(&self, owner: &Owner) -> bool {
+        process_start_time(owner.pid) == Some(owner.start_time)
+    }
+
+    async fn kill_orphan_vmms(&self, keep: &[CapsuleId]) -> usize {
+        let mut killed = 0;
+        for (pid, id) in tagged_vmms() {
+            if keep.contains(&id) {
+                continue;
+            }
+            let Ok(p) = i32::try_from(pid) else { continue };
+            tracing::info!(pid, capsule = %id, "killing orphaned VMM");
+            let _ = kill(Pid::from_raw(-p), Signal::SIGKILL);
+            if kill(Pid::from_raw(p), Signal::SIGKILL).is_ok() {
+                killed += 1;
+            }
+        }
+        if killed > 0 {
+            // Let the kernel tear the processes down before their taps and files go.
+            for _ in 0..50 {
+                if tagged_vmms().iter().all(|(_, id)| keep.contains(id)) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        killed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_start_time_is_readable_and_stable() {
+        let me = std::process::id();
+        let a = process_start_time(me).unwrap();
+        assert_eq!(process_start_time(me), Some(a));
+        assert_eq!(process_start_time(u32::MAX), None);
+    }
+}

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 ./scripts/deps.sh
 echo "==> building envd (static)"
-bin=$(./scripts/build-envd.sh | tail -n1)
+bin=$(./scripts/build-guest.sh | tail -n1)
 id user >/dev/null 2>&1 || useradd -m -s /bin/bash user
 
 echo "==> starting envd on 127.0.0.1:49983"

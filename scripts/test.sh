@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 ./scripts/deps.sh
 echo "==> building envd (static)"
-./scripts/build-envd.sh >/dev/null
+./scripts/build-guest.sh >/dev/null
 echo "==> cargo test"
 cargo test --workspace
 echo "==> pytest"

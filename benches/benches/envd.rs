@@ -34,15 +34,15 @@ fn envd_binary() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let root = repo_root();
-    let status = Command::new(root.join("scripts/build-envd.sh"))
+    let status = Command::new(root.join("scripts/build-guest.sh"))
         .current_dir(&root)
         .stdout(Stdio::null())
         .status()
-        .context("running scripts/build-envd.sh")?;
+        .context("running scripts/build-guest.sh")?;
     if !status.success() {
         bail!("building envd failed");
     }
-    Ok(root.join("target/x86_64-unknown-linux-gnu/envd/envd"))
+    Ok(root.join("target/x86_64-unknown-linux-gnu/guest/envd"))
 }
 
 fn start_envd(bin: &PathBuf) -> Result<Envd> {

@@ -508,12 +508,16 @@ impl Capsules {
                 ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
                 ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
                 ExecEvent::Exited(exit) => {
+                    // The stream may still end with an error (e.g. the command's deadline ran out).
+                    while let Some(trailer) = stream.events.recv().await {
+                        trailer?;
+                    }
                     return Ok(ExecOutput {
                         pid: stream.pid,
                         stdout,
                         stderr,
                         exit,
-                    })
+                    });
                 }
             }
         }

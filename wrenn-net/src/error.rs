@@ -15,6 +15,12 @@ pub enum SlotError {
     InvalidIndex { index: SlotIndex, max: u32 },
     #[error("Namespace {name} already exists")]
     NetnsExists { name: String },
+    #[error("Claiming slot {index} through its owner file failed")]
+    OwnerFile {
+        index: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("Namespace {name}: {step} failed")]
     Netns {
         name: String,
@@ -114,6 +120,7 @@ impl SlotError {
             | Self::EnterNetns { source, .. }
             | Self::Tap { source, .. }
             | Self::Sysctl { source, .. }
+            | Self::OwnerFile { source, .. }
             | Self::NetlinkConnect(source)
             | Self::NftSpawn { source, .. } => is_perm_errno(source.raw_os_error()),
             Self::Netlink { source, .. } => is_perm_errno(netlink_errno(source)),

@@ -27,6 +27,7 @@
 mod error;
 mod netns;
 mod nft;
+pub mod owner;
 mod rtnl;
 mod slot;
 mod tap;
@@ -150,16 +151,29 @@ impl NetnsNetwork {
         self.used.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Claims the lowest index that is neither used nor in `skip`.
-    fn claim(&self, skip: &BTreeSet<u32>) -> Option<SlotIndex> {
+    /// Claims the lowest index that is not used here, not in `skip`, and not held
+    /// by another live process (its owner file is created exclusively).
+    fn claim(&self, skip: &BTreeSet<u32>) -> Result<Option<SlotIndex>, SlotError> {
         let mut used = self.used();
-        let n = (1..=self.config.capacity).find(|n| !used.contains(n) && !skip.contains(n))?;
-        used.insert(n);
-        Some(SlotIndex(n))
+        for n in 1..=self.config.capacity {
+            if used.contains(&n) || skip.contains(&n) || owner::registered(n) {
+                continue;
+            }
+            let claimed =
+                owner::claim(n).map_err(|source| SlotError::OwnerFile { index: n, source })?;
+            if claimed {
+                used.insert(n);
+                owner::register(n);
+                return Ok(Some(SlotIndex(n)));
+            }
+        }
+        Ok(None)
     }
 
     fn unclaim(&self, index: SlotIndex) {
         self.used().remove(&index.0);
+        owner::unregister(index.0);
+        owner::release(index.0);
     }
 
     /// Creates every part of `slot`, recording each part in `made` as soon as it
@@ -262,7 +276,7 @@ impl NetnsNetwork {
         self.host_rules(false).await?;
         let mut skip = BTreeSet::new();
         loop {
-            let index = self.claim(&skip).ok_or(SlotError::Exhausted {
+            let index = self.claim(&skip)?.ok_or(SlotError::Exhausted {
                 capacity: self.config.capacity,
             })?;
             let slot = slot_for(index);
@@ -273,9 +287,10 @@ impl NetnsNetwork {
                     return Ok(slot);
                 }
                 Err(SlotError::NetnsExists { name }) => {
-                    // Held by another process (or a leftover for the sweep).
+                    // A leftover without a live owner: the sweep removes it.
                     debug!(%name, "Namespace exists, trying the next index");
-                    self.unclaim(index);
+                    self.used().remove(&index.0);
+                    owner::unregister(index.0);
                     skip.insert(index.0);
                 }
                 Err(e) => {
@@ -297,12 +312,20 @@ impl NetnsNetwork {
             .collect();
         let mut removed = BTreeSet::new();
         let mut errors = Vec::new();
+        // A slot survives the sweep when something still holds it: a capsule the
+        // caller keeps, a live instance of this process, or another live process.
+        let held = |n: u32| {
+            keep.contains(&n)
+                || owner::registered(n)
+                || owner::holder(n) == owner::Holder::OtherLive
+        };
         for index in netns::list_slots()? {
-            if keep.contains(&index.0) {
+            if held(index.0) {
                 continue;
             }
             match self.teardown(&slot_for(index), &ALL_PARTS).await {
                 Ok(()) => {
+                    owner::release(index.0);
                     removed.insert(index.0);
                 }
                 Err(e) => errors.push(e),
@@ -318,7 +341,7 @@ impl NetnsNetwork {
             })
         })
         .await?;
-        for index in stray.into_iter().filter(|i| !keep.contains(&i.0)) {
+        for index in stray.into_iter().filter(|i| !held(i.0)) {
             let name = slot_for(index).host_veth;
             let r = netns::run(None, move || {
                 rtnl::with_netlink(|h| async move { rtnl::delete_link(&h, &name).await })
@@ -344,6 +367,15 @@ impl NetnsNetwork {
             Ok(removed.len())
         } else {
             Err(SlotError::Sweep { errors })
+        }
+    }
+}
+
+impl Drop for NetnsNetwork {
+    fn drop(&mut self) {
+        // Slots still held are leaked (like a crash): the sweep may now remove them.
+        for n in self.used().iter() {
+            owner::unregister(*n);
         }
     }
 }
@@ -398,6 +430,7 @@ impl Network for NetnsNetwork {
 
     fn adopt(&self, slot: &NetSlot) {
         self.used().insert(slot.index.0);
+        owner::register(slot.index.0);
     }
 
     async fn sweep(&self, keep: &[SlotIndex]) -> Result<usize, NetError> {

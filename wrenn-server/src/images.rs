@@ -31,6 +31,11 @@ async fn stage(title: &str, log: &Path, mut cmd: tokio::process::Command) -> Res
     );
     bar.set_prefix(title.to_string());
     bar.enable_steady_tick(Duration::from_millis(120));
+    // Without a terminal the spinner is hidden: say what happens in plain lines instead.
+    let plain = bar.is_hidden();
+    if plain {
+        eprintln!("==> {title}");
+    }
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -79,6 +84,9 @@ async fn stage(title: &str, log: &Path, mut cmd: tokio::process::Command) -> Res
         bail!("{title} failed; full log in {}", log.display());
     }
     bar.finish_with_message(format!("done ({})", last_stdout));
+    if plain {
+        eprintln!("    {title}: done ({last_stdout})");
+    }
     Ok(last_stdout)
 }
 
@@ -122,23 +130,11 @@ pub async fn build(data: &DataDir, templates: &[String]) -> Result<()> {
         .to_string();
     std::fs::write(data.kernels().join("current"), format!("{hash}\n"))?;
 
-    let mut envd = tokio::process::Command::new("bash");
-    envd.arg(src.join("scripts/build-envd.sh"))
+    let mut guest = tokio::process::Command::new("bash");
+    guest
+        .arg(src.join("scripts/build-guest.sh"))
         .current_dir(&src);
-    stage("envd", &logs.join("envd.log"), envd).await?;
-
-    let mut init = tokio::process::Command::new("cargo");
-    init.args([
-        "build",
-        "--release",
-        "--target",
-        "x86_64-unknown-linux-gnu",
-        "-p",
-        "wrenn-init",
-    ])
-    .env("RUSTFLAGS", "-C target-feature=+crt-static")
-    .current_dir(&src);
-    stage("wrenn-init", &logs.join("wrenn-init.log"), init).await?;
+    stage("envd + wrenn-init", &logs.join("guest.log"), guest).await?;
 
     for t in &templates {
         let mut c = script(&src, "images/build-rootfs.sh", data);

@@ -225,19 +225,6 @@ async fn measure(binary: &Path, kernel: &Path) -> AccelProbe {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn probe_boots_without_a_root_disk_and_exits_on_panic() {
-        let a = probe_args(Path::new("/k"), Accel::Tcg).join(" ");
-        assert!(a.contains("-no-reboot"));
-        assert!(a.contains("panic=-1"));
-        assert!(!a.contains("-drive"));
-    }
-}
-
 /// The host's TSC frequency in kHz. Under TCG the guest's TSC is the host's, and
 /// the guest kernel cannot calibrate it reliably against the emulated PIT on a busy
 /// host; passing `tsc_early_khz` avoids a hang before init. Measured once.
@@ -272,4 +259,17 @@ fn measure_tsc_khz() -> Option<u64> {
 #[cfg(not(target_arch = "x86_64"))]
 fn measure_tsc_khz() -> Option<u64> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_boots_without_a_root_disk_and_exits_on_panic() {
+        let a = probe_args(Path::new("/k"), Accel::Tcg).join(" ");
+        assert!(a.contains("-no-reboot"));
+        assert!(a.contains("panic=-1"));
+        assert!(!a.contains("-drive"));
+    }
 }

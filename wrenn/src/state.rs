@@ -33,13 +33,7 @@ fn err(context: String, e: impl std::error::Error + Send + Sync + 'static) -> St
     }
 }
 
-/// Start time of a process in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses; fields follow the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
+use wrenn_net::owner::process_start_time;
 
 /// Capsule ids of running VMM processes tagged `-name wrenn-<id>`, with their pids.
 pub fn tagged_vmms() -> Vec<(u32, CapsuleId)> {
@@ -168,18 +162,5 @@ impl StateStore for FsStateStore {
             }
         }
         killed
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_start_time_is_readable_and_stable() {
-        let me = std::process::id();
-        let a = process_start_time(me).unwrap();
-        assert_eq!(process_start_time(me), Some(a));
-        assert_eq!(process_start_time(u32::MAX), None);
     }
 }

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Installs what building and testing Wrenn needs, from the package registries only.
-# Idempotent and quick when everything is already there.
+# Installs what building, running and testing Wrenn needs, from the package
+# registries only (Debian, PyPI). Idempotent and quick when all is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Runtime: QEMU, qcow2 tools, nftables, iproute2. Image builds install their own
+# build dependencies (images/build-*.sh).
+apt_pkgs=(qemu-system-x86 qemu-utils nftables iproute2 curl python3-pip)
 need_apt=()
-for pkg in "$@"; do
+for pkg in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

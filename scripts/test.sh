@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Runs Wrenn's whole test suite: Rust unit and integration tests, then the pytest
-# suites that drive the real SDKs. Installs and builds what the tests need first.
+# Runs Wrenn's whole test suite: Rust unit and end-to-end tests (real guests),
+# then the pytest suites that drive the real SDKs. Installs and builds what the
+# tests need first (packages, guest binaries, kernel and images — all cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/deps.sh
-echo "==> building envd (static)"
-./scripts/build-guest.sh >/dev/null
+echo "==> guest binaries and images"
+./scripts/images.sh
 echo "==> cargo test"
 cargo test --workspace
 echo "==> pytest"

@@ -462,11 +462,21 @@ fn spawn(plan: &SpawnPlan) -> Result<Spawned, ConnectError> {
         .map(nix::unistd::Gid::from_raw)
         .collect();
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe syscalls (setsid, ioctl, setgroups, setgid, setuid) on
-    // values prepared before the fork; it does not allocate or take locks.
+    // async-signal-safe syscalls (setsid, ioctl, open/write/close, setgroups,
+    // setgid, setuid) on values prepared before the fork; it does not allocate or
+    // take locks.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            // User commands are the first the OOM killer should pick, not envd.
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, b"100".as_ptr().cast(), 3);
+                libc::close(fd);
+            }
             if is_pty {
                 // fd 0 is the pty slave installed by the spawner; TIOCSCTTY takes an int arg.
                 if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {

@@ -11,6 +11,7 @@ pub mod error;
 pub mod guest;
 pub mod id;
 pub mod manager;
+pub mod memory;
 pub mod net;
 pub mod record;
 pub mod spec;

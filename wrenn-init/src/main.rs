@@ -3,7 +3,7 @@
 //! Boot: mount the API filesystems, set the hostname, bring up `lo` and `eth0`
 //! (the kernel's `ip=` parameter normally configured `eth0` already; otherwise
 //! the fixed capsule identity is applied with ioctls), write `/etc/resolv.conf`
-//! if absent, then start `/usr/local/bin/envd --port 49983` and keep it running
+//! if absent, then start `/usr/local/bin/envd --port 49983 --sync-clock` and keep it running
 //! (respawn with backoff). Afterwards PID 1 only reaps zombies and waits for a
 //! power-off request: SIGTERM, SIGINT (also Ctrl-Alt-Del), SIGPWR, SIGUSR1,
 //! SIGUSR2, the ACPI power button (QMP `system_powerdown`), or running this
@@ -129,7 +129,8 @@ impl Service {
             return;
         }
         let mut cmd = Command::new(ENVD_PATH);
-        cmd.args(["--port", ENVD_PORT])
+        // Inside a capsule envd owns the clock: /init carries host time after every boot and restore.
+        cmd.args(["--port", ENVD_PORT, "--sync-clock"])
             .current_dir("/")
             .stdin(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and calls

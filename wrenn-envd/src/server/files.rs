@@ -211,7 +211,11 @@ pub async fn download(
     }
     let body = if gzip {
         resp = resp.header(header::CONTENT_ENCODING, "gzip");
-        let enc = GzipEncoder::new(BufReader::with_capacity(CHUNK, file));
+        // Clients (httpx) offer gzip by default: compress fast, not small.
+        let enc = GzipEncoder::with_quality(
+            BufReader::with_capacity(CHUNK, file),
+            async_compression::Level::Fastest,
+        );
         Body::from_stream(ReaderStream::with_capacity(enc, CHUNK))
     } else {
         resp = resp.header(header::CONTENT_LENGTH, len);
@@ -346,24 +350,53 @@ pub async fn upload(
     Query(q): Query<FileQuery>,
     body: Body,
 ) -> Response {
-    match upload_inner(&st, &headers, &q, body).await {
+    // The body is read through a pump task. When the upload fails before the body
+    // is consumed (bad token, unknown user, full disk), the pump drains what the
+    // client still sends, so it reads our answer instead of a reset connection.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
+    let pump = tokio::spawn(async move {
+        let mut data = body.into_data_stream();
+        let mut drained: u64 = 0;
+        let mut consumer_gone = false;
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(std::io::Error::other);
+            if !consumer_gone {
+                if let Err(unsent) = tx.send(chunk).await {
+                    consumer_gone = true;
+                    drained += unsent.0.map(|c| c.len() as u64).unwrap_or(0);
+                }
+            } else if let Ok(c) = chunk {
+                drained += c.len() as u64;
+                if drained > MAX_DRAIN {
+                    break;
+                }
+            }
+        }
+    });
+    let stream: ByteStream = Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let result = upload_inner(&st, &headers, &q, stream).await;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, pump).await;
+    match result {
         Ok(entries) => (StatusCode::OK, axum::Json(entries)).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
+/// Most of a failed upload's body read (and discarded) before answering.
+const MAX_DRAIN: u64 = 1 << 30;
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn upload_inner(
     st: &AppState,
     headers: &HeaderMap,
     q: &FileQuery,
-    body: Body,
+    raw: ByteStream,
 ) -> Result<Vec<UploadedEntry>, HttpError> {
     check_file_access(st, headers, q, "write")?;
     let user = file_user(st, q)?;
     let meta = parse_metadata(headers)?;
     let query_path = q.path.as_deref().filter(|p| !p.is_empty());
 
-    let raw: ByteStream = Box::pin(body.into_data_stream().map_err(std::io::Error::other));
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())

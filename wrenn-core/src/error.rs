@@ -42,6 +42,8 @@ pub enum CapsuleError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("Capsule manager is shutting down")]
     ShuttingDown,
 }
@@ -64,6 +66,14 @@ impl CapsuleError {
             CapsuleError::Agent(AgentError::Timeout(_)) => "timeout",
             CapsuleError::Agent(_) => "guest_error",
             CapsuleError::State(_) => "state_error",
+            CapsuleError::Snapshot(crate::snapshot::SnapshotError::NameTaken { .. }) => {
+                "already_exists"
+            }
+            CapsuleError::Snapshot(crate::snapshot::SnapshotError::NotFound { .. }) => "not_found",
+            CapsuleError::Snapshot(crate::snapshot::SnapshotError::Corrupt { .. }) => {
+                "snapshot_corrupt"
+            }
+            CapsuleError::Snapshot(_) => "snapshot_error",
             CapsuleError::ShuttingDown => "shutting_down",
         }
     }

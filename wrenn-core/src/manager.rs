@@ -1,11 +1,12 @@
 //! The capsule manager: composes a [`Vmm`], a [`Network`], a [`CowStore`], a
-//! [`TemplateStore`] and a [`GuestConnector`] into capsules.
+//! [`TemplateStore`], a [`SnapshotStore`] and a [`GuestConnector`] into capsules.
 //!
 //! Each capsule has one actor task that owns its live resources (VMM handle,
-//! network slot, disk). Lifecycle operations are messages to that actor, so two of
-//! them never interleave and a caller that goes away cannot cancel one halfway.
-//! Every resource is released on every failure path; a capsule whose VMM dies is
-//! marked failed and its resources are released at once.
+//! network slot, disk). Lifecycle operations (pause, resume, snapshot, fork,
+//! destroy) are messages to that actor, so two of them never interleave and a
+//! caller that goes away cannot cancel one halfway. Every resource is released on
+//! every failure path; a capsule whose VMM dies is marked failed and its resources
+//! are released at once.
 
 use crate::error::CapsuleError;
 use crate::guest::{
@@ -14,16 +15,20 @@ use crate::guest::{
 use crate::id::CapsuleId;
 use crate::net::{NetSlot, Network, GUEST_MAC, TAP_NAME};
 use crate::record::{CapsuleRecord, StateStore};
+use crate::snapshot::{PauseReport, SnapshotError, SnapshotMeta, SnapshotStore};
 use crate::spec::{CreateOptions, Limits};
 use crate::status::CapsuleStatus;
 use crate::storage::{CowDisk, CowStore};
-use crate::template::{Template, TemplateStore};
-use crate::vmm::{Accel, BootSource, Drive, MachineConfig, NetIface, VmSpec, Vmm, VmmHandle};
+use crate::template::{Template, TemplateName, TemplateStore};
+use crate::vmm::{
+    Accel, BootSource, ChangedPages, Drive, MachineConfig, MemoryBase, NetIface, PageOverlay,
+    VmSpec, Vmm, VmmHandle,
+};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
@@ -37,6 +42,7 @@ pub struct HostParts {
     pub templates: Arc<dyn TemplateStore>,
     pub guests: Arc<dyn GuestConnector>,
     pub state: Arc<dyn StateStore>,
+    pub snapshots: Arc<dyn SnapshotStore>,
 }
 
 /// Manager settings.
@@ -45,6 +51,8 @@ pub struct ManagerConfig {
     pub limits: Limits,
     /// How long a booting guest may take to answer envd health.
     pub ready_timeout: Duration,
+    /// How long a restored guest may take to answer (it is already running).
+    pub restore_ready_timeout: Duration,
     /// Path of the guest's init.
     pub guest_init: String,
 }
@@ -54,6 +62,7 @@ impl Default for ManagerConfig {
         ManagerConfig {
             limits: Limits::default(),
             ready_timeout: Duration::from_secs(60),
+            restore_ready_timeout: Duration::from_secs(30),
             guest_init: "/usr/local/bin/wrenn-init".into(),
         }
     }
@@ -107,20 +116,40 @@ pub struct ExecOutput {
 pub struct SweepReport {
     /// Capsules of other live processes, left alone.
     pub kept: usize,
+    /// Paused capsules of dead processes, taken over (their snapshots survive).
+    pub adopted: usize,
     /// Records of dead owners whose leftovers were removed.
     pub removed_capsules: usize,
     pub killed_vmms: usize,
     pub removed_slots: usize,
 }
 
+/// What a fork hands from the source capsule to each child.
+struct ForkState {
+    meta: SnapshotMeta,
+    device_state: PathBuf,
+    changed: Arc<ChangedPages>,
+    /// The source's disk at the fork point (read-only, in the scratch dir).
+    disk: PathBuf,
+    scratch: PathBuf,
+}
+
 enum Command {
     Destroy(oneshot::Sender<Result<(), CapsuleError>>),
+    Pause(oneshot::Sender<Result<PauseReport, CapsuleError>>),
+    Resume(oneshot::Sender<Result<(), CapsuleError>>),
+    Snapshot {
+        name: TemplateName,
+        overwrite: bool,
+        reply: oneshot::Sender<Result<(), CapsuleError>>,
+    },
+    Fork(oneshot::Sender<Result<ForkState, CapsuleError>>),
 }
 
 #[derive(Debug)]
 struct Entry {
     record: Mutex<CapsuleRecord>,
-    agent: Arc<dyn GuestAgent>,
+    agent: Mutex<Option<Arc<dyn GuestAgent>>>,
     tx: mpsc::Sender<Command>,
 }
 
@@ -129,11 +158,20 @@ impl Entry {
         self.record.lock().ok().map(|r| r.clone())
     }
 
-    fn status(&self) -> CapsuleStatus {
-        self.record
-            .lock()
-            .map(|r| r.status)
-            .unwrap_or(CapsuleStatus::Error)
+    fn agent(&self) -> Option<Arc<dyn GuestAgent>> {
+        self.agent.lock().ok().and_then(|a| a.clone())
+    }
+
+    fn set_agent(&self, agent: Option<Arc<dyn GuestAgent>>) {
+        if let Ok(mut a) = self.agent.lock() {
+            *a = agent;
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut CapsuleRecord)) -> Option<CapsuleRecord> {
+        let mut r = self.record.lock().ok()?;
+        f(&mut r);
+        Some(r.clone())
     }
 }
 
@@ -200,121 +238,31 @@ fn random_token() -> String {
     format!("{v:032x}")
 }
 
-/// The capsule manager.
-#[derive(Debug)]
-pub struct Capsules {
-    parts: HostParts,
-    config: ManagerConfig,
-    table: Mutex<HashMap<CapsuleId, Arc<Entry>>>,
+/// How a VM gets its state: booted from a template, or restored.
+enum Start {
+    Boot {
+        template: Template,
+    },
+    Restore {
+        kernel: PathBuf,
+        cmdline: String,
+        memory: MemoryBase,
+        device_state: PathBuf,
+        overlay: Arc<dyn PageOverlay>,
+        disk_base: PathBuf,
+        /// The token the restored guest's envd still holds.
+        old_token: String,
+    },
 }
 
-impl Capsules {
-    /// A manager over `parts`. Call [`Capsules::recover`] once at startup.
-    pub fn new(parts: HostParts, config: ManagerConfig) -> Arc<Self> {
-        Arc::new(Capsules {
-            parts,
-            config,
-            table: Mutex::new(HashMap::new()),
-        })
-    }
+/// What every lifecycle step needs; cheap to clone into actors.
+#[derive(Clone, Debug)]
+struct Ctx {
+    parts: HostParts,
+    config: ManagerConfig,
+}
 
-    pub fn accel(&self) -> Accel {
-        self.parts.vmm.accel()
-    }
-
-    pub fn limits(&self) -> &Limits {
-        &self.config.limits
-    }
-
-    /// Startup sweep: removes what crashed processes left behind (VMMs, network
-    /// slots, disks, records) and leaves capsules of live processes alone.
-    pub async fn recover(&self) -> Result<SweepReport, CapsuleError> {
-        let mut report = SweepReport::default();
-        let records = self.parts.state.list().await?;
-        let mut keep_ids = Vec::new();
-        let mut keep_slots = Vec::new();
-        let mut dead = Vec::new();
-        for (id, rec) in records {
-            match rec {
-                Some(r) if self.parts.state.owner_alive(&r.owner) => {
-                    if let Some(slot) = &r.slot {
-                        self.parts.net.adopt(slot);
-                        keep_slots.push(slot.index);
-                    }
-                    keep_ids.push(id);
-                    report.kept += 1;
-                }
-                other => dead.push((id, other)),
-            }
-        }
-        report.killed_vmms = self.parts.state.kill_orphan_vmms(&keep_ids).await;
-        for (id, rec) in dead {
-            if let Some(disk) = rec.as_ref().and_then(|r| r.disk.as_ref()) {
-                if let Err(e) = self.parts.disks.remove(disk).await {
-                    tracing::warn!(capsule = %id, error = %error_chain(&e), "removing leftover disk");
-                }
-            }
-            self.parts.state.remove_dir(&id).await?;
-            report.removed_capsules += 1;
-        }
-        report.removed_slots = self.parts.net.sweep(&keep_slots).await?;
-        tracing::info!(
-            kept = report.kept,
-            removed_capsules = report.removed_capsules,
-            killed_vmms = report.killed_vmms,
-            removed_slots = report.removed_slots,
-            "startup sweep done"
-        );
-        Ok(report)
-    }
-
-    /// Creates a capsule and returns once its agent is healthy and initialised.
-    pub async fn create(
-        self: &Arc<Self>,
-        opts: CreateOptions,
-    ) -> Result<CapsuleInfo, CapsuleError> {
-        let spec = opts.validate(&self.config.limits)?;
-        let template = self.parts.templates.get(&spec.template).await?;
-        let id = CapsuleId::random();
-        let dir = self.parts.state.create_dir(&id).await?;
-        let mut record = CapsuleRecord {
-            id: id.clone(),
-            status: CapsuleStatus::Starting,
-            spec,
-            accel: self.parts.vmm.accel(),
-            owner: self.parts.state.current_owner(),
-            created_at: now_unix(),
-            vmm_pid: None,
-            slot: None,
-            disk: None,
-            access_token: random_token(),
-            error: None,
-        };
-        let mut res = Resources::default();
-        let started = tokio::time::Instant::now();
-        match self.bring_up(&mut record, &mut res, &template, &dir).await {
-            Ok(agent) => {
-                record.status = CapsuleStatus::Running;
-                self.parts.state.save(&record).await?;
-                tracing::info!(capsule = %id, template = %record.spec.template, accel = %record.accel,
-                    ms = started.elapsed().as_millis() as u64, "capsule running");
-                let info = CapsuleInfo::from(&record);
-                self.start_actor(record, res, agent);
-                Ok(info)
-            }
-            Err(e) => {
-                tracing::warn!(capsule = %id, error = %error_chain(&e), "create failed; releasing");
-                for err in res.release(&self.parts).await {
-                    tracing::warn!(capsule = %id, %err, "cleanup after failed create");
-                }
-                if let Err(err) = self.parts.state.remove_dir(&id).await {
-                    tracing::warn!(capsule = %id, error = %error_chain(&err), "removing capsule dir");
-                }
-                Err(e)
-            }
-        }
-    }
-
+impl Ctx {
     fn kernel_cmdline(&self, template: &Template) -> String {
         let mut cmdline = format!(
             "console=ttyS0 reboot=k panic=1 root=/dev/vda rw init={} quiet {}",
@@ -328,35 +276,65 @@ impl Capsules {
         cmdline
     }
 
+    /// Acquires a slot, a disk and a VM for `record`, then waits for and
+    /// initialises its agent. Everything acquired is in `res`, for the caller to
+    /// keep or release.
     async fn bring_up(
         &self,
         record: &mut CapsuleRecord,
         res: &mut Resources,
-        template: &Template,
+        start: Start,
         dir: &Path,
     ) -> Result<Arc<dyn GuestAgent>, CapsuleError> {
-        self.parts.state.save(record).await?;
-        let slot = self.parts.net.allocate().await?;
+        let parts = &self.parts;
+        parts.state.save(record).await?;
+        let slot = parts.net.allocate().await?;
         res.slot = Some(slot.clone());
         record.slot = Some(slot.clone());
 
-        let disk_name = format!("disk.{}", self.parts.disks.format().as_str());
-        let disk = self
-            .parts
+        let (disk_base, boot, memory) = match &start {
+            Start::Boot { template } => {
+                let base = parts
+                    .templates
+                    .pin(&template.rootfs, dir, "rootfs.base")
+                    .await?;
+                let boot = BootSource {
+                    kernel: template.kernel.clone(),
+                    cmdline: self.kernel_cmdline(template),
+                };
+                (base, boot, MemoryBase::Zero)
+            }
+            Start::Restore {
+                kernel,
+                cmdline,
+                memory,
+                disk_base,
+                ..
+            } => (
+                disk_base.clone(),
+                BootSource {
+                    kernel: kernel.clone(),
+                    cmdline: cmdline.clone(),
+                },
+                memory.clone(),
+            ),
+        };
+        let disk_name = format!("disk.{}", parts.disks.format().as_str());
+        let disk = parts
             .disks
-            .create(&template.rootfs, &dir.join(disk_name), record.spec.disk_mb)
+            .create(&disk_base, &dir.join(disk_name), record.spec.disk_mb)
             .await?;
         res.disk = Some(disk.clone());
         record.disk = Some(disk.clone());
-        self.parts.state.save(record).await?;
+        record.memory_base = memory.clone();
+        record.kernel = boot.kernel.clone();
+        record.cmdline = boot.cmdline.clone();
+        parts.state.save(record).await?;
 
         let vm = VmSpec {
             name: record.id.vmm_tag(),
             run_dir: dir.to_path_buf(),
-            boot: BootSource {
-                kernel: template.kernel.clone(),
-                cmdline: self.kernel_cmdline(template),
-            },
+            boot,
             machine: MachineConfig {
                 vcpus: u8::try_from(record.spec.vcpus).unwrap_or(1),
                 memory_mb: record.spec.memory_mb,
@@ -374,25 +352,42 @@ impl Capsules {
                 mac: GUEST_MAC.into(),
                 netns_path: slot.netns_path.clone(),
             }],
+            memory,
         };
-        let handle = self.parts.vmm.spawn(&vm).await?;
+        let (handle, old_token, ready_timeout) = match &start {
+            Start::Boot { .. } => (parts.vmm.spawn(&vm).await?, None, self.config.ready_timeout),
+            Start::Restore {
+                device_state,
+                overlay,
+                old_token,
+                ..
+            } => (
+                parts
+                    .vmm
+                    .restore(&vm, device_state, overlay.as_ref())
+                    .await?,
+                Some(old_token.clone()),
+                self.config.restore_ready_timeout,
+            ),
+        };
         record.vmm_pid = handle.pid();
-        self.parts.state.save(record).await?;
+        parts.state.save(record).await?;
 
         let addr = SocketAddr::new(slot.host_addr.into(), crate::ENVD_PORT);
-        let agent = self
-            .parts
-            .guests
-            .connect(addr, Some(record.access_token.clone()));
+        // A restored envd still holds the old token; it authorises setting the new one.
+        let init_agent = parts.guests.connect(
+            addr,
+            old_token.or_else(|| Some(record.access_token.clone())),
+        );
         let ready = tokio::select! {
-            r = agent.wait_ready(self.config.ready_timeout) => r.map_err(CapsuleError::from),
+            r = init_agent.wait_ready(ready_timeout) => r.map_err(CapsuleError::from),
             detail = handle.wait_exit() => Err(CapsuleError::VmmExited {
-                id: record.id.clone(), phase: "boot", detail,
+                id: record.id.clone(), phase: "start", detail,
             }),
         };
         res.vmm = Some(handle);
         ready?;
-        agent
+        init_agent
             .init(&GuestInit {
                 access_token: Some(record.access_token.clone()),
                 env_vars: record.spec.envs.clone(),
@@ -401,27 +396,245 @@ impl Capsules {
                 timestamp: Some(SystemTime::now()),
             })
             .await?;
-        Ok(agent)
+        Ok(parts
+            .guests
+            .connect(addr, Some(record.access_token.clone())))
+    }
+
+    fn meta(&self, rec: &CapsuleRecord) -> SnapshotMeta {
+        SnapshotMeta {
+            spec: rec.spec.clone(),
+            accel: rec.accel,
+            mem_bytes: u64::from(rec.spec.memory_mb) * 1024 * 1024,
+            memory_base: rec.memory_base.clone(),
+            access_token: rec.access_token.clone(),
+            kernel: rec.kernel.clone(),
+            cmdline: rec.cmdline.clone(),
+            created_at: now_unix(),
+        }
+    }
+}
+
+fn invalid(rec: &CapsuleRecord, op: &'static str, needed: &'static str) -> CapsuleError {
+    CapsuleError::InvalidState {
+        id: rec.id.clone(),
+        status: rec.status,
+        op,
+        needed,
+    }
+}
+
+/// The capsule manager.
+#[derive(Debug)]
+pub struct Capsules {
+    ctx: Ctx,
+    table: Mutex<HashMap<CapsuleId, Arc<Entry>>>,
+}
+
+impl Capsules {
+    /// A manager over `parts`. Call [`Capsules::recover`] once at startup.
+    pub fn new(parts: HostParts, config: ManagerConfig) -> Arc<Self> {
+        Arc::new(Capsules {
+            ctx: Ctx { parts, config },
+            table: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.ctx.parts.vmm.accel()
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.ctx.config.limits
+    }
+
+    /// Startup sweep: removes what crashed processes left behind (VMMs, network
+    /// slots, disks, records), adopts paused capsules (their snapshots survive),
+    /// and leaves capsules of live processes alone.
+    pub async fn recover(self: &Arc<Self>) -> Result<SweepReport, CapsuleError> {
+        let parts = &self.ctx.parts;
+        let mut report = SweepReport::default();
+        let records = parts.state.list().await?;
+        let mut keep_ids = Vec::new();
+        let mut keep_slots = Vec::new();
+        let mut dead = Vec::new();
+        let mut adopt = Vec::new();
+        for (id, rec) in records {
+            match rec {
+                Some(r) if parts.state.owner_alive(&r.owner) => {
+                    if let Some(slot) = &r.slot {
+                        parts.net.adopt(slot);
+                        keep_slots.push(slot.index);
+                    }
+                    keep_ids.push(id);
+                    report.kept += 1;
+                }
+                Some(r) if r.status == CapsuleStatus::Paused => adopt.push(r),
+                other => dead.push((id, other)),
+            }
+        }
+        report.killed_vmms = parts.state.kill_orphan_vmms(&keep_ids).await;
+        for (id, rec) in dead {
+            if let Some(disk) = rec.as_ref().and_then(|r| r.disk.as_ref()) {
+                if let Err(e) = parts.disks.remove(disk).await {
+                    tracing::warn!(capsule = %id, error = %error_chain(&e), "removing leftover disk");
+                }
+            }
+            parts.state.remove_dir(&id).await?;
+            if let Err(e) = parts.snapshots.remove(&id).await {
+                tracing::warn!(capsule = %id, error = %error_chain(&e), "removing leftover snapshot");
+            }
+            report.removed_capsules += 1;
+        }
+        for mut rec in adopt {
+            rec.owner = parts.state.current_owner();
+            parts.state.save(&rec).await?;
+            tracing::info!(capsule = %rec.id, "adopted paused capsule");
+            self.start_actor(rec, Resources::default(), None);
+            report.adopted += 1;
+        }
+        report.removed_slots = parts.net.sweep(&keep_slots).await?;
+        tracing::info!(
+            kept = report.kept,
+            adopted = report.adopted,
+            removed_capsules = report.removed_capsules,
+            killed_vmms = report.killed_vmms,
+            removed_slots = report.removed_slots,
+            "startup sweep done"
+        );
+        Ok(report)
+    }
+
+    fn new_record(&self, spec: crate::spec::CapsuleSpec) -> CapsuleRecord {
+        CapsuleRecord {
+            id: CapsuleId::random(),
+            status: CapsuleStatus::Starting,
+            spec,
+            accel: self.ctx.parts.vmm.accel(),
+            owner: self.ctx.parts.state.current_owner(),
+            created_at: now_unix(),
+            vmm_pid: None,
+            slot: None,
+            disk: None,
+            access_token: random_token(),
+            error: None,
+            memory_base: MemoryBase::Zero,
+            kernel: PathBuf::new(),
+            cmdline: String::new(),
+        }
+    }
+
+    /// Brings up `record` and registers it, or releases everything on failure.
+    async fn launch(
+        self: &Arc<Self>,
+        mut record: CapsuleRecord,
+        start: impl FnOnce(
+            &Path,
+        )
+            -> futures_core::future::BoxFuture<'static, Result<Start, CapsuleError>>,
+    ) -> Result<CapsuleInfo, CapsuleError> {
+        let parts = &self.ctx.parts;
+        let id = record.id.clone();
+        let dir = parts.state.create_dir(&id).await?;
+        let mut res = Resources::default();
+        let started = tokio::time::Instant::now();
+        let result = match start(&dir).await {
+            Ok(start) => self.ctx.bring_up(&mut record, &mut res, start, &dir).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(agent) => {
+                record.status = CapsuleStatus::Running;
+                parts.state.save(&record).await?;
+                tracing::info!(capsule = %id, template = %record.spec.template, accel = %record.accel,
+                    ms = started.elapsed().as_millis() as u64, "capsule running");
+                let info = CapsuleInfo::from(&record);
+                self.start_actor(record, res, Some(agent));
+                Ok(info)
+            }
+            Err(e) => {
+                tracing::warn!(capsule = %id, error = %error_chain(&e), "create failed; releasing");
+                for err in res.release(parts).await {
+                    tracing::warn!(capsule = %id, %err, "cleanup after failed create");
+                }
+                if let Err(err) = parts.state.remove_dir(&id).await {
+                    tracing::warn!(capsule = %id, error = %error_chain(&err), "removing capsule dir");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates a capsule and returns once its agent is healthy and initialised.
+    /// Templates with a pre-booted snapshot start by restoring it (their vCPUs and
+    /// memory are the snapshot's); others boot.
+    pub async fn create(
+        self: &Arc<Self>,
+        opts: CreateOptions,
+    ) -> Result<CapsuleInfo, CapsuleError> {
+        let mut spec = opts.validate(&self.ctx.config.limits)?;
+        let parts = self.ctx.parts.clone();
+        let template = parts.templates.get(&spec.template).await?;
+        let snap = match parts.snapshots.open_template(&spec.template).await {
+            Ok(s) => s.filter(|r| r.meta.accel == parts.vmm.accel()),
+            Err(e) => {
+                tracing::warn!(template = %spec.template, error = %error_chain(&e), "template snapshot unusable; booting");
+                None
+            }
+        };
+        if let Some(r) = &snap {
+            spec.vcpus = r.meta.spec.vcpus;
+            spec.memory_mb = r.meta.spec.memory_mb;
+            spec.disk_mb = spec.disk_mb.max(r.meta.spec.disk_mb);
+        }
+        let record = self.new_record(spec);
+        self.launch(record, move |dir| {
+            let dir = dir.to_path_buf();
+            Box::pin(async move {
+                let Some(r) = snap else {
+                    return Ok(Start::Boot { template });
+                };
+                let memory = match &r.meta.memory_base {
+                    MemoryBase::File(p) => {
+                        MemoryBase::File(parts.templates.pin(p, &dir, "memory.base").await?)
+                    }
+                    MemoryBase::Zero => MemoryBase::Zero,
+                };
+                let disk_base = parts
+                    .templates
+                    .pin(&r.disk_base, &dir, "rootfs.base")
+                    .await?;
+                Ok(Start::Restore {
+                    kernel: r.meta.kernel.clone(),
+                    cmdline: r.meta.cmdline.clone(),
+                    memory,
+                    device_state: r.device_state.clone(),
+                    overlay: r.overlay.clone(),
+                    disk_base,
+                    old_token: r.meta.access_token.clone(),
+                })
+            })
+        })
+        .await
     }
 
     fn start_actor(
         self: &Arc<Self>,
         record: CapsuleRecord,
         res: Resources,
-        agent: Arc<dyn GuestAgent>,
+        agent: Option<Arc<dyn GuestAgent>>,
     ) {
         let (tx, rx) = mpsc::channel(8);
         let id = record.id.clone();
         let entry = Arc::new(Entry {
             record: Mutex::new(record),
-            agent,
+            agent: Mutex::new(agent),
             tx,
         });
         if let Ok(mut t) = self.table.lock() {
             t.insert(id, entry.clone());
         }
-        let parts = self.parts.clone();
-        tokio::spawn(actor(parts, entry, res, rx));
+        tokio::spawn(actor(self.ctx.clone(), entry, res, rx));
     }
 
     fn entry(&self, id: &CapsuleId) -> Result<Arc<Entry>, CapsuleError> {
@@ -432,21 +645,22 @@ impl Capsules {
             .ok_or_else(|| CapsuleError::NotFound { id: id.to_string() })
     }
 
-    fn running(&self, id: &CapsuleId, op: &'static str) -> Result<Arc<Entry>, CapsuleError> {
+    fn running(
+        &self,
+        id: &CapsuleId,
+        op: &'static str,
+    ) -> Result<(Arc<Entry>, Arc<dyn GuestAgent>), CapsuleError> {
         let e = self.entry(id)?;
-        let status = e.status();
-        if status != CapsuleStatus::Running {
-            return Err(CapsuleError::InvalidState {
-                id: id.clone(),
-                status,
-                op,
-                needed: "running",
-            });
+        let rec = e
+            .snapshot()
+            .ok_or_else(|| CapsuleError::NotFound { id: id.to_string() })?;
+        match (rec.status, e.agent()) {
+            (CapsuleStatus::Running, Some(agent)) => Ok((e, agent)),
+            _ => Err(invalid(&rec, op, "running")),
         }
-        Ok(e)
     }
 
-    /// Capsules this manager runs.
+    /// Capsules this manager runs or holds paused.
     pub fn list(&self) -> Vec<CapsuleInfo> {
         let entries: Vec<Arc<Entry>> = self
             .table
@@ -469,9 +683,17 @@ impl Capsules {
             .ok_or_else(|| CapsuleError::NotFound { id: id.to_string() })
     }
 
+    /// The envd access token of a capsule (for its owner only).
+    pub fn access_token(&self, id: &CapsuleId) -> Result<String, CapsuleError> {
+        let e = self.entry(id)?;
+        e.snapshot()
+            .map(|r| r.access_token)
+            .ok_or_else(|| CapsuleError::NotFound { id: id.to_string() })
+    }
+
     /// The agent of a running capsule, for calls the manager does not wrap.
     pub fn agent(&self, id: &CapsuleId) -> Result<Arc<dyn GuestAgent>, CapsuleError> {
-        Ok(self.running(id, "agent access")?.agent.clone())
+        Ok(self.running(id, "agent access")?.1)
     }
 
     /// Starts a command; events arrive on the returned stream.
@@ -480,8 +702,8 @@ impl Capsules {
         id: &CapsuleId,
         req: &ExecRequest,
     ) -> Result<ExecStream, CapsuleError> {
-        let e = self.running(id, "exec")?;
-        Ok(e.agent.exec(req).await?)
+        let (_, agent) = self.running(id, "exec")?;
+        Ok(agent.exec(req).await?)
     }
 
     /// Runs a command to completion, optionally feeding `stdin` first, and collects its output.
@@ -491,15 +713,15 @@ impl Capsules {
         req: &ExecRequest,
         stdin: Option<Bytes>,
     ) -> Result<ExecOutput, CapsuleError> {
-        let e = self.running(id, "exec")?;
+        let (_, agent) = self.running(id, "exec")?;
         let mut req = req.clone();
         req.stdin = stdin.is_some();
-        let mut stream = e.agent.exec(&req).await?;
+        let mut stream = agent.exec(&req).await?;
         if let Some(data) = stdin {
             if !data.is_empty() {
-                e.agent.send_stdin(stream.pid, data).await?;
+                agent.send_stdin(stream.pid, data).await?;
             }
-            e.agent.close_stdin(stream.pid).await?;
+            agent.close_stdin(stream.pid).await?;
         }
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         while let Some(ev) = stream.events.recv().await {
@@ -526,19 +748,122 @@ impl Capsules {
         )))
     }
 
-    /// Destroys a capsule: stops its VM and releases everything it holds.
-    pub async fn destroy(&self, id: &CapsuleId) -> Result<(), CapsuleError> {
+    async fn ask<T>(
+        &self,
+        id: &CapsuleId,
+        make: impl FnOnce(oneshot::Sender<Result<T, CapsuleError>>) -> Command,
+    ) -> Result<T, CapsuleError> {
         let e = self.entry(id)?;
         let (tx, rx) = oneshot::channel();
-        let result = match e.tx.send(Command::Destroy(tx)).await {
-            Ok(()) => rx.await.unwrap_or(Err(CapsuleError::ShuttingDown)),
-            Err(_) => Err(CapsuleError::ShuttingDown),
-        };
+        e.tx.send(make(tx))
+            .await
+            .map_err(|_| CapsuleError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(CapsuleError::ShuttingDown))
+    }
+
+    /// Pauses a running capsule: its memory, devices and disk go to its snapshot,
+    /// its VM, slot and process are released. Two pauses of one capsule queue.
+    pub async fn pause(&self, id: &CapsuleId) -> Result<PauseReport, CapsuleError> {
+        self.ask(id, Command::Pause).await
+    }
+
+    /// Resumes a paused capsule, in whatever network slot is free.
+    pub async fn resume(&self, id: &CapsuleId) -> Result<CapsuleInfo, CapsuleError> {
+        self.ask(id, Command::Resume).await?;
+        self.get(id)
+    }
+
+    /// Saves a running capsule as snapshot template `name` (flattened: it does not
+    /// depend on the capsule); the capsule keeps running.
+    pub async fn snapshot(
+        &self,
+        id: &CapsuleId,
+        name: &str,
+        overwrite: bool,
+    ) -> Result<(), CapsuleError> {
+        let name = TemplateName::parse(name).map_err(crate::spec::InvalidSpec::from)?;
+        self.ask(id, |reply| Command::Snapshot {
+            name,
+            overwrite,
+            reply,
+        })
+        .await
+    }
+
+    /// Forks a running capsule into `n` new capsules that continue from its current
+    /// state, each with its own identity (id, envd token) and copy-on-write disk.
+    pub async fn fork(
+        self: &Arc<Self>,
+        id: &CapsuleId,
+        n: usize,
+    ) -> Result<Vec<CapsuleInfo>, CapsuleError> {
+        let state = self.ask(id, Command::Fork).await?;
+        let mut out = Vec::new();
+        let mut first_err = None;
+        for _ in 0..n {
+            let mut spec = state.meta.spec.clone();
+            spec.metadata.insert("forked_from".into(), id.to_string());
+            let record = self.new_record(spec);
+            let (meta, device_state, changed, disk) = (
+                state.meta.clone(),
+                state.device_state.clone(),
+                state.changed.clone(),
+                state.disk.clone(),
+            );
+            let templates = self.ctx.parts.templates.clone();
+            let launched = self
+                .launch(record, move |dir| {
+                    let dir = dir.to_path_buf();
+                    Box::pin(async move {
+                        let memory = match &meta.memory_base {
+                            MemoryBase::File(p) => {
+                                MemoryBase::File(templates.pin(p, &dir, "memory.base").await?)
+                            }
+                            MemoryBase::Zero => MemoryBase::Zero,
+                        };
+                        let disk_base = templates.pin(&disk, &dir, "fork.base").await?;
+                        let device = templates.pin(&device_state, &dir, "fork.state").await?;
+                        Ok(Start::Restore {
+                            kernel: meta.kernel.clone(),
+                            cmdline: meta.cmdline.clone(),
+                            memory,
+                            device_state: device,
+                            overlay: changed as Arc<dyn PageOverlay>,
+                            disk_base,
+                            old_token: meta.access_token.clone(),
+                        })
+                    })
+                })
+                .await;
+            match launched {
+                Ok(info) => out.push(info),
+                Err(e) => {
+                    first_err = Some(e);
+                    break;
+                }
+            }
+        }
+        self.ctx.parts.state.remove_scratch(&state.scratch).await;
+        match first_err {
+            None => Ok(out),
+            Some(e) => {
+                for c in &out {
+                    let _ = self.destroy(&c.id).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Destroys a capsule: stops its VM and releases everything it holds, its
+    /// snapshot included.
+    pub async fn destroy(&self, id: &CapsuleId) -> Result<(), CapsuleError> {
+        let result = self.ask(id, Command::Destroy).await;
         if let Ok(mut t) = self.table.lock() {
             t.remove(id);
         }
         result?;
-        self.parts.state.remove_dir(id).await?;
+        self.ctx.parts.state.remove_dir(id).await?;
         tracing::info!(capsule = %id, "capsule destroyed");
         Ok(())
     }
@@ -560,74 +885,309 @@ impl Capsules {
     }
 }
 
+impl PageOverlay for ChangedPages {
+    fn for_each(
+        &self,
+        f: &mut dyn FnMut(u64, Option<&[u8]>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        for (page, data) in self.iter() {
+            f(page, Some(data))?;
+        }
+        Ok(())
+    }
+}
+
 fn set_status(entry: &Entry, to: CapsuleStatus, error: Option<String>) -> Option<CapsuleRecord> {
-    let mut r = entry.record.lock().ok()?;
-    match r.status.transition(to) {
-        Ok(s) => r.status = s,
-        Err(e) => tracing::warn!(capsule = %r.id, %e, "ignoring transition"),
+    entry.update(|r| {
+        match r.status.transition(to) {
+            Ok(s) => r.status = s,
+            Err(e) => tracing::warn!(capsule = %r.id, %e, "ignoring transition"),
+        }
+        if error.is_some() {
+            r.error = error;
+        }
+    })
+}
+
+async fn save_record(ctx: &Ctx, rec: Option<CapsuleRecord>) {
+    if let Some(rec) = rec {
+        if let Err(e) = ctx.parts.state.save(&rec).await {
+            tracing::warn!(capsule = %rec.id, error = %error_chain(&e), "saving capsule record");
+        }
     }
-    if error.is_some() {
-        r.error = error;
-    }
-    Some(r.clone())
 }
 
 /// The one task that owns a capsule's live resources.
-async fn actor(
-    parts: HostParts,
-    entry: Arc<Entry>,
-    mut res: Resources,
-    mut rx: mpsc::Receiver<Command>,
-) {
-    // Phase 1: running, watching the VMM.
-    let cmd = loop {
-        let Some(vmm) = res.vmm.as_ref() else {
-            break rx.recv().await;
+async fn actor(ctx: Ctx, entry: Arc<Entry>, mut res: Resources, mut rx: mpsc::Receiver<Command>) {
+    loop {
+        let cmd = match res.vmm.as_ref() {
+            None => rx.recv().await,
+            Some(vmm) => tokio::select! {
+                cmd = rx.recv() => cmd,
+                detail = vmm.wait_exit() => {
+                    vmm_died(&ctx, &entry, &mut res, detail).await;
+                    continue;
+                }
+            },
         };
-        tokio::select! {
-            cmd = rx.recv() => break cmd,
-            detail = vmm.wait_exit() => {
-                let id = entry.snapshot().map(|r| r.id.to_string()).unwrap_or_default();
-                tracing::warn!(capsule = %id, %detail, "VMM exited unexpectedly; releasing the capsule's resources");
-                res.vmm = None; // already gone; nothing to stop
-                let errors = res.release(&parts).await;
-                let mut msg = format!("VMM exited unexpectedly: {detail}");
-                if !errors.is_empty() {
-                    msg.push_str(&format!(" (cleanup: {})", errors.join("; ")));
+        match cmd {
+            None => {
+                // The manager is gone: running VMs go with it; paused snapshots stay.
+                for err in res.release(&ctx.parts).await {
+                    tracing::warn!(%err, "teardown on manager drop");
                 }
-                if let Some(mut rec) = set_status(&entry, CapsuleStatus::Error, Some(msg)) {
-                    rec.slot = None;
-                    rec.disk = None;
-                    rec.vmm_pid = None;
-                    if let Ok(mut r) = entry.record.lock() {
-                        *r = rec.clone();
-                    }
-                    let _ = parts.state.save(&rec).await;
-                }
+                return;
             }
-        }
-    };
-    // Phase 2: a command (or the manager went away: tear down either way).
-    set_status(&entry, CapsuleStatus::Stopping, None);
-    let errors = res.release(&parts).await;
-    let result = if errors.is_empty() {
-        set_status(&entry, CapsuleStatus::Stopped, None);
-        Ok(())
-    } else {
-        let msg = errors.join("; ");
-        if let Some(rec) = set_status(&entry, CapsuleStatus::Error, Some(msg.clone())) {
-            let _ = parts.state.save(&rec).await;
-        }
-        Err(CapsuleError::Vmm(crate::vmm::VmmError::Backend(msg.into())))
-    };
-    match cmd {
-        Some(Command::Destroy(reply)) => {
-            let _ = reply.send(result);
-        }
-        None => {
-            if let Err(e) = result {
-                tracing::warn!(error = %error_chain(&e), "teardown on manager drop");
+            Some(Command::Destroy(reply)) => {
+                set_status(&entry, CapsuleStatus::Stopping, None);
+                let mut errors = res.release(&ctx.parts).await;
+                if let Some(id) = entry.snapshot().map(|r| r.id) {
+                    if let Err(e) = ctx.parts.snapshots.remove(&id).await {
+                        errors.push(format!("removing snapshot: {}", error_chain(&e)));
+                    }
+                }
+                entry.set_agent(None);
+                let result = if errors.is_empty() {
+                    set_status(&entry, CapsuleStatus::Stopped, None);
+                    Ok(())
+                } else {
+                    let msg = errors.join("; ");
+                    save_record(
+                        &ctx,
+                        set_status(&entry, CapsuleStatus::Error, Some(msg.clone())),
+                    )
+                    .await;
+                    Err(CapsuleError::Vmm(crate::vmm::VmmError::Backend(msg.into())))
+                };
+                let _ = reply.send(result);
+                return;
+            }
+            Some(Command::Pause(reply)) => {
+                let r = pause(&ctx, &entry, &mut res).await;
+                let _ = reply.send(r);
+            }
+            Some(Command::Resume(reply)) => {
+                let r = resume(&ctx, &entry, &mut res).await;
+                let _ = reply.send(r);
+            }
+            Some(Command::Snapshot {
+                name,
+                overwrite,
+                reply,
+            }) => {
+                let r = snapshot(&ctx, &entry, &res, &name, overwrite).await;
+                let _ = reply.send(r);
+            }
+            Some(Command::Fork(reply)) => {
+                let r = fork_state(&ctx, &entry, &res).await;
+                let _ = reply.send(r);
             }
         }
     }
+}
+
+async fn vmm_died(ctx: &Ctx, entry: &Entry, res: &mut Resources, detail: String) {
+    let id = entry
+        .snapshot()
+        .map(|r| r.id.to_string())
+        .unwrap_or_default();
+    tracing::warn!(capsule = %id, %detail, "VMM exited unexpectedly; releasing the capsule's resources");
+    res.vmm = None; // already gone; nothing to stop
+    let errors = res.release(&ctx.parts).await;
+    let mut msg = format!("VMM exited unexpectedly: {detail}");
+    if !errors.is_empty() {
+        msg.push_str(&format!(" (cleanup: {})", errors.join("; ")));
+    }
+    entry.set_agent(None);
+    set_status(entry, CapsuleStatus::Error, Some(msg));
+    let rec = entry.update(|r| {
+        r.slot = None;
+        r.disk = None;
+        r.vmm_pid = None;
+    });
+    save_record(ctx, rec).await;
+}
+
+/// Stops the VM and saves its device state and changed pages into `dir`.
+async fn freeze(vmm: &dyn VmmHandle, device_state: &Path) -> Result<ChangedPages, CapsuleError> {
+    vmm.pause().await?;
+    match vmm.save(device_state).await {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            let _ = vmm.resume().await;
+            Err(e.into())
+        }
+    }
+}
+
+async fn pause(ctx: &Ctx, entry: &Entry, res: &mut Resources) -> Result<PauseReport, CapsuleError> {
+    let rec = entry.snapshot().ok_or(CapsuleError::ShuttingDown)?;
+    let (Some(vmm), Some(disk)) = (res.vmm.as_ref(), res.disk.clone()) else {
+        return Err(invalid(&rec, "pause", "running"));
+    };
+    if rec.status != CapsuleStatus::Running {
+        return Err(invalid(&rec, "pause", "running"));
+    }
+    set_status(entry, CapsuleStatus::Pausing, None);
+    let started = tokio::time::Instant::now();
+    let attempt = async {
+        let dir = ctx.parts.snapshots.begin_pause(&rec.id).await?;
+        let changed = freeze(vmm.as_ref(), &dir.join("device.state")).await?;
+        match ctx
+            .parts
+            .snapshots
+            .commit_pause(&rec.id, &ctx.meta(&rec), &changed, &disk)
+            .await
+        {
+            Ok(report) => Ok(report),
+            Err(e) => {
+                let _ = vmm.resume().await;
+                Err(CapsuleError::from(e))
+            }
+        }
+    }
+    .await;
+    let report = match attempt {
+        Ok(r) => r,
+        Err(e) => {
+            set_status(entry, CapsuleStatus::Running, None);
+            return Err(e);
+        }
+    };
+    // Committed: the VM, its slot and its disk file (a copy lives in the snapshot) go.
+    entry.set_agent(None);
+    for err in res.release(&ctx.parts).await {
+        tracing::warn!(capsule = %rec.id, %err, "releasing after pause");
+    }
+    let rec = entry.update(|r| {
+        r.status = CapsuleStatus::Paused;
+        r.slot = None;
+        r.disk = None;
+        r.vmm_pid = None;
+    });
+    save_record(ctx, rec).await;
+    tracing::info!(capsule = %entry.snapshot().map(|r| r.id.to_string()).unwrap_or_default(),
+        ms = started.elapsed().as_millis() as u64, bytes = report.memory_bytes_written,
+        generations = report.generations, "capsule paused");
+    Ok(report)
+}
+
+async fn resume(ctx: &Ctx, entry: &Entry, res: &mut Resources) -> Result<(), CapsuleError> {
+    let mut rec = entry.snapshot().ok_or(CapsuleError::ShuttingDown)?;
+    if rec.status != CapsuleStatus::Paused {
+        return Err(invalid(&rec, "resume", "paused"));
+    }
+    let r = ctx.parts.snapshots.open(&rec.id).await?;
+    if r.meta.accel != ctx.parts.vmm.accel() {
+        return Err(SnapshotError::AccelMismatch {
+            saved: r.meta.accel,
+            current: ctx.parts.vmm.accel(),
+        }
+        .into());
+    }
+    set_status(entry, CapsuleStatus::Resuming, None);
+    rec.status = CapsuleStatus::Resuming;
+    let dir = ctx.parts.state.create_dir(&rec.id).await?;
+    let start = Start::Restore {
+        kernel: r.meta.kernel.clone(),
+        cmdline: r.meta.cmdline.clone(),
+        memory: r.meta.memory_base.clone(),
+        device_state: r.device_state.clone(),
+        overlay: r.overlay.clone(),
+        disk_base: r.disk_base.clone(),
+        old_token: rec.access_token.clone(),
+    };
+    let started = tokio::time::Instant::now();
+    match ctx.bring_up(&mut rec, res, start, &dir).await {
+        Ok(agent) => {
+            rec.status = CapsuleStatus::Running;
+            entry.update(|r| *r = rec.clone());
+            entry.set_agent(Some(agent));
+            save_record(ctx, Some(rec.clone())).await;
+            tracing::info!(capsule = %rec.id, ms = started.elapsed().as_millis() as u64, "capsule resumed");
+            Ok(())
+        }
+        Err(e) => {
+            for err in res.release(&ctx.parts).await {
+                tracing::warn!(capsule = %rec.id, %err, "cleanup after failed resume");
+            }
+            let rec = entry.update(|r| {
+                r.status = CapsuleStatus::Paused;
+                r.slot = None;
+                r.disk = None;
+                r.vmm_pid = None;
+            });
+            save_record(ctx, rec).await;
+            Err(e)
+        }
+    }
+}
+
+/// Scratch directory for a snapshot or fork, inside the capsule's directory.
+async fn scratch_dir(ctx: &Ctx, rec: &CapsuleRecord, what: &str) -> Result<PathBuf, CapsuleError> {
+    Ok(ctx.parts.state.scratch_dir(&rec.id, what).await?)
+}
+
+async fn snapshot(
+    ctx: &Ctx,
+    entry: &Entry,
+    res: &Resources,
+    name: &TemplateName,
+    overwrite: bool,
+) -> Result<(), CapsuleError> {
+    let rec = entry.snapshot().ok_or(CapsuleError::ShuttingDown)?;
+    let (Some(vmm), Some(disk), CapsuleStatus::Running) =
+        (res.vmm.as_ref(), res.disk.as_ref(), rec.status)
+    else {
+        return Err(invalid(&rec, "snapshot", "running"));
+    };
+    let scratch = scratch_dir(ctx, &rec, "snapshot").await?;
+    let result = async {
+        let state = scratch.join("device.state");
+        let changed = freeze(vmm.as_ref(), &state).await?;
+        let written = ctx
+            .parts
+            .snapshots
+            .write_template(name, &ctx.meta(&rec), &state, &changed, disk, overwrite)
+            .await;
+        vmm.resume().await?;
+        written.map_err(CapsuleError::from)
+    }
+    .await;
+    ctx.parts.state.remove_scratch(&scratch).await;
+    if result.is_ok() {
+        tracing::info!(capsule = %rec.id, template = %name, "snapshot template written");
+    }
+    result
+}
+
+async fn fork_state(ctx: &Ctx, entry: &Entry, res: &Resources) -> Result<ForkState, CapsuleError> {
+    let rec = entry.snapshot().ok_or(CapsuleError::ShuttingDown)?;
+    let (Some(vmm), Some(disk), CapsuleStatus::Running) =
+        (res.vmm.as_ref(), res.disk.as_ref(), rec.status)
+    else {
+        return Err(invalid(&rec, "fork", "running"));
+    };
+    let scratch = scratch_dir(ctx, &rec, "fork").await?;
+    let result = async {
+        let device_state = scratch.join("device.state");
+        let changed = freeze(vmm.as_ref(), &device_state).await?;
+        // The disk at this instant: a standalone copy of the writable layer over the same base.
+        let frozen = scratch.join("disk.qcow2");
+        let copied = ctx.parts.disks.flatten(disk, &frozen).await;
+        vmm.resume().await?;
+        copied?;
+        Ok(ForkState {
+            meta: ctx.meta(&rec),
+            device_state,
+            changed: Arc::new(changed),
+            disk: frozen,
+            scratch: scratch.clone(),
+        })
+    }
+    .await;
+    if result.is_err() {
+        ctx.parts.state.remove_scratch(&scratch).await;
+    }
+    result
 }

@@ -36,6 +36,14 @@ pub struct CapsuleRecord {
     pub access_token: String,
     /// Why the capsule failed, when it did.
     pub error: Option<String>,
+    /// What the running VM's memory is layered over.
+    #[serde(default)]
+    pub memory_base: crate::vmm::MemoryBase,
+    /// Kernel and command line the guest booted with (restores reuse them).
+    #[serde(default)]
+    pub kernel: std::path::PathBuf,
+    #[serde(default)]
+    pub cmdline: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +62,10 @@ pub trait StateStore: Send + Sync + Debug {
     async fn create_dir(&self, id: &CapsuleId) -> Result<PathBuf, StateError>;
     /// Removes the capsule's directory and everything in it. Idempotent.
     async fn remove_dir(&self, id: &CapsuleId) -> Result<(), StateError>;
+    /// A new empty directory inside the capsule's directory, for a snapshot or fork in progress.
+    async fn scratch_dir(&self, id: &CapsuleId, what: &str) -> Result<PathBuf, StateError>;
+    /// Removes a scratch directory. Idempotent.
+    async fn remove_scratch(&self, dir: &std::path::Path);
     /// Writes the record atomically.
     async fn save(&self, record: &CapsuleRecord) -> Result<(), StateError>;
     /// Every record on disk (unreadable ones are reported by id with `None`).

@@ -84,6 +84,16 @@ pub enum TemplateError {
 pub trait TemplateStore: Send + Sync + Debug {
     async fn get(&self, name: &TemplateName) -> Result<Template, TemplateError>;
     async fn list(&self) -> Result<Vec<TemplateName>, TemplateError>;
+
+    /// Gives `dir` its own links to the template's files (`path` → `dir/<link>`), so
+    /// a capsule keeps the exact images it started from even when the template is
+    /// rebuilt. Returns the linked path.
+    async fn pin(
+        &self,
+        path: &std::path::Path,
+        dir: &std::path::Path,
+        link: &str,
+    ) -> Result<PathBuf, TemplateError>;
 }
 
 #[cfg(test)]

@@ -67,6 +67,17 @@ pub struct MachineConfig {
     pub memory_mb: u32,
 }
 
+/// What guest memory holds when the VM starts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryBase {
+    /// All zeros (a cold boot, or a restore whose every non-zero page is overlaid).
+    #[default]
+    Zero,
+    /// A raw memory image mapped copy-on-write: clean pages are shared by every VM
+    /// started from it, and the file is never written.
+    File(PathBuf),
+}
+
 /// Everything needed to start one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
@@ -78,6 +89,57 @@ pub struct VmSpec {
     pub machine: MachineConfig,
     pub drives: Vec<Drive>,
     pub nets: Vec<NetIface>,
+    #[serde(default)]
+    pub memory: MemoryBase,
+}
+
+/// Guest pages, for writing into a restored VM before it runs.
+pub trait PageOverlay: Send + Sync {
+    /// Calls `f(page index, bytes)` for every page that differs from the memory
+    /// base; `None` means an all-zero page.
+    fn for_each(
+        &self,
+        f: &mut dyn FnMut(u64, Option<&[u8]>) -> std::io::Result<()>,
+    ) -> std::io::Result<()>;
+}
+
+/// No pages: the memory base is the memory.
+#[derive(Debug, Default)]
+pub struct NoOverlay;
+
+impl PageOverlay for NoOverlay {
+    fn for_each(
+        &self,
+        _f: &mut dyn FnMut(u64, Option<&[u8]>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Pages a VM changed relative to its memory base (4 KiB each, in `data` order).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangedPages {
+    pub page_size: u64,
+    /// Page indexes, ascending.
+    pub pages: Vec<u64>,
+    /// `pages.len() * page_size` bytes.
+    pub data: Vec<u8>,
+}
+
+impl ChangedPages {
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// `(page index, bytes)` pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let ps = usize::try_from(self.page_size).unwrap_or(4096);
+        self.pages.iter().copied().zip(self.data.chunks(ps))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +165,18 @@ pub trait Vmm: Send + Sync + Debug {
 
     /// Boots a VM. On error no process or file of it is left behind.
     async fn spawn(&self, spec: &VmSpec) -> Result<Box<dyn VmmHandle>, VmmError>;
+
+    /// Starts a VM from saved device state: its memory is `spec.memory` with
+    /// `overlay` written over it, and it runs only once everything is in place.
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        device_state: &std::path::Path,
+        overlay: &dyn PageOverlay,
+    ) -> Result<Box<dyn VmmHandle>, VmmError> {
+        let _ = (spec, device_state, overlay);
+        Err(VmmError::Unsupported { op: "restore" })
+    }
 }
 
 /// One running VM. Dropping it kills the VMM process (backstop only).
@@ -122,6 +196,13 @@ pub trait VmmHandle: Send + Sync + Debug {
     /// Resumes paused vCPUs.
     async fn resume(&self) -> Result<(), VmmError> {
         Err(VmmError::Unsupported { op: "resume" })
+    }
+
+    /// Writes the device state of a paused VM to `device_state` and returns the
+    /// guest pages that differ from the VM's memory base.
+    async fn save(&self, device_state: &std::path::Path) -> Result<ChangedPages, VmmError> {
+        let _ = device_state;
+        Err(VmmError::Unsupported { op: "save" })
     }
 
     /// Stops the VM and its process: graceful request, bounded wait, then kill.

@@ -16,7 +16,10 @@
 //! devices as bases, and deciding when it is safe to flatten a disk that a guest may be
 //! writing (the caller pauses or stops it first).
 
+pub mod capsnap;
 pub mod error;
+pub mod memserver;
+pub mod snapshot;
 pub mod sparse;
 
 mod cow;
@@ -28,6 +31,23 @@ use wrenn_core::storage::{CowStore, DiskFormat};
 pub use cow::{find_qemu_img, Qcow2Store, RawCopyStore, QEMU_IMG_ENV, TEMP_MARKER};
 pub use error::DiskError;
 pub use sparse::CopyMethod;
+
+/// `"qcow2"` when the file starts with the qcow2 magic, else `"raw"`.
+pub fn image_format(path: &std::path::Path) -> &'static str {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let is_qcow2 = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"QFI\xfb";
+    if is_qcow2 {
+        "qcow2"
+    } else {
+        "raw"
+    }
+}
+
+pub use capsnap::FsSnapshotStore;
 
 /// The default store for disks of `format`.
 pub fn store_for(format: DiskFormat) -> Arc<dyn CowStore> {

@@ -10,7 +10,7 @@ use wrenn_core::spec::Limits;
 use wrenn_core::CapsuleError;
 use wrenn_envd::client::EnvdConnector;
 use wrenn_net::{NetConfig, NetnsNetwork};
-use wrenn_storage::Qcow2Store;
+use wrenn_storage::{FsSnapshotStore, Qcow2Store};
 use wrenn_vmm::{AccelProbe, QemuConfig, QemuVmm};
 
 /// Settings of a local host.
@@ -62,7 +62,12 @@ impl Host {
     /// (cached per host boot) and sweeps leftovers of crashed processes.
     pub async fn local(opts: HostOptions) -> Result<Host, HostError> {
         let data = opts.data_dir.clone();
-        for dir in [data.capsules(), data.templates(), data.kernels()] {
+        for dir in [
+            data.capsules(),
+            data.templates(),
+            data.kernels(),
+            data.snapshots(),
+        ] {
             std::fs::create_dir_all(&dir).map_err(|source| HostError::DataDir {
                 dir: dir.display().to_string(),
                 source,
@@ -81,6 +86,7 @@ impl Host {
             templates: Arc::new(FsTemplates::new(data.clone())),
             guests: Arc::new(EnvdConnector::default()),
             state: Arc::new(FsStateStore::new(data.clone())),
+            snapshots: Arc::new(FsSnapshotStore::new(data.snapshots(), data.templates())),
         };
         let config = ManagerConfig {
             limits: opts.limits,

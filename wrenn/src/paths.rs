@@ -4,7 +4,9 @@
 //! images/kernels/<hash>/vmlinux     built once per kernel-config hash
 //! images/kernels/current            name of the hash in use
 //! templates/<name>/rootfs.img       read-only base image
+//! templates/<name>/snapshot/        pre-booted memory + device state (create = restore)
 //! capsules/<id>/                    state.json, disk, console.log, qmp.sock
+//! snapshots/<id>/current -> v<N>    a paused capsule: memory generations, device state, disk layers
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -49,6 +51,11 @@ impl DataDir {
 
     pub fn capsules(&self) -> PathBuf {
         self.root.join("capsules")
+    }
+
+    /// Paused capsules' snapshots.
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
     }
 
     /// Per-boot state (the accel probe cache): `/run/wrenn` for the default data

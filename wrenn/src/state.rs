@@ -65,6 +65,14 @@ pub fn tagged_vmms() -> Vec<(u32, CapsuleId)> {
     out
 }
 
+fn rand_u32() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    nanos ^ std::process::id().rotate_left(13)
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("json.tmp");
@@ -89,6 +97,16 @@ impl StateStore for FsStateStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(err(format!("removing {}", dir.display()), e)),
         }
+    }
+
+    async fn scratch_dir(&self, id: &CapsuleId, what: &str) -> Result<PathBuf, StateError> {
+        let dir = self.dir(id).join(format!("{what}-{:08x}", rand_u32()));
+        std::fs::create_dir_all(&dir).map_err(|e| err(format!("creating {}", dir.display()), e))?;
+        Ok(dir)
+    }
+
+    async fn remove_scratch(&self, dir: &Path) {
+        let _ = tokio::fs::remove_dir_all(dir).await;
     }
 
     async fn save(&self, record: &CapsuleRecord) -> Result<(), StateError> {

@@ -47,6 +47,22 @@ impl TemplateStore for FsTemplates {
         })
     }
 
+    async fn pin(
+        &self,
+        path: &std::path::Path,
+        dir: &std::path::Path,
+        link: &str,
+    ) -> Result<std::path::PathBuf, TemplateError> {
+        let dest = dir.join(link);
+        let _ = std::fs::remove_file(&dest);
+        std::fs::hard_link(path, &dest).map_err(|e| {
+            TemplateError::Backend(
+                format!("linking {} to {}: {e}", path.display(), dest.display()).into(),
+            )
+        })?;
+        Ok(dest)
+    }
+
     async fn list(&self) -> Result<Vec<TemplateName>, TemplateError> {
         let mut out = Vec::new();
         if let Ok(rd) = std::fs::read_dir(self.data.templates()) {

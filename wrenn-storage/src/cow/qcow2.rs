@@ -126,6 +126,8 @@ impl CowStore for Qcow2Store {
         let (base, size_bytes) = check_base(base, size_mb).await?;
         let tmp = TempPath::for_dest(dest)?;
         let size_arg = size_bytes.to_string();
+        // Bases are raw template images, or qcow2 layers of a snapshot chain.
+        let base_format = crate::image_format(&base.path);
         let (status, stderr) = self
             .run(
                 "create",
@@ -135,7 +137,7 @@ impl CowStore for Qcow2Store {
                     OsStr::new("-f"),
                     OsStr::new("qcow2"),
                     OsStr::new("-F"),
-                    OsStr::new("raw"),
+                    OsStr::new(base_format),
                     OsStr::new("-b"),
                     base.path.as_os_str(),
                     tmp.path().as_os_str(),

@@ -16,15 +16,45 @@ fn path(p: &Path) -> String {
     escape(&p.display().to_string())
 }
 
-/// Builds the argument vector (without the binary) for one microvm.
-pub fn build_argv(spec: &VmSpec, accel: Accel, tb_size_mb: Option<u32>) -> Vec<String> {
+/// The RAM block name, as it appears in migration streams.
+pub const RAM_BLOCK: &str = "mem";
+
+/// How the VM starts: booting, or paused waiting for incoming device state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartMode {
+    Boot,
+    Incoming,
+}
+
+/// Builds the argument vector (without the binary) for one microvm whose RAM is a
+/// private mapping of `mem_path`.
+pub fn build_argv(
+    spec: &VmSpec,
+    accel: Accel,
+    tb_size_mb: Option<u32>,
+    mem_path: &Path,
+    mode: StartMode,
+) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
     push(&[
         "-name",
         &format!("{},debug-threads=off", escape(&spec.name)),
     ]);
-    push(&["-machine", "microvm,rtc=on"]);
+    push(&[
+        "-machine",
+        &format!("microvm,rtc=on,memory-backend={RAM_BLOCK}"),
+    ]);
+    push(&[
+        "-object",
+        &format!(
+            "memory-backend-file,id={RAM_BLOCK},size={}M,mem-path={},share=off",
+            spec.machine.memory_mb,
+            path(mem_path)
+        ),
+    ]);
+    // Streams start straight with sections: simpler to filter (see migstream).
+    push(&["-global", "migration.send-configuration=off"]);
     match accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => {
@@ -91,6 +121,9 @@ pub fn build_argv(spec: &VmSpec, accel: Accel, tb_size_mb: Option<u32>) -> Vec<S
             path(&spec.run_dir.join(QMP_SOCKET))
         ),
     ]);
+    if mode == StartMode::Incoming {
+        push(&["-S", "-incoming", "defer"]);
+    }
     a
 }
 
@@ -126,15 +159,25 @@ mod tests {
                 mac: "02:fc:00:00:00:05".into(),
                 netns_path: "/run/netns/wrenn-ns-1".into(),
             }],
+            memory: wrenn_core::vmm::MemoryBase::Zero,
         }
     }
 
     #[test]
     fn golden_tcg_argv() {
-        let a = build_argv(&spec(), Accel::Tcg, Some(64)).join(" ");
+        let a = build_argv(
+            &spec(),
+            Accel::Tcg,
+            Some(64),
+            Path::new("/run/c1/memory"),
+            StartMode::Boot,
+        )
+        .join(" ");
         assert_eq!(
             a,
-            "-name wrenn-cl-1,debug-threads=off -machine microvm,rtc=on -accel tcg,tb-size=64 -cpu max \
+            "-name wrenn-cl-1,debug-threads=off -machine microvm,rtc=on,memory-backend=mem \
+             -object memory-backend-file,id=mem,size=512M,mem-path=/run/c1/memory,share=off \
+             -global migration.send-configuration=off -accel tcg,tb-size=64 -cpu max \
              -m 512M -smp 2 -nodefaults -no-user-config -display none -no-reboot -kernel /k/vmlinux \
              -append console=ttyS0 root=/dev/vda -chardev file,id=console,path=/run/c1/console.log \
              -serial chardev:console \
@@ -148,8 +191,21 @@ mod tests {
 
     #[test]
     fn kvm_uses_host_cpu() {
-        let a = build_argv(&spec(), Accel::Kvm, None);
+        let a = build_argv(&spec(), Accel::Kvm, None, Path::new("/m"), StartMode::Boot);
         let i = a.iter().position(|x| x == "-accel").unwrap();
         assert_eq!((a[i + 1].as_str(), a[i + 3].as_str()), ("kvm", "host"));
+        assert!(!a.contains(&"-incoming".to_string()));
+        let a = build_argv(
+            &spec(),
+            Accel::Kvm,
+            None,
+            Path::new("/m"),
+            StartMode::Incoming,
+        );
+        assert!(a.ends_with(&[
+            "-S".to_string(),
+            "-incoming".to_string(),
+            "defer".to_string()
+        ]));
     }
 }

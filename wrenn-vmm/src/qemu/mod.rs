@@ -2,10 +2,12 @@
 
 mod argv;
 mod error;
+pub mod guestmem;
+pub mod migstream;
 pub mod process;
 pub mod qmp;
 
-pub use argv::build_argv;
+pub use argv::{build_argv, StartMode, RAM_BLOCK};
 pub use error::QemuError;
 pub use process::{QemuConfig, QemuHandle, QemuVmm};
 

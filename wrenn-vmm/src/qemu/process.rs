@@ -6,7 +6,9 @@
 //! the capsule's network namespace, tagged `-name wrenn-<id>` so a sweep can find
 //! orphans. Each child is reaped by a waiter thread that publishes its exit.
 
-use super::argv::{build_argv, QMP_SOCKET};
+use super::argv::{build_argv, StartMode, QMP_SOCKET, RAM_BLOCK};
+use super::guestmem;
+use super::migstream;
 use super::qmp::{Qmp, QmpCommand};
 use super::QemuError;
 use async_trait::async_trait;
@@ -20,7 +22,9 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::OnceLock;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, Mutex};
-use wrenn_core::vmm::{Accel, VmSpec, Vmm, VmmError, VmmHandle};
+use wrenn_core::vmm::{
+    Accel, ChangedPages, MemoryBase, PageOverlay, VmSpec, Vmm, VmmError, VmmHandle,
+};
 
 /// How long QEMU may take to open its QMP socket.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -128,7 +132,25 @@ impl Vmm for QemuVmm {
     }
 
     async fn spawn(&self, spec: &VmSpec) -> Result<Box<dyn VmmHandle>, VmmError> {
-        Ok(Box::new(QemuHandle::start(&self.config, spec).await?))
+        Ok(Box::new(
+            QemuHandle::start(&self.config, spec, StartMode::Boot).await?,
+        ))
+    }
+
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        device_state: &Path,
+        overlay: &dyn PageOverlay,
+    ) -> Result<Box<dyn VmmHandle>, VmmError> {
+        let handle = QemuHandle::start(&self.config, spec, StartMode::Incoming).await?;
+        match handle.load(device_state, overlay).await {
+            Ok(()) => Ok(Box::new(handle)),
+            Err(e) => {
+                let _ = handle.shutdown().await;
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -139,14 +161,43 @@ pub struct QemuHandle {
     exit: watch::Receiver<Option<String>>,
     qmp: Mutex<Option<Qmp>>,
     qmp_path: PathBuf,
+    run_dir: PathBuf,
+    /// The file guest RAM is a private mapping of.
+    mem_path: PathBuf,
+    mem_bytes: u64,
 }
 
+/// How long loading or saving device state may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl QemuHandle {
-    pub async fn start(config: &QemuConfig, spec: &VmSpec) -> Result<Self, QemuError> {
+    pub async fn start(
+        config: &QemuConfig,
+        spec: &VmSpec,
+        mode: StartMode,
+    ) -> Result<Self, QemuError> {
         std::fs::create_dir_all(&spec.run_dir).map_err(|source| QemuError::RunDir {
             path: spec.run_dir.clone(),
             source,
         })?;
+        let mem_bytes = u64::from(spec.machine.memory_mb) * 1024 * 1024;
+        let mem_path = match &spec.memory {
+            MemoryBase::File(p) => p.clone(),
+            MemoryBase::Zero => {
+                // A sparse file of zeros: mapped privately, it reads as zeros and
+                // costs nothing until the guest writes.
+                let p = spec.run_dir.join("memory.zero");
+                let f = std::fs::File::create(&p).map_err(|source| QemuError::RunDir {
+                    path: p.clone(),
+                    source,
+                })?;
+                f.set_len(mem_bytes).map_err(|source| QemuError::RunDir {
+                    path: p.clone(),
+                    source,
+                })?;
+                p
+            }
+        };
         let qmp_path = spec.run_dir.join(QMP_SOCKET);
         let _ = std::fs::remove_file(&qmp_path);
         let log_path = spec.run_dir.join("qemu.log");
@@ -178,10 +229,16 @@ impl QemuHandle {
         }
         let spec = &spec;
         let mut cmd = Command::new(&config.binary);
-        cmd.args(build_argv(spec, config.accel, config.tb_size_mb))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
+        cmd.args(build_argv(
+            spec,
+            config.accel,
+            config.tb_size_mb,
+            &mem_path,
+            mode,
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2));
         let parent = std::process::id();
         // SAFETY: runs in the forked child before exec and only makes async-signal-safe
         // syscalls (setpgid, prctl, getppid, setns) on values prepared before the fork.
@@ -236,6 +293,9 @@ impl QemuHandle {
             exit: rx,
             qmp: Mutex::new(None),
             qmp_path: qmp_path.clone(),
+            run_dir: spec.run_dir.clone(),
+            mem_path: mem_path.clone(),
+            mem_bytes,
         };
         tracing::debug!(pid, name = %spec.name, accel = %config.accel, "qemu started");
 
@@ -284,6 +344,179 @@ impl QemuHandle {
         done
     }
 
+    /// Writes the overlay pages into the RAM of a VM started with
+    /// `StartMode::Incoming`, loads its device state, then lets it run.
+    async fn load(&self, device_state: &Path, overlay: &dyn PageOverlay) -> Result<(), QemuError> {
+        // Guest RAM first: loading virtio devices reads their rings from it.
+        let (start, len) = guestmem::find_mapping(self.pid, &self.mem_path).map_err(|source| {
+            QemuError::QmpIo {
+                path: self.mem_path.clone(),
+                source,
+            }
+        })?;
+        let writer = guestmem::MemWriter::open(self.pid, start, len.min(self.mem_bytes)).map_err(
+            |source| QemuError::QmpIo {
+                path: PathBuf::from(format!("/proc/{}/mem", self.pid)),
+                source,
+            },
+        )?;
+        overlay
+            .for_each(&mut |page, data| writer.write_page(page, data))
+            .map_err(|source| QemuError::QmpIo {
+                path: self.mem_path.clone(),
+                source,
+            })?;
+        let quoted = format!(
+            "'{}'",
+            device_state.display().to_string().replace('\'', "'\\''")
+        );
+        self.qmp(&QmpCommand::MigrateIncoming {
+            uri: format!("exec:cat {quoted}"),
+        })
+        .await?;
+        let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            let st = self.qmp(&QmpCommand::QueryStatus).await?;
+            let status = st
+                .get("status")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string();
+            match status.as_str() {
+                "inmigrate" => {}
+                "paused" | "prelaunch" | "postmigrate" => break,
+                other => {
+                    return Err(QemuError::QmpProtocol(format!(
+                        "VM is {other:?} after loading device state"
+                    )))
+                }
+            }
+            if let Some(exit) = self.exit.borrow().clone() {
+                return Err(QemuError::EarlyExit {
+                    status: exit,
+                    log_tail: tail(&self.run_dir.join("qemu.log"), 1500),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(QemuError::QmpProtocol(
+                    "loading device state timed out".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        self.qmp(&QmpCommand::Cont).await?;
+        Ok(())
+    }
+
+    /// Saves the device state of the stopped VM and collects its changed pages.
+    async fn save_state(&self, device_state: &Path) -> Result<ChangedPages, QemuError> {
+        let (start, len) = guestmem::find_mapping(self.pid, &self.mem_path).map_err(|source| {
+            QemuError::QmpIo {
+                path: self.mem_path.clone(),
+                source,
+            }
+        })?;
+        let dirty = guestmem::private_pages(self.pid, start, len.min(self.mem_bytes)).map_err(
+            |source| QemuError::QmpIo {
+                path: PathBuf::from(format!("/proc/{}/pagemap", self.pid)),
+                source,
+            },
+        )?;
+        let dirty_count = dirty.len();
+        let sock = self.run_dir.join("migrate.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener =
+            std::os::unix::net::UnixListener::bind(&sock).map_err(|source| QemuError::QmpIo {
+                path: sock.clone(),
+                source,
+            })?;
+        let tmp = device_state.with_extension("tmp");
+        let out_path = tmp.clone();
+        let reader = tokio::task::spawn_blocking(move || -> Result<migstream::Captured, String> {
+            let (stream, _) = listener
+                .accept()
+                .map_err(|e| format!("accepting the migration stream: {e}"))?;
+            let _ = stream.set_read_timeout(Some(MIGRATION_TIMEOUT));
+            let mut input = std::io::BufReader::with_capacity(1 << 20, stream);
+            let file = std::fs::File::create(&out_path)
+                .map_err(|e| format!("{}: {e}", out_path.display()))?;
+            let mut output = std::io::BufWriter::new(file);
+            let captured = migstream::filter(&mut input, &mut output, RAM_BLOCK, &dirty)
+                .map_err(|e| e.to_string())?;
+            let file = output.into_inner().map_err(|e| e.to_string())?;
+            file.sync_all().map_err(|e| e.to_string())?;
+            Ok(captured)
+        });
+        // A stopped VM: no reason to throttle the copy.
+        self.qmp(&QmpCommand::MigrateSetMaxBandwidth(1 << 40))
+            .await?;
+        let started = self
+            .qmp(&QmpCommand::Migrate {
+                uri: format!("unix:{}", sock.display()),
+            })
+            .await;
+        if let Err(e) = started {
+            // Unblock the accept so the reader ends.
+            let _ = std::os::unix::net::UnixStream::connect(&sock);
+            let _ = reader.await;
+            let _ = std::fs::remove_file(&sock);
+            return Err(e);
+        }
+        let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
+        let outcome = loop {
+            let st = self.qmp(&QmpCommand::QueryMigrate).await?;
+            match st.get("status").and_then(|v| v.as_str()).unwrap_or("") {
+                "completed" => break Ok(()),
+                "failed" | "cancelled" => {
+                    break Err(QemuError::QmpProtocol(format!(
+                        "saving device state failed: {}",
+                        st.get("error-desc")
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("unknown")
+                    )))
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break Err(QemuError::QmpProtocol(
+                    "saving device state timed out".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let captured = reader
+            .await
+            .map_err(|e| QemuError::QmpProtocol(e.to_string()))?;
+        let _ = std::fs::remove_file(&sock);
+        outcome?;
+        let mut captured = captured.map_err(QemuError::QmpProtocol)?;
+        if captured.len() != dirty_count {
+            return Err(QemuError::QmpProtocol(format!(
+                "the migration stream carried {} of the {dirty_count} changed guest pages",
+                captured.len()
+            )));
+        }
+        std::fs::rename(&tmp, device_state).map_err(|source| QemuError::QmpIo {
+            path: device_state.to_path_buf(),
+            source,
+        })?;
+        captured.sort_by_key(|(p, _)| *p);
+        let mut changed = ChangedPages {
+            page_size: migstream::PAGE_SIZE as u64,
+            pages: Vec::new(),
+            data: Vec::new(),
+        };
+        changed.data.reserve(captured.len() * migstream::PAGE_SIZE);
+        let zero = vec![0u8; migstream::PAGE_SIZE];
+        for (page, data) in captured {
+            changed.pages.push(page);
+            changed
+                .data
+                .extend_from_slice(data.as_deref().unwrap_or(&zero));
+        }
+        Ok(changed)
+    }
+
     /// Runs a QMP command on this VM.
     pub async fn qmp(&self, cmd: &QmpCommand) -> Result<serde_json::Value, QemuError> {
         let mut guard = self.qmp.lock().await;
@@ -323,6 +556,10 @@ impl VmmHandle for QemuHandle {
     async fn resume(&self) -> Result<(), VmmError> {
         self.qmp(&QmpCommand::Cont).await?;
         Ok(())
+    }
+
+    async fn save(&self, device_state: &Path) -> Result<ChangedPages, VmmError> {
+        Ok(self.save_state(device_state).await?)
     }
 
     async fn shutdown(&self) -> Result<(), VmmError> {

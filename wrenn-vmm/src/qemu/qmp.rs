@@ -24,6 +24,8 @@ pub enum QmpCommand {
         uri: String,
     },
     QueryMigrate,
+    /// `migrate-set-parameters` with a bandwidth limit in bytes per second.
+    MigrateSetMaxBandwidth(u64),
 }
 
 impl QmpCommand {
@@ -38,6 +40,7 @@ impl QmpCommand {
             QmpCommand::Migrate { .. } => "migrate",
             QmpCommand::MigrateIncoming { .. } => "migrate-incoming",
             QmpCommand::QueryMigrate => "query-migrate",
+            QmpCommand::MigrateSetMaxBandwidth(_) => "migrate-set-parameters",
         }
     }
 

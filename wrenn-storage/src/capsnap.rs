@@ -1,0 +1,597 @@
+//! Paused capsules and snapshot templates on disk: [`FsSnapshotStore`].
+//!
+//! ```text
+//! snapshots/<id>/current -> v<N>      the commit point (a symlink swapped atomically)
+//! snapshots/<id>/v<N>/                one immutable version:
+//!     meta.json  device.state  memory.header  memory.gen-*   memory state
+//!     memory.base (hardlink of the template memory image, when there is one)
+//!     disk.base   (hardlink of the template root image)  disk-<k>.qcow2 layers
+//! snapshots/<id>/next/                the pause being written (discarded if it dies)
+//! templates/<name>/rootfs.img, templates/<name>/snapshot/{meta.json,device.state,memory.raw}
+//! ```
+//! A pause builds `next/` from hardlinks of the current version plus the new
+//! generation, device state and disk layer, renames it to `v<N+1>` and swaps
+//! `current`: killing the process at any point leaves the previous version whole.
+//! Files of a version are never written after it is committed.
+
+use crate::snapshot::{BaseRef, Id, MemorySnapshot, PAGE_SIZE};
+use async_trait::async_trait;
+use std::path::{Path, PathBuf};
+use wrenn_core::id::CapsuleId;
+use wrenn_core::memory::{PageContent, PageSource};
+use wrenn_core::snapshot::{PauseReport, Restorable, SnapshotError, SnapshotMeta, SnapshotStore};
+use wrenn_core::storage::CowDisk;
+use wrenn_core::template::TemplateName;
+use wrenn_core::vmm::{ChangedPages, MemoryBase, PageOverlay};
+
+/// Generations kept before they are merged into one.
+pub const DEFAULT_GENERATION_CAP: usize = 8;
+/// Disk layers kept before the newest is rebased onto the base image.
+pub const DISK_LAYER_CAP: usize = 8;
+
+const META: &str = "meta.json";
+const DEVICE_STATE: &str = "device.state";
+const MEMORY_BASE: &str = "memory.base";
+const DISK_BASE: &str = "disk.base";
+
+fn backend(e: impl std::error::Error + Send + Sync + 'static) -> SnapshotError {
+    SnapshotError::Backend(Box::new(e))
+}
+
+fn io_err(step: &str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let (step, path) = (step.to_string(), path.to_path_buf());
+    move |e| SnapshotError::Backend(format!("{step} {}: {e}", path.display()).into())
+}
+
+fn corrupt(e: crate::snapshot::SnapshotError) -> SnapshotError {
+    use crate::snapshot::SnapshotError as S;
+    match e {
+        S::Io { .. } => backend(e),
+        other => SnapshotError::Corrupt {
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
+    f.write_all(bytes).map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err("rename", path))
+}
+
+/// Links `src` at `dst`, replacing `dst`.
+fn link(src: &Path, dst: &Path) -> Result<(), SnapshotError> {
+    let _ = std::fs::remove_file(dst);
+    std::fs::hard_link(src, dst).map_err(io_err("hard-link", src))
+}
+
+/// A 16-byte id for a base memory file, stable for the file (inode and size).
+fn base_id(path: &Path) -> Result<(Id, u64), SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(io_err("stat", path))?;
+    let v = (u128::from(m.dev()) << 64) | u128::from(m.ino());
+    Ok((Id(v.max(1).to_be_bytes()), m.len()))
+}
+
+fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), SnapshotError> {
+    let bin = crate::find_qemu_img().unwrap_or_else(|| PathBuf::from("qemu-img"));
+    let out = std::process::Command::new(&bin)
+        .args(args)
+        .output()
+        .map_err(|e| SnapshotError::Backend(format!("running {}: {e}", bin.display()).into()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(SnapshotError::Backend(
+            format!(
+                "qemu-img {:?} failed: {}",
+                args,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+            .into(),
+        ))
+    }
+}
+
+/// Snapshot versions, generations and templates under a data directory.
+#[derive(Clone, Debug)]
+pub struct FsSnapshotStore {
+    snapshots: PathBuf,
+    templates: PathBuf,
+    generation_cap: usize,
+}
+
+impl FsSnapshotStore {
+    pub fn new(snapshots: impl Into<PathBuf>, templates: impl Into<PathBuf>) -> Self {
+        FsSnapshotStore {
+            snapshots: snapshots.into(),
+            templates: templates.into(),
+            generation_cap: DEFAULT_GENERATION_CAP,
+        }
+    }
+
+    /// Merge generations when a pause would make this many (default 8).
+    pub fn with_generation_cap(mut self, cap: usize) -> Self {
+        self.generation_cap = cap.max(1);
+        self
+    }
+
+    fn root(&self, id: &CapsuleId) -> PathBuf {
+        self.snapshots.join(id.as_str())
+    }
+
+    fn current(&self, id: &CapsuleId) -> Option<PathBuf> {
+        let root = self.root(id);
+        let target = std::fs::read_link(root.join("current")).ok()?;
+        Some(root.join(target))
+    }
+
+    /// Base memory file of a version, if its memory is layered over one.
+    fn base_file(dir: &Path) -> Option<PathBuf> {
+        let p = dir.join(MEMORY_BASE);
+        p.exists().then_some(p)
+    }
+
+    fn disk_layers(dir: &Path) -> Vec<(u32, PathBuf)> {
+        let mut layers: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let k: u32 = name
+                    .strip_prefix("disk-")?
+                    .strip_suffix(".qcow2")?
+                    .parse()
+                    .ok()?;
+                Some((k, e.path()))
+            })
+            .collect();
+        layers.sort();
+        layers
+    }
+
+    fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
+        let p = dir.join(META);
+        let bytes = std::fs::read(&p).map_err(io_err("read", &p))?;
+        serde_json::from_slice(&bytes).map_err(|e| SnapshotError::Corrupt {
+            reason: format!("{}: {e}", p.display()),
+        })
+    }
+
+    fn commit_blocking(
+        &self,
+        id: &CapsuleId,
+        meta: &SnapshotMeta,
+        changed: &ChangedPages,
+        disk: &CowDisk,
+    ) -> Result<PauseReport, SnapshotError> {
+        let root = self.root(id);
+        let next = root.join("next");
+        let current = self.current(id);
+        let device_state = next.join(DEVICE_STATE);
+        let device_state_bytes = std::fs::metadata(&device_state)
+            .map_err(io_err("stat", &device_state))?
+            .len();
+
+        // 1. Memory: the current version's state (by hardlinks), plus a generation.
+        let mem = match &current {
+            Some(cur) => {
+                for e in std::fs::read_dir(cur)
+                    .map_err(io_err("list", cur))?
+                    .flatten()
+                {
+                    let name = e.file_name();
+                    let n = name.to_string_lossy();
+                    if n.starts_with("memory.")
+                        || n == DISK_BASE
+                        || (n.starts_with("disk-") && n.ends_with(".qcow2"))
+                    {
+                        link(&e.path(), &next.join(&name))?;
+                    }
+                }
+                MemorySnapshot::load(&next).map_err(corrupt)?
+            }
+            None => {
+                let base = match &meta.memory_base {
+                    MemoryBase::Zero => BaseRef::Zero,
+                    MemoryBase::File(p) => {
+                        link(p, &next.join(MEMORY_BASE))?;
+                        let (id, size) = base_id(&next.join(MEMORY_BASE))?;
+                        BaseRef::File { id, size }
+                    }
+                };
+                MemorySnapshot::create(&next, meta.mem_bytes, base).map_err(corrupt)?
+            }
+        };
+        // Pages written back at the last restore look changed to the VMM; keep only real changes.
+        let source = mem
+            .page_source(Self::base_file(&next).as_deref())
+            .map_err(corrupt)?;
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        let mut kept: Vec<(u64, &[u8])> = Vec::with_capacity(changed.len());
+        for (page, data) in changed.iter() {
+            let same = match source.read_page(page * PAGE_SIZE, &mut buf) {
+                Ok(PageContent::Data) => buf.as_slice() == data,
+                Ok(PageContent::Zero) => data.iter().all(|b| *b == 0),
+                Err(_) => false,
+            };
+            if !same {
+                kept.push((page, data));
+            }
+        }
+        drop(source);
+        let memory_bytes_written = kept
+            .iter()
+            .filter(|(_, d)| d.iter().any(|b| *b != 0))
+            .count() as u64
+            * PAGE_SIZE;
+        let mut mem = mem.add_generation(kept.iter().copied()).map_err(corrupt)?;
+        let merged = mem.generations() >= self.generation_cap;
+        if merged {
+            mem = mem.merge().map_err(corrupt)?;
+        }
+
+        // 2. Disk: the VM's writable layer joins the chain, backed by its sibling.
+        if current.is_none() {
+            link(&disk.base, &next.join(DISK_BASE))?;
+        }
+        let layers = Self::disk_layers(&next);
+        let k = layers.last().map(|(k, _)| k + 1).unwrap_or(0);
+        let layer = next.join(format!("disk-{k}.qcow2"));
+        link(&disk.path, &layer)?;
+        let (backing, fmt) = match layers.last() {
+            Some((_, p)) => (
+                p.file_name().map(PathBuf::from).unwrap_or_default(),
+                "qcow2",
+            ),
+            None => (
+                PathBuf::from(DISK_BASE),
+                crate::image_format(&next.join(DISK_BASE)),
+            ),
+        };
+        // The layer was made over a path elsewhere; point it at its sibling (header only).
+        let tmp_layer = next.join(format!("disk-{k}.qcow2.rebase"));
+        std::fs::copy(&layer, &tmp_layer).map_err(io_err("copy", &layer))?;
+        qemu_img(&[
+            "rebase".as_ref(),
+            "-u".as_ref(),
+            "-F".as_ref(),
+            fmt.as_ref(),
+            "-b".as_ref(),
+            backing.as_os_str(),
+            tmp_layer.as_os_str(),
+        ])?;
+        std::fs::rename(&tmp_layer, &layer).map_err(io_err("rename", &layer))?;
+        if layers.len() + 1 > DISK_LAYER_CAP {
+            // Fold the chain: the newest layer takes every difference from the base.
+            let merged_layer = next.join(format!("disk-{k}.qcow2.fold"));
+            std::fs::copy(&layer, &merged_layer).map_err(io_err("copy", &layer))?;
+            let base_fmt = crate::image_format(&next.join(DISK_BASE));
+            qemu_img(&[
+                "rebase".as_ref(),
+                "-F".as_ref(),
+                base_fmt.as_ref(),
+                "-b".as_ref(),
+                DISK_BASE.as_ref(),
+                merged_layer.as_os_str(),
+            ])?;
+            std::fs::rename(&merged_layer, &layer).map_err(io_err("rename", &layer))?;
+            for (_, p) in layers {
+                std::fs::remove_file(&p).map_err(io_err("remove", &p))?;
+            }
+        }
+
+        // 3. Meta, then the atomic switch.
+        let bytes = serde_json::to_vec_pretty(meta).map_err(backend)?;
+        write_file_atomic(&next.join(META), &bytes)?;
+        sync_dir(&next)?;
+        let version = current
+            .as_ref()
+            .and_then(|c| {
+                c.file_name()?
+                    .to_str()?
+                    .strip_prefix('v')?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|n| n + 1)
+            .unwrap_or(1);
+        let vdir = root.join(format!("v{version}"));
+        let _ = std::fs::remove_dir_all(&vdir);
+        std::fs::rename(&next, &vdir).map_err(io_err("rename", &next))?;
+        let link_tmp = root.join("current.tmp");
+        let _ = std::fs::remove_file(&link_tmp);
+        std::os::unix::fs::symlink(format!("v{version}"), &link_tmp)
+            .map_err(io_err("symlink", &link_tmp))?;
+        std::fs::rename(&link_tmp, root.join("current")).map_err(io_err("rename", &link_tmp))?;
+        sync_dir(&root)?;
+        // The previous version is no longer referenced.
+        if let Some(cur) = current {
+            let _ = std::fs::remove_dir_all(cur);
+        }
+        Ok(PauseReport {
+            memory_bytes_written,
+            pages_reported: changed.len() as u64,
+            device_state_bytes,
+            generations: mem.generations(),
+            merged,
+        })
+    }
+
+    fn open_blocking(&self, id: &CapsuleId) -> Result<Restorable, SnapshotError> {
+        let dir = self
+            .current(id)
+            .ok_or_else(|| SnapshotError::NotFound { id: id.to_string() })?;
+        let meta = Self::read_meta(&dir)?;
+        let mem = MemorySnapshot::load(&dir).map_err(corrupt)?;
+        let base_file = Self::base_file(&dir);
+        let mut meta = meta;
+        meta.memory_base = match base_file {
+            Some(p) => MemoryBase::File(p),
+            None => MemoryBase::Zero,
+        };
+        let disk_base = Self::disk_layers(&dir)
+            .last()
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| dir.join(DISK_BASE));
+        let device_state = dir.join(DEVICE_STATE);
+        if !device_state.is_file() {
+            return Err(SnapshotError::Corrupt {
+                reason: format!("{} is missing", device_state.display()),
+            });
+        }
+        Ok(Restorable {
+            meta,
+            device_state,
+            overlay: std::sync::Arc::new(MemoryOverlay(mem)),
+            disk_base,
+        })
+    }
+}
+
+/// A memory snapshot's non-base pages, as a restore overlay.
+#[derive(Debug)]
+struct MemoryOverlay(MemorySnapshot);
+
+impl PageOverlay for MemoryOverlay {
+    fn for_each(
+        &self,
+        f: &mut dyn FnMut(u64, Option<&[u8]>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        self.0.for_each_changed_page(|page, data| f(page, data))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SnapshotError> + Send + 'static,
+) -> Result<T, SnapshotError> {
+    tokio::task::spawn_blocking(f).await.map_err(backend)?
+}
+
+#[async_trait]
+impl SnapshotStore for FsSnapshotStore {
+    async fn begin_pause(&self, id: &CapsuleId) -> Result<PathBuf, SnapshotError> {
+        let next = self.root(id).join("next");
+        // A `next/` left by a pause that died is not part of any version.
+        let _ = std::fs::remove_dir_all(&next);
+        std::fs::create_dir_all(&next).map_err(io_err("create", &next))?;
+        Ok(next)
+    }
+
+    async fn commit_pause(
+        &self,
+        id: &CapsuleId,
+        meta: &SnapshotMeta,
+        changed: &ChangedPages,
+        disk: &CowDisk,
+    ) -> Result<PauseReport, SnapshotError> {
+        let (me, id2, meta, changed, disk) = (
+            self.clone(),
+            id.clone(),
+            meta.clone(),
+            changed.clone(),
+            disk.clone(),
+        );
+        let result = blocking(move || me.commit_blocking(&id2, &meta, &changed, &disk)).await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(self.root(id).join("next"));
+        }
+        result
+    }
+
+    async fn open(&self, id: &CapsuleId) -> Result<Restorable, SnapshotError> {
+        let (me, id) = (self.clone(), id.clone());
+        blocking(move || me.open_blocking(&id)).await
+    }
+
+    async fn remove(&self, id: &CapsuleId) -> Result<(), SnapshotError> {
+        match tokio::fs::remove_dir_all(self.root(id)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<CapsuleId>, SnapshotError> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.snapshots)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(id) = e
+                .file_name()
+                .to_str()
+                .and_then(|s| CapsuleId::parse(s).ok())
+            {
+                if e.path().join("current").exists() {
+                    out.push(id);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn write_template(
+        &self,
+        name: &TemplateName,
+        meta: &SnapshotMeta,
+        device_state: &Path,
+        changed: &ChangedPages,
+        disk: &CowDisk,
+        overwrite: bool,
+    ) -> Result<(), SnapshotError> {
+        let (templates, name, meta, device_state, changed, disk) = (
+            self.templates.clone(),
+            name.clone(),
+            meta.clone(),
+            device_state.to_path_buf(),
+            changed.clone(),
+            disk.clone(),
+        );
+        blocking(move || {
+            write_template_blocking(
+                &templates,
+                &name,
+                &meta,
+                &device_state,
+                &changed,
+                &disk,
+                overwrite,
+            )
+        })
+        .await
+    }
+
+    async fn open_template(
+        &self,
+        name: &TemplateName,
+    ) -> Result<Option<Restorable>, SnapshotError> {
+        let dir = self.templates.join(name.as_str());
+        let snap = dir.join("snapshot");
+        if !snap.join(META).is_file() {
+            return Ok(None);
+        }
+        let mut meta = Self::read_meta(&snap)?;
+        let memory = snap.join("memory.raw");
+        let device_state = snap.join(DEVICE_STATE);
+        for p in [&memory, &device_state] {
+            if !p.is_file() {
+                return Err(SnapshotError::Corrupt {
+                    reason: format!("{} is missing", p.display()),
+                });
+            }
+        }
+        meta.memory_base = MemoryBase::File(memory);
+        Ok(Some(Restorable {
+            meta,
+            device_state,
+            overlay: std::sync::Arc::new(wrenn_core::vmm::NoOverlay),
+            disk_base: dir.join("rootfs.img"),
+        }))
+    }
+}
+
+fn write_template_blocking(
+    templates: &Path,
+    name: &TemplateName,
+    meta: &SnapshotMeta,
+    device_state: &Path,
+    changed: &ChangedPages,
+    disk: &CowDisk,
+    overwrite: bool,
+) -> Result<(), SnapshotError> {
+    let dest = templates.join(name.as_str());
+    if dest.join("rootfs.img").exists() && dest.join("snapshot").join(META).exists() && !overwrite {
+        return Err(SnapshotError::NameTaken {
+            name: name.to_string(),
+        });
+    }
+    std::fs::create_dir_all(templates).map_err(io_err("create", templates))?;
+    let stage = templates.join(format!(".{}.new-{:08x}", name.as_str(), rand_u32()));
+    let snap = stage.join("snapshot");
+    std::fs::create_dir_all(&snap).map_err(io_err("create", &snap))?;
+    let result = (|| {
+        // Memory: base + the changed pages, flattened into one sparse raw image.
+        let scratch = stage.join("memory.work");
+        let base_file = match &meta.memory_base {
+            MemoryBase::File(p) => Some(p.clone()),
+            MemoryBase::Zero => None,
+        };
+        let base = match &base_file {
+            Some(p) => {
+                let (id, size) = base_id(p)?;
+                BaseRef::File { id, size }
+            }
+            None => BaseRef::Zero,
+        };
+        let mem = MemorySnapshot::create(&scratch, meta.mem_bytes, base).map_err(corrupt)?;
+        let mem = mem.add_generation(changed.iter()).map_err(corrupt)?;
+        mem.write_raw_image(base_file.as_deref(), &snap.join("memory.raw"))
+            .map_err(corrupt)?;
+        drop(mem);
+        std::fs::remove_dir_all(&scratch).map_err(io_err("remove", &scratch))?;
+        std::fs::copy(device_state, snap.join(DEVICE_STATE))
+            .map_err(io_err("copy", device_state))?;
+        // Disk: flattened to a standalone raw image (the VM is stopped; its image may still be open).
+        let rootfs = stage.join("rootfs.img");
+        qemu_img(&[
+            "convert".as_ref(),
+            "-U".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            "-S".as_ref(),
+            "4k".as_ref(),
+            disk.path.as_os_str(),
+            rootfs.as_os_str(),
+        ])?;
+        let mut m = meta.clone();
+        m.memory_base = MemoryBase::File(dest.join("snapshot").join("memory.raw"));
+        write_file_atomic(
+            &snap.join(META),
+            &serde_json::to_vec_pretty(&m).map_err(backend)?,
+        )?;
+        sync_dir(&snap)?;
+        sync_dir(&stage)?;
+        if dest.exists() {
+            // Atomic swap: running capsules keep the inodes they hold.
+            nix::fcntl::renameat2(
+                None,
+                &stage,
+                None,
+                &dest,
+                nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+            )
+            .map_err(|e| {
+                SnapshotError::Backend(format!("swapping {}: {e}", dest.display()).into())
+            })?;
+            let _ = std::fs::remove_dir_all(&stage);
+        } else {
+            std::fs::rename(&stage, &dest).map_err(io_err("rename", &stage))?;
+        }
+        sync_dir(templates)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&stage);
+    }
+    result
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    t ^ std::process::id().rotate_left(16)
+}

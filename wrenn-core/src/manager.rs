@@ -455,6 +455,7 @@ impl Capsules {
         let parts = &self.ctx.parts;
         let mut report = SweepReport::default();
         let records = parts.state.list().await?;
+        let with_snapshot = parts.snapshots.list().await?;
         let mut keep_ids = Vec::new();
         let mut keep_slots = Vec::new();
         let mut dead = Vec::new();
@@ -469,7 +470,10 @@ impl Capsules {
                     keep_ids.push(id);
                     report.kept += 1;
                 }
-                Some(r) if r.status == CapsuleStatus::Paused => adopt.push(r),
+                // The owner died. A capsule with a committed snapshot is kept, as of
+                // its last completed pause (a pause or resume cut short loses nothing
+                // more than what happened since); the rest is removed.
+                Some(r) if with_snapshot.contains(&r.id) => adopt.push(r),
                 other => dead.push((id, other)),
             }
         }
@@ -487,6 +491,15 @@ impl Capsules {
             report.removed_capsules += 1;
         }
         for mut rec in adopt {
+            if let Some(disk) = rec.disk.take() {
+                // The writable disk of a VM that died after its last pause: not part of the snapshot.
+                if let Err(e) = parts.disks.remove(&disk).await {
+                    tracing::warn!(capsule = %rec.id, error = %error_chain(&e), "removing leftover disk");
+                }
+            }
+            rec.status = CapsuleStatus::Paused;
+            rec.slot = None;
+            rec.vmm_pid = None;
             rec.owner = parts.state.current_owner();
             parts.state.save(&rec).await?;
             tracing::info!(capsule = %rec.id, "adopted paused capsule");
@@ -494,6 +507,10 @@ impl Capsules {
             report.adopted += 1;
         }
         report.removed_slots = parts.net.sweep(&keep_slots).await?;
+        let known: Vec<CapsuleId> = parts.state.list().await?.into_iter().map(|(id, _)| id).collect();
+        for id in with_snapshot.iter().filter(|id| !known.contains(id)) {
+            let _ = parts.snapshots.remove(id).await;
+        }
         tracing::info!(
             kept = report.kept,
             adopted = report.adopted,
@@ -576,6 +593,7 @@ impl Capsules {
         let parts = self.ctx.parts.clone();
         let template = parts.templates.get(&spec.template).await?;
         let snap = match parts.snapshots.open_template(&spec.template).await {
+            Ok(_) if opts.cold_boot => None,
             Ok(s) => s.filter(|r| r.meta.accel == parts.vmm.accel()),
             Err(e) => {
                 tracing::warn!(template = %spec.template, error = %error_chain(&e), "template snapshot unusable; booting");

@@ -16,6 +16,8 @@ pub struct CreateOptions {
     pub envs: HashMap<String, String>,
     /// Caller's labels, kept with the capsule.
     pub metadata: HashMap<String, String>,
+    /// Boot the template's kernel even when the template has a pre-booted snapshot.
+    pub cold_boot: bool,
 }
 
 /// Bounds and defaults for capsule sizes.

@@ -5,6 +5,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use wrenn::ExecRequestExt;
 //! let host = wrenn::Host::local(wrenn::HostOptions::default()).await?;
 //! let capsule = host.capsules().create(Default::default()).await?;
 //! let out = host.capsules().run(&capsule.id, &wrenn::ExecRequest::shell("echo hello"), None).await?;

@@ -191,6 +191,7 @@ impl Resources {
             if let Err(e) = vmm.shutdown().await {
                 errors.push(format!("stopping VMM: {}", error_chain(&e)));
             }
+            tracing::debug!("release: VMM stopped");
         }
         if let Some(slot) = self.slot.take() {
             if let Err(e) = parts.net.release(&slot).await {
@@ -387,6 +388,7 @@ impl Ctx {
         };
         res.vmm = Some(handle);
         ready?;
+        tracing::debug!(capsule = %record.id, "agent ready");
         init_agent
             .init(&GuestInit {
                 access_token: Some(record.access_token.clone()),

@@ -49,6 +49,8 @@ use tracing::{debug, info, warn};
 use wrenn_core::net::{NetError, NetSlot, Network, SlotIndex, GATEWAY_IP, GUEST_PREFIX, TAP_NAME};
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// MAC of the tap (the guest's gateway), identical in every slot.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0xfc, 0x00, 0x00, 0x00, 0x06];
 
 /// Settings of a [`NetnsNetwork`].
 #[derive(Clone, Debug)]
@@ -197,7 +199,7 @@ impl NetnsNetwork {
                 rtnl::create_veth(&h, &host_veth, PEER_VETH, ns.as_raw_fd()).await?;
                 let i = rtnl::require_index(&h, &host_veth).await?;
                 rtnl::add_addr(&h, &host_veth, i, host_ip, slot::VETH_PREFIX).await?;
-                rtnl::set_up(&h, &host_veth, i, None).await
+                rtnl::set_up(&h, &host_veth, i, None, None).await
             })
         })
         .await?;
@@ -208,15 +210,17 @@ impl NetnsNetwork {
         netns::run(Some(slot.netns_path.clone()), move || {
             rtnl::with_netlink(|h| async move {
                 let lo = rtnl::require_index(&h, "lo").await?;
-                rtnl::set_up(&h, "lo", lo, None).await?;
+                rtnl::set_up(&h, "lo", lo, None, None).await?;
                 let p = rtnl::require_index(&h, PEER_VETH).await?;
                 rtnl::add_addr(&h, PEER_VETH, p, peer, slot::VETH_PREFIX).await?;
-                rtnl::set_up(&h, PEER_VETH, p, None).await?;
+                rtnl::set_up(&h, PEER_VETH, p, None, None).await?;
                 rtnl::add_default_route(&h, PEER_VETH, p, host_ip).await?;
                 tap::create_persistent(TAP_NAME)?;
                 let t = rtnl::require_index(&h, TAP_NAME).await?;
                 rtnl::add_addr(&h, TAP_NAME, t, GATEWAY_IP, GUEST_PREFIX).await?;
-                rtnl::set_up(&h, TAP_NAME, t, Some(TAP_TXQUEUELEN)).await
+                // The guest's gateway has the same MAC in every slot, so a restored guest's
+                // ARP entry stays valid wherever it lands.
+                rtnl::set_up(&h, TAP_NAME, t, Some(TAP_TXQUEUELEN), Some(GATEWAY_MAC)).await
             })?;
             write_sysctl(IP_FORWARD, "1")?;
             nft::apply(&nft, SLOT_TABLE, &nft::slot_ruleset(peer))

@@ -129,10 +129,14 @@ pub(crate) async fn set_up(
     name: &str,
     index: u32,
     txqueuelen: Option<u32>,
+    mac: Option<[u8; 6]>,
 ) -> Result<(), SlotError> {
     let mut msg = LinkUnspec::new_with_index(index).up();
     if let Some(len) = txqueuelen {
         msg = msg.txqueuelen(len);
+    }
+    if let Some(mac) = mac {
+        msg = msg.address(mac.to_vec());
     }
     h.link()
         .set(msg.build())

@@ -237,11 +237,11 @@ pub fn host_tsc_khz() -> Option<u64> {
 fn measure_tsc_khz() -> Option<u64> {
     use std::time::Instant;
     let mut best: Option<u64> = None;
-    for _ in 0..3 {
+    for _ in 0..2 {
         let t0 = Instant::now();
         // SAFETY: RDTSC only reads the time-stamp counter, present on every x86_64 CPU.
         let c0 = unsafe { core::arch::x86_64::_rdtsc() };
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
         // SAFETY: as above.
         let c1 = unsafe { core::arch::x86_64::_rdtsc() };
         let ns = t0.elapsed().as_nanos() as u64;

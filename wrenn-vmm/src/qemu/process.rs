@@ -222,7 +222,8 @@ impl QemuHandle {
         };
 
         let mut spec = spec.clone();
-        if config.accel == Accel::Tcg {
+        // Only a boot calibrates the TSC; a restored guest keeps its calibration.
+        if config.accel == Accel::Tcg && mode == StartMode::Boot {
             if let Some(khz) = crate::accel::host_tsc_khz() {
                 spec.boot.cmdline.push_str(&format!(" tsc_early_khz={khz}"));
             }
@@ -310,6 +311,7 @@ impl QemuHandle {
             }
             if qmp_path.exists() {
                 if let Ok(q) = Qmp::connect(&qmp_path).await {
+                    tracing::debug!(pid, "qmp connected");
                     handle.qmp = Mutex::new(Some(q));
                     return Ok(handle);
                 }
@@ -404,7 +406,9 @@ impl QemuHandle {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        tracing::debug!(pid = self.pid, "restore: device state loaded");
         self.qmp(&QmpCommand::Cont).await?;
+        tracing::debug!(pid = self.pid, "restore: running");
         Ok(())
     }
 
@@ -554,7 +558,9 @@ impl VmmHandle for QemuHandle {
     }
 
     async fn resume(&self) -> Result<(), VmmError> {
+        tracing::debug!(pid = self.pid, "restore: device state loaded");
         self.qmp(&QmpCommand::Cont).await?;
+        tracing::debug!(pid = self.pid, "restore: running");
         Ok(())
     }
 

@@ -509,7 +509,13 @@ impl Capsules {
             report.adopted += 1;
         }
         report.removed_slots = parts.net.sweep(&keep_slots).await?;
-        let known: Vec<CapsuleId> = parts.state.list().await?.into_iter().map(|(id, _)| id).collect();
+        let known: Vec<CapsuleId> = parts
+            .state
+            .list()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         for id in with_snapshot.iter().filter(|id| !known.contains(id)) {
             let _ = parts.snapshots.remove(id).await;
         }

@@ -147,7 +147,11 @@ pub async fn build(data: &DataDir, templates: &[String]) -> Result<()> {
         .await?;
     }
     // Pre-booted snapshots: creating a capsule from these templates is a restore.
-    let host = wrenn::Host::local(wrenn::HostOptions { data_dir: data.clone(), ..Default::default() }).await?;
+    let host = wrenn::Host::local(wrenn::HostOptions {
+        data_dir: data.clone(),
+        ..Default::default()
+    })
+    .await?;
     for t in &templates {
         let bar = ProgressBar::new_spinner();
         bar.set_prefix(format!("snapshot {t}"));
@@ -157,14 +161,24 @@ pub async fn build(data: &DataDir, templates: &[String]) -> Result<()> {
         }
         bar.set_message("booting");
         let caps = host.capsules();
-        let opts = wrenn::CreateOptions { template: Some(t.clone()), cold_boot: true, ..Default::default() };
-        let info = caps.create(opts).await.map_err(|e| anyhow::anyhow!(wrenn::manager::error_chain(&e)))?;
+        let opts = wrenn::CreateOptions {
+            template: Some(t.clone()),
+            cold_boot: true,
+            ..Default::default()
+        };
+        let info = caps
+            .create(opts)
+            .await
+            .map_err(|e| anyhow::anyhow!(wrenn::manager::error_chain(&e)))?;
         bar.set_message("saving");
         let saved = caps.snapshot(&info.id, t, true).await;
         let destroyed = caps.destroy(&info.id).await;
         saved.map_err(|e| anyhow::anyhow!(wrenn::manager::error_chain(&e)))?;
         destroyed.map_err(|e| anyhow::anyhow!(wrenn::manager::error_chain(&e)))?;
-        bar.finish_with_message(format!("done ({})", data.template_dir(t).join("snapshot").display()));
+        bar.finish_with_message(format!(
+            "done ({})",
+            data.template_dir(t).join("snapshot").display()
+        ));
         if bar.is_hidden() {
             eprintln!("    snapshot {t}: done");
         }

@@ -21,6 +21,8 @@ pub struct HostOptions {
     pub ready_timeout: Duration,
     /// Run the startup sweep (remove what crashed processes left behind).
     pub sweep: bool,
+    /// Memory generations kept before a pause merges them.
+    pub generation_cap: usize,
 }
 
 impl Default for HostOptions {
@@ -30,6 +32,7 @@ impl Default for HostOptions {
             limits: Limits::default(),
             ready_timeout: Duration::from_secs(120),
             sweep: true,
+            generation_cap: wrenn_storage::capsnap::DEFAULT_GENERATION_CAP,
         }
     }
 }
@@ -86,7 +89,10 @@ impl Host {
             templates: Arc::new(FsTemplates::new(data.clone())),
             guests: Arc::new(EnvdConnector::default()),
             state: Arc::new(FsStateStore::new(data.clone())),
-            snapshots: Arc::new(FsSnapshotStore::new(data.snapshots(), data.templates())),
+            snapshots: Arc::new(
+                FsSnapshotStore::new(data.snapshots(), data.templates())
+                    .with_generation_cap(opts.generation_cap),
+            ),
         };
         let config = ManagerConfig {
             limits: opts.limits,

@@ -123,23 +123,46 @@ async fn clones_of_a_snapshot_template_are_independent() {
     let name = format!("test-tpl-{}", std::process::id());
     let src = caps.create(opts()).await.expect("create source");
     run(&host, &src.id, "echo from-template > /home/user/base.txt").await;
-    caps.snapshot(&src.id, &name, false).await.expect("snapshot");
+    caps.snapshot(&src.id, &name, false)
+        .await
+        .expect("snapshot");
     // The source keeps running.
-    assert_eq!(run(&host, &src.id, "cat /home/user/base.txt").await.0, "from-template\n");
+    assert_eq!(
+        run(&host, &src.id, "cat /home/user/base.txt").await.0,
+        "from-template\n"
+    );
     // Same name again: refused unless overwrite is asked.
     let again = caps.snapshot(&src.id, &name, false).await;
-    assert!(matches!(again, Err(CapsuleError::Snapshot(wrenn::snapshot::SnapshotError::NameTaken { .. }))), "{again:?}");
-    caps.snapshot(&src.id, &name, true).await.expect("overwrite");
+    assert!(
+        matches!(
+            again,
+            Err(CapsuleError::Snapshot(
+                wrenn::snapshot::SnapshotError::NameTaken { .. }
+            ))
+        ),
+        "{again:?}"
+    );
+    caps.snapshot(&src.id, &name, true)
+        .await
+        .expect("overwrite");
     caps.destroy(&src.id).await.expect("destroy source");
 
     // The template no longer depends on the capsule it came from.
     let mut clones = Vec::new();
     for _ in 0..3 {
-        let o = CreateOptions { template: Some(name.clone()), ..Default::default() };
+        let o = CreateOptions {
+            template: Some(name.clone()),
+            ..Default::default()
+        };
         clones.push(caps.create(o).await.expect("clone"));
     }
     for (i, c) in clones.iter().enumerate() {
-        let (out, _, _) = run(&host, &c.id, &format!("cat /home/user/base.txt; echo clone-{i} > /home/user/mine.txt")).await;
+        let (out, _, _) = run(
+            &host,
+            &c.id,
+            &format!("cat /home/user/base.txt; echo clone-{i} > /home/user/mine.txt"),
+        )
+        .await;
         assert_eq!(out, "from-template\n");
     }
     for (i, c) in clones.iter().enumerate() {
@@ -159,7 +182,10 @@ async fn fork_gives_independent_capsules_that_continue_from_the_same_state() {
     let src = caps.create(opts()).await.expect("create");
     let bg = ExecRequest {
         cmd: "/bin/sh".into(),
-        args: vec!["-c".into(), "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done".into()],
+        args: vec![
+            "-c".into(),
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done".into(),
+        ],
         ..Default::default()
     };
     drop(caps.exec(&src.id, &bg).await.expect("counter"));
@@ -172,7 +198,12 @@ async fn fork_gives_independent_capsules_that_continue_from_the_same_state() {
     for (i, c) in children.iter().enumerate() {
         assert_ne!(c.id, src.id);
         tokens.push(caps.access_token(&c.id).expect("token"));
-        let (out, _, _) = run(&host, &c.id, &format!("cat /home/user/shared.txt; echo child-{i} > /home/user/own.txt")).await;
+        let (out, _, _) = run(
+            &host,
+            &c.id,
+            &format!("cat /home/user/shared.txt; echo child-{i} > /home/user/own.txt"),
+        )
+        .await;
         assert_eq!(out, "shared\n");
         // The counter process came along and keeps counting.
         let n = counter(&host, &c.id).await;
@@ -184,9 +215,21 @@ async fn fork_gives_independent_capsules_that_continue_from_the_same_state() {
     tokens.dedup();
     assert_eq!(tokens.len(), 3, "fork reused an access token");
     // No cross-talk: each has its own disk.
-    assert_eq!(run(&host, &src.id, "cat /home/user/own.txt 2>/dev/null || echo none").await.0, "none\n");
+    assert_eq!(
+        run(
+            &host,
+            &src.id,
+            "cat /home/user/own.txt 2>/dev/null || echo none"
+        )
+        .await
+        .0,
+        "none\n"
+    );
     for (i, c) in children.iter().enumerate() {
-        assert_eq!(run(&host, &c.id, "cat /home/user/own.txt").await.0, format!("child-{i}\n"));
+        assert_eq!(
+            run(&host, &c.id, "cat /home/user/own.txt").await.0,
+            format!("child-{i}\n")
+        );
     }
     // The source kept running.
     assert!(counter(&host, &src.id).await >= at_fork);
@@ -212,12 +255,24 @@ async fn ten_pause_resume_cycles_across_the_generation_cap_keep_memory_identical
         )
         .await;
         assert_eq!(code, 0);
-        let report = caps.pause(&id).await.unwrap_or_else(|e| panic!("pause {cycle}: {e}"));
+        let report = caps
+            .pause(&id)
+            .await
+            .unwrap_or_else(|e| panic!("pause {cycle}: {e}"));
         merged |= report.merged;
-        assert!(report.generations <= 8, "generation cap exceeded: {}", report.generations);
-        caps.resume(&id).await.unwrap_or_else(|e| panic!("resume {cycle}: {e}"));
+        assert!(
+            report.generations <= 8,
+            "generation cap exceeded: {}",
+            report.generations
+        );
+        caps.resume(&id)
+            .await
+            .unwrap_or_else(|e| panic!("resume {cycle}: {e}"));
         let (sum_after, _, _) = run(&host, &id, "sha256sum /dev/shm/data").await;
-        assert_eq!(sum_after, sum_before, "guest memory changed across pause/resume cycle {cycle}");
+        assert_eq!(
+            sum_after, sum_before,
+            "guest memory changed across pause/resume cycle {cycle}"
+        );
     }
     assert!(merged, "10 cycles never merged generations");
     caps.destroy(&id).await.expect("destroy");
@@ -229,23 +284,54 @@ async fn a_corrupt_snapshot_is_a_typed_error_and_is_left_as_it_was() {
     let caps = host.capsules();
     let info = caps.create(opts()).await.expect("create");
     caps.pause(&info.id).await.expect("pause");
-    let current = std::fs::canonicalize(host.data_dir().snapshots().join(info.id.as_str()).join("current")).unwrap();
+    let current = std::fs::canonicalize(
+        host.data_dir()
+            .snapshots()
+            .join(info.id.as_str())
+            .join("current"),
+    )
+    .unwrap();
     let gen = std::fs::read_dir(&current)
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("memory.gen-"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("memory.gen-")
+        })
         .expect("a generation file");
     let mut bytes = std::fs::read(&gen).unwrap();
     bytes[4096 + 7] ^= 0xff;
     std::fs::write(&gen, &bytes).unwrap();
-    let before: Vec<_> = std::fs::read_dir(&current).unwrap().flatten().map(|e| e.file_name()).collect();
+    let before: Vec<_> = std::fs::read_dir(&current)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     let err = caps.resume(&info.id).await;
-    assert!(matches!(err, Err(CapsuleError::Snapshot(wrenn::snapshot::SnapshotError::Corrupt { .. }))), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Err(CapsuleError::Snapshot(
+                wrenn::snapshot::SnapshotError::Corrupt { .. }
+            ))
+        ),
+        "{err:?}"
+    );
     assert_eq!(caps.get(&info.id).unwrap().status, CapsuleStatus::Paused);
-    let after: Vec<_> = std::fs::read_dir(&current).unwrap().flatten().map(|e| e.file_name()).collect();
+    let after: Vec<_> = std::fs::read_dir(&current)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(before, after);
-    assert_eq!(std::fs::read(&gen).unwrap(), bytes, "the corrupt file was modified");
+    assert_eq!(
+        std::fs::read(&gen).unwrap(),
+        bytes,
+        "the corrupt file was modified"
+    );
     caps.destroy(&info.id).await.expect("destroy");
 }
 
@@ -258,7 +344,10 @@ async fn concurrent_pauses_are_serialised() {
     // One pause wins; the other finds the capsule already paused.
     let oks = [a.is_ok(), b.is_ok()].iter().filter(|x| **x).count();
     assert_eq!(oks, 1, "{a:?} {b:?}");
-    assert!(matches!(a.err().or(b.err()), Some(CapsuleError::InvalidState { .. })));
+    assert!(matches!(
+        a.err().or(b.err()),
+        Some(CapsuleError::InvalidState { .. })
+    ));
     caps.resume(&info.id).await.expect("resume");
     assert_eq!(run(&host, &info.id, "echo ok").await.0, "ok\n");
     caps.destroy(&info.id).await.expect("destroy");

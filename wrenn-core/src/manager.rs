@@ -116,8 +116,8 @@ pub struct ExecOutput {
 pub struct SweepReport {
     /// Capsules of other live processes, left alone.
     pub kept: usize,
-    /// Paused capsules of dead processes, taken over (their snapshots survive).
-    pub adopted: usize,
+    /// Paused capsules of dead processes, kept on disk for adoption.
+    pub paused: usize,
     /// Records of dead owners whose leftovers were removed.
     pub removed_capsules: usize,
     pub killed_vmms: usize,
@@ -493,20 +493,20 @@ impl Capsules {
             report.removed_capsules += 1;
         }
         for mut rec in adopt {
-            if let Some(disk) = rec.disk.take() {
-                // The writable disk of a VM that died after its last pause: not part of the snapshot.
-                if let Err(e) = parts.disks.remove(&disk).await {
-                    tracing::warn!(capsule = %rec.id, error = %error_chain(&e), "removing leftover disk");
+            if rec.status != CapsuleStatus::Paused || rec.disk.is_some() || rec.slot.is_some() {
+                if let Some(disk) = rec.disk.take() {
+                    // The writable disk of a VM that died after its last pause: not part of the snapshot.
+                    if let Err(e) = parts.disks.remove(&disk).await {
+                        tracing::warn!(capsule = %rec.id, error = %error_chain(&e), "removing leftover disk");
+                    }
                 }
+                rec.status = CapsuleStatus::Paused;
+                rec.slot = None;
+                rec.vmm_pid = None;
+                parts.state.save(&rec).await?;
             }
-            rec.status = CapsuleStatus::Paused;
-            rec.slot = None;
-            rec.vmm_pid = None;
-            rec.owner = parts.state.current_owner();
-            parts.state.save(&rec).await?;
-            tracing::info!(capsule = %rec.id, "adopted paused capsule");
-            self.start_actor(rec, Resources::default(), None);
-            report.adopted += 1;
+            // Left on disk for whichever process operates on it next (see `adopt`).
+            report.paused += 1;
         }
         report.removed_slots = parts.net.sweep(&keep_slots).await?;
         let known: Vec<CapsuleId> = parts
@@ -521,7 +521,7 @@ impl Capsules {
         }
         tracing::info!(
             kept = report.kept,
-            adopted = report.adopted,
+            paused = report.paused,
             removed_capsules = report.removed_capsules,
             killed_vmms = report.killed_vmms,
             removed_slots = report.removed_slots,
@@ -645,7 +645,7 @@ impl Capsules {
     }
 
     fn start_actor(
-        self: &Arc<Self>,
+        &self,
         record: CapsuleRecord,
         res: Resources,
         agent: Option<Arc<dyn GuestAgent>>,
@@ -774,11 +774,53 @@ impl Capsules {
         )))
     }
 
+    /// Takes over a paused capsule found on disk whose owner process is gone.
+    pub async fn adopt(&self, id: &CapsuleId) -> Result<CapsuleInfo, CapsuleError> {
+        if let Ok(info) = self.get(id) {
+            return Ok(info);
+        }
+        let parts = &self.ctx.parts;
+        let not_found = || CapsuleError::NotFound { id: id.to_string() };
+        let mut rec = parts
+            .state
+            .list()
+            .await?
+            .into_iter()
+            .find(|(i, _)| i == id)
+            .and_then(|(_, r)| r)
+            .ok_or_else(not_found)?;
+        if rec.status != CapsuleStatus::Paused || parts.state.owner_alive(&rec.owner) {
+            return Err(not_found());
+        }
+        rec.owner = parts.state.current_owner();
+        parts.state.save(&rec).await?;
+        tracing::info!(capsule = %id, "adopted paused capsule");
+        let info = CapsuleInfo::from(&rec);
+        self.start_actor(rec, Resources::default(), None);
+        Ok(info)
+    }
+
+    /// Adopts every paused capsule on disk whose owner process is gone.
+    pub async fn adopt_all(&self) -> Result<Vec<CapsuleInfo>, CapsuleError> {
+        let mut out = Vec::new();
+        for (id, rec) in self.ctx.parts.state.list().await? {
+            if rec.is_some_and(|r| {
+                r.status == CapsuleStatus::Paused && !self.ctx.parts.state.owner_alive(&r.owner)
+            }) {
+                out.push(self.adopt(&id).await?);
+            }
+        }
+        Ok(out)
+    }
+
     async fn ask<T>(
         &self,
         id: &CapsuleId,
         make: impl FnOnce(oneshot::Sender<Result<T, CapsuleError>>) -> Command,
     ) -> Result<T, CapsuleError> {
+        if self.entry(id).is_err() {
+            self.adopt(id).await?;
+        }
         let e = self.entry(id)?;
         let (tx, rx) = oneshot::channel();
         e.tx.send(make(tx))

@@ -39,13 +39,38 @@ enum Cmd {
     /// Create a capsule, run one command in it, stream its output, destroy it,
     /// and exit with the command's exit code.
     Run(RunArgs),
+    /// Resume a paused capsule, run a command in it (optional), and pause it again.
+    Resume {
+        id: String,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// Save a paused capsule as snapshot template NAME (it stays paused).
+    Snapshot {
+        id: String,
+        name: String,
+        /// Replace an existing template of that name.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Fork a paused capsule into N capsules, run a command in each (optional),
+    /// print their ids, and pause them all.
+    Fork {
+        id: String,
+        #[arg(short = 'n', long, default_value_t = 1)]
+        count: usize,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
     /// Check this host: acceleration, QEMU, images, permissions.
     Doctor,
     /// List capsules recorded in the data directory.
     Ps,
-    /// Remove capsules left behind by crashed processes (all of them, or the given ids).
+    /// Remove capsules left behind by crashed processes, or destroy the given
+    /// (paused or orphaned) capsules.
     Rm {
-        /// Capsule ids; without any, every capsule whose owner process is gone.
+        /// Capsule ids; without any, every capsule whose owner process is gone
+        /// (paused capsules are kept).
         ids: Vec<String>,
     },
 }
@@ -58,6 +83,16 @@ enum ImageCmd {
         #[arg(long = "template")]
         templates: Vec<String>,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    /// Guest user (default `user`; `root` for root).
+    #[arg(long)]
+    user: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,6 +122,9 @@ struct RunArgs {
     /// Forward this process's stdin to the command.
     #[arg(long, short = 'i')]
     stdin: bool,
+    /// Pause the capsule at the end instead of destroying it (prints its id).
+    #[arg(long)]
+    keep: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -134,6 +172,13 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             command: ImageCmd::Build { templates },
         } => images::build(&data, &templates).await.map(|_| 0),
         Cmd::Run(args) => run(data, args).await,
+        Cmd::Resume { id, exec } => resume(data, &id, exec).await,
+        Cmd::Snapshot {
+            id,
+            name,
+            overwrite,
+        } => snapshot(data, &id, &name, overwrite).await.map(|_| 0),
+        Cmd::Fork { id, count, exec } => fork(data, &id, count, exec).await,
         Cmd::Doctor => doctor::run(&data).await,
         Cmd::Ps => ps(&data).await.map(|_| 0),
         Cmd::Rm { ids } => rm(data, ids).await.map(|_| 0),
@@ -172,13 +217,87 @@ async fn run(data: DataDir, args: RunArgs) -> Result<u8> {
             Ok(130)
         }
     };
-    if let Err(e) = caps.destroy(&id).await {
+    if args.keep {
+        match caps.pause(&id).await {
+            Ok(_) => eprintln!("wrenn: capsule {id} paused (resume with `wrenn resume {id}`)"),
+            Err(e) => eprintln!(
+                "wrenn: pausing capsule {id}: {}",
+                wrenn::manager::error_chain(&e)
+            ),
+        }
+    } else if let Err(e) = caps.destroy(&id).await {
         eprintln!(
             "wrenn: destroying capsule {id}: {}",
             wrenn::manager::error_chain(&e)
         );
     }
     result
+}
+
+fn chain(e: wrenn::CapsuleError) -> anyhow::Error {
+    anyhow::anyhow!(wrenn::manager::error_chain(&e))
+}
+
+/// Runs `exec.command` (if any) in capsule `id`, streaming its output; returns its exit code.
+async fn run_in(host: &Host, id: &CapsuleId, exec: &ExecArgs) -> Result<u8> {
+    if exec.command.is_empty() {
+        return Ok(0);
+    }
+    let args = RunArgs {
+        template: String::new(),
+        vcpus: None,
+        memory: None,
+        disk: None,
+        envs: Vec::new(),
+        cwd: None,
+        user: exec.user.clone(),
+        timeout: None,
+        stdin: false,
+        keep: false,
+        command: exec.command.clone(),
+    };
+    run_command(host, id, &args).await
+}
+
+async fn resume(data: DataDir, raw: &str, exec: ExecArgs) -> Result<u8> {
+    let id = CapsuleId::parse(raw)?;
+    let host = host(data).await?;
+    let caps = host.capsules();
+    caps.resume(&id).await.map_err(chain)?;
+    let code = run_in(&host, &id, &exec).await;
+    caps.pause(&id).await.map_err(chain)?;
+    code
+}
+
+async fn snapshot(data: DataDir, raw: &str, name: &str, overwrite: bool) -> Result<()> {
+    let id = CapsuleId::parse(raw)?;
+    let host = host(data).await?;
+    let caps = host.capsules();
+    caps.resume(&id).await.map_err(chain)?;
+    let saved = caps.snapshot(&id, name, overwrite).await;
+    caps.pause(&id).await.map_err(chain)?;
+    saved.map_err(chain)?;
+    println!("template {name} saved from {id}");
+    Ok(())
+}
+
+async fn fork(data: DataDir, raw: &str, count: usize, exec: ExecArgs) -> Result<u8> {
+    let id = CapsuleId::parse(raw)?;
+    let host = host(data).await?;
+    let caps = host.capsules();
+    caps.resume(&id).await.map_err(chain)?;
+    let children = caps.fork(&id, count).await;
+    let mut code = 0;
+    if let Ok(children) = &children {
+        for c in children {
+            println!("{}", c.id);
+            code = code.max(run_in(&host, &c.id, &exec).await?);
+            caps.pause(&c.id).await.map_err(chain)?;
+        }
+    }
+    caps.pause(&id).await.map_err(chain)?;
+    children.map_err(chain)?;
+    Ok(code)
 }
 
 async fn run_command(host: &Host, id: &CapsuleId, args: &RunArgs) -> Result<u8> {
@@ -302,12 +421,21 @@ async fn rm(data: DataDir, ids: Vec<String>) -> Result<()> {
             _ => {}
         }
     }
-    // The startup sweep removes everything whose owner is gone.
+    // The startup sweep removes everything whose owner is gone (and adopts paused capsules).
     let host = host(data).await?;
+    for raw in &ids {
+        let id = CapsuleId::parse(raw)?;
+        match host.capsules().destroy(&id).await {
+            Ok(()) => println!("destroyed {id}"),
+            // Already removed by the sweep above.
+            Err(wrenn::CapsuleError::NotFound { .. }) => {}
+            Err(e) => return Err(chain(e)),
+        }
+    }
     let r = host.sweep_report();
     println!(
-        "removed {} capsule(s), killed {} VMM process(es), removed {} network slot(s); {} capsule(s) of running processes kept",
-        r.removed_capsules, r.killed_vmms, r.removed_slots, r.kept
+        "removed {} capsule(s), killed {} VMM process(es), removed {} network slot(s); kept {} capsule(s) of running processes and {} paused",
+        r.removed_capsules, r.killed_vmms, r.removed_slots, r.kept, r.paused
     );
     Ok(())
 }

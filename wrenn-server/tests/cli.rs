@@ -193,3 +193,55 @@ fn a_crash_mid_run_leaves_nothing_after_the_next_start() {
         crash_and_sweep(true);
     }
 }
+
+#[test]
+fn pause_resume_fork_and_snapshot_from_the_command_line() {
+    if !can_run() {
+        return;
+    }
+    let wrenn = |args: &[&str]| {
+        let out = Command::new(WRENN).args(args).output().expect("wrenn");
+        assert!(
+            out.status.success(),
+            "wrenn {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (_, err) = wrenn(&["run", "--keep", "--", "sh", "-c", "echo one > /home/user/n"]);
+    let id = err
+        .split_whitespace()
+        .find(|w| w.starts_with("cl-"))
+        .expect("paused capsule id")
+        .to_string();
+    assert!(wrenn(&["ps"]).0.contains(&format!("{id}   paused")));
+    let (out, _) = wrenn(&[
+        "resume",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "cat /home/user/n; echo two >> /home/user/n",
+    ]);
+    assert_eq!(out, "one\n");
+    let (out, _) = wrenn(&["fork", &id, "-n", "2", "--", "cat", "/home/user/n"]);
+    let children: Vec<&str> = out.lines().filter(|l| l.starts_with("cl-")).collect();
+    assert_eq!(children.len(), 2, "{out}");
+    assert_eq!(out.matches("one\ntwo\n").count(), 2, "{out}");
+    let name = format!("cli-tpl-{}", std::process::id());
+    wrenn(&["snapshot", &id, &name]);
+    let (out, _) = wrenn(&["run", "--template", &name, "--", "cat", "/home/user/n"]);
+    assert_eq!(out, "one\ntwo\n");
+    let mut rm = vec!["rm", id.as_str()];
+    rm.extend(children.iter().copied());
+    wrenn(&rm);
+    let ps = wrenn(&["ps"]).0;
+    for c in rm.iter().skip(1) {
+        assert!(!ps.contains(c), "{c} still listed");
+        assert!(!data_dir().join("snapshots").join(c).exists());
+    }
+    let _ = std::fs::remove_dir_all(data_dir().join("templates").join(&name));
+}

@@ -105,7 +105,7 @@ async fn kill_during_pause_keeps_the_last_good_snapshot() {
         let Some(host) = host().await else { return };
         let caps = host.capsules();
         let cid = wrenn::CapsuleId::parse(&id).unwrap();
-        let info = caps.get(&cid).expect("the capsule was adopted");
+        let info = caps.adopt(&cid).await.expect("the capsule was adopted");
         assert_eq!(info.status, CapsuleStatus::Paused);
         caps.resume(&cid)
             .await

@@ -88,17 +88,7 @@ fn join(errors: &[SlotError]) -> String {
         .join("; ")
 }
 
-/// `error: cause: cause…` on one line.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use wrenn_core::manager::error_chain;
 
 /// errno carried by a netlink error, if any.
 pub(crate) fn netlink_errno(e: &rtnetlink::Error) -> Option<i32> {

@@ -248,18 +248,6 @@ impl PtyMaster {
         Ok(PtyMaster { fd })
     }
 
-    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            match guard.try_io(|inner| {
-                nix::unistd::read(inner.as_raw_fd(), buf).map_err(std::io::Error::from)
-            }) {
-                Ok(res) => return res,
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
     async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.fd.writable().await?;
@@ -599,14 +587,16 @@ fn register(
     Some((proc, rx, timed_out_rx))
 }
 
-/// Reads one output source until EOF (or until quiet after the process exited).
-async fn pump_pipe<R: AsyncRead + Unpin>(
+/// Reads one output source until EOF (or until quiet after the process exited)
+/// and broadcasts it in chunks of up to `chunk` bytes.
+async fn pump<R: AsyncRead + Unpin>(
     mut r: R,
+    chunk: usize,
     wrap: fn(Bytes) -> Output,
     proc: Arc<Proc>,
     mut exited: watch::Receiver<bool>,
 ) {
-    let mut buf = vec![0u8; PIPE_CHUNK];
+    let mut buf = vec![0u8; chunk];
     let mut draining = false;
     loop {
         let n = if draining {
@@ -621,6 +611,7 @@ async fn pump_pipe<R: AsyncRead + Unpin>(
             }
         };
         match n {
+            // EOF, or EIO from a pty whose every slave fd is closed.
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 let data = Bytes::copy_from_slice(&buf[..n]);
@@ -633,30 +624,31 @@ async fn pump_pipe<R: AsyncRead + Unpin>(
     }
 }
 
-async fn pump_pty(pty: Arc<PtyMaster>, proc: Arc<Proc>, mut exited: watch::Receiver<bool>) {
-    let mut buf = vec![0u8; PTY_CHUNK];
-    let mut draining = false;
-    loop {
-        let n = if draining {
-            match tokio::time::timeout(DRAIN_QUIET, pty.read(&mut buf)).await {
-                Ok(res) => res,
-                Err(_) => break,
-            }
-        } else {
-            tokio::select! {
-                res = pty.read(&mut buf) => res,
-                _ = exited.changed() => { draining = true; continue; }
-            }
-        };
-        match n {
-            // EIO: every slave fd is closed.
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let data = Bytes::copy_from_slice(&buf[..n]);
-                proc.broadcast(Event::Data(DataEvent {
-                    output: Some(Output::Pty(data)),
-                }))
-                .await;
+/// The read side of a pty master as an `AsyncRead`.
+struct PtyReader(Arc<PtyMaster>);
+
+impl AsyncRead for PtyReader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        loop {
+            let mut guard = match self.0.fd.poll_read_ready(cx) {
+                std::task::Poll::Ready(Ok(g)) => g,
+                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            };
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|inner| {
+                nix::unistd::read(inner.as_raw_fd(), unfilled).map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
             }
         }
     }
@@ -676,23 +668,31 @@ async fn supervise(
     let (exit_tx, exit_rx) = watch::channel(false);
     let mut pumps = Vec::new();
     if let Some(out) = stdout {
-        pumps.push(tokio::spawn(pump_pipe(
+        pumps.push(tokio::spawn(pump(
             out,
+            PIPE_CHUNK,
             Output::Stdout,
             proc.clone(),
             exit_rx.clone(),
         )));
     }
     if let Some(err) = stderr {
-        pumps.push(tokio::spawn(pump_pipe(
+        pumps.push(tokio::spawn(pump(
             err,
+            PIPE_CHUNK,
             Output::Stderr,
             proc.clone(),
             exit_rx.clone(),
         )));
     }
     if let Some(pty) = pty {
-        pumps.push(tokio::spawn(pump_pty(pty, proc.clone(), exit_rx.clone())));
+        pumps.push(tokio::spawn(pump(
+            PtyReader(pty),
+            PTY_CHUNK,
+            Output::Pty,
+            proc.clone(),
+            exit_rx.clone(),
+        )));
     }
 
     let status = match deadline {

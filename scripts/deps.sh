@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 # Runtime: QEMU, qcow2 tools, nftables, iproute2. Image builds install their own
 # build dependencies (images/build-*.sh).
-# libclang-dev: bindgen for userfaultfd-sys.
-apt_pkgs=(qemu-system-x86 qemu-utils nftables iproute2 curl python3-pip libclang-dev)
+# libclang-dev: bindgen for userfaultfd-sys; xfsprogs + e2fsprogs: the disk tests (reflink on XFS, real ext4).
+apt_pkgs=(qemu-system-x86 qemu-utils nftables iproute2 curl python3-pip libclang-dev xfsprogs e2fsprogs)
 need_apt=()
 for pkg in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_apt+=("$pkg")

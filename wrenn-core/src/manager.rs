@@ -954,10 +954,7 @@ impl Capsules {
 }
 
 impl PageOverlay for ChangedPages {
-    fn for_each(
-        &self,
-        f: &mut dyn FnMut(u64, Option<&[u8]>) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
+    fn for_each(&self, f: &mut crate::vmm::PageVisitor<'_>) -> std::io::Result<()> {
         for (page, data) in self.iter() {
             f(page, Some(data))?;
         }

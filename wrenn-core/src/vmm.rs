@@ -93,14 +93,14 @@ pub struct VmSpec {
     pub memory: MemoryBase,
 }
 
+/// Receives one page: its index and bytes (`None` = all zeros).
+pub type PageVisitor<'a> = dyn FnMut(u64, Option<&[u8]>) -> std::io::Result<()> + 'a;
+
 /// Guest pages, for writing into a restored VM before it runs.
 pub trait PageOverlay: Send + Sync {
     /// Calls `f(page index, bytes)` for every page that differs from the memory
     /// base; `None` means an all-zero page.
-    fn for_each(
-        &self,
-        f: &mut dyn FnMut(u64, Option<&[u8]>) -> std::io::Result<()>,
-    ) -> std::io::Result<()>;
+    fn for_each(&self, f: &mut PageVisitor<'_>) -> std::io::Result<()>;
 }
 
 /// No pages: the memory base is the memory.
@@ -108,10 +108,7 @@ pub trait PageOverlay: Send + Sync {
 pub struct NoOverlay;
 
 impl PageOverlay for NoOverlay {
-    fn for_each(
-        &self,
-        _f: &mut dyn FnMut(u64, Option<&[u8]>) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
+    fn for_each(&self, _f: &mut PageVisitor<'_>) -> std::io::Result<()> {
         Ok(())
     }
 }

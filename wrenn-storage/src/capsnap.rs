@@ -22,7 +22,7 @@ use wrenn_core::memory::{PageContent, PageSource};
 use wrenn_core::snapshot::{PauseReport, Restorable, SnapshotError, SnapshotMeta, SnapshotStore};
 use wrenn_core::storage::CowDisk;
 use wrenn_core::template::TemplateName;
-use wrenn_core::vmm::{ChangedPages, MemoryBase, PageOverlay};
+use wrenn_core::vmm::{ChangedPages, MemoryBase};
 
 /// Generations kept before they are merged into one.
 pub const DEFAULT_GENERATION_CAP: usize = 8;
@@ -353,22 +353,9 @@ impl FsSnapshotStore {
         Ok(Restorable {
             meta,
             device_state,
-            overlay: std::sync::Arc::new(MemoryOverlay(mem)),
+            overlay: std::sync::Arc::new(mem),
             disk_base,
         })
-    }
-}
-
-/// A memory snapshot's non-base pages, as a restore overlay.
-#[derive(Debug)]
-struct MemoryOverlay(MemorySnapshot);
-
-impl PageOverlay for MemoryOverlay {
-    fn for_each(
-        &self,
-        f: &mut dyn FnMut(u64, Option<&[u8]>) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        self.0.for_each_changed_page(|page, data| f(page, data))
     }
 }
 

@@ -10,6 +10,16 @@
 //! the same lock: either its copy precedes the read of the event (then the zap follows
 //! it and wins), or the event was read first (then the page is marked and skipped), or
 //! the event is still unread (then the copy gets EAGAIN and is retried later).
+//!
+//! Fault-around: a fault is answered with an aligned window of up to
+//! `fault_around_pages` pages around the faulting one (clipped to its region), copied
+//! with one `UFFDIO_COPY` per run of data pages and one `UFFDIO_ZEROPAGE` per run of zero
+//! pages. The window is filled under the same lock and by the same rules as a prefetch
+//! copy: pages marked removed or gone are left out (a removed page is served, as zeros,
+//! only when it faults itself), and so are pages already known to be present. A page
+//! populated behind our back makes the copy stop there (EEXIST, or a partial copy); it
+//! is skipped and the rest of the run copied. The faulting page is always attempted, and
+//! woken if it turns out to be present already.
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
@@ -70,18 +80,26 @@ impl Bitmap {
     }
 }
 
-/// Per-region page marks, changed only by the fault thread (while reading events).
+/// Per-region page marks, all changed under the `marks` lock only.
 #[derive(Debug)]
 struct Marks {
-    /// Discarded by the VMM (balloon): served as zeros, never prefetched.
+    /// Discarded by the VMM (balloon): served as zeros, never prefetched or filled by
+    /// fault-around. Set by the fault thread while reading events.
     removed: Bitmap,
-    /// Unmapped or moved away by the VMM: not served any more.
+    /// Unmapped or moved away by the VMM: not served any more. Set like `removed`.
     gone: Bitmap,
+    /// Populated by us (or found populated). Only an optimisation: such pages are left
+    /// out of fault-around windows and the prefetch. A discard makes the bit stale, but
+    /// a discarded page is also marked `removed`, which wins; and a faulting page is
+    /// always attempted whatever its bit says.
+    present: Bitmap,
 }
 
 #[derive(Debug, Default)]
 struct Counters {
     faults_served: AtomicU64,
+    /// Pages populated by the fault path (faulting pages plus fault-around).
+    fault_pages: AtomicU64,
     pages_prefetched: AtomicU64,
     zero_pages: AtomicU64,
     removed_ranges: AtomicU64,
@@ -115,12 +133,49 @@ impl Fill {
     }
 }
 
-/// A page-aligned one-page buffer (UFFDIO_COPY's source).
+/// A page-aligned buffer of whole pages (UFFDIO_COPY's source).
 struct PageBuf(memmap2::MmapMut);
 
 impl PageBuf {
-    fn new() -> std::io::Result<Self> {
-        Ok(PageBuf(memmap2::MmapOptions::new().len(PAGE).map_anon()?))
+    fn new(pages: usize) -> std::io::Result<Self> {
+        Ok(PageBuf(
+            memmap2::MmapOptions::new()
+                .len(pages.max(1) * PAGE)
+                .map_anon()?,
+        ))
+    }
+}
+
+/// How far filling a run of pages got (see [`Shared::fill_run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RunFill {
+    /// Pages from the start of the run that are now populated, by this call or before.
+    reached: u64,
+    /// Of those, the pages this call populated.
+    filled: u64,
+    /// Why it stopped at page `reached`: [`Fill::Done`] if the whole run is populated.
+    stop: Fill,
+    /// Whether the page at the `watch` index was found populated already (EEXIST).
+    watch_existed: bool,
+}
+
+/// The fault thread's reusable buffers.
+struct FaultScratch {
+    /// One fault-around window of page contents.
+    buf: PageBuf,
+    /// What each page of the window holds, `None` if it is not to be filled.
+    kinds: Vec<Option<PageContent>>,
+    /// Runs `(first, end, kind)` of the window, as page indices in the region.
+    runs: Vec<(u64, u64, PageContent)>,
+}
+
+impl FaultScratch {
+    fn new(window: usize) -> std::io::Result<Self> {
+        Ok(FaultScratch {
+            buf: PageBuf::new(window)?,
+            kinds: Vec::with_capacity(window),
+            runs: Vec::with_capacity(window),
+        })
     }
 }
 
@@ -129,6 +184,8 @@ pub(crate) struct Shared {
     uffd: Uffd,
     regions: Vec<GuestRegion>,
     source: Arc<dyn PageSource>,
+    /// Fault-around window in pages (at least 1).
+    fault_around: u64,
     marks: Mutex<Vec<Marks>>,
     /// Set by the fault thread while it waits for `marks`, so prefetch steps aside.
     fault_waiting: AtomicBool,
@@ -155,18 +212,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(crate) fn new(uffd: Uffd, regions: Vec<GuestRegion>, source: Arc<dyn PageSource>) -> Self {
+    pub(crate) fn new(
+        uffd: Uffd,
+        regions: Vec<GuestRegion>,
+        source: Arc<dyn PageSource>,
+        fault_around_pages: usize,
+    ) -> Self {
         let marks = regions
             .iter()
             .map(|r| Marks {
                 removed: Bitmap::new(r.size / PAGE_SIZE),
                 gone: Bitmap::new(r.size / PAGE_SIZE),
+                present: Bitmap::new(r.size / PAGE_SIZE),
             })
             .collect();
         Shared {
             uffd,
             regions,
             source,
+            fault_around: fault_around_pages.max(1) as u64,
             marks: Mutex::new(marks),
             fault_waiting: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -215,42 +279,105 @@ impl Shared {
     /// Populates the missing page at `dst` (page aligned) with `data`'s first page, or
     /// with zeros when `data` is `None`, and wakes any thread faulting on it.
     fn fill(&self, dst: u64, data: Option<&PageBuf>) -> Fill {
-        debug_assert_eq!(dst % PAGE_SIZE, 0);
-        let dst_ptr = dst as usize as *mut libc::c_void;
-        let result = match data {
-            Some(buf) => {
-                // SAFETY: UFFDIO_COPY writes only into the address space of the process
-                // that registered the range with this uffd (the VMM), and only into a
-                // page that is currently missing in a range registered with this uffd:
-                // the kernel refuses anything else (ENOENT/EINVAL) and never overwrites a
-                // populated page (EEXIST). Filling those holes is exactly the job the VMM
-                // handed us with the uffd, and no Rust object of this process lives in
-                // them (when the "VMM" is this very process, as in tests, that memory is
-                // only accessed through raw pointers). The source is our own page-aligned
-                // buffer, valid for reads of PAGE bytes for the whole call.
-                unsafe { self.uffd.copy(buf.0.as_ptr().cast(), dst_ptr, PAGE, true) }
-            }
-            // SAFETY: as for UFFDIO_COPY above: UFFDIO_ZEROPAGE only maps the zero page
-            // into a missing page of a range the VMM registered with this uffd; it reads
-            // no memory of ours and never replaces a populated page.
-            None => unsafe { self.uffd.zeropage(dst_ptr, PAGE, true) },
-        };
-        match result {
-            Ok(_) => Fill::Done,
-            Err(userfaultfd::Error::PartiallyCopied(_)) => Fill::Again,
-            Err(userfaultfd::Error::CopyFailed(e)) | Err(userfaultfd::Error::ZeropageFailed(e)) => {
-                Fill::from_errno(e as i32)
-            }
-            Err(userfaultfd::Error::SystemError(e)) => Fill::from_errno(e as i32),
-            Err(_) => Fill::Failed(libc::EIO),
+        let run = self.fill_run(dst, 1, data.map(|b| &b.0[..PAGE]), Some(0));
+        match run {
+            RunFill {
+                reached: 1,
+                filled: 1,
+                ..
+            } => Fill::Done,
+            RunFill { reached: 1, .. } => Fill::Exists,
+            RunFill { stop, .. } => stop,
         }
     }
 
-    /// Reads the page at guest offset `offset`, retrying transient errors.
-    fn read_source(&self, offset: u64, buf: &mut PageBuf) -> std::io::Result<PageContent> {
+    /// Populates the missing pages of `[dst, dst + pages * 4 KiB)` (page aligned) with
+    /// the first `pages` pages of `data`, or with zeros when `data` is `None`, in as few
+    /// ioctls as it can, waking any thread faulting on them. Pages found populated are
+    /// skipped (EEXIST); it stops at the first page it can neither fill nor skip.
+    /// `watch` is a page index whose EEXIST the caller wants to know about.
+    fn fill_run(&self, dst: u64, pages: u64, data: Option<&[u8]>, watch: Option<u64>) -> RunFill {
+        debug_assert_eq!(dst % PAGE_SIZE, 0);
+        debug_assert!(data.is_none_or(|d| d.len() as u64 >= pages * PAGE_SIZE));
+        let mut run = RunFill {
+            reached: 0,
+            filled: 0,
+            stop: Fill::Done,
+            watch_existed: false,
+        };
+        // UFFDIO_ZEROPAGE reports a partial fill as a bare EAGAIN (the userfaultfd crate
+        // drops the count), indistinguishable from "an event is pending": after one,
+        // go on a page at a time, where EAGAIN means only the latter.
+        let mut single = false;
+        while run.reached < pages {
+            let at = run.reached;
+            let count = if single { 1 } else { pages - at };
+            let dst_ptr = (dst + at * PAGE_SIZE) as usize as *mut libc::c_void;
+            let len = count as usize * PAGE;
+            let result = match data {
+                Some(d) => {
+                    let src = d[at as usize * PAGE..].as_ptr();
+                    // SAFETY: UFFDIO_COPY writes only into the address space of the
+                    // process that registered the range with this uffd (the VMM), and only
+                    // into pages that are currently missing in a range registered with
+                    // this uffd: the kernel refuses anything else (ENOENT/EINVAL) and never
+                    // overwrites a populated page (EEXIST). Filling those holes is exactly
+                    // the job the VMM handed us with the uffd, and no Rust object of this
+                    // process lives in them (when the "VMM" is this very process, as in
+                    // tests, that memory is only accessed through raw pointers). The
+                    // source is our own buffer, valid for reads of `len` bytes from `src`
+                    // (checked above) for the whole call.
+                    unsafe { self.uffd.copy(src.cast(), dst_ptr, len, true) }
+                }
+                // SAFETY: as for UFFDIO_COPY above: UFFDIO_ZEROPAGE only maps the zero
+                // page into missing pages of a range the VMM registered with this uffd; it
+                // reads no memory of ours and never replaces a populated page.
+                None => unsafe { self.uffd.zeropage(dst_ptr, len, true) },
+            };
+            // The kernel stops a multi-page copy at the first page it cannot fill and
+            // reports the bytes copied before it (as EAGAIN); the next ioctl, starting at
+            // that page, tells why (EEXIST: skip it; EAGAIN: an event is pending).
+            let done = match result {
+                Ok(n) => Ok(n),
+                Err(userfaultfd::Error::PartiallyCopied(n)) if (n as isize) > 0 => Ok(n),
+                Err(userfaultfd::Error::PartiallyCopied(_)) => Err(libc::EAGAIN),
+                Err(userfaultfd::Error::CopyFailed(e))
+                | Err(userfaultfd::Error::ZeropageFailed(e))
+                | Err(userfaultfd::Error::SystemError(e)) => Err(e as i32),
+                Err(_) => Err(libc::EIO),
+            };
+            match done {
+                Ok(n) => {
+                    let k = (n / PAGE) as u64;
+                    if k == 0 {
+                        // Not even one page (never seen): retry later rather than spin.
+                        run.stop = Fill::Again;
+                        return run;
+                    }
+                    run.reached += k.min(count);
+                    run.filled += k.min(count);
+                }
+                Err(errno) => match Fill::from_errno(errno) {
+                    Fill::Exists => {
+                        run.watch_existed |= watch == Some(at);
+                        run.reached += 1;
+                    }
+                    Fill::Again if data.is_none() && count > 1 => single = true,
+                    stop => {
+                        run.stop = stop;
+                        return run;
+                    }
+                },
+            }
+        }
+        run
+    }
+
+    /// Reads the page at guest offset `offset` into `buf`, retrying transient errors.
+    fn read_source(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<PageContent> {
         let mut attempt = 0;
         loop {
-            match self.source.read_page(offset, &mut buf.0[..]) {
+            match self.source.read_page(offset, buf) {
                 Ok(c) => return Ok(c),
                 Err(e) if attempt + 1 < SOURCE_READ_ATTEMPTS => {
                     tracing::warn!(offset, error = %e, "page source read failed, retrying");
@@ -309,50 +436,44 @@ impl Shared {
         Ok(())
     }
 
-    /// Serves one fault at `addr`.
-    fn serve_fault(&self, marks: &[Marks], addr: u64, buf: &mut PageBuf) -> Fill {
+    /// Serves one fault at `addr`: the faulting page and what may be filled of its
+    /// fault-around window. Returns what became of the faulting page.
+    fn serve_fault(&self, marks: &mut [Marks], addr: u64, scratch: &mut FaultScratch) -> Fill {
         let page = addr & !(PAGE_SIZE - 1);
-        let content = match self.locate(page) {
+        let (fill, pages, zeros) = match self.locate(page) {
             Some((ri, p)) if !marks[ri].removed.get(p) && !marks[ri].gone.get(p) => {
-                let offset = self.regions[ri].offset + p * PAGE_SIZE;
-                match self.read_source(offset, buf) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Leaving the fault unserved blocks that vCPU, which is better
-                        // than handing the guest memory it never had.
-                        self.counters.failed_pages.fetch_add(1, Ordering::Relaxed);
-                        self.record_error(format!(
-                            "Page source failed at guest offset {offset}: {e}"
-                        ));
-                        return Fill::Failed(e.raw_os_error().unwrap_or(libc::EIO));
-                    }
+                self.serve_window(marks, ri, p, scratch)
+            }
+            located => {
+                if located.is_none() {
+                    tracing::warn!(
+                        addr = format_args!("{addr:#x}"),
+                        "fault outside the handshake regions: zero page"
+                    );
                 }
-            }
-            Some(_) => PageContent::Zero,
-            None => {
-                tracing::warn!(
-                    addr = format_args!("{addr:#x}"),
-                    "fault outside the handshake regions: zero page"
-                );
-                PageContent::Zero
+                // Discarded (or no longer ours): zeros, for this page only.
+                let fill = self.fill(page, None);
+                let n = u64::from(fill == Fill::Done);
+                (fill, n, n)
             }
         };
-        let fill = match content {
-            PageContent::Data => self.fill(page, Some(buf)),
-            PageContent::Zero => self.fill(page, None),
-        };
+        // Page counts first: a reader that sees the fault counted sees them too.
+        if pages > 0 {
+            self.counters
+                .fault_pages
+                .fetch_add(pages, Ordering::Release);
+        }
+        if zeros > 0 {
+            self.counters.zero_pages.fetch_add(zeros, Ordering::Release);
+        }
         match fill {
             Fill::Done => {
-                // Zero count first: a reader that sees the fault counted sees both.
-                if content == PageContent::Zero {
-                    self.counters.zero_pages.fetch_add(1, Ordering::Release);
-                }
                 self.counters.faults_served.fetch_add(1, Ordering::Release);
             }
             Fill::Exists => {
-                // Populated by prefetch, which woke the range; wake again in case the
-                // page came from somewhere that did not.
-                self.counters.faults_served.fetch_add(1, Ordering::Relaxed);
+                // Populated by someone else (prefetch, an earlier window), who may not
+                // have woken it.
+                self.counters.faults_served.fetch_add(1, Ordering::Release);
                 let _ = self.uffd.wake(page as usize as *mut libc::c_void, PAGE);
             }
             Fill::Again => {}
@@ -362,12 +483,138 @@ impl Shared {
             Fill::Failed(e) => {
                 self.counters.failed_pages.fetch_add(1, Ordering::Relaxed);
                 self.record_error(format!(
-                    "UFFDIO_COPY at {page:#x} failed: {}",
+                    "Filling the faulting page {page:#x} failed: {}",
                     Errno::from_raw(e)
                 ));
             }
         }
         fill
+    }
+
+    /// Fills page `p` of region `ri` and the rest of its fault-around window (see the
+    /// module docs). Returns the faulting page's outcome, the pages populated and how
+    /// many of those are zero pages.
+    fn serve_window(
+        &self,
+        marks: &mut [Marks],
+        ri: usize,
+        p: u64,
+        scratch: &mut FaultScratch,
+    ) -> (Fill, u64, u64) {
+        let region = &self.regions[ri];
+        // The window is aligned in guest memory (the source), clipped to the region.
+        let first = region.offset / PAGE_SIZE;
+        let guest = first + p;
+        let start = guest - guest % self.fault_around;
+        let a = start.max(first) - first;
+        let b = (start + self.fault_around).min(first + region.size / PAGE_SIZE) - first;
+
+        let m = &marks[ri];
+        scratch.kinds.clear();
+        for q in a..b {
+            let wanted = q == p || !(m.removed.get(q) || m.gone.get(q) || m.present.get(q));
+            let kind = if wanted {
+                let offset = region.offset + q * PAGE_SIZE;
+                let slot = &mut scratch.buf.0[(q - a) as usize * PAGE..][..PAGE];
+                match self.read_source(offset, slot) {
+                    Ok(c) => Some(c),
+                    Err(e) if q == p => {
+                        // Leaving the fault unserved blocks that vCPU, which is better
+                        // than handing the guest memory it never had.
+                        self.counters.failed_pages.fetch_add(1, Ordering::Relaxed);
+                        self.record_error(format!(
+                            "Page source failed at guest offset {offset}: {e}"
+                        ));
+                        return (Fill::Failed(e.raw_os_error().unwrap_or(libc::EIO)), 0, 0);
+                    }
+                    Err(e) => {
+                        // Left to its own fault, which will try the source again.
+                        tracing::debug!(offset, error = %e, "fault-around: page source failed");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            scratch.kinds.push(kind);
+        }
+
+        scratch.runs.clear();
+        let mut q = a;
+        while q < b {
+            let Some(kind) = scratch.kinds[(q - a) as usize] else {
+                q += 1;
+                continue;
+            };
+            let s = q;
+            while q < b && scratch.kinds[(q - a) as usize] == Some(kind) {
+                q += 1;
+            }
+            scratch.runs.push((s, q, kind));
+        }
+        // The faulting page's run first: its vCPU wakes when that ioctl returns.
+        if let Some(mine) = scratch
+            .runs
+            .iter()
+            .position(|&(s, e, _)| (s..e).contains(&p))
+        {
+            scratch.runs[..=mine].rotate_right(1);
+        }
+
+        let (mut outcome, mut pages, mut zeros) = (Fill::Again, 0, 0);
+        let base = region.base_host_virt_addr;
+        for &(s, e, kind) in &scratch.runs {
+            let data = (kind == PageContent::Data)
+                .then(|| &scratch.buf.0[(s - a) as usize * PAGE..(e - a) as usize * PAGE]);
+            let watch = (s..e).contains(&p).then(|| p - s);
+            let run = self.fill_run(base + s * PAGE_SIZE, e - s, data, watch);
+            marks[ri].present.set_range(s, s + run.reached);
+            pages += run.filled;
+            if kind == PageContent::Zero {
+                zeros += run.filled;
+            }
+            if let Some(w) = watch {
+                outcome = if w < run.reached {
+                    if run.watch_existed {
+                        Fill::Exists
+                    } else {
+                        Fill::Done
+                    }
+                } else if matches!(run.stop, Fill::NoRange | Fill::Failed(_)) && e - s > 1 {
+                    // One copy must lie within one VMA of the VMM (ENOENT otherwise, e.g.
+                    // once it split its mapping): the faulting page on its own, then.
+                    let single = self.fill_run(
+                        base + p * PAGE_SIZE,
+                        1,
+                        data.map(|d| &d[w as usize * PAGE..][..PAGE]),
+                        Some(0),
+                    );
+                    marks[ri].present.set_range(p, p + single.reached);
+                    pages += single.filled;
+                    if kind == PageContent::Zero {
+                        zeros += single.filled;
+                    }
+                    match single {
+                        RunFill {
+                            reached: 1,
+                            filled: 1,
+                            ..
+                        } => Fill::Done,
+                        RunFill { reached: 1, .. } => Fill::Exists,
+                        RunFill { stop, .. } => stop,
+                    }
+                } else {
+                    run.stop
+                };
+            }
+            // Pending events or a dead VMM stop every copy; the window waits.
+            if matches!(run.stop, Fill::Again | Fill::NoProcess)
+                || matches!(outcome, Fill::Again | Fill::NoProcess)
+            {
+                break;
+            }
+        }
+        (outcome, pages, zeros)
     }
 
     /// Serves queued faults; a fault still refused with EAGAIN stays queued.
@@ -376,12 +623,12 @@ impl Shared {
         marks: &mut [Marks],
         events: &mut EventBuffer,
         pending: &mut VecDeque<u64>,
-        buf: &mut PageBuf,
+        scratch: &mut FaultScratch,
     ) -> userfaultfd::Result<()> {
         while let Some(&addr) = pending.front() {
             let mut tries = 0;
             loop {
-                if self.serve_fault(marks, addr, buf) != Fill::Again {
+                if self.serve_fault(marks, addr, scratch) != Fill::Again {
                     pending.pop_front();
                     break;
                 }
@@ -401,8 +648,8 @@ impl Shared {
 
 /// The fault-serving loop: poll the uffd and the stop eventfd, read and serve.
 fn fault_loop(shared: &Shared, stop_fd: &EventFd) {
-    let mut buf = match PageBuf::new() {
-        Ok(b) => b,
+    let mut scratch = match FaultScratch::new(shared.fault_around as usize) {
+        Ok(s) => s,
         Err(e) => return shared.record_error(format!("Could not map a page buffer: {e}")),
     };
     let mut events = EventBuffer::new(EVENT_BATCH);
@@ -434,7 +681,9 @@ fn fault_loop(shared: &Shared, stop_fd: &EventFd) {
         shared.fault_waiting.store(false, Ordering::Release);
         let result = shared
             .drain(&mut marks, &mut events, &mut pending)
-            .and_then(|()| shared.serve_pending(&mut marks, &mut events, &mut pending, &mut buf));
+            .and_then(|()| {
+                shared.serve_pending(&mut marks, &mut events, &mut pending, &mut scratch)
+            });
         drop(marks);
         match result {
             Ok(()) => read_errors = 0,
@@ -450,9 +699,10 @@ fn fault_loop(shared: &Shared, stop_fd: &EventFd) {
     }
 }
 
-/// Copies every page of the source into the regions, skipping discarded ones.
+/// Copies every page of the source into the regions, skipping discarded ones and those
+/// already served.
 fn prefetch_loop(shared: &Shared) {
-    let mut buf = match PageBuf::new() {
+    let mut buf = match PageBuf::new(1) {
         Ok(b) => b,
         Err(e) => return shared.record_error(format!("Could not map a page buffer: {e}")),
     };
@@ -462,8 +712,11 @@ fn prefetch_loop(shared: &Shared) {
             if shared.stop.load(Ordering::Acquire) {
                 return;
             }
+            if lock(&shared.marks)[ri].present.get(p) {
+                continue; // faulted in (with its window) already
+            }
             let offset = region.offset + p * PAGE_SIZE;
-            let content = match shared.read_source(offset, &mut buf) {
+            let content = match shared.read_source(offset, &mut buf.0[..]) {
                 Ok(c) => c,
                 Err(e) => {
                     // Not fatal: a fault on the page will try the source again.
@@ -481,11 +734,16 @@ fn prefetch_loop(shared: &Shared) {
                     spins += 1;
                 }
                 let fill = {
-                    let marks = lock(&shared.marks);
-                    if marks[ri].removed.get(p) || marks[ri].gone.get(p) {
+                    let mut marks = lock(&shared.marks);
+                    let m = &mut marks[ri];
+                    if m.removed.get(p) || m.gone.get(p) || m.present.get(p) {
                         None
                     } else {
-                        Some(shared.fill(dst, (content == PageContent::Data).then_some(&buf)))
+                        let fill = shared.fill(dst, (content == PageContent::Data).then_some(&buf));
+                        if matches!(fill, Fill::Done | Fill::Exists) {
+                            m.present.set_range(p, p + 1);
+                        }
+                        Some(fill)
                     }
                 };
                 match fill {
@@ -596,6 +854,12 @@ impl UffdServerHandle {
             zero_pages: c.zero_pages.load(Ordering::Relaxed),
             removed_ranges: c.removed_ranges.load(Ordering::Relaxed),
         }
+    }
+
+    /// Pages populated by the fault path: faulting pages plus their fault-around windows
+    /// ([`MemoryServerStats::faults_served`] counts the faults themselves).
+    pub fn fault_pages(&self) -> u64 {
+        self.shared.counters.fault_pages.load(Ordering::Acquire)
     }
 
     /// Pages that could not be served (source or copy errors); see [`Self::last_error`].

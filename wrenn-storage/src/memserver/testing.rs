@@ -92,7 +92,7 @@ impl PageSource for MemPageSource {
 
     fn read_page(&self, offset: u64, buf: &mut [u8]) -> io::Result<PageContent> {
         let index = usize::try_from(offset / PAGE_SIZE).map_err(|_| io::ErrorKind::InvalidInput)?;
-        if offset % PAGE_SIZE != 0 || buf.len() < PAGE || index >= self.zero.len() {
+        if !offset.is_multiple_of(PAGE_SIZE) || buf.len() < PAGE || index >= self.zero.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("bad page read at {offset}"),
@@ -260,7 +260,7 @@ impl FakeVmm {
     /// server has read the event.
     pub fn discard(&self, offset: usize, len: usize) -> io::Result<()> {
         self.check(offset, len);
-        if offset % PAGE != 0 || len % PAGE != 0 {
+        if !offset.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
             return Err(io::ErrorKind::InvalidInput.into());
         }
         // SAFETY: the range is inside our mapping (checked); dropping its pages only
@@ -291,4 +291,152 @@ fn uffd_err(e: userfaultfd::Error) -> io::Error {
 /// Whether this process may create a userfaultfd for kernel-mode faults too (root).
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// What [`measure_fault_rate`] measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FaultRate {
+    /// Bytes faulted in (and copied).
+    pub bytes: u64,
+    /// Time to fault them in, touching every page once in order.
+    pub fault_secs: f64,
+    /// Time to `memcpy` the same bytes into a pre-faulted buffer.
+    pub memcpy_secs: f64,
+}
+
+impl FaultRate {
+    /// Fault service rate relative to memcpy: `memcpy_secs / fault_secs` (1.0 = faults
+    /// bring memory in as fast as a memcpy of it).
+    pub fn ratio(&self) -> f64 {
+        self.memcpy_secs / self.fault_secs
+    }
+
+    /// Pages faulted in.
+    pub fn pages(&self) -> u64 {
+        self.bytes / PAGE_SIZE
+    }
+
+    /// Fault-in throughput in MiB/s.
+    pub fn fault_mib_per_sec(&self) -> f64 {
+        self.bytes as f64 / f64::from(1u32 << 20) / self.fault_secs
+    }
+
+    /// memcpy throughput in MiB/s.
+    pub fn memcpy_mib_per_sec(&self) -> f64 {
+        self.bytes as f64 / f64::from(1u32 << 20) / self.memcpy_secs
+    }
+}
+
+/// A temp directory removed on drop.
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new() -> io::Result<Self> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "wrenn-faultrate-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&path)?;
+        Ok(ScratchDir(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Measures the 4 KiB fault service rate against a plain memcpy of the same bytes.
+///
+/// Serves `size` bytes (rounded up to pages) of [`MemPageSource::pattern`] content with
+/// `options` (whose `prefetch` must be off: only faults may bring pages in), plays the
+/// VMM with a [`FakeVmm`], touches the first byte of every page once in order and times
+/// that; checks a sample of pages against the source; then times copying the same
+/// bytes from the source into a pre-faulted buffer. The server, its socket and threads,
+/// the mapping and the temp directory are all gone when it returns. Needs root.
+pub fn measure_fault_rate(size: usize, options: super::ServerOptions) -> io::Result<FaultRate> {
+    use std::time::{Duration, Instant};
+
+    if !is_root() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "measuring the fault rate needs root (userfaultfd)",
+        ));
+    }
+    if options.prefetch {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "measure_fault_rate times faults alone: turn prefetch off",
+        ));
+    }
+    if size == 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "size is 0"));
+    }
+    let source = std::sync::Arc::new(MemPageSource::pattern(size, 0));
+    let bytes = source.bytes().len();
+    let pages = (bytes / PAGE) as u64;
+    let dir = ScratchDir::new()?;
+    let sock = dir.0.join("mem.sock");
+    let mut vmm = FakeVmm::new(bytes)?;
+    let listener = super::UffdMemoryServer::new(options)
+        .listen(&sock)
+        .map_err(io::Error::other)?;
+    vmm.connect(&sock)?;
+    let handle = listener.accept(source.clone()).map_err(io::Error::other)?;
+
+    let start = Instant::now();
+    let mut sum = 0u64;
+    for p in 0..bytes / PAGE {
+        sum = sum.wrapping_add(u64::from(vmm.read_u8(p * PAGE)));
+    }
+    let fault_secs = start.elapsed().as_secs_f64();
+    std::hint::black_box(sum);
+
+    // Every page came from the source, through faults only.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while handle.fault_pages() < pages && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if handle.fault_pages() != pages || handle.failed_pages() != 0 {
+        return Err(io::Error::other(format!(
+            "{} of {pages} pages faulted in, {} failed ({:?})",
+            handle.fault_pages(),
+            handle.failed_pages(),
+            handle.last_error()
+        )));
+    }
+    let mut got = vec![0u8; PAGE];
+    let step = (pages / 257).max(1);
+    for p in (0..pages).step_by(step as usize).chain([pages - 1]) {
+        vmm.read_page(p, &mut got);
+        if got != source.page(p) {
+            return Err(io::Error::other(format!(
+                "page {p} differs from the source"
+            )));
+        }
+    }
+    drop(handle);
+    drop(vmm);
+
+    let mut dst = vec![0u8; bytes];
+    for b in dst.iter_mut().step_by(PAGE) {
+        *b = 1; // pre-fault
+    }
+    std::hint::black_box(&mut dst);
+    let start = Instant::now();
+    dst.copy_from_slice(std::hint::black_box(source.bytes()));
+    std::hint::black_box(&dst);
+    let memcpy_secs = start.elapsed().as_secs_f64();
+
+    Ok(FaultRate {
+        bytes: bytes as u64,
+        fault_secs,
+        memcpy_secs,
+    })
 }

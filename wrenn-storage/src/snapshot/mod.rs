@@ -805,10 +805,7 @@ fn split_dest(dest: &Path) -> Result<(&Path, String), SnapshotError> {
 
 /// A restore writes exactly the changed pages over the VM's memory base.
 impl wrenn_core::vmm::PageOverlay for MemorySnapshot {
-    fn for_each(
-        &self,
-        f: &mut dyn FnMut(u64, Option<&[u8]>) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
+    fn for_each(&self, f: &mut wrenn_core::vmm::PageVisitor<'_>) -> std::io::Result<()> {
         self.for_each_changed_page(f)
     }
 }

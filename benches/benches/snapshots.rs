@@ -13,6 +13,10 @@ use wrenn_benches::{median_p99_ms, print_result, print_table, round2};
 
 const MIB: u64 = 1024 * 1024;
 
+fn round3(v: f64) -> f64 {
+    format!("{v:.3}").parse().unwrap_or(v)
+}
+
 /// Proportional and resident set size of a process, in KiB (`smaps_rollup`).
 fn pss_rss_kib(pid: u32) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
@@ -192,9 +196,9 @@ async fn main() -> Result<()> {
         "accel": accel.as_str(),
         "cold_boot_ms": round2(cold_ms),
         "create_from_template_ms": round2(tpl_ms),
-        "create_ratio": round2(create_ratio * 1000.0) / 1000.0,
+        "create_ratio": round3(create_ratio),
         "resume_ms": round2(resume_ms),
-        "resume_ratio": round2(resume_ratio * 1000.0) / 1000.0,
+        "resume_ratio": round3(resume_ratio),
         "pause_amplification_1m": round2(amp[0].1),
         "pause_amplification_10m": round2(amp[1].1),
         "pause_amplification_100m": round2(amp[2].1),

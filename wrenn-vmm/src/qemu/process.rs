@@ -46,7 +46,8 @@ impl QemuConfig {
         QemuConfig {
             binary: default_binary(),
             accel,
-            tb_size_mb: Some(64),
+            // 32 MiB of translated code is plenty for a capsule and keeps idle clones small.
+            tb_size_mb: Some(32),
         }
     }
 }

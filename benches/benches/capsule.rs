@@ -20,9 +20,11 @@ async fn main() -> Result<()> {
         .context("local host (run as root after `wrenn image build`)")?;
     let caps = host.capsules();
     let accel = host.accel_probe().accel;
+    // A real boot, not a restore of the template's pre-booted snapshot.
     let opts = CreateOptions {
         template: Some("minimal".into()),
         memory_mb: Some(256),
+        cold_boot: true,
         ..Default::default()
     };
 

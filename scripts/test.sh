@@ -10,5 +10,7 @@ echo "==> guest binaries and images"
 ./scripts/images.sh
 echo "==> cargo test"
 cargo test --workspace
+echo "==> wrenn_embed (Python binding)"
+python3 -m pip install --quiet --disable-pip-version-check ./bindings/python
 echo "==> pytest"
 python3 -m pytest tests

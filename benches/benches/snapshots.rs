@@ -104,6 +104,16 @@ async fn main() -> Result<()> {
     )
     .await?;
     caps.pause(&c.id).await?;
+    // What the guest dirties by itself in one resume/exec/pause cycle (kernel, envd,
+    // the writer process), measured with an empty write: part of what it dirties.
+    caps.resume(&c.id).await?;
+    sh(
+        &host,
+        &c.id,
+        "dd if=/dev/urandom of=/dev/shm/b/f0 bs=64k count=0 2>/dev/null",
+    )
+    .await?;
+    let background = caps.pause(&c.id).await?.memory_bytes_written;
     let mut amp = Vec::new();
     for size in [1u64, 10, 100] {
         caps.resume(&c.id).await?;
@@ -114,9 +124,10 @@ async fn main() -> Result<()> {
         )
         .await?;
         let report = caps.pause(&c.id).await?;
+        let dirtied = size * MIB + background;
         amp.push((
             size,
-            report.memory_bytes_written as f64 / (size * MIB) as f64,
+            report.memory_bytes_written as f64 / dirtied as f64,
             report.memory_bytes_written,
         ));
         caps.resume(&c.id).await?;
@@ -172,10 +183,17 @@ async fn main() -> Result<()> {
             format!("{resume_ms:.0} ms  (ratio {resume_ratio:.3}, goal ≤ 0.033)"),
         ),
     ];
+    rows.push((
+        "guest's own dirtying per cycle (empty write)".to_string(),
+        format!("{} KiB", background / 1024),
+    ));
     for (size, a, bytes) in &amp {
         rows.push((
-            format!("pause after dirtying {size} MiB"),
-            format!("{} written, {a:.2}x (goal ≤ 1.2x)", bytes / 1024),
+            format!("pause after writing {size} MiB"),
+            format!(
+                "{} KiB written / ({size} MiB + background) = {a:.2}x (goal ≤ 1.2x)",
+                bytes / 1024
+            ),
         ));
     }
     rows.push((

@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 ./scripts/deps.sh
 echo "==> guest binaries and images"
 ./scripts/images.sh
+echo "==> PostgreSQL for the wrenn-db tests"
+export WRENN_TEST_POSTGRES_URL="$(./scripts/postgres.sh)"
+trap './scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT
 echo "==> cargo test"
 cargo test --workspace
 echo "==> wrenn_embed (Python binding)"

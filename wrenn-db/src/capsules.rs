@@ -1,0 +1,301 @@
+//! Capsule records: what the API lists and the reconciler compares with the host.
+//!
+//! The envd access token is stored here but read only through
+//! [`Db::capsule_envd_token`]; the list and get queries never select it.
+
+use crate::error::Ctx;
+use crate::row::{int, json_map, opt_ts, text, ts, u32_col, R};
+use crate::time::{now, to_db, Timestamp};
+use crate::{Db, DbError};
+use serde_json::{Map, Value};
+use sqlx::any::AnyRow;
+use wrenn_core::id::CapsuleId;
+use wrenn_core::status::CapsuleStatus;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Capsule {
+    pub id: CapsuleId,
+    pub team_id: String,
+    pub status: CapsuleStatus,
+    pub template: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    /// Inactivity auto-pause TTL; 0 = never.
+    pub timeout_sec: u32,
+    pub created_at: Timestamp,
+    /// First time the capsule became running.
+    pub started_at: Option<Timestamp>,
+    pub last_active_at: Option<Timestamp>,
+    pub last_updated: Timestamp,
+    pub metadata: Map<String, Value>,
+}
+
+/// What creating a capsule record needs; the id comes from the capsule manager.
+#[derive(Clone, PartialEq)]
+pub struct NewCapsule {
+    pub id: CapsuleId,
+    pub status: CapsuleStatus,
+    pub template: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub timeout_sec: u32,
+    pub metadata: Map<String, Value>,
+    pub envd_access_token: Option<String>,
+}
+
+impl std::fmt::Debug for NewCapsule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewCapsule")
+            .field("id", &self.id)
+            .field("status", &self.status)
+            .field("template", &self.template)
+            .field("vcpus", &self.vcpus)
+            .field("memory_mb", &self.memory_mb)
+            .field("timeout_sec", &self.timeout_sec)
+            .field("metadata", &self.metadata)
+            .field(
+                "envd_access_token",
+                &self.envd_access_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Every column but `envd_access_token`.
+pub(crate) const COLS: &str = "id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
+                               created_at, started_at, last_active_at, last_updated, metadata";
+
+/// Statuses that `list_capsules` leaves out unless asked: the capsule is gone.
+pub(crate) const ENDED: &str = "('stopped', 'error')";
+
+pub(crate) fn capsule(row: &AnyRow) -> R<Capsule> {
+    let id = text(row, "id")?;
+    let status = text(row, "status")?;
+    Ok(Capsule {
+        id: CapsuleId::parse(&id).map_err(|e| crate::row::decode("id", e))?,
+        team_id: text(row, "team_id")?,
+        status: CapsuleStatus::ALL
+            .into_iter()
+            .find(|s| s.as_str() == status)
+            .ok_or_else(|| crate::row::decode("status", format!("unknown status {status:?}")))?,
+        template: text(row, "template")?,
+        vcpus: u32_col(row, "vcpus")?,
+        memory_mb: u32_col(row, "memory_mb")?,
+        timeout_sec: u32_col(row, "timeout_sec")?,
+        created_at: ts(row, "created_at")?,
+        started_at: opt_ts(row, "started_at")?,
+        last_active_at: opt_ts(row, "last_active_at")?,
+        last_updated: ts(row, "last_updated")?,
+        metadata: json_map(row, "metadata")?,
+    })
+}
+
+pub(crate) fn one(op: &'static str, row: Option<AnyRow>) -> Result<Capsule, DbError> {
+    let row = row.ok_or(DbError::NotFound { what: "capsule" })?;
+    capsule(&row).map_err(|e| DbError::backend(op, e))
+}
+
+pub(crate) fn many(op: &'static str, rows: Vec<AnyRow>) -> Result<Vec<Capsule>, DbError> {
+    rows.iter()
+        .map(capsule)
+        .collect::<R<Vec<_>>>()
+        .map_err(|e| DbError::backend(op, e))
+}
+
+impl Db {
+    /// Records a new capsule of `team_id`. Conflict "capsule" if the id exists.
+    pub async fn insert_capsule(&self, team_id: &str, new: NewCapsule) -> Result<Capsule, DbError> {
+        let t = to_db(now());
+        let running = new.status == CapsuleStatus::Running;
+        let row = sqlx::query(&format!(
+            "INSERT INTO capsules (id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
+             created_at, started_at, last_active_at, last_updated, metadata, envd_access_token) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11) RETURNING {COLS}"
+        ))
+        .bind(new.id.as_str())
+        .bind(team_id)
+        .bind(new.status.as_str())
+        .bind(new.template)
+        .bind(i64::from(new.vcpus))
+        .bind(i64::from(new.memory_mb))
+        .bind(i64::from(new.timeout_sec))
+        .bind(t)
+        .bind(running.then_some(t))
+        .bind(Value::Object(new.metadata).to_string())
+        .bind(new.envd_access_token)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| {
+            Ctx::op("insert capsule")
+                .unique("capsule")
+                .missing("team")
+                .err(e)
+        })?;
+        one("insert capsule", row)
+    }
+
+    pub async fn get_capsule(&self, team_id: &str, id: &str) -> Result<Capsule, DbError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLS} FROM capsules WHERE team_id = $1 AND id = $2"
+        ))
+        .bind(team_id)
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| Ctx::op("get capsule").err(e))?;
+        one("get capsule", row)
+    }
+
+    /// The team's capsules, newest first; stopped and failed ones only if `include_ended`.
+    pub async fn list_capsules(
+        &self,
+        team_id: &str,
+        include_ended: bool,
+    ) -> Result<Vec<Capsule>, DbError> {
+        let filter = if include_ended {
+            ""
+        } else {
+            " AND status NOT IN ('stopped', 'error')"
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {COLS} FROM capsules WHERE team_id = $1{filter} ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(team_id)
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| Ctx::op("list capsules").err(e))?;
+        many("list capsules", rows)
+    }
+
+    /// Stores a new status (the caller has checked the transition). Becoming running
+    /// sets `started_at` the first time and counts as activity.
+    pub async fn set_capsule_status(
+        &self,
+        team_id: &str,
+        id: &str,
+        status: CapsuleStatus,
+    ) -> Result<Capsule, DbError> {
+        let t = to_db(now());
+        let running = status == CapsuleStatus::Running;
+        let row = sqlx::query(&format!(
+            "UPDATE capsules SET status = $1, last_updated = $2, \
+             started_at = CASE WHEN $3 = 1 THEN COALESCE(started_at, $2) ELSE started_at END, \
+             last_active_at = CASE WHEN $3 = 1 THEN $2 ELSE last_active_at END \
+             WHERE team_id = $4 AND id = $5 RETURNING {COLS}"
+        ))
+        .bind(status.as_str())
+        .bind(t)
+        .bind(i64::from(running))
+        .bind(team_id)
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| Ctx::op("set capsule status").err(e))?;
+        one("set capsule status", row)
+    }
+
+    /// Records activity (exec, ping, …): resets the inactivity timer.
+    pub async fn touch_capsule(&self, team_id: &str, id: &str) -> Result<Timestamp, DbError> {
+        let t = now();
+        let done =
+            sqlx::query("UPDATE capsules SET last_active_at = $1 WHERE team_id = $2 AND id = $3")
+                .bind(to_db(t))
+                .bind(team_id)
+                .bind(id)
+                .execute(self.pool())
+                .await
+                .map_err(|e| Ctx::op("touch capsule").err(e))?;
+        if done.rows_affected() == 0 {
+            return Err(DbError::NotFound { what: "capsule" });
+        }
+        Ok(t)
+    }
+
+    /// Sets the inactivity TTL (E2B set-timeout); 0 = never.
+    pub async fn set_capsule_timeout(
+        &self,
+        team_id: &str,
+        id: &str,
+        timeout_sec: u32,
+    ) -> Result<Capsule, DbError> {
+        let t = to_db(now());
+        let row = sqlx::query(&format!(
+            "UPDATE capsules SET timeout_sec = $1, last_active_at = $2, last_updated = $2 \
+             WHERE team_id = $3 AND id = $4 RETURNING {COLS}"
+        ))
+        .bind(i64::from(timeout_sec))
+        .bind(t)
+        .bind(team_id)
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| Ctx::op("set capsule timeout").err(e))?;
+        one("set capsule timeout", row)
+    }
+
+    /// Replaces the capsule's metadata map.
+    pub async fn set_capsule_metadata(
+        &self,
+        team_id: &str,
+        id: &str,
+        metadata: Map<String, Value>,
+    ) -> Result<Capsule, DbError> {
+        let row = sqlx::query(&format!(
+            "UPDATE capsules SET metadata = $1, last_updated = $2 \
+             WHERE team_id = $3 AND id = $4 RETURNING {COLS}"
+        ))
+        .bind(Value::Object(metadata).to_string())
+        .bind(to_db(now()))
+        .bind(team_id)
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| Ctx::op("set capsule metadata").err(e))?;
+        one("set capsule metadata", row)
+    }
+
+    /// The capsule's envd access token — only for its own team's authenticated caller.
+    pub async fn capsule_envd_token(
+        &self,
+        team_id: &str,
+        id: &str,
+    ) -> Result<Option<String>, DbError> {
+        let row =
+            sqlx::query("SELECT envd_access_token FROM capsules WHERE team_id = $1 AND id = $2")
+                .bind(team_id)
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await
+                .map_err(|e| Ctx::op("get envd token").err(e))?
+                .ok_or(DbError::NotFound { what: "capsule" })?;
+        crate::row::opt_text(&row, "envd_access_token")
+            .map_err(|e| DbError::backend("get envd token", e))
+    }
+
+    /// Removes the record (normally a destroyed capsule is kept as `stopped`).
+    pub async fn delete_capsule(&self, team_id: &str, id: &str) -> Result<(), DbError> {
+        let done = sqlx::query("DELETE FROM capsules WHERE team_id = $1 AND id = $2")
+            .bind(team_id)
+            .bind(id)
+            .execute(self.pool())
+            .await
+            .map_err(|e| Ctx::op("delete capsule").err(e))?;
+        if done.rows_affected() == 0 {
+            return Err(DbError::NotFound { what: "capsule" });
+        }
+        Ok(())
+    }
+
+    /// Running and paused capsules of the team (for stats and scheduling).
+    pub async fn count_live_capsules(&self, team_id: &str) -> Result<u64, DbError> {
+        let row = sqlx::query(&format!(
+            "SELECT COUNT(*) AS n FROM capsules WHERE team_id = $1 AND status NOT IN {ENDED}"
+        ))
+        .bind(team_id)
+        .fetch_one(self.pool())
+        .await
+        .map_err(|e| Ctx::op("count capsules").err(e))?;
+        let n = int(&row, "n").map_err(|e| DbError::backend("count capsules", e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}

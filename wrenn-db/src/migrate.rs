@@ -1,0 +1,42 @@
+//! Embedded migrations, one directory per backend, applied with sqlx's migrator
+//! (which records versions and checksums in `_sqlx_migrations`, so reruns are no-ops).
+
+use crate::{Backend, Db, DbError};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use std::borrow::Cow;
+
+/// (version, description, SQLite script, PostgreSQL script). Append only; never edit
+/// an applied script (the checksum would refuse it).
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
+    1,
+    "initial",
+    include_str!("../migrations/sqlite/0001_initial.sql"),
+    include_str!("../migrations/postgres/0001_initial.sql"),
+)];
+
+pub(crate) async fn run(db: &Db) -> Result<(), DbError> {
+    let migrations = MIGRATIONS
+        .iter()
+        .map(|&(version, description, sqlite, postgres)| {
+            let sql = match db.backend() {
+                Backend::Sqlite => sqlite,
+                Backend::Postgres => postgres,
+            };
+            Migration::new(
+                version,
+                Cow::Borrowed(description),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
+        })
+        .collect::<Vec<_>>();
+    let migrator = Migrator {
+        migrations: Cow::Owned(migrations),
+        ..Migrator::DEFAULT
+    };
+    migrator
+        .run(db.pool())
+        .await
+        .map_err(|e| DbError::backend("migrate", e))
+}

@@ -1,0 +1,787 @@
+//! The wrenn-db suite, run against a real SQLite file and a real PostgreSQL database.
+
+#![allow(clippy::tests_outside_test_module)] // integration tests are their own crate
+
+mod harness;
+
+use harness::TestDb;
+use serde_json::{json, Map};
+use std::collections::HashSet;
+use wrenn_core::id::CapsuleId;
+use wrenn_core::status::CapsuleStatus;
+use wrenn_core::template::TemplateName;
+use wrenn_db::*;
+
+on_both_backends!(
+    migrations_apply_twice,
+    users_crud_and_passwords,
+    teams_and_memberships,
+    api_keys_create_lookup_last_used,
+    capsules_lifecycle,
+    templates_unique_per_team,
+    tenancy_isolation,
+    audit_keyset_pagination,
+    bootstrap_is_idempotent,
+    bootstrap_with_random_key,
+);
+
+async fn user(db: &Db, email: &str) -> User {
+    db.create_user(email, "Someone", None, false).await.unwrap()
+}
+
+async fn team_of(db: &Db, email: &str) -> (User, Team) {
+    let u = user(db, email).await;
+    let t = db.create_team("Team", &u.id).await.unwrap();
+    (u, t)
+}
+
+fn new_capsule(status: CapsuleStatus) -> NewCapsule {
+    let mut metadata = Map::new();
+    metadata.insert("envd_version".into(), json!("0.1.0"));
+    NewCapsule {
+        id: CapsuleId::random(),
+        status,
+        template: "minimal".into(),
+        vcpus: 2,
+        memory_mb: 512,
+        timeout_sec: 300,
+        metadata,
+        envd_access_token: Some("secret-token".into()),
+    }
+}
+
+fn new_template(name: &str) -> NewTemplate {
+    NewTemplate {
+        name: TemplateName::parse(name).unwrap(),
+        kind: TemplateKind::Snapshot,
+        source_capsule: None,
+        vcpus: Some(1),
+        memory_mb: Some(512),
+        size_bytes: 5 << 30,
+        metadata: Map::new(),
+    }
+}
+
+fn audit(action: &str, at: Option<Timestamp>) -> NewAuditEntry {
+    NewAuditEntry {
+        actor: Actor::ApiKey { id: "key-x".into() },
+        actor_name: Some("ci".into()),
+        action: action.into(),
+        resource_type: "capsule".into(),
+        resource_id: Some("cl-x".into()),
+        result: AuditResult::Success,
+        metadata: Some(json!({"n": 1})),
+        created_at: at,
+    }
+}
+
+async fn migrations_apply_twice(t: &TestDb) {
+    t.db.migrate().await.unwrap();
+    let again = Db::open(&t.url).await.unwrap();
+    again.migrate().await.unwrap();
+    let n: i64 = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(&raw_pool(&t.url).await)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    if t.db.backend() == Backend::Sqlite {
+        let mode: String = sqlx::query_scalar::<_, String>("PRAGMA journal_mode")
+            .fetch_one(&raw_pool(&t.url).await)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+    // Data written through one handle is seen through the other.
+    user(&t.db, "a@example.com").await;
+    assert_eq!(
+        again
+            .get_user_by_email("a@example.com")
+            .await
+            .unwrap()
+            .email,
+        "a@example.com"
+    );
+    again.close().await;
+}
+
+async fn raw_pool(url: &str) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+async fn users_crud_and_passwords(t: &TestDb) {
+    let db = &t.db;
+    let u = db
+        .create_user(" Alice@Example.COM ", "Alice", Some("correct horse"), false)
+        .await
+        .unwrap();
+    assert!(u.id.starts_with("usr-") && u.id.len() == 4 + 25);
+    assert_eq!(u.email, "alice@example.com");
+    assert!(u.has_password && !u.is_admin);
+    assert_eq!(db.get_user(&u.id).await.unwrap(), u);
+    assert_eq!(
+        db.get_user_by_email("ALICE@example.com").await.unwrap().id,
+        u.id
+    );
+
+    let err = db
+        .create_user("alice@EXAMPLE.com", "Other", None, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DbError::Conflict { what: "email" }),
+        "{err:?}"
+    );
+    let err = db
+        .create_user("not-an-email", "X", None, false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DbError::InvalidInput { .. }), "{err:?}");
+
+    assert_eq!(
+        db.verify_password("alice@example.com", "correct horse")
+            .await
+            .unwrap()
+            .map(|u| u.id),
+        Some(u.id.clone())
+    );
+    assert_eq!(
+        db.verify_password("alice@example.com", "wrong")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        db.verify_password("nobody@example.com", "correct horse")
+            .await
+            .unwrap(),
+        None
+    );
+
+    db.set_password(&u.id, "battery staple").await.unwrap();
+    assert!(db
+        .verify_password("alice@example.com", "correct horse")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(db
+        .verify_password("alice@example.com", "battery staple")
+        .await
+        .unwrap()
+        .is_some());
+
+    let renamed = db.rename_user(&u.id, "Alice B.").await.unwrap();
+    assert_eq!(renamed.name, "Alice B.");
+    assert!(renamed.updated_at >= u.updated_at);
+
+    let found = db.search_users_by_email("ali", 10).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(db.search_users_by_email("a%", 10).await.unwrap().is_empty());
+
+    db.delete_user(&u.id).await.unwrap();
+    assert!(db.get_user(&u.id).await.unwrap_err().is_not_found());
+    assert!(db.delete_user(&u.id).await.unwrap_err().is_not_found());
+    assert!(db
+        .set_password(&u.id, "x")
+        .await
+        .unwrap_err()
+        .is_not_found());
+}
+
+async fn teams_and_memberships(t: &TestDb) {
+    let db = &t.db;
+    let (owner, team) = team_of(db, "owner@example.com").await;
+    assert!(team.id.starts_with("team-"));
+    let (a, b) = team.slug.split_once('-').unwrap();
+    assert!(a.len() == 6 && b.len() == 6);
+    assert!(team
+        .slug
+        .bytes()
+        .all(|c| c == b'-' || c.is_ascii_hexdigit()));
+
+    let teams = db.teams_of_user(&owner.id).await.unwrap();
+    assert_eq!(teams.len(), 1);
+    assert_eq!(teams[0].role, Role::Owner);
+    assert!(teams[0].is_default);
+    let second = db.create_team("Second", &owner.id).await.unwrap();
+    let teams = db.teams_of_user(&owner.id).await.unwrap();
+    assert_eq!(teams.len(), 2);
+    assert_eq!(teams.iter().filter(|t| t.is_default).count(), 1);
+    assert_eq!(
+        db.default_team(&owner.id).await.unwrap().unwrap().team.id,
+        team.id
+    );
+
+    let m = user(db, "member@example.com").await;
+    db.add_member(&team.id, &m.id, Role::Member).await.unwrap();
+    let err = db
+        .add_member(&team.id, &m.id, Role::Admin)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DbError::Conflict { what: "membership" }),
+        "{err:?}"
+    );
+    let err = db
+        .add_member(&team.id, "usr-nobody", Role::Admin)
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    assert_eq!(db.member_role(&team.id, &m.id).await.unwrap(), Role::Member);
+    db.set_member_role(&team.id, &m.id, Role::Admin)
+        .await
+        .unwrap();
+    assert_eq!(db.member_role(&team.id, &m.id).await.unwrap(), Role::Admin);
+
+    let members = db.list_members(&team.id).await.unwrap();
+    assert_eq!(
+        members.iter().map(|m| m.email.as_str()).collect::<Vec<_>>(),
+        ["owner@example.com", "member@example.com"]
+    );
+
+    assert_eq!(
+        db.get_team_for_member(&team.id, &m.id).await.unwrap().role,
+        Role::Admin
+    );
+    assert!(db
+        .get_team_for_member(&second.id, &m.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .member_role(&second.id, &m.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    assert_eq!(
+        db.rename_team(&team.id, "Renamed").await.unwrap().name,
+        "Renamed"
+    );
+    assert!(matches!(
+        db.rename_team(&team.id, " ").await.unwrap_err(),
+        DbError::InvalidInput { .. }
+    ));
+
+    db.remove_member(&team.id, &m.id).await.unwrap();
+    assert!(db
+        .remove_member(&team.id, &m.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    db.delete_team(&second.id).await.unwrap();
+    assert!(db.get_team(&second.id).await.unwrap_err().is_not_found());
+    assert_eq!(db.teams_of_user(&owner.id).await.unwrap().len(), 1);
+}
+
+async fn api_keys_create_lookup_last_used(t: &TestDb) {
+    let db = &t.db;
+    let (owner, team) = team_of(db, "keys@example.com").await;
+    let created = db
+        .create_api_key(&team.id, "ci", Some(&owner.id))
+        .await
+        .unwrap();
+    assert!(validate_api_key(&created.key).is_ok());
+    assert!(created.api_key.id.starts_with("key-"));
+    assert_eq!(created.api_key.key_prefix, created.key[..10]);
+    assert_eq!(
+        created.api_key.creator_email.as_deref(),
+        Some("keys@example.com")
+    );
+    assert_eq!(created.api_key.last_used, None);
+    assert!(!format!("{created:?}").contains(&created.key));
+
+    let by_hash = db
+        .api_key_by_hash(&hash_api_key(&created.key))
+        .await
+        .unwrap();
+    assert_eq!(by_hash, created.api_key);
+    assert_eq!(
+        by_hash.last_used, None,
+        "lookup alone does not count as use"
+    );
+
+    let before = now();
+    let used = db.authenticate_api_key(&created.key).await.unwrap();
+    assert_eq!(used.team_id, team.id);
+    let last = used.last_used.expect("last_used set");
+    assert!(last >= before);
+    assert_eq!(
+        db.get_api_key(&team.id, &used.id).await.unwrap().last_used,
+        Some(last)
+    );
+
+    for bad in [
+        "",
+        "wrn_0000",
+        &created.key.to_uppercase(),
+        &format!("{}0", &created.key[..35]),
+    ] {
+        assert!(
+            db.authenticate_api_key(bad)
+                .await
+                .unwrap_err()
+                .is_not_found(),
+            "{bad:?}"
+        );
+    }
+
+    let given = "wrn_0123456789abcdef0123456789abcdef".to_string();
+    db.insert_api_key(&team.id, "given", None, given.clone())
+        .await
+        .unwrap();
+    let err = db
+        .insert_api_key(&team.id, "again", None, given)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DbError::Conflict { what: "API key" }),
+        "{err:?}"
+    );
+    assert!(matches!(
+        db.insert_api_key(&team.id, "bad", None, "wrn_XYZ".into())
+            .await
+            .unwrap_err(),
+        DbError::InvalidInput { .. }
+    ));
+    assert!(db
+        .create_api_key("team-nope", "x", None)
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    let list = db.list_api_keys(&team.id).await.unwrap();
+    assert_eq!(list.len(), 2);
+    db.delete_api_key(&team.id, &created.api_key.id)
+        .await
+        .unwrap();
+    assert!(db
+        .authenticate_api_key(&created.key)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert_eq!(db.list_api_keys(&team.id).await.unwrap().len(), 1);
+
+    // Deleting the creator keeps the key, without a creator.
+    db.delete_user(&owner.id).await.unwrap();
+    let kept = db.list_api_keys(&team.id).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].created_by, None);
+}
+
+async fn capsules_lifecycle(t: &TestDb) {
+    let db = &t.db;
+    let (_, team) = team_of(db, "caps@example.com").await;
+    let new = new_capsule(CapsuleStatus::Starting);
+    let id = new.id.clone();
+    let c = db.insert_capsule(&team.id, new.clone()).await.unwrap();
+    assert_eq!(c.id, id);
+    assert_eq!((c.vcpus, c.memory_mb, c.timeout_sec), (2, 512, 300));
+    assert_eq!(c.status, CapsuleStatus::Starting);
+    assert_eq!(c.started_at, None);
+    assert_eq!(c.metadata["envd_version"], "0.1.0");
+    assert_eq!(db.get_capsule(&team.id, id.as_str()).await.unwrap(), c);
+    assert!(matches!(
+        db.insert_capsule(&team.id, new).await.unwrap_err(),
+        DbError::Conflict { what: "capsule" }
+    ));
+    assert!(!format!("{c:?}").contains("secret-token"));
+    assert_eq!(
+        db.capsule_envd_token(&team.id, id.as_str())
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("secret-token")
+    );
+
+    let running = db
+        .set_capsule_status(&team.id, id.as_str(), CapsuleStatus::Running)
+        .await
+        .unwrap();
+    let started = running.started_at.expect("started_at");
+    assert_eq!(running.last_active_at, Some(started));
+    db.set_capsule_status(&team.id, id.as_str(), CapsuleStatus::Paused)
+        .await
+        .unwrap();
+    let again = db
+        .set_capsule_status(&team.id, id.as_str(), CapsuleStatus::Running)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.started_at,
+        Some(started),
+        "started_at is the first start"
+    );
+
+    let touched = db.touch_capsule(&team.id, id.as_str()).await.unwrap();
+    assert_eq!(
+        db.get_capsule(&team.id, id.as_str())
+            .await
+            .unwrap()
+            .last_active_at,
+        Some(touched)
+    );
+    assert_eq!(
+        db.set_capsule_timeout(&team.id, id.as_str(), 60)
+            .await
+            .unwrap()
+            .timeout_sec,
+        60
+    );
+    let mut md = Map::new();
+    md.insert("k".into(), json!("v"));
+    assert_eq!(
+        db.set_capsule_metadata(&team.id, id.as_str(), md.clone())
+            .await
+            .unwrap()
+            .metadata,
+        md
+    );
+
+    // Idle: not yet at its TTL, then past it.
+    assert!(db.system_idle_capsules(now()).await.unwrap().is_empty());
+    let later = now() + chrono::Duration::seconds(61);
+    let idle = db.system_idle_capsules(later).await.unwrap();
+    assert_eq!(
+        idle.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        std::slice::from_ref(&id)
+    );
+
+    let other = db
+        .insert_capsule(&team.id, new_capsule(CapsuleStatus::Running))
+        .await
+        .unwrap();
+    assert!(other.started_at.is_some());
+    assert_eq!(db.list_capsules(&team.id, false).await.unwrap().len(), 2);
+    assert_eq!(db.count_live_capsules(&team.id).await.unwrap(), 2);
+    db.system_set_capsule_status(other.id.as_str(), CapsuleStatus::Stopped)
+        .await
+        .unwrap();
+    let listed = db.list_capsules(&team.id, false).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        std::slice::from_ref(&id)
+    );
+    assert_eq!(db.list_capsules(&team.id, true).await.unwrap().len(), 2);
+    assert_eq!(db.system_live_capsules().await.unwrap().len(), 1);
+    assert_eq!(
+        db.system_get_capsule(id.as_str()).await.unwrap().team_id,
+        team.id
+    );
+
+    db.delete_capsule(&team.id, other.id.as_str())
+        .await
+        .unwrap();
+    assert!(db
+        .get_capsule(&team.id, other.id.as_str())
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .insert_capsule("team-nope", new_capsule(CapsuleStatus::Starting))
+        .await
+        .unwrap_err()
+        .is_not_found());
+}
+
+async fn templates_unique_per_team(t: &TestDb) {
+    let db = &t.db;
+    let (_, a) = team_of(db, "ta@example.com").await;
+    let (_, b) = team_of(db, "tb@example.com").await;
+    let tpl = db
+        .insert_template(&a.id, new_template("my-snap"))
+        .await
+        .unwrap();
+    assert!(tpl.id.starts_with("tpl-"));
+    assert_eq!(tpl.size_bytes, 5 << 30);
+    let err = db
+        .insert_template(&a.id, new_template("my-snap"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DbError::Conflict {
+                what: "template name"
+            }
+        ),
+        "{err:?}"
+    );
+    db.insert_template(&b.id, new_template("my-snap"))
+        .await
+        .unwrap();
+    let mut base = new_template("base-one");
+    base.kind = TemplateKind::Base;
+    db.insert_template(&a.id, base).await.unwrap();
+
+    assert_eq!(db.list_templates(&a.id, None).await.unwrap().len(), 2);
+    let snaps = db
+        .list_templates(&a.id, Some(TemplateKind::Snapshot))
+        .await
+        .unwrap();
+    assert_eq!(
+        snaps.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["my-snap"]
+    );
+    assert_eq!(db.get_template(&a.id, "my-snap").await.unwrap(), tpl);
+    assert_eq!(db.delete_template(&a.id, "my-snap").await.unwrap(), tpl);
+    assert!(db
+        .get_template(&a.id, "my-snap")
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db.get_template(&b.id, "my-snap").await.is_ok());
+}
+
+async fn tenancy_isolation(t: &TestDb) {
+    let db = &t.db;
+    let (ua, a) = team_of(db, "a@example.com").await;
+    let (_, b) = team_of(db, "b@example.com").await;
+    let cap = db
+        .insert_capsule(&a.id, new_capsule(CapsuleStatus::Running))
+        .await
+        .unwrap();
+    let cid = cap.id.as_str();
+    let tpl = db
+        .insert_template(&a.id, new_template("secret-snap"))
+        .await
+        .unwrap();
+    let key = db
+        .create_api_key(&a.id, "a-key", Some(&ua.id))
+        .await
+        .unwrap();
+    db.insert_audit(&a.id, audit("capsule.create", None))
+        .await
+        .unwrap();
+
+    // Team B sees nothing of team A.
+    assert!(db.get_capsule(&b.id, cid).await.unwrap_err().is_not_found());
+    assert!(db.list_capsules(&b.id, true).await.unwrap().is_empty());
+    assert!(db
+        .set_capsule_status(&b.id, cid, CapsuleStatus::Stopped)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .touch_capsule(&b.id, cid)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .set_capsule_timeout(&b.id, cid, 1)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .set_capsule_metadata(&b.id, cid, Map::new())
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .capsule_envd_token(&b.id, cid)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .delete_capsule(&b.id, cid)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert_eq!(db.count_live_capsules(&b.id).await.unwrap(), 0);
+
+    assert!(db
+        .get_template(&b.id, "secret-snap")
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db.list_templates(&b.id, None).await.unwrap().is_empty());
+    assert!(db
+        .delete_template(&b.id, "secret-snap")
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    assert!(db
+        .get_api_key(&b.id, &key.api_key.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .delete_api_key(&b.id, &key.api_key.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert_eq!(db.list_api_keys(&b.id).await.unwrap().len(), 0);
+
+    let page = db.list_audit(&b.id, &AuditQuery::default()).await.unwrap();
+    assert!(page.items.is_empty() && page.next.is_none());
+
+    // Team A's rows are untouched.
+    let still = db.get_capsule(&a.id, cid).await.unwrap();
+    assert_eq!(still, cap);
+    assert_eq!(db.get_template(&a.id, "secret-snap").await.unwrap(), tpl);
+    assert!(db.authenticate_api_key(&key.key).await.is_ok());
+    assert_eq!(
+        db.list_audit(&a.id, &AuditQuery::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+}
+
+async fn audit_keyset_pagination(t: &TestDb) {
+    let db = &t.db;
+    let (_, a) = team_of(db, "audit-a@example.com").await;
+    let (_, b) = team_of(db, "audit-b@example.com").await;
+    let base = now();
+    // 25 rows of team A over 5 distinct timestamps (5 rows share each), and noise from B.
+    let mut ids = Vec::new();
+    for i in 0..25i64 {
+        let at = base + chrono::Duration::microseconds(i / 5);
+        let action = if i % 2 == 0 {
+            "capsule.create"
+        } else {
+            "capsule.destroy"
+        };
+        ids.push(
+            db.insert_audit(&a.id, audit(action, Some(at)))
+                .await
+                .unwrap(),
+        );
+        db.insert_audit(&b.id, audit(action, Some(at)))
+            .await
+            .unwrap();
+    }
+    let mut expected = ids.clone();
+    expected.sort_by(|x, y| (y.created_at, &y.id).cmp(&(x.created_at, &x.id)));
+
+    let mut seen = Vec::new();
+    let mut query = AuditQuery {
+        limit: Some(10),
+        ..AuditQuery::default()
+    };
+    let mut sizes = Vec::new();
+    loop {
+        let page = db.list_audit(&a.id, &query).await.unwrap();
+        sizes.push(page.items.len());
+        seen.extend(page.items);
+        match page.next {
+            Some(cursor) => query.before = Some(cursor),
+            None => break,
+        }
+    }
+    assert_eq!(sizes, [10, 10, 5]);
+    assert_eq!(
+        seen, expected,
+        "pages are newest first, with no gap or repeat"
+    );
+    assert_eq!(seen.iter().map(|e| &e.id).collect::<HashSet<_>>().len(), 25);
+    assert!(seen.iter().all(|e| e.team_id == a.id));
+
+    // Exactly one full page: no cursor pointing at an empty page.
+    let q = AuditQuery {
+        limit: Some(25),
+        ..AuditQuery::default()
+    };
+    assert!(db.list_audit(&a.id, &q).await.unwrap().next.is_none());
+
+    // Filters combine with the cursor.
+    let mut q = AuditQuery {
+        limit: Some(4),
+        action: Some("capsule.create".into()),
+        ..AuditQuery::default()
+    };
+    let mut creates = Vec::new();
+    loop {
+        let page = db.list_audit(&a.id, &q).await.unwrap();
+        creates.extend(page.items);
+        match page.next {
+            Some(c) => q.before = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(creates.len(), 13);
+    assert!(creates.iter().all(|e| e.action == "capsule.create"));
+
+    // Limits are clamped; the default is 50.
+    let q = AuditQuery {
+        limit: Some(0),
+        ..AuditQuery::default()
+    };
+    assert_eq!(db.list_audit(&a.id, &q).await.unwrap().items.len(), 1);
+    assert_eq!(
+        db.list_audit(&a.id, &AuditQuery::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        25
+    );
+
+    let first = &expected[0];
+    assert_eq!(first.actor, Actor::ApiKey { id: "key-x".into() });
+    assert_eq!(first.metadata, Some(json!({"n": 1})));
+    let sys = db
+        .insert_audit(
+            &a.id,
+            NewAuditEntry {
+                actor: Actor::System,
+                actor_name: None,
+                metadata: None,
+                ..audit("capsule.pause", None)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(sys.actor, Actor::System);
+    assert!(sys.id.starts_with("log-"));
+}
+
+async fn bootstrap_is_idempotent(t: &TestDb) {
+    let db = &t.db;
+    let given = "wrn_00112233445566778899aabbccddeeff";
+    assert!(matches!(
+        ensure_bootstrap(db, Some("wrn_NOTHEX")).await.unwrap_err(),
+        DbError::InvalidInput { .. }
+    ));
+    assert_eq!(
+        ensure_bootstrap(db, Some(given)).await.unwrap().as_deref(),
+        Some(given)
+    );
+    let key = db.authenticate_api_key(given).await.unwrap();
+    let admin = db.get_user_by_email(BOOTSTRAP_ADMIN_EMAIL).await.unwrap();
+    assert!(admin.is_admin && !admin.has_password);
+    assert_eq!(
+        db.member_role(&key.team_id, &admin.id).await.unwrap(),
+        Role::Owner
+    );
+
+    assert_eq!(ensure_bootstrap(db, Some(given)).await.unwrap(), None);
+    assert_eq!(ensure_bootstrap(db, None).await.unwrap(), None);
+    let reopened = Db::open(&t.url).await.unwrap();
+    assert_eq!(
+        ensure_bootstrap(&reopened, Some(given)).await.unwrap(),
+        None
+    );
+    reopened.close().await;
+    assert_eq!(db.list_api_keys(&key.team_id).await.unwrap().len(), 1);
+    assert_eq!(db.teams_of_user(&admin.id).await.unwrap().len(), 1);
+}
+
+async fn bootstrap_with_random_key(t: &TestDb) {
+    let db = &t.db;
+    let key = ensure_bootstrap(db, None)
+        .await
+        .unwrap()
+        .expect("bootstrapped");
+    assert!(validate_api_key(&key).is_ok());
+    assert!(db.authenticate_api_key(&key).await.is_ok());
+    assert_eq!(ensure_bootstrap(db, None).await.unwrap(), None);
+}

@@ -561,6 +561,12 @@ impl Capsules {
         let parts = &self.ctx.parts;
         let id = record.id.clone();
         let dir = parts.state.create_dir(&id).await?;
+        // The record (with its owner) first: a concurrent startup sweep elsewhere must see
+        // this capsule as someone's before any file of it exists.
+        if let Err(e) = parts.state.save(&record).await {
+            let _ = parts.state.remove_dir(&id).await;
+            return Err(e.into());
+        }
         let mut res = Resources::default();
         let started = tokio::time::Instant::now();
         let result = match start(&dir).await {

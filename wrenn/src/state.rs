@@ -65,6 +65,18 @@ pub fn tagged_vmms() -> Vec<(u32, CapsuleId)> {
     out
 }
 
+/// A capsule directory younger than this without a readable record is a create in
+/// progress (its record follows within milliseconds), not a leftover.
+const RECORD_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn recently_created(dir: &Path) -> bool {
+    std::fs::metadata(dir)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < RECORD_GRACE)
+}
+
 fn rand_u32() -> u32 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -139,6 +151,10 @@ impl StateStore for FsStateStore {
             let rec = std::fs::read(e.path().join(STATE_FILE))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<CapsuleRecord>(&b).ok());
+            if rec.is_none() && recently_created(&e.path()) {
+                // Another process is creating it and has not written its record yet.
+                continue;
+            }
             out.push((id, rec));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));

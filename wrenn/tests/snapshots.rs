@@ -38,7 +38,7 @@ async fn pause_resume_keeps_processes_files_and_env_and_moves_slots() {
         cmd: "/bin/sh".into(),
         args: vec![
             "-c".into(),
-            "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done".into(),
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done".into(),
         ],
         ..Default::default()
     };
@@ -184,7 +184,7 @@ async fn fork_gives_independent_capsules_that_continue_from_the_same_state() {
         cmd: "/bin/sh".into(),
         args: vec![
             "-c".into(),
-            "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done".into(),
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done".into(),
         ],
         ..Default::default()
     };

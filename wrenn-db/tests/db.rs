@@ -316,12 +316,10 @@ async fn api_keys_create_lookup_last_used(t: &TestDb) {
         Some(last)
     );
 
-    for bad in [
-        "",
-        "wrn_0000",
-        &created.key.to_uppercase(),
-        &format!("{}0", &created.key[..35]),
-    ] {
+    // The key with its last hex digit changed (to a digit it surely is not).
+    let last_digit = if created.key.ends_with('0') { '1' } else { '0' };
+    let altered = format!("{}{last_digit}", &created.key[..35]);
+    for bad in ["", "wrn_0000", &created.key.to_uppercase(), &altered] {
         assert!(
             db.authenticate_api_key(bad)
                 .await

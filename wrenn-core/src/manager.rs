@@ -1130,17 +1130,22 @@ async fn pause(ctx: &Ctx, entry: &Entry, res: &mut Resources) -> Result<PauseRep
     for err in res.release(&ctx.parts).await {
         tracing::warn!(capsule = %rec.id, %err, "releasing after pause");
     }
-    let rec = entry.update(|r| {
-        r.status = CapsuleStatus::Paused;
-        r.slot = None;
-        r.disk = None;
-        r.vmm_pid = None;
-    });
+    let rec = mark_paused(entry);
     save_record(ctx, rec).await;
     tracing::info!(capsule = %entry.snapshot().map(|r| r.id.to_string()).unwrap_or_default(),
         ms = started.elapsed().as_millis() as u64, bytes = report.memory_bytes_written,
         generations = report.generations, "capsule paused");
     Ok(report)
+}
+
+/// Paused: nothing of the capsule runs, its state is its snapshot.
+fn mark_paused(entry: &Entry) -> Option<CapsuleRecord> {
+    entry.update(|r| {
+        r.status = CapsuleStatus::Paused;
+        r.slot = None;
+        r.disk = None;
+        r.vmm_pid = None;
+    })
 }
 
 async fn resume(ctx: &Ctx, entry: &Entry, res: &mut Resources) -> Result<(), CapsuleError> {
@@ -1182,12 +1187,7 @@ async fn resume(ctx: &Ctx, entry: &Entry, res: &mut Resources) -> Result<(), Cap
             for err in res.release(&ctx.parts).await {
                 tracing::warn!(capsule = %rec.id, %err, "cleanup after failed resume");
             }
-            let rec = entry.update(|r| {
-                r.status = CapsuleStatus::Paused;
-                r.slot = None;
-                r.disk = None;
-                r.vmm_pid = None;
-            });
+            let rec = mark_paused(entry);
             save_record(ctx, rec).await;
             Err(e)
         }

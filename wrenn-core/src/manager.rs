@@ -287,8 +287,8 @@ impl Ctx {
         start: Start,
         dir: &Path,
     ) -> Result<Arc<dyn GuestAgent>, CapsuleError> {
+        // The caller has saved the record; it is saved again as resources are acquired.
         let parts = &self.parts;
-        parts.state.save(record).await?;
         let slot = parts.net.allocate().await?;
         res.slot = Some(slot.clone());
         record.slot = Some(slot.clone());

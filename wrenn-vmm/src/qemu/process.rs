@@ -246,22 +246,7 @@ impl QemuHandle {
         // syscalls (setpgid, prctl, getppid, setns) on values prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
-                nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
-                    .map_err(std::io::Error::from)?;
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The owner may have died between fork and prctl.
-                if nix::unistd::getppid().as_raw() as u32 != parent {
-                    return Err(std::io::Error::other("owner exited"));
-                }
+                own_group_dying_with(parent)?;
                 if let Some(fd) = &netns {
                     nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
                         .map_err(std::io::Error::from)?;
@@ -595,6 +580,30 @@ impl Drop for QemuHandle {
     }
 }
 
+/// For a forked child before exec: its own process group (so it is killed as a
+/// group), and SIGKILL when `parent` dies — checked after arming, since the parent
+/// may already be gone. Makes only async-signal-safe syscalls and does not allocate.
+fn own_group_dying_with(parent: u32) -> std::io::Result<()> {
+    nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0)).map_err(std::io::Error::from)?;
+    // SAFETY: PR_SET_PDEATHSIG takes plain integers and touches no memory of ours.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    if nix::unistd::getppid().as_raw() as u32 != parent {
+        return Err(std::io::Error::other("owner exited"));
+    }
+    Ok(())
+}
+
 /// Used by the accel probe: runs a QEMU command line to completion or a deadline.
 pub(crate) async fn run_to_exit(
     binary: &Path,
@@ -606,23 +615,11 @@ pub(crate) async fn run_to_exit(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: setpgid and prctl are async-signal-safe and use no prepared state.
+    let parent = std::process::id();
+    // SAFETY: runs in the forked child before exec and only makes the async-signal-safe
+    // syscalls of `own_group_dying_with`, on a value prepared before the fork.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
-                .map_err(std::io::Error::from)?;
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || own_group_dying_with(parent));
     }
     let start = tokio::time::Instant::now();
     let mut child = spawn_on_spawner(cmd).await.ok()?;

@@ -23,7 +23,9 @@ pub mod vmm;
 
 pub use error::CapsuleError;
 pub use id::CapsuleId;
-pub use manager::{CapsuleInfo, Capsules, ExecOutput, HostParts, ManagerConfig, SweepReport};
+pub use manager::{
+    CapsuleInfo, Capsules, ExecOutput, HostParts, ManagerConfig, SweepReport, VmmProcess,
+};
 pub use spec::{CapsuleSpec, CreateOptions, Limits};
 pub use status::CapsuleStatus;
 

@@ -102,6 +102,17 @@ impl From<&CapsuleRecord> for CapsuleInfo {
     }
 }
 
+/// Host-side facts about a running capsule's VMM process, for resource accounting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmmProcess {
+    pub id: CapsuleId,
+    /// Pid of the VMM process on this host.
+    pub pid: u32,
+    pub vcpus: u32,
+    /// The capsule's writable disk layer, when it has one.
+    pub disk: Option<PathBuf>,
+}
+
 /// Collected output of a finished command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -705,6 +716,30 @@ impl Capsules {
             .map(|r| CapsuleInfo::from(&r))
             .collect();
         out.sort_by_key(|c| (c.created_at, c.id.clone()));
+        out
+    }
+
+    /// The running capsules whose VMM process is known (read-only; for samplers).
+    pub fn running_vmms(&self) -> Vec<VmmProcess> {
+        let entries: Vec<Arc<Entry>> = self
+            .table
+            .lock()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
+        let mut out: Vec<VmmProcess> = entries
+            .iter()
+            .filter_map(|e| e.snapshot())
+            .filter(|r| r.status == CapsuleStatus::Running)
+            .filter_map(|r| {
+                Some(VmmProcess {
+                    pid: r.vmm_pid?,
+                    vcpus: r.spec.vcpus,
+                    disk: r.disk.map(|d| d.path),
+                    id: r.id,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
 

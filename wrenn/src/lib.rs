@@ -15,6 +15,7 @@
 //! ```
 
 mod host;
+pub mod metrics;
 pub mod paths;
 mod state;
 mod templates;

@@ -28,6 +28,9 @@ pub struct Capsule {
     pub last_active_at: Option<Timestamp>,
     pub last_updated: Timestamp,
     pub metadata: Map<String, Value>,
+    /// What the inactivity timeout does: pause (`true`) or destroy.
+    pub pause_on_timeout: bool,
+    pub disk_mb: u64,
 }
 
 /// What creating a capsule record needs; the id comes from the capsule manager.
@@ -41,6 +44,8 @@ pub struct NewCapsule {
     pub timeout_sec: u32,
     pub metadata: Map<String, Value>,
     pub envd_access_token: Option<String>,
+    pub pause_on_timeout: bool,
+    pub disk_mb: u64,
 }
 
 impl std::fmt::Debug for NewCapsule {
@@ -53,6 +58,8 @@ impl std::fmt::Debug for NewCapsule {
             .field("memory_mb", &self.memory_mb)
             .field("timeout_sec", &self.timeout_sec)
             .field("metadata", &self.metadata)
+            .field("pause_on_timeout", &self.pause_on_timeout)
+            .field("disk_mb", &self.disk_mb)
             .field(
                 "envd_access_token",
                 &self.envd_access_token.as_ref().map(|_| "<redacted>"),
@@ -63,7 +70,8 @@ impl std::fmt::Debug for NewCapsule {
 
 /// Every column but `envd_access_token`.
 pub(crate) const COLS: &str = "id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
-                               created_at, started_at, last_active_at, last_updated, metadata";
+                               created_at, started_at, last_active_at, last_updated, metadata, \
+                               on_timeout, disk_mb";
 
 /// Statuses that `list_capsules` leaves out unless asked: the capsule is gone.
 pub(crate) const ENDED: &str = "('stopped', 'error')";
@@ -87,6 +95,8 @@ pub(crate) fn capsule(row: &AnyRow) -> R<Capsule> {
         last_active_at: opt_ts(row, "last_active_at")?,
         last_updated: ts(row, "last_updated")?,
         metadata: json_map(row, "metadata")?,
+        pause_on_timeout: text(row, "on_timeout")? != "kill",
+        disk_mb: u64::from(u32_col(row, "disk_mb")?),
     })
 }
 
@@ -109,8 +119,9 @@ impl Db {
         let running = new.status == CapsuleStatus::Running;
         let row = sqlx::query(&format!(
             "INSERT INTO capsules (id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
-             created_at, started_at, last_active_at, last_updated, metadata, envd_access_token) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11) RETURNING {COLS}"
+             created_at, started_at, last_active_at, last_updated, metadata, envd_access_token, \
+             on_timeout, disk_mb) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11, $12, $13) RETURNING {COLS}"
         ))
         .bind(new.id.as_str())
         .bind(team_id)
@@ -123,6 +134,8 @@ impl Db {
         .bind(running.then_some(t))
         .bind(Value::Object(new.metadata).to_string())
         .bind(new.envd_access_token)
+        .bind(if new.pause_on_timeout { "pause" } else { "kill" })
+        .bind(i64::try_from(new.disk_mb).unwrap_or(i64::MAX))
         .fetch_optional(self.pool())
         .await
         .map_err(|e| {
@@ -297,5 +310,60 @@ impl Db {
         .map_err(|e| Ctx::op("count capsules").err(e))?;
         let n = int(&row, "n").map_err(|e| DbError::backend("count capsules", e))?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+impl Db {
+    /// Keeps the sample history of a (paused) capsule; replaces what was kept before.
+    pub async fn save_capsule_metrics(&self, id: &str, samples: &Value) -> Result<(), DbError> {
+        let t = to_db(now());
+        sqlx::query(
+            "INSERT INTO capsule_metrics (capsule_id, samples, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (capsule_id) DO UPDATE SET samples = excluded.samples, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(id)
+        .bind(samples.to_string())
+        .bind(t)
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("save capsule metrics").missing("capsule").err(e))?;
+        Ok(())
+    }
+
+    /// The kept sample history of a capsule, if any.
+    pub async fn load_capsule_metrics(&self, id: &str) -> Result<Option<Value>, DbError> {
+        let row = sqlx::query("SELECT samples FROM capsule_metrics WHERE capsule_id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(|e| Ctx::op("load capsule metrics").err(e))?;
+        let Some(row) = row else { return Ok(None) };
+        let text = text(&row, "samples").map_err(|e| DbError::backend("load capsule metrics", e))?;
+        Ok(serde_json::from_str(&text).ok())
+    }
+}
+
+impl Db {
+    /// Replaces the capsule's envd access token (it changes on every restore).
+    pub async fn set_capsule_envd_token(
+        &self,
+        team_id: &str,
+        id: &str,
+        token: Option<&str>,
+    ) -> Result<(), DbError> {
+        let done = sqlx::query(
+            "UPDATE capsules SET envd_access_token = $1 WHERE team_id = $2 AND id = $3",
+        )
+        .bind(token)
+        .bind(team_id)
+        .bind(id)
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("set capsule envd token").err(e))?;
+        if done.rows_affected() == 0 {
+            return Err(DbError::NotFound { what: "capsule" });
+        }
+        Ok(())
     }
 }

@@ -7,12 +7,20 @@ use std::borrow::Cow;
 
 /// (version, description, SQLite script, PostgreSQL script). Append only; never edit
 /// an applied script (the checksum would refuse it).
-const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../migrations/sqlite/0001_initial.sql"),
-    include_str!("../migrations/postgres/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../migrations/sqlite/0001_initial.sql"),
+        include_str!("../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "lifecycle",
+        include_str!("../migrations/sqlite/0002_lifecycle.sql"),
+        include_str!("../migrations/postgres/0002_lifecycle.sql"),
+    ),
+];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {
     let migrations = MIGRATIONS

@@ -47,6 +47,8 @@ fn new_capsule(status: CapsuleStatus) -> NewCapsule {
         timeout_sec: 300,
         metadata,
         envd_access_token: Some("secret-token".into()),
+        pause_on_timeout: true,
+        disk_mb: 2048,
     }
 }
 

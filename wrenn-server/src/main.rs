@@ -2,6 +2,7 @@
 
 mod doctor;
 mod images;
+mod serve;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -22,9 +23,9 @@ struct Cli {
     /// Data directory (images, templates, capsules).
     #[arg(long, global = true, env = "WRENN_DATA_DIR", default_value = wrenn::paths::DEFAULT_DATA_DIR)]
     data_dir: std::path::PathBuf,
-    /// Log filter (e.g. info, debug, wrenn=debug).
-    #[arg(long, global = true, env = "WRENN_LOG", default_value = "warn")]
-    log: String,
+    /// Log filter (e.g. info, debug, wrenn=debug); default `info` for `serve`, else `warn`.
+    #[arg(long, global = true, env = "WRENN_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -62,6 +63,9 @@ enum Cmd {
         #[command(flatten)]
         exec: ExecArgs,
     },
+    /// Run the control plane (REST API, E2B-compatible API, proxy) with this host's
+    /// capsules.
+    Serve(serve::ServeArgs),
     /// Check this host: acceleration, QEMU, images, permissions.
     Doctor,
     /// List capsules recorded in the data directory.
@@ -141,7 +145,14 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(
+                if matches!(cli.command, Cmd::Serve(_)) {
+                    "info"
+                } else {
+                    "warn"
+                },
+            ))
+            .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -179,6 +190,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             overwrite,
         } => snapshot(data, &id, &name, overwrite).await.map(|_| 0),
         Cmd::Fork { id, count, exec } => fork(data, &id, count, exec).await,
+        Cmd::Serve(args) => serve::serve(cli.data_dir.clone(), args).await,
         Cmd::Doctor => doctor::run(&data).await,
         Cmd::Ps => ps(&data).await.map(|_| 0),
         Cmd::Rm { ids } => rm(data, ids).await.map(|_| 0),
@@ -313,6 +325,7 @@ async fn run_command(host: &Host, id: &CapsuleId, args: &RunArgs) -> Result<u8> 
         stdin: args.stdin,
         timeout: args.timeout.map(Duration::from_secs),
         tag: None,
+        pty: None,
     };
     let mut stream = caps
         .exec(id, &req)

@@ -1,0 +1,370 @@
+//! The in-process host agent: the capsule manager of this machine.
+
+use super::{
+    CapsuleSpec, HostAgent, HostCapsule, HostError, HostErrorKind, HostTemplate, HostVersions,
+    MetricPoint,
+};
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use wrenn::manager::{error_chain, CapsuleInfo, Capsules};
+use wrenn::metrics::MetricsSampler;
+use wrenn::{CapsuleError, CreateOptions, Host};
+use wrenn_core::guest::{AgentError, GuestAgent};
+use wrenn_core::id::CapsuleId;
+use wrenn_core::status::CapsuleStatus;
+
+#[derive(Clone, Debug)]
+pub struct LocalAgentOptions {
+    /// How often each running capsule's CPU, memory and disk are sampled.
+    pub sample_period: Duration,
+}
+
+impl Default for LocalAgentOptions {
+    fn default() -> Self {
+        LocalAgentOptions {
+            sample_period: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct LocalAgent {
+    host: Host,
+    sampler: MetricsSampler,
+    versions: HostVersions,
+}
+
+impl LocalAgent {
+    pub fn new(host: Host, opts: LocalAgentOptions) -> Self {
+        let sampler = MetricsSampler::start(host.capsules().clone(), opts.sample_period);
+        let kernel_version = host
+            .data_dir()
+            .kernel()
+            .as_deref()
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let versions = HostVersions {
+            envd_version: crate::ENVD_VERSION.to_string(),
+            kernel_version,
+            vmm_version: "qemu".to_string(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            accel: host.accel_probe().accel.to_string(),
+        };
+        LocalAgent {
+            host,
+            sampler,
+            versions,
+        }
+    }
+
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    fn capsules(&self) -> &Arc<Capsules> {
+        self.host.capsules()
+    }
+
+    fn template_dir(&self, name: &str) -> std::path::PathBuf {
+        self.host.data_dir().template_dir(name)
+    }
+}
+
+fn capsule(info: CapsuleInfo) -> HostCapsule {
+    HostCapsule {
+        id: info.id,
+        status: info.status,
+        template: info.template,
+        vcpus: info.vcpus,
+        memory_mb: info.memory_mb,
+        disk_mb: info.disk_mb,
+        labels: info.metadata,
+    }
+}
+
+/// Maps the manager's errors; details of internal failures stay in the log.
+pub(crate) fn host_error(e: CapsuleError) -> HostError {
+    use wrenn_core::template::TemplateError;
+    let kind = match &e {
+        CapsuleError::NotFound { .. } => HostErrorKind::NotFound,
+        CapsuleError::InvalidSpec(_) => HostErrorKind::InvalidArgument,
+        CapsuleError::Template(TemplateError::Unknown { .. }) => HostErrorKind::NotFound,
+        CapsuleError::InvalidState { .. } => HostErrorKind::InvalidState,
+        CapsuleError::Snapshot(wrenn_core::snapshot::SnapshotError::NameTaken { .. }) => {
+            HostErrorKind::Conflict
+        }
+        CapsuleError::ShuttingDown => HostErrorKind::Unavailable,
+        CapsuleError::Agent(a) => return guest_error(a),
+        _ => HostErrorKind::Internal,
+    };
+    let message = match kind {
+        HostErrorKind::Internal => {
+            tracing::error!(error = %error_chain(&e), "capsule operation failed");
+            format!("{} ({})", e, e.kind())
+        }
+        _ => e.to_string(),
+    };
+    HostError::new(kind, message)
+}
+
+pub fn guest_error(e: &AgentError) -> HostError {
+    let kind = match e {
+        AgentError::NotFound(_) => HostErrorKind::NotFound,
+        AgentError::InvalidArgument(_) => HostErrorKind::InvalidArgument,
+        AgentError::Timeout(_) => HostErrorKind::Timeout,
+        _ => HostErrorKind::Guest,
+    };
+    HostError::new(kind, e.to_string())
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                m.blocks() * 512
+            }
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[derive(serde::Deserialize)]
+struct SnapMeta {
+    spec: SnapSpec,
+}
+
+#[derive(serde::Deserialize)]
+struct SnapSpec {
+    vcpus: u32,
+    memory_mb: u32,
+}
+
+fn read_template(dir: &Path, name: &str) -> Option<HostTemplate> {
+    let meta = std::fs::metadata(dir.join("rootfs.img")).ok()?;
+    let snap: Option<SnapMeta> = std::fs::read(dir.join("snapshot/meta.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let created_at = meta
+        .modified()
+        .ok()
+        .map(chrono::DateTime::<chrono::Utc>::from);
+    Some(HostTemplate {
+        name: name.to_string(),
+        snapshot: snap.is_some(),
+        vcpus: snap.as_ref().map(|s| s.spec.vcpus),
+        memory_mb: snap.as_ref().map(|s| s.spec.memory_mb),
+        size_bytes: dir_size(dir),
+        created_at,
+    })
+}
+
+#[async_trait]
+impl HostAgent for LocalAgent {
+    fn versions(&self) -> HostVersions {
+        self.versions.clone()
+    }
+
+    async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError> {
+        let opts = CreateOptions {
+            template: Some(spec.template),
+            vcpus: spec.vcpus,
+            memory_mb: spec.memory_mb,
+            envs: spec.envs,
+            metadata: spec.labels,
+            ..Default::default()
+        };
+        self.capsules()
+            .create(opts)
+            .await
+            .map(capsule)
+            .map_err(host_error)
+    }
+
+    async fn get(&self, id: &CapsuleId) -> Result<HostCapsule, HostError> {
+        match self.capsules().get(id) {
+            Ok(c) => Ok(capsule(c)),
+            // Paused capsules of an earlier server process are adopted on demand.
+            Err(CapsuleError::NotFound { .. }) => self
+                .capsules()
+                .adopt(id)
+                .await
+                .map(capsule)
+                .map_err(|_| HostError::not_found(id)),
+            Err(e) => Err(host_error(e)),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<HostCapsule>, HostError> {
+        self.capsules().adopt_all().await.map_err(host_error)?;
+        Ok(self.capsules().list().into_iter().map(capsule).collect())
+    }
+
+    async fn pause(&self, id: &CapsuleId) -> Result<(), HostError> {
+        self.get(id).await?;
+        self.capsules().pause(id).await.map_err(host_error)?;
+        Ok(())
+    }
+
+    async fn resume(&self, id: &CapsuleId) -> Result<HostCapsule, HostError> {
+        self.get(id).await?;
+        self.capsules()
+            .resume(id)
+            .await
+            .map(capsule)
+            .map_err(host_error)
+    }
+
+    async fn destroy(&self, id: &CapsuleId) -> Result<(), HostError> {
+        self.get(id).await?;
+        let r = self.capsules().destroy(id).await.map_err(host_error);
+        self.sampler.forget(id);
+        r
+    }
+
+    async fn fork(
+        &self,
+        id: &CapsuleId,
+        count: usize,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<HostCapsule>, HostError> {
+        let forks = self
+            .capsules()
+            .fork(id, count)
+            .await
+            .map_err(host_error)?;
+        let _ = labels;
+        Ok(forks.into_iter().map(capsule).collect())
+    }
+
+    async fn snapshot(&self, id: &CapsuleId, name: &str) -> Result<HostTemplate, HostError> {
+        self.capsules()
+            .snapshot(id, name, false)
+            .await
+            .map_err(host_error)?;
+        self.template(name).await
+    }
+
+    async fn templates(&self) -> Result<Vec<HostTemplate>, HostError> {
+        let root = self.host.data_dir().templates();
+        let rd = std::fs::read_dir(&root).map_err(|e| {
+            HostError::new(
+                HostErrorKind::Internal,
+                format!("cannot list templates: {e}"),
+            )
+        })?;
+        let mut out: Vec<HostTemplate> = rd
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                read_template(&e.path(), &name)
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn template(&self, name: &str) -> Result<HostTemplate, HostError> {
+        wrenn_core::template::TemplateName::parse(name)
+            .map_err(|e| HostError::new(HostErrorKind::InvalidArgument, e.to_string()))?;
+        read_template(&self.template_dir(name), name).ok_or_else(|| {
+            HostError::new(
+                HostErrorKind::NotFound,
+                format!("template {name} not found"),
+            )
+        })
+    }
+
+    async fn delete_template(&self, name: &str) -> Result<(), HostError> {
+        self.template(name).await?;
+        // Capsules started from it hold their own links to its files.
+        let dir = self.template_dir(name);
+        tokio::fs::remove_dir_all(&dir).await.map_err(|e| {
+            HostError::new(
+                HostErrorKind::Internal,
+                format!("cannot remove template {name}: {e}"),
+            )
+        })
+    }
+
+    fn guest(&self, id: &CapsuleId) -> Result<Arc<dyn GuestAgent>, HostError> {
+        self.capsules().agent(id).map_err(host_error)
+    }
+
+    fn envd_token(&self, id: &CapsuleId) -> Result<String, HostError> {
+        self.capsules().access_token(id).map_err(host_error)
+    }
+
+    fn port_addr(&self, id: &CapsuleId, port: u16) -> Result<SocketAddr, HostError> {
+        let info = self.capsules().get(id).map_err(host_error)?;
+        if info.status != CapsuleStatus::Running {
+            return Err(HostError::new(
+                HostErrorKind::InvalidState,
+                format!("capsule {id} is {}", info.status),
+            ));
+        }
+        let host = info
+            .host_addr
+            .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+            .ok_or_else(|| {
+                HostError::new(
+                    HostErrorKind::InvalidState,
+                    format!("capsule {id} has no network"),
+                )
+            })?;
+        Ok(SocketAddr::from((host, port)))
+    }
+
+    fn metrics(&self, id: &CapsuleId, range: Duration) -> Vec<MetricPoint> {
+        self.sampler
+            .points(id, range)
+            .into_iter()
+            .map(|p| MetricPoint {
+                timestamp_unix: p.timestamp_unix,
+                cpu_pct: p.cpu_pct,
+                mem_bytes: p.mem_bytes,
+                disk_bytes: p.disk_bytes,
+            })
+            .collect()
+    }
+
+    fn export_metrics(&self, id: &CapsuleId) -> Option<serde_json::Value> {
+        self.sampler
+            .export(id)
+            .and_then(|t| serde_json::to_value(t).ok())
+    }
+
+    fn import_metrics(&self, id: &CapsuleId, saved: serde_json::Value) {
+        match serde_json::from_value(saved) {
+            Ok(t) => self.sampler.import(id, t),
+            Err(e) => tracing::warn!(capsule = %id, error = %e, "saved metrics unreadable; dropped"),
+        }
+    }
+
+    async fn pause_all(&self) -> Vec<(CapsuleId, HostError)> {
+        let running: Vec<CapsuleId> = self
+            .capsules()
+            .list()
+            .into_iter()
+            .filter(|c| c.status == CapsuleStatus::Running)
+            .map(|c| c.id)
+            .collect();
+        let mut failed = Vec::new();
+        for id in running {
+            if let Err(e) = self.capsules().pause(&id).await {
+                failed.push((id, host_error(e)));
+            }
+        }
+        failed
+    }
+}

@@ -1,0 +1,129 @@
+//! Wrenn control plane: the `/v1` REST API, the E2B-compatible API, the proxy into
+//! capsules, background lifecycle jobs and the server's own metrics, over a
+//! [`HostAgent`](agent::HostAgent) (in process: [`agent::LocalAgent`]).
+//!
+//! [`router`] builds the whole HTTP surface for an [`AppState`]; [`Server`] wires it
+//! to a database, a host and a listener, as `wrenn serve` does.
+
+pub mod agent;
+pub mod auth;
+pub mod e2b;
+pub mod error;
+pub mod lifecycle;
+pub mod metrics;
+pub mod openapi;
+pub mod proxy;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod v1;
+
+pub use state::{ApiConfig, AppState};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use std::sync::Arc;
+
+/// The envd protocol version the guests of this build speak.
+pub const ENVD_VERSION: &str = wrenn_envd::ENVD_VERSION;
+
+/// The whole HTTP surface.
+pub fn router(state: Arc<AppState>) -> Router {
+    use v1::{account, capsules, files, snapshots, ws};
+    let uploads = Router::new()
+        .route("/v1/capsules/{id}/files/write", post(files::write))
+        .route("/v1/capsules/{id}/files/stream/write", post(files::stream_write))
+        .layer(DefaultBodyLimit::disable());
+    let v1 = Router::new()
+        .route("/v1/auth/signup", post(account::signup))
+        .route("/v1/auth/login", post(account::login))
+        .route("/v1/auth/switch-team", post(account::switch_team))
+        .route(
+            "/v1/me",
+            get(account::me).patch(account::update_me),
+        )
+        .route("/v1/me/password", post(account::change_password))
+        .route("/v1/teams", get(account::list_teams).post(account::create_team))
+        .route(
+            "/v1/teams/{id}",
+            get(account::get_team)
+                .patch(account::rename_team)
+                .delete(account::delete_team),
+        )
+        .route(
+            "/v1/teams/{id}/members",
+            get(account::list_members).post(account::add_member),
+        )
+        .route(
+            "/v1/teams/{id}/members/{uid}",
+            axum::routing::patch(account::set_role).delete(account::remove_member),
+        )
+        .route("/v1/teams/{id}/leave", post(account::leave_team))
+        .route("/v1/api-keys", get(account::list_keys).post(account::create_key))
+        .route("/v1/api-keys/{id}", delete(account::delete_key))
+        .route("/v1/audit-logs", get(account::audit_logs))
+        .route("/v1/capsules", get(capsules::list).post(capsules::create))
+        .route("/v1/capsules/stats", get(v1::stats::stats))
+        .route("/v1/capsules/usage", get(v1::stats::usage))
+        .route(
+            "/v1/capsules/{id}",
+            get(capsules::get).delete(capsules::destroy),
+        )
+        .route("/v1/capsules/{id}/ping", post(capsules::ping))
+        .route("/v1/capsules/{id}/pause", post(capsules::pause))
+        .route("/v1/capsules/{id}/resume", post(capsules::resume))
+        .route("/v1/capsules/{id}/exec", post(capsules::exec))
+        .route("/v1/capsules/{id}/exec/stream", get(ws::exec_stream))
+        .route("/v1/capsules/{id}/processes", get(capsules::processes))
+        .route(
+            "/v1/capsules/{id}/processes/{selector}",
+            delete(capsules::kill_process),
+        )
+        .route(
+            "/v1/capsules/{id}/processes/{selector}/stream",
+            get(ws::process_stream),
+        )
+        .route("/v1/capsules/{id}/pty", get(ws::pty))
+        .route("/v1/capsules/{id}/metrics", get(capsules::metrics))
+        .route("/v1/capsules/{id}/files/read", post(files::read))
+        .route("/v1/capsules/{id}/files/stream/read", post(files::stream_read))
+        .route("/v1/capsules/{id}/files/list", post(files::list))
+        .route("/v1/capsules/{id}/files/mkdir", post(files::mkdir))
+        .route("/v1/capsules/{id}/files/remove", post(files::remove))
+        .route("/v1/snapshots", get(snapshots::list).post(snapshots::create))
+        .route("/v1/snapshots/{name}", delete(snapshots::delete))
+        .merge(uploads);
+    let e2b = Router::new()
+        .route("/sandboxes", get(e2b::list_v1).post(e2b::create))
+        .route("/v2/sandboxes", get(e2b::list_v2).post(e2b::create))
+        .route("/sandboxes/{id}", get(e2b::get).delete(e2b::kill))
+        .route("/sandboxes/{id}/connect", post(e2b::connect))
+        .route("/v2/sandboxes/{id}/connect", post(e2b::connect))
+        .route("/sandboxes/{id}/resume", post(e2b::resume))
+        .route("/sandboxes/{id}/timeout", post(e2b::set_timeout))
+        .route("/sandboxes/{id}/pause", post(e2b::pause))
+        .route("/sandboxes/{id}/metrics", get(e2b::metrics))
+        .route("/sandboxes/{id}/fork", post(e2b::fork))
+        .route("/sandboxes/{id}/snapshots", post(e2b::create_snapshot))
+        .route("/snapshots", get(e2b::list_snapshots))
+        .route("/templates/{id}", delete(e2b::delete_template));
+    Router::new()
+        .merge(v1)
+        .merge(e2b)
+        .route("/health", get(openapi::health))
+        .route("/metrics", get(metrics::serve))
+        .route("/openapi.json", get(openapi::spec))
+        .route("/docs", get(openapi::docs))
+        .fallback(openapi::not_found)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            proxy::layer,
+        ))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,141 @@
+//! The OpenAPI document (generated from the handlers), a self-contained docs page,
+//! health and the fallback.
+
+use crate::error::{ApiError, ErrorBody};
+use crate::state::AppState;
+use crate::{e2b, v1};
+use axum::extract::State;
+use axum::http::{header, Uri};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use std::sync::Arc;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let c = doc.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Wrenn API", description = "Capsules (microVMs) over REST: the Wrenn /v1 API and the E2B-compatible /sandboxes API."),
+    modifiers(&Security),
+    paths(
+        health,
+        v1::account::signup, v1::account::login, v1::account::switch_team,
+        v1::account::me, v1::account::update_me, v1::account::change_password,
+        v1::account::list_teams, v1::account::create_team, v1::account::get_team,
+        v1::account::rename_team, v1::account::delete_team, v1::account::list_members,
+        v1::account::add_member, v1::account::set_role, v1::account::remove_member,
+        v1::account::leave_team, v1::account::create_key, v1::account::list_keys,
+        v1::account::delete_key, v1::account::audit_logs,
+        v1::capsules::create, v1::capsules::list, v1::capsules::get, v1::capsules::destroy,
+        v1::capsules::ping, v1::capsules::pause, v1::capsules::resume, v1::capsules::exec,
+        v1::capsules::processes, v1::capsules::kill_process, v1::capsules::metrics,
+        v1::stats::stats, v1::stats::usage,
+        v1::files::read, v1::files::stream_read, v1::files::write, v1::files::stream_write,
+        v1::files::list, v1::files::mkdir, v1::files::remove,
+        v1::snapshots::create, v1::snapshots::list, v1::snapshots::delete,
+        e2b::create, e2b::connect, e2b::resume, e2b::get, e2b::kill, e2b::set_timeout,
+        e2b::pause, e2b::list_v2, e2b::list_v1, e2b::metrics, e2b::fork,
+        e2b::create_snapshot, e2b::list_snapshots, e2b::delete_template,
+    ),
+    components(schemas(ErrorBody, Health)),
+    tags(
+        (name = "capsules", description = "Capsule lifecycle"),
+        (name = "exec", description = "Commands and processes (WebSockets: GET /v1/capsules/{id}/exec/stream, /processes/{selector}/stream, /pty)"),
+        (name = "files", description = "Files inside a capsule"),
+        (name = "snapshots", description = "Snapshot templates"),
+        (name = "e2b", description = "E2B-compatible API (errors as {code, message})"),
+    )
+)]
+pub struct ApiDoc;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    /// kvm or tcg: how this host runs guests.
+    pub accel: String,
+}
+
+#[utoipa::path(get, path = "/health", tag = "capsules", responses((status = 200, body = Health)))]
+pub async fn health(State(st): State<Arc<AppState>>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        accel: st.agent.versions().accel,
+    })
+}
+
+pub async fn spec() -> Response {
+    match ApiDoc::openapi().to_json() {
+        Ok(s) => ([(header::CONTENT_TYPE, "application/json")], s).into_response(),
+        Err(e) => ApiError::internal(format!("openapi: {e}")).into_response(),
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A plain HTML reference of every operation, built from the same document (works
+/// offline: no scripts).
+pub async fn docs() -> Html<String> {
+    let doc = ApiDoc::openapi();
+    let mut out = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Wrenn API</title>\
+         <style>body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}\
+         code{background:#f3f3f3;padding:0 .3em}h3{margin-bottom:.2em}.m{font-weight:bold;display:inline-block;width:5em}\
+         </style></head><body><h1>Wrenn API</h1><p>Machine-readable: <a href=\"/openapi.json\">/openapi.json</a>. \
+         Authenticate with <code>X-API-Key: wrn_…</code> or <code>Authorization: Bearer &lt;jwt&gt;</code>.</p>",
+    );
+    for (path, item) in &doc.paths.paths {
+        let ops = [
+            ("GET", &item.get),
+            ("POST", &item.post),
+            ("PUT", &item.put),
+            ("PATCH", &item.patch),
+            ("DELETE", &item.delete),
+        ];
+        for (method, op) in ops {
+            let Some(op) = op else { continue };
+            out.push_str(&format!(
+                "<h3><span class=\"m\">{method}</span><code>{}</code></h3>",
+                escape(path)
+            ));
+            if let Some(d) = op.description.as_deref().or(op.summary.as_deref()) {
+                out.push_str(&format!("<p>{}</p>", escape(d)));
+            }
+            let codes: Vec<&str> = op.responses.responses.keys().map(String::as_str).collect();
+            out.push_str(&format!("<p>Responses: {}</p>", escape(&codes.join(", "))));
+        }
+    }
+    out.push_str("</body></html>");
+    Html(out)
+}
+
+pub async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(&format!("route {}", uri.path()))
+}

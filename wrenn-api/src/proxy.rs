@@ -1,0 +1,231 @@
+//! Reverse proxy into capsules: `{port}-{capsule}.{domain}` Host names and E2B's
+//! `E2b-Sandbox-Id` / `E2b-Sandbox-Port` headers reach any TCP port of a running
+//! capsule over HTTP, streaming bodies and passing WebSocket (and other) upgrades through.
+//! The proxy asks for no credentials: envd checks its own access token, and guest
+//! services are as public as the capsule's owner makes them.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use wrenn_core::id::CapsuleId;
+use wrenn_core::status::CapsuleStatus;
+
+/// Where a proxied request goes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target {
+    pub capsule: String,
+    pub port: u16,
+}
+
+/// `{port}-{capsule id}.{anything}` (port stripped from the Host first).
+pub fn target_from_host(host: &str) -> Option<Target> {
+    let host = host.split(':').next()?;
+    let label = host.split('.').next()?;
+    if label.len() == host.len() {
+        return None;
+    }
+    let (port, id) = label.split_once('-')?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || !id.starts_with("cl-") {
+        return None;
+    }
+    Some(Target {
+        capsule: id.to_string(),
+        port: port.parse().ok()?,
+    })
+}
+
+fn target_from_headers(h: &HeaderMap) -> Option<Result<Target, ApiError>> {
+    let id = h.get("e2b-sandbox-id")?.to_str().ok()?.to_string();
+    let port = match h.get("e2b-sandbox-port") {
+        None => Ok(49983),
+        Some(p) => p
+            .to_str()
+            .ok()
+            .and_then(|p| p.parse::<u16>().ok())
+            .ok_or_else(|| ApiError::invalid("E2b-Sandbox-Port must be a TCP port")),
+    };
+    Some(port.map(|port| Target { capsule: id, port }))
+}
+
+/// The pooled HTTP client of the proxy.
+pub type ProxyClient = Client<HttpConnector, Body>;
+
+pub fn client() -> ProxyClient {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(http)
+}
+
+/// Middleware: proxies requests addressed to a capsule, passes the rest on.
+pub async fn layer(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let target = match target_from_headers(req.headers()) {
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => return e.into_response(),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(target_from_host),
+    };
+    match target {
+        Some(t) => match proxy(&st, t, req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        },
+        None => next.run(req).await,
+    }
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_headers(h: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        h.remove(*name);
+    }
+    h.remove("e2b-sandbox-id");
+    h.remove("e2b-sandbox-port");
+}
+
+async fn resolve(st: &AppState, t: &Target) -> Result<SocketAddr, ApiError> {
+    let not_found = || ApiError::not_found(&format!("capsule {}", t.capsule));
+    let id = CapsuleId::parse(&t.capsule).map_err(|_| not_found())?;
+    let c = st
+        .db
+        .system_get_capsule(id.as_str())
+        .await
+        .map_err(|e| if e.is_not_found() { not_found() } else { e.into() })?;
+    match c.status {
+        CapsuleStatus::Running => {}
+        CapsuleStatus::Stopped | CapsuleStatus::Error => return Err(not_found()),
+        s => {
+            return Err(ApiError::invalid_state(format!(
+                "capsule {} is {s}",
+                t.capsule
+            )))
+        }
+    }
+    crate::service::touch(st, &c).await;
+    st.agent
+        .port_addr(&id, t.port)
+        .map_err(ApiError::from)
+}
+
+async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, ApiError> {
+    let addr = resolve(st, &t).await?;
+    st.metrics.proxied();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let uri: Uri = format!("http://{addr}{path}")
+        .parse()
+        .map_err(|_| ApiError::invalid("bad request path"))?;
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    if upgrade {
+        return proxy_upgrade(addr, uri, req).await;
+    }
+    *req.uri_mut() = uri;
+    strip_hop_headers(req.headers_mut());
+    let resp = st.proxy.request(req).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_error",
+            format!("capsule port {} did not answer: {e}", t.port),
+        )
+    })?;
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_headers(&mut parts.headers);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Upgrades (WebSocket and the like): one dedicated connection, then raw bytes both ways.
+async fn proxy_upgrade(addr: SocketAddr, uri: Uri, mut req: Request) -> Result<Response, ApiError> {
+    let bad_gateway = |e: &dyn std::fmt::Display| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_error",
+            format!("capsule port {} did not answer: {e}", addr.port()),
+        )
+    };
+    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|e| bad_gateway(&e))?
+        .map_err(|e| bad_gateway(&e))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| bad_gateway(&e))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "proxied upgrade connection ended");
+        }
+    });
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    parts.uri = uri.path_and_query().map_or_else(|| Uri::from_static("/"), |p| {
+        Uri::try_from(p.as_str()).unwrap_or_else(|_| Uri::from_static("/"))
+    });
+    parts.headers.remove("e2b-sandbox-id");
+    parts.headers.remove("e2b-sandbox-port");
+    if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
+        parts.headers.entry(header::HOST).or_insert(v);
+    }
+    let out = hyper::Request::from_parts(parts, body);
+    let mut resp = sender.send_request(out).await.map_err(|e| bad_gateway(&e))?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let server_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(a), Ok(b)) = (client_upgrade.await, server_upgrade.await) else {
+                return;
+            };
+            let mut a = TokioIo::new(a);
+            let mut b = TokioIo::new(b);
+            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+        });
+    }
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names() {
+        assert_eq!(
+            target_from_host("8080-cl-abc123.example.com:3000"),
+            Some(Target {
+                capsule: "cl-abc123".into(),
+                port: 8080
+            })
+        );
+        assert_eq!(target_from_host("127.0.0.1:3000"), None);
+        assert_eq!(target_from_host("api.example.com"), None);
+        assert_eq!(target_from_host("80-xyz.example.com"), None);
+        assert_eq!(target_from_host("99999-cl-a.example.com"), None);
+        assert_eq!(target_from_host("8080-cl-abc"), None);
+    }
+}

@@ -1,0 +1,538 @@
+//! Capsule lifecycle as both APIs need it: the database row and the host stay in step,
+//! every mutation is audited, and one team never reaches another team's capsule.
+
+use crate::agent::{CapsuleSpec, HostCapsule, HostError, HostErrorKind};
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use wrenn_core::id::CapsuleId;
+use wrenn_core::status::CapsuleStatus;
+use wrenn_db::{Actor, Capsule, NewCapsule};
+
+/// Label on the host naming the team that owns a capsule.
+pub const TEAM_LABEL: &str = "wrenn.team";
+/// Template metadata key holding a team snapshot's name on the host.
+pub const HOST_TEMPLATE_KEY: &str = "host_template";
+/// The template used when a request names none.
+pub const DEFAULT_TEMPLATE: &str = "minimal";
+/// Names that mean "the default template" (the Wrenn SDK's and E2B's defaults).
+const DEFAULT_ALIASES: &[&str] = &["minimal-ubuntu", "base"];
+/// Metadata keys owned by the system.
+pub const RESERVED_METADATA: &[&str] = &[
+    "envd_version",
+    "kernel_version",
+    "vmm_version",
+    "agent_version",
+    "firecracker_version",
+];
+
+#[derive(Clone, Debug, Default)]
+pub struct CreateParams {
+    pub template: Option<String>,
+    pub vcpus: Option<u32>,
+    pub memory_mb: Option<u32>,
+    pub timeout_sec: u32,
+    pub pause_on_timeout: bool,
+    pub metadata: Map<String, Value>,
+    pub envs: HashMap<String, String>,
+}
+
+/// Parses a capsule id from a path; anything malformed is simply not found.
+pub fn parse_id(id: &str) -> ApiResult<CapsuleId> {
+    CapsuleId::parse(id).map_err(|_| ApiError::not_found("capsule"))
+}
+
+/// A capsule row of the caller's team.
+pub async fn get(state: &AppState, who: &Principal, id: &str) -> ApiResult<Capsule> {
+    parse_id(id)?;
+    Ok(state.db.get_capsule(&who.team_id, id).await?)
+}
+
+/// A capsule of the caller's team that is running (409 otherwise).
+pub async fn running(state: &AppState, who: &Principal, id: &str) -> ApiResult<Capsule> {
+    let c = get(state, who, id).await?;
+    if c.status != CapsuleStatus::Running {
+        return Err(ApiError::invalid_state(format!(
+            "capsule {id} is {}; it must be running",
+            c.status
+        )));
+    }
+    Ok(c)
+}
+
+/// Validates a template name and finds it on the host: a snapshot of the caller's team
+/// first, then a platform template.
+pub async fn resolve_template(
+    state: &AppState,
+    who: &Principal,
+    name: Option<&str>,
+) -> ApiResult<(String, String)> {
+    let name = name.filter(|n| !n.is_empty()).unwrap_or(DEFAULT_TEMPLATE);
+    let parsed = wrenn_core::template::TemplateName::parse(name)
+        .map_err(|e| ApiError::invalid(format!("template: {e}")))?;
+    match state.db.get_template(&who.team_id, parsed.as_str()).await {
+        Ok(t) => {
+            let host = t
+                .metadata
+                .get(HOST_TEMPLATE_KEY)
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::internal("snapshot has no host template"))?;
+            return Ok((name.to_string(), host.to_string()));
+        }
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    let host_name = if DEFAULT_ALIASES.contains(&name) && state.agent.template(name).await.is_err()
+    {
+        DEFAULT_TEMPLATE
+    } else {
+        name
+    };
+    if is_team_snapshot_name(host_name) {
+        return Err(ApiError::not_found(&format!("template {name}")));
+    }
+    match state.agent.template(host_name).await {
+        Ok(_) => Ok((name.to_string(), host_name.to_string())),
+        Err(e) if e.kind == HostErrorKind::NotFound => {
+            Err(ApiError::not_found(&format!("template {name}")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Host names of team snapshots; never offered as platform templates.
+pub fn is_team_snapshot_name(name: &str) -> bool {
+    name.starts_with("snap-")
+}
+
+/// Validates user metadata of the Wrenn API: ≤ 20 keys, names like template names,
+/// values ≤ 64 characters, no reserved keys.
+pub fn validate_metadata(m: &Map<String, Value>) -> ApiResult<()> {
+    if m.len() > 20 {
+        return Err(ApiError::invalid("metadata: at most 20 keys"));
+    }
+    for (k, v) in m {
+        if wrenn_core::template::TemplateName::parse(k).is_err() {
+            return Err(ApiError::invalid(format!(
+                "metadata key {k:?}: must match [a-zA-Z0-9][a-zA-Z0-9._-]{{0,63}}"
+            )));
+        }
+        if RESERVED_METADATA.contains(&k.as_str()) || k.starts_with("wrenn.") {
+            return Err(ApiError::invalid(format!(
+                "metadata key {k:?} is reserved"
+            )));
+        }
+        match v {
+            Value::String(s) if s.chars().count() <= 64 => {}
+            Value::String(_) => {
+                return Err(ApiError::invalid(format!(
+                    "metadata value of {k:?}: at most 64 characters"
+                )))
+            }
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "metadata value of {k:?}: must be a string"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn system_metadata(state: &AppState) -> Map<String, Value> {
+    let v = state.agent.versions();
+    let mut m = Map::new();
+    m.insert("envd_version".into(), v.envd_version.into());
+    m.insert("kernel_version".into(), v.kernel_version.into());
+    m.insert("vmm_version".into(), v.vmm_version.into());
+    m.insert("agent_version".into(), v.agent_version.into());
+    m
+}
+
+/// Creates a capsule: the host starts it (ready when this returns), then the row is
+/// written; if the row cannot be written the capsule is destroyed again.
+pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiResult<Capsule> {
+    let started = std::time::Instant::now();
+    let (template, host_template) = resolve_template(state, who, p.template.as_deref()).await?;
+    let mut labels = HashMap::new();
+    labels.insert(TEAM_LABEL.to_string(), who.team_id.clone());
+    let spec = CapsuleSpec {
+        template: host_template,
+        vcpus: p.vcpus,
+        memory_mb: p.memory_mb,
+        envs: p.envs,
+        labels,
+    };
+    let hc = match state.agent.create(spec).await {
+        Ok(c) => c,
+        Err(e) => {
+            let err = ApiError::from(e);
+            state
+                .audit(
+                    who,
+                    "capsule.create",
+                    "capsule",
+                    None,
+                    false,
+                    Some(serde_json::json!({"template": template, "error": err.message})),
+                )
+                .await;
+            return Err(err);
+        }
+    };
+    let row = record(state, who, &hc, &template, &p.metadata, p.timeout_sec, p.pause_on_timeout).await?;
+    state.metrics.capsule_created(started.elapsed());
+    state
+        .audit(
+            who,
+            "capsule.create",
+            "capsule",
+            Some(hc.id.as_str()),
+            true,
+            Some(serde_json::json!({"template": template})),
+        )
+        .await;
+    Ok(row)
+}
+
+async fn record(
+    state: &AppState,
+    who: &Principal,
+    hc: &HostCapsule,
+    template: &str,
+    user_metadata: &Map<String, Value>,
+    timeout_sec: u32,
+    pause_on_timeout: bool,
+) -> ApiResult<Capsule> {
+    let mut metadata = user_metadata.clone();
+    metadata.extend(system_metadata(state));
+    let token = state.agent.envd_token(&hc.id).ok();
+    let new = NewCapsule {
+        id: hc.id.clone(),
+        status: CapsuleStatus::Running,
+        template: template.to_string(),
+        vcpus: hc.vcpus,
+        memory_mb: hc.memory_mb,
+        timeout_sec,
+        metadata,
+        envd_access_token: token,
+        pause_on_timeout,
+        disk_mb: hc.disk_mb,
+    };
+    match state.db.insert_capsule(&who.team_id, new).await {
+        Ok(row) => Ok(row),
+        Err(e) => {
+            tracing::error!(capsule = %hc.id, error = %e, "capsule row not written; destroying the capsule");
+            if let Err(d) = state.agent.destroy(&hc.id).await {
+                tracing::error!(capsule = %hc.id, error = %d, "destroying the unrecorded capsule failed");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Records activity on a capsule (resets its inactivity timer).
+pub async fn touch(state: &AppState, c: &Capsule) {
+    state
+        .activity
+        .touch(&state.db, &c.team_id, c.id.as_str())
+        .await;
+}
+
+async fn set_status(state: &AppState, c: &Capsule, s: CapsuleStatus) -> ApiResult<Capsule> {
+    Ok(state
+        .db
+        .set_capsule_status(&c.team_id, c.id.as_str(), s)
+        .await?)
+}
+
+/// Pauses a running capsule; its sample history is kept in the database.
+pub async fn pause(state: &AppState, actor: &Actor, actor_name: Option<String>, c: &Capsule) -> ApiResult<Capsule> {
+    if c.status != CapsuleStatus::Running {
+        return Err(ApiError::invalid_state(format!(
+            "capsule {} is {}; pause needs it running",
+            c.id, c.status
+        )));
+    }
+    set_status(state, c, CapsuleStatus::Pausing).await?;
+    let result = state.agent.pause(&c.id).await;
+    let ok = result.is_ok();
+    let row = match result {
+        Ok(()) => {
+            if let Some(saved) = state.agent.export_metrics(&c.id) {
+                if let Err(e) = state.db.save_capsule_metrics(c.id.as_str(), &saved).await {
+                    tracing::warn!(capsule = %c.id, error = %e, "metrics history not kept");
+                }
+            }
+            set_status(state, c, CapsuleStatus::Paused).await
+        }
+        Err(e) => {
+            let after = settle(state, c).await;
+            let _ = after;
+            Err(ApiError::from(e))
+        }
+    };
+    state
+        .audit_team(
+            &c.team_id,
+            actor.clone(),
+            actor_name,
+            "capsule.pause",
+            "capsule",
+            Some(c.id.as_str()),
+            ok,
+            None,
+        )
+        .await;
+    row
+}
+
+/// After a failed operation: sets the row to what the host says the capsule is.
+async fn settle(state: &AppState, c: &Capsule) -> Option<Capsule> {
+    let status = match state.agent.get(&c.id).await {
+        Ok(hc) => hc.status,
+        Err(e) if e.kind == HostErrorKind::NotFound => CapsuleStatus::Error,
+        Err(_) => return None,
+    };
+    set_status(state, c, status).await.ok()
+}
+
+pub async fn resume(state: &AppState, who: &Principal, c: &Capsule) -> ApiResult<Capsule> {
+    if c.status != CapsuleStatus::Paused {
+        return Err(ApiError::invalid_state(format!(
+            "capsule {} is {}; resume needs it paused",
+            c.id, c.status
+        )));
+    }
+    set_status(state, c, CapsuleStatus::Resuming).await?;
+    let result = state.agent.resume(&c.id).await;
+    let ok = result.is_ok();
+    let row = match result {
+        Ok(_) => {
+            if let Ok(Some(saved)) = state.db.load_capsule_metrics(c.id.as_str()).await {
+                state.agent.import_metrics(&c.id, saved);
+            }
+            // The guest's access token changes on every restore.
+            if let Ok(token) = state.agent.envd_token(&c.id) {
+                if let Err(e) = state
+                    .db
+                    .set_capsule_envd_token(&c.team_id, c.id.as_str(), Some(&token))
+                    .await
+                {
+                    tracing::warn!(capsule = %c.id, error = %e, "envd token not recorded");
+                }
+            }
+            let row = set_status(state, c, CapsuleStatus::Running).await;
+            touch_now(state, c).await;
+            row
+        }
+        Err(e) => {
+            settle(state, c).await;
+            Err(ApiError::from(e))
+        }
+    };
+    state
+        .audit(who, "capsule.resume", "capsule", Some(c.id.as_str()), ok, None)
+        .await;
+    row
+}
+
+async fn touch_now(state: &AppState, c: &Capsule) {
+    state.activity.forget(c.id.as_str());
+    touch(state, c).await;
+}
+
+/// Destroys a capsule of any live status; the row stays, `stopped`.
+pub async fn destroy(
+    state: &AppState,
+    actor: &Actor,
+    actor_name: Option<String>,
+    c: &Capsule,
+) -> ApiResult<()> {
+    let result = match state.agent.destroy(&c.id).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind == HostErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    let ok = result.is_ok();
+    if ok {
+        set_status(state, c, CapsuleStatus::Stopped).await?;
+        state.activity.forget(c.id.as_str());
+    }
+    state
+        .audit_team(
+            &c.team_id,
+            actor.clone(),
+            actor_name,
+            "capsule.destroy",
+            "capsule",
+            Some(c.id.as_str()),
+            ok,
+            None,
+        )
+        .await;
+    result.map_err(ApiError::from)
+}
+
+/// Snapshots a running capsule as the team's template `name`.
+pub async fn snapshot(
+    state: &AppState,
+    who: &Principal,
+    c: &Capsule,
+    name: &str,
+) -> ApiResult<wrenn_db::Template> {
+    if c.status != CapsuleStatus::Running {
+        return Err(ApiError::invalid_state(format!(
+            "capsule {} is {}; snapshot needs it running",
+            c.id, c.status
+        )));
+    }
+    let parsed = wrenn_core::template::TemplateName::parse(name)
+        .map_err(|e| ApiError::invalid(format!("name: {e}")))?;
+    if state.agent.template(name).await.is_ok() && !is_team_snapshot_name(name) {
+        return Err(ApiError::conflict(
+            "name_reserved",
+            format!("{name} is a platform template"),
+        ));
+    }
+    if state.db.get_template(&who.team_id, name).await.is_ok() {
+        return Err(ApiError::conflict(
+            "template_name_taken",
+            format!("template {name} already exists"),
+        ));
+    }
+    let host_name = format!("snap-{}", wrenn_core::id::base36(rand::random::<u128>()));
+    let result = state.agent.snapshot(&c.id, &host_name).await;
+    let ht = match result {
+        Ok(t) => t,
+        Err(e) => {
+            state
+                .audit(who, "snapshot.create", "snapshot", Some(name), false, None)
+                .await;
+            return Err(e.into());
+        }
+    };
+    let mut metadata = Map::new();
+    metadata.insert(HOST_TEMPLATE_KEY.into(), host_name.clone().into());
+    let new = wrenn_db::NewTemplate {
+        name: parsed,
+        kind: wrenn_db::TemplateKind::Snapshot,
+        source_capsule: Some(c.id.to_string()),
+        vcpus: ht.vcpus.or(Some(c.vcpus)),
+        memory_mb: ht.memory_mb.or(Some(c.memory_mb)),
+        size_bytes: ht.size_bytes,
+        metadata,
+    };
+    let row = match state.db.insert_template(&who.team_id, new).await {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = state.agent.delete_template(&host_name).await;
+            return Err(ApiError::from(e));
+        }
+    };
+    state
+        .audit(
+            who,
+            "snapshot.create",
+            "snapshot",
+            Some(name),
+            true,
+            Some(serde_json::json!({"capsule": c.id.as_str()})),
+        )
+        .await;
+    Ok(row)
+}
+
+pub async fn delete_snapshot(state: &AppState, who: &Principal, name: &str) -> ApiResult<()> {
+    let t = state.db.get_template(&who.team_id, name).await?;
+    if let Some(host) = t.metadata.get(HOST_TEMPLATE_KEY).and_then(Value::as_str) {
+        match state.agent.delete_template(host).await {
+            Ok(()) => {}
+            Err(e) if e.kind == HostErrorKind::NotFound => {}
+            Err(e) => {
+                state
+                    .audit(who, "snapshot.delete", "snapshot", Some(name), false, None)
+                    .await;
+                return Err(e.into());
+            }
+        }
+    }
+    state.db.delete_template(&who.team_id, name).await?;
+    state
+        .audit(who, "snapshot.delete", "snapshot", Some(name), true, None)
+        .await;
+    Ok(())
+}
+
+/// Forks a running capsule; each fork gets its own row.
+pub async fn fork(
+    state: &AppState,
+    who: &Principal,
+    c: &Capsule,
+    count: usize,
+    timeout_sec: u32,
+) -> ApiResult<Vec<Capsule>> {
+    if c.status != CapsuleStatus::Running {
+        return Err(ApiError::invalid_state(format!(
+            "capsule {} is {}; fork needs it running",
+            c.id, c.status
+        )));
+    }
+    let mut labels = HashMap::new();
+    labels.insert(TEAM_LABEL.to_string(), who.team_id.clone());
+    let forks = state
+        .agent
+        .fork(&c.id, count, labels)
+        .await
+        .map_err(ApiError::from);
+    let forks = match forks {
+        Ok(f) => f,
+        Err(e) => {
+            state
+                .audit(who, "capsule.fork", "capsule", Some(c.id.as_str()), false, None)
+                .await;
+            return Err(e);
+        }
+    };
+    let mut user_meta = c.metadata.clone();
+    for k in RESERVED_METADATA {
+        user_meta.remove(*k);
+    }
+    let mut rows = Vec::new();
+    for hc in forks {
+        rows.push(
+            record(
+                state,
+                who,
+                &hc,
+                &c.template,
+                &user_meta,
+                timeout_sec,
+                c.pause_on_timeout,
+            )
+            .await?,
+        );
+        state
+            .audit(
+                who,
+                "capsule.fork",
+                "capsule",
+                Some(hc.id.as_str()),
+                true,
+                Some(serde_json::json!({"from": c.id.as_str()})),
+            )
+            .await;
+    }
+    Ok(rows)
+}
+
+/// Maps a host error of a guest call.
+pub fn guest_err(e: wrenn_core::guest::AgentError) -> ApiError {
+    crate::agent::guest_error(&e).into()
+}
+
+pub fn host_err(e: HostError) -> ApiError {
+    e.into()
+}

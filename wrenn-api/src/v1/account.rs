@@ -1,0 +1,747 @@
+//! Accounts, teams, members, API keys and audit logs.
+
+use crate::auth::{Auth, UserAuth, UserClaims};
+use crate::error::{json_rejection, ApiError, ApiResult, ErrorBody};
+use crate::state::AppState;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use utoipa::{IntoParams, ToSchema};
+use wrenn_db::{Role, User};
+
+type S = State<Arc<AppState>>;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignupRequest {
+    #[schema(format = Email)]
+    pub email: String,
+    #[schema(min_length = 8, max_length = 1024)]
+    pub password: String,
+    #[schema(max_length = 100)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageResponse {
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoginResponse {
+    pub token: String,
+    pub user_id: String,
+    pub team_id: String,
+    pub email: String,
+    pub name: String,
+}
+
+fn claims(user: &User, team_id: &str, role: Role) -> UserClaims {
+    UserClaims {
+        sub: user.id.clone(),
+        team_id: team_id.to_string(),
+        role: role.as_str().to_string(),
+        email: user.email.clone(),
+        name: user.name.clone(),
+        is_admin: user.is_admin,
+        iat: 0,
+        exp: 0,
+    }
+}
+
+fn login_response(st: &AppState, user: &User, team_id: &str, role: Role) -> ApiResult<LoginResponse> {
+    Ok(LoginResponse {
+        token: st.jwt.issue(claims(user, team_id, role))?,
+        user_id: user.id.clone(),
+        team_id: team_id.to_string(),
+        email: user.email.clone(),
+        name: user.name.clone(),
+    })
+}
+
+#[utoipa::path(post, path = "/v1/auth/signup", tag = "auth", request_body = SignupRequest,
+    responses((status = 201, body = MessageResponse), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn signup(
+    State(st): S,
+    body: Result<Json<SignupRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<MessageResponse>)> {
+    if !st.config.open_signup {
+        return Err(ApiError::forbidden("sign-up is disabled on this server"));
+    }
+    let Json(req) = body.map_err(json_rejection)?;
+    if req.password.chars().count() < 8 {
+        return Err(ApiError::invalid("password must be at least 8 characters"));
+    }
+    let name = req.name.unwrap_or_default();
+    if name.chars().count() > 100 {
+        return Err(ApiError::invalid("name must be at most 100 characters"));
+    }
+    let display = if name.trim().is_empty() {
+        req.email.split('@').next().unwrap_or("user").to_string()
+    } else {
+        name
+    };
+    let user = match st
+        .db
+        .create_user(&req.email, &display, Some(&req.password), false)
+        .await
+    {
+        Ok(u) => u,
+        Err(wrenn_db::DbError::Conflict { .. }) => {
+            return Err(ApiError::conflict(
+                "email_taken",
+                "an account with this e-mail exists",
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let team = st
+        .db
+        .create_team(&format!("{}'s team", user.name), &user.id)
+        .await?;
+    st.audit_team(
+        &team.id,
+        wrenn_db::Actor::User { id: user.id.clone() },
+        Some(user.email.clone()),
+        "user.signup",
+        "user",
+        Some(&user.id),
+        true,
+        None,
+    )
+    .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(MessageResponse {
+            message: "account created; log in with POST /v1/auth/login".into(),
+        }),
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = LoginResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn login(
+    State(st): S,
+    body: Result<Json<LoginRequest>, JsonRejection>,
+) -> ApiResult<Json<LoginResponse>> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let user = st
+        .db
+        .verify_password(&req.email, &req.password)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "wrong_password",
+                "wrong e-mail or password",
+            )
+        })?;
+    let team = st
+        .db
+        .default_team(&user.id)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::FORBIDDEN, "no_team", "the account has no team"))?;
+    Ok(Json(login_response(&st, &user, &team.team.id, team.role)?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchTeamRequest {
+    pub team_id: String,
+}
+
+#[utoipa::path(post, path = "/v1/auth/switch-team", tag = "auth", request_body = SwitchTeamRequest,
+    responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn switch_team(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    body: Result<Json<SwitchTeamRequest>, JsonRejection>,
+) -> ApiResult<Json<LoginResponse>> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let u = who.user()?;
+    let user = st.db.get_user(&u.sub).await?;
+    let t = st.db.get_team_for_member(&req.team_id, &user.id).await?;
+    Ok(Json(login_response(&st, &user, &t.team.id, t.role)?))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MeResponse {
+    pub id: String,
+    pub name: String,
+    pub email: String,
+    pub has_password: bool,
+    pub is_admin: bool,
+    pub providers: Vec<String>,
+    pub team_id: String,
+    pub role: String,
+}
+
+#[utoipa::path(get, path = "/v1/me", tag = "account",
+    responses((status = 200, body = MeResponse), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn me(State(st): S, UserAuth(who): UserAuth) -> ApiResult<Json<MeResponse>> {
+    let u = who.user()?;
+    let user = st.db.get_user(&u.sub).await?;
+    Ok(Json(MeResponse {
+        id: user.id,
+        name: user.name,
+        email: user.email,
+        has_password: user.has_password,
+        is_admin: user.is_admin,
+        providers: Vec::new(),
+        team_id: who.team_id.clone(),
+        role: u.role.clone(),
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRequest {
+    #[schema(min_length = 1, max_length = 100)]
+    pub name: String,
+}
+
+#[utoipa::path(patch, path = "/v1/me", tag = "account", request_body = RenameRequest,
+    responses((status = 200, body = MeResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn update_me(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    body: Result<Json<RenameRequest>, JsonRejection>,
+) -> ApiResult<Json<MeResponse>> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let u = who.user()?;
+    let n = req.name.trim().chars().count();
+    if n == 0 || n > 100 {
+        return Err(ApiError::invalid("name must be 1 to 100 characters"));
+    }
+    let user = st.db.rename_user(&u.sub, req.name.trim()).await?;
+    Ok(Json(MeResponse {
+        id: user.id,
+        name: user.name,
+        email: user.email,
+        has_password: user.has_password,
+        is_admin: user.is_admin,
+        providers: Vec::new(),
+        team_id: who.team_id.clone(),
+        role: u.role.clone(),
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordRequest {
+    pub current_password: Option<String>,
+    #[schema(min_length = 8, max_length = 1024)]
+    pub new_password: String,
+    pub confirm_password: String,
+}
+
+#[utoipa::path(post, path = "/v1/me/password", tag = "account", request_body = PasswordRequest,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn change_password(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    body: Result<Json<PasswordRequest>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let u = who.user()?;
+    if req.new_password != req.confirm_password {
+        return Err(ApiError::invalid("new_password and confirm_password differ"));
+    }
+    if req.new_password.chars().count() < 8 {
+        return Err(ApiError::invalid("password must be at least 8 characters"));
+    }
+    let user = st.db.get_user(&u.sub).await?;
+    if user.has_password {
+        let current = req.current_password.unwrap_or_default();
+        if st.db.verify_password(&user.email, &current).await?.is_none() {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "wrong_password",
+                "current password is wrong",
+            ));
+        }
+    }
+    st.db.set_password(&user.id, &req.new_password).await?;
+    st.audit(&who, "user.password", "user", Some(&user.id), true, None)
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TeamView {
+    pub id: String,
+    pub name: String,
+    pub slug: String,
+    pub is_byoc: bool,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub role: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemberView {
+    pub user_id: String,
+    pub name: String,
+    pub email: String,
+    pub role: String,
+    pub joined_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TeamDetail {
+    #[serde(flatten)]
+    pub team: TeamView,
+    pub members: Vec<MemberView>,
+}
+
+fn team_view(t: &wrenn_db::TeamWithRole) -> TeamView {
+    TeamView {
+        id: t.team.id.clone(),
+        name: t.team.name.clone(),
+        slug: t.team.slug.clone(),
+        is_byoc: false,
+        created_at: t.team.created_at,
+        role: t.role.as_str().to_string(),
+    }
+}
+
+fn member_view(m: &wrenn_db::Member) -> MemberView {
+    MemberView {
+        user_id: m.user_id.clone(),
+        name: m.name.clone(),
+        email: m.email.clone(),
+        role: m.role.as_str().to_string(),
+        joined_at: m.joined_at,
+    }
+}
+
+#[utoipa::path(get, path = "/v1/teams", tag = "teams",
+    responses((status = 200, body = Vec<TeamView>), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_teams(State(st): S, UserAuth(who): UserAuth) -> ApiResult<Json<Vec<TeamView>>> {
+    let u = who.user()?;
+    let teams = st.db.teams_of_user(&u.sub).await?;
+    Ok(Json(teams.iter().map(team_view).collect()))
+}
+
+#[utoipa::path(post, path = "/v1/teams", tag = "teams", request_body = RenameRequest,
+    responses((status = 201, body = TeamView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_team(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    body: Result<Json<RenameRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<TeamView>)> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let u = who.user()?;
+    let team = st.db.create_team(&req.name, &u.sub).await?;
+    let t = st.db.get_team_for_member(&team.id, &u.sub).await?;
+    st.audit_team(&team.id, who.actor.clone(), who.actor_name.clone(), "team.create", "team", Some(&team.id), true, None)
+        .await;
+    Ok((StatusCode::CREATED, Json(team_view(&t))))
+}
+
+/// The team if the caller is a member; 404 otherwise (never confirms it exists).
+async fn my_team(st: &AppState, user_id: &str, team_id: &str) -> ApiResult<wrenn_db::TeamWithRole> {
+    Ok(st.db.get_team_for_member(team_id, user_id).await?)
+}
+
+#[utoipa::path(get, path = "/v1/teams/{id}", tag = "teams", params(("id" = String, Path)),
+    responses((status = 200, body = TeamDetail), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_team(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TeamDetail>> {
+    let u = who.user()?;
+    let t = my_team(&st, &u.sub, &id).await?;
+    let members = st.db.list_members(&id).await?;
+    Ok(Json(TeamDetail {
+        team: team_view(&t),
+        members: members.iter().map(member_view).collect(),
+    }))
+}
+
+fn need_manager(t: &wrenn_db::TeamWithRole) -> ApiResult<()> {
+    if t.role.can_manage() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("only the team's owner or admins can do this"))
+    }
+}
+
+#[utoipa::path(patch, path = "/v1/teams/{id}", tag = "teams", params(("id" = String, Path)), request_body = RenameRequest,
+    responses((status = 200, body = TeamView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn rename_team(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    Path(id): Path<String>,
+    body: Result<Json<RenameRequest>, JsonRejection>,
+) -> ApiResult<Json<TeamView>> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let u = who.user()?;
+    let t = my_team(&st, &u.sub, &id).await?;
+    need_manager(&t)?;
+    st.db.rename_team(&id, &req.name).await?;
+    let t = my_team(&st, &u.sub, &id).await?;
+    st.audit_team(&id, who.actor.clone(), who.actor_name.clone(), "team.rename", "team", Some(&id), true, None)
+        .await;
+    Ok(Json(team_view(&t)))
+}
+
+#[utoipa::path(delete, path = "/v1/teams/{id}", tag = "teams", params(("id" = String, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_team(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let u = who.user()?;
+    let t = my_team(&st, &u.sub, &id).await?;
+    if t.role != Role::Owner {
+        return Err(ApiError::forbidden("only the team's owner can delete it"));
+    }
+    if st.db.count_live_capsules(&id).await? > 0 {
+        return Err(ApiError::conflict(
+            "conflict",
+            "the team still has capsules; destroy them first",
+        ));
+    }
+    st.db.delete_team(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddMemberRequest {
+    pub email: String,
+    /// admin or member (default member).
+    pub role: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleRequest {
+    /// owner, admin or member.
+    pub role: String,
+}
+
+fn parse_role(s: Option<&str>) -> ApiResult<Role> {
+    match s {
+        None => Ok(Role::Member),
+        Some(r) => Role::parse(r)
+            .ok_or_else(|| ApiError::invalid(format!("role {r:?}: expected owner, admin or member"))),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/teams/{id}/members", tag = "teams", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<MemberView>), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_members(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<MemberView>>> {
+    let u = who.user()?;
+    my_team(&st, &u.sub, &id).await?;
+    let members = st.db.list_members(&id).await?;
+    Ok(Json(members.iter().map(member_view).collect()))
+}
+
+#[utoipa::path(post, path = "/v1/teams/{id}/members", tag = "teams", params(("id" = String, Path)), request_body = AddMemberRequest,
+    responses((status = 201, body = MemberView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn add_member(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    Path(id): Path<String>,
+    body: Result<Json<AddMemberRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<MemberView>)> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let u = who.user()?;
+    let t = my_team(&st, &u.sub, &id).await?;
+    need_manager(&t)?;
+    let role = parse_role(req.role.as_deref())?;
+    if role == Role::Owner {
+        return Err(ApiError::invalid("a team has one owner; add as admin or member"));
+    }
+    let user = st.db.get_user_by_email(&req.email).await?;
+    st.db.add_member(&id, &user.id, role).await?;
+    let m = st
+        .db
+        .list_members(&id)
+        .await?
+        .into_iter()
+        .find(|m| m.user_id == user.id)
+        .ok_or_else(|| ApiError::not_found("member"))?;
+    st.audit_team(&id, who.actor.clone(), who.actor_name.clone(), "member.add", "user", Some(&user.id), true, None)
+        .await;
+    Ok((StatusCode::CREATED, Json(member_view(&m))))
+}
+
+#[utoipa::path(patch, path = "/v1/teams/{id}/members/{uid}", tag = "teams",
+    params(("id" = String, Path), ("uid" = String, Path)), request_body = RoleRequest,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn set_role(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    Path((id, uid)): Path<(String, String)>,
+    body: Result<Json<RoleRequest>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let u = who.user()?;
+    let t = my_team(&st, &u.sub, &id).await?;
+    need_manager(&t)?;
+    let role = parse_role(Some(&req.role))?;
+    if role == Role::Owner && t.role != Role::Owner {
+        return Err(ApiError::forbidden("only the owner can hand over ownership"));
+    }
+    st.db.set_member_role(&id, &uid, role).await?;
+    st.audit_team(&id, who.actor.clone(), who.actor_name.clone(), "member.role", "user", Some(&uid), true, Some(serde_json::json!({"role": req.role})))
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(delete, path = "/v1/teams/{id}/members/{uid}", tag = "teams",
+    params(("id" = String, Path), ("uid" = String, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn remove_member(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    Path((id, uid)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let u = who.user()?;
+    let t = my_team(&st, &u.sub, &id).await?;
+    if uid != u.sub {
+        need_manager(&t)?;
+    }
+    st.db.remove_member(&id, &uid).await?;
+    st.audit_team(&id, who.actor.clone(), who.actor_name.clone(), "member.remove", "user", Some(&uid), true, None)
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/teams/{id}/leave", tag = "teams", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn leave_team(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let u = who.user()?;
+    my_team(&st, &u.sub, &id).await?;
+    st.db.remove_member(&id, &u.sub).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyView {
+    pub id: String,
+    pub team_id: String,
+    pub name: String,
+    pub key_prefix: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creator_email: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<chrono::DateTime<chrono::Utc>>,
+    /// The key itself: in the create response only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+fn key_view(k: &wrenn_db::ApiKey, key: Option<String>) -> ApiKeyView {
+    ApiKeyView {
+        id: k.id.clone(),
+        team_id: k.team_id.clone(),
+        name: k.name.clone(),
+        key_prefix: k.key_prefix.clone(),
+        created_by: k.created_by.clone(),
+        creator_email: k.creator_email.clone(),
+        created_at: k.created_at,
+        last_used: k.last_used,
+        key,
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    #[schema(max_length = 100)]
+    pub name: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/api-keys", tag = "api-keys", request_body = CreateKeyRequest,
+    responses((status = 201, body = ApiKeyView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn create_key(
+    State(st): S,
+    Auth(who): Auth,
+    body: Result<Json<CreateKeyRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<ApiKeyView>)> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let name = req
+        .name
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| "Unnamed API Key".into());
+    if name.chars().count() > 100 {
+        return Err(ApiError::invalid("name must be at most 100 characters"));
+    }
+    let creator = who.user.as_ref().map(|u| u.sub.as_str());
+    let created = st.db.create_api_key(&who.team_id, &name, creator).await?;
+    st.audit(&who, "api_key.create", "api_key", Some(&created.api_key.id), true, None)
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(key_view(&created.api_key, Some(created.key.clone()))),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/api-keys", tag = "api-keys",
+    responses((status = 200, body = Vec<ApiKeyView>), (status = 401, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn list_keys(State(st): S, Auth(who): Auth) -> ApiResult<Json<Vec<ApiKeyView>>> {
+    let keys = st.db.list_api_keys(&who.team_id).await?;
+    Ok(Json(keys.iter().map(|k| key_view(k, None)).collect()))
+}
+
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "api-keys", params(("id" = String, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn delete_key(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.db.delete_api_key(&who.team_id, &id).await?;
+    st.keys.revoke(&id);
+    st.audit(&who, "api_key.delete", "api_key", Some(&id), true, None)
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct AuditParams {
+    /// `next_before` of the previous page (RFC 3339).
+    pub before: Option<String>,
+    /// `next_before_id` of the previous page.
+    pub before_id: Option<String>,
+    /// 1..200 (default 50).
+    pub limit: Option<u32>,
+    pub resource_type: Option<String>,
+    pub action: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditItem {
+    pub id: String,
+    pub actor_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor_name: Option<String>,
+    pub resource_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
+    pub action: String,
+    pub scope: String,
+    /// success or failure.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPageView {
+    pub items: Vec<AuditItem>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_before_id: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/audit-logs", tag = "audit", params(AuditParams),
+    responses((status = 200, body = AuditPageView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn audit_logs(
+    State(st): S,
+    Auth(who): Auth,
+    Query(q): Query<AuditParams>,
+) -> ApiResult<Json<AuditPageView>> {
+    let before = match (q.before, q.before_id) {
+        (None, None) => None,
+        (Some(b), Some(id)) => {
+            let t = chrono::DateTime::parse_from_rfc3339(&b)
+                .map_err(|_| ApiError::invalid("before must be an RFC 3339 time"))?;
+            Some(wrenn_db::AuditCursor {
+                created_at: t.with_timezone(&chrono::Utc),
+                id,
+            })
+        }
+        _ => return Err(ApiError::invalid("before and before_id go together")),
+    };
+    if q.limit == Some(0) || q.limit.is_some_and(|l| l > 200) {
+        return Err(ApiError::invalid("limit must be 1 to 200"));
+    }
+    let page = st
+        .db
+        .list_audit(
+            &who.team_id,
+            &wrenn_db::AuditQuery {
+                before,
+                limit: q.limit,
+                resource_type: q.resource_type,
+                action: q.action,
+            },
+        )
+        .await?;
+    Ok(Json(AuditPageView {
+        items: page
+            .items
+            .into_iter()
+            .map(|e| AuditItem {
+                id: e.id,
+                actor_type: e.actor.kind().to_string(),
+                actor_id: e.actor.id().map(str::to_string),
+                actor_name: e.actor_name,
+                resource_type: e.resource_type,
+                resource_id: e.resource_id,
+                action: e.action,
+                scope: "team".into(),
+                status: e.result.as_str().to_string(),
+                metadata: e.metadata,
+                created_at: e.created_at,
+            })
+            .collect(),
+        next_before: page
+            .next
+            .as_ref()
+            .map(|c| c.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        next_before_id: page.next.map(|c| c.id),
+    }))
+}

@@ -1,0 +1,357 @@
+//! `/v1/capsules/{id}/files/*`: read, write (streamed, size-capped), list, mkdir, remove.
+
+use crate::auth::Auth;
+use crate::error::{json_rejection, ApiError, ApiResult, ErrorBody};
+use crate::service;
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Multipart, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use utoipa::ToSchema;
+use wrenn_core::guest::{AgentError, ByteStream, EntryKind, FileEntry};
+
+type S = State<Arc<AppState>>;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PathBody {
+    /// Path inside the capsule.
+    #[schema(min_length = 1)]
+    pub path: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListBody {
+    #[schema(min_length = 1)]
+    pub path: String,
+    /// Recursion depth (1 = immediate children).
+    #[schema(minimum = 0, maximum = 32)]
+    pub depth: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileEntryView {
+    pub name: String,
+    pub path: String,
+    /// file, directory or symlink.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub permissions: String,
+    pub owner: String,
+    pub group: String,
+    /// Unix seconds.
+    pub modified_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
+}
+
+impl From<FileEntry> for FileEntryView {
+    fn from(e: FileEntry) -> Self {
+        FileEntryView {
+            name: e.name,
+            path: e.path,
+            kind: match e.kind {
+                EntryKind::Dir => "directory",
+                EntryKind::Symlink => "symlink",
+                EntryKind::File | EntryKind::Other => "file",
+            }
+            .to_string(),
+            size: e.size,
+            mode: e.mode,
+            permissions: e.permissions,
+            owner: e.owner,
+            group: e.group,
+            modified_at: e.modified,
+            symlink_target: e.symlink_target,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ListDirResponse {
+    pub entries: Vec<FileEntryView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MakeDirResponse {
+    pub entry: FileEntryView,
+}
+
+fn check_path(p: &str) -> ApiResult<()> {
+    if p.is_empty() || p.contains('\0') || p.len() > 4096 {
+        return Err(ApiError::invalid(
+            "path must be a non-empty path without NUL bytes",
+        ));
+    }
+    Ok(())
+}
+
+async fn guest_of(
+    st: &AppState,
+    who: &crate::auth::Principal,
+    id: &str,
+) -> ApiResult<Arc<dyn wrenn_core::guest::GuestAgent>> {
+    let c = service::running(st, who, id).await?;
+    service::touch(st, &c).await;
+    st.agent.guest(&c.id).map_err(service::host_err)
+}
+
+fn file_err(e: AgentError) -> ApiError {
+    match e {
+        AgentError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
+        AgentError::InvalidArgument(m) => ApiError::invalid(m),
+        other => service::guest_err(other),
+    }
+}
+
+async fn read_impl(st: &AppState, who: &crate::auth::Principal, id: &str, path: &str) -> ApiResult<Response> {
+    check_path(path)?;
+    let guest = guest_of(st, who, id).await?;
+    let stream = guest.read_file(path).await.map_err(file_err)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+#[utoipa::path(post, path = "/v1/capsules/{id}/files/read", tag = "files",
+    params(("id" = String, Path)), request_body = PathBody,
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn read(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: Result<Json<PathBody>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(b) = body.map_err(json_rejection)?;
+    read_impl(&st, &who, &id, &b.path).await
+}
+
+#[utoipa::path(post, path = "/v1/capsules/{id}/files/stream/read", tag = "files",
+    params(("id" = String, Path)), request_body = PathBody,
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn stream_read(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: Result<Json<PathBody>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(b) = body.map_err(json_rejection)?;
+    read_impl(&st, &who, &id, &b.path).await
+}
+
+/// Multipart upload: form field `path`, then file part `file`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    path: String,
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    file: String,
+}
+
+/// Streams the multipart `file` part to the guest, refusing more than the upload cap.
+async fn write_impl(
+    st: &AppState,
+    who: &crate::auth::Principal,
+    id: &str,
+    headers: &HeaderMap,
+    mut form: Multipart,
+) -> ApiResult<StatusCode> {
+    let limit = st.config.upload_limit;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // Multipart framing adds a few hundred bytes; a body far beyond the cap is refused
+    // before anything is read.
+    if declared.is_some_and(|n| n > limit.saturating_add(64 * 1024)) {
+        return Err(ApiError::too_large(limit));
+    }
+    let guest = guest_of(st, who, id).await?;
+    let mut path: Option<String> = None;
+    let mut written = false;
+    while let Some(mut field) = form
+        .next_field()
+        .await
+        .map_err(|e| ApiError::invalid(format!("multipart: {e}")))?
+    {
+        match field.name() {
+            Some("path") => {
+                let p = field
+                    .text()
+                    .await
+                    .map_err(|e| ApiError::invalid(format!("multipart path: {e}")))?;
+                check_path(&p)?;
+                path = Some(p);
+            }
+            Some("file") => {
+                let Some(p) = path.clone() else {
+                    return Err(ApiError::invalid(
+                        "multipart: the `path` field must come before the `file` part",
+                    ));
+                };
+                let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, AgentError>>(4);
+                let stream: ByteStream = Box::pin(futures_util::stream::unfold(rx, |mut rx| async {
+                    rx.recv().await.map(|item| (item, rx))
+                }));
+                let g = guest.clone();
+                let writer = tokio::spawn(async move { g.write_file(&p, stream).await });
+                let mut total = 0u64;
+                let mut failure: Option<ApiError> = None;
+                loop {
+                    match field.chunk().await {
+                        Ok(Some(chunk)) => {
+                            total += chunk.len() as u64;
+                            if total > limit {
+                                let _ = tx
+                                    .send(Err(AgentError::InvalidArgument("upload too large".into())))
+                                    .await;
+                                failure = Some(ApiError::too_large(limit));
+                                break;
+                            }
+                            if tx.send(Ok(chunk)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = tx
+                                .send(Err(AgentError::Protocol("upload interrupted".into())))
+                                .await;
+                            failure = Some(ApiError::invalid(format!("multipart file: {e}")));
+                            break;
+                        }
+                    }
+                }
+                drop(tx);
+                let result = writer
+                    .await
+                    .map_err(|e| ApiError::internal(format!("upload task: {e}")))?;
+                if let Some(f) = failure {
+                    return Err(f);
+                }
+                result.map_err(file_err)?;
+                written = true;
+            }
+            _ => {}
+        }
+    }
+    if !written {
+        return Err(ApiError::invalid(
+            "multipart: expected a `path` field and a `file` part",
+        ));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/capsules/{id}/files/write", tag = "files",
+    params(("id" = String, Path)),
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn write(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> ApiResult<StatusCode> {
+    let form = form.map_err(|e| ApiError::invalid(e.body_text()))?;
+    write_impl(&st, &who, &id, &headers, form).await
+}
+
+#[utoipa::path(post, path = "/v1/capsules/{id}/files/stream/write", tag = "files",
+    params(("id" = String, Path)),
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn stream_write(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> ApiResult<StatusCode> {
+    let form = form.map_err(|e| ApiError::invalid(e.body_text()))?;
+    write_impl(&st, &who, &id, &headers, form).await
+}
+
+#[utoipa::path(post, path = "/v1/capsules/{id}/files/list", tag = "files",
+    params(("id" = String, Path)), request_body = ListBody,
+    responses((status = 200, body = ListDirResponse), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn list(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: Result<Json<ListBody>, JsonRejection>,
+) -> ApiResult<Json<ListDirResponse>> {
+    let Json(b) = body.map_err(json_rejection)?;
+    check_path(&b.path)?;
+    let depth = b.depth.unwrap_or(1);
+    if depth > 32 {
+        return Err(ApiError::invalid("depth must be at most 32"));
+    }
+    let guest = guest_of(&st, &who, &id).await?;
+    let entries = guest
+        .list_dir(&b.path, depth.max(1))
+        .await
+        .map_err(file_err)?;
+    Ok(Json(ListDirResponse {
+        entries: entries.into_iter().map(Into::into).collect(),
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/capsules/{id}/files/mkdir", tag = "files",
+    params(("id" = String, Path)), request_body = PathBody,
+    responses((status = 200, body = MakeDirResponse), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn mkdir(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: Result<Json<PathBody>, JsonRejection>,
+) -> ApiResult<Json<MakeDirResponse>> {
+    let Json(b) = body.map_err(json_rejection)?;
+    check_path(&b.path)?;
+    let guest = guest_of(&st, &who, &id).await?;
+    let entry = guest.make_dir(&b.path).await.map_err(file_err)?;
+    Ok(Json(MakeDirResponse {
+        entry: entry.into(),
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/capsules/{id}/files/remove", tag = "files",
+    params(("id" = String, Path)), request_body = PathBody,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn remove(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: Result<Json<PathBody>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    let Json(b) = body.map_err(json_rejection)?;
+    check_path(&b.path)?;
+    let guest = guest_of(&st, &who, &id).await?;
+    guest.remove(&b.path).await.map_err(file_err)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,8 @@
+//! The Wrenn REST API, `/v1/…`.
+
+pub mod account;
+pub mod capsules;
+pub mod files;
+pub mod snapshots;
+pub mod stats;
+pub mod ws;

@@ -99,7 +99,9 @@ class EnvdProcess:
         env.setdefault("RUST_LOG", "info")
         env.setdefault("NO_COLOR", "1")
         self.proc = subprocess.Popen(
-            [str(binary), "--port", str(self.port), *envd_extra_args()],
+            # --no-forward: on a host, envd must not expose the host's
+            # loopback-only services on its other addresses.
+            [str(binary), "--port", str(self.port), "--no-forward", *envd_extra_args()],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

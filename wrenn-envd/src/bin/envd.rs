@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use std::net::{IpAddr, SocketAddr};
+use wrenn_envd::server::forward::{ForwardAddrs, ForwardConfig, Forwarder, SCAN_INTERVAL};
 use wrenn_envd::server::{serve, AppState, Config};
 
 #[derive(Debug, Parser)]
@@ -19,6 +20,23 @@ struct Args {
     /// Set the system clock from the host time sent to /init (inside a capsule).
     #[arg(long)]
     sync_clock: bool,
+    /// Expose services that listen only on loopback at this address, on the same port
+    /// (repeatable). Default: every non-loopback IPv4 address of the up interfaces.
+    #[arg(long = "forward-addr", value_name = "IP", value_parser = forward_ip)]
+    forward_addr: Vec<IpAddr>,
+    /// Do not expose loopback-only services (for envd running outside a capsule).
+    #[arg(long, conflicts_with = "forward_addr")]
+    no_forward: bool,
+}
+
+/// A forward address must be one address: binding a wildcard would collide with the
+/// very listeners it forwards to.
+fn forward_ip(s: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = s.parse().map_err(|e| format!("{e}"))?;
+    if ip.is_unspecified() {
+        return Err("a wildcard address cannot be a forward address".into());
+    }
+    Ok(ip)
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +64,22 @@ fn main() -> std::process::ExitCode {
         let addr = SocketAddr::new(args.addr, args.port);
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(%addr, version = wrenn_envd::ENVD_VERSION, "envd listening");
+        if !args.no_forward {
+            let addrs = if args.forward_addr.is_empty() {
+                ForwardAddrs::Interfaces
+            } else {
+                ForwardAddrs::Fixed(args.forward_addr.clone())
+            };
+            tracing::info!(?addrs, "forwarding loopback-only listeners");
+            tokio::spawn(
+                Forwarder::new(ForwardConfig {
+                    addrs,
+                    exclude_ports: vec![args.port],
+                    interval: SCAN_INTERVAL,
+                })
+                .run(),
+            );
+        }
         let state = AppState::new(Config {
             default_user: args.default_user,
             sync_clock: args.sync_clock,

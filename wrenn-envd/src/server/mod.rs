@@ -3,6 +3,7 @@
 mod auth;
 mod files;
 mod filesystem;
+pub mod forward;
 mod http;
 pub mod process;
 mod rpc;

@@ -26,6 +26,13 @@ pub struct GuestInit {
     pub timestamp: Option<SystemTime>,
 }
 
+/// Size of a pseudo-terminal, in character cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
 /// A command to run in the guest.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
@@ -47,6 +54,11 @@ pub struct ExecRequest {
     pub timeout: Option<Duration>,
     #[serde(default)]
     pub tag: Option<String>,
+    /// Run on a pseudo-terminal of this size: stdin, stdout and stderr are the
+    /// terminal, output arrives as [`ExecEvent::Stdout`], input goes through
+    /// [`GuestAgent::send_pty_input`] (`stdin` is then irrelevant).
+    #[serde(default)]
+    pub pty: Option<PtySize>,
 }
 
 /// How a process ended.
@@ -167,6 +179,14 @@ pub trait GuestAgent: Send + Sync + Debug {
     async fn send_stdin(&self, pid: u32, data: Bytes) -> Result<(), AgentError>;
 
     async fn close_stdin(&self, pid: u32) -> Result<(), AgentError>;
+
+    /// Writes to the terminal of a process started with [`ExecRequest::pty`]
+    /// (keystrokes: `\x03` is Ctrl-C, `\x04` Ctrl-D).
+    async fn send_pty_input(&self, pid: u32, data: Bytes) -> Result<(), AgentError>;
+
+    /// Resizes the terminal of a process started with [`ExecRequest::pty`] (the
+    /// process gets `SIGWINCH`).
+    async fn resize_pty(&self, pid: u32, size: PtySize) -> Result<(), AgentError>;
 
     /// SIGKILL (`kill = true`) or SIGTERM.
     async fn signal(&self, pid: u32, kill: bool) -> Result<(), AgentError>;

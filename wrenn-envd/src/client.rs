@@ -7,7 +7,8 @@ use crate::proto::filesystem::{
 };
 use crate::proto::process::{
     Event, EventResponse, Input, ListRequest, ListResponse, Output, ProcessConfig, ProcessInput,
-    ProcessRequest, ProcessSelector, SendInputRequest, SendSignalRequest, Signal, StartRequest,
+    ProcessRequest, ProcessSelector, Pty, PtySize as WirePtySize, SendInputRequest,
+    SendSignalRequest, Signal, StartRequest, UpdateRequest,
 };
 use crate::proto::InitRequest;
 use async_trait::async_trait;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use wrenn_core::guest::{
     AgentError, ByteStream, EntryKind, ExecEvent, ExecRequest, ExecStream, ExitStatus, FileEntry,
-    GuestAgent, GuestConnector, GuestInit, ProcessEntry,
+    GuestAgent, GuestConnector, GuestInit, ProcessEntry, PtySize,
 };
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -325,6 +326,15 @@ async fn pump_events(mut body: Incoming, tx: mpsc::Sender<Result<ExecEvent, Agen
     }
 }
 
+fn wire_pty(size: PtySize) -> Pty {
+    Pty {
+        size: Some(WirePtySize {
+            cols: u32::from(size.cols),
+            rows: u32::from(size.rows),
+        }),
+    }
+}
+
 fn query_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -388,7 +398,7 @@ impl GuestAgent for EnvdClient {
                 envs: req.envs.clone(),
                 cwd: req.cwd.clone(),
             }),
-            pty: None,
+            pty: req.pty.map(wire_pty),
             tag: req.tag.clone(),
             stdin: Some(req.stdin),
         };
@@ -436,6 +446,26 @@ impl GuestAgent for EnvdClient {
             }),
         };
         let _: serde_json::Value = self.unary("process.Process/SendInput", &req, None).await?;
+        Ok(())
+    }
+
+    async fn send_pty_input(&self, pid: u32, data: Bytes) -> Result<(), AgentError> {
+        let req = SendInputRequest {
+            process: Some(ProcessSelector::pid(pid)),
+            input: Some(ProcessInput {
+                input: Some(Input::Pty(data)),
+            }),
+        };
+        let _: serde_json::Value = self.unary("process.Process/SendInput", &req, None).await?;
+        Ok(())
+    }
+
+    async fn resize_pty(&self, pid: u32, size: PtySize) -> Result<(), AgentError> {
+        let req = UpdateRequest {
+            process: Some(ProcessSelector::pid(pid)),
+            pty: Some(wire_pty(size)),
+        };
+        let _: serde_json::Value = self.unary("process.Process/Update", &req, None).await?;
         Ok(())
     }
 

@@ -24,7 +24,7 @@ pub use host::{Host, HostError, HostOptions};
 pub use paths::DataDir;
 pub use state::FsStateStore;
 pub use templates::FsTemplates;
-pub use wrenn_core::guest::{ExecEvent, ExecRequest};
+pub use wrenn_core::guest::{ExecEvent, ExecRequest, PtySize};
 pub use wrenn_core::*;
 
 /// Convenience constructors for commands.

@@ -576,6 +576,7 @@ fn exec(
         stdin,
         timeout,
         tag,
+        pty: None,
     };
     with_id("exec", true, id, move |h, id| async move {
         let stream = h.capsules().exec(&id, &req).await?;

@@ -245,6 +245,21 @@ pub struct BackgroundExec {
     pub tag: String,
 }
 
+/// Writes an audit row off the request path (frequent guest operations).
+pub fn audit_later(
+    st: &Arc<AppState>,
+    who: &crate::auth::Principal,
+    action: &'static str,
+    c: &wrenn_db::Capsule,
+    metadata: serde_json::Value,
+) {
+    let (st, who, id) = (st.clone(), who.clone(), c.id.to_string());
+    tokio::spawn(async move {
+        st.audit(&who, action, "capsule", Some(&id), true, Some(metadata))
+            .await;
+    });
+}
+
 pub fn random_tag(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
 }
@@ -268,7 +283,9 @@ pub async fn exec(
     service::touch(&st, &c).await;
     let guest = st.agent.guest(&c.id).map_err(service::host_err)?;
     let timeout = Duration::from_secs(u64::from(req.timeout_sec.unwrap_or(30).clamp(1, 86_400)));
-    let tag = req.background.then(|| req.tag.clone().unwrap_or_else(|| random_tag("proc")));
+    let tag = req
+        .background
+        .then(|| req.tag.clone().unwrap_or_else(|| random_tag("proc")));
     let exec = ExecRequest {
         cmd: req.cmd.clone(),
         args: req.args.clone(),
@@ -285,8 +302,15 @@ pub async fn exec(
     let started = Instant::now();
     let mut stream = guest.exec(&exec).await.map_err(service::guest_err)?;
     if let Some(tag) = tag {
-        st.audit(&who, "capsule.exec", "capsule", Some(c.id.as_str()), true, Some(serde_json::json!({"background": true, "tag": tag})))
-            .await;
+        st.audit(
+            &who,
+            "capsule.exec",
+            "capsule",
+            Some(c.id.as_str()),
+            true,
+            Some(serde_json::json!({"background": true, "tag": tag})),
+        )
+        .await;
         let body = BackgroundExec {
             sandbox_id: c.id.to_string(),
             cmd: shown,
@@ -322,13 +346,18 @@ pub async fn exec(
     }
     let duration_ms = started.elapsed().as_millis() as u64;
     st.metrics.exec_done(started.elapsed());
-    let (stdout, stderr, encoding) = match (String::from_utf8(out), String::from_utf8(err)) {
-        (Ok(o), Ok(e)) => (o, e, "utf-8"),
-        (o, e) => {
+    audit_later(
+        &st,
+        &who,
+        "capsule.exec",
+        &c,
+        serde_json::json!({"cmd": shown, "exit_code": code}),
+    );
+    let (stdout, stderr, encoding) = match (std::str::from_utf8(&out), std::str::from_utf8(&err)) {
+        (Ok(o), Ok(e)) => (o.to_string(), e.to_string(), "utf-8"),
+        _ => {
             let b64 = base64::engine::general_purpose::STANDARD;
-            let o = o.unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-            let e = e.unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-            (b64.encode(o), b64.encode(e), "base64")
+            (b64.encode(&out), b64.encode(&err), "base64")
         }
     };
     Ok(Json(ExecResult {
@@ -428,8 +457,15 @@ pub async fn kill_process(
     let guest = st.agent.guest(&c.id).map_err(service::host_err)?;
     let pid = select_process(guest.as_ref(), &selector).await?;
     guest.signal(pid, kill).await.map_err(service::guest_err)?;
-    st.audit(&who, "process.kill", "capsule", Some(c.id.as_str()), true, Some(serde_json::json!({"pid": pid})))
-        .await;
+    st.audit(
+        &who,
+        "process.kill",
+        "capsule",
+        Some(c.id.as_str()),
+        true,
+        Some(serde_json::json!({"pid": pid})),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -86,6 +86,10 @@ pub struct MakeDirResponse {
     pub entry: FileEntryView,
 }
 
+fn p_shown(p: &Option<String>) -> &str {
+    p.as_deref().unwrap_or("")
+}
+
 fn check_path(p: &str) -> ApiResult<()> {
     if p.is_empty() || p.contains('\0') || p.len() > 4096 {
         return Err(ApiError::invalid(
@@ -100,9 +104,18 @@ async fn guest_of(
     who: &crate::auth::Principal,
     id: &str,
 ) -> ApiResult<Arc<dyn wrenn_core::guest::GuestAgent>> {
+    capsule_guest(st, who, id).await.map(|(_, g)| g)
+}
+
+async fn capsule_guest(
+    st: &AppState,
+    who: &crate::auth::Principal,
+    id: &str,
+) -> ApiResult<(wrenn_db::Capsule, Arc<dyn wrenn_core::guest::GuestAgent>)> {
     let c = service::running(st, who, id).await?;
     service::touch(st, &c).await;
-    st.agent.guest(&c.id).map_err(service::host_err)
+    let g = st.agent.guest(&c.id).map_err(service::host_err)?;
+    Ok((c, g))
 }
 
 fn file_err(e: AgentError) -> ApiError {
@@ -113,7 +126,12 @@ fn file_err(e: AgentError) -> ApiError {
     }
 }
 
-async fn read_impl(st: &AppState, who: &crate::auth::Principal, id: &str, path: &str) -> ApiResult<Response> {
+async fn read_impl(
+    st: &AppState,
+    who: &crate::auth::Principal,
+    id: &str,
+    path: &str,
+) -> ApiResult<Response> {
     check_path(path)?;
     let guest = guest_of(st, who, id).await?;
     let stream = guest.read_file(path).await.map_err(file_err)?;
@@ -165,7 +183,7 @@ pub struct UploadForm {
 
 /// Streams the multipart `file` part to the guest, refusing more than the upload cap.
 async fn write_impl(
-    st: &AppState,
+    st: &Arc<AppState>,
     who: &crate::auth::Principal,
     id: &str,
     headers: &HeaderMap,
@@ -181,7 +199,7 @@ async fn write_impl(
     if declared.is_some_and(|n| n > limit.saturating_add(64 * 1024)) {
         return Err(ApiError::too_large(limit));
     }
-    let guest = guest_of(st, who, id).await?;
+    let (capsule, guest) = capsule_guest(st, who, id).await?;
     let mut path: Option<String> = None;
     let mut written = false;
     while let Some(mut field) = form
@@ -205,9 +223,10 @@ async fn write_impl(
                     ));
                 };
                 let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, AgentError>>(4);
-                let stream: ByteStream = Box::pin(futures_util::stream::unfold(rx, |mut rx| async {
-                    rx.recv().await.map(|item| (item, rx))
-                }));
+                let stream: ByteStream =
+                    Box::pin(futures_util::stream::unfold(rx, |mut rx| async {
+                        rx.recv().await.map(|item| (item, rx))
+                    }));
                 let g = guest.clone();
                 let writer = tokio::spawn(async move { g.write_file(&p, stream).await });
                 let mut total = 0u64;
@@ -218,7 +237,9 @@ async fn write_impl(
                             total += chunk.len() as u64;
                             if total > limit {
                                 let _ = tx
-                                    .send(Err(AgentError::InvalidArgument("upload too large".into())))
+                                    .send(Err(AgentError::InvalidArgument(
+                                        "upload too large".into(),
+                                    )))
                                     .await;
                                 failure = Some(ApiError::too_large(limit));
                                 break;
@@ -245,6 +266,13 @@ async fn write_impl(
                     return Err(f);
                 }
                 result.map_err(file_err)?;
+                crate::v1::capsules::audit_later(
+                    st,
+                    who,
+                    "file.write",
+                    &capsule,
+                    serde_json::json!({"path": p_shown(&path), "bytes": total}),
+                );
                 written = true;
             }
             _ => {}
@@ -332,8 +360,15 @@ pub async fn mkdir(
 ) -> ApiResult<Json<MakeDirResponse>> {
     let Json(b) = body.map_err(json_rejection)?;
     check_path(&b.path)?;
-    let guest = guest_of(&st, &who, &id).await?;
+    let (c, guest) = capsule_guest(&st, &who, &id).await?;
     let entry = guest.make_dir(&b.path).await.map_err(file_err)?;
+    crate::v1::capsules::audit_later(
+        &st,
+        &who,
+        "file.mkdir",
+        &c,
+        serde_json::json!({"path": b.path}),
+    );
     Ok(Json(MakeDirResponse {
         entry: entry.into(),
     }))
@@ -351,7 +386,14 @@ pub async fn remove(
 ) -> ApiResult<StatusCode> {
     let Json(b) = body.map_err(json_rejection)?;
     check_path(&b.path)?;
-    let guest = guest_of(&st, &who, &id).await?;
+    let (c, guest) = capsule_guest(&st, &who, &id).await?;
     guest.remove(&b.path).await.map_err(file_err)?;
+    crate::v1::capsules::audit_later(
+        &st,
+        &who,
+        "file.remove",
+        &c,
+        serde_json::json!({"path": b.path}),
+    );
     Ok(StatusCode::NO_CONTENT)
 }

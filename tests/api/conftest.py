@@ -1,0 +1,229 @@
+"""Fixtures for the suites that drive the real SDKs against `wrenn serve`.
+
+Every test module runs once per database backend: SQLite (the embedded default) and
+PostgreSQL (a fresh database on the cluster that ``scripts/postgres.sh`` starts; the
+URL comes from ``WRENN_TEST_POSTGRES_URL``, or the script is run here). Each backend
+gets its own server process and data directory (platform templates linked from the
+built images), an admin team with a known API key, and a second team for tenancy
+checks.
+
+Needs root and the built images (``wrenn image build``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+IMAGES = os.environ.get("WRENN_DATA_DIR", "/var/lib/wrenn")
+BINARY = os.path.join(REPO, "target", "debug", "wrenn")
+ADMIN_KEY = "wrn_" + "0123456789abcdef" * 2
+PASSWORD = "correct horse battery"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_url() -> tuple[str, str]:
+    url = os.environ.get("WRENN_TEST_POSTGRES_URL")
+    if not url:
+        url = subprocess.run(
+            [os.path.join(REPO, "scripts", "postgres.sh")],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        os.environ["WRENN_TEST_POSTGRES_URL"] = url
+    name = "wrenn_api_" + uuid.uuid4().hex[:12]
+    subprocess.run(["psql", url, "-qc", f"CREATE DATABASE {name}"], check=True)
+    return url.rsplit("/", 1)[0] + "/" + name, name
+
+
+@dataclass
+class Server:
+    """A running ``wrenn serve`` and what the tests need to reach it."""
+
+    backend: str
+    url: str
+    data_dir: str
+    args: list
+    env: dict
+    proc: subprocess.Popen | None = None
+    log_path: str = ""
+    admin_key: str = ADMIN_KEY
+    other_key: str = ""
+    other_token: str = ""
+    admin_team: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [BINARY, "--data-dir", self.data_dir, "serve", *self.args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"wrenn serve exited: {self.tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"wrenn serve did not come up: {self.tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        self.stop(sig)
+        self.start()
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def client(self, key: str | None = None, **headers) -> httpx.Client:
+        h = dict(headers)
+        if key is not None:
+            h["X-API-Key"] = key
+        return httpx.Client(base_url=self.url, headers=h, timeout=120)
+
+    def admin(self) -> httpx.Client:
+        return self.client(self.admin_key)
+
+    def other(self) -> httpx.Client:
+        return self.client(self.other_key)
+
+
+def _make_data_dir(tag: str) -> str:
+    d = f"/var/lib/wrenn-test/{tag}-{os.getpid()}"
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(os.path.join(d, "templates"))
+    os.symlink(os.path.join(IMAGES, "images"), os.path.join(d, "images"))
+    for t in sorted(os.listdir(os.path.join(IMAGES, "templates"))):
+        src = os.path.join(IMAGES, "templates", t)
+        if os.path.isfile(os.path.join(src, "rootfs.img")) and not t.startswith("snap-"):
+            os.symlink(src, os.path.join(d, "templates", t))
+    return d
+
+
+def _second_team(srv: Server) -> None:
+    email = f"other-{uuid.uuid4().hex[:8]}@example.com"
+    with srv.client() as c:
+        r = c.post("/v1/auth/signup", json={"email": email, "password": PASSWORD, "name": "Other"})
+        assert r.status_code == 201, r.text
+        r = c.post("/v1/auth/login", json={"email": email, "password": PASSWORD})
+        assert r.status_code == 200, r.text
+        srv.other_token = r.json()["token"]
+        r = c.post(
+            "/v1/api-keys",
+            json={"name": "other team"},
+            headers={"Authorization": f"Bearer {srv.other_token}"},
+        )
+        assert r.status_code == 201, r.text
+        srv.other_key = r.json()["key"]
+
+
+def _check_prerequisites() -> None:
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("must run as root (network namespaces, tap devices)")
+    if not os.path.isdir(os.path.join(IMAGES, "templates", "minimal")):
+        problems.append(f"no template 'minimal' under {IMAGES}: run `wrenn image build` first")
+    if not os.access(BINARY, os.X_OK):
+        problems.append(f"{BINARY} missing: run `cargo build -p wrenn-server`")
+    if problems:
+        pytest.fail("api suite prerequisites missing:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def server(request) -> Server:
+    _check_prerequisites()
+    backend = request.param
+    data_dir = _make_data_dir(backend)
+    env = dict(os.environ)
+    env["WRENN_BOOTSTRAP_API_KEY"] = ADMIN_KEY
+    env.pop("DATABASE_URL", None)
+    env.setdefault("WRENN_LOG", "info,tower_http=warn")
+    dbname = None
+    if backend == "postgres":
+        url, dbname = _postgres_url()
+        env["DATABASE_URL"] = url
+    port = _free_port()
+    srv = Server(
+        backend=backend,
+        url=f"http://127.0.0.1:{port}",
+        data_dir=data_dir,
+        args=[
+            "--listen", f"127.0.0.1:{port}",
+            "--min-idle-timeout", "1",
+            "--reaper-period", "1",
+            "--rate-limit", "0",
+            "--upload-limit-mib", "8",
+        ],
+        env=env,
+        log_path=os.path.join(data_dir, "serve.log"),
+    )
+    srv.start()
+    _second_team(srv)
+    yield srv
+    # Destroy what the tests left, then stop; nothing may outlive the suite.
+    for key in (srv.admin_key, srv.other_key):
+        try:
+            with srv.client(key) as c:
+                for cap in c.get("/v1/capsules").json():
+                    c.delete(f"/v1/capsules/{cap['id']}")
+        except Exception:  # noqa: BLE001 - best-effort cleanup before the real stop
+            pass
+    srv.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    if dbname:
+        base = os.environ["WRENN_TEST_POSTGRES_URL"]
+        subprocess.run(["psql", base, "-qc", f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)"], check=False)
+
+
+@pytest.fixture
+def wrenn_env(server, monkeypatch):
+    """Points the `wrenn` SDK at the server (admin team)."""
+    monkeypatch.setenv("WRENN_BASE_URL", server.url)
+    monkeypatch.setenv("WRENN_API_KEY", server.admin_key)
+    return server
+
+
+@pytest.fixture
+def e2b_env(server, monkeypatch):
+    """Points the `e2b` SDK at the server: API and envd traffic through one URL."""
+    monkeypatch.setenv("E2B_API_URL", server.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
+    monkeypatch.setenv("E2B_API_KEY", server.admin_key)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    return server

@@ -1,0 +1,78 @@
+"""`wrenn serve` restarts: a kill -9 loses no paused capsule and leaks no VM; a graceful
+stop pauses running capsules so they resume where they were."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+
+def _vmm_running(capsule_id: str) -> bool:
+    r = subprocess.run(["pgrep", "-f", f"wrenn-{capsule_id}"], capture_output=True)
+    return r.returncode == 0
+
+
+def _exec(c, cid: str, script: str) -> dict:
+    r = c.post(f"/v1/capsules/{cid}/exec", json={"cmd": "/bin/sh", "args": ["-c", script]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _create(c) -> str:
+    r = c.post("/v1/capsules", json={"template": "minimal"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_kill_9_keeps_paused_capsules_and_leaks_no_vm(server):
+    with server.admin() as c:
+        running = _create(c)
+        paused = _create(c)
+        _exec(c, paused, "echo kept > /tmp/state")
+        r = c.post(f"/v1/capsules/{paused}/pause")
+        assert r.status_code == 200 and r.json()["status"] == "paused", r.text
+        assert _vmm_running(running)
+
+    server.stop(signal.SIGKILL)
+    # The VMMs die with their owner.
+    deadline = time.monotonic() + 15
+    while _vmm_running(running) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _vmm_running(running), "a VM outlived its killed server"
+
+    server.start()
+    with server.admin() as c:
+        r = c.get(f"/v1/capsules/{running}")
+        assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
+        assert running not in [x["id"] for x in c.get("/v1/capsules").json()]
+        r = c.get(f"/v1/capsules/{paused}")
+        assert r.json()["status"] == "paused", r.text
+        r = c.post(f"/v1/capsules/{paused}/resume")
+        assert r.status_code == 200 and r.json()["status"] == "running", r.text
+        assert _exec(c, paused, "cat /tmp/state")["stdout"] == "kept\n"
+        # The lost capsule is in the audit log as reconciled by the system.
+        items = c.get("/v1/audit-logs", params={"resource_type": "capsule", "limit": 200}).json()["items"]
+        assert any(
+            i["resource_id"] == running and i["action"] == "capsule.reconcile" and i["actor_type"] == "system"
+            for i in items
+        )
+        r = c.delete(f"/v1/capsules/{paused}")
+        assert r.status_code == 204
+
+
+def test_graceful_stop_pauses_running_capsules(server):
+    with server.admin() as c:
+        cid = _create(c)
+        _exec(c, cid, "echo before-restart > /tmp/mark; (sleep 1000 &)")
+    server.restart(signal.SIGTERM)
+    assert not _vmm_running(cid)
+    with server.admin() as c:
+        r = c.get(f"/v1/capsules/{cid}")
+        assert r.json()["status"] == "paused", r.text
+        r = c.post(f"/v1/capsules/{cid}/resume")
+        assert r.status_code == 200, r.text
+        out = _exec(c, cid, "cat /tmp/mark; pgrep -f 'sleep 1000' >/dev/null && echo sleeper-alive")
+        assert out["stdout"] == "before-restart\nsleeper-alive\n", out
+        assert c.delete(f"/v1/capsules/{cid}").status_code == 204
+    assert not _vmm_running(cid)

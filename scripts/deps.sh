@@ -19,9 +19,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-stamp=.cache/pip-$(sha256sum tests/requirements.txt | cut -c1-16)
+stamp=.cache/pip-$(cat tests/requirements.txt tests/requirements-wrenn-sdk.txt | sha256sum | cut -c1-16)
 if [ ! -e "$stamp" ]; then
-  echo "==> pip install -r tests/requirements.txt"
+  echo "==> pip install -r tests/requirements.txt -r tests/requirements-wrenn-sdk.txt"
   python3 -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+  python3 -m pip install -q --disable-pip-version-check --ignore-requires-python \
+    -r tests/requirements-wrenn-sdk.txt
   mkdir -p .cache && touch "$stamp"
 fi

@@ -7,7 +7,7 @@ use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Multipart, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
@@ -181,6 +181,18 @@ pub struct UploadForm {
     file: String,
 }
 
+/// Most of a refused upload's body read (and dropped) before answering.
+const MAX_DRAIN: u64 = 256 << 20;
+
+/// A failed upload's answer: its body may be partly unread, so the connection is not
+/// reused (a client would otherwise send its next request into a closing socket).
+fn refused(e: ApiError) -> Response {
+    let mut resp = e.into_response();
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 /// Streams the multipart `file` part to the guest, refusing more than the upload cap.
 async fn write_impl(
     st: &Arc<AppState>,
@@ -242,6 +254,15 @@ async fn write_impl(
                                     )))
                                     .await;
                                 failure = Some(ApiError::too_large(limit));
+                                // Read (and drop) the rest, so the client gets this
+                                // answer instead of a reset connection.
+                                let mut drained = 0u64;
+                                while let Ok(Some(c)) = field.chunk().await {
+                                    drained += c.len() as u64;
+                                    if drained > MAX_DRAIN {
+                                        break;
+                                    }
+                                }
                                 break;
                             }
                             if tx.send(Ok(chunk)).await.is_err() {
@@ -298,9 +319,11 @@ pub async fn write(
     Path(id): Path<String>,
     headers: HeaderMap,
     form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> ApiResult<StatusCode> {
-    let form = form.map_err(|e| ApiError::invalid(e.body_text()))?;
-    write_impl(&st, &who, &id, &headers, form).await
+) -> Result<StatusCode, Response> {
+    let form = form.map_err(|e| refused(ApiError::invalid(e.body_text())))?;
+    write_impl(&st, &who, &id, &headers, form)
+        .await
+        .map_err(refused)
 }
 
 #[utoipa::path(post, path = "/v1/capsules/{id}/files/stream/write", tag = "files",
@@ -315,9 +338,11 @@ pub async fn stream_write(
     Path(id): Path<String>,
     headers: HeaderMap,
     form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> ApiResult<StatusCode> {
-    let form = form.map_err(|e| ApiError::invalid(e.body_text()))?;
-    write_impl(&st, &who, &id, &headers, form).await
+) -> Result<StatusCode, Response> {
+    let form = form.map_err(|e| refused(ApiError::invalid(e.body_text())))?;
+    write_impl(&st, &who, &id, &headers, form)
+        .await
+        .map_err(refused)
 }
 
 #[utoipa::path(post, path = "/v1/capsules/{id}/files/list", tag = "files",
@@ -361,7 +386,16 @@ pub async fn mkdir(
     let Json(b) = body.map_err(json_rejection)?;
     check_path(&b.path)?;
     let (c, guest) = capsule_guest(&st, &who, &id).await?;
-    let entry = guest.make_dir(&b.path).await.map_err(file_err)?;
+    let entry = guest.make_dir(&b.path).await.map_err(|e| match e {
+        // envd's AlreadyExists arrives as InvalidArgument; an existing directory is a
+        // conflict (409), which the SDK's idempotent `make_dir` relies on.
+        AgentError::InvalidArgument(m)
+            if m.starts_with("directory ") && m.ends_with(" already exists") =>
+        {
+            ApiError::conflict("conflict", m)
+        }
+        other => file_err(other),
+    })?;
     crate::v1::capsules::audit_later(
         &st,
         &who,

@@ -43,10 +43,10 @@ impl Principal {
             .unwrap_or(Role::Member)
     }
 
-    fn rate_key(&self) -> String {
+    fn rate_key(&self) -> &str {
         match &self.actor {
-            Actor::User { id } | Actor::ApiKey { id } => id.clone(),
-            Actor::System => String::new(),
+            Actor::User { id } | Actor::ApiKey { id } => id,
+            Actor::System => "",
         }
     }
 }
@@ -190,7 +190,7 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
     };
     state
         .limiter
-        .check(&p.rate_key())
+        .check(p.rate_key())
         .map_err(ApiError::rate_limited)?;
     Ok(p)
 }

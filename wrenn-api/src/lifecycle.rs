@@ -45,18 +45,20 @@ pub async fn reconcile(st: &AppState) -> Result<ReconcileReport, String> {
                     // Mid-operation on a host that just started: it settles by itself.
                     other => other,
                 };
-                if st.db.system_set_capsule_status(&id, settled).await.is_ok() {
+                let written = st.db.system_set_capsule_status(&id, settled).await;
+                st.capsule_cache.invalidate(&id);
+                if written.is_ok() {
                     report.updated += 1;
                 }
             }
             None => {
                 tracing::warn!(capsule = %id, status = %row.status, "capsule no longer exists on the host; marking it stopped");
-                if st
+                let written = st
                     .db
                     .system_set_capsule_status(&id, CapsuleStatus::Stopped)
-                    .await
-                    .is_ok()
-                {
+                    .await;
+                st.capsule_cache.invalidate(&id);
+                if written.is_ok() {
                     report.lost += 1;
                     st.audit_team(
                         &row.team_id,

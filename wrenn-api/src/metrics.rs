@@ -93,20 +93,18 @@ impl Default for ServerMetrics {
 
 /// Middleware: counts and times requests by their route template.
 pub async fn track(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().as_str().to_string();
+    // Cheap clones (an `Arc<str>` and a standard method), no per-request strings.
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let method = req.method().clone();
     let start = Instant::now();
     let resp = next.run(req).await;
     let m = &st.metrics;
     m.latency
-        .with_label_values(&[&method, &route])
+        .with_label_values(&[method.as_str(), route])
         .observe(start.elapsed().as_secs_f64());
     m.requests
-        .with_label_values(&[&method, &route, resp.status().as_str()])
+        .with_label_values(&[method.as_str(), route, resp.status().as_str()])
         .inc();
     resp
 }

@@ -112,8 +112,8 @@ async fn resolve(st: &AppState, t: &Target) -> Result<SocketAddr, ApiError> {
     let not_found = || ApiError::not_found(&format!("capsule {}", t.capsule));
     let id = CapsuleId::parse(&t.capsule).map_err(|_| not_found())?;
     let c = st
-        .db
-        .system_get_capsule(id.as_str())
+        .capsule_cache
+        .get(&st.db, None, id.as_str())
         .await
         .map_err(|e| if e.is_not_found() { not_found() } else { e.into() })?;
     match c.status {

@@ -47,7 +47,10 @@ pub fn parse_id(id: &str) -> ApiResult<CapsuleId> {
 /// A capsule row of the caller's team.
 pub async fn get(state: &AppState, who: &Principal, id: &str) -> ApiResult<Capsule> {
     parse_id(id)?;
-    Ok(state.db.get_capsule(&who.team_id, id).await?)
+    Ok(state
+        .capsule_cache
+        .get(&state.db, Some(&who.team_id), id)
+        .await?)
 }
 
 /// A capsule of the caller's team that is running (409 otherwise).
@@ -235,17 +238,22 @@ async fn record(
 
 /// Records activity on a capsule (resets its inactivity timer).
 pub async fn touch(state: &AppState, c: &Capsule) {
-    state
+    if state
         .activity
         .touch(&state.db, &c.team_id, c.id.as_str())
-        .await;
+        .await
+    {
+        state.capsule_cache.invalidate(c.id.as_str());
+    }
 }
 
 async fn set_status(state: &AppState, c: &Capsule, s: CapsuleStatus) -> ApiResult<Capsule> {
-    Ok(state
+    let row = state
         .db
         .set_capsule_status(&c.team_id, c.id.as_str(), s)
-        .await?)
+        .await;
+    state.capsule_cache.invalidate(c.id.as_str());
+    Ok(row?)
 }
 
 /// Pauses a running capsule; its sample history is kept in the database.

@@ -6,7 +6,7 @@ use crate::metrics::ServerMetrics;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wrenn_db::{AuditResult, Db, NewAuditEntry};
+use wrenn_db::{AuditResult, Capsule, Db, DbError, NewAuditEntry};
 
 /// Server settings (command line and environment).
 #[derive(Clone, Debug)]
@@ -55,6 +55,8 @@ pub struct AppState {
     pub metrics: ServerMetrics,
     pub activity: Activity,
     pub idempotency: Idempotency,
+    /// Capsule rows recently read, invalidated by this server's writes.
+    pub capsule_cache: CapsuleCache,
     /// Pooled client of the proxy into capsules.
     pub proxy: crate::proxy::ProxyClient,
 }
@@ -71,6 +73,7 @@ impl AppState {
             metrics: ServerMetrics::new(),
             activity: Activity::default(),
             idempotency: Idempotency::default(),
+            capsule_cache: CapsuleCache::default(),
             proxy: crate::proxy::client(),
         }
     }
@@ -138,7 +141,8 @@ pub struct Activity {
 }
 
 impl Activity {
-    pub async fn touch(&self, db: &Db, team_id: &str, capsule_id: &str) {
+    /// Returns whether the row was written (at most once a second per capsule).
+    pub async fn touch(&self, db: &Db, team_id: &str, capsule_id: &str) -> bool {
         let due = match self.last_write.lock() {
             Ok(mut m) => {
                 let now = Instant::now();
@@ -157,12 +161,96 @@ impl Activity {
                 tracing::debug!(capsule = capsule_id, error = %e, "activity not recorded");
             }
         }
+        due
     }
 
     pub fn forget(&self, capsule_id: &str) {
         if let Ok(mut m) = self.last_write.lock() {
             m.remove(capsule_id);
         }
+    }
+}
+
+/// How long a cached capsule row is used: the bound on how late this server sees a
+/// change it did not make itself (another server on the same database).
+pub const CAPSULE_CACHE_TTL: Duration = Duration::from_secs(2);
+const CAPSULE_CACHE_MAX: usize = 10_000;
+
+/// Capsule rows as last read, so that polling a capsule (`GET /v1/capsules/{id}`, the
+/// status check of every exec or proxied request) does not query the database each
+/// time. Every write to a capsule row through this server is followed by
+/// [`CapsuleCache::invalidate`], so a read after a write sees it.
+#[derive(Debug, Default)]
+pub struct CapsuleCache {
+    inner: Mutex<CapsuleCacheInner>,
+}
+
+#[derive(Debug, Default)]
+struct CapsuleCacheInner {
+    rows: HashMap<String, (Capsule, Instant)>,
+    /// Bumped by every invalidation; a read that began before one is not cached.
+    generation: u64,
+}
+
+impl CapsuleCache {
+    /// Capsule `id` of team `team` (of any team with `None`, for the proxy): cached,
+    /// else from the database.
+    pub async fn get(&self, db: &Db, team: Option<&str>, id: &str) -> Result<Capsule, DbError> {
+        let cached = self
+            .inner
+            .lock()
+            .ok()
+            .map(|inner| match inner.rows.get(id) {
+                Some((row, at)) if at.elapsed() < CAPSULE_CACHE_TTL => Ok(row.clone()),
+                _ => Err(inner.generation),
+            });
+        let generation = match cached {
+            Some(Ok(row)) => {
+                return match team {
+                    Some(t) if t != row.team_id => Err(DbError::NotFound { what: "capsule" }),
+                    _ => Ok(row),
+                };
+            }
+            Some(Err(generation)) => Some(generation),
+            None => None,
+        };
+        let row = fetch(db, team, id).await?;
+        if let (Some(generation), Ok(mut inner)) = (generation, self.inner.lock()) {
+            if inner.generation == generation {
+                if inner.rows.len() >= CAPSULE_CACHE_MAX {
+                    inner
+                        .rows
+                        .retain(|_, (_, at)| at.elapsed() < CAPSULE_CACHE_TTL);
+                }
+                inner
+                    .rows
+                    .insert(id.to_string(), (row.clone(), Instant::now()));
+            }
+        }
+        Ok(row)
+    }
+
+    /// Call after every write to capsule `id`'s row.
+    pub fn invalidate(&self, id: &str) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.generation += 1;
+            inner.rows.remove(id);
+        }
+    }
+
+    /// Call after writes that may touch any capsule row (a team deleted).
+    pub fn clear(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.generation += 1;
+            inner.rows.clear();
+        }
+    }
+}
+
+async fn fetch(db: &Db, team: Option<&str>, id: &str) -> Result<Capsule, DbError> {
+    match team {
+        Some(t) => db.get_capsule(t, id).await,
+        None => db.system_get_capsule(id).await,
     }
 }
 
@@ -192,5 +280,85 @@ impl Idempotency {
                 (capsule.to_string(), Instant::now()),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wrenn_core::id::CapsuleId;
+    use wrenn_core::status::CapsuleStatus;
+
+    #[tokio::test]
+    async fn capsule_cache_serves_rows_until_invalidated() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = Db::open(&Db::sqlite_url(&dir.path().join("t.db")))
+            .await
+            .expect("db");
+        let key = wrenn_db::ensure_bootstrap(&db, None)
+            .await
+            .expect("bootstrap")
+            .expect("key");
+        let team_id = db.authenticate_api_key(&key).await.expect("key").team_id;
+        let team_id = team_id.as_str();
+        let team = Some(team_id);
+        let id = CapsuleId::random();
+        let new = wrenn_db::NewCapsule {
+            id: id.clone(),
+            status: CapsuleStatus::Running,
+            template: "minimal".into(),
+            vcpus: 1,
+            memory_mb: 256,
+            timeout_sec: 0,
+            metadata: Default::default(),
+            envd_access_token: None,
+            pause_on_timeout: true,
+            disk_mb: 0,
+        };
+        db.insert_capsule(team_id, new).await.expect("row");
+        let cache = CapsuleCache::default();
+        let id = id.as_str();
+        let status = |r: Result<Capsule, DbError>| r.expect("row").status;
+        assert_eq!(
+            status(cache.get(&db, team, id).await),
+            CapsuleStatus::Running
+        );
+
+        // Cached: another team still cannot see it; the proxy's lookup can.
+        let other = cache.get(&db, Some("team-other"), id).await;
+        assert!(other.expect_err("other team").is_not_found());
+        assert_eq!(
+            status(cache.get(&db, None, id).await),
+            CapsuleStatus::Running
+        );
+
+        // A write is seen once the writer invalidates, as every server write does
+        // (and not before: the row is served from the cache).
+        db.set_capsule_status(team_id, id, CapsuleStatus::Paused)
+            .await
+            .expect("write");
+        assert_eq!(
+            status(cache.get(&db, team, id).await),
+            CapsuleStatus::Running
+        );
+        cache.invalidate(id);
+        assert_eq!(
+            status(cache.get(&db, team, id).await),
+            CapsuleStatus::Paused
+        );
+        db.set_capsule_status(team_id, id, CapsuleStatus::Running)
+            .await
+            .expect("write");
+        cache.clear();
+        assert_eq!(
+            status(cache.get(&db, None, id).await),
+            CapsuleStatus::Running
+        );
+
+        // Missing rows are not cached.
+        let missing = CapsuleId::random();
+        let r = cache.get(&db, team, missing.as_str()).await;
+        assert!(r.expect_err("missing").is_not_found());
+        db.close().await;
     }
 }

@@ -338,6 +338,20 @@ impl HostAgent for LocalAgent {
             .collect()
     }
 
+    fn latest_metric(&self, id: &CapsuleId, within: Duration) -> Option<MetricPoint> {
+        let p = self.sampler.latest(id)?;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let from_ms = now_ms.saturating_sub(i64::try_from(within.as_millis()).unwrap_or(i64::MAX));
+        // As `metrics` counts them: a fine point stands for its whole second.
+        let start_ms = p.timestamp_unix.saturating_mul(1000);
+        (start_ms.saturating_add(1000) > from_ms && start_ms <= now_ms).then_some(MetricPoint {
+            timestamp_unix: p.timestamp_unix,
+            cpu_pct: p.cpu_pct,
+            mem_bytes: p.mem_bytes,
+            disk_bytes: p.disk_bytes,
+        })
+    }
+
     fn export_metrics(&self, id: &CapsuleId) -> Option<serde_json::Value> {
         self.sampler
             .export(id)

@@ -158,6 +158,12 @@ pub trait HostAgent: Send + Sync + Debug {
     /// Samples of the last `range`, oldest first.
     fn metrics(&self, id: &CapsuleId, range: Duration) -> Vec<MetricPoint>;
 
+    /// The last of [`HostAgent::metrics`] over `within`: the newest sample, if recent.
+    /// Implementations answer it without copying the history (it is on `GET` paths).
+    fn latest_metric(&self, id: &CapsuleId, within: Duration) -> Option<MetricPoint> {
+        self.metrics(id, within).last().copied()
+    }
+
     /// The sample history of a capsule, to keep while it is paused.
     fn export_metrics(&self, id: &CapsuleId) -> Option<serde_json::Value>;
 

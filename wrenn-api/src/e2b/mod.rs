@@ -339,6 +339,7 @@ pub async fn connect(
             .set_capsule_timeout(&c.team_id, c.id.as_str(), timeout)
             .await
             .map_err(|e| E2bError(e.into()))?;
+        st.capsule_cache.invalidate(c.id.as_str());
     }
     Ok((status, Json(sandbox(&st, &headers, &c).await?)))
 }
@@ -370,6 +371,7 @@ pub async fn resume(
         .set_capsule_timeout(&c.team_id, c.id.as_str(), timeout)
         .await
         .map_err(|e| E2bError(e.into()))?;
+    st.capsule_cache.invalidate(c.id.as_str());
     Ok((StatusCode::CREATED, Json(sandbox(&st, &headers, &c).await?)))
 }
 
@@ -420,6 +422,7 @@ pub async fn set_timeout(
         .set_capsule_timeout(&c.team_id, c.id.as_str(), t.max(1))
         .await
         .map_err(|e| E2bError(e.into()))?;
+    st.capsule_cache.invalidate(c.id.as_str());
     st.activity.forget(c.id.as_str());
     Ok(StatusCode::NO_CONTENT)
 }

@@ -426,6 +426,7 @@ pub async fn delete_team(
         ));
     }
     st.db.delete_team(&id).await?;
+    st.capsule_cache.clear();
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -143,8 +143,7 @@ pub async fn get(
     if c.status == CapsuleStatus::Running {
         view.disk_used_mb = st
             .agent
-            .metrics(&c.id, Duration::from_secs(5))
-            .last()
+            .latest_metric(&c.id, Duration::from_secs(5))
             .map(|p| p.disk_bytes >> 20);
     }
     Ok(Json(view))

@@ -174,9 +174,17 @@ impl StateStore for FsStateStore {
     }
 
     async fn kill_orphan_vmms(&self, keep: &[CapsuleId]) -> usize {
+        // VMMs of other data directories (other hosts on this machine) are not ours.
+        let ours = |pid: u32, id: &CapsuleId| {
+            let dir = self.dir(id);
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.windows(dir.as_os_str().len() + 1)
+                    .any(|w| w.starts_with(dir.as_os_str().as_encoded_bytes()) && w.ends_with(b"/"))
+            })
+        };
         let mut killed = 0;
         for (pid, id) in tagged_vmms() {
-            if keep.contains(&id) {
+            if keep.contains(&id) || !ours(pid, &id) {
                 continue;
             }
             let Ok(p) = i32::try_from(pid) else { continue };
@@ -189,7 +197,10 @@ impl StateStore for FsStateStore {
         if killed > 0 {
             // Let the kernel tear the processes down before their taps and files go.
             for _ in 0..50 {
-                if tagged_vmms().iter().all(|(_, id)| keep.contains(id)) {
+                if tagged_vmms()
+                    .iter()
+                    .all(|(pid, id)| keep.contains(id) || !ours(*pid, id))
+                {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;

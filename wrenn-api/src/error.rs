@@ -53,7 +53,11 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
@@ -98,7 +102,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 
@@ -190,5 +200,10 @@ impl From<HostError> for ApiError {
 
 /// Turns axum's JSON extraction failures into the reference 400 body.
 pub fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
+    ApiError::invalid(e.body_text())
+}
+
+/// Turns axum's query string extraction failures into the reference 400 body.
+pub fn query_rejection(e: axum::extract::rejection::QueryRejection) -> ApiError {
     ApiError::invalid(e.body_text())
 }

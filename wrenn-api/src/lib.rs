@@ -33,18 +33,21 @@ pub fn router(state: Arc<AppState>) -> Router {
     use v1::{account, capsules, files, snapshots, ws};
     let uploads = Router::new()
         .route("/v1/capsules/{id}/files/write", post(files::write))
-        .route("/v1/capsules/{id}/files/stream/write", post(files::stream_write))
+        .route(
+            "/v1/capsules/{id}/files/stream/write",
+            post(files::stream_write),
+        )
         .layer(DefaultBodyLimit::disable());
     let v1 = Router::new()
         .route("/v1/auth/signup", post(account::signup))
         .route("/v1/auth/login", post(account::login))
         .route("/v1/auth/switch-team", post(account::switch_team))
-        .route(
-            "/v1/me",
-            get(account::me).patch(account::update_me),
-        )
+        .route("/v1/me", get(account::me).patch(account::update_me))
         .route("/v1/me/password", post(account::change_password))
-        .route("/v1/teams", get(account::list_teams).post(account::create_team))
+        .route(
+            "/v1/teams",
+            get(account::list_teams).post(account::create_team),
+        )
         .route(
             "/v1/teams/{id}",
             get(account::get_team)
@@ -60,7 +63,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::routing::patch(account::set_role).delete(account::remove_member),
         )
         .route("/v1/teams/{id}/leave", post(account::leave_team))
-        .route("/v1/api-keys", get(account::list_keys).post(account::create_key))
+        .route(
+            "/v1/api-keys",
+            get(account::list_keys).post(account::create_key),
+        )
         .route("/v1/api-keys/{id}", delete(account::delete_key))
         .route("/v1/audit-logs", get(account::audit_logs))
         .route("/v1/capsules", get(capsules::list).post(capsules::create))
@@ -87,19 +93,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/capsules/{id}/pty", get(ws::pty))
         .route("/v1/capsules/{id}/metrics", get(capsules::metrics))
         .route("/v1/capsules/{id}/files/read", post(files::read))
-        .route("/v1/capsules/{id}/files/stream/read", post(files::stream_read))
+        .route(
+            "/v1/capsules/{id}/files/stream/read",
+            post(files::stream_read),
+        )
         .route("/v1/capsules/{id}/files/list", post(files::list))
         .route("/v1/capsules/{id}/files/mkdir", post(files::mkdir))
         .route("/v1/capsules/{id}/files/remove", post(files::remove))
-        .route("/v1/snapshots", get(snapshots::list).post(snapshots::create))
+        .route(
+            "/v1/snapshots",
+            get(snapshots::list).post(snapshots::create),
+        )
         .route("/v1/snapshots/{name}", delete(snapshots::delete))
         .merge(uploads);
     let e2b = Router::new()
         .route("/sandboxes", get(e2b::list_v1).post(e2b::create))
-        .route("/v2/sandboxes", get(e2b::list_v2).post(e2b::create))
+        .route("/v2/sandboxes", get(e2b::list_v2).post(e2b::create_v2))
         .route("/sandboxes/{id}", get(e2b::get).delete(e2b::kill))
         .route("/sandboxes/{id}/connect", post(e2b::connect))
-        .route("/v2/sandboxes/{id}/connect", post(e2b::connect))
+        .route("/v2/sandboxes/{id}/connect", post(e2b::connect_v2))
         .route("/sandboxes/{id}/resume", post(e2b::resume))
         .route("/sandboxes/{id}/timeout", post(e2b::set_timeout))
         .route("/sandboxes/{id}/pause", post(e2b::pause))

@@ -34,10 +34,65 @@ impl Modify for Security {
     }
 }
 
+/// Answers every operation can give without its handler saying so: 401 when it needs
+/// credentials, 400 when it takes a body or query parameters (malformed ones are
+/// rejected before the handler runs), in the error shape of its API.
+struct CommonErrors;
+
+impl Modify for CommonErrors {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        for item in doc.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                let e2b = op
+                    .tags
+                    .as_ref()
+                    .is_some_and(|t| t.iter().any(|t| t == "e2b"));
+                let schema = if e2b { "E2bErrorBody" } else { "ErrorBody" };
+                let error = |description: &str| {
+                    ResponseBuilder::new()
+                        .description(description)
+                        .content(
+                            "application/json",
+                            ContentBuilder::new()
+                                .schema(Some(Ref::from_schema_name(schema)))
+                                .build(),
+                        )
+                        .build()
+                        .into()
+                };
+                let query = op
+                    .parameters
+                    .as_ref()
+                    .is_some_and(|ps| ps.iter().any(|p| p.parameter_in == ParameterIn::Query));
+                let responses = &mut op.responses.responses;
+                if op.request_body.is_some() || query {
+                    responses
+                        .entry("400".into())
+                        .or_insert_with(|| error("Malformed request"));
+                }
+                if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                    responses
+                        .entry("401".into())
+                        .or_insert_with(|| error("Missing or invalid credentials"));
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "Wrenn API", description = "Capsules (microVMs) over REST: the Wrenn /v1 API and the E2B-compatible /sandboxes API."),
-    modifiers(&Security),
+    modifiers(&Security, &CommonErrors),
     paths(
         health,
         v1::account::signup, v1::account::login, v1::account::switch_team,
@@ -54,7 +109,7 @@ impl Modify for Security {
         v1::files::read, v1::files::stream_read, v1::files::write, v1::files::stream_write,
         v1::files::list, v1::files::mkdir, v1::files::remove,
         v1::snapshots::create, v1::snapshots::list, v1::snapshots::delete,
-        e2b::create, e2b::connect, e2b::resume, e2b::get, e2b::kill, e2b::set_timeout,
+        e2b::create, e2b::create_v2, e2b::connect, e2b::connect_v2, e2b::resume, e2b::get, e2b::kill, e2b::set_timeout,
         e2b::pause, e2b::list_v2, e2b::list_v1, e2b::metrics, e2b::fork,
         e2b::create_snapshot, e2b::list_snapshots, e2b::delete_template,
     ),

@@ -4,13 +4,14 @@
 //! The proxy asks for no credentials: envd checks its own access token, and guest
 //! services are as public as the capsule's owner makes them.
 
-use crate::error::ApiError;
+use crate::error::{ApiError, E2bError};
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -58,10 +59,42 @@ fn target_from_headers(h: &HeaderMap) -> Option<Result<Target, ApiError>> {
 }
 
 /// The pooled HTTP client of the proxy.
-pub type ProxyClient = Client<HttpConnector, Body>;
+pub type ProxyClient = Client<HttpConnector<CapsuleResolver>, Body>;
+
+/// Resolves the proxy's connection names, `{capsule id}.{IPv4 address}`. Pooled
+/// connections are keyed by name, so they are never reused for a later capsule that
+/// was given the same address (its guest would reset them: a spurious 502).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CapsuleResolver;
+
+impl tower::Service<Name> for CapsuleResolver {
+    type Response = std::iter::Once<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let ip = name
+            .as_str()
+            .split_once('.')
+            .and_then(|(_, ip)| ip.parse::<std::net::Ipv4Addr>().ok());
+        std::future::ready(
+            ip.map(|ip| std::iter::once(SocketAddr::from((ip, 0))))
+                .ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a capsule address")
+                }),
+        )
+    }
+}
 
 pub fn client() -> ProxyClient {
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(CapsuleResolver);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     http.set_nodelay(true);
     Client::builder(TokioExecutor::new())
@@ -71,22 +104,59 @@ pub fn client() -> ProxyClient {
 
 /// Middleware: proxies requests addressed to a capsule, passes the rest on.
 pub async fn layer(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let target = match target_from_headers(req.headers()) {
-        Some(Ok(t)) => Some(t),
-        Some(Err(e)) => return e.into_response(),
-        None => req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(target_from_host),
+    let (target, by_headers) = match target_from_headers(req.headers()) {
+        Some(Ok(t)) => (Some(t), true),
+        Some(Err(e)) => return closing(e.into_response()),
+        None => (
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(target_from_host),
+            false,
+        ),
     };
     match target {
-        Some(t) => match proxy(&st, t, req).await {
-            Ok(r) => r,
-            Err(e) => e.into_response(),
-        },
+        Some(t) => {
+            let (capsule, port) = (t.capsule.clone(), t.port);
+            match proxy(&st, t, req).await {
+                Ok(r) => r,
+                Err(e) if by_headers => closing(e2b_unavailable(&capsule, port, e).into_response()),
+                Err(e) => closing(e.into_response()),
+            }
+        }
         None => next.run(req).await,
     }
+}
+
+/// An answer given without reading the request body (which may be a stream the client
+/// is still sending): the connection cannot serve another request, so say it closes, or
+/// the client reuses it and its next request fails with a broken pipe.
+fn closing(mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Errors for E2B's header-routed (SDK) traffic as E2B's proxy gives them: 502 saying
+/// the sandbox "was not found" when it is not running (the SDK then reports it killed or
+/// timed out, and `is_running()` is false), 502 "port is not open" when it is running but
+/// the port does not answer.
+fn e2b_unavailable(capsule: &str, port: u16, e: ApiError) -> E2bError {
+    let gone = format!("The sandbox {capsule} was not found");
+    E2bError(match e.status {
+        StatusCode::NOT_FOUND | StatusCode::CONFLICT => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "sandbox_not_found", gone)
+        }
+        StatusCode::BAD_GATEWAY => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_error",
+            format!(
+                "The sandbox {capsule} is running but port is not open (port {port}: {})",
+                e.message
+            ),
+        ),
+        _ => e,
+    })
 }
 
 const HOP_BY_HOP: &[&str] = &[
@@ -115,7 +185,13 @@ async fn resolve(st: &AppState, t: &Target) -> Result<SocketAddr, ApiError> {
         .capsule_cache
         .get(&st.db, None, id.as_str())
         .await
-        .map_err(|e| if e.is_not_found() { not_found() } else { e.into() })?;
+        .map_err(|e| {
+            if e.is_not_found() {
+                not_found()
+            } else {
+                e.into()
+            }
+        })?;
     match c.status {
         CapsuleStatus::Running => {}
         CapsuleStatus::Stopped | CapsuleStatus::Error => return Err(not_found()),
@@ -127,9 +203,7 @@ async fn resolve(st: &AppState, t: &Target) -> Result<SocketAddr, ApiError> {
         }
     }
     crate::service::touch(st, &c).await;
-    st.agent
-        .port_addr(&id, t.port)
-        .map_err(ApiError::from)
+    st.agent.port_addr(&id, t.port).map_err(ApiError::from)
 }
 
 async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, ApiError> {
@@ -140,7 +214,7 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let uri: Uri = format!("http://{addr}{path}")
+    let uri: Uri = format!("http://{}.{addr}{path}", t.capsule)
         .parse()
         .map_err(|_| ApiError::invalid("bad request path"))?;
     let upgrade = req.headers().contains_key(header::UPGRADE);
@@ -184,16 +258,20 @@ async fn proxy_upgrade(addr: SocketAddr, uri: Uri, mut req: Request) -> Result<R
     });
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
-    parts.uri = uri.path_and_query().map_or_else(|| Uri::from_static("/"), |p| {
-        Uri::try_from(p.as_str()).unwrap_or_else(|_| Uri::from_static("/"))
-    });
+    parts.uri = uri.path_and_query().map_or_else(
+        || Uri::from_static("/"),
+        |p| Uri::try_from(p.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
+    );
     parts.headers.remove("e2b-sandbox-id");
     parts.headers.remove("e2b-sandbox-port");
     if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
         parts.headers.entry(header::HOST).or_insert(v);
     }
     let out = hyper::Request::from_parts(parts, body);
-    let mut resp = sender.send_request(out).await.map_err(|e| bad_gateway(&e))?;
+    let mut resp = sender
+        .send_request(out)
+        .await
+        .map_err(|e| bad_gateway(&e))?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let server_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
@@ -227,5 +305,16 @@ mod tests {
         assert_eq!(target_from_host("80-xyz.example.com"), None);
         assert_eq!(target_from_host("99999-cl-a.example.com"), None);
         assert_eq!(target_from_host("8080-cl-abc"), None);
+    }
+
+    #[tokio::test]
+    async fn resolver_reads_the_address_after_the_capsule() {
+        use std::str::FromStr;
+        use tower::ServiceExt;
+        let name = Name::from_str("cl-abc.169.254.128.6").unwrap();
+        let addrs: Vec<_> = CapsuleResolver.oneshot(name).await.unwrap().collect();
+        assert_eq!(addrs, vec![SocketAddr::from(([169, 254, 128, 6], 0))]);
+        let name = Name::from_str("example.com").unwrap();
+        assert!(CapsuleResolver.oneshot(name).await.is_err());
     }
 }

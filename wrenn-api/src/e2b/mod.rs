@@ -34,8 +34,29 @@ pub struct E2bAuth(pub Principal);
 impl FromRequestParts<Arc<AppState>> for E2bAuth {
     type Rejection = E2bError;
 
-    async fn from_request_parts(parts: &mut Parts, st: &Arc<AppState>) -> Result<Self, Self::Rejection> {
-        authenticate(st, &parts.headers).await.map(E2bAuth).map_err(E2bError)
+    async fn from_request_parts(
+        parts: &mut Parts,
+        st: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        authenticate(st, &parts.headers)
+            .await
+            .map(E2bAuth)
+            .map_err(E2bError)
+    }
+}
+
+/// Query string extractor with E2B-shaped 400s (axum's own rejections are plain text).
+#[derive(Debug, Clone)]
+pub struct E2bQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, St: Send + Sync> FromRequestParts<St> for E2bQuery<T> {
+    type Rejection = E2bError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &St) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, st)
+            .await
+            .map(|Query(q)| E2bQuery(q))
+            .map_err(|e| E2bError(ApiError::invalid(e.body_text())))
     }
 }
 
@@ -61,7 +82,7 @@ pub struct NewSandbox {
     #[serde(rename = "templateID")]
     pub template_id: Option<String>,
     /// Seconds until the sandbox times out (default 300).
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 86400)]
     pub timeout: Option<u64>,
     /// Pause instead of kill on timeout.
     pub auto_pause: Option<bool>,
@@ -70,14 +91,11 @@ pub struct NewSandbox {
     pub secure: Option<bool>,
     #[serde(rename = "allow_internet_access")]
     pub allow_internet_access: Option<bool>,
-    #[schema(value_type = Object)]
-    pub auto_resume: Option<Value>,
-    #[schema(value_type = Object)]
-    pub network: Option<Value>,
-    #[schema(value_type = Object)]
-    pub mcp: Option<Value>,
-    #[schema(value_type = Vec<Object>)]
-    pub volume_mounts: Option<Value>,
+    /// Accepted and ignored, as are `network`, `mcp` and `volumeMounts`.
+    pub auto_resume: Option<Map<String, Value>>,
+    pub network: Option<Map<String, Value>>,
+    pub mcp: Option<Map<String, Value>>,
+    pub volume_mounts: Option<Vec<Map<String, Value>>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -237,6 +255,23 @@ async fn live(st: &AppState, who: &Principal, id: &str) -> R<wrenn_db::Capsule> 
     Ok(c)
 }
 
+/// [`live`], after waiting out a pause or resume in progress (e.g. a timeout's
+/// auto-pause), as E2B's connect does.
+async fn settled(st: &AppState, who: &Principal, id: &str) -> R<wrenn_db::Capsule> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = live(st, who, id).await?;
+        let busy = matches!(
+            c.status,
+            CapsuleStatus::Pausing | CapsuleStatus::Resuming | CapsuleStatus::Starting
+        );
+        if !busy || tokio::time::Instant::now() >= deadline {
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[utoipa::path(post, path = "/sandboxes", tag = "e2b", request_body = NewSandbox,
     responses((status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
         (status = 401, body = E2bErrorBody), (status = 404, body = E2bErrorBody)),
@@ -263,14 +298,20 @@ pub async fn create(
             return Ok((StatusCode::CREATED, Json(sandbox(&st, &headers, &c).await?)));
         }
     }
-    let timeout = check_timeout(req.timeout.unwrap_or(u64::from(st.config.e2b_default_timeout)))?;
+    let timeout = check_timeout(
+        req.timeout
+            .unwrap_or(u64::from(st.config.e2b_default_timeout)),
+    )?;
     let metadata: Map<String, Value> = req
         .metadata
         .unwrap_or_default()
         .into_iter()
         .map(|(k, v)| (k, Value::String(v)))
         .collect();
-    if metadata.keys().any(|k| service::RESERVED_METADATA.contains(&k.as_str()) || k.starts_with("wrenn.")) {
+    if metadata
+        .keys()
+        .any(|k| service::RESERVED_METADATA.contains(&k.as_str()) || k.starts_with("wrenn."))
+    {
         return Err(E2bError(ApiError::invalid("metadata uses a reserved key")));
     }
     let c = service::create(
@@ -297,17 +338,48 @@ pub async fn create(
 #[derive(Debug, Deserialize, ToSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectSandbox {
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 86400)]
     pub timeout: Option<u64>,
     /// false: boot from disk state instead of restoring memory (not supported: ignored).
     pub memory: Option<bool>,
     pub auto_pause: Option<bool>,
 }
 
+/// `POST /v2/sandboxes` (SDK ≥ 2.51): the same as `POST /sandboxes`.
+#[utoipa::path(post, path = "/v2/sandboxes", tag = "e2b", request_body = NewSandbox,
+    responses((status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
+        (status = 401, body = E2bErrorBody), (status = 404, body = E2bErrorBody)),
+    security(("api_key" = [])))]
+pub async fn create_v2(
+    st: S,
+    auth: E2bAuth,
+    headers: HeaderMap,
+    body: Result<Json<NewSandbox>, JsonRejection>,
+) -> R<(StatusCode, Json<Sandbox>)> {
+    create(st, auth, headers, body).await
+}
+
+/// `POST /v2/sandboxes/{id}/connect` (SDK ≥ 2.51): the same as `POST /sandboxes/{id}/connect`.
+#[utoipa::path(post, path = "/v2/sandboxes/{id}/connect", tag = "e2b", params(("id" = String, Path)),
+    request_body = ConnectSandbox,
+    responses((status = 200, body = Sandbox), (status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
+        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody)),
+    security(("api_key" = [])))]
+pub async fn connect_v2(
+    st: S,
+    auth: E2bAuth,
+    id: Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<ConnectSandbox>, JsonRejection>,
+) -> R<(StatusCode, Json<Sandbox>)> {
+    connect(st, auth, id, headers, body).await
+}
+
 /// Connect: extends the timeout of a running sandbox (200) or resumes a paused one (201).
 #[utoipa::path(post, path = "/sandboxes/{id}/connect", tag = "e2b", params(("id" = String, Path)),
     request_body = ConnectSandbox,
-    responses((status = 200, body = Sandbox), (status = 201, body = Sandbox), (status = 404, body = E2bErrorBody)),
+    responses((status = 200, body = Sandbox), (status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
+        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn connect(
     State(st): S,
@@ -317,8 +389,11 @@ pub async fn connect(
     body: Result<Json<ConnectSandbox>, JsonRejection>,
 ) -> R<(StatusCode, Json<Sandbox>)> {
     let req = json_or_default(body)?;
-    let timeout = check_timeout(req.timeout.unwrap_or(u64::from(st.config.e2b_default_timeout)))?;
-    let mut c = live(&st, &who, &id).await?;
+    let timeout = check_timeout(
+        req.timeout
+            .unwrap_or(u64::from(st.config.e2b_default_timeout)),
+    )?;
+    let mut c = settled(&st, &who, &id).await?;
     let status = if c.status == CapsuleStatus::Paused {
         c = service::resume(&st, &who, &c).await.map_err(E2bError)?;
         StatusCode::CREATED
@@ -347,7 +422,8 @@ pub async fn connect(
 /// Resume (SDK ≤ 2.5): 201 when resumed, 409 when already running.
 #[utoipa::path(post, path = "/sandboxes/{id}/resume", tag = "e2b", params(("id" = String, Path)),
     request_body = ConnectSandbox,
-    responses((status = 201, body = Sandbox), (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody)),
+    responses((status = 201, body = Sandbox), (status = 400, body = E2bErrorBody), (status = 404, body = E2bErrorBody),
+        (status = 409, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn resume(
     State(st): S,
@@ -357,8 +433,11 @@ pub async fn resume(
     body: Result<Json<ConnectSandbox>, JsonRejection>,
 ) -> R<(StatusCode, Json<Sandbox>)> {
     let req = json_or_default(body)?;
-    let timeout = check_timeout(req.timeout.unwrap_or(u64::from(st.config.e2b_default_timeout)))?;
-    let c = live(&st, &who, &id).await?;
+    let timeout = check_timeout(
+        req.timeout
+            .unwrap_or(u64::from(st.config.e2b_default_timeout)),
+    )?;
+    let c = settled(&st, &who, &id).await?;
     if c.status == CapsuleStatus::Running {
         return Err(E2bError(ApiError::conflict(
             "conflict",
@@ -401,7 +480,7 @@ pub async fn kill(State(st): S, E2bAuth(who): E2bAuth, Path(id): Path<String>) -
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct TimeoutRequest {
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 86400)]
     pub timeout: u64,
 }
 
@@ -436,7 +515,8 @@ pub struct PauseRequest {
 
 #[utoipa::path(post, path = "/sandboxes/{id}/pause", tag = "e2b", params(("id" = String, Path)),
     request_body = PauseRequest,
-    responses((status = 204), (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody)),
+    responses((status = 204), (status = 400, body = E2bErrorBody), (status = 404, body = E2bErrorBody),
+        (status = 409, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn pause(
     State(st): S,
@@ -481,6 +561,7 @@ pub struct ListedSandbox {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// URL-encoded `k=v&k2=v2` pairs that must all match.
     pub metadata: Option<String>,
@@ -492,6 +573,7 @@ pub struct ListQuery {
     pub started_after: Option<String>,
     pub template: Option<String>,
     /// 1..100 (default 100).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     pub next_token: Option<String>,
 }
@@ -536,7 +618,9 @@ async fn list_impl(st: &AppState, who: &Principal, q: ListQuery) -> R<Response> 
     };
     let offset: usize = match q.next_token.as_deref() {
         None | Some("") => 0,
-        Some(t) => t.parse().map_err(|_| bad("nextToken is not one this server issued"))?,
+        Some(t) => t
+            .parse()
+            .map_err(|_| bad("nextToken is not one this server issued"))?,
     };
     let rows = st
         .db
@@ -548,7 +632,9 @@ async fn list_impl(st: &AppState, who: &Principal, q: ListQuery) -> R<Response> 
         .filter(|c| {
             let state = match c.status {
                 CapsuleStatus::Running => "running",
-                CapsuleStatus::Paused | CapsuleStatus::Pausing | CapsuleStatus::Resuming => "paused",
+                CapsuleStatus::Paused | CapsuleStatus::Pausing | CapsuleStatus::Resuming => {
+                    "paused"
+                }
                 _ => return false,
             };
             states.iter().any(|s| s == state)
@@ -608,14 +694,22 @@ async fn list_impl(st: &AppState, who: &Principal, q: ListQuery) -> R<Response> 
 #[utoipa::path(get, path = "/v2/sandboxes", tag = "e2b", params(ListQuery),
     responses((status = 200, body = Vec<ListedSandbox>), (status = 400, body = E2bErrorBody), (status = 401, body = E2bErrorBody)),
     security(("api_key" = [])))]
-pub async fn list_v2(State(st): S, E2bAuth(who): E2bAuth, Query(q): Query<ListQuery>) -> R<Response> {
+pub async fn list_v2(
+    State(st): S,
+    E2bAuth(who): E2bAuth,
+    E2bQuery(q): E2bQuery<ListQuery>,
+) -> R<Response> {
     list_impl(&st, &who, q).await
 }
 
 #[utoipa::path(get, path = "/sandboxes", tag = "e2b", params(ListQuery),
     responses((status = 200, body = Vec<ListedSandbox>), (status = 400, body = E2bErrorBody), (status = 401, body = E2bErrorBody)),
     security(("api_key" = [])))]
-pub async fn list_v1(State(st): S, E2bAuth(who): E2bAuth, Query(mut q): Query<ListQuery>) -> R<Response> {
+pub async fn list_v1(
+    State(st): S,
+    E2bAuth(who): E2bAuth,
+    E2bQuery(mut q): E2bQuery<ListQuery>,
+) -> R<Response> {
     if q.state.is_none() {
         q.state = Some("running".into());
     }
@@ -637,6 +731,7 @@ pub struct SandboxMetric {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MetricsQuery {
     /// Unix seconds (default: 10 minutes ago).
     pub start: Option<i64>,
@@ -651,16 +746,16 @@ pub async fn metrics(
     State(st): S,
     E2bAuth(who): E2bAuth,
     Path(id): Path<String>,
-    Query(q): Query<MetricsQuery>,
+    E2bQuery(q): E2bQuery<MetricsQuery>,
 ) -> R<Json<Vec<SandboxMetric>>> {
     let now = chrono::Utc::now().timestamp();
     let end = q.end.unwrap_or(now);
-    let start = q.start.unwrap_or(end - 600);
+    let start = q.start.unwrap_or(end.saturating_sub(600));
     if start > end {
         return Err(bad("start must not be after end"));
     }
     let c = live(&st, &who, &id).await?;
-    let span = (now - start).clamp(1, 24 * 3600) as u64;
+    let span = now.saturating_sub(start).clamp(1, 24 * 3600) as u64;
     let points = crate::v1::capsules::metric_points(&st, &c, Duration::from_secs(span))
         .await
         .map_err(E2bError)?;
@@ -671,7 +766,8 @@ pub async fn metrics(
             .into_iter()
             .filter(|p| p.timestamp_unix >= start && p.timestamp_unix <= end)
             .map(|p| SandboxMetric {
-                timestamp: chrono::DateTime::from_timestamp(p.timestamp_unix, 0).unwrap_or_default(),
+                timestamp: chrono::DateTime::from_timestamp(p.timestamp_unix, 0)
+                    .unwrap_or_default(),
                 timestamp_unix: p.timestamp_unix,
                 cpu_count: c.vcpus,
                 cpu_used_pct: p.cpu_pct,
@@ -687,7 +783,7 @@ pub async fn metrics(
 
 #[derive(Debug, Deserialize, ToSchema, Default)]
 pub struct ForkRequest {
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 86400)]
     pub timeout: Option<u64>,
     #[schema(minimum = 1, maximum = 100)]
     pub count: Option<u32>,
@@ -717,7 +813,10 @@ pub async fn fork(
     if !(1..=100).contains(&count) {
         return Err(bad("count must be 1 to 100"));
     }
-    let timeout = check_timeout(req.timeout.unwrap_or(u64::from(st.config.e2b_default_timeout)))?;
+    let timeout = check_timeout(
+        req.timeout
+            .unwrap_or(u64::from(st.config.e2b_default_timeout)),
+    )?;
     let c = live(&st, &who, &id).await?;
     let forks = service::fork(&st, &who, &c, count as usize, timeout)
         .await
@@ -777,11 +876,13 @@ pub async fn create_snapshot(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct SnapshotListQuery {
     #[serde(rename = "sandboxID")]
     pub sandbox_id: Option<String>,
     pub name: Option<String>,
     /// 1..100 (default 100).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     pub next_token: Option<String>,
 }
@@ -792,7 +893,7 @@ pub struct SnapshotListQuery {
 pub async fn list_snapshots(
     State(st): S,
     E2bAuth(who): E2bAuth,
-    Query(q): Query<SnapshotListQuery>,
+    E2bQuery(q): E2bQuery<SnapshotListQuery>,
 ) -> R<Response> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=100).contains(&limit) {
@@ -800,7 +901,9 @@ pub async fn list_snapshots(
     }
     let offset: usize = match q.next_token.as_deref() {
         None | Some("") => 0,
-        Some(t) => t.parse().map_err(|_| bad("nextToken is not one this server issued"))?,
+        Some(t) => t
+            .parse()
+            .map_err(|_| bad("nextToken is not one this server issued"))?,
     };
     let all = st
         .db
@@ -809,7 +912,11 @@ pub async fn list_snapshots(
         .map_err(|e| E2bError(e.into()))?;
     let all: Vec<_> = all
         .into_iter()
-        .filter(|t| q.sandbox_id.as_deref().is_none_or(|s| t.source_capsule.as_deref() == Some(s)))
+        .filter(|t| {
+            q.sandbox_id
+                .as_deref()
+                .is_none_or(|s| t.source_capsule.as_deref() == Some(s))
+        })
         .filter(|t| q.name.as_deref().is_none_or(|n| t.name.as_str() == n))
         .collect();
     let page: Vec<SnapshotInfo> = all

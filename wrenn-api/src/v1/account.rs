@@ -646,12 +646,14 @@ pub async fn delete_key(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditParams {
     /// `next_before` of the previous page (RFC 3339).
     pub before: Option<String>,
     /// `next_before_id` of the previous page.
     pub before_id: Option<String>,
     /// 1..200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
     pub resource_type: Option<String>,
     pub action: Option<String>,
@@ -692,8 +694,9 @@ pub struct AuditPageView {
 pub async fn audit_logs(
     State(st): S,
     Auth(who): Auth,
-    Query(q): Query<AuditParams>,
+    q: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<AuditPageView>> {
+    let Query(q) = q.map_err(crate::error::query_rejection)?;
     let before = match (q.before, q.before_id) {
         (None, None) => None,
         (Some(b), Some(id)) => {

@@ -29,6 +29,7 @@ pub struct CapsuleView {
     pub template: String,
     pub vcpus: u32,
     pub memory_mb: u32,
+    #[schema(value_type = u64)]
     pub timeout_sec: u32,
     pub created_at: chrono::DateTime<chrono::Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -76,7 +77,7 @@ pub struct CreateCapsuleRequest {
     #[schema(minimum = 128, maximum = 65536)]
     pub memory_mb: Option<u32>,
     /// Inactivity auto-pause TTL in seconds; 0 = never.
-    #[schema(minimum = 0)]
+    #[schema(value_type = Option<u64>, minimum = 0, maximum = 4294967295u64)]
     pub timeout_sec: Option<u32>,
     /// User labels: ≤ 20 keys, values ≤ 64 characters.
     pub metadata: Option<HashMap<String, String>>,
@@ -213,8 +214,8 @@ pub struct ExecBody {
     pub cmd: String,
     #[serde(default)]
     pub args: Vec<String>,
-    /// Foreground timeout in seconds (default 30).
-    #[schema(minimum = 1, maximum = 86400)]
+    /// Foreground timeout in seconds (default 30), clamped to 1..86400.
+    #[schema(value_type = Option<u64>, minimum = 0, maximum = 4294967295u64)]
     pub timeout_sec: Option<u32>,
     #[serde(default)]
     pub background: bool,

@@ -80,9 +80,10 @@ pub struct OverwriteQuery {
 pub async fn create(
     State(st): S,
     Auth(who): Auth,
-    Query(q): Query<OverwriteQuery>,
+    q: Result<Query<OverwriteQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Json<CreateSnapshotRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<TemplateView>)> {
+    let Query(q) = q.map_err(crate::error::query_rejection)?;
     let Json(req) = body.map_err(json_rejection)?;
     let name = req
         .name

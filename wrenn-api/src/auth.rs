@@ -31,9 +31,11 @@ pub struct Principal {
 
 impl Principal {
     pub fn user(&self) -> Result<&UserClaims, ApiError> {
-        self.user
-            .as_ref()
-            .ok_or_else(|| ApiError::unauthorized("this route needs a user token (Authorization: Bearer <jwt>), not an API key"))
+        self.user.as_ref().ok_or_else(|| {
+            ApiError::unauthorized(
+                "this route needs a user token (Authorization: Bearer <jwt>), not an API key",
+            )
+        })
     }
 
     pub fn role(&self) -> Role {
@@ -174,7 +176,9 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = header(headers, "authorization")?;
     let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 /// Authenticates a request's headers (API key or user JWT) and applies the rate limit.

@@ -25,10 +25,8 @@ pub struct ReconcileReport {
 /// destroyed.
 pub async fn reconcile(st: &AppState) -> Result<ReconcileReport, String> {
     let host = st.agent.list().await.map_err(|e| e.message)?;
-    let mut on_host: HashMap<String, CapsuleStatus> = host
-        .iter()
-        .map(|c| (c.id.to_string(), c.status))
-        .collect();
+    let mut on_host: HashMap<String, CapsuleStatus> =
+        host.iter().map(|c| (c.id.to_string(), c.status)).collect();
     let rows = st
         .db
         .system_live_capsules()
@@ -103,7 +101,9 @@ pub async fn reap_once(st: &AppState) {
     for c in idle {
         let result = if c.pause_on_timeout {
             tracing::info!(capsule = %c.id, "inactivity timeout: pausing");
-            service::pause(st, &Actor::System, None, &c).await.map(|_| ())
+            service::pause(st, &Actor::System, None, &c)
+                .await
+                .map(|_| ())
         } else {
             tracing::info!(capsule = %c.id, "timeout: destroying");
             service::destroy(st, &Actor::System, None, &c).await
@@ -147,7 +147,10 @@ pub async fn pause_all_running(st: &AppState) {
         .filter(|c| c.status == CapsuleStatus::Running)
         .collect();
     if !running.is_empty() {
-        tracing::info!(count = running.len(), "pausing running capsules before exit");
+        tracing::info!(
+            count = running.len(),
+            "pausing running capsules before exit"
+        );
     }
     for c in running {
         if let Err(e) = service::pause(st, &Actor::System, None, &c).await {

@@ -32,13 +32,17 @@ fn build() -> Result<ServerMetrics, prometheus::Error> {
         &["method", "route", "status"],
     )?;
     let latency = HistogramVec::new(
-        HistogramOpts::new("http_request_duration_seconds", "HTTP request latency")
-            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
+        HistogramOpts::new("http_request_duration_seconds", "HTTP request latency").buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+        ]),
         &["method", "route"],
     )?;
     let creates = Histogram::with_opts(
-        HistogramOpts::new("capsule_create_seconds", "Capsule create time (ready to use)")
-            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        HistogramOpts::new(
+            "capsule_create_seconds",
+            "Capsule create time (ready to use)",
+        )
+        .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
     )?;
     let execs = Histogram::with_opts(
         HistogramOpts::new("exec_seconds", "Foreground exec time through /v1")

@@ -51,11 +51,18 @@ fn jwt_secret(opts: &ServeOptions) -> Result<Vec<u8>, ServeError> {
     let path = opts.data_dir.join("jwt.secret");
     match std::fs::read_to_string(&path) {
         Ok(s) if s.trim().len() >= 32 => return Ok(s.trim().as_bytes().to_vec()),
-        Ok(_) => return Err(ServeError::Secret(format!("{} is too short", path.display()))),
+        Ok(_) => {
+            return Err(ServeError::Secret(format!(
+                "{} is too short",
+                path.display()
+            )))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(ServeError::Secret(format!("{}: {e}", path.display()))),
     }
-    let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let secret: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -75,9 +82,7 @@ fn jwt_secret(opts: &ServeOptions) -> Result<Vec<u8>, ServeError> {
 
 /// Opens the database (SQLite in the data dir unless a URL is given) and runs bootstrap;
 /// returns the new API key on a first start.
-pub async fn open_db(
-    opts: &ServeOptions,
-) -> Result<(wrenn_db::Db, Option<String>), ServeError> {
+pub async fn open_db(opts: &ServeOptions) -> Result<(wrenn_db::Db, Option<String>), ServeError> {
     let url = opts
         .database_url
         .clone()
@@ -109,7 +114,12 @@ pub async fn run(
     .map_err(ServeError::Host)?;
     tracing::info!(accel = %host.accel_probe().accel, reason = %host.accel_probe().reason, "host ready");
     let agent: Arc<dyn HostAgent> = Arc::new(LocalAgent::new(host, LocalAgentOptions::default()));
-    let state = Arc::new(AppState::new(db.clone(), agent, opts.config.clone(), &secret));
+    let state = Arc::new(AppState::new(
+        db.clone(),
+        agent,
+        opts.config.clone(),
+        &secret,
+    ));
     crate::lifecycle::reconcile(&state)
         .await
         .map_err(ServeError::Reconcile)?;

@@ -123,9 +123,7 @@ pub fn validate_metadata(m: &Map<String, Value>) -> ApiResult<()> {
             )));
         }
         if RESERVED_METADATA.contains(&k.as_str()) || k.starts_with("wrenn.") {
-            return Err(ApiError::invalid(format!(
-                "metadata key {k:?} is reserved"
-            )));
+            return Err(ApiError::invalid(format!("metadata key {k:?} is reserved")));
         }
         match v {
             Value::String(s) if s.chars().count() <= 64 => {}
@@ -161,12 +159,22 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
     let (template, host_template) = resolve_template(state, who, p.template.as_deref()).await?;
     let mut labels = HashMap::new();
     labels.insert(TEAM_LABEL.to_string(), who.team_id.clone());
+    // A pre-booted template restores with the sizes it was saved with: other sizes
+    // of a platform template boot it instead; a team snapshot always keeps its own.
+    let (mut vcpus, mut memory_mb, mut cold_boot) = (p.vcpus, p.memory_mb, false);
+    if is_team_snapshot_name(&host_template) {
+        (vcpus, memory_mb) = (None, None);
+    } else if let Ok(t) = state.agent.template(&host_template).await {
+        let differs = |want: Option<u32>, have: Option<u32>| want.is_some() && want != have;
+        cold_boot = t.snapshot && (differs(vcpus, t.vcpus) || differs(memory_mb, t.memory_mb));
+    }
     let spec = CapsuleSpec {
         template: host_template,
-        vcpus: p.vcpus,
-        memory_mb: p.memory_mb,
+        vcpus,
+        memory_mb,
         envs: p.envs,
         labels,
+        cold_boot,
     };
     let hc = match state.agent.create(spec).await {
         Ok(c) => c,
@@ -185,7 +193,16 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
             return Err(err);
         }
     };
-    let row = record(state, who, &hc, &template, &p.metadata, p.timeout_sec, p.pause_on_timeout).await?;
+    let row = record(
+        state,
+        who,
+        &hc,
+        &template,
+        &p.metadata,
+        p.timeout_sec,
+        p.pause_on_timeout,
+    )
+    .await?;
     state.metrics.capsule_created(started.elapsed());
     state
         .audit(
@@ -257,7 +274,12 @@ async fn set_status(state: &AppState, c: &Capsule, s: CapsuleStatus) -> ApiResul
 }
 
 /// Pauses a running capsule; its sample history is kept in the database.
-pub async fn pause(state: &AppState, actor: &Actor, actor_name: Option<String>, c: &Capsule) -> ApiResult<Capsule> {
+pub async fn pause(
+    state: &AppState,
+    actor: &Actor,
+    actor_name: Option<String>,
+    c: &Capsule,
+) -> ApiResult<Capsule> {
     if c.status != CapsuleStatus::Running {
         return Err(ApiError::invalid_state(format!(
             "capsule {} is {}; pause needs it running",
@@ -342,7 +364,14 @@ pub async fn resume(state: &AppState, who: &Principal, c: &Capsule) -> ApiResult
         }
     };
     state
-        .audit(who, "capsule.resume", "capsule", Some(c.id.as_str()), ok, None)
+        .audit(
+            who,
+            "capsule.resume",
+            "capsule",
+            Some(c.id.as_str()),
+            ok,
+            None,
+        )
         .await;
     row
 }
@@ -499,7 +528,14 @@ pub async fn fork(
         Ok(f) => f,
         Err(e) => {
             state
-                .audit(who, "capsule.fork", "capsule", Some(c.id.as_str()), false, None)
+                .audit(
+                    who,
+                    "capsule.fork",
+                    "capsule",
+                    Some(c.id.as_str()),
+                    false,
+                    None,
+                )
                 .await;
             return Err(e);
         }

@@ -466,6 +466,42 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
         .await;
     assert_eq!(r.body["stdout"], "hi\n", "{}", r.text);
 
+    // Sizes other than the pre-booted template's boot it with those sizes.
+    let r = a
+        .post(
+            "/v1/capsules",
+            Some(KEY),
+            json!({"vcpus": 2, "memory_mb": 768}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(
+        (r.body["vcpus"].as_u64(), r.body["memory_mb"].as_u64()),
+        (Some(2), Some(768))
+    );
+    let big = r.body["id"].as_str().expect("id").to_string();
+    let r = a
+        .post(
+            &format!("/v1/capsules/{big}/exec"),
+            Some(KEY),
+            json!({"cmd": "/bin/sh", "args": ["-c", "nproc; awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo"]}),
+        )
+        .await;
+    let out = r.body["stdout"].as_str().unwrap_or("").to_string();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("2"), "{}", r.text);
+    let mem: u64 = lines.next().and_then(|l| l.parse().ok()).expect("MemTotal");
+    assert!((600..=768).contains(&mem), "guest sees {mem} MiB");
+    let r = a
+        .call(
+            Method::DELETE,
+            &format!("/v1/capsules/{big}"),
+            Some(KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+
     // Reconciliation: a row the host does not know becomes stopped; a capsule the
     // database does not know is destroyed.
     let ghost = wrenn_core::id::CapsuleId::random();

@@ -339,7 +339,8 @@ impl Db {
             .await
             .map_err(|e| Ctx::op("load capsule metrics").err(e))?;
         let Some(row) = row else { return Ok(None) };
-        let text = text(&row, "samples").map_err(|e| DbError::backend("load capsule metrics", e))?;
+        let text =
+            text(&row, "samples").map_err(|e| DbError::backend("load capsule metrics", e))?;
         Ok(serde_json::from_str(&text).ok())
     }
 }

@@ -182,6 +182,7 @@ impl HostAgent for LocalAgent {
             memory_mb: spec.memory_mb,
             envs: spec.envs,
             metadata: spec.labels,
+            cold_boot: spec.cold_boot,
             ..Default::default()
         };
         self.capsules()
@@ -238,11 +239,7 @@ impl HostAgent for LocalAgent {
         count: usize,
         labels: HashMap<String, String>,
     ) -> Result<Vec<HostCapsule>, HostError> {
-        let forks = self
-            .capsules()
-            .fork(id, count)
-            .await
-            .map_err(host_error)?;
+        let forks = self.capsules().fork(id, count).await.map_err(host_error)?;
         let _ = labels;
         Ok(forks.into_iter().map(capsule).collect())
     }
@@ -361,7 +358,9 @@ impl HostAgent for LocalAgent {
     fn import_metrics(&self, id: &CapsuleId, saved: serde_json::Value) {
         match serde_json::from_value(saved) {
             Ok(t) => self.sampler.import(id, t),
-            Err(e) => tracing::warn!(capsule = %id, error = %e, "saved metrics unreadable; dropped"),
+            Err(e) => {
+                tracing::warn!(capsule = %id, error = %e, "saved metrics unreadable; dropped")
+            }
         }
     }
 

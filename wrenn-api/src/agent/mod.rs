@@ -65,6 +65,9 @@ pub struct CapsuleSpec {
     pub envs: HashMap<String, String>,
     /// Labels kept with the capsule on the host (the owning team is one of them).
     pub labels: HashMap<String, String>,
+    /// Boot the template's kernel even when it has a pre-booted snapshot (whose sizes
+    /// differ from the requested ones).
+    pub cold_boot: bool,
 }
 
 /// A capsule as the host sees it.

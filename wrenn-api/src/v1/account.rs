@@ -59,7 +59,12 @@ fn claims(user: &User, team_id: &str, role: Role) -> UserClaims {
     }
 }
 
-fn login_response(st: &AppState, user: &User, team_id: &str, role: Role) -> ApiResult<LoginResponse> {
+fn login_response(
+    st: &AppState,
+    user: &User,
+    team_id: &str,
+    role: Role,
+) -> ApiResult<LoginResponse> {
     Ok(LoginResponse {
         token: st.jwt.issue(claims(user, team_id, role))?,
         user_id: user.id.clone(),
@@ -112,7 +117,9 @@ pub async fn signup(
         .await?;
     st.audit_team(
         &team.id,
-        wrenn_db::Actor::User { id: user.id.clone() },
+        wrenn_db::Actor::User {
+            id: user.id.clone(),
+        },
         Some(user.email.clone()),
         "user.signup",
         "user",
@@ -148,11 +155,9 @@ pub async fn login(
                 "wrong e-mail or password",
             )
         })?;
-    let team = st
-        .db
-        .default_team(&user.id)
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::FORBIDDEN, "no_team", "the account has no team"))?;
+    let team = st.db.default_team(&user.id).await?.ok_or_else(|| {
+        ApiError::new(StatusCode::FORBIDDEN, "no_team", "the account has no team")
+    })?;
     Ok(Json(login_response(&st, &user, &team.team.id, team.role)?))
 }
 
@@ -261,7 +266,9 @@ pub async fn change_password(
     let Json(req) = body.map_err(json_rejection)?;
     let u = who.user()?;
     if req.new_password != req.confirm_password {
-        return Err(ApiError::invalid("new_password and confirm_password differ"));
+        return Err(ApiError::invalid(
+            "new_password and confirm_password differ",
+        ));
     }
     if req.new_password.chars().count() < 8 {
         return Err(ApiError::invalid("password must be at least 8 characters"));
@@ -269,7 +276,12 @@ pub async fn change_password(
     let user = st.db.get_user(&u.sub).await?;
     if user.has_password {
         let current = req.current_password.unwrap_or_default();
-        if st.db.verify_password(&user.email, &current).await?.is_none() {
+        if st
+            .db
+            .verify_password(&user.email, &current)
+            .await?
+            .is_none()
+        {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "wrong_password",
@@ -351,8 +363,17 @@ pub async fn create_team(
     let u = who.user()?;
     let team = st.db.create_team(&req.name, &u.sub).await?;
     let t = st.db.get_team_for_member(&team.id, &u.sub).await?;
-    st.audit_team(&team.id, who.actor.clone(), who.actor_name.clone(), "team.create", "team", Some(&team.id), true, None)
-        .await;
+    st.audit_team(
+        &team.id,
+        who.actor.clone(),
+        who.actor_name.clone(),
+        "team.create",
+        "team",
+        Some(&team.id),
+        true,
+        None,
+    )
+    .await;
     Ok((StatusCode::CREATED, Json(team_view(&t))))
 }
 
@@ -382,7 +403,9 @@ fn need_manager(t: &wrenn_db::TeamWithRole) -> ApiResult<()> {
     if t.role.can_manage() {
         Ok(())
     } else {
-        Err(ApiError::forbidden("only the team's owner or admins can do this"))
+        Err(ApiError::forbidden(
+            "only the team's owner or admins can do this",
+        ))
     }
 }
 
@@ -401,8 +424,17 @@ pub async fn rename_team(
     need_manager(&t)?;
     st.db.rename_team(&id, &req.name).await?;
     let t = my_team(&st, &u.sub, &id).await?;
-    st.audit_team(&id, who.actor.clone(), who.actor_name.clone(), "team.rename", "team", Some(&id), true, None)
-        .await;
+    st.audit_team(
+        &id,
+        who.actor.clone(),
+        who.actor_name.clone(),
+        "team.rename",
+        "team",
+        Some(&id),
+        true,
+        None,
+    )
+    .await;
     Ok(Json(team_view(&t)))
 }
 
@@ -448,8 +480,9 @@ pub struct RoleRequest {
 fn parse_role(s: Option<&str>) -> ApiResult<Role> {
     match s {
         None => Ok(Role::Member),
-        Some(r) => Role::parse(r)
-            .ok_or_else(|| ApiError::invalid(format!("role {r:?}: expected owner, admin or member"))),
+        Some(r) => Role::parse(r).ok_or_else(|| {
+            ApiError::invalid(format!("role {r:?}: expected owner, admin or member"))
+        }),
     }
 }
 
@@ -483,7 +516,9 @@ pub async fn add_member(
     need_manager(&t)?;
     let role = parse_role(req.role.as_deref())?;
     if role == Role::Owner {
-        return Err(ApiError::invalid("a team has one owner; add as admin or member"));
+        return Err(ApiError::invalid(
+            "a team has one owner; add as admin or member",
+        ));
     }
     let user = st.db.get_user_by_email(&req.email).await?;
     st.db.add_member(&id, &user.id, role).await?;
@@ -494,8 +529,17 @@ pub async fn add_member(
         .into_iter()
         .find(|m| m.user_id == user.id)
         .ok_or_else(|| ApiError::not_found("member"))?;
-    st.audit_team(&id, who.actor.clone(), who.actor_name.clone(), "member.add", "user", Some(&user.id), true, None)
-        .await;
+    st.audit_team(
+        &id,
+        who.actor.clone(),
+        who.actor_name.clone(),
+        "member.add",
+        "user",
+        Some(&user.id),
+        true,
+        None,
+    )
+    .await;
     Ok((StatusCode::CREATED, Json(member_view(&m))))
 }
 
@@ -515,11 +559,22 @@ pub async fn set_role(
     need_manager(&t)?;
     let role = parse_role(Some(&req.role))?;
     if role == Role::Owner && t.role != Role::Owner {
-        return Err(ApiError::forbidden("only the owner can hand over ownership"));
+        return Err(ApiError::forbidden(
+            "only the owner can hand over ownership",
+        ));
     }
     st.db.set_member_role(&id, &uid, role).await?;
-    st.audit_team(&id, who.actor.clone(), who.actor_name.clone(), "member.role", "user", Some(&uid), true, Some(serde_json::json!({"role": req.role})))
-        .await;
+    st.audit_team(
+        &id,
+        who.actor.clone(),
+        who.actor_name.clone(),
+        "member.role",
+        "user",
+        Some(&uid),
+        true,
+        Some(serde_json::json!({"role": req.role})),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -538,8 +593,17 @@ pub async fn remove_member(
         need_manager(&t)?;
     }
     st.db.remove_member(&id, &uid).await?;
-    st.audit_team(&id, who.actor.clone(), who.actor_name.clone(), "member.remove", "user", Some(&uid), true, None)
-        .await;
+    st.audit_team(
+        &id,
+        who.actor.clone(),
+        who.actor_name.clone(),
+        "member.remove",
+        "user",
+        Some(&uid),
+        true,
+        None,
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -614,8 +678,15 @@ pub async fn create_key(
     }
     let creator = who.user.as_ref().map(|u| u.sub.as_str());
     let created = st.db.create_api_key(&who.team_id, &name, creator).await?;
-    st.audit(&who, "api_key.create", "api_key", Some(&created.api_key.id), true, None)
-        .await;
+    st.audit(
+        &who,
+        "api_key.create",
+        "api_key",
+        Some(&created.api_key.id),
+        true,
+        None,
+    )
+    .await;
     Ok((
         StatusCode::CREATED,
         Json(key_view(&created.api_key, Some(created.key.clone()))),
@@ -742,10 +813,10 @@ pub async fn audit_logs(
                 created_at: e.created_at,
             })
             .collect(),
-        next_before: page
-            .next
-            .as_ref()
-            .map(|c| c.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        next_before: page.next.as_ref().map(|c| {
+            c.created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        }),
         next_before_id: page.next.map(|c| c.id),
     }))
 }

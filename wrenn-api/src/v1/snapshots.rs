@@ -114,12 +114,13 @@ pub async fn list(
     Auth(who): Auth,
     Query(q): Query<TypeQuery>,
 ) -> ApiResult<Json<Vec<TemplateView>>> {
-    let kind = match q.kind.as_deref() {
-        None | Some("") => None,
-        Some(k) => Some(wrenn_db::TemplateKind::parse(k).ok_or_else(|| {
-            ApiError::invalid(format!("type {k:?}: expected base or snapshot"))
-        })?),
-    };
+    let kind =
+        match q.kind.as_deref() {
+            None | Some("") => None,
+            Some(k) => Some(wrenn_db::TemplateKind::parse(k).ok_or_else(|| {
+                ApiError::invalid(format!("type {k:?}: expected base or snapshot"))
+            })?),
+        };
     let mut out = Vec::new();
     if kind != Some(wrenn_db::TemplateKind::Snapshot) {
         for t in st.agent.templates().await.map_err(service::host_err)? {

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use utoipa::{IntoParams, ToSchema};
 use wrenn_core::status::CapsuleStatus;
 
-
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct StatsQuery {
     /// 5m, 1h, 6h, 24h or 30d (default 5m).
@@ -145,7 +144,9 @@ pub async fn usage(
     let to = day(q.to.as_deref(), today, "to")?;
     let from = day(q.from.as_deref(), to - chrono::Duration::days(30), "from")?;
     if from > to || (to - from).num_days() > 366 {
-        return Err(ApiError::invalid("from must be before to, at most a year apart"));
+        return Err(ApiError::invalid(
+            "from must be before to, at most a year apart",
+        ));
     }
     let rows = st.db.list_capsules(&who.team_id, true).await?;
     let now = chrono::Utc::now();
@@ -154,7 +155,9 @@ pub async fn usage(
     while d <= to {
         let (Some(start), Some(end)) = (
             d.and_hms_opt(0, 0, 0).map(|t| t.and_utc()),
-            d.succ_opt().and_then(|n| n.and_hms_opt(0, 0, 0)).map(|t| t.and_utc()),
+            d.succ_opt()
+                .and_then(|n| n.and_hms_opt(0, 0, 0))
+                .map(|t| t.and_utc()),
         ) else {
             break;
         };

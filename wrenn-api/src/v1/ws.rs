@@ -5,7 +5,6 @@
 
 use crate::auth::{authenticate, Principal};
 use crate::error::ApiResult;
-use futures_util::SinkExt;
 use crate::service;
 use crate::state::AppState;
 use crate::v1::capsules::{random_tag, select_process};
@@ -15,6 +14,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
+use futures_util::SinkExt;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
@@ -39,7 +39,11 @@ async fn send_json(ws: &mut WebSocket, v: serde_json::Value) -> bool {
 }
 
 async fn fail(mut ws: WebSocket, msg: &str) {
-    let _ = send_json(&mut ws, json!({"type": "error", "data": msg, "fatal": true})).await;
+    let _ = send_json(
+        &mut ws,
+        json!({"type": "error", "data": msg, "fatal": true}),
+    )
+    .await;
     let _ = ws.close().await;
 }
 
@@ -62,7 +66,8 @@ async fn socket_principal(
         kind: String,
         token: String,
     }
-    let m: AuthMsg = serde_json::from_str(&t).map_err(|_| "unauthorized: bad auth message".to_string())?;
+    let m: AuthMsg =
+        serde_json::from_str(&t).map_err(|_| "unauthorized: bad auth message".to_string())?;
     if m.kind != "auth" {
         return Err("unauthorized: expected an auth message".into());
     }
@@ -207,8 +212,15 @@ pub async fn exec_stream(
             Ok(s) => s,
             Err(e) => return fail(ws, &e.to_string()).await,
         };
-        st.audit(&who, "capsule.exec", "capsule", Some(c.id.as_str()), true, Some(json!({"stream": true})))
-            .await;
+        st.audit(
+            &who,
+            "capsule.exec",
+            "capsule",
+            Some(c.id.as_str()),
+            true,
+            Some(json!({"stream": true})),
+        )
+        .await;
         pump_exec(&mut ws, guest.as_ref(), stream, true).await;
     })
 }
@@ -325,8 +337,15 @@ pub async fn pty(
             }
             _ => return fail(ws, "expected a start or connect message").await,
         };
-        st.audit(&who, "capsule.pty", "capsule", Some(c.id.as_str()), true, Some(json!({"tag": tag})))
-            .await;
+        st.audit(
+            &who,
+            "capsule.pty",
+            "capsule",
+            Some(c.id.as_str()),
+            true,
+            Some(json!({"tag": tag})),
+        )
+        .await;
         pump_pty(&st, &c, ws, guest.as_ref(), stream, &tag).await;
     })
 }

@@ -578,6 +578,33 @@ def test_host_name_routing(sbx, server):
     assert r.status_code == 404
 
 
+def test_upload_over_cap_is_refused(sbx, server):
+    # The server runs with an 8 MiB upload cap; envd uploads through the proxy obey it.
+    path = f"/tmp/toobig-{uuid.uuid4().hex[:8]}.bin"
+    with pytest.raises(Exception) as err:
+        sbx.files.write(path, b"x" * (9 << 20))
+    assert "413" in str(err.value) or "limit" in str(err.value), err.value
+    # Without Content-Length (chunked), the body is cut off at the cap.
+    def chunks():
+        for _ in range(9):
+            yield b"y" * (1 << 20)
+
+    r = httpx.post(
+        f"{server.url}/files",
+        params={"path": path, "username": "user"},
+        headers={"E2b-Sandbox-Id": sbx.sandbox_id, "X-Access-Token": sbx._envd_access_token or "",
+                 "Content-Type": "application/octet-stream"},
+        content=chunks(),
+        timeout=60,
+    )
+    assert r.status_code == 413, r.text
+    # The client keeps working, and an upload under the cap passes.
+    ok = path + ".ok"
+    sbx.files.write(ok, b"z" * (1 << 20))
+    assert sbx.commands.run(f"stat -c %s {ok}").stdout.strip() == str(1 << 20)
+    sbx.commands.run(f"rm -f {path} {ok}", user="root")
+
+
 def test_header_routing(sbx, server):
     h = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983"}
     r = httpx.get(f"{server.url}/health", headers=h)

@@ -8,7 +8,7 @@ use crate::error::{ApiError, E2bError};
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::client::legacy::connect::dns::Name;
@@ -221,9 +221,44 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
     if upgrade {
         return proxy_upgrade(addr, uri, req).await;
     }
+    let capped = t.port == ENVD_PORT
+        && matches!(*req.method(), Method::POST | Method::PUT)
+        && req.uri().path().starts_with("/files");
+    let limit = st.config.upload_limit;
+    if capped {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit.saturating_add(64 * 1024)) {
+            return Ok(upload_too_large(limit));
+        }
+    }
     *req.uri_mut() = uri;
     strip_hop_headers(req.headers_mut());
-    let resp = st.proxy.request(req).await.map_err(|e| {
+    if capped {
+        // Chunked uploads are cut off at the cap (plus multipart framing).
+        let (parts, body) = req.into_parts();
+        let limited = http_body_util::Limited::new(
+            body,
+            usize::try_from(limit.saturating_add(64 * 1024)).unwrap_or(usize::MAX),
+        );
+        req = Request::from_parts(parts, Body::new(limited));
+    }
+    let resp = st.proxy.request(req).await;
+    if capped {
+        if let Err(e) = &resp {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+            while let Some(err) = source {
+                if err.is::<http_body_util::LengthLimitError>() {
+                    return Ok(upload_too_large(limit));
+                }
+                source = err.source();
+            }
+        }
+    }
+    let resp = resp.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "agent_error",
@@ -233,6 +268,24 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
     let (mut parts, body) = resp.into_parts();
     strip_hop_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// envd's port: its `/files` uploads get the server's upload cap.
+const ENVD_PORT: u16 = 49983;
+
+/// 413 in envd's error shape, closing the connection (the rest of the body is not read).
+fn upload_too_large(limit: u64) -> Response {
+    let mut resp = (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        axum::Json(serde_json::json!({
+            "code": 413,
+            "message": format!("upload exceeds the limit of {limit} bytes"),
+        })),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// Upgrades (WebSocket and the like): one dedicated connection, then raw bytes both ways.

@@ -85,7 +85,11 @@ async fn migrations_apply_twice(t: &TestDb) {
         .fetch_one(&raw_pool(&t.url).await)
         .await
         .unwrap();
-    assert_eq!(n, 1);
+    // Each embedded migration is recorded once, however often `migrate` runs.
+    let scripts = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite"))
+        .unwrap()
+        .count();
+    assert_eq!(n, scripts as i64);
     if t.db.backend() == Backend::Sqlite {
         let mode: String = sqlx::query_scalar::<_, String>("PRAGMA journal_mode")
             .fetch_one(&raw_pool(&t.url).await)

@@ -232,6 +232,16 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit.saturating_add(64 * 1024)) {
+            // Read (a bounded amount of) the body first, so the client gets to see
+            // the answer instead of a broken pipe.
+            let mut body = std::mem::take(req.body_mut()).into_data_stream();
+            let mut drained = 0u64;
+            while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut body).await {
+                drained += chunk.len() as u64;
+                if drained > MAX_DRAIN {
+                    break;
+                }
+            }
             return Ok(upload_too_large(limit));
         }
     }
@@ -269,6 +279,9 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
     strip_hop_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::new(body)))
 }
+
+/// The most of a refused upload that is read before answering.
+const MAX_DRAIN: u64 = 256 << 20;
 
 /// envd's port: its `/files` uploads get the server's upload cap.
 const ENVD_PORT: u16 = 49983;

@@ -39,6 +39,16 @@ pub struct CreateParams {
     pub envs: HashMap<String, String>,
 }
 
+/// A capsule's disk size as shown: rows written before the size was recorded show the
+/// reference default.
+pub fn disk_size_mb(c: &Capsule) -> u64 {
+    if c.disk_mb > 0 {
+        c.disk_mb
+    } else {
+        5120
+    }
+}
+
 /// Parses a capsule id from a path; anything malformed is simply not found.
 pub fn parse_id(id: &str) -> ApiResult<CapsuleId> {
     CapsuleId::parse(id).map_err(|_| ApiError::not_found("capsule"))

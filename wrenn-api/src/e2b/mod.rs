@@ -158,6 +158,15 @@ fn domain(st: &AppState, headers: &HeaderMap) -> Option<String> {
     })
 }
 
+/// E2B's two states: a live capsule that is not running counts as paused.
+fn state_name(c: &wrenn_db::Capsule) -> &'static str {
+    if c.status == CapsuleStatus::Running {
+        "running"
+    } else {
+        "paused"
+    }
+}
+
 fn user_metadata(c: &wrenn_db::Capsule) -> HashMap<String, String> {
     c.metadata
         .iter()
@@ -214,13 +223,8 @@ async fn detail(st: &AppState, headers: &HeaderMap, c: &wrenn_db::Capsule) -> R<
         envd_version: envd_version(c),
         cpu_count: c.vcpus,
         memory_mb: c.memory_mb,
-        disk_size_mb: if c.disk_mb > 0 { c.disk_mb } else { 5120 },
-        state: if c.status == CapsuleStatus::Running {
-            "running"
-        } else {
-            "paused"
-        }
-        .into(),
+        disk_size_mb: service::disk_size_mb(c),
+        state: state_name(c).into(),
         metadata: user_metadata(c),
         envd_access_token: token,
         domain: domain(st, headers),
@@ -667,13 +671,8 @@ async fn list_impl(st: &AppState, who: &Principal, q: ListQuery) -> R<Response> 
             end_at: end_at(c),
             cpu_count: c.vcpus,
             memory_mb: c.memory_mb,
-            disk_size_mb: if c.disk_mb > 0 { c.disk_mb } else { 5120 },
-            state: if c.status == CapsuleStatus::Running {
-                "running"
-            } else {
-                "paused"
-            }
-            .into(),
+            disk_size_mb: service::disk_size_mb(c),
+            state: state_name(c).into(),
             envd_version: envd_version(c),
             metadata: user_metadata(c),
         })
@@ -760,7 +759,7 @@ pub async fn metrics(
         .await
         .map_err(E2bError)?;
     let mem_total = u64::from(c.memory_mb) << 20;
-    let disk_total = (if c.disk_mb > 0 { c.disk_mb } else { 5120 }) << 20;
+    let disk_total = service::disk_size_mb(&c) << 20;
     Ok(Json(
         points
             .into_iter()

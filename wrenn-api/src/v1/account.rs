@@ -194,22 +194,26 @@ pub struct MeResponse {
     pub role: String,
 }
 
-#[utoipa::path(get, path = "/v1/me", tag = "account",
-    responses((status = 200, body = MeResponse), (status = 401, body = ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn me(State(st): S, UserAuth(who): UserAuth) -> ApiResult<Json<MeResponse>> {
-    let u = who.user()?;
-    let user = st.db.get_user(&u.sub).await?;
-    Ok(Json(MeResponse {
+fn me_view(user: User, team_id: &str, claims: &UserClaims) -> MeResponse {
+    MeResponse {
         id: user.id,
         name: user.name,
         email: user.email,
         has_password: user.has_password,
         is_admin: user.is_admin,
         providers: Vec::new(),
-        team_id: who.team_id.clone(),
-        role: u.role.clone(),
-    }))
+        team_id: team_id.to_string(),
+        role: claims.role.clone(),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/me", tag = "account",
+    responses((status = 200, body = MeResponse), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn me(State(st): S, UserAuth(who): UserAuth) -> ApiResult<Json<MeResponse>> {
+    let u = who.user()?;
+    let user = st.db.get_user(&u.sub).await?;
+    Ok(Json(me_view(user, &who.team_id, u)))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -234,16 +238,7 @@ pub async fn update_me(
         return Err(ApiError::invalid("name must be 1 to 100 characters"));
     }
     let user = st.db.rename_user(&u.sub, req.name.trim()).await?;
-    Ok(Json(MeResponse {
-        id: user.id,
-        name: user.name,
-        email: user.email,
-        has_password: user.has_password,
-        is_admin: user.is_admin,
-        providers: Vec::new(),
-        team_id: who.team_id.clone(),
-        role: u.role.clone(),
-    }))
+    Ok(Json(me_view(user, &who.team_id, u)))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

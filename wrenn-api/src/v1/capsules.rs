@@ -61,7 +61,7 @@ impl CapsuleView {
                 .iter()
                 .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
                 .collect(),
-            disk_size_mb: if c.disk_mb > 0 { c.disk_mb } else { 5120 },
+            disk_size_mb: service::disk_size_mb(c),
             disk_used_mb: None,
         }
     }

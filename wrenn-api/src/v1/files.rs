@@ -126,22 +126,6 @@ fn file_err(e: AgentError) -> ApiError {
     }
 }
 
-async fn read_impl(
-    st: &AppState,
-    who: &crate::auth::Principal,
-    id: &str,
-    path: &str,
-) -> ApiResult<Response> {
-    check_path(path)?;
-    let guest = guest_of(st, who, id).await?;
-    let stream = guest.read_file(path).await.map_err(file_err)?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from_stream(stream),
-    )
-        .into_response())
-}
-
 #[utoipa::path(post, path = "/v1/capsules/{id}/files/read", tag = "files",
     params(("id" = String, Path)), request_body = PathBody,
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
@@ -154,7 +138,14 @@ pub async fn read(
     body: Result<Json<PathBody>, JsonRejection>,
 ) -> ApiResult<Response> {
     let Json(b) = body.map_err(json_rejection)?;
-    read_impl(&st, &who, &id, &b.path).await
+    check_path(&b.path)?;
+    let guest = guest_of(&st, &who, &id).await?;
+    let stream = guest.read_file(&b.path).await.map_err(file_err)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 #[utoipa::path(post, path = "/v1/capsules/{id}/files/stream/read", tag = "files",
@@ -162,14 +153,14 @@ pub async fn read(
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
+/// The same streamed read as `files/read` (both stream), under the reference's second path.
 pub async fn stream_read(
-    State(st): S,
-    Auth(who): Auth,
-    Path(id): Path<String>,
+    st: S,
+    who: Auth,
+    id: Path<String>,
     body: Result<Json<PathBody>, JsonRejection>,
 ) -> ApiResult<Response> {
-    let Json(b) = body.map_err(json_rejection)?;
-    read_impl(&st, &who, &id, &b.path).await
+    read(st, who, id, body).await
 }
 
 /// Multipart upload: form field `path`, then file part `file`.
@@ -332,17 +323,15 @@ pub async fn write(
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
+/// The same streamed write as `files/write` (both stream), under the reference's second path.
 pub async fn stream_write(
-    State(st): S,
-    Auth(who): Auth,
-    Path(id): Path<String>,
+    st: S,
+    who: Auth,
+    id: Path<String>,
     headers: HeaderMap,
     form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<StatusCode, Response> {
-    let form = form.map_err(|e| refused(ApiError::invalid(e.body_text())))?;
-    write_impl(&st, &who, &id, &headers, form)
-        .await
-        .map_err(refused)
+    write(st, who, id, headers, form).await
 }
 
 #[utoipa::path(post, path = "/v1/capsules/{id}/files/list", tag = "files",

@@ -90,16 +90,20 @@ async fn socket_principal(
         .map_err(|e| format!("unauthorized: {}", e.message))
 }
 
-/// A running capsule's guest agent, for a socket.
+/// The socket's caller (see [`socket_principal`]) and its running capsule's guest agent.
 async fn socket_guest(
     st: &AppState,
-    who: &Principal,
+    ws: &mut WebSocket,
+    from_headers: Option<Principal>,
     id: &str,
-) -> Result<(wrenn_db::Capsule, Arc<dyn GuestAgent>), String> {
-    let c = service::running(st, who, id).await.map_err(|e| e.message)?;
+) -> Result<(Principal, wrenn_db::Capsule, Arc<dyn GuestAgent>), String> {
+    let who = socket_principal(st, ws, from_headers).await?;
+    let c = service::running(st, &who, id)
+        .await
+        .map_err(|e| e.message)?;
     service::touch(st, &c).await;
     let g = st.agent.guest(&c.id).map_err(|e| e.message)?;
-    Ok((c, g))
+    Ok((who, c, g))
 }
 
 /// Pre-checks what can be answered with an HTTP status before upgrading.
@@ -182,11 +186,7 @@ pub async fn exec_stream(
         Err(e) => return e.into_response(),
     };
     ws.on_upgrade(move |mut ws| async move {
-        let who = match socket_principal(&st, &mut ws, who).await {
-            Ok(p) => p,
-            Err(m) => return fail(ws, &m).await,
-        };
-        let (c, guest) = match socket_guest(&st, &who, &id).await {
+        let (who, c, guest) = match socket_guest(&st, &mut ws, who, &id).await {
             Ok(x) => x,
             Err(m) => return fail(ws, &m).await,
         };
@@ -236,11 +236,7 @@ pub async fn process_stream(
         Err(e) => return e.into_response(),
     };
     ws.on_upgrade(move |mut ws| async move {
-        let who = match socket_principal(&st, &mut ws, who).await {
-            Ok(p) => p,
-            Err(m) => return fail(ws, &m).await,
-        };
-        let (_, guest) = match socket_guest(&st, &who, &id).await {
+        let (_, _, guest) = match socket_guest(&st, &mut ws, who, &id).await {
             Ok(x) => x,
             Err(m) => return fail(ws, &m).await,
         };
@@ -289,11 +285,7 @@ pub async fn pty(
         Err(e) => return e.into_response(),
     };
     ws.on_upgrade(move |mut ws| async move {
-        let who = match socket_principal(&st, &mut ws, who).await {
-            Ok(p) => p,
-            Err(m) => return fail(ws, &m).await,
-        };
-        let (c, guest) = match socket_guest(&st, &who, &id).await {
+        let (who, c, guest) = match socket_guest(&st, &mut ws, who, &id).await {
             Ok(x) => x,
             Err(m) => return fail(ws, &m).await,
         };

@@ -676,3 +676,25 @@ async def test_async_sandbox(e2b_env, run_tag):
     assert await s.kill() is False
     with pytest.raises(SandboxNotFoundException):
         await AsyncSandbox.get_info(s.sandbox_id)
+
+
+def test_idempotency_key_dedupes_retried_creates(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = uuid.uuid4().hex
+
+    def create(k):
+        with server.admin() as c:
+            r = c.post("/sandboxes", json={"templateID": "base"}, headers={"Idempotency-Key": k})
+            assert r.status_code == 201, r.text
+            return r.json()["sandboxID"]
+
+    with ThreadPoolExecutor(3) as pool:
+        ids = list(pool.map(create, [key, key, uuid.uuid4().hex]))
+    try:
+        # Concurrent retries with one key get one sandbox; another key gets its own.
+        assert ids[0] == ids[1] and ids[2] != ids[0], ids
+    finally:
+        with server.admin() as c:
+            for i in set(ids):
+                c.delete(f"/sandboxes/{i}")

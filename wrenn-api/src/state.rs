@@ -257,14 +257,33 @@ async fn fetch(db: &Db, team: Option<&str>, id: &str) -> Result<Capsule, DbError
 /// Retried creates with the same `Idempotency-Key` get the first one's capsule.
 #[derive(Debug, Default)]
 pub struct Idempotency {
-    seen: Mutex<HashMap<(String, String), (String, Instant)>>,
-    /// Serialises creates that carry a key, so a retry waits for the first attempt.
-    pub gate: tokio::sync::Mutex<()>,
+    seen: Mutex<HashMap<TeamKey, (String, Instant)>>,
+    /// One lock per key in use, so a retry waits for the first attempt while creates
+    /// with other keys go ahead.
+    gates: Mutex<HashMap<TeamKey, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// (team id, idempotency key).
+type TeamKey = (String, String);
 
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(600);
 
 impl Idempotency {
+    /// Holds off other creates with the same team and key until the guard drops.
+    pub async fn guard(&self, team: &str, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let gate = match self.gates.lock() {
+            Ok(mut m) => {
+                // Locks nobody holds or waits for are not needed any more.
+                m.retain(|_, g| Arc::strong_count(g) > 1);
+                m.entry((team.to_string(), key.to_string()))
+                    .or_default()
+                    .clone()
+            }
+            Err(_) => Arc::default(),
+        };
+        gate.lock_owned().await
+    }
+
     pub fn get(&self, team: &str, key: &str) -> Option<String> {
         let m = self.seen.lock().ok()?;
         m.get(&(team.to_string(), key.to_string()))

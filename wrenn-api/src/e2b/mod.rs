@@ -293,7 +293,7 @@ pub async fn create(
         .filter(|k| !k.is_empty() && k.len() <= 256)
         .map(str::to_string);
     let _gate = match &idem {
-        Some(_) => Some(st.idempotency.gate.lock().await),
+        Some(key) => Some(st.idempotency.guard(&who.team_id, key).await),
         None => None,
     };
     if let Some(key) = &idem {

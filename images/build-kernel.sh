@@ -17,21 +17,11 @@ data_dir="${WRENN_DATA_DIR:-/var/lib/wrenn}"
 src_pkg="linux-source-6.1"
 jobs="${WRENN_KERNEL_JOBS:-$(nproc)}"
 
-say() { printf '[build-kernel %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { say "ERROR: $*"; exit 1; }
+WRENN_LOG_TAG=build-kernel
+# shellcheck source=../scripts/lib/common.sh
+. "$here/../scripts/lib/common.sh"
 
-need_pkgs=()
-dpkg-query -W -f='${Status}' "$src_pkg" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$src_pkg")
-for p in flex bison libelf-dev bc make gcc libc6-dev xz-utils lz4 libssl-dev; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
-done
-if ((${#need_pkgs[@]})); then
-  say "installing build packages: ${need_pkgs[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q --no-install-recommends "${need_pkgs[@]}" >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null 2>&1; apt-get install -y -q --no-install-recommends "${need_pkgs[@]}" >/dev/null; } \
-    || die "apt-get install ${need_pkgs[*]} failed"
-fi
+apt_install "$src_pkg" flex bison libelf-dev bc make gcc libc6-dev xz-utils lz4 libssl-dev
 
 src_version="$(dpkg-query -W -f='${Version}' "$src_pkg")"
 hash="$( { cat "$fragment"; printf '\n%s %s\n' "$src_pkg" "$src_version"; cat "$self"; } | sha256sum | cut -c1-16)"
@@ -94,14 +84,28 @@ done <"$fragment"
 cp .config "$out_dir/config"
 say "config ok: $(grep -c '=y$' .config) options =y"
 
-say "building vmlinux with nice -n 19 make -j$jobs (takes ~8-10 min on 2 cores)"
+# Progress: build steps (CC, LD, AR, ... lines) against the count of the last build
+# of this configuration (images/kernel/build-steps), as a percentage with the time
+# spent; a live line on a terminal, else a line every $WRENN_PROGRESS_INTERVAL s (30).
+expected_steps="$(cat "$here/kernel/build-steps" 2>/dev/null || echo 1200)"
+say "building vmlinux with nice -n 19 make -j$jobs (~$expected_steps steps, ~8-10 min on 2 cores)"
 nice -n 19 make ARCH=x86_64 -j"$jobs" vmlinux >>"$log" 2>&1 &
 make_pid=$!
+build_t0=$SECONDS
+last_print=0
 while kill -0 "$make_pid" 2>/dev/null; do
-  sleep 30
-  kill -0 "$make_pid" 2>/dev/null || break
-  say "  ... $((SECONDS - t0)) s, $(grep -c '^  [A-Z]' "$log" || true) build steps"
+  sleep 1
+  steps=$(grep -c '^  [A-Z]' "$log" || true)
+  pct=$((steps * 100 / expected_steps)); ((pct <= 99)) || pct=99
+  line="$(printf '%3d%% (%d/%d build steps), %s elapsed' "$pct" "$steps" "$expected_steps" "$(elapsed $((SECONDS - build_t0)))")"
+  if [[ -t 2 ]]; then
+    printf '\r[build-kernel %s]   %s ' "$(date +%H:%M:%S)" "$line" >&2
+  elif ((SECONDS - last_print >= ${WRENN_PROGRESS_INTERVAL:-30})); then
+    say "  $line"
+    last_print=$SECONDS
+  fi
 done
+[[ -t 2 ]] && printf '\n' >&2
 wait "$make_pid" || fail "make vmlinux failed"
 
 if command -v readelf >/dev/null && ! readelf -n vmlinux 2>/dev/null | grep -q 'Xen'; then
@@ -111,8 +115,9 @@ cp vmlinux "$out_dir/vmlinux.tmp"
 strip --strip-debug "$out_dir/vmlinux.tmp" 2>/dev/null || true
 mv -f "$out_dir/vmlinux.tmp" "$out_dir/vmlinux"
 echo "$src_pkg $src_version" >"$out_dir/source-version"
+grep -c '^  [A-Z]' "$log" >"$out_dir/build-steps" || true
 cd "$out_dir"
 # WRENN_KERNEL_KEEP_SRC=1 keeps the configured, built tree (~1.5 GB) for debugging.
 [[ "${WRENN_KERNEL_KEEP_SRC:-0}" == 1 ]] || rm -rf "$work"
-say "done in $((SECONDS - t0)) s: $out_dir/vmlinux ($(du -h --apparent-size vmlinux | cut -f1))"
+say "done in $(elapsed $((SECONDS - t0))) ($(cat "$out_dir/build-steps") build steps): $out_dir/vmlinux ($(du -h --apparent-size vmlinux | cut -f1))"
 echo "$out_dir/vmlinux"

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds a template root filesystem image:
-#   images/build-rootfs.sh [minimal|python]     (default: minimal)
+#   images/build-rootfs.sh [minimal|python|base]     (default: minimal)
 # -> $WRENN_DATA_DIR/templates/<name>/rootfs.img   (ext4, sparse, written atomically)
 #
 # Stages (each cached as a tarball under $WRENN_DATA_DIR/images/cache/, keyed by a
 # hash of its recipe, so a rebuild only repeats what changed):
 #   1. base      debootstrap --variant=minbase bookworm + the common packages
-#   2. template  + the template's packages (python3 for `python`)
+#   2. template  + the template's packages (python3 for `python`; python3, pip, git,
+#                curl and the usual tools for `base`)
 #   3. image     + wrenn-init, envd, user `user`, config files; slimmed; mkfs.ext4 -d
 #
 # Environment:
@@ -38,68 +39,25 @@ COMMON_PACKAGES="sudo ca-certificates procps iproute2 iputils-ping"
 case "$template" in
   minimal) TEMPLATE_PACKAGES="" ;;
   python)  TEMPLATE_PACKAGES="python3" ;;
-  *) echo "usage: $0 [minimal|python]" >&2; exit 2 ;;
+  # What E2B's users expect of `base`, the E2B API's default template.
+  base)     TEMPLATE_PACKAGES="python3 python3-pip python3-venv git curl wget unzip xz-utils less file" ;;
+  *) echo "usage: $0 [minimal|python|base]" >&2; exit 2 ;;
 esac
 TEMPLATE_PACKAGES="$TEMPLATE_PACKAGES ${WRENN_EXTRA_PACKAGES:-}"
 # -----------------------------------------------------------------------------
 
 t_start=$SECONDS
-say() { printf '[build-rootfs %s %s] %s\n' "$template" "$(date +%H:%M:%S)" "$*" >&2; }
-die() { say "ERROR: $*"; exit 1; }
+WRENN_LOG_TAG="build-rootfs $template"
+# shellcheck source=../scripts/lib/common.sh
+. "$repo/scripts/lib/common.sh"
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap, chroot, file ownership)"
 
-ensure_pkgs() {
-  local missing=() p
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-  done
-  ((${#missing[@]})) || return 0
-  say "installing host packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null 2>&1; apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; } \
-    || die "apt-get install ${missing[*]} failed"
-}
-ensure_pkgs debootstrap debian-archive-keyring e2fsprogs zstd
-
-# The Debian mirror this machine's apt uses (deb822 or one-line sources).
-find_mirror() {
-  local f
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [[ -f "$f" ]] || continue
-    awk -v suite="$SUITE" '
-      function flush() { if (uris != "" && ok && !off) { split(uris, u, " "); print u[1]; exit } uris=""; ok=0; off=0 }
-      /^[ \t]*$/ { flush(); next }
-      /^URIs:/ { uris=$0; sub(/^URIs:[ \t]*/, "", uris) }
-      /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == suite) ok=1 }
-      /^Enabled:[ \t]*no/ { off=1 }
-      END { flush() }' "$f"
-  done
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-    [[ -f "$f" ]] || continue
-    awk -v suite="$SUITE" '$1 == "deb" { i = 2; if ($2 ~ /^\[/) { while ($i !~ /\]$/) i++; i++ } if ($(i+1) == suite) { print $i; exit } }' "$f"
-  done
-}
-mirror="${WRENN_DEBIAN_MIRROR:-$(find_mirror | head -n1)}"
-[[ -n "$mirror" ]] || die "no Debian mirror for $SUITE found in /etc/apt/sources.list*; set WRENN_DEBIAN_MIRROR"
+apt_install debootstrap debian-archive-keyring e2fsprogs zstd
+mirror="${WRENN_DEBIAN_MIRROR:-$(debian_mirror "$SUITE")}"
 
 mkdir -p "$cache_dir"
 tmp_root="$(mktemp -d "$cache_dir/tmp.XXXXXX")"
 
-# Unmounts anything below $1 (proc in the chroot); refuses to delete a tree that
-# still has a mount inside (a bind-mounted /dev would take the host's nodes with it).
-unmount_below() {
-  local dir mnt
-  dir="$(realpath -m "$1")"
-  for mnt in $(awk '{print $2}' /proc/mounts | grep -E "^$dir(/|$)" | sort -r); do
-    umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
-  done
-  ! awk '{print $2}' /proc/mounts | grep -qE "^$dir(/|$)"
-}
-safe_rm() {
-  [[ -e "$1" ]] || return 0
-  if unmount_below "$1"; then rm -rf --one-file-system "$1"; else say "WARNING: mounts left below $1, not deleting it"; fi
-}
 cleanup() { safe_rm "$tmp_root"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -108,17 +66,7 @@ hash_of() { printf '%s\n' "$@" | sha256sum | cut -c1-16; }
 tar_create() { tar --numeric-owner --xattrs --xattrs-include='*' -C "$1" -cf - . | zstd -q -T0 -3 -o "$2.tmp.$$" -f && mv -f "$2.tmp.$$" "$2"; }
 tar_extract() { mkdir -p "$2"; zstd -q -dc "$1" | tar --numeric-owner --xattrs --xattrs-include='*' -C "$2" -xpf -; }
 
-# Runs a command inside the tree with /proc mounted and services disabled.
-in_chroot() {
-  local root="$1"; shift
-  mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
-  local rc=0
-  LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-    chroot "$root" "$@" || rc=$?
-  umount "$root/proc" 2>/dev/null || umount -l "$root/proc" 2>/dev/null || true
-  return $rc
-}
-apt_install() {
+chroot_apt_install() {
   local root="$1"; shift
   local args=(apt-get install -y -q --no-install-recommends -o Dpkg::Use-Pty=0 "$@")
   in_chroot "$root" "${args[@]}" >>"$tmp_root/apt.log" 2>&1 && return 0
@@ -137,11 +85,11 @@ else
   t=$SECONDS
   root="$tmp_root/base"
   say "base: debootstrap --variant=$VARIANT $SUITE from $mirror (~35 s)"
-  debootstrap --variant="$VARIANT" --arch="$ARCH" "$SUITE" "$root" "$mirror" >"$tmp_root/debootstrap.log" 2>&1 \
-    || { tail -n 30 "$tmp_root/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
+  debootstrap_progress "$tmp_root/debootstrap.log" --variant="$VARIANT" --arch="$ARCH" "$SUITE" "$root" "$mirror" \
+    || die "debootstrap failed (log above)"
   printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"; chmod 755 "$root/usr/sbin/policy-rc.d"
   say "base: installing $COMMON_PACKAGES"
-  apt_install "$root" $COMMON_PACKAGES
+  chroot_apt_install "$root" $COMMON_PACKAGES
   in_chroot "$root" apt-get clean
   say "base: caching tree ($(du -sh "$root" | cut -f1)) -> $base_tar"
   tar_create "$root" "$base_tar"
@@ -162,7 +110,7 @@ else
   root="$tmp_root/template"
   tar_extract "$base_tar" "$root"
   say "template: installing $TEMPLATE_PACKAGES"
-  apt_install "$root" $TEMPLATE_PACKAGES
+  chroot_apt_install "$root" $TEMPLATE_PACKAGES
   in_chroot "$root" apt-get clean
   say "template: caching tree ($(du -sh "$root" | cut -f1)) -> $tpl_tar"
   tar_create "$root" "$tpl_tar"

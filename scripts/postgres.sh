@@ -25,11 +25,11 @@ if ! bin=$(find_bin); then
     echo "PostgreSQL is not installed and installing it needs root (apt-get install postgresql)" >&2
     exit 1
   fi
-  echo "==> apt-get install postgresql" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2
-  apt-get install -y -qq --no-install-recommends postgresql >/dev/null
-  bin=$(find_bin)
+  WRENN_LOG_TAG=postgres
+  # shellcheck source=lib/common.sh
+  . "$(dirname "$0")/lib/common.sh"
+  apt_install postgresql
+  bin=$(find_bin) || { echo "no pg_ctl after installing postgresql" >&2; exit 1; }
 fi
 
 # initdb and the server refuse to run as root: use the postgres account then.

@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # Runs Wrenn's whole test suite: Rust unit and end-to-end tests (real guests),
-# then the pytest suites that drive the real SDKs. Installs and builds what the
-# tests need first (packages, guest binaries, kernel and images — all cached).
+# then the pytest suites that drive the real SDKs (from the project venv, .venv).
+# Installs and builds what the tests need first (packages, venv, guest binaries,
+# kernel and images — all cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+WRENN_LOG_TAG=test
+# shellcheck source=lib/common.sh
+. scripts/lib/common.sh
+venv="${WRENN_VENV:-$PWD/.venv}"
 
 ./scripts/deps.sh
-echo "==> guest binaries and images"
+say "fresh-machine check (scripts/fresh-check.sh)"
+./scripts/fresh-check.sh
+say "guest binaries and images"
 ./scripts/images.sh
-echo "==> PostgreSQL for the wrenn-db tests"
+say "PostgreSQL for the wrenn-db tests"
 export WRENN_TEST_POSTGRES_URL="$(./scripts/postgres.sh)"
 trap './scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT
-echo "==> cargo test"
+say "cargo test"
 cargo test --workspace
-echo "==> wrenn_embed (Python binding)"
-python3 -m pip install --quiet --disable-pip-version-check ./bindings/python
-echo "==> pytest"
-python3 -m pytest tests
+say "wrenn_embed (Python binding) into $venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check ./bindings/python
+say "pytest"
+"$venv/bin/python" -m pytest tests

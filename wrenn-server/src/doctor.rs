@@ -150,7 +150,7 @@ pub async fn run(data: &DataDir) -> Result<u8> {
             );
         }
     }
-    let templates = ["minimal", "python"];
+    let templates = ["minimal", "python", "base"];
     for t in templates {
         let img = data.template_dir(t).join("rootfs.img");
         if img.is_file() {

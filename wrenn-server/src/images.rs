@@ -36,6 +36,11 @@ async fn stage(title: &str, log: &Path, mut cmd: tokio::process::Command) -> Res
     if plain {
         eprintln!("==> {title}");
     }
+    // The scripts print progress lines on stderr: often enough to drive the spinner
+    // on a terminal, every 30 s in plain logs.
+    if !plain {
+        cmd.env("WRENN_PROGRESS_INTERVAL", "2");
+    }
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -62,7 +67,13 @@ async fn stage(title: &str, log: &Path, mut cmd: tokio::process::Command) -> Res
                 None => { out_done = true; continue }
             },
             l = err_lines.next_line(), if !err_done => match l? {
-                Some(l) => l,
+                Some(l) => {
+                    // Progress and stage lines of the scripts (`[tag hh:mm:ss] ...`).
+                    if plain && l.starts_with('[') {
+                        eprintln!("    {l}");
+                    }
+                    l
+                }
                 None => { err_done = true; continue }
             },
         };
@@ -107,7 +118,7 @@ pub async fn build(data: &DataDir, templates: &[String]) -> Result<()> {
         );
     }
     let templates: Vec<String> = if templates.is_empty() {
-        vec!["minimal".into(), "python".into()]
+        vec!["minimal".into(), "python".into(), "base".into()]
     } else {
         templates.to_vec()
     };

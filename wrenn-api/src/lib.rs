@@ -19,6 +19,8 @@ pub mod state;
 pub mod v1;
 
 pub use state::{ApiConfig, AppState};
+/// The `e2b_…` spelling of a Wrenn API key (for E2B SDKs that check the key's form).
+pub use wrenn_db::e2b_spelling;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
@@ -105,7 +107,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(snapshots::list).post(snapshots::create),
         )
         .route("/v1/snapshots/{name}", delete(snapshots::delete))
-        .merge(uploads);
+        .merge(uploads)
+        .method_not_allowed_fallback(openapi::method_not_allowed);
     let e2b = Router::new()
         .route("/sandboxes", get(e2b::list_v1).post(e2b::create))
         .route("/v2/sandboxes", get(e2b::list_v2).post(e2b::create_v2))
@@ -119,7 +122,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sandboxes/{id}/fork", post(e2b::fork))
         .route("/sandboxes/{id}/snapshots", post(e2b::create_snapshot))
         .route("/snapshots", get(e2b::list_snapshots))
-        .route("/templates/{id}", delete(e2b::delete_template));
+        .route("/templates/{id}", delete(e2b::delete_template))
+        .method_not_allowed_fallback(openapi::method_not_allowed);
     Router::new()
         .merge(v1)
         .merge(e2b)

@@ -5,7 +5,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 use crate::{e2b, v1};
 use axum::extract::State;
-use axum::http::{header, Uri};
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -191,6 +191,27 @@ pub async fn docs() -> Html<String> {
     Html(out)
 }
 
-pub async fn not_found(uri: Uri) -> ApiError {
-    ApiError::not_found(&format!("route {}", uri.path()))
+/// Unknown routes: E2B's `{code, message}` under the E2B API's paths (so its SDK raises
+/// its own typed errors), the Wrenn body everywhere else.
+pub async fn not_found(method: Method, uri: Uri) -> Response {
+    let e = ApiError::not_found(&format!("route {method} {}", uri.path()));
+    if crate::e2b::is_e2b_path(uri.path()) {
+        crate::error::E2bError(e).into_response()
+    } else {
+        e.into_response()
+    }
+}
+
+/// A known route called with a method it does not have (axum's default is an empty 405).
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let e = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("method {method} is not allowed on {}", uri.path()),
+    );
+    if crate::e2b::is_e2b_path(uri.path()) {
+        crate::error::E2bError(e).into_response()
+    } else {
+        e.into_response()
+    }
 }

@@ -2,7 +2,8 @@
 //! `E2b-Sandbox-Id` / `E2b-Sandbox-Port` headers reach any TCP port of a running
 //! capsule over HTTP, streaming bodies and passing WebSocket (and other) upgrades through.
 //! The proxy asks for no credentials: envd checks its own access token, and guest
-//! services are as public as the capsule's owner makes them.
+//! services are as public as the capsule's owner makes them. Killing or pausing a
+//! capsule ends everything in flight to it at once ([`LiveStreams`]).
 
 use crate::error::{ApiError, E2bError};
 use crate::state::AppState;
@@ -20,6 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use wrenn_core::id::CapsuleId;
 use wrenn_core::status::CapsuleStatus;
+
+mod ending;
+pub use ending::LiveStreams;
 
 /// Where a proxied request goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -219,7 +223,8 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
         .map_err(|_| ApiError::invalid("bad request path"))?;
     let upgrade = req.headers().contains_key(header::UPGRADE);
     if upgrade {
-        return proxy_upgrade(addr, uri, req).await;
+        let ended = st.streams.watch(&t.capsule);
+        return proxy_upgrade(addr, uri, req, ended).await;
     }
     let capped = t.port == ENVD_PORT
         && matches!(*req.method(), Method::POST | Method::PUT)
@@ -256,7 +261,13 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
         );
         req = Request::from_parts(parts, Body::new(limited));
     }
-    let resp = st.proxy.request(req).await;
+    let mut ended = st.streams.watch(&t.capsule);
+    let resp = tokio::select! {
+        r = st.proxy.request(req) => r,
+        why = ended.wait() => {
+            return Err(ApiError::not_found(&format!("capsule {} ({why})", t.capsule)));
+        }
+    };
     if capped {
         if let Err(e) = &resp {
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -277,6 +288,12 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
     })?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_headers(&mut parts.headers);
+    let connect = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/connect+"));
+    let body = ending::CutBody::new(Body::new(body), ended, t.capsule, connect);
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
@@ -302,7 +319,12 @@ fn upload_too_large(limit: u64) -> Response {
 }
 
 /// Upgrades (WebSocket and the like): one dedicated connection, then raw bytes both ways.
-async fn proxy_upgrade(addr: SocketAddr, uri: Uri, mut req: Request) -> Result<Response, ApiError> {
+async fn proxy_upgrade(
+    addr: SocketAddr,
+    uri: Uri,
+    mut req: Request,
+    mut ended: ending::Ended,
+) -> Result<Response, ApiError> {
     let bad_gateway = |e: &dyn std::fmt::Display| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -346,7 +368,11 @@ async fn proxy_upgrade(addr: SocketAddr, uri: Uri, mut req: Request) -> Result<R
             };
             let mut a = TokioIo::new(a);
             let mut b = TokioIo::new(b);
-            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            // Both sides are closed when the capsule is killed or paused.
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                _ = ended.wait() => {}
+            }
         });
     }
     let (parts, body) = resp.into_parts();

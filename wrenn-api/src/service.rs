@@ -35,8 +35,18 @@ pub struct CreateParams {
     pub memory_mb: Option<u32>,
     pub timeout_sec: u32,
     pub pause_on_timeout: bool,
+    /// The timeout is an end time (E2B) instead of an inactivity timer (Wrenn).
+    pub deadline: bool,
     pub metadata: Map<String, Value>,
     pub envs: HashMap<String, String>,
+}
+
+/// A new capsule row's timeout: seconds (0 = never), what it does, what it measures.
+#[derive(Clone, Copy, Debug)]
+struct TimeoutPolicy {
+    sec: u32,
+    pause: bool,
+    deadline: bool,
 }
 
 /// A capsule's disk size as shown: rows written before the size was recorded show the
@@ -209,8 +219,11 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
         &hc,
         &template,
         &p.metadata,
-        p.timeout_sec,
-        p.pause_on_timeout,
+        TimeoutPolicy {
+            sec: p.timeout_sec,
+            pause: p.pause_on_timeout,
+            deadline: p.deadline,
+        },
     )
     .await?;
     state.metrics.capsule_created(started.elapsed());
@@ -233,8 +246,7 @@ async fn record(
     hc: &HostCapsule,
     template: &str,
     user_metadata: &Map<String, Value>,
-    timeout_sec: u32,
-    pause_on_timeout: bool,
+    timeout: TimeoutPolicy,
 ) -> ApiResult<Capsule> {
     let mut metadata = user_metadata.clone();
     metadata.extend(system_metadata(state));
@@ -245,11 +257,12 @@ async fn record(
         template: template.to_string(),
         vcpus: hc.vcpus,
         memory_mb: hc.memory_mb,
-        timeout_sec,
+        timeout_sec: timeout.sec,
         metadata,
         envd_access_token: token,
-        pause_on_timeout,
+        pause_on_timeout: timeout.pause,
         disk_mb: hc.disk_mb,
+        deadline: timeout.deadline,
     };
     match state.db.insert_capsule(&who.team_id, new).await {
         Ok(row) => Ok(row),
@@ -263,8 +276,12 @@ async fn record(
     }
 }
 
-/// Records activity on a capsule (resets its inactivity timer).
+/// Records activity on a capsule (resets its inactivity timer). A capsule whose
+/// timeout is an end time (E2B) is left alone: activity does not move it.
 pub async fn touch(state: &AppState, c: &Capsule) {
+    if c.deadline {
+        return;
+    }
     if state
         .activity
         .touch(&state.db, &c.team_id, c.id.as_str())
@@ -297,6 +314,7 @@ pub async fn pause(
         )));
     }
     set_status(state, c, CapsuleStatus::Pausing).await?;
+    state.streams.end(c.id.as_str(), "paused");
     let result = state.agent.pause(&c.id).await;
     let ok = result.is_ok();
     let row = match result {
@@ -398,6 +416,7 @@ pub async fn destroy(
     actor_name: Option<String>,
     c: &Capsule,
 ) -> ApiResult<()> {
+    state.streams.end(c.id.as_str(), "killed");
     let result = match state.agent.destroy(&c.id).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind == HostErrorKind::NotFound => Ok(()),
@@ -563,8 +582,11 @@ pub async fn fork(
                 &hc,
                 &c.template,
                 &user_meta,
-                timeout_sec,
-                c.pause_on_timeout,
+                TimeoutPolicy {
+                    sec: timeout_sec,
+                    pause: c.pause_on_timeout,
+                    deadline: c.deadline,
+                },
             )
             .await?,
         );

@@ -59,6 +59,8 @@ pub struct AppState {
     pub capsule_cache: CapsuleCache,
     /// Pooled client of the proxy into capsules.
     pub proxy: crate::proxy::ProxyClient,
+    /// What is in flight through the proxy, per capsule: ended on kill and pause.
+    pub streams: crate::proxy::LiveStreams,
 }
 
 impl AppState {
@@ -75,6 +77,7 @@ impl AppState {
             idempotency: Idempotency::default(),
             capsule_cache: CapsuleCache::default(),
             proxy: crate::proxy::client(),
+            streams: crate::proxy::LiveStreams::default(),
         }
     }
 
@@ -333,6 +336,7 @@ mod tests {
             envd_access_token: None,
             pause_on_timeout: true,
             disk_mb: 0,
+            deadline: false,
         };
         db.insert_capsule(team_id, new).await.expect("row");
         let cache = CapsuleCache::default();

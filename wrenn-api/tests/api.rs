@@ -94,7 +94,9 @@ impl Api {
     ) -> Resp {
         let mut req = Request::builder().method(method).uri(path);
         match auth {
-            Some(k) if k.starts_with("wrn_") => req = req.header("x-api-key", k),
+            Some(k) if k.starts_with("wrn_") || k.starts_with("e2b_") => {
+                req = req.header("x-api-key", k)
+            }
             Some(t) => req = req.header(header::AUTHORIZATION, format!("Bearer {t}")),
             None => {}
         }
@@ -420,6 +422,101 @@ async fn validation_and_limits(t: &TestDb) {
     assert!(r.text.contains("wrenn_http_requests_total"), "{}", r.text);
 }
 
+/// Every path of the E2B API answers E2B's `{code, message}`, unknown routes and methods
+/// included; `/v1` keeps Wrenn's body. Keys work in both spellings.
+async fn e2b_error_shapes_and_key_spellings(t: &TestDb) {
+    let a = api(t, ApiConfig::default()).await;
+    let e2b_key = format!("e2b_{}", &KEY[4..]);
+    for (m, path, status) in [
+        (Method::GET, "/sandboxes/cl-x/logs", StatusCode::NOT_FOUND),
+        (
+            Method::PUT,
+            "/sandboxes/cl-x/network",
+            StatusCode::NOT_FOUND,
+        ),
+        (Method::POST, "/v3/templates", StatusCode::NOT_FOUND),
+        (Method::GET, "/templates/t/tags", StatusCode::NOT_FOUND),
+        (
+            Method::GET,
+            "/v2/sandboxes/cl-x/logs",
+            StatusCode::NOT_FOUND,
+        ),
+        (Method::PUT, "/sandboxes", StatusCode::METHOD_NOT_ALLOWED),
+        (
+            Method::DELETE,
+            "/v2/sandboxes",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            Method::GET,
+            "/sandboxes/cl-x/pause",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+    ] {
+        let r = a.call(m.clone(), path, Some(&e2b_key), None).await;
+        assert_eq!(r.status, status, "{m} {path}: {}", r.text);
+        assert_eq!(r.body["code"], status.as_u16(), "{m} {path}: {}", r.text);
+        let msg = r.body["message"].as_str().unwrap_or("");
+        assert!(msg.contains(path), "{m} {path}: {msg}");
+        assert_eq!(r.body.as_object().map(|o| o.len()), Some(2), "{}", r.text);
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(
+                r.headers.contains_key(header::ALLOW),
+                "{m} {path}: no Allow"
+            );
+        }
+    }
+    let r = a.call(Method::PUT, "/v1/capsules", Some(KEY), None).await;
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+    // "/sandboxesx" is not under the E2B API.
+    let r = a.get("/sandboxesx", Some(KEY)).await;
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+
+    // Both spellings of a key are one key.
+    let r = a.get("/v2/sandboxes", Some(&e2b_key)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = a
+        .post("/v1/api-keys", Some(&e2b_key), json!({"name": "k"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let (id, key, alias) = (
+        r.body["id"].as_str().expect("id").to_string(),
+        r.body["key"].as_str().expect("key").to_string(),
+        r.body["e2b_key"].as_str().expect("e2b key").to_string(),
+    );
+    assert_eq!(alias, format!("e2b_{}", &key[4..]));
+    assert_eq!(
+        a.get("/v1/capsules", Some(&alias)).await.status,
+        StatusCode::OK
+    );
+    let r = a
+        .call(
+            Method::DELETE,
+            &format!("/v1/api-keys/{id}"),
+            Some(KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    for k in [&key, &alias] {
+        assert_eq!(
+            a.get("/v1/capsules", Some(k)).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let r = a.get("/v2/sandboxes", Some(&alias)).await;
+    assert_eq!(
+        (r.status, r.body["code"].clone()),
+        (StatusCode::UNAUTHORIZED, json!(401))
+    );
+}
+
 async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
     let a = api(t, ApiConfig::default()).await;
     let r = a
@@ -527,6 +624,7 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
                 envd_access_token: None,
                 pause_on_timeout: true,
                 disk_mb: 0,
+                deadline: false,
             },
         )
         .await
@@ -594,5 +692,6 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
 on_both_backends!(
     accounts_teams_and_keys,
     validation_and_limits,
+    e2b_error_shapes_and_key_spellings,
     capsule_lifecycle_and_reconcile
 );

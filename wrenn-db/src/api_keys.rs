@@ -1,4 +1,6 @@
 //! Team API keys: `wrn_` + 32 lowercase hex, shown once, stored as SHA-256 hex.
+//! `e2b_` + the same 32 hex is another spelling of the same key, for E2B SDK releases
+//! that accept only keys matching `^e2b_[0-9a-f]+$`.
 
 use crate::error::Ctx;
 use crate::id::{hex, new_id, prefix, random_hex};
@@ -10,6 +12,8 @@ use sqlx::any::AnyRow;
 use std::time::Duration;
 
 pub const API_KEY_PREFIX: &str = "wrn_";
+/// The prefix of a key's E2B spelling.
+pub const E2B_KEY_PREFIX: &str = "e2b_";
 /// Characters of the key kept for display (`wrn_` + 6 hex).
 const DISPLAY_PREFIX_LEN: usize = 10;
 
@@ -51,24 +55,42 @@ pub fn generate_api_key() -> String {
     format!("{API_KEY_PREFIX}{}", random_hex(16))
 }
 
-/// Whether `key` has the exact shape `wrn_` + 32 lowercase hex.
+/// The Wrenn spelling of a key given in either spelling (`e2b_…` becomes `wrn_…`).
+pub fn canonical_api_key(key: &str) -> std::borrow::Cow<'_, str> {
+    match key.strip_prefix(E2B_KEY_PREFIX) {
+        Some(rest) => std::borrow::Cow::Owned(format!("{API_KEY_PREFIX}{rest}")),
+        None => std::borrow::Cow::Borrowed(key),
+    }
+}
+
+/// The E2B spelling (`e2b_` + the same hex) of a Wrenn key.
+pub fn e2b_spelling(key: &str) -> String {
+    let canonical = canonical_api_key(key);
+    let hex = canonical.strip_prefix(API_KEY_PREFIX).unwrap_or(&canonical);
+    format!("{E2B_KEY_PREFIX}{hex}")
+}
+
+/// Whether `key` has the exact shape `wrn_` (or `e2b_`) + 32 lowercase hex.
 pub fn validate_api_key(key: &str) -> Result<(), DbError> {
-    let ok = key.strip_prefix(API_KEY_PREFIX).is_some_and(|h| {
-        h.len() == 32 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    });
+    let ok = canonical_api_key(key)
+        .strip_prefix(API_KEY_PREFIX)
+        .is_some_and(|h| {
+            h.len() == 32 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        });
     if ok {
         Ok(())
     } else {
         Err(DbError::invalid(
             "API key",
-            "expected wrn_ followed by 32 lowercase hex characters",
+            "expected wrn_ (or e2b_) followed by 32 lowercase hex characters",
         ))
     }
 }
 
-/// The stored form of a key: SHA-256 of its text, lowercase hex.
+/// The stored form of a key: SHA-256 of its Wrenn spelling, lowercase hex (both
+/// spellings of one key hash alike).
 pub fn hash_api_key(key: &str) -> String {
-    hex(&Sha256::digest(key.as_bytes()))
+    hex(&Sha256::digest(canonical_api_key(key).as_bytes()))
 }
 
 const COLS: &str =
@@ -110,6 +132,7 @@ impl Db {
         key: String,
     ) -> Result<CreatedApiKey, DbError> {
         validate_api_key(&key)?;
+        let key = canonical_api_key(&key).into_owned();
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 100 {
             return Err(DbError::invalid(
@@ -246,5 +269,19 @@ mod tests {
             assert!(validate_api_key(bad).is_err(), "{bad:?}");
         }
         assert!(validate_api_key("wrn_0123456789abcdef0123456789abcdef").is_ok());
+        assert!(validate_api_key("e2b_0123456789abcdef0123456789abcdef").is_ok());
+        assert!(validate_api_key("e2b_0123456789abcdef0123456789abcde").is_err());
+    }
+
+    #[test]
+    fn e2b_spelling_is_the_same_key() {
+        let k = generate_api_key();
+        let e = e2b_spelling(&k);
+        assert!(e.starts_with("e2b_") && e[4..] == k[4..], "{e}");
+        assert_eq!(hash_api_key(&e), hash_api_key(&k));
+        assert_eq!(canonical_api_key(&e), k);
+        assert_eq!(e2b_spelling(&e), e);
+        // Only the E2B prefix is another spelling.
+        assert_ne!(hash_api_key(&format!("x2b_{}", &k[4..])), hash_api_key(&k));
     }
 }

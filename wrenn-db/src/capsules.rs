@@ -31,6 +31,9 @@ pub struct Capsule {
     /// What the inactivity timeout does: pause (`true`) or destroy.
     pub pause_on_timeout: bool,
     pub disk_mb: u64,
+    /// The timeout is an end time (`last_active_at` + `timeout_sec`, moved only by
+    /// [`Db::set_capsule_timeout`]) rather than an inactivity timer.
+    pub deadline: bool,
 }
 
 /// What creating a capsule record needs; the id comes from the capsule manager.
@@ -46,6 +49,8 @@ pub struct NewCapsule {
     pub envd_access_token: Option<String>,
     pub pause_on_timeout: bool,
     pub disk_mb: u64,
+    /// See [`Capsule::deadline`].
+    pub deadline: bool,
 }
 
 impl std::fmt::Debug for NewCapsule {
@@ -60,6 +65,7 @@ impl std::fmt::Debug for NewCapsule {
             .field("metadata", &self.metadata)
             .field("pause_on_timeout", &self.pause_on_timeout)
             .field("disk_mb", &self.disk_mb)
+            .field("deadline", &self.deadline)
             .field(
                 "envd_access_token",
                 &self.envd_access_token.as_ref().map(|_| "<redacted>"),
@@ -71,7 +77,7 @@ impl std::fmt::Debug for NewCapsule {
 /// Every column but `envd_access_token`.
 pub(crate) const COLS: &str = "id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
                                created_at, started_at, last_active_at, last_updated, metadata, \
-                               on_timeout, disk_mb";
+                               on_timeout, disk_mb, timeout_kind";
 
 /// Statuses that `list_capsules` leaves out unless asked: the capsule is gone.
 pub(crate) const ENDED: &str = "('stopped', 'error')";
@@ -97,6 +103,7 @@ pub(crate) fn capsule(row: &AnyRow) -> R<Capsule> {
         metadata: json_map(row, "metadata")?,
         pause_on_timeout: text(row, "on_timeout")? != "kill",
         disk_mb: u64::from(u32_col(row, "disk_mb")?),
+        deadline: text(row, "timeout_kind")? == "deadline",
     })
 }
 
@@ -120,8 +127,8 @@ impl Db {
         let row = sqlx::query(&format!(
             "INSERT INTO capsules (id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
              created_at, started_at, last_active_at, last_updated, metadata, envd_access_token, \
-             on_timeout, disk_mb) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11, $12, $13) RETURNING {COLS}"
+             on_timeout, disk_mb, timeout_kind) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11, $12, $13, $14) RETURNING {COLS}"
         ))
         .bind(new.id.as_str())
         .bind(team_id)
@@ -136,6 +143,7 @@ impl Db {
         .bind(new.envd_access_token)
         .bind(if new.pause_on_timeout { "pause" } else { "kill" })
         .bind(i64::try_from(new.disk_mb).unwrap_or(i64::MAX))
+        .bind(if new.deadline { "deadline" } else { "idle" })
         .fetch_optional(self.pool())
         .await
         .map_err(|e| {
@@ -207,24 +215,29 @@ impl Db {
         one("set capsule status", row)
     }
 
-    /// Records activity (exec, ping, …): resets the inactivity timer.
+    /// Records activity (exec, ping, …): resets the inactivity timer. A capsule whose
+    /// timeout is a deadline keeps it (activity does not move an end time).
     pub async fn touch_capsule(&self, team_id: &str, id: &str) -> Result<Timestamp, DbError> {
         let t = now();
-        let done =
-            sqlx::query("UPDATE capsules SET last_active_at = $1 WHERE team_id = $2 AND id = $3")
-                .bind(to_db(t))
-                .bind(team_id)
-                .bind(id)
-                .execute(self.pool())
-                .await
-                .map_err(|e| Ctx::op("touch capsule").err(e))?;
+        let done = sqlx::query(
+            "UPDATE capsules SET last_active_at = \
+             CASE WHEN timeout_kind = 'deadline' THEN last_active_at ELSE $1 END \
+             WHERE team_id = $2 AND id = $3",
+        )
+        .bind(to_db(t))
+        .bind(team_id)
+        .bind(id)
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("touch capsule").err(e))?;
         if done.rows_affected() == 0 {
             return Err(DbError::NotFound { what: "capsule" });
         }
         Ok(t)
     }
 
-    /// Sets the inactivity TTL (E2B set-timeout); 0 = never.
+    /// Sets the timeout, counted from now (E2B set-timeout: the end time becomes now +
+    /// `timeout_sec`); 0 = never.
     pub async fn set_capsule_timeout(
         &self,
         team_id: &str,

@@ -34,8 +34,8 @@ mod time;
 mod users;
 
 pub use api_keys::{
-    generate_api_key, hash_api_key, validate_api_key, ApiKey, CreatedApiKey, API_KEY_PREFIX,
-    LAST_USED_GRANULARITY,
+    canonical_api_key, e2b_spelling, generate_api_key, hash_api_key, validate_api_key, ApiKey,
+    CreatedApiKey, API_KEY_PREFIX, E2B_KEY_PREFIX, LAST_USED_GRANULARITY,
 };
 pub use audit::{
     Actor, AuditCursor, AuditEntry, AuditPage, AuditQuery, AuditResult, NewAuditEntry,

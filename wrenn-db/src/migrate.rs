@@ -20,6 +20,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0002_lifecycle.sql"),
         include_str!("../migrations/postgres/0002_lifecycle.sql"),
     ),
+    (
+        3,
+        "deadline",
+        include_str!("../migrations/sqlite/0003_deadline.sql"),
+        include_str!("../migrations/postgres/0003_deadline.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

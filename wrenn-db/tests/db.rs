@@ -18,6 +18,7 @@ on_both_backends!(
     teams_and_memberships,
     api_keys_create_lookup_last_used,
     capsules_lifecycle,
+    deadline_timeouts_ignore_activity,
     templates_unique_per_team,
     tenancy_isolation,
     audit_keyset_pagination,
@@ -49,6 +50,7 @@ fn new_capsule(status: CapsuleStatus) -> NewCapsule {
         envd_access_token: Some("secret-token".into()),
         pause_on_timeout: true,
         disk_mb: 2048,
+        deadline: false,
     }
 }
 
@@ -376,6 +378,49 @@ async fn api_keys_create_lookup_last_used(t: &TestDb) {
     let kept = db.list_api_keys(&team.id).await.unwrap();
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0].created_by, None);
+}
+
+/// A deadline (E2B) capsule's end time is moved by set-timeout only, never by activity;
+/// an idle-timeout (Wrenn) capsule's by activity too.
+async fn deadline_timeouts_ignore_activity(t: &TestDb) {
+    let db = &t.db;
+    let (_, team) = team_of(db, "deadline@example.com").await;
+    let idle = db
+        .insert_capsule(&team.id, new_capsule(CapsuleStatus::Running))
+        .await
+        .unwrap();
+    let deadline = db
+        .insert_capsule(
+            &team.id,
+            NewCapsule {
+                deadline: true,
+                ..new_capsule(CapsuleStatus::Running)
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!idle.deadline);
+    assert!(deadline.deadline);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let touched = db.touch_capsule(&team.id, idle.id.as_str()).await.unwrap();
+    db.touch_capsule(&team.id, deadline.id.as_str())
+        .await
+        .unwrap();
+    let idle_now = db.get_capsule(&team.id, idle.id.as_str()).await.unwrap();
+    let deadline_now = db
+        .get_capsule(&team.id, deadline.id.as_str())
+        .await
+        .unwrap();
+    assert_eq!(idle_now.last_active_at, Some(touched));
+    assert_ne!(idle_now.last_active_at, idle.last_active_at);
+    assert_eq!(deadline_now.last_active_at, deadline.last_active_at);
+    assert!(deadline_now.deadline);
+    let moved = db
+        .set_capsule_timeout(&team.id, deadline.id.as_str(), 60)
+        .await
+        .unwrap();
+    assert!(moved.last_active_at > deadline.last_active_at);
+    assert_eq!(moved.timeout_sec, 60);
 }
 
 async fn capsules_lifecycle(t: &TestDb) {

@@ -80,7 +80,11 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
     };
     run(opts, shutdown_signal(), |addr, key| {
         if let Some(key) = key {
-            println!("Created the admin team's API key (shown once): {key}");
+            println!(
+                "Created the admin team's API key (shown once): {key}\n  \
+                 (the same key for E2B SDKs that want the e2b_ form: {})",
+                wrenn_api::e2b_spelling(key)
+            );
         }
         println!("wrenn serve listening on http://{addr}");
     })

@@ -235,6 +235,18 @@ async fn detail(st: &AppState, headers: &HeaderMap, c: &wrenn_db::Capsule) -> R<
     })
 }
 
+/// `memory: false` (filesystem-only pause, or a resume that reboots from the disk) is
+/// not supported: refused rather than quietly taking a full memory snapshot.
+fn check_memory(memory: Option<bool>) -> Result<(), E2bError> {
+    if memory == Some(false) {
+        return Err(E2bError(ApiError::invalid(
+            "memory: false (filesystem-only pause or reboot on resume) is not supported by this server; \
+             omit it to keep the sandbox's memory",
+        )));
+    }
+    Ok(())
+}
+
 fn check_timeout(t: u64) -> Result<u32, E2bError> {
     if t > MAX_TIMEOUT {
         return Err(E2bError(ApiError::invalid(format!(
@@ -327,6 +339,7 @@ pub async fn create(
             memory_mb: None,
             timeout_sec: timeout,
             pause_on_timeout: req.auto_pause.unwrap_or(false),
+            deadline: true,
             metadata,
             envs: req.env_vars.unwrap_or_default(),
         },
@@ -344,7 +357,7 @@ pub async fn create(
 pub struct ConnectSandbox {
     #[schema(minimum = 0, maximum = 86400)]
     pub timeout: Option<u64>,
-    /// false: boot from disk state instead of restoring memory (not supported: ignored).
+    /// false: boot from disk state instead of restoring memory (not supported: 400).
     pub memory: Option<bool>,
     pub auto_pause: Option<bool>,
 }
@@ -393,6 +406,7 @@ pub async fn connect(
     body: Result<Json<ConnectSandbox>, JsonRejection>,
 ) -> R<(StatusCode, Json<Sandbox>)> {
     let req = json_or_default(body)?;
+    check_memory(req.memory)?;
     let timeout = check_timeout(
         req.timeout
             .unwrap_or(u64::from(st.config.e2b_default_timeout)),
@@ -437,6 +451,7 @@ pub async fn resume(
     body: Result<Json<ConnectSandbox>, JsonRejection>,
 ) -> R<(StatusCode, Json<Sandbox>)> {
     let req = json_or_default(body)?;
+    check_memory(req.memory)?;
     let timeout = check_timeout(
         req.timeout
             .unwrap_or(u64::from(st.config.e2b_default_timeout)),
@@ -528,7 +543,8 @@ pub async fn pause(
     Path(id): Path<String>,
     body: Result<Json<PauseRequest>, JsonRejection>,
 ) -> R<StatusCode> {
-    let _ = json_or_default(body)?;
+    let req: PauseRequest = json_or_default(body)?;
+    check_memory(req.memory)?;
     let c = live(&st, &who, &id).await?;
     if c.status != CapsuleStatus::Running {
         return Err(E2bError(ApiError::conflict(
@@ -573,8 +589,10 @@ pub struct ListQuery {
     pub state: Option<String>,
     /// asc or desc by start time (default desc).
     pub order: Option<String>,
-    /// RFC 3339.
+    /// RFC 3339; sandboxes started at or after it.
     pub started_after: Option<String>,
+    /// RFC 3339; sandboxes started at or before it.
+    pub started_before: Option<String>,
     pub template: Option<String>,
     /// 1..100 (default 100).
     #[param(minimum = 1, maximum = 100)]
@@ -584,6 +602,16 @@ pub struct ListQuery {
 
 fn bad(msg: impl Into<String>) -> E2bError {
     E2bError(ApiError::invalid(msg))
+}
+
+/// An optional RFC 3339 query time.
+fn rfc3339(v: Option<&str>, name: &str) -> R<Option<chrono::DateTime<chrono::Utc>>> {
+    match v {
+        None | Some("") => Ok(None),
+        Some(t) => chrono::DateTime::parse_from_rfc3339(t)
+            .map(|t| Some(t.with_timezone(&chrono::Utc)))
+            .map_err(|_| bad(format!("{name} must be an RFC 3339 time, got {t:?}"))),
+    }
 }
 
 /// Lists the team's sandboxes with E2B's filters and `X-Next-Token` pagination.
@@ -607,14 +635,8 @@ async fn list_impl(st: &AppState, who: &Principal, q: ListQuery) -> R<Response> 
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect(),
     };
-    let after = match q.started_after.as_deref() {
-        None => None,
-        Some(t) => Some(
-            chrono::DateTime::parse_from_rfc3339(t)
-                .map_err(|_| bad("startedAfter must be an RFC 3339 time"))?
-                .with_timezone(&chrono::Utc),
-        ),
-    };
+    let after = rfc3339(q.started_after.as_deref(), "startedAfter")?;
+    let before = rfc3339(q.started_before.as_deref(), "startedBefore")?;
     let desc = match q.order.as_deref() {
         None | Some("desc") => true,
         Some("asc") => false,
@@ -648,7 +670,11 @@ async fn list_impl(st: &AppState, who: &Principal, q: ListQuery) -> R<Response> 
                 .iter()
                 .all(|(k, v)| c.metadata.get(k).and_then(Value::as_str) == Some(v.as_str()))
         })
-        .filter(|c| after.is_none_or(|a| c.started_at.unwrap_or(c.created_at) > a))
+        .filter(|c| {
+            // Both bounds are inclusive, as E2B's API documents.
+            let started = c.started_at.unwrap_or(c.created_at);
+            after.is_none_or(|a| started >= a) && before.is_none_or(|b| started <= b)
+        })
         .filter(|c| q.template.as_deref().is_none_or(|t| c.template == t))
         .collect();
     rows.sort_by_key(|c| (c.created_at, c.id.to_string()));
@@ -855,7 +881,8 @@ pub async fn create_snapshot(
     Path(id): Path<String>,
     body: Result<Json<SnapshotRequest>, JsonRejection>,
 ) -> R<(StatusCode, Json<SnapshotInfo>)> {
-    let req = json_or_default(body)?;
+    let req: SnapshotRequest = json_or_default(body)?;
+    check_memory(req.memory)?;
     let c = live(&st, &who, &id).await?;
     let name = req
         .name
@@ -954,7 +981,26 @@ pub async fn delete_template(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Answers E2B-shaped 404s for unknown E2B paths.
-pub async fn not_found() -> impl IntoResponse {
-    E2bError(ApiError::not_found("route"))
+/// Path prefixes of E2B's API (including the parts Wrenn does not serve: template
+/// builds, volumes, secrets, teams, keys): errors there are E2B-shaped.
+const E2B_PREFIXES: &[&str] = &[
+    "/sandboxes",
+    "/v2/",
+    "/v3/",
+    "/templates",
+    "/snapshots",
+    "/volumes",
+    "/secrets",
+    "/teams",
+    "/api-keys",
+    "/access-tokens",
+    "/nodes",
+];
+
+/// Whether `path` belongs to the E2B API (whose errors are `{code, message}`).
+pub fn is_e2b_path(path: &str) -> bool {
+    E2B_PREFIXES.iter().any(|p| {
+        path.strip_prefix(p)
+            .is_some_and(|rest| p.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
+    })
 }

@@ -632,6 +632,10 @@ pub struct ApiKeyView {
     /// The key itself: in the create response only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The same key spelled `e2b_…`, for E2B SDK releases that check the key's form:
+    /// in the create response only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e2b_key: Option<String>,
 }
 
 fn key_view(k: &wrenn_db::ApiKey, key: Option<String>) -> ApiKeyView {
@@ -644,6 +648,7 @@ fn key_view(k: &wrenn_db::ApiKey, key: Option<String>) -> ApiKeyView {
         creator_email: k.creator_email.clone(),
         created_at: k.created_at,
         last_used: k.last_used,
+        e2b_key: key.as_deref().map(wrenn_db::e2b_spelling),
         key,
     }
 }

@@ -115,6 +115,7 @@ pub async fn create(
             timeout_sec: timeout,
             pause_on_timeout: true,
             metadata,
+            deadline: false,
             envs: HashMap::new(),
         },
     )

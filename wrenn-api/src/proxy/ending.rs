@@ -1,0 +1,303 @@
+//! Ending what is in flight to a capsule that is killed or paused. Its VM is gone, so
+//! the guest never closes those connections: without this, a process output stream or
+//! a file watch would hang until the client's own deadline.
+//!
+//! Every proxied request watches its capsule's [`Ended`] signal. A request still
+//! waiting for its answer gets the proxy's "sandbox not found" error; a Connect stream
+//! (envd's process, PTY and watch streams) is closed with a Connect end-of-stream
+//! message carrying code `unavailable` and that message, which the E2B SDK reports as
+//! `SandboxNotRunningException`; any other body, and upgraded connections, are cut off.
+
+use axum::body::Body;
+use bytes::{BufMut, Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use tokio::sync::watch;
+
+/// Why a capsule's traffic ended.
+pub type Reason = &'static str;
+
+/// One signal per capsule with traffic in flight.
+#[derive(Debug, Default)]
+pub struct LiveStreams {
+    signals: Mutex<HashMap<String, watch::Sender<Option<Reason>>>>,
+}
+
+impl LiveStreams {
+    /// The signal a request to `capsule` watches.
+    pub fn watch(&self, capsule: &str) -> Ended {
+        let rx = match self.signals.lock() {
+            Ok(mut m) => m
+                .entry(capsule.to_string())
+                .or_insert_with(|| watch::channel(None).0)
+                .subscribe(),
+            // A poisoned map: this request is not cut off early (it still ends when
+            // the guest's connection does).
+            Err(_) => watch::channel(None).1,
+        };
+        Ended { rx }
+    }
+
+    /// Ends every request and stream in flight to `capsule` (`why`: "killed", "paused").
+    pub fn end(&self, capsule: &str, why: Reason) {
+        let sender = self.signals.lock().ok().and_then(|mut m| m.remove(capsule));
+        if let Some(tx) = sender {
+            tracing::debug!(
+                capsule,
+                why,
+                receivers = tx.receiver_count(),
+                "ending proxied traffic"
+            );
+            let _ = tx.send(Some(why));
+        }
+    }
+
+    /// Capsules with a signal (for tests and leak checks).
+    pub fn len(&self) -> usize {
+        self.signals.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A request's view of its capsule's signal.
+#[derive(Debug)]
+pub struct Ended {
+    rx: watch::Receiver<Option<Reason>>,
+}
+
+impl Ended {
+    /// Resolves when the capsule's traffic is ended, with the reason. A signal whose
+    /// sender went away without a reason never resolves: nothing ended it.
+    pub async fn wait(&mut self) -> Reason {
+        loop {
+            // Copied out, so no borrow of the channel is held across an await.
+            let current = *self.rx.borrow_and_update();
+            if let Some(why) = current {
+                return why;
+            }
+            if self.rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+/// Where a Connect stream's envelope framing is (1 flag byte, 4-byte big-endian
+/// length, payload): only between envelopes can an end-of-stream message be added.
+#[derive(Debug, Default)]
+struct Envelopes {
+    header: [u8; 5],
+    header_len: usize,
+    payload_left: u64,
+}
+
+impl Envelopes {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let n = usize::try_from(self.payload_left)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                self.payload_left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.header_len).min(data.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+            self.header_len += n;
+            data = &data[n..];
+            if self.header_len == 5 {
+                let len = [
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ];
+                self.payload_left = u64::from(u32::from_be_bytes(len));
+                self.header_len = 0;
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.payload_left == 0
+    }
+}
+
+/// A Connect end-of-stream envelope (flag 0x02) with an `unavailable` error.
+fn end_of_stream(message: &str) -> Bytes {
+    let json =
+        serde_json::json!({"error": {"code": "unavailable", "message": message}}).to_string();
+    let mut b = BytesMut::with_capacity(5 + json.len());
+    b.put_u8(0x02);
+    b.put_u32(u32::try_from(json.len()).unwrap_or(u32::MAX));
+    b.put_slice(json.as_bytes());
+    b.freeze()
+}
+
+/// A proxied response body that ends when its capsule's traffic does.
+pub struct CutBody {
+    inner: Body,
+    ended: Pin<Box<dyn Future<Output = Reason> + Send>>,
+    capsule: String,
+    connect: Option<Envelopes>,
+    done: bool,
+}
+
+impl CutBody {
+    /// `connect`: the body is a Connect stream (`application/connect+…`).
+    pub fn new(inner: Body, mut ended: Ended, capsule: String, connect: bool) -> Self {
+        CutBody {
+            inner,
+            ended: Box::pin(async move { ended.wait().await }),
+            capsule,
+            connect: connect.then(Envelopes::default),
+            done: false,
+        }
+    }
+}
+
+impl HttpBody for CutBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(why) = this.ended.as_mut().poll(cx) {
+            this.done = true;
+            // E2B's proxy's words for a sandbox that is gone; the SDK keys on them.
+            let message = format!("The sandbox {} was not found: it was {why}", this.capsule);
+            return Poll::Ready(Some(match &this.connect {
+                Some(env) if env.at_boundary() => Ok(Frame::data(end_of_stream(&message))),
+                _ => Err(axum::Error::new(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    message,
+                ))),
+            }));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(env), Some(data)) = (this.connect.as_mut(), frame.data_ref()) {
+                    env.feed(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.connect.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn envelope(flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![flags];
+        v.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn envelope_boundaries_across_chunks() {
+        let mut e = Envelopes::default();
+        assert!(e.at_boundary());
+        let a = envelope(0, b"hello");
+        e.feed(&a[..3]);
+        assert!(!e.at_boundary());
+        e.feed(&a[3..7]);
+        assert!(!e.at_boundary());
+        e.feed(&a[7..]);
+        assert!(e.at_boundary());
+        let two = [envelope(0, b""), envelope(0, b"xy")].concat();
+        e.feed(&two);
+        assert!(e.at_boundary());
+    }
+
+    #[tokio::test]
+    async fn a_connect_stream_ends_with_an_unavailable_error() {
+        let streams = LiveStreams::default();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        let inner = Body::from_stream(tokio_stream_from(rx));
+        let mut body = CutBody::new(inner, streams.watch("cl-a"), "cl-a".into(), true);
+        tx.send(Ok(Bytes::from(envelope(0, b"{\"x\":1}"))))
+            .await
+            .unwrap();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[5..], b"{\"x\":1}");
+        assert_eq!(streams.len(), 1);
+        streams.end("cl-a", "killed");
+        assert!(streams.is_empty());
+        let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(last[0], 0x02);
+        let v: serde_json::Value = serde_json::from_slice(&last[5..]).unwrap();
+        assert_eq!(v["error"]["code"], "unavailable");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("was not found") && msg.contains("killed"),
+            "{msg}"
+        );
+        assert!(body.frame().await.is_none());
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn other_bodies_are_cut_off_and_other_capsules_untouched() {
+        let streams = LiveStreams::default();
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let mut cut = CutBody::new(
+            Body::from_stream(tokio_stream_from(rx)),
+            streams.watch("cl-a"),
+            "cl-a".into(),
+            false,
+        );
+        let mut other = streams.watch("cl-b");
+        streams.end("cl-a", "paused");
+        assert!(cut.frame().await.unwrap().is_err());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), other.wait())
+                .await
+                .is_err()
+        );
+        // A new request after the end watches a fresh signal.
+        let mut again = streams.watch("cl-a");
+        streams.end("cl-a", "killed");
+        assert_eq!(again.wait().await, "killed");
+    }
+
+    fn tokio_stream_from(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+}

@@ -1,0 +1,3 @@
+-- What a capsule's timeout measures: 'idle' = inactivity (the Wrenn API: activity moves
+-- it), 'deadline' = an end time (the E2B API: only set-timeout and connect move it).
+ALTER TABLE capsules ADD COLUMN timeout_kind TEXT NOT NULL DEFAULT 'idle' CHECK (timeout_kind IN ('idle', 'deadline'));

@@ -35,7 +35,7 @@ use wrenn::guest::GuestAgent;
 use wrenn::{CapsuleId, CreateOptions, DataDir, ExecEvent, ExecRequest, Host, HostOptions};
 use wrenn_api::agent::{
     CapsuleSpec, HostAgent, HostCapsule, HostError, HostTemplate, HostVersions, LocalAgent,
-    LocalAgentOptions, MetricPoint,
+    LocalAgentOptions, MetricPoint, PauseMode, ResumeMode,
 };
 use wrenn_api::{ApiConfig, AppState};
 use wrenn_benches::{median_p99_ms, print_result, print_table, round2};
@@ -82,11 +82,11 @@ impl HostAgent for TimedAgent {
     async fn list(&self) -> Result<Vec<HostCapsule>, HostError> {
         self.inner.list().await
     }
-    async fn pause(&self, id: &CapsuleId) -> Result<(), HostError> {
-        self.inner.pause(id).await
+    async fn pause(&self, id: &CapsuleId, mode: PauseMode) -> Result<(), HostError> {
+        self.inner.pause(id, mode).await
     }
-    async fn resume(&self, id: &CapsuleId) -> Result<HostCapsule, HostError> {
-        self.inner.resume(id).await
+    async fn resume(&self, id: &CapsuleId, mode: ResumeMode) -> Result<HostCapsule, HostError> {
+        self.inner.resume(id, mode).await
     }
     async fn destroy(&self, id: &CapsuleId) -> Result<(), HostError> {
         self.inner.destroy(id).await

@@ -322,20 +322,83 @@ def test_default_template_has_what_e2b_code_assumes(e2b_env):
         s.kill()
 
 
-# --- what Wrenn cannot do is refused, not ignored -------------------------------------------------
+# --- filesystem-only pause -------------------------------------------------------------------------
+
+BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
 
 
-def test_filesystem_only_pause_is_refused_not_ignored(e2b_env, server):
+def test_filesystem_pause_keeps_the_disk_and_boots_afresh(e2b_env, server):
+    s = Sandbox.create(timeout=300)
+    try:
+        boot = s.commands.run(BOOT_ID).stdout.strip()
+        s.files.write("/home/user/kept.txt", "on the disk")
+        s.commands.run("sleep 1000", background=True)
+        assert s.pause(mode="filesystem") is True
+        assert Sandbox.get_info(s.sandbox_id).state.value == "paused"
+        back = Sandbox.connect(s.sandbox_id, timeout=120)
+        # A fresh boot: new boot id, no process of before; the files are there.
+        assert back.commands.run(BOOT_ID).stdout.strip() != boot
+        assert back.files.read("/home/user/kept.txt") == "on the disk"
+        assert "sleep 1000" not in back.commands.run("ps -eo args").stdout
+        # A full pause after the reboot keeps memory again (a new memory chain).
+        back.commands.run("sleep 2000", background=True)
+        boot2 = back.commands.run(BOOT_ID).stdout.strip()
+        assert back.pause() is True
+        again = Sandbox.connect(s.sandbox_id, timeout=120)
+        assert again.commands.run(BOOT_ID).stdout.strip() == boot2
+        assert "sleep 2000" in again.commands.run("ps -eo args").stdout
+        assert again.files.read("/home/user/kept.txt") == "on the disk"
+        with server.admin() as c:
+            items = c.get("/v1/audit-logs", params={"limit": 200}).json()["items"]
+            assert any(
+                r.get("action") == "capsule.pause" and r.get("resource_id") == s.sandbox_id
+                and (r.get("metadata") or {}).get("memory") is False
+                for r in items
+            ), "the filesystem-only pause is audited as such"
+    finally:
+        s.kill()
+
+
+def test_connect_with_reboot_drops_the_memory(e2b_env):
+    s = Sandbox.create(timeout=300)
+    try:
+        boot = s.commands.run(BOOT_ID).stdout.strip()
+        s.files.write("/home/user/f.txt", "x")
+        assert s.pause() is True  # a full pause
+        back = Sandbox.connect(s.sandbox_id, timeout=120, on_resume="reboot")
+        assert back.commands.run(BOOT_ID).stdout.strip() != boot
+        assert back.files.read("/home/user/f.txt") == "x"
+    finally:
+        s.kill()
+
+
+async def test_async_timeout_pause_in_filesystem_mode(e2b_env):
+    s = await AsyncSandbox.create(
+        timeout=4, lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}}
+    )
+    try:
+        boot = (await s.commands.run(BOOT_ID)).stdout.strip()
+        await s.files.write("/home/user/t.txt", "timed out")
+        for _ in range(150):
+            if (await AsyncSandbox.get_info(s.sandbox_id)).state.value == "paused":
+                break
+            await asyncio.sleep(0.2)
+        else:
+            pytest.fail("the sandbox was not paused at its end time")
+        back = await AsyncSandbox.connect(s.sandbox_id, timeout=120)
+        assert (await back.commands.run(BOOT_ID)).stdout.strip() != boot
+        assert await back.files.read("/home/user/t.txt") == "timed out"
+    finally:
+        await s.kill()
+
+
+def test_filesystem_snapshot_templates_are_refused_not_ignored(e2b_env, server):
     s = Sandbox.create(timeout=120)
     try:
         with server.admin() as c:
-            r = c.post(f"/sandboxes/{s.sandbox_id}/pause", json={"memory": False})
+            r = c.post(f"/sandboxes/{s.sandbox_id}/snapshots", json={"memory": False})
             assert r.status_code == 400, r.text
             assert "memory" in r.json()["message"]
-            # Still running, untouched.
-            assert c.get(f"/sandboxes/{s.sandbox_id}").json()["state"] == "running"
-            r = c.post(f"/v2/sandboxes/{s.sandbox_id}/connect", json={"timeout": 60, "memory": False})
-            assert r.status_code == 400 and "memory" in r.json()["message"]
         assert s.commands.run("echo still").stdout == "still\n"
     finally:
         s.kill()

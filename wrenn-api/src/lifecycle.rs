@@ -2,7 +2,7 @@
 //! what the host actually runs, the inactivity reaper, bootstrap, and graceful shutdown
 //! (running capsules are paused, so nothing is lost across restarts).
 
-use crate::agent::{HostAgent, HostErrorKind};
+use crate::agent::{HostAgent, HostErrorKind, PauseMode};
 use crate::service;
 use crate::state::AppState;
 use std::collections::HashMap;
@@ -100,8 +100,13 @@ pub async fn reap_once(st: &AppState) {
     };
     for c in idle {
         let result = if c.pause_on_timeout {
-            tracing::info!(capsule = %c.id, "inactivity timeout: pausing");
-            service::pause(st, &Actor::System, None, &c)
+            tracing::info!(capsule = %c.id, memory = c.timeout_pause_memory, "timeout: pausing");
+            let mode = if c.timeout_pause_memory {
+                PauseMode::Full
+            } else {
+                PauseMode::DiskOnly
+            };
+            service::pause_with(st, &Actor::System, None, &c, mode)
                 .await
                 .map(|_| ())
         } else {

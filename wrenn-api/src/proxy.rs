@@ -65,9 +65,10 @@ fn target_from_headers(h: &HeaderMap) -> Option<Result<Target, ApiError>> {
 /// The pooled HTTP client of the proxy.
 pub type ProxyClient = Client<HttpConnector<CapsuleResolver>, Body>;
 
-/// Resolves the proxy's connection names, `{capsule id}.{IPv4 address}`. Pooled
-/// connections are keyed by name, so they are never reused for a later capsule that
-/// was given the same address (its guest would reset them: a spurious 502).
+/// Resolves the proxy's connection names, `{capsule id}-{epoch}.{IPv4 address}`.
+/// Pooled connections are keyed by name, so they are never reused for a later capsule
+/// that was given the same address, nor for the same capsule after a pause (its guest
+/// would reset them: a spurious 502).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CapsuleResolver;
 
@@ -218,7 +219,9 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let uri: Uri = format!("http://{}.{addr}{path}", t.capsule)
+    // The pool key names the capsule's epoch: no connection survives a pause.
+    let epoch = st.streams.epoch(&t.capsule);
+    let uri: Uri = format!("http://{}-{epoch}.{addr}{path}", t.capsule)
         .parse()
         .map_err(|_| ApiError::invalid("bad request path"))?;
     let upgrade = req.headers().contains_key(header::UPGRADE);
@@ -403,7 +406,7 @@ mod tests {
     async fn resolver_reads_the_address_after_the_capsule() {
         use std::str::FromStr;
         use tower::ServiceExt;
-        let name = Name::from_str("cl-abc.169.254.128.6").unwrap();
+        let name = Name::from_str("cl-abc-2.169.254.128.6").unwrap();
         let addrs: Vec<_> = CapsuleResolver.oneshot(name).await.unwrap().collect();
         assert_eq!(addrs, vec![SocketAddr::from(([169, 254, 128, 6], 0))]);
         let name = Name::from_str("example.com").unwrap();

@@ -1,7 +1,7 @@
 //! Capsule lifecycle as both APIs need it: the database row and the host stay in step,
 //! every mutation is audited, and one team never reaches another team's capsule.
 
-use crate::agent::{CapsuleSpec, HostCapsule, HostError, HostErrorKind};
+use crate::agent::{CapsuleSpec, HostCapsule, HostError, HostErrorKind, PauseMode, ResumeMode};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -37,16 +37,20 @@ pub struct CreateParams {
     pub pause_on_timeout: bool,
     /// The timeout is an end time (E2B) instead of an inactivity timer (Wrenn).
     pub deadline: bool,
+    /// A pause on timeout keeps the memory (else the disk only).
+    pub timeout_pause_memory: bool,
     pub metadata: Map<String, Value>,
     pub envs: HashMap<String, String>,
 }
 
-/// A new capsule row's timeout: seconds (0 = never), what it does, what it measures.
+/// A new capsule row's timeout: seconds (0 = never), what it does, what it measures,
+/// what its pause keeps.
 #[derive(Clone, Copy, Debug)]
 struct TimeoutPolicy {
     sec: u32,
     pause: bool,
     deadline: bool,
+    pause_memory: bool,
 }
 
 /// A capsule's disk size as shown: rows written before the size was recorded show the
@@ -223,6 +227,7 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
             sec: p.timeout_sec,
             pause: p.pause_on_timeout,
             deadline: p.deadline,
+            pause_memory: p.timeout_pause_memory,
         },
     )
     .await?;
@@ -263,6 +268,7 @@ async fn record(
         pause_on_timeout: timeout.pause,
         disk_mb: hc.disk_mb,
         deadline: timeout.deadline,
+        timeout_pause_memory: timeout.pause_memory,
     };
     match state.db.insert_capsule(&who.team_id, new).await {
         Ok(row) => Ok(row),
@@ -300,12 +306,23 @@ async fn set_status(state: &AppState, c: &Capsule, s: CapsuleStatus) -> ApiResul
     Ok(row?)
 }
 
-/// Pauses a running capsule; its sample history is kept in the database.
+/// Pauses a running capsule (memory and disk); its sample history is kept in the database.
 pub async fn pause(
     state: &AppState,
     actor: &Actor,
     actor_name: Option<String>,
     c: &Capsule,
+) -> ApiResult<Capsule> {
+    pause_with(state, actor, actor_name, c, PauseMode::Full).await
+}
+
+/// [`pause`], keeping what `mode` says.
+pub async fn pause_with(
+    state: &AppState,
+    actor: &Actor,
+    actor_name: Option<String>,
+    c: &Capsule,
+    mode: PauseMode,
 ) -> ApiResult<Capsule> {
     if c.status != CapsuleStatus::Running {
         return Err(ApiError::invalid_state(format!(
@@ -315,7 +332,7 @@ pub async fn pause(
     }
     set_status(state, c, CapsuleStatus::Pausing).await?;
     state.streams.end(c.id.as_str(), "paused");
-    let result = state.agent.pause(&c.id).await;
+    let result = state.agent.pause(&c.id, mode).await;
     let ok = result.is_ok();
     let row = match result {
         Ok(()) => {
@@ -341,7 +358,7 @@ pub async fn pause(
             "capsule",
             Some(c.id.as_str()),
             ok,
-            None,
+            (mode == PauseMode::DiskOnly).then(|| serde_json::json!({"memory": false})),
         )
         .await;
     row
@@ -358,6 +375,16 @@ async fn settle(state: &AppState, c: &Capsule) -> Option<Capsule> {
 }
 
 pub async fn resume(state: &AppState, who: &Principal, c: &Capsule) -> ApiResult<Capsule> {
+    resume_with(state, who, c, ResumeMode::Restore).await
+}
+
+/// [`resume`]; `ResumeMode::Reboot` boots afresh from the kept disk.
+pub async fn resume_with(
+    state: &AppState,
+    who: &Principal,
+    c: &Capsule,
+    mode: ResumeMode,
+) -> ApiResult<Capsule> {
     if c.status != CapsuleStatus::Paused {
         return Err(ApiError::invalid_state(format!(
             "capsule {} is {}; resume needs it paused",
@@ -365,7 +392,7 @@ pub async fn resume(state: &AppState, who: &Principal, c: &Capsule) -> ApiResult
         )));
     }
     set_status(state, c, CapsuleStatus::Resuming).await?;
-    let result = state.agent.resume(&c.id).await;
+    let result = state.agent.resume(&c.id, mode).await;
     let ok = result.is_ok();
     let row = match result {
         Ok(_) => {
@@ -586,6 +613,7 @@ pub async fn fork(
                     sec: timeout_sec,
                     pause: c.pause_on_timeout,
                     deadline: c.deadline,
+                    pause_memory: c.timeout_pause_memory,
                 },
             )
             .await?,

@@ -337,6 +337,7 @@ mod tests {
             pause_on_timeout: true,
             disk_mb: 0,
             deadline: false,
+            timeout_pause_memory: true,
         };
         db.insert_capsule(team_id, new).await.expect("row");
         let cache = CapsuleCache::default();

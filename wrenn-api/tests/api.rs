@@ -625,6 +625,7 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
                 pause_on_timeout: true,
                 disk_mb: 0,
                 deadline: false,
+                timeout_pause_memory: true,
             },
         )
         .await

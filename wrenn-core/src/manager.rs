@@ -15,7 +15,9 @@ use crate::guest::{
 use crate::id::CapsuleId;
 use crate::net::{NetSlot, Network, GUEST_MAC, TAP_NAME};
 use crate::record::{CapsuleRecord, StateStore};
-use crate::snapshot::{PauseReport, SnapshotError, SnapshotMeta, SnapshotStore};
+use crate::snapshot::{
+    PauseMode, PauseReport, ResumeMode, SnapshotError, SnapshotMeta, SnapshotStore,
+};
 use crate::spec::{CreateOptions, Limits};
 use crate::status::CapsuleStatus;
 use crate::storage::{CowDisk, CowStore};
@@ -147,8 +149,11 @@ struct ForkState {
 
 enum Command {
     Destroy(oneshot::Sender<Result<(), CapsuleError>>),
-    Pause(oneshot::Sender<Result<PauseReport, CapsuleError>>),
-    Resume(oneshot::Sender<Result<(), CapsuleError>>),
+    Pause(
+        PauseMode,
+        oneshot::Sender<Result<PauseReport, CapsuleError>>,
+    ),
+    Resume(ResumeMode, oneshot::Sender<Result<(), CapsuleError>>),
     Snapshot {
         name: TemplateName,
         overwrite: bool,
@@ -265,6 +270,12 @@ enum Start {
         /// The token the restored guest's envd still holds.
         old_token: String,
     },
+    /// A fresh boot from a saved disk (the memory was not kept).
+    Reboot {
+        kernel: PathBuf,
+        cmdline: String,
+        disk_base: PathBuf,
+    },
 }
 
 /// What every lifecycle step needs; cheap to clone into actors.
@@ -316,6 +327,18 @@ impl Ctx {
                 };
                 (base, boot, MemoryBase::Zero)
             }
+            Start::Reboot {
+                kernel,
+                cmdline,
+                disk_base,
+            } => (
+                disk_base.clone(),
+                BootSource {
+                    kernel: kernel.clone(),
+                    cmdline: cmdline.clone(),
+                },
+                MemoryBase::Zero,
+            ),
             Start::Restore {
                 kernel,
                 cmdline,
@@ -367,7 +390,9 @@ impl Ctx {
             memory,
         };
         let (handle, old_token, ready_timeout) = match &start {
-            Start::Boot { .. } => (parts.vmm.spawn(&vm).await?, None, self.config.ready_timeout),
+            Start::Boot { .. } | Start::Reboot { .. } => {
+                (parts.vmm.spawn(&vm).await?, None, self.config.ready_timeout)
+            }
             Start::Restore {
                 device_state,
                 overlay,
@@ -424,6 +449,7 @@ impl Ctx {
             kernel: rec.kernel.clone(),
             cmdline: rec.cmdline.clone(),
             created_at: now_unix(),
+            disk_only: false,
         }
     }
 }
@@ -873,12 +899,32 @@ impl Capsules {
     /// Pauses a running capsule: its memory, devices and disk go to its snapshot,
     /// its VM, slot and process are released. Two pauses of one capsule queue.
     pub async fn pause(&self, id: &CapsuleId) -> Result<PauseReport, CapsuleError> {
-        self.ask(id, Command::Pause).await
+        self.pause_with(id, PauseMode::Full).await
+    }
+
+    /// [`Capsules::pause`], keeping what `mode` says: with [`PauseMode::DiskOnly`] the
+    /// guest syncs its filesystems, then only the disk is kept (a resume boots afresh).
+    pub async fn pause_with(
+        &self,
+        id: &CapsuleId,
+        mode: PauseMode,
+    ) -> Result<PauseReport, CapsuleError> {
+        self.ask(id, |reply| Command::Pause(mode, reply)).await
     }
 
     /// Resumes a paused capsule, in whatever network slot is free.
     pub async fn resume(&self, id: &CapsuleId) -> Result<CapsuleInfo, CapsuleError> {
-        self.ask(id, Command::Resume).await?;
+        self.resume_with(id, ResumeMode::Restore).await
+    }
+
+    /// [`Capsules::resume`]; [`ResumeMode::Reboot`] drops the saved memory and boots
+    /// afresh from the saved disk.
+    pub async fn resume_with(
+        &self,
+        id: &CapsuleId,
+        mode: ResumeMode,
+    ) -> Result<CapsuleInfo, CapsuleError> {
+        self.ask(id, |reply| Command::Resume(mode, reply)).await?;
         self.get(id)
     }
 
@@ -1068,12 +1114,12 @@ async fn actor(ctx: Ctx, entry: Arc<Entry>, mut res: Resources, mut rx: mpsc::Re
                 let _ = reply.send(result);
                 return;
             }
-            Some(Command::Pause(reply)) => {
-                let r = pause(&ctx, &entry, &mut res).await;
+            Some(Command::Pause(mode, reply)) => {
+                let r = pause(&ctx, &entry, &mut res, mode).await;
                 let _ = reply.send(r);
             }
-            Some(Command::Resume(reply)) => {
-                let r = resume(&ctx, &entry, &mut res).await;
+            Some(Command::Resume(mode, reply)) => {
+                let r = resume(&ctx, &entry, &mut res, mode).await;
                 let _ = reply.send(r);
             }
             Some(Command::Snapshot {
@@ -1126,7 +1172,46 @@ async fn freeze(vmm: &dyn VmmHandle, device_state: &Path) -> Result<ChangedPages
     }
 }
 
-async fn pause(ctx: &Ctx, entry: &Entry, res: &mut Resources) -> Result<PauseReport, CapsuleError> {
+/// Flushes the guest's filesystems to its disk (before a pause), within `limit`.
+async fn guest_sync(entry: &Entry, limit: Duration) -> Result<(), CapsuleError> {
+    match tokio::time::timeout(limit, guest_sync_inner(entry, limit)).await {
+        Ok(r) => r,
+        Err(_) => Err(CapsuleError::Agent(crate::guest::AgentError::Timeout(
+            format!("sync in the guest took over {} s", limit.as_secs()),
+        ))),
+    }
+}
+
+async fn guest_sync_inner(entry: &Entry, limit: Duration) -> Result<(), CapsuleError> {
+    let agent = entry.agent().ok_or(CapsuleError::ShuttingDown)?;
+    let req = ExecRequest {
+        cmd: "/bin/sync".into(),
+        user: Some("root".into()),
+        timeout: Some(limit),
+        ..Default::default()
+    };
+    let mut stream = agent.exec(&req).await?;
+    while let Some(ev) = stream.events.recv().await {
+        if let ExecEvent::Exited(exit) = ev? {
+            if exit.code != 0 {
+                return Err(CapsuleError::Agent(crate::guest::AgentError::Protocol(
+                    format!("sync in the guest failed: {exit:?}"),
+                )));
+            }
+            return Ok(());
+        }
+    }
+    Err(CapsuleError::Agent(crate::guest::AgentError::Protocol(
+        "sync in the guest ended without an exit event".into(),
+    )))
+}
+
+async fn pause(
+    ctx: &Ctx,
+    entry: &Entry,
+    res: &mut Resources,
+    mode: PauseMode,
+) -> Result<PauseReport, CapsuleError> {
     let rec = entry.snapshot().ok_or(CapsuleError::ShuttingDown)?;
     let (Some(vmm), Some(disk)) = (res.vmm.as_ref(), res.disk.clone()) else {
         return Err(invalid(&rec, "pause", "running"));
@@ -1137,6 +1222,30 @@ async fn pause(ctx: &Ctx, entry: &Entry, res: &mut Resources) -> Result<PauseRep
     set_status(entry, CapsuleStatus::Pausing, None);
     let started = tokio::time::Instant::now();
     let attempt = async {
+        if mode == PauseMode::DiskOnly {
+            guest_sync(entry, Duration::from_secs(60)).await?;
+            // QMP stop drains and flushes the VMM's block layer too.
+            vmm.pause().await?;
+            let mut meta = ctx.meta(&rec);
+            meta.disk_only = true;
+            return match ctx
+                .parts
+                .snapshots
+                .commit_disk_only(&rec.id, &meta, Some(&disk))
+                .await
+            {
+                Ok(report) => Ok(report),
+                Err(e) => {
+                    let _ = vmm.resume().await;
+                    Err(CapsuleError::from(e))
+                }
+            };
+        }
+        // The disk layer of every version is consistent on its own, so a later resume
+        // can also boot from it (ResumeMode::Reboot); the memory has the rest anyway.
+        if let Err(e) = guest_sync(entry, Duration::from_secs(10)).await {
+            tracing::warn!(capsule = %rec.id, error = %error_chain(&e), "guest sync before pause failed");
+        }
         let dir = ctx.parts.snapshots.begin_pause(&rec.id).await?;
         let changed = freeze(vmm.as_ref(), &dir.join("device.state")).await?;
         match ctx
@@ -1183,13 +1292,29 @@ fn mark_paused(entry: &Entry) -> Option<CapsuleRecord> {
     })
 }
 
-async fn resume(ctx: &Ctx, entry: &Entry, res: &mut Resources) -> Result<(), CapsuleError> {
+async fn resume(
+    ctx: &Ctx,
+    entry: &Entry,
+    res: &mut Resources,
+    mode: ResumeMode,
+) -> Result<(), CapsuleError> {
     let mut rec = entry.snapshot().ok_or(CapsuleError::ShuttingDown)?;
     if rec.status != CapsuleStatus::Paused {
         return Err(invalid(&rec, "resume", "paused"));
     }
-    let r = ctx.parts.snapshots.open(&rec.id).await?;
-    if r.meta.accel != ctx.parts.vmm.accel() {
+    let mut r = ctx.parts.snapshots.open(&rec.id).await?;
+    if mode == ResumeMode::Reboot && !r.meta.disk_only {
+        // The saved memory goes: the snapshot keeps its disk only, so the next pause
+        // starts a new memory chain for the freshly booted guest.
+        let mut meta = r.meta.clone();
+        meta.disk_only = true;
+        ctx.parts
+            .snapshots
+            .commit_disk_only(&rec.id, &meta, None)
+            .await?;
+        r = ctx.parts.snapshots.open(&rec.id).await?;
+    }
+    if !r.meta.disk_only && r.meta.accel != ctx.parts.vmm.accel() {
         return Err(SnapshotError::AccelMismatch {
             saved: r.meta.accel,
             current: ctx.parts.vmm.accel(),
@@ -1199,14 +1324,22 @@ async fn resume(ctx: &Ctx, entry: &Entry, res: &mut Resources) -> Result<(), Cap
     set_status(entry, CapsuleStatus::Resuming, None);
     rec.status = CapsuleStatus::Resuming;
     let dir = ctx.parts.state.create_dir(&rec.id).await?;
-    let start = Start::Restore {
-        kernel: r.meta.kernel.clone(),
-        cmdline: r.meta.cmdline.clone(),
-        memory: r.meta.memory_base.clone(),
-        device_state: r.device_state.clone(),
-        overlay: r.overlay.clone(),
-        disk_base: r.disk_base.clone(),
-        old_token: rec.access_token.clone(),
+    let start = if r.meta.disk_only {
+        Start::Reboot {
+            kernel: r.meta.kernel.clone(),
+            cmdline: r.meta.cmdline.clone(),
+            disk_base: r.disk_base.clone(),
+        }
+    } else {
+        Start::Restore {
+            kernel: r.meta.kernel.clone(),
+            cmdline: r.meta.cmdline.clone(),
+            memory: r.meta.memory_base.clone(),
+            device_state: r.device_state.clone(),
+            overlay: r.overlay.clone(),
+            disk_base: r.disk_base.clone(),
+            old_token: rec.access_token.clone(),
+        }
     };
     let started = tokio::time::Instant::now();
     match ctx.bring_up(&mut rec, res, start, &dir).await {

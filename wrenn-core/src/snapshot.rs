@@ -34,6 +34,31 @@ pub struct SnapshotMeta {
     pub cmdline: String,
     /// Unix seconds.
     pub created_at: i64,
+    /// This version keeps the disk only: a resume boots the guest afresh from it.
+    #[serde(default)]
+    pub disk_only: bool,
+}
+
+/// What a pause keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseMode {
+    /// Memory, devices and disk: a resume continues where the guest was.
+    #[default]
+    Full,
+    /// The disk only (after the guest synced it): a resume boots afresh from it.
+    DiskOnly,
+}
+
+/// How a paused capsule comes back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeMode {
+    /// Restore the saved memory (boot from the disk when only the disk was kept).
+    #[default]
+    Restore,
+    /// Boot afresh from the saved disk; the saved memory is dropped.
+    Reboot,
 }
 
 /// A saved VM state ready to be restored.
@@ -103,7 +128,19 @@ pub trait SnapshotStore: Send + Sync + Debug {
         disk: &CowDisk,
     ) -> Result<PauseReport, SnapshotError>;
 
-    /// Opens the current version of `id`'s snapshot for a restore.
+    /// Commits a version that keeps the disk only (`meta.disk_only`): `disk`, when
+    /// given, joins the disk chain as in [`SnapshotStore::commit_pause`]; without it the
+    /// current version's disk is kept and its memory dropped. The next full pause after
+    /// a disk-only version starts a new memory chain. Atomic as `commit_pause`.
+    async fn commit_disk_only(
+        &self,
+        id: &CapsuleId,
+        meta: &SnapshotMeta,
+        disk: Option<&CowDisk>,
+    ) -> Result<PauseReport, SnapshotError>;
+
+    /// Opens the current version of `id`'s snapshot for a restore (for a disk-only
+    /// version: its disk; the device state is absent and the overlay empty).
     async fn open(&self, id: &CapsuleId) -> Result<Restorable, SnapshotError>;
 
     /// Deletes `id`'s snapshot (all versions). Idempotent.

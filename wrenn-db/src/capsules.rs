@@ -34,6 +34,8 @@ pub struct Capsule {
     /// The timeout is an end time (`last_active_at` + `timeout_sec`, moved only by
     /// [`Db::set_capsule_timeout`]) rather than an inactivity timer.
     pub deadline: bool,
+    /// A pause on timeout keeps the memory (`true`) or the disk only.
+    pub timeout_pause_memory: bool,
 }
 
 /// What creating a capsule record needs; the id comes from the capsule manager.
@@ -51,6 +53,8 @@ pub struct NewCapsule {
     pub disk_mb: u64,
     /// See [`Capsule::deadline`].
     pub deadline: bool,
+    /// See [`Capsule::timeout_pause_memory`].
+    pub timeout_pause_memory: bool,
 }
 
 impl std::fmt::Debug for NewCapsule {
@@ -66,6 +70,7 @@ impl std::fmt::Debug for NewCapsule {
             .field("pause_on_timeout", &self.pause_on_timeout)
             .field("disk_mb", &self.disk_mb)
             .field("deadline", &self.deadline)
+            .field("timeout_pause_memory", &self.timeout_pause_memory)
             .field(
                 "envd_access_token",
                 &self.envd_access_token.as_ref().map(|_| "<redacted>"),
@@ -77,7 +82,7 @@ impl std::fmt::Debug for NewCapsule {
 /// Every column but `envd_access_token`.
 pub(crate) const COLS: &str = "id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
                                created_at, started_at, last_active_at, last_updated, metadata, \
-                               on_timeout, disk_mb, timeout_kind";
+                               on_timeout, disk_mb, timeout_kind, timeout_pause";
 
 /// Statuses that `list_capsules` leaves out unless asked: the capsule is gone.
 pub(crate) const ENDED: &str = "('stopped', 'error')";
@@ -104,6 +109,7 @@ pub(crate) fn capsule(row: &AnyRow) -> R<Capsule> {
         pause_on_timeout: text(row, "on_timeout")? != "kill",
         disk_mb: u64::from(u32_col(row, "disk_mb")?),
         deadline: text(row, "timeout_kind")? == "deadline",
+        timeout_pause_memory: text(row, "timeout_pause")? != "disk",
     })
 }
 
@@ -127,8 +133,9 @@ impl Db {
         let row = sqlx::query(&format!(
             "INSERT INTO capsules (id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
              created_at, started_at, last_active_at, last_updated, metadata, envd_access_token, \
-             on_timeout, disk_mb, timeout_kind) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11, $12, $13, $14) RETURNING {COLS}"
+             on_timeout, disk_mb, timeout_kind, timeout_pause) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11, $12, $13, $14, $15) \
+             RETURNING {COLS}"
         ))
         .bind(new.id.as_str())
         .bind(team_id)
@@ -141,9 +148,18 @@ impl Db {
         .bind(running.then_some(t))
         .bind(Value::Object(new.metadata).to_string())
         .bind(new.envd_access_token)
-        .bind(if new.pause_on_timeout { "pause" } else { "kill" })
+        .bind(if new.pause_on_timeout {
+            "pause"
+        } else {
+            "kill"
+        })
         .bind(i64::try_from(new.disk_mb).unwrap_or(i64::MAX))
         .bind(if new.deadline { "deadline" } else { "idle" })
+        .bind(if new.timeout_pause_memory {
+            "full"
+        } else {
+            "disk"
+        })
         .fetch_optional(self.pool())
         .await
         .map_err(|e| {

@@ -51,6 +51,7 @@ fn new_capsule(status: CapsuleStatus) -> NewCapsule {
         pause_on_timeout: true,
         disk_mb: 2048,
         deadline: false,
+        timeout_pause_memory: true,
     }
 }
 
@@ -394,13 +395,14 @@ async fn deadline_timeouts_ignore_activity(t: &TestDb) {
             &team.id,
             NewCapsule {
                 deadline: true,
+                timeout_pause_memory: false,
                 ..new_capsule(CapsuleStatus::Running)
             },
         )
         .await
         .unwrap();
-    assert!(!idle.deadline);
-    assert!(deadline.deadline);
+    assert!(!idle.deadline && idle.timeout_pause_memory);
+    assert!(deadline.deadline && !deadline.timeout_pause_memory);
     std::thread::sleep(std::time::Duration::from_millis(5));
     let touched = db.touch_capsule(&team.id, idle.id.as_str()).await.unwrap();
     db.touch_capsule(&team.id, deadline.id.as_str())

@@ -168,54 +168,85 @@ impl FsSnapshotStore {
         })
     }
 
+    /// Commits `next/` as the new current version. `changed` = `None`: a disk-only
+    /// version (no memory, no device state). `disk` = `None`: the current version's disk
+    /// chain is kept as it is.
     fn commit_blocking(
         &self,
         id: &CapsuleId,
         meta: &SnapshotMeta,
-        changed: &ChangedPages,
-        disk: &CowDisk,
+        changed: Option<&ChangedPages>,
+        disk: Option<&CowDisk>,
     ) -> Result<PauseReport, SnapshotError> {
         let root = self.root(id);
         let next = root.join("next");
         let current = self.current(id);
+        // A disk-only version holds no memory: the next full pause starts a new chain.
+        let current_memory = match &current {
+            Some(cur) => !Self::read_meta(cur)?.disk_only,
+            None => false,
+        };
+        if let Some(cur) = &current {
+            for e in std::fs::read_dir(cur)
+                .map_err(io_err("list", cur))?
+                .flatten()
+            {
+                let name = e.file_name();
+                let n = name.to_string_lossy();
+                let memory_file = n.starts_with("memory.");
+                if (memory_file && current_memory && changed.is_some())
+                    || n == DISK_BASE
+                    || (n.starts_with("disk-") && n.ends_with(".qcow2"))
+                {
+                    link(&e.path(), &next.join(&name))?;
+                }
+            }
+        }
+        let mut report = PauseReport::default();
+        if let Some(changed) = changed {
+            report = Self::add_memory(&next, meta, changed, current_memory, self.generation_cap)?;
+        }
+        match disk {
+            Some(disk) => Self::add_disk_layer(&next, disk, current.is_none())?,
+            None if current.is_none() => {
+                return Err(SnapshotError::NotFound { id: id.to_string() })
+            }
+            None => {}
+        }
+        Self::switch(&root, &next, current, meta)?;
+        Ok(report)
+    }
+
+    /// The memory part of a full pause: the device state written into `next/`, and the
+    /// changed pages as a new generation over the linked chain (a new chain when there
+    /// is none to continue).
+    fn add_memory(
+        next: &Path,
+        meta: &SnapshotMeta,
+        changed: &ChangedPages,
+        continue_chain: bool,
+        generation_cap: usize,
+    ) -> Result<PauseReport, SnapshotError> {
         let device_state = next.join(DEVICE_STATE);
         let device_state_bytes = std::fs::metadata(&device_state)
             .map_err(io_err("stat", &device_state))?
             .len();
-
-        // 1. Memory: the current version's state (by hardlinks), plus a generation.
-        let mem = match &current {
-            Some(cur) => {
-                for e in std::fs::read_dir(cur)
-                    .map_err(io_err("list", cur))?
-                    .flatten()
-                {
-                    let name = e.file_name();
-                    let n = name.to_string_lossy();
-                    if n.starts_with("memory.")
-                        || n == DISK_BASE
-                        || (n.starts_with("disk-") && n.ends_with(".qcow2"))
-                    {
-                        link(&e.path(), &next.join(&name))?;
-                    }
+        let mem = if continue_chain {
+            MemorySnapshot::load(next).map_err(corrupt)?
+        } else {
+            let base = match &meta.memory_base {
+                MemoryBase::Zero => BaseRef::Zero,
+                MemoryBase::File(p) => {
+                    link(p, &next.join(MEMORY_BASE))?;
+                    let (id, size) = base_id(&next.join(MEMORY_BASE))?;
+                    BaseRef::File { id, size }
                 }
-                MemorySnapshot::load(&next).map_err(corrupt)?
-            }
-            None => {
-                let base = match &meta.memory_base {
-                    MemoryBase::Zero => BaseRef::Zero,
-                    MemoryBase::File(p) => {
-                        link(p, &next.join(MEMORY_BASE))?;
-                        let (id, size) = base_id(&next.join(MEMORY_BASE))?;
-                        BaseRef::File { id, size }
-                    }
-                };
-                MemorySnapshot::create(&next, meta.mem_bytes, base).map_err(corrupt)?
-            }
+            };
+            MemorySnapshot::create(next, meta.mem_bytes, base).map_err(corrupt)?
         };
         // Pages written back at the last restore look changed to the VMM; keep only real changes.
         let source = mem
-            .page_source(Self::base_file(&next).as_deref())
+            .page_source(Self::base_file(next).as_deref())
             .map_err(corrupt)?;
         let mut buf = vec![0u8; PAGE_SIZE as usize];
         let mut kept: Vec<(u64, &[u8])> = Vec::with_capacity(changed.len());
@@ -236,16 +267,25 @@ impl FsSnapshotStore {
             .count() as u64
             * PAGE_SIZE;
         let mut mem = mem.add_generation(kept.iter().copied()).map_err(corrupt)?;
-        let merged = mem.generations() >= self.generation_cap;
+        let merged = mem.generations() >= generation_cap;
         if merged {
             mem = mem.merge().map_err(corrupt)?;
         }
+        Ok(PauseReport {
+            memory_bytes_written,
+            pages_reported: changed.len() as u64,
+            device_state_bytes,
+            generations: mem.generations(),
+            merged,
+        })
+    }
 
-        // 2. Disk: the VM's writable layer joins the chain, backed by its sibling.
-        if current.is_none() {
+    /// The VM's writable layer joins the disk chain of `next/`, backed by its sibling.
+    fn add_disk_layer(next: &Path, disk: &CowDisk, first: bool) -> Result<(), SnapshotError> {
+        if first {
             link(&disk.base, &next.join(DISK_BASE))?;
         }
-        let layers = Self::disk_layers(&next);
+        let layers = Self::disk_layers(next);
         let k = layers.last().map(|(k, _)| k + 1).unwrap_or(0);
         let layer = next.join(format!("disk-{k}.qcow2"));
         link(&disk.path, &layer)?;
@@ -290,11 +330,20 @@ impl FsSnapshotStore {
                 std::fs::remove_file(&p).map_err(io_err("remove", &p))?;
             }
         }
+        Ok(())
+    }
 
-        // 3. Meta, then the atomic switch.
+    /// Writes the meta into `next/`, renames it to the next version and points
+    /// `current` at it; the previous version goes.
+    fn switch(
+        root: &Path,
+        next: &Path,
+        current: Option<PathBuf>,
+        meta: &SnapshotMeta,
+    ) -> Result<(), SnapshotError> {
         let bytes = serde_json::to_vec_pretty(meta).map_err(backend)?;
         write_file_atomic(&next.join(META), &bytes)?;
-        sync_dir(&next)?;
+        sync_dir(next)?;
         let version = current
             .as_ref()
             .and_then(|c| {
@@ -308,24 +357,18 @@ impl FsSnapshotStore {
             .unwrap_or(1);
         let vdir = root.join(format!("v{version}"));
         let _ = std::fs::remove_dir_all(&vdir);
-        std::fs::rename(&next, &vdir).map_err(io_err("rename", &next))?;
+        std::fs::rename(next, &vdir).map_err(io_err("rename", next))?;
         let link_tmp = root.join("current.tmp");
         let _ = std::fs::remove_file(&link_tmp);
         std::os::unix::fs::symlink(format!("v{version}"), &link_tmp)
             .map_err(io_err("symlink", &link_tmp))?;
         std::fs::rename(&link_tmp, root.join("current")).map_err(io_err("rename", &link_tmp))?;
-        sync_dir(&root)?;
+        sync_dir(root)?;
         // The previous version is no longer referenced.
         if let Some(cur) = current {
             let _ = std::fs::remove_dir_all(cur);
         }
-        Ok(PauseReport {
-            memory_bytes_written,
-            pages_reported: changed.len() as u64,
-            device_state_bytes,
-            generations: mem.generations(),
-            merged,
-        })
+        Ok(())
     }
 
     fn open_blocking(&self, id: &CapsuleId) -> Result<Restorable, SnapshotError> {
@@ -333,6 +376,18 @@ impl FsSnapshotStore {
             .current(id)
             .ok_or_else(|| SnapshotError::NotFound { id: id.to_string() })?;
         let meta = Self::read_meta(&dir)?;
+        let disk_base = Self::disk_layers(&dir)
+            .last()
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| dir.join(DISK_BASE));
+        if meta.disk_only {
+            return Ok(Restorable {
+                meta,
+                device_state: dir.join(DEVICE_STATE),
+                overlay: std::sync::Arc::new(ChangedPages::default()),
+                disk_base,
+            });
+        }
         let mem = MemorySnapshot::load(&dir).map_err(corrupt)?;
         let base_file = Self::base_file(&dir);
         let mut meta = meta;
@@ -340,10 +395,6 @@ impl FsSnapshotStore {
             Some(p) => MemoryBase::File(p),
             None => MemoryBase::Zero,
         };
-        let disk_base = Self::disk_layers(&dir)
-            .last()
-            .map(|(_, p)| p.clone())
-            .unwrap_or_else(|| dir.join(DISK_BASE));
         let device_state = dir.join(DEVICE_STATE);
         if !device_state.is_file() {
             return Err(SnapshotError::Corrupt {
@@ -389,9 +440,26 @@ impl SnapshotStore for FsSnapshotStore {
             changed.clone(),
             disk.clone(),
         );
-        let result = blocking(move || me.commit_blocking(&id2, &meta, &changed, &disk)).await;
+        let result =
+            blocking(move || me.commit_blocking(&id2, &meta, Some(&changed), Some(&disk))).await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(self.root(id).join("next"));
+        }
+        result
+    }
+
+    async fn commit_disk_only(
+        &self,
+        id: &CapsuleId,
+        meta: &SnapshotMeta,
+        disk: Option<&CowDisk>,
+    ) -> Result<PauseReport, SnapshotError> {
+        let next = self.begin_pause(id).await?;
+        let (me, id2, mut meta, disk) = (self.clone(), id.clone(), meta.clone(), disk.cloned());
+        meta.disk_only = true;
+        let result = blocking(move || me.commit_blocking(&id2, &meta, None, disk.as_ref())).await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(next);
         }
         result
     }

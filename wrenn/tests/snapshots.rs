@@ -8,6 +8,7 @@ use common::*;
 use std::collections::HashMap;
 use std::time::Duration;
 use wrenn::guest::ExecRequest;
+use wrenn::snapshot::{PauseMode, ResumeMode};
 use wrenn::{CapsuleError, CapsuleStatus, CreateOptions};
 
 fn opts() -> CreateOptions {
@@ -275,6 +276,89 @@ async fn ten_pause_resume_cycles_across_the_generation_cap_keep_memory_identical
         );
     }
     assert!(merged, "10 cycles never merged generations");
+    caps.destroy(&id).await.expect("destroy");
+}
+
+/// The version `current` points at in the capsule's snapshot directory.
+fn current_version(host: &wrenn::Host, id: &wrenn::CapsuleId) -> std::path::PathBuf {
+    let root = host.data_dir().snapshots().join(id.as_str());
+    root.join(std::fs::read_link(root.join("current")).expect("current version"))
+}
+
+fn memory_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("version dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("memory.") || n == "device.state")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_only_pause_boots_afresh_and_a_later_full_pause_starts_a_new_memory_chain() {
+    let Some(host) = host().await else { return };
+    let caps = host.capsules();
+    let info = caps.create(opts()).await.expect("create");
+    let id = info.id.clone();
+    const BOOT_ID: &str = "cat /proc/sys/kernel/random/boot_id";
+    let (boot1, _, _) = run(&host, &id, BOOT_ID).await;
+    // Written just before the pause: the guest's sync must put it on the disk.
+    run(
+        &host,
+        &id,
+        "echo on-disk > /home/user/kept; echo in-ram > /dev/shm/gone",
+    )
+    .await;
+
+    let report = caps
+        .pause_with(&id, PauseMode::DiskOnly)
+        .await
+        .expect("disk-only pause");
+    assert_eq!(report.memory_bytes_written, 0);
+    let v = current_version(&host, &id);
+    assert!(
+        memory_files(&v).is_empty(),
+        "disk-only version holds {:?}",
+        memory_files(&v)
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(v.join("meta.json")).expect("meta")).expect("json");
+    assert_eq!(meta["disk_only"], true);
+
+    caps.resume(&id).await.expect("resume boots from the disk");
+    let (boot2, _, _) = run(&host, &id, BOOT_ID).await;
+    assert_ne!(boot1, boot2, "a disk-only resume is a fresh boot");
+    assert_eq!(run(&host, &id, "cat /home/user/kept").await.0, "on-disk\n");
+    assert_ne!(
+        run(&host, &id, "cat /dev/shm/gone").await.2,
+        0,
+        "tmpfs is gone"
+    );
+
+    // A full pause now: memory over a new chain (the fresh boot's), restored exactly.
+    let (sum, _, _) = run(
+        &host,
+        &id,
+        "head -c 4194304 /dev/urandom > /dev/shm/data; sha256sum /dev/shm/data",
+    )
+    .await;
+    caps.pause(&id).await.expect("full pause after the reboot");
+    assert!(!memory_files(&current_version(&host, &id)).is_empty());
+    caps.resume(&id).await.expect("restore");
+    assert_eq!(
+        run(&host, &id, BOOT_ID).await.0,
+        boot2,
+        "restored, not rebooted"
+    );
+    assert_eq!(run(&host, &id, "sha256sum /dev/shm/data").await.0, sum);
+
+    // Reboot on resume drops a full snapshot's memory and keeps the disk.
+    caps.pause(&id).await.expect("full pause");
+    caps.resume_with(&id, ResumeMode::Reboot)
+        .await
+        .expect("reboot resume");
+    assert_ne!(run(&host, &id, BOOT_ID).await.0, boot2);
+    assert_eq!(run(&host, &id, "cat /home/user/kept").await.0, "on-disk\n");
     caps.destroy(&id).await.expect("destroy");
 }
 

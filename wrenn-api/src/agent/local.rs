@@ -2,7 +2,7 @@
 
 use super::{
     CapsuleSpec, HostAgent, HostCapsule, HostError, HostErrorKind, HostTemplate, HostVersions,
-    MetricPoint,
+    MetricPoint, PauseMode, ResumeMode,
 };
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -211,16 +211,19 @@ impl HostAgent for LocalAgent {
         Ok(self.capsules().list().into_iter().map(capsule).collect())
     }
 
-    async fn pause(&self, id: &CapsuleId) -> Result<(), HostError> {
+    async fn pause(&self, id: &CapsuleId, mode: PauseMode) -> Result<(), HostError> {
         self.get(id).await?;
-        self.capsules().pause(id).await.map_err(host_error)?;
+        self.capsules()
+            .pause_with(id, mode)
+            .await
+            .map_err(host_error)?;
         Ok(())
     }
 
-    async fn resume(&self, id: &CapsuleId) -> Result<HostCapsule, HostError> {
+    async fn resume(&self, id: &CapsuleId, mode: ResumeMode) -> Result<HostCapsule, HostError> {
         self.get(id).await?;
         self.capsules()
-            .resume(id)
+            .resume_with(id, mode)
             .await
             .map(capsule)
             .map_err(host_error)

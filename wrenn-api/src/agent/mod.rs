@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use wrenn_core::guest::GuestAgent;
 use wrenn_core::id::CapsuleId;
+pub use wrenn_core::snapshot::{PauseMode, ResumeMode};
 use wrenn_core::status::CapsuleStatus;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,9 +127,13 @@ pub trait HostAgent: Send + Sync + Debug {
     /// Every capsule the host runs or holds paused.
     async fn list(&self) -> Result<Vec<HostCapsule>, HostError>;
 
-    async fn pause(&self, id: &CapsuleId) -> Result<(), HostError>;
+    /// Pauses a running capsule, keeping what `mode` says (memory and disk, or the
+    /// disk only).
+    async fn pause(&self, id: &CapsuleId, mode: PauseMode) -> Result<(), HostError>;
 
-    async fn resume(&self, id: &CapsuleId) -> Result<HostCapsule, HostError>;
+    /// Resumes a paused capsule: restores its memory, or boots afresh from its disk
+    /// (`ResumeMode::Reboot`, or when only the disk was kept).
+    async fn resume(&self, id: &CapsuleId, mode: ResumeMode) -> Result<HostCapsule, HostError>;
 
     async fn destroy(&self, id: &CapsuleId) -> Result<(), HostError>;
 

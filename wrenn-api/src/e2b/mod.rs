@@ -1,6 +1,7 @@
 //! The E2B-compatible API (`/sandboxes`, `/v2/sandboxes`, `/snapshots`, `/templates`) that
 //! the official `e2b` SDK calls. Errors are E2B's `{"code": <status>, "message": …}`.
 
+use crate::agent::{PauseMode, ResumeMode};
 use crate::auth::{authenticate, Principal};
 use crate::error::{ApiError, E2bError, E2bErrorBody};
 use crate::service::{self, CreateParams};
@@ -86,6 +87,8 @@ pub struct NewSandbox {
     pub timeout: Option<u64>,
     /// Pause instead of kill on timeout.
     pub auto_pause: Option<bool>,
+    /// false: the pause on timeout keeps the disk only (a resume boots afresh).
+    pub auto_pause_memory: Option<bool>,
     pub metadata: Option<HashMap<String, String>>,
     pub env_vars: Option<HashMap<String, String>>,
     pub secure: Option<bool>,
@@ -235,16 +238,13 @@ async fn detail(st: &AppState, headers: &HeaderMap, c: &wrenn_db::Capsule) -> R<
     })
 }
 
-/// `memory: false` (filesystem-only pause, or a resume that reboots from the disk) is
-/// not supported: refused rather than quietly taking a full memory snapshot.
-fn check_memory(memory: Option<bool>) -> Result<(), E2bError> {
+/// `memory: false` on a resume: boot afresh from the kept disk.
+fn resume_mode(memory: Option<bool>) -> ResumeMode {
     if memory == Some(false) {
-        return Err(E2bError(ApiError::invalid(
-            "memory: false (filesystem-only pause or reboot on resume) is not supported by this server; \
-             omit it to keep the sandbox's memory",
-        )));
+        ResumeMode::Reboot
+    } else {
+        ResumeMode::Restore
     }
-    Ok(())
 }
 
 fn check_timeout(t: u64) -> Result<u32, E2bError> {
@@ -340,6 +340,7 @@ pub async fn create(
             timeout_sec: timeout,
             pause_on_timeout: req.auto_pause.unwrap_or(false),
             deadline: true,
+            timeout_pause_memory: req.auto_pause_memory.unwrap_or(true),
             metadata,
             envs: req.env_vars.unwrap_or_default(),
         },
@@ -357,7 +358,8 @@ pub async fn create(
 pub struct ConnectSandbox {
     #[schema(minimum = 0, maximum = 86400)]
     pub timeout: Option<u64>,
-    /// false: boot from disk state instead of restoring memory (not supported: 400).
+    /// false: a paused sandbox boots afresh from its kept disk instead of restoring
+    /// its memory.
     pub memory: Option<bool>,
     pub auto_pause: Option<bool>,
 }
@@ -406,14 +408,15 @@ pub async fn connect(
     body: Result<Json<ConnectSandbox>, JsonRejection>,
 ) -> R<(StatusCode, Json<Sandbox>)> {
     let req = json_or_default(body)?;
-    check_memory(req.memory)?;
     let timeout = check_timeout(
         req.timeout
             .unwrap_or(u64::from(st.config.e2b_default_timeout)),
     )?;
     let mut c = settled(&st, &who, &id).await?;
     let status = if c.status == CapsuleStatus::Paused {
-        c = service::resume(&st, &who, &c).await.map_err(E2bError)?;
+        c = service::resume_with(&st, &who, &c, resume_mode(req.memory))
+            .await
+            .map_err(E2bError)?;
         StatusCode::CREATED
     } else if c.status == CapsuleStatus::Running {
         StatusCode::OK
@@ -451,7 +454,6 @@ pub async fn resume(
     body: Result<Json<ConnectSandbox>, JsonRejection>,
 ) -> R<(StatusCode, Json<Sandbox>)> {
     let req = json_or_default(body)?;
-    check_memory(req.memory)?;
     let timeout = check_timeout(
         req.timeout
             .unwrap_or(u64::from(st.config.e2b_default_timeout)),
@@ -463,7 +465,9 @@ pub async fn resume(
             format!("sandbox {id} is already running"),
         )));
     }
-    let c = service::resume(&st, &who, &c).await.map_err(E2bError)?;
+    let c = service::resume_with(&st, &who, &c, resume_mode(req.memory))
+        .await
+        .map_err(E2bError)?;
     let c = st
         .db
         .set_capsule_timeout(&c.team_id, c.id.as_str(), timeout)
@@ -544,7 +548,6 @@ pub async fn pause(
     body: Result<Json<PauseRequest>, JsonRejection>,
 ) -> R<StatusCode> {
     let req: PauseRequest = json_or_default(body)?;
-    check_memory(req.memory)?;
     let c = live(&st, &who, &id).await?;
     if c.status != CapsuleStatus::Running {
         return Err(E2bError(ApiError::conflict(
@@ -552,7 +555,13 @@ pub async fn pause(
             format!("sandbox {id} is already paused"),
         )));
     }
-    service::pause(&st, &who.actor, who.actor_name.clone(), &c)
+    // memory: false keeps the disk only: the next connect boots afresh from it.
+    let mode = if req.memory == Some(false) {
+        PauseMode::DiskOnly
+    } else {
+        PauseMode::Full
+    };
+    service::pause_with(&st, &who.actor, who.actor_name.clone(), &c, mode)
         .await
         .map_err(E2bError)?;
     Ok(StatusCode::NO_CONTENT)
@@ -882,7 +891,13 @@ pub async fn create_snapshot(
     body: Result<Json<SnapshotRequest>, JsonRejection>,
 ) -> R<(StatusCode, Json<SnapshotInfo>)> {
     let req: SnapshotRequest = json_or_default(body)?;
-    check_memory(req.memory)?;
+    if req.memory == Some(false) {
+        // Refused rather than quietly taking a full memory snapshot.
+        return Err(E2bError(ApiError::invalid(
+            "memory: false (a filesystem-only snapshot template) is not supported by this \
+             server; omit it to snapshot the sandbox with its memory",
+        )));
+    }
     let c = live(&st, &who, &id).await?;
     let name = req
         .name

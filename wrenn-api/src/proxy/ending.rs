@@ -21,10 +21,14 @@ use tokio::sync::watch;
 /// Why a capsule's traffic ended.
 pub type Reason = &'static str;
 
-/// One signal per capsule with traffic in flight.
+/// One signal per capsule with traffic in flight, and each capsule's epoch: the number
+/// of times its traffic was ended. The proxy's pooled connections are keyed by it, so a
+/// connection to a guest from before a pause is never reused after the resume (a guest
+/// booted afresh from its disk would reset it).
 #[derive(Debug, Default)]
 pub struct LiveStreams {
     signals: Mutex<HashMap<String, watch::Sender<Option<Reason>>>>,
+    epochs: Mutex<HashMap<String, u64>>,
 }
 
 impl LiveStreams {
@@ -42,8 +46,25 @@ impl LiveStreams {
         Ended { rx }
     }
 
-    /// Ends every request and stream in flight to `capsule` (`why`: "killed", "paused").
+    /// `capsule`'s epoch (0 until its traffic is first ended).
+    pub fn epoch(&self, capsule: &str) -> u64 {
+        self.epochs
+            .lock()
+            .ok()
+            .and_then(|m| m.get(capsule).copied())
+            .unwrap_or(0)
+    }
+
+    /// Ends every request and stream in flight to `capsule` (`why`: "killed", "paused")
+    /// and starts its next epoch ("killed" is its last: it is forgotten).
     pub fn end(&self, capsule: &str, why: Reason) {
+        if let Ok(mut m) = self.epochs.lock() {
+            if why == "killed" {
+                m.remove(capsule);
+            } else {
+                *m.entry(capsule.to_string()).or_insert(0) += 1;
+            }
+        }
         let sender = self.signals.lock().ok().and_then(|mut m| m.remove(capsule));
         if let Some(tx) = sender {
             tracing::debug!(
@@ -289,10 +310,12 @@ mod tests {
                 .await
                 .is_err()
         );
-        // A new request after the end watches a fresh signal.
+        // A new request after the end watches a fresh signal, in the next epoch.
+        assert_eq!((streams.epoch("cl-a"), streams.epoch("cl-b")), (1, 0));
         let mut again = streams.watch("cl-a");
         streams.end("cl-a", "killed");
         assert_eq!(again.wait().await, "killed");
+        assert_eq!(streams.epoch("cl-a"), 0);
     }
 
     fn tokio_stream_from(

@@ -116,6 +116,7 @@ pub async fn create(
             pause_on_timeout: true,
             metadata,
             deadline: false,
+            timeout_pause_memory: true,
             envs: HashMap::new(),
         },
     )

@@ -24,11 +24,11 @@ elapsed() {
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 pkg_version() { pkg_installed "$1" && dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
 
-# The apt log of this script run (everything apt prints goes there, not to the screen).
-apt_log() {
-  : "${WRENN_APT_LOG:=$(mktemp /tmp/wrenn-apt.XXXXXX.log)}"
-  echo "$WRENN_APT_LOG"
-}
+# The apt log of this script run and the scripts it starts (everything apt prints goes
+# there, not to the screen); created when apt first writes to it.
+: "${WRENN_APT_LOG:=/tmp/wrenn-apt.$$.log}"
+export WRENN_APT_LOG
+apt_log() { echo "$WRENN_APT_LOG"; }
 
 _apt_updated=0
 apt_update_once() {

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from e2b import (
     AsyncSandbox,
+    AsyncTemplate,
     Sandbox,
     SandboxNotFoundException,
     SandboxNotRunningException,
@@ -402,3 +403,33 @@ def test_filesystem_snapshot_templates_are_refused_not_ignored(e2b_env, server):
         assert s.commands.run("echo still").stdout == "still\n"
     finally:
         s.kill()
+
+
+# --- the same through the asyncio SDK -------------------------------------------------------------
+
+
+async def test_async_filters_errors_keys_template_and_filesystem_pause(e2b_env, server):
+    tag = uuid.uuid4().hex[:10]
+    e2b_key = "e2b_" + server.admin_key.removeprefix("wrn_")
+    # Default template, created with the E2B spelling of the key.
+    s = await AsyncSandbox.create(timeout=300, metadata={"async-incl": tag}, api_key=e2b_key)
+    try:
+        info = await s.get_info()
+        assert info.template_id == "base"
+        for cmd in ("git --version", "curl --version", "python3 -m pip --version"):
+            assert (await s.commands.run(cmd)).exit_code == 0, cmd
+        # startedAfter is inclusive.
+        q = SandboxQuery(metadata={"async-incl": tag}, started_after=info.started_at)
+        assert [i.sandbox_id for i in await AsyncSandbox.list(query=q).next_items()] == [s.sandbox_id]
+        # An unknown E2B route: the SDK's own typed error.
+        with pytest.raises(TemplateException):
+            await AsyncTemplate.get_tags("no-such-template")
+        # Filesystem-only pause, then connect: a fresh boot with the old files.
+        boot = (await s.commands.run(BOOT_ID)).stdout.strip()
+        await s.files.write("/home/user/async-kept.txt", "kept")
+        assert await s.pause(mode="filesystem") is True
+        back = await AsyncSandbox.connect(s.sandbox_id, timeout=120)
+        assert (await back.commands.run(BOOT_ID)).stdout.strip() != boot
+        assert await back.files.read("/home/user/async-kept.txt") == "kept"
+    finally:
+        await s.kill()

@@ -290,7 +290,10 @@ async fn a_killed_vmm_marks_the_capsule_failed_and_releases_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_a_typed_error_and_creates_nothing() {
-    let Some(host) = host().await else { return };
+    // Its own data directory: the other tests of this binary create capsules meanwhile.
+    let Some((host, _dir)) = isolated_host().await else {
+        return;
+    };
     let caps = host.capsules();
     let count = || {
         std::fs::read_dir(host.data_dir().capsules())

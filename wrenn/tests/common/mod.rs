@@ -30,6 +30,37 @@ pub async fn host() -> Option<Host> {
     Some(host)
 }
 
+/// [`host`] over a data directory of its own (the built kernel and `minimal` template
+/// linked in), for tests that count what appears in the data directory while other
+/// tests create capsules in the shared one. Keep the directory for the host's lifetime.
+pub async fn isolated_host() -> Option<(Host, tempfile::TempDir)> {
+    host().await?;
+    let images = wrenn::DataDir::from_env();
+    std::fs::create_dir_all("/var/lib/wrenn-test").expect("test root");
+    let dir = tempfile::tempdir_in("/var/lib/wrenn-test").expect("temp data dir");
+    let root = dir.path();
+    std::os::unix::fs::symlink(images.root().join("images"), root.join("images"))
+        .expect("link images");
+    std::fs::create_dir_all(root.join("templates")).expect("templates dir");
+    std::os::unix::fs::symlink(
+        images.template_dir("minimal"),
+        root.join("templates/minimal"),
+    )
+    .expect("link template");
+    // Same boot, same host: reuse the acceleration probe of the default data dir.
+    if let Ok(probe) = std::fs::read("/run/wrenn/accel-probe.json") {
+        let _ = std::fs::create_dir_all(root.join("run"));
+        let _ = std::fs::write(root.join("run/accel-probe.json"), probe);
+    }
+    let host = Host::local(HostOptions {
+        data_dir: wrenn::DataDir::new(root),
+        ..Default::default()
+    })
+    .await
+    .expect("local host over its own data directory");
+    Some((host, dir))
+}
+
 pub fn sh(script: &str) -> ExecRequest {
     ExecRequest {
         cmd: "/bin/sh".into(),

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from e2b import Sandbox, SandboxNotFoundException, SandboxState
+from e2b import Sandbox, SandboxState
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UNKNOWN_ID = "cl-" + "0" * 25
@@ -272,8 +272,15 @@ def test_paused_then_resumed_then_killed(server):
 
 
 def test_proxied_traffic_keeps_capsule_alive(server):
-    """Traffic through the proxy is activity: it moves the idle deadline."""
-    s = Sandbox.create("python", timeout=4, **api(server))
+    """For a capsule of the Wrenn API (an inactivity timeout), traffic through the proxy
+    is activity: it moves the idle deadline. (An E2B sandbox's timeout is an end time
+    that traffic does not move: test_e2b_semantics.)"""
+    with server.admin() as c:
+        r = c.post("/v1/capsules", json={"template": "python", "timeout_sec": 4})
+        assert r.status_code == 201, r.text
+        capsule_id = r.json()["id"]
+    # The e2b SDK drives it too (connect keeps its inactivity timeout kind).
+    s = Sandbox.connect(capsule_id, timeout=4, **api(server))
     try:
         start_servers(s, server)
         h = host(PUBLIC, s.sandbox_id)
@@ -282,16 +289,12 @@ def test_proxied_traffic_keeps_capsule_alive(server):
             assert httpx.get(f"{server.url}/ping", headers={"Host": h}).status_code == 200
             time.sleep(1)
         assert Sandbox.get_info(s.sandbox_id, **api(server)).state == SandboxState.RUNNING
-        # Left alone (get_info is no activity), it times out.
-        def gone():
-            try:
-                Sandbox.get_info(s.sandbox_id, **api(server))
-                return False
-            except SandboxNotFoundException:
-                return True
+        # Left alone (get_info is no activity), it times out: a Wrenn capsule is paused.
+        def paused():
+            return Sandbox.get_info(s.sandbox_id, **api(server)).state == SandboxState.PAUSED
 
-        wait_until(gone, 20, "the idle capsule to go")
-        assert httpx.get(f"{server.url}/", headers={"Host": h}).status_code == 404
+        wait_until(paused, 20, "the idle capsule to be paused")
+        assert httpx.get(f"{server.url}/", headers={"Host": h}).status_code == 409
     finally:
         s.kill()
 

@@ -101,11 +101,7 @@ pub async fn reap_once(st: &AppState) {
     for c in idle {
         let result = if c.pause_on_timeout {
             tracing::info!(capsule = %c.id, memory = c.timeout_pause_memory, "timeout: pausing");
-            let mode = if c.timeout_pause_memory {
-                PauseMode::Full
-            } else {
-                PauseMode::DiskOnly
-            };
+            let mode = PauseMode::keeping_memory(c.timeout_pause_memory);
             service::pause_with(st, &Actor::System, None, &c, mode)
                 .await
                 .map(|_| ())

@@ -194,21 +194,26 @@ pub async fn docs() -> Html<String> {
 /// Unknown routes: E2B's `{code, message}` under the E2B API's paths (so its SDK raises
 /// its own typed errors), the Wrenn body everywhere else.
 pub async fn not_found(method: Method, uri: Uri) -> Response {
-    let e = ApiError::not_found(&format!("route {method} {}", uri.path()));
-    if crate::e2b::is_e2b_path(uri.path()) {
-        crate::error::E2bError(e).into_response()
-    } else {
-        e.into_response()
-    }
+    shaped_for(
+        &uri,
+        ApiError::not_found(&format!("route {method} {}", uri.path())),
+    )
 }
 
 /// A known route called with a method it does not have (axum's default is an empty 405).
 pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    let e = ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        format!("method {method} is not allowed on {}", uri.path()),
-    );
+    shaped_for(
+        &uri,
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("method {method} is not allowed on {}", uri.path()),
+        ),
+    )
+}
+
+/// `e` in the body shape of the API that `uri` belongs to.
+fn shaped_for(uri: &Uri, e: ApiError) -> Response {
     if crate::e2b::is_e2b_path(uri.path()) {
         crate::error::E2bError(e).into_response()
     } else {

@@ -23,7 +23,7 @@ use wrenn_core::id::CapsuleId;
 use wrenn_core::status::CapsuleStatus;
 
 mod ending;
-pub use ending::LiveStreams;
+pub use ending::{LiveStreams, Reason as EndReason};
 
 /// Where a proxied request goes.
 #[derive(Debug, PartialEq, Eq)]

@@ -331,7 +331,9 @@ pub async fn pause_with(
         )));
     }
     set_status(state, c, CapsuleStatus::Pausing).await?;
-    state.streams.end(c.id.as_str(), "paused");
+    state
+        .streams
+        .end(c.id.as_str(), crate::proxy::EndReason::Paused);
     let result = state.agent.pause(&c.id, mode).await;
     let ok = result.is_ok();
     let row = match result {
@@ -443,7 +445,9 @@ pub async fn destroy(
     actor_name: Option<String>,
     c: &Capsule,
 ) -> ApiResult<()> {
-    state.streams.end(c.id.as_str(), "killed");
+    state
+        .streams
+        .end(c.id.as_str(), crate::proxy::EndReason::Killed);
     let result = match state.agent.destroy(&c.id).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind == HostErrorKind::NotFound => Ok(()),

@@ -807,38 +807,7 @@ impl Capsules {
         stdin: Option<Bytes>,
     ) -> Result<ExecOutput, CapsuleError> {
         let (_, agent) = self.running(id, "exec")?;
-        let mut req = req.clone();
-        req.stdin = stdin.is_some();
-        let mut stream = agent.exec(&req).await?;
-        if let Some(data) = stdin {
-            if !data.is_empty() {
-                agent.send_stdin(stream.pid, data).await?;
-            }
-            agent.close_stdin(stream.pid).await?;
-        }
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        while let Some(ev) = stream.events.recv().await {
-            match ev? {
-                ExecEvent::Started { .. } => {}
-                ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
-                ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
-                ExecEvent::Exited(exit) => {
-                    // The stream may still end with an error (e.g. the command's deadline ran out).
-                    while let Some(trailer) = stream.events.recv().await {
-                        trailer?;
-                    }
-                    return Ok(ExecOutput {
-                        pid: stream.pid,
-                        stdout,
-                        stderr,
-                        exit,
-                    });
-                }
-            }
-        }
-        Err(CapsuleError::Agent(crate::guest::AgentError::Protocol(
-            "command ended without an exit event".into(),
-        )))
+        run_to_exit(agent.as_ref(), req, stdin).await
     }
 
     /// Takes over a paused capsule found on disk whose owner process is gone.
@@ -1172,6 +1141,47 @@ async fn freeze(vmm: &dyn VmmHandle, device_state: &Path) -> Result<ChangedPages
     }
 }
 
+/// Runs a command through `agent` to completion, optionally feeding `stdin` first, and
+/// collects its output.
+async fn run_to_exit(
+    agent: &dyn GuestAgent,
+    req: &ExecRequest,
+    stdin: Option<Bytes>,
+) -> Result<ExecOutput, CapsuleError> {
+    let mut req = req.clone();
+    req.stdin = stdin.is_some();
+    let mut stream = agent.exec(&req).await?;
+    if let Some(data) = stdin {
+        if !data.is_empty() {
+            agent.send_stdin(stream.pid, data).await?;
+        }
+        agent.close_stdin(stream.pid).await?;
+    }
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    while let Some(ev) = stream.events.recv().await {
+        match ev? {
+            ExecEvent::Started { .. } => {}
+            ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
+            ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
+            ExecEvent::Exited(exit) => {
+                // The stream may still end with an error (e.g. the command's deadline ran out).
+                while let Some(trailer) = stream.events.recv().await {
+                    trailer?;
+                }
+                return Ok(ExecOutput {
+                    pid: stream.pid,
+                    stdout,
+                    stderr,
+                    exit,
+                });
+            }
+        }
+    }
+    Err(CapsuleError::Agent(crate::guest::AgentError::Protocol(
+        "command ended without an exit event".into(),
+    )))
+}
+
 /// Flushes the guest's filesystems to its disk (before a pause), within `limit`.
 async fn guest_sync(entry: &Entry, limit: Duration) -> Result<(), CapsuleError> {
     match tokio::time::timeout(limit, guest_sync_inner(entry, limit)).await {
@@ -1190,20 +1200,13 @@ async fn guest_sync_inner(entry: &Entry, limit: Duration) -> Result<(), CapsuleE
         timeout: Some(limit),
         ..Default::default()
     };
-    let mut stream = agent.exec(&req).await?;
-    while let Some(ev) = stream.events.recv().await {
-        if let ExecEvent::Exited(exit) = ev? {
-            if exit.code != 0 {
-                return Err(CapsuleError::Agent(crate::guest::AgentError::Protocol(
-                    format!("sync in the guest failed: {exit:?}"),
-                )));
-            }
-            return Ok(());
-        }
+    let out = run_to_exit(agent.as_ref(), &req, None).await?;
+    if out.exit.code != 0 {
+        return Err(CapsuleError::Agent(crate::guest::AgentError::Protocol(
+            format!("sync in the guest failed: {:?}", out.exit),
+        )));
     }
-    Err(CapsuleError::Agent(crate::guest::AgentError::Protocol(
-        "sync in the guest ended without an exit event".into(),
-    )))
+    Ok(())
 }
 
 async fn pause(

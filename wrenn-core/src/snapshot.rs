@@ -50,6 +50,17 @@ pub enum PauseMode {
     DiskOnly,
 }
 
+impl PauseMode {
+    /// `Full` when the memory is kept, else `DiskOnly` (E2B's `memory` flag).
+    pub fn keeping_memory(memory: bool) -> Self {
+        if memory {
+            PauseMode::Full
+        } else {
+            PauseMode::DiskOnly
+        }
+    }
+}
+
 /// How a paused capsule comes back.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -59,6 +70,17 @@ pub enum ResumeMode {
     Restore,
     /// Boot afresh from the saved disk; the saved memory is dropped.
     Reboot,
+}
+
+impl ResumeMode {
+    /// `Restore` when the memory is wanted, else `Reboot` (E2B's `memory` flag).
+    pub fn keeping_memory(memory: bool) -> Self {
+        if memory {
+            ResumeMode::Restore
+        } else {
+            ResumeMode::Reboot
+        }
+    }
 }
 
 /// A saved VM state ready to be restored.

@@ -238,15 +238,6 @@ async fn detail(st: &AppState, headers: &HeaderMap, c: &wrenn_db::Capsule) -> R<
     })
 }
 
-/// `memory: false` on a resume: boot afresh from the kept disk.
-fn resume_mode(memory: Option<bool>) -> ResumeMode {
-    if memory == Some(false) {
-        ResumeMode::Reboot
-    } else {
-        ResumeMode::Restore
-    }
-}
-
 fn check_timeout(t: u64) -> Result<u32, E2bError> {
     if t > MAX_TIMEOUT {
         return Err(E2bError(ApiError::invalid(format!(
@@ -414,9 +405,14 @@ pub async fn connect(
     )?;
     let mut c = settled(&st, &who, &id).await?;
     let status = if c.status == CapsuleStatus::Paused {
-        c = service::resume_with(&st, &who, &c, resume_mode(req.memory))
-            .await
-            .map_err(E2bError)?;
+        c = service::resume_with(
+            &st,
+            &who,
+            &c,
+            ResumeMode::keeping_memory(req.memory != Some(false)),
+        )
+        .await
+        .map_err(E2bError)?;
         StatusCode::CREATED
     } else if c.status == CapsuleStatus::Running {
         StatusCode::OK
@@ -465,9 +461,14 @@ pub async fn resume(
             format!("sandbox {id} is already running"),
         )));
     }
-    let c = service::resume_with(&st, &who, &c, resume_mode(req.memory))
-        .await
-        .map_err(E2bError)?;
+    let c = service::resume_with(
+        &st,
+        &who,
+        &c,
+        ResumeMode::keeping_memory(req.memory != Some(false)),
+    )
+    .await
+    .map_err(E2bError)?;
     let c = st
         .db
         .set_capsule_timeout(&c.team_id, c.id.as_str(), timeout)
@@ -556,11 +557,7 @@ pub async fn pause(
         )));
     }
     // memory: false keeps the disk only: the next connect boots afresh from it.
-    let mode = if req.memory == Some(false) {
-        PauseMode::DiskOnly
-    } else {
-        PauseMode::Full
-    };
+    let mode = PauseMode::keeping_memory(req.memory != Some(false));
     service::pause_with(&st, &who.actor, who.actor_name.clone(), &c, mode)
         .await
         .map_err(E2bError)?;

@@ -19,7 +19,22 @@ use std::task::{Context, Poll};
 use tokio::sync::watch;
 
 /// Why a capsule's traffic ended.
-pub type Reason = &'static str;
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Destroyed: its last end, the capsule is forgotten.
+    Killed,
+    /// Paused: it may come back, in the next epoch.
+    Paused,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reason::Killed => "killed",
+            Reason::Paused => "paused",
+        })
+    }
+}
 
 /// One signal per capsule with traffic in flight, and each capsule's epoch: the number
 /// of times its traffic was ended. The proxy's pooled connections are keyed by it, so a
@@ -55,11 +70,11 @@ impl LiveStreams {
             .unwrap_or(0)
     }
 
-    /// Ends every request and stream in flight to `capsule` (`why`: "killed", "paused")
-    /// and starts its next epoch ("killed" is its last: it is forgotten).
+    /// Ends every request and stream in flight to `capsule` and starts its next epoch
+    /// (a kill is its last: it is forgotten).
     pub fn end(&self, capsule: &str, why: Reason) {
         if let Ok(mut m) = self.epochs.lock() {
-            if why == "killed" {
+            if why == Reason::Killed {
                 m.remove(capsule);
             } else {
                 *m.entry(capsule.to_string()).or_insert(0) += 1;
@@ -69,7 +84,7 @@ impl LiveStreams {
         if let Some(tx) = sender {
             tracing::debug!(
                 capsule,
-                why,
+                %why,
                 receivers = tx.receiver_count(),
                 "ending proxied traffic"
             );
@@ -277,7 +292,7 @@ mod tests {
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&first[5..], b"{\"x\":1}");
         assert_eq!(streams.len(), 1);
-        streams.end("cl-a", "killed");
+        streams.end("cl-a", Reason::Killed);
         assert!(streams.is_empty());
         let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(last[0], 0x02);
@@ -303,7 +318,7 @@ mod tests {
             false,
         );
         let mut other = streams.watch("cl-b");
-        streams.end("cl-a", "paused");
+        streams.end("cl-a", Reason::Paused);
         assert!(cut.frame().await.unwrap().is_err());
         assert!(
             tokio::time::timeout(std::time::Duration::from_millis(50), other.wait())
@@ -313,8 +328,8 @@ mod tests {
         // A new request after the end watches a fresh signal, in the next epoch.
         assert_eq!((streams.epoch("cl-a"), streams.epoch("cl-b")), (1, 0));
         let mut again = streams.watch("cl-a");
-        streams.end("cl-a", "killed");
-        assert_eq!(again.wait().await, "killed");
+        streams.end("cl-a", Reason::Killed);
+        assert_eq!(again.wait().await, Reason::Killed);
         assert_eq!(streams.epoch("cl-a"), 0);
     }
 

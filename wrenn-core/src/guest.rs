@@ -136,6 +136,8 @@ pub enum AgentError {
     InvalidArgument(String),
     #[error("Guest agent refused the credentials: {0}")]
     Unauthenticated(String),
+    #[error("Permission denied in the guest: {0}")]
+    PermissionDenied(String),
     #[error("Timed out: {0}")]
     Timeout(String),
     #[error("Guest agent error {code}: {message}")]

@@ -34,6 +34,9 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// Deadline of unary calls (streams have none).
 const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest whole response body read from a guest (unary answers, errors); file contents
+/// and process output are streamed, not read whole.
+pub const MAX_RESPONSE_BODY: usize = 64 * 1024 * 1024;
 
 fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into())
@@ -84,7 +87,8 @@ fn connect_error(e: ConnectError) -> AgentError {
         | Code::FailedPrecondition
         | Code::AlreadyExists
         | Code::OutOfRange => AgentError::InvalidArgument(e.message),
-        Code::Unauthenticated | Code::PermissionDenied => AgentError::Unauthenticated(e.message),
+        Code::Unauthenticated => AgentError::Unauthenticated(e.message),
+        Code::PermissionDenied => AgentError::PermissionDenied(e.message),
         Code::DeadlineExceeded => AgentError::Timeout(e.message),
         Code::Unavailable => AgentError::Unreachable(e.message),
         _ => AgentError::Remote {
@@ -171,12 +175,22 @@ impl EnvdClient {
             .map_err(|e| AgentError::Unreachable(format!("{}: {e}", self.base)))
     }
 
+    /// Reads a whole (unary, error) response body, refusing more than
+    /// [`MAX_RESPONSE_BODY`]: the guest is not trusted to keep its answers small.
     async fn read_body(resp: Response<Incoming>) -> Result<Bytes, AgentError> {
-        resp.into_body()
+        http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BODY)
             .collect()
             .await
             .map(|c| c.to_bytes())
-            .map_err(|e| AgentError::Protocol(format!("reading response: {e}")))
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    AgentError::Protocol(format!(
+                        "the guest's response exceeds {MAX_RESPONSE_BODY} bytes"
+                    ))
+                } else {
+                    AgentError::Protocol(format!("reading response: {e}"))
+                }
+            })
     }
 
     async fn unary<Req: Serialize, Resp: DeserializeOwned>(
@@ -590,5 +604,51 @@ impl GuestAgent for EnvdClient {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A guest answering a unary call with an endless body: the client gives up at
+    /// [`MAX_RESPONSE_BODY`] with an error instead of buffering it all.
+    #[tokio::test]
+    async fn endless_unary_answer_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = sent.clone();
+        tokio::spawn(async move {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut head = vec![0u8; 4096];
+            let _ = sock.read(&mut head).await;
+            let _ = sock
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                      transfer-encoding: chunked\r\n\r\n",
+                )
+                .await;
+            let chunk = vec![b' '; 1 << 20];
+            let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+            framed.extend_from_slice(&chunk);
+            framed.extend_from_slice(b"\r\n");
+            while sock.write_all(&framed).await.is_ok() {
+                counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let client = EnvdClient::new(addr, None);
+        let err = client.list_processes().await.expect_err("refused");
+        assert!(err.to_string().contains("exceeds"), "{err}");
+        let total = sent.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            total < MAX_RESPONSE_BODY + (16 << 20),
+            "read {total} bytes of an endless body"
+        );
     }
 }

@@ -3,7 +3,8 @@
 //! Bodies are never held whole in memory.
 
 use super::auth::{check_file_access, http_error, FileQuery, HttpError};
-use super::filesystem::{create_dir_all_owned, read_metadata, XATTR_PREFIX};
+use super::filesystem::{create_dirs, read_file_metadata, XATTR_PREFIX};
+use super::identity::{as_user, IdentityError};
 use super::users::User;
 use super::AppState;
 use crate::proto::UploadedEntry;
@@ -50,6 +51,16 @@ fn io_error(e: &std::io::Error, path: &Path) -> HttpError {
             format!("not enough disk space for '{p}'"),
         ),
         _ => http_error(StatusCode::INTERNAL_SERVER_ERROR, format!("'{p}': {e}")),
+    }
+}
+
+impl From<IdentityError> for HttpError {
+    fn from(e: IdentityError) -> Self {
+        let status = match e {
+            IdentityError::Switch { .. } => StatusCode::FORBIDDEN,
+            IdentityError::Worker(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        http_error(status, e.to_string())
     }
 }
 
@@ -137,18 +148,14 @@ pub async fn download(
         ));
     };
     let path = st.resolve_path(raw, &user);
-    let meta = tokio::fs::metadata(&path)
-        .await
-        .map_err(|e| io_error(&e, &path))?;
-    if meta.is_dir() {
-        return Err(http_error(
-            StatusCode::BAD_REQUEST,
-            format!("path '{}' is a directory", path.display()),
-        ));
-    }
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| io_error(&e, &path))?;
+    // Opened as the user: the open is the permission check; the stream then
+    // reads through the checked descriptor.
+    let (file, len) = as_user(&user, {
+        let path = path.clone();
+        move || open_for_download(&path).map_err(|e| io_error(&e, &path))
+    })
+    .await?;
+    let mut file = tokio::fs::File::from_std(file);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -159,7 +166,6 @@ pub async fn download(
             .get(header::ACCEPT_ENCODING)
             .and_then(|v| v.to_str().ok()),
     );
-    let len = meta.len();
     let mut resp = Response::builder()
         .header(header::CONTENT_TYPE, mime.as_ref())
         .header(
@@ -227,6 +233,20 @@ pub async fn download(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
 }
 
+/// Opens a file to download and returns it with its size. Runs as the user.
+fn open_for_download(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
+    let is_dir = || std::io::Error::from(std::io::ErrorKind::IsADirectory);
+    if std::fs::metadata(path)?.is_dir() {
+        return Err(is_dir());
+    }
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(is_dir());
+    }
+    Ok((file, meta.len()))
+}
+
 /// `X-Metadata-<key>` headers → xattr pairs, validated.
 fn parse_metadata(headers: &HeaderMap) -> Result<Vec<(String, String)>, HttpError> {
     let mut out = Vec::new();
@@ -263,49 +283,51 @@ fn parse_metadata(headers: &HeaderMap) -> Result<Vec<(String, String)>, HttpErro
     Ok(out)
 }
 
-/// Replaces a file's user metadata with `meta`.
-fn set_metadata(path: &Path, meta: &[(String, String)]) -> std::io::Result<()> {
-    if let Ok(names) = xattr::list(path) {
+/// Replaces an open file's user metadata with `meta`. Runs as the user.
+fn set_metadata(file: &std::fs::File, meta: &[(String, String)]) -> std::io::Result<()> {
+    use xattr::FileExt;
+    if let Ok(names) = file.list_xattr() {
         for n in names {
             if n.to_str().is_some_and(|s| s.starts_with(XATTR_PREFIX)) {
-                xattr::remove(path, &n)?;
+                file.remove_xattr(&n)?;
             }
         }
     }
     for (k, v) in meta {
-        xattr::set(path, format!("{XATTR_PREFIX}{k}"), v.as_bytes())?;
+        file.set_xattr(format!("{XATTR_PREFIX}{k}"), v.as_bytes())?;
     }
     Ok(())
 }
 
-/// Streams `body` into `path` (parents created, truncated, owned by `user`).
+/// Opens `path` for an upload, creating missing parents and truncating an
+/// existing file. Runs as the user: parents and the file are created owned by
+/// the user, and a path (or symlink) leading where the user may not write fails.
+fn open_for_upload(path: &Path) -> Result<std::fs::File, HttpError> {
+    if let Some(parent) = path.parent() {
+        create_dirs(parent).map_err(|e| io_error(&e, parent))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| io_error(&e, path))
+}
+
+/// Streams `body` into `path` as `user` (see [`open_for_upload`]); returns the
+/// written file.
 async fn write_file(
     path: &Path,
     user: &User,
     mut body: impl Stream<Item = std::io::Result<Bytes>> + Unpin,
-) -> Result<(), HttpError> {
-    if let Some(parent) = path.parent() {
-        let (p, u) = (parent.to_path_buf(), user.clone());
-        let res = tokio::task::spawn_blocking(move || create_dir_all_owned(&p, &u))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        res.map_err(|e| io_error(&e, parent))?;
-    }
-    if tokio::fs::metadata(path)
-        .await
-        .map(|m| m.is_dir())
-        .unwrap_or(false)
-    {
-        return Err(http_error(
-            StatusCode::BAD_REQUEST,
-            format!("path '{}' is a directory", path.display()),
-        ));
-    }
-    let file = tokio::fs::File::create(path)
-        .await
-        .map_err(|e| io_error(&e, path))?;
+) -> Result<std::fs::File, HttpError> {
+    let file = as_user(user, {
+        let path = path.to_path_buf();
+        move || open_for_upload(&path)
+    })
+    .await?;
     // Body chunks are small; batching them saves a blocking-pool round trip per chunk.
-    let mut file = tokio::io::BufWriter::with_capacity(4 * CHUNK, file);
+    let mut file = tokio::io::BufWriter::with_capacity(4 * CHUNK, tokio::fs::File::from_std(file));
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| {
             if e.kind() == std::io::ErrorKind::InvalidData {
@@ -325,14 +347,24 @@ async fn write_file(
             .map_err(|e| io_error(&e, path))?;
     }
     file.flush().await.map_err(|e| io_error(&e, path))?;
-    drop(file);
-    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
-        .map_err(|e| io_error(&e, path))?;
-    Ok(())
+    Ok(file.into_inner().into_std().await)
 }
 
-fn finish_entry(path: &Path, meta: &[(String, String)]) -> Result<UploadedEntry, HttpError> {
-    set_metadata(path, meta).map_err(|e| io_error(&e, path))?;
+/// Sets the uploaded file's metadata (as `user`) and describes it.
+async fn finish_entry(
+    path: &Path,
+    user: &User,
+    file: std::fs::File,
+    meta: &[(String, String)],
+) -> Result<UploadedEntry, HttpError> {
+    let metadata = as_user(user, {
+        let (path, meta) = (path.to_path_buf(), meta.to_vec());
+        move || {
+            set_metadata(&file, &meta).map_err(|e| io_error(&e, &path))?;
+            Ok::<_, HttpError>(read_file_metadata(&file))
+        }
+    })
+    .await?;
     Ok(UploadedEntry {
         path: path.display().to_string(),
         name: path
@@ -340,7 +372,7 @@ fn finish_entry(path: &Path, meta: &[(String, String)]) -> Result<UploadedEntry,
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         kind: "file".into(),
-        metadata: read_metadata(path),
+        metadata,
     })
 }
 
@@ -434,8 +466,8 @@ async fn upload_inner(
                 )
             })?;
             let path = st.resolve_path(raw_path, &user);
-            write_file(&path, &user, stream).await?;
-            Ok(vec![finish_entry(&path, &meta)?])
+            let file = write_file(&path, &user, stream).await?;
+            Ok(vec![finish_entry(&path, &user, file, &meta).await?])
         }
         "multipart/form-data" => {
             let boundary = multer::parse_boundary(ct).map_err(|e| {
@@ -476,8 +508,8 @@ async fn upload_inner(
                     ));
                 }
                 let data = field.map_err(std::io::Error::other);
-                write_file(&path, &user, Box::pin(data)).await?;
-                out.push(finish_entry(&path, &meta)?);
+                let file = write_file(&path, &user, Box::pin(data)).await?;
+                out.push(finish_entry(&path, &user, file, &meta).await?);
             }
             Ok(out)
         }
@@ -558,5 +590,230 @@ mod tests {
         );
         h.insert("x-metadata-big", "x".repeat(5000).parse().unwrap());
         assert!(metadata_map(&h).is_none());
+    }
+
+    // ---- permissions: the handlers act with the requested user's rights ----
+
+    use crate::server::test_support::{can_run, owner, state, Tree, GID, UID, USER};
+
+    fn query(path: &str, user: &str) -> FileQuery {
+        FileQuery {
+            path: Some(path.to_string()),
+            username: Some(user.to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// `GET /files` through the handler; status and body.
+    async fn get(st: &Arc<AppState>, path: &str, user: &str) -> (StatusCode, Bytes) {
+        let resp = match download(
+            State(st.clone()),
+            HeaderMap::new(),
+            Query(query(path, user)),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, body)
+    }
+
+    /// `POST /files` (octet-stream) through the handler; status and body.
+    async fn put(
+        st: &Arc<AppState>,
+        path: &str,
+        user: &str,
+        data: &'static [u8],
+    ) -> (StatusCode, Bytes) {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            "application/octet-stream".parse().unwrap(),
+        );
+        let resp = upload(
+            State(st.clone()),
+            headers,
+            Query(query(path, user)),
+            Body::from(data),
+        )
+        .await;
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, body)
+    }
+
+    fn error_code(body: &[u8]) -> Option<i64> {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["code"].as_i64())
+    }
+
+    #[tokio::test]
+    async fn download_honours_the_users_permissions() {
+        if !can_run() {
+            return;
+        }
+        let t = Tree::new("dl");
+        let st = state();
+        // A 0600 root file: forbidden to the user, with envd's JSON error shape.
+        let (status, body) = get(&st, &t.s("secret"), USER).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body:?}");
+        assert_eq!(error_code(&body), Some(403), "{body:?}");
+        // Also through a symlink the user controls, and inside a 0700 directory.
+        let (status, _) = get(&st, &t.s("userdir/link_secret"), USER).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, _) = get(&st, &t.s("private/file"), USER).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        // What the user may read, it reads; root reads everything.
+        assert_eq!(
+            get(&st, &t.s("public.txt"), USER).await,
+            (StatusCode::OK, Bytes::from_static(b"hello"))
+        );
+        assert_eq!(
+            get(&st, &t.s("secret"), "root").await,
+            (StatusCode::OK, Bytes::from_static(b"top secret"))
+        );
+        assert_eq!(
+            get(&st, &t.s("private/file"), "root").await.0,
+            StatusCode::OK
+        );
+        // Unchanged answers for missing paths and directories.
+        assert_eq!(get(&st, &t.s("nope"), USER).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(
+            get(&st, &t.s("userdir"), USER).await.0,
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[tokio::test]
+    async fn upload_runs_as_the_user() {
+        if !can_run() {
+            return;
+        }
+        let t = Tree::new("ul");
+        let st = state();
+        // Into a root-owned 0755 directory: refused, nothing created.
+        let (status, body) = put(&st, &t.s("rootonly/x"), USER, b"data").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body:?}");
+        assert_eq!(error_code(&body), Some(403));
+        assert!(!t.p("rootonly/x").exists());
+        // Missing parents under a directory the user cannot write: refused too.
+        let (status, _) = put(&st, &t.s("private/a/b"), USER, b"data").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(!t.p("private/a").exists());
+        // Symlinks the user planted are not a way into root's files.
+        let (status, _) = put(&st, &t.s("userdir/link_new"), USER, b"planted").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(!t.p("rootonly/planted").exists());
+        let (status, _) = put(&st, &t.s("userdir/link_secret"), USER, b"overwritten").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(std::fs::read(t.p("secret")).unwrap(), b"top secret");
+        let (status, _) = put(&st, &t.s("userdir/link_dir/x"), USER, b"data").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(!t.p("rootonly/x").exists());
+        // Where the user may write: parents created, everything owned by the user.
+        let (status, body) = put(&st, &t.s("userdir/a/b/c.txt"), USER, b"mine").await;
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+        assert_eq!(std::fs::read(t.p("userdir/a/b/c.txt")).unwrap(), b"mine");
+        for p in ["userdir/a", "userdir/a/b", "userdir/a/b/c.txt"] {
+            assert_eq!(owner(&t.p(p)), (UID, GID), "{p}");
+        }
+        // Root keeps full access, and what root writes stays root's.
+        let (status, _) = put(&st, &t.s("rootonly/x"), "root", b"root data").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(owner(&t.p("rootonly/x")), (0, 0));
+        let (status, _) = put(&st, &t.s("private/a/b"), "root", b"root data").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(owner(&t.p("private/a")), (0, 0));
+    }
+
+    /// The file belongs to the user while its body is still arriving (no
+    /// create-as-root-then-chown window).
+    #[tokio::test]
+    async fn uploaded_file_is_the_users_from_the_start() {
+        if !can_run() {
+            return;
+        }
+        let t = Tree::new("own");
+        let st = state();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+        let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            "application/octet-stream".parse().unwrap(),
+        );
+        let q = query(&t.s("userdir/new/streamed.bin"), USER);
+        let call = tokio::spawn(upload(State(st.clone()), headers, Query(q), body));
+        tx.send(Ok(Bytes::from_static(b"first "))).await.unwrap();
+        let path = t.p("userdir/new/streamed.bin");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !path.exists() {
+            assert!(std::time::Instant::now() < deadline, "file never appeared");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            owner(&path),
+            (UID, GID),
+            "owner while the upload is in flight"
+        );
+        assert_eq!(owner(&t.p("userdir/new")), (UID, GID));
+        tx.send(Ok(Bytes::from_static(b"second"))).await.unwrap();
+        drop(tx);
+        let resp = call.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(std::fs::read(&path).unwrap(), b"first second");
+        assert_eq!(owner(&path), (UID, GID));
+    }
+
+    /// Many user and root operations on a runtime whose blocking pool has a
+    /// single thread: each one sees exactly its own user's rights.
+    #[test]
+    fn pool_thread_identity_never_leaks_between_requests() {
+        if !can_run() {
+            return;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let t = Tree::new("pool");
+            let st = state();
+            for i in 0..25 {
+                assert_eq!(
+                    get(&st, &t.s("secret"), USER).await.0,
+                    StatusCode::FORBIDDEN,
+                    "round {i}"
+                );
+                assert_eq!(
+                    get(&st, &t.s("secret"), "root").await.0,
+                    StatusCode::OK,
+                    "round {i}"
+                );
+                assert_eq!(
+                    put(&st, &t.s("rootonly/r"), USER, b"u").await.0,
+                    StatusCode::FORBIDDEN
+                );
+                assert_eq!(
+                    put(&st, &t.s("rootonly/r"), "root", b"r").await.0,
+                    StatusCode::OK
+                );
+                assert_eq!(owner(&t.p("rootonly/r")), (0, 0), "round {i}");
+                assert_eq!(
+                    put(&st, &t.s("userdir/u"), USER, b"u").await.0,
+                    StatusCode::OK
+                );
+                assert_eq!(owner(&t.p("userdir/u")), (UID, GID), "round {i}");
+            }
+        });
     }
 }

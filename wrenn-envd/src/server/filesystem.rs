@@ -1,6 +1,7 @@
 //! `filesystem.Filesystem`: stat, list, make, move, remove, and directory watches
 //! (a real server stream, and the create/poll/remove trio).
 
+use super::identity::{as_user, IdentityError};
 use super::rpc::{open_stream, stream_error_response, Rpc, RpcError};
 use super::users::{Names, User};
 use super::AppState;
@@ -42,15 +43,6 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
 }
 
-/// Runs blocking filesystem work off the async thread.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ConnectError> + Send + 'static,
-) -> Result<T, ConnectError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(ConnectError::internal(format!("worker failed: {e}"))))
-}
-
 fn permissions_string(mode: u32, kind: char) -> String {
     let mut s = String::with_capacity(10);
     s.push(kind);
@@ -63,21 +55,35 @@ fn permissions_string(mode: u32, kind: char) -> String {
     s
 }
 
-/// User metadata of a file (`user.e2b.*` xattrs, prefix stripped).
-pub fn read_metadata(path: &Path) -> HashMap<String, String> {
+/// User metadata (`user.e2b.*` xattrs, prefix stripped) from a listing and a getter.
+fn collect_metadata(
+    names: std::io::Result<xattr::XAttrs>,
+    get: impl Fn(&str) -> std::io::Result<Option<Vec<u8>>>,
+) -> HashMap<String, String> {
     let mut out = HashMap::new();
-    if let Ok(names) = xattr::list(path) {
+    if let Ok(names) = names {
         for name in names {
             let Some(name) = name.to_str() else { continue };
             let Some(key) = name.strip_prefix(XATTR_PREFIX) else {
                 continue;
             };
-            if let Ok(Some(v)) = xattr::get(path, name) {
+            if let Ok(Some(v)) = get(name) {
                 out.insert(key.to_string(), String::from_utf8_lossy(&v).into_owned());
             }
         }
     }
     out
+}
+
+/// User metadata of a file (`user.e2b.*` xattrs, prefix stripped).
+pub fn read_metadata(path: &Path) -> HashMap<String, String> {
+    collect_metadata(xattr::list(path), |name| xattr::get(path, name))
+}
+
+/// User metadata of an open file.
+pub fn read_file_metadata(file: &std::fs::File) -> HashMap<String, String> {
+    use xattr::FileExt;
+    collect_metadata(file.list_xattr(), |name| file.get_xattr(name))
 }
 
 /// Describes one path. Symlinks report their target's type and set `symlinkTarget`.
@@ -130,22 +136,29 @@ pub fn entry_info(path: &Path, names: &Names) -> std::io::Result<EntryInfo> {
     })
 }
 
-/// Creates `path` and every missing parent, each owned by `user`.
-pub fn create_dir_all_owned(path: &Path, user: &User) -> std::io::Result<()> {
+/// Creates `path` and every missing parent.
+///
+/// Runs inside [`as_user`]: the kernel checks each step against the user's
+/// permissions and the new directories belong to the user from the start.
+pub fn create_dirs(path: &Path) -> std::io::Result<()> {
     let mut missing = Vec::new();
     let mut cur = path;
-    while std::fs::symlink_metadata(cur).is_err() {
-        missing.push(cur.to_path_buf());
-        match cur.parent() {
-            Some(p) => cur = p,
-            None => break,
+    loop {
+        match std::fs::symlink_metadata(cur) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                missing.push(cur.to_path_buf());
+                match cur.parent() {
+                    Some(p) => cur = p,
+                    None => break,
+                }
+            }
+            Err(e) => return Err(e),
         }
     }
     for dir in missing.iter().rev() {
         match std::fs::create_dir(dir) {
-            Ok(()) => {
-                let _ = std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid));
-            }
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
@@ -167,9 +180,10 @@ async fn stat(
 ) -> Result<Response, RpcError> {
     let user = st.rpc_user(&rpc.headers)?;
     let path = st.resolve_path(&rpc.msg.path, &user);
-    let entry =
-        blocking(move || entry_info(&path, &Names::load()).map_err(|e| not_found_or(e, &path)))
-            .await?;
+    let entry = as_user(&user, move || {
+        entry_info(&path, &Names::load()).map_err(|e| not_found_or(e, &path))
+    })
+    .await?;
     Ok(rpc.reply(&EntryResponse { entry: Some(entry) }))
 }
 
@@ -179,7 +193,7 @@ async fn make_dir(
 ) -> Result<Response, RpcError> {
     let user = st.rpc_user(&rpc.headers)?;
     let path = st.resolve_path(&rpc.msg.path, &user);
-    let entry = blocking(move || {
+    let entry = as_user(&user, move || {
         match std::fs::metadata(&path) {
             Ok(m) if m.is_dir() => {
                 return Err(ConnectError::new(
@@ -195,8 +209,7 @@ async fn make_dir(
             }
             Err(_) => {}
         }
-        create_dir_all_owned(&path, &user)
-            .map_err(|e| ConnectError::from_io(&e, "creating directory"))?;
+        create_dirs(&path).map_err(|e| ConnectError::from_io(&e, "creating directory"))?;
         entry_info(&path, &Names::load()).map_err(|e| not_found_or(e, &path))
     })
     .await?;
@@ -210,11 +223,10 @@ async fn move_entry(
     let user = st.rpc_user(&rpc.headers)?;
     let src = st.resolve_path(&rpc.msg.source, &user);
     let dst = st.resolve_path(&rpc.msg.destination, &user);
-    let entry = blocking(move || {
+    let entry = as_user(&user, move || {
         std::fs::symlink_metadata(&src).map_err(|e| not_found_or(e, &src))?;
         if let Some(parent) = dst.parent() {
-            create_dir_all_owned(parent, &user)
-                .map_err(|e| ConnectError::from_io(&e, "creating parent"))?;
+            create_dirs(parent).map_err(|e| ConnectError::from_io(&e, "creating parent"))?;
         }
         std::fs::rename(&src, &dst).map_err(|e| ConnectError::from_io(&e, "moving"))?;
         entry_info(&dst, &Names::load()).map_err(|e| not_found_or(e, &dst))
@@ -249,7 +261,7 @@ async fn list_dir(
     let user = st.rpc_user(&rpc.headers)?;
     let path = st.resolve_path(&rpc.msg.path, &user);
     let depth = rpc.msg.depth.max(1);
-    let entries = blocking(move || {
+    let entries = as_user(&user, move || {
         let meta = std::fs::metadata(&path).map_err(|e| not_found_or(e, &path))?;
         if !meta.is_dir() {
             return Err(ConnectError::invalid_argument(format!(
@@ -271,7 +283,7 @@ async fn remove(
 ) -> Result<Response, RpcError> {
     let user = st.rpc_user(&rpc.headers)?;
     let path = st.resolve_path(&rpc.msg.path, &user);
-    blocking(move || {
+    as_user(&user, move || {
         let res = match std::fs::symlink_metadata(&path) {
             Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
             Ok(_) => std::fs::remove_file(&path),
@@ -318,65 +330,72 @@ struct Watch {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Watches `dir` and, when `recursive`, the directories below it (those that
+/// cannot be watched are skipped). Runs inside [`as_user`]: adding a watch needs
+/// read access to the directory. Fails only when `dir` itself cannot be watched.
 fn add_tree(
     watches: &mut inotify::Watches,
     dir: &Path,
     recursive: bool,
     map: &mut HashMap<WatchDescriptor, PathBuf>,
-) {
-    let Ok(wd) = watches.add(dir, WATCH_MASK) else {
-        return;
-    };
+) -> std::io::Result<()> {
+    let wd = watches.add(dir, WATCH_MASK)?;
     map.insert(wd, dir.to_path_buf());
     if !recursive {
-        return;
+        return Ok(());
     }
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.filter_map(Result::ok) {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                add_tree(watches, &e.path(), true, map);
+                let _ = add_tree(watches, &e.path(), true, map);
             }
         }
     }
+    Ok(())
 }
 
-fn start_watch(st: &AppState, req: &WatchRequest, user: &User) -> Result<Watch, ConnectError> {
+async fn start_watch(
+    st: &AppState,
+    req: &WatchRequest,
+    user: &User,
+) -> Result<Watch, ConnectError> {
     let root = st.resolve_path(&req.path, user);
-    let meta = std::fs::metadata(&root).map_err(|e| not_found_or(e, &root))?;
-    if !meta.is_dir() {
-        return Err(ConnectError::invalid_argument(format!(
-            "path '{}' is not a directory",
-            root.display()
-        )));
-    }
-    if !req.allow_network_mounts && is_network_mount(&root) {
-        return Err(ConnectError::new(
-            Code::FailedPrecondition,
-            format!(
-                "'{}' is on a network mount; set allow_network_mounts to watch it",
-                root.display()
-            ),
-        ));
-    }
-    let inotify = Inotify::init().map_err(|e| ConnectError::from_io(&e, "inotify"))?;
-    let mut map = HashMap::new();
-    let mut watches = inotify.watches();
-    add_tree(&mut watches, &root, req.recursive, &mut map);
-    if map.is_empty() {
-        return Err(ConnectError::internal(format!(
-            "cannot watch '{}'",
-            root.display()
-        )));
-    }
+    let recursive = req.recursive;
+    let allow_network_mounts = req.allow_network_mounts;
+    let dir = root.clone();
+    let (inotify, mut map) = as_user(user, move || {
+        let meta = std::fs::metadata(&dir).map_err(|e| not_found_or(e, &dir))?;
+        if !meta.is_dir() {
+            return Err(ConnectError::invalid_argument(format!(
+                "path '{}' is not a directory",
+                dir.display()
+            )));
+        }
+        if !allow_network_mounts && is_network_mount(&dir) {
+            return Err(ConnectError::new(
+                Code::FailedPrecondition,
+                format!(
+                    "'{}' is on a network mount; set allow_network_mounts to watch it",
+                    dir.display()
+                ),
+            ));
+        }
+        let inotify = Inotify::init().map_err(|e| ConnectError::from_io(&e, "inotify"))?;
+        let mut map = HashMap::new();
+        add_tree(&mut inotify.watches(), &dir, recursive, &mut map)
+            .map_err(|e| ConnectError::from_io(&e, &format!("watching '{}'", dir.display())))?;
+        Ok((inotify, map))
+    })
+    .await?;
     let mut stream = inotify
         .into_event_stream(vec![0u8; 16 * 1024])
         .map_err(|e| ConnectError::from_io(&e, "inotify stream"))?;
     let (tx, rx) = mpsc::channel(1024);
-    let recursive = req.recursive;
     let include_entry = req.include_entry;
+    let user = user.clone();
     let task = tokio::spawn(async move {
-        let mut watches = stream.watches();
-        let mut names: Option<Names> = None;
+        let watches = stream.watches();
+        let mut names: Option<Arc<Names>> = None;
         while let Some(Ok(ev)) = stream.next().await {
             if ev.mask.contains(inotify::EventMask::IGNORED) {
                 map.remove(&ev.wd);
@@ -391,7 +410,15 @@ fn start_watch(st: &AppState, req: &WatchRequest, user: &User) -> Result<Watch, 
                 .intersects(inotify::EventMask::CREATE | inotify::EventMask::MOVED_TO)
             {
                 if recursive && ev.mask.contains(inotify::EventMask::ISDIR) {
-                    add_tree(&mut watches, &full, true, &mut map);
+                    // New subdirectories are watched as the user too.
+                    let (mut w, dir) = (watches.clone(), full.clone());
+                    let added = as_user(&user, move || {
+                        let mut added = HashMap::new();
+                        let _ = add_tree(&mut w, &dir, true, &mut added);
+                        Ok::<_, IdentityError>(added)
+                    })
+                    .await;
+                    map.extend(added.unwrap_or_default());
                 }
                 EventType::Create
             } else if ev.mask.contains(inotify::EventMask::MODIFY) {
@@ -411,8 +438,9 @@ fn start_watch(st: &AppState, req: &WatchRequest, user: &User) -> Result<Watch, 
                 .display()
                 .to_string();
             let entry = if include_entry && !matches!(kind, EventType::Remove | EventType::Rename) {
-                let names = names.get_or_insert_with(Names::load);
-                entry_info(&full, names).ok()
+                let names = names.get_or_insert_with(|| Arc::new(Names::load())).clone();
+                let path = full.clone();
+                as_user(&user, move || entry_info(&path, &names)).await.ok()
             } else {
                 None
             };
@@ -432,10 +460,11 @@ fn start_watch(st: &AppState, req: &WatchRequest, user: &User) -> Result<Watch, 
 async fn watch_dir(State(st): State<Arc<AppState>>, rpc: Rpc<WatchRequest>) -> Response {
     let codec = rpc.codec;
     let keepalive = rpc.keepalive_interval();
-    let watch = match st
-        .rpc_user(&rpc.headers)
-        .and_then(|u| start_watch(&st, &rpc.msg, &u))
-    {
+    let watch = match st.rpc_user(&rpc.headers) {
+        Ok(user) => start_watch(&st, &rpc.msg, &user).await,
+        Err(e) => Err(e),
+    };
+    let watch = match watch {
         Ok(w) => w,
         Err(e) => return stream_error_response(codec, e),
     };
@@ -507,7 +536,7 @@ async fn create_watcher(
         .into());
     }
     let user = st.rpc_user(&rpc.headers)?;
-    let Watch { mut rx, task } = start_watch(&st, &rpc.msg, &user)?;
+    let Watch { mut rx, task } = start_watch(&st, &rpc.msg, &user).await?;
     let events = Arc::new(Mutex::new(VecDeque::new()));
     let sink = events.clone();
     let collector = tokio::spawn(async move {
@@ -612,5 +641,253 @@ mod tests {
         let listed: Vec<_> = out.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(listed, ["f.txt", "link", "sub"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // ---- permissions: every RPC acts with the requested user's rights ----
+
+    use crate::connect::Codec;
+    use crate::server::test_support::{can_run, owner, state, Tree, GID, UID, USER};
+    use base64::Engine;
+
+    /// A JSON unary request as user `user` (HTTP Basic, like the SDK).
+    fn rpc<M>(msg: M, user: &str) -> Rpc<M> {
+        let mut headers = axum::http::HeaderMap::new();
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            format!("Basic {basic}").parse().unwrap(),
+        );
+        Rpc {
+            msg,
+            codec: Codec::Json,
+            headers,
+        }
+    }
+
+    fn path_req(path: String) -> PathRequest {
+        PathRequest { path }
+    }
+
+    /// The Connect code of a failed call, `None` on success.
+    fn code(res: Result<Response, RpcError>) -> Option<Code> {
+        match res {
+            Ok(r) => {
+                assert!(r.status().is_success(), "{r:?}");
+                None
+            }
+            Err(RpcError(e)) => Some(e.code),
+        }
+    }
+
+    const DENIED: Option<Code> = Some(Code::PermissionDenied);
+
+    #[tokio::test]
+    async fn stat_and_list_dir_check_the_users_permissions() {
+        if !can_run() {
+            return;
+        }
+        let t = Tree::new("stat");
+        let st = state();
+        let stat_as = |p: &str, u: &str| stat(State(st.clone()), rpc(path_req(t.s(p)), u));
+        assert_eq!(code(stat_as("private/file", USER).await), DENIED);
+        assert_eq!(code(stat_as("private/file", "root").await), None);
+        assert_eq!(
+            code(stat_as("secret", USER).await),
+            None,
+            "stat needs no read access"
+        );
+        let list_as = |p: &str, u: &str| {
+            list_dir(
+                State(st.clone()),
+                rpc(
+                    ListDirRequest {
+                        path: t.s(p),
+                        depth: 1,
+                    },
+                    u,
+                ),
+            )
+        };
+        assert_eq!(code(list_as("private", USER).await), DENIED);
+        assert_eq!(code(list_as("private", "root").await), None);
+        assert_eq!(code(list_as("userdir", USER).await), None);
+    }
+
+    #[tokio::test]
+    async fn make_dir_creates_as_the_user() {
+        if !can_run() {
+            return;
+        }
+        let t = Tree::new("mkdir");
+        let st = state();
+        let mk = |p: &str, u: &str| make_dir(State(st.clone()), rpc(path_req(t.s(p)), u));
+        assert_eq!(code(mk("rootonly/d", USER).await), DENIED);
+        assert!(!t.p("rootonly/d").exists());
+        assert_eq!(code(mk("userdir/link_dir/d", USER).await), DENIED);
+        assert!(!t.p("rootonly/d").exists());
+        assert_eq!(code(mk("private/d/e", USER).await), DENIED);
+        assert_eq!(code(mk("userdir/x/y", USER).await), None);
+        assert_eq!(owner(&t.p("userdir/x")), (UID, GID));
+        assert_eq!(owner(&t.p("userdir/x/y")), (UID, GID));
+        assert_eq!(
+            code(mk("userdir/x/y", USER).await),
+            Some(Code::AlreadyExists)
+        );
+        assert_eq!(code(mk("rootonly/d", "root").await), None);
+        assert_eq!(owner(&t.p("rootonly/d")), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn move_and_remove_check_the_users_permissions() {
+        if !can_run() {
+            return;
+        }
+        let t = Tree::new("mv");
+        let st = state();
+        std::fs::write(t.p("userdir/mine"), b"m").unwrap();
+        std::os::unix::fs::chown(t.p("userdir/mine"), Some(UID), Some(GID)).unwrap();
+        let mv = |a: &str, b: &str, u: &str| {
+            move_entry(
+                State(st.clone()),
+                rpc(
+                    MoveRequest {
+                        source: t.s(a),
+                        destination: t.s(b),
+                    },
+                    u,
+                ),
+            )
+        };
+        // Out of a directory the user cannot write, or into one: refused.
+        assert_eq!(code(mv("secret", "userdir/stolen", USER).await), DENIED);
+        assert!(t.p("secret").exists() && !t.p("userdir/stolen").exists());
+        assert_eq!(
+            code(mv("userdir/mine", "rootonly/mine", USER).await),
+            DENIED
+        );
+        assert_eq!(
+            code(mv("userdir/mine", "userdir/link_dir/mine", USER).await),
+            DENIED
+        );
+        assert!(!t.p("rootonly/mine").exists());
+        // Within its own directory, with new parents owned by the user.
+        assert_eq!(
+            code(mv("userdir/mine", "userdir/sub/mine", USER).await),
+            None
+        );
+        assert_eq!(owner(&t.p("userdir/sub")), (UID, GID));
+
+        let rm = |p: &str, u: &str| remove(State(st.clone()), rpc(path_req(t.s(p)), u));
+        assert_eq!(code(rm("secret", USER).await), DENIED);
+        assert_eq!(code(rm("rootonly", USER).await), DENIED);
+        assert!(t.p("secret").exists() && t.p("rootonly").exists());
+        assert_eq!(code(rm("userdir/sub", USER).await), None);
+        assert!(!t.p("userdir/sub").exists());
+        assert_eq!(code(rm("secret", "root").await), None);
+        assert!(!t.p("secret").exists());
+        // Root moves anything.
+        assert_eq!(code(mv("public.txt", "private/moved", "root").await), None);
+        assert!(t.p("private/moved").exists());
+    }
+
+    #[tokio::test]
+    async fn watches_need_the_users_read_access() {
+        if !can_run() {
+            return;
+        }
+        let t = Tree::new("watch");
+        let st = state();
+        let watch = |p: &str, u: &str| {
+            create_watcher(
+                State(st.clone()),
+                rpc(
+                    WatchRequest {
+                        path: t.s(p),
+                        ..Default::default()
+                    },
+                    u,
+                ),
+            )
+        };
+        assert_eq!(code(watch("private", USER).await), DENIED);
+        assert_eq!(code(watch("private", "root").await), None);
+        assert_eq!(code(watch("userdir", USER).await), None);
+        // The streaming variant reports the same refusal.
+        let resp = watch_dir(
+            State(st.clone()),
+            rpc(
+                WatchRequest {
+                    path: t.s("private"),
+                    ..Default::default()
+                },
+                USER,
+            ),
+        )
+        .await;
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&body).contains("permission_denied"),
+            "{body:?}"
+        );
+    }
+
+    /// A recursive watch adds directories created later as the user: it does not
+    /// descend into one the user cannot read. Reported entries are described too.
+    #[tokio::test]
+    async fn recursive_watch_adds_new_directories_as_the_user() {
+        if !can_run() {
+            return;
+        }
+        let t = Tree::new("watchrec");
+        let st = state();
+        let res = create_watcher(
+            State(st.clone()),
+            rpc(
+                WatchRequest {
+                    path: t.s("userdir"),
+                    recursive: true,
+                    include_entry: true,
+                    ..Default::default()
+                },
+                USER,
+            ),
+        )
+        .await
+        .unwrap();
+        let body = axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let id: WatcherIdMessage = Codec::Json.decode(&body).unwrap();
+        // Root creates a directory the user cannot read and one it can.
+        std::fs::create_dir(t.p("userdir/closed")).unwrap();
+        std::fs::set_permissions(
+            t.p("userdir/closed"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        std::fs::create_dir(t.p("userdir/open")).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        std::fs::write(t.p("userdir/closed/hidden"), b"x").unwrap();
+        std::fs::write(t.p("userdir/open/seen"), b"x").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let res = get_watcher_events(State(st.clone()), rpc(id.clone(), USER))
+            .await
+            .unwrap();
+        let body = axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let events: GetWatcherEventsResponse = Codec::Json.decode(&body).unwrap();
+        let names: Vec<_> = events.events.iter().map(|e| e.name.as_str()).collect();
+        assert!(names.contains(&"open/seen"), "{names:?}");
+        let seen = events.events.iter().find(|e| e.name == "open/seen");
+        assert_eq!(
+            seen.and_then(|e| e.entry.as_ref()).map(|e| e.size),
+            Some(1),
+            "{seen:?}"
+        );
+        assert!(!names.contains(&"closed/hidden"), "{names:?}");
+        let _ = remove_watcher(State(st.clone()), rpc(id, USER)).await;
     }
 }

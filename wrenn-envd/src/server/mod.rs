@@ -5,8 +5,11 @@ mod files;
 mod filesystem;
 pub mod forward;
 mod http;
+mod identity;
 pub mod process;
 mod rpc;
+#[cfg(test)]
+mod test_support;
 pub mod users;
 
 use crate::connect::ConnectError;

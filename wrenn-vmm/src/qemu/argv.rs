@@ -5,7 +5,7 @@ use wrenn_core::vmm::{Accel, VmSpec};
 
 /// File names inside a VM's run directory.
 pub const QMP_SOCKET: &str = "qmp.sock";
-pub const CONSOLE_LOG: &str = "console.log";
+pub use super::console::CONSOLE_PIPE;
 
 /// QEMU option values are comma-separated; a literal comma is doubled.
 fn escape(v: &str) -> String {
@@ -80,7 +80,7 @@ pub fn build_argv(
         "-chardev",
         &format!(
             "file,id=console,path={}",
-            path(&spec.run_dir.join(CONSOLE_LOG))
+            path(&spec.run_dir.join(CONSOLE_PIPE))
         ),
     ]);
     push(&["-serial", "chardev:console"]);
@@ -179,7 +179,7 @@ mod tests {
              -object memory-backend-file,id=mem,size=512M,mem-path=/run/c1/memory,share=off \
              -global migration.send-configuration=off -accel tcg,tb-size=64 -cpu max \
              -m 512M -smp 2 -nodefaults -no-user-config -display none -no-reboot -kernel /k/vmlinux \
-             -append console=ttyS0 root=/dev/vda -chardev file,id=console,path=/run/c1/console.log \
+             -append console=ttyS0 root=/dev/vda -chardev file,id=console,path=/run/c1/console.pipe \
              -serial chardev:console \
              -drive id=rootfs,file=/d/disk,,1.qcow2,format=qcow2,if=none,discard=unmap \
              -device virtio-blk-device,drive=rootfs \

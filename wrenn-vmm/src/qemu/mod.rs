@@ -1,6 +1,7 @@
 //! The QEMU backend.
 
 mod argv;
+pub mod console;
 mod error;
 pub mod guestmem;
 pub mod migstream;

@@ -39,6 +39,8 @@ pub struct QemuConfig {
     pub accel: Accel,
     /// TCG translation cache size; small keeps per-VM memory low.
     pub tb_size_mb: Option<u32>,
+    /// Size of each of the two serial console log files (`console.log`, `console.log.1`).
+    pub console_log_cap: u64,
 }
 
 impl QemuConfig {
@@ -48,6 +50,7 @@ impl QemuConfig {
             accel,
             // 32 MiB of translated code is plenty for a capsule and keeps idle clones small.
             tb_size_mb: Some(32),
+            console_log_cap: super::console::DEFAULT_CONSOLE_CAP,
         }
     }
 }
@@ -166,6 +169,8 @@ pub struct QemuHandle {
     /// The file guest RAM is a private mapping of.
     mem_path: PathBuf,
     mem_bytes: u64,
+    /// Drains the serial console into its capped log.
+    console: super::console::ConsoleLog,
 }
 
 /// How long loading or saving device state may take.
@@ -230,6 +235,13 @@ impl QemuHandle {
             }
         }
         let spec = &spec;
+        let (console, _fifo) =
+            super::console::ConsoleLog::start(&spec.run_dir, config.console_log_cap).map_err(
+                |source| QemuError::RunDir {
+                    path: spec.run_dir.join(super::console::CONSOLE_PIPE),
+                    source,
+                },
+            )?;
         let mut cmd = Command::new(&config.binary);
         cmd.args(build_argv(
             spec,
@@ -283,6 +295,7 @@ impl QemuHandle {
             run_dir: spec.run_dir.clone(),
             mem_path: mem_path.clone(),
             mem_bytes,
+            console,
         };
         tracing::debug!(pid, name = %spec.name, accel = %config.accel, "qemu started");
 
@@ -291,13 +304,15 @@ impl QemuHandle {
             if let Some(status) = handle.exit.borrow().clone() {
                 let mut log_tail = tail(&log_path, 1500);
                 if log_tail.is_empty() {
-                    log_tail = tail(&spec.run_dir.join(super::argv::CONSOLE_LOG), 1500);
+                    log_tail = tail(&spec.run_dir.join(super::console::CONSOLE_LOG), 1500);
                 }
                 return Err(QemuError::EarlyExit { status, log_tail });
             }
             if qmp_path.exists() {
                 if let Ok(q) = Qmp::connect(&qmp_path).await {
                     tracing::debug!(pid, "qmp connected");
+                    // QEMU opens its chardevs before it serves QMP.
+                    handle.console.writer_attached();
                     handle.qmp = Mutex::new(Some(q));
                     return Ok(handle);
                 }

@@ -53,6 +53,14 @@ fn corrupt(e: crate::snapshot::SnapshotError) -> SnapshotError {
     }
 }
 
+/// Flushes a file written by another program (the VMM, `qemu-img`) or copied, before the
+/// rename or commit that makes it part of a version.
+fn sync_file(path: &Path) -> Result<(), SnapshotError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("fsync", path))
+}
+
 fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -228,6 +236,7 @@ impl FsSnapshotStore {
         generation_cap: usize,
     ) -> Result<PauseReport, SnapshotError> {
         let device_state = next.join(DEVICE_STATE);
+        sync_file(&device_state)?;
         let device_state_bytes = std::fs::metadata(&device_state)
             .map_err(io_err("stat", &device_state))?
             .len();
@@ -311,6 +320,7 @@ impl FsSnapshotStore {
             backing.as_os_str(),
             tmp_layer.as_os_str(),
         ])?;
+        sync_file(&tmp_layer)?;
         std::fs::rename(&tmp_layer, &layer).map_err(io_err("rename", &layer))?;
         if layers.len() + 1 > DISK_LAYER_CAP {
             // Fold the chain: the newest layer takes every difference from the base.
@@ -325,6 +335,7 @@ impl FsSnapshotStore {
                 DISK_BASE.as_ref(),
                 merged_layer.as_os_str(),
             ])?;
+            sync_file(&merged_layer)?;
             std::fs::rename(&merged_layer, &layer).map_err(io_err("rename", &layer))?;
             for (_, p) in layers {
                 std::fs::remove_file(&p).map_err(io_err("remove", &p))?;
@@ -599,6 +610,7 @@ fn write_template_blocking(
         std::fs::remove_dir_all(&scratch).map_err(io_err("remove", &scratch))?;
         std::fs::copy(device_state, snap.join(DEVICE_STATE))
             .map_err(io_err("copy", device_state))?;
+        sync_file(&snap.join(DEVICE_STATE))?;
         // Disk: flattened to a standalone raw image (the VM is stopped; its image may still be open).
         let rootfs = stage.join("rootfs.img");
         qemu_img(&[
@@ -611,6 +623,7 @@ fn write_template_blocking(
             disk.path.as_os_str(),
             rootfs.as_os_str(),
         ])?;
+        sync_file(&rootfs)?;
         let mut m = meta.clone();
         m.memory_base = MemoryBase::File(dest.join("snapshot").join("memory.raw"));
         write_file_atomic(

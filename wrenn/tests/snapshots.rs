@@ -436,3 +436,101 @@ async fn concurrent_pauses_are_serialised() {
     assert_eq!(run(&host, &info.id, "echo ok").await.0, "ok\n");
     caps.destroy(&info.id).await.expect("destroy");
 }
+
+/// Dirty or under-writeback page-cache pages of `path` (Linux `cachestat`, 6.5+);
+/// `None` when the kernel lacks the call.
+#[cfg(target_arch = "x86_64")]
+fn unsynced_pages(path: &std::path::Path) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let f = std::fs::File::open(path).expect("open for cachestat");
+    let range = Range { off: 0, len: 0 };
+    let mut st = Stat::default();
+    // SAFETY: cachestat reads `range` and writes one `Stat` (the kernel's
+    // `struct cachestat`, five u64s) through the pointers, both valid for the call; the
+    // fd is open for its duration.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            f.as_raw_fd(),
+            &range as *const Range,
+            &mut st as *mut Stat,
+            0u32,
+        )
+    };
+    (rc == 0).then_some(st.nr_dirty + st.nr_writeback)
+}
+
+/// A committed pause is on the disk, not only in the page cache: every file of the
+/// new version (device state written by QEMU, disk layer, memory) was fsynced before
+/// the version's rename.
+#[cfg(target_arch = "x86_64")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_pause_is_synced_to_disk() {
+    let Some(host) = host().await else { return };
+    let caps = host.capsules();
+    let info = caps.create(opts()).await.expect("create");
+    let id = info.id.clone();
+    // Dirty the guest's disk and memory.
+    run(
+        &host,
+        &id,
+        "head -c 4000000 /dev/urandom > /home/user/blob; sync",
+    )
+    .await;
+    let name = format!("synced-{}", &id.to_string()[3..11]);
+    caps.snapshot(&id, &name, false).await.expect("snapshot");
+    caps.pause(&id).await.expect("pause");
+    let template = host.data_dir().template_dir(&name);
+    let version = host
+        .data_dir()
+        .snapshots()
+        .join(id.to_string())
+        .join("current");
+    let mut checked = Vec::new();
+    let files = [
+        template.join("rootfs.img"),
+        template.join("snapshot/device.state"),
+        template.join("snapshot/memory.raw"),
+        template.join("snapshot/meta.json"),
+    ]
+    .into_iter()
+    .chain(
+        std::fs::read_dir(&version)
+            .expect("version dir")
+            .flatten()
+            .map(|e| e.path()),
+    );
+    for p in files {
+        let Some(n) = unsynced_pages(&p) else {
+            eprintln!("SKIPPED: this kernel has no cachestat (Linux >= 6.5); fsync not checked");
+            caps.destroy(&id).await.expect("destroy");
+            return;
+        };
+        assert_eq!(n, 0, "{} has {n} pages not on disk", p.display());
+        checked.push(p);
+    }
+    assert!(
+        checked.iter().any(|p| p.ends_with("current/device.state"))
+            && checked.iter().any(|p| p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("disk-"))),
+        "{checked:?}"
+    );
+    caps.destroy(&id).await.expect("destroy");
+    let _ = std::fs::remove_dir_all(&template);
+}

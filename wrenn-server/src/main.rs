@@ -142,6 +142,9 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> std::process::ExitCode {
+    // Everything Wrenn and the VMMs it starts create (disks, memory snapshots, logs,
+    // sockets, the database) is the host's alone.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

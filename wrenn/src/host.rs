@@ -76,6 +76,16 @@ impl Host {
                 source,
             })?;
         }
+        // Guest data (disks, memory, snapshot templates) is the host's alone.
+        for dir in [data.capsules(), data.templates(), data.snapshots()] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |source| HostError::DataDir {
+                    dir: dir.display().to_string(),
+                    source,
+                },
+            )?;
+        }
         let kernel = data.kernel().ok_or_else(|| HostError::NoKernel {
             dir: data.kernels().display().to_string(),
         })?;

@@ -4,6 +4,7 @@ use crate::paths::DataDir;
 use async_trait::async_trait;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use wrenn_core::id::CapsuleId;
 use wrenn_core::record::{CapsuleRecord, Owner, StateError, StateStore};
@@ -87,8 +88,14 @@ fn rand_u32() -> u32 {
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -98,7 +105,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 impl StateStore for FsStateStore {
     async fn create_dir(&self, id: &CapsuleId) -> Result<PathBuf, StateError> {
         let dir = self.dir(id);
-        std::fs::create_dir_all(&dir).map_err(|e| err(format!("creating {}", dir.display()), e))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| err(format!("creating {}", dir.display()), e))?;
         Ok(dir)
     }
 

@@ -46,6 +46,8 @@ pub enum CapsuleError {
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("Capsule manager is shutting down")]
     ShuttingDown,
+    #[error("The command's output exceeds {limit} bytes; it was stopped (stream it instead)")]
+    OutputTooLarge { limit: usize },
 }
 
 impl CapsuleError {
@@ -75,6 +77,7 @@ impl CapsuleError {
             }
             CapsuleError::Snapshot(_) => "snapshot_error",
             CapsuleError::ShuttingDown => "shutting_down",
+            CapsuleError::OutputTooLarge { .. } => "too_large",
         }
     }
 }

@@ -1141,6 +1141,10 @@ async fn freeze(vmm: &dyn VmmHandle, device_state: &Path) -> Result<ChangedPages
     }
 }
 
+/// Most output (stdout and stderr together) [`Capsules::run`] collects; a command
+/// printing more is stopped and the run fails with [`CapsuleError::OutputTooLarge`].
+pub const MAX_COLLECTED_OUTPUT: usize = 64 * 1024 * 1024;
+
 /// Runs a command through `agent` to completion, optionally feeding `stdin` first, and
 /// collects its output.
 async fn run_to_exit(
@@ -1161,6 +1165,15 @@ async fn run_to_exit(
     while let Some(ev) = stream.events.recv().await {
         match ev? {
             ExecEvent::Started { .. } => {}
+            ExecEvent::Stdout(b) | ExecEvent::Stderr(b)
+                if stdout.len() + stderr.len() + b.len() > MAX_COLLECTED_OUTPUT =>
+            {
+                // The guest decides how much it prints: collect no more than the cap.
+                let _ = agent.signal(stream.pid, true).await;
+                return Err(CapsuleError::OutputTooLarge {
+                    limit: MAX_COLLECTED_OUTPUT,
+                });
+            }
             ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
             ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
             ExecEvent::Exited(exit) => {

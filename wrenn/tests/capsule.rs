@@ -133,6 +133,17 @@ async fn commands_files_envs_and_cwd() {
         "{res:?}"
     );
 
+    // Output beyond the cap is not collected: the command is stopped.
+    let res = caps
+        .run(&id, &sh("head -c 200000000 /dev/zero; echo finished"), None)
+        .await;
+    assert!(
+        matches!(res, Err(CapsuleError::OutputTooLarge { limit }) if limit == wrenn::manager::MAX_COLLECTED_OUTPUT),
+        "{res:?}"
+    );
+    let (out, _, _) = run(&host, &id, "pgrep -x head || echo stopped").await;
+    assert_eq!(out, "stopped\n");
+
     caps.destroy(&id).await.expect("destroy");
     assert_gone(&fp).await;
     assert!(matches!(caps.get(&id), Err(CapsuleError::NotFound { .. })));

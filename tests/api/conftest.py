@@ -29,6 +29,10 @@ IMAGES = os.environ.get("WRENN_DATA_DIR", "/var/lib/wrenn")
 BINARY = os.path.join(REPO, "target", "debug", "wrenn")
 ADMIN_KEY = "wrn_" + "0123456789abcdef" * 2
 PASSWORD = "correct horse battery"
+# The bootstrap admin (owner of the admin team): API keys cannot create or delete keys,
+# so the suites that do log in as this user.
+ADMIN_EMAIL = "admin@wrenn.local"
+ADMIN_PASSWORD = "bootstrap admin password"
 
 
 def _free_port() -> int:
@@ -66,6 +70,9 @@ class Server:
     admin_key: str = ADMIN_KEY
     other_key: str = ""
     other_token: str = ""
+    admin_token: str = ""
+    admin_email: str = ADMIN_EMAIL
+    admin_password: str = ADMIN_PASSWORD
     admin_team: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -119,6 +126,15 @@ class Server:
     def admin(self) -> httpx.Client:
         return self.client(self.admin_key)
 
+    def admin_user(self) -> httpx.Client:
+        """The admin team's owner, with a user token (for what API keys may not do)."""
+        if not self.admin_token:
+            with self.client() as c:
+                r = c.post("/v1/auth/login", json={"email": self.admin_email, "password": self.admin_password})
+                assert r.status_code == 200, r.text
+                self.admin_token = r.json()["token"]
+        return self.client(None, Authorization=f"Bearer {self.admin_token}")
+
     def other(self) -> httpx.Client:
         return self.client(self.other_key)
 
@@ -171,6 +187,7 @@ def server(request) -> Server:
     data_dir = _make_data_dir(backend)
     env = dict(os.environ)
     env["WRENN_BOOTSTRAP_API_KEY"] = ADMIN_KEY
+    env["WRENN_BOOTSTRAP_ADMIN_PASSWORD"] = ADMIN_PASSWORD
     env.pop("DATABASE_URL", None)
     env.setdefault("WRENN_LOG", "info,tower_http=warn")
     dbname = None
@@ -187,6 +204,9 @@ def server(request) -> Server:
             "--min-idle-timeout", "1",
             "--reaper-period", "1",
             "--rate-limit", "0",
+            # The suites sign up and log in far more often than a person would.
+            "--auth-rate-limit", "0",
+            "--auth-account-rate-limit", "0",
             "--upload-limit-mib", "8",
         ],
         env=env,
@@ -208,6 +228,41 @@ def server(request) -> Server:
     if dbname:
         base = os.environ["WRENN_TEST_POSTGRES_URL"]
         subprocess.run(["psql", base, "-qc", f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)"], check=False)
+
+
+@pytest.fixture(scope="module")
+def start_server():
+    """Starts more `wrenn serve` processes (SQLite, fresh data directory, the admin key and
+    password of `server`), with other arguments: `start(tag, listen_host, args)`. They
+    are stopped after the module."""
+    _check_prerequisites()
+    started = []
+
+    def start(tag: str, listen_host: str = "127.0.0.1", args: tuple = ()) -> Server:
+        data_dir = _make_data_dir(tag)
+        env = dict(os.environ)
+        for k in ("DATABASE_URL", "WRENN_SIGNUP", "WRENN_DISABLE_SIGNUP"):
+            env.pop(k, None)
+        env["WRENN_BOOTSTRAP_API_KEY"] = ADMIN_KEY
+        env["WRENN_BOOTSTRAP_ADMIN_PASSWORD"] = ADMIN_PASSWORD
+        env.setdefault("WRENN_LOG", "info,tower_http=warn")
+        port = _free_port()
+        srv = Server(
+            backend="sqlite",
+            url=f"http://127.0.0.1:{port}",
+            data_dir=data_dir,
+            args=["--listen", f"{listen_host}:{port}", *args],
+            env=env,
+            log_path=os.path.join(data_dir, "serve.log"),
+        )
+        started.append(srv)
+        srv.start()
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+        shutil.rmtree(srv.data_dir, ignore_errors=True)
 
 
 @pytest.fixture

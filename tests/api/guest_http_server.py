@@ -7,6 +7,7 @@ Uploaded into a capsule by test_port_proxy.py; not a test module.
 
 import base64
 import hashlib
+import json
 import struct
 import sys
 import time
@@ -44,6 +45,9 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(0.7)
             self.wfile.write(b"0\r\n\r\n")
             return
+        if self.path.startswith("/headers"):
+            seen = {k.lower(): v for k, v in self.headers.items()}
+            return self.reply(200, json.dumps(seen).encode(), "application/json")
         self.reply(200, f"{NAME} GET {self.path} host={self.headers.get('Host')}".encode())
 
     def do_POST(self):
@@ -58,6 +62,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Upgrade", "websocket")
         self.send_header("Connection", "Upgrade")
         self.send_header("Sec-WebSocket-Accept", accept)
+        self.send_header("X-Seen-Authorization", self.headers.get("Authorization", "-"))
+        self.send_header("X-Seen-Api-Key", self.headers.get("X-API-Key", "-"))
         self.end_headers()
         self.wfile.flush()
         r, w = self.rfile, self.wfile

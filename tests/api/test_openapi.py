@@ -43,7 +43,7 @@ bearer = "${WRENN_ST_TOKEN}"
 # integer sent as 7.0, a pagination token this server did not issue, ...). Every other
 # check stays strict, including that schema-invalid requests are refused.
 [checks.positive_data_acceptance]
-expected-statuses = ["2xx", "400", "401", "403", "404", "409", "413"]
+expected-statuses = ["2xx", "400", "401", "403", "404", "409", "413", "429"]
 
 # Adding a member whose e-mail is no user answers 404 ("user not found") for a team
 # that exists: not the missing-resource case this check looks for.

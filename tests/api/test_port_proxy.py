@@ -101,6 +101,33 @@ def test_post_body_through(guest, server, port, name):
     assert r.text == f"{name} POST {len(body)} {hashlib.sha256(body).hexdigest()}"
 
 
+def test_wrenn_credentials_do_not_reach_the_guest(guest, server):
+    h = host(PUBLIC, guest.sandbox_id)
+    # Wrenn's API key and user token are the caller's, not the guest's business.
+    for auth in (f"Bearer {server.other_token}", f"Bearer {server.admin_key}"):
+        r = httpx.get(
+            f"{server.url}/headers",
+            headers={"Host": h, "Authorization": auth, "X-API-Key": server.admin_key},
+        )
+        assert r.status_code == 200, r.text
+        seen = r.json()
+        assert "authorization" not in seen and "x-api-key" not in seen, seen
+    # The guest application's own credentials pass.
+    r = httpx.get(
+        f"{server.url}/headers",
+        headers={"Host": h, "Authorization": "Basic dXNlcjpwdw==", "X-API-Key": "app-key-1"},
+    )
+    seen = r.json()
+    assert (seen.get("authorization"), seen.get("x-api-key")) == ("Basic dXNlcjpwdw==", "app-key-1"), seen
+    # Upgrades too.
+    sock, head = _ws_open(server, {"Host": h, "Authorization": f"Bearer {server.other_token}",
+                                   "X-API-Key": server.admin_key})
+    sock.close()
+    fields = {k.strip().lower(): v.strip() for k, v in
+              (line.split(":", 1) for line in head.decode().split("\r\n") if ":" in line)}
+    assert (fields["x-seen-authorization"], fields["x-seen-api-key"]) == ("-", "-"), head
+
+
 def test_keep_alive_reuses_connection(guest, server):
     with httpx.Client(base_url=server.url, headers={"Host": host(PUBLIC, guest.sandbox_id)}) as c:
         for i in range(5):

@@ -71,7 +71,8 @@ def target(server):
                 json={"cmd": "/bin/sleep", "args": ["100000"], "background": True, "tag": KEEPER_TAG},
             )
             assert bg.status_code == 202, bg.text
-            k = h.post("/v1/api-keys", json={"name": "tenancy target"})
+            with server.admin_user() as u:  # keys are made by the team's owner
+                k = u.post("/v1/api-keys", json={"name": "tenancy target"})
             assert k.status_code == 201, k.text
             key_id = k.json()["id"]
             yield Target(
@@ -87,7 +88,8 @@ def target(server):
             if snap:
                 h.delete(f"/v1/snapshots/{snap}")
             if key_id:
-                h.delete(f"/v1/api-keys/{key_id}")
+                with server.admin_user() as u:
+                    u.delete(f"/v1/api-keys/{key_id}")
     # Anything the other team managed to create is a failure, and is cleaned up.
     with server.other() as o:
         leaked = [c["id"] for c in o.get("/v1/capsules").json()]

@@ -1,17 +1,23 @@
 //! Who is calling: API keys (`X-API-Key`, cached briefly after a database check),
-//! user JWTs (`Authorization: Bearer`), and the per-caller rate limit.
+//! user JWTs (`Authorization: Bearer`, whose team membership and role are checked
+//! against the database, cached briefly), and the per-caller rate limit; and the
+//! throttling of sign-up and login (per client address and per account, before any
+//! password is hashed, with a bound on concurrent hashes).
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use jsonwebtoken::{decode, encode, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wrenn_db::{Actor, ApiKey, Role};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use wrenn_db::{Actor, ApiKey, Db, DbError, Role};
 
 /// How long a JWT is valid.
 pub const JWT_TTL: Duration = Duration::from_secs(6 * 3600);
@@ -93,6 +99,15 @@ impl JwtKeys {
             .map_err(|e| ApiError::internal(format!("cannot sign token: {e}")))
     }
 
+    /// Whether `token` was signed with this server's key, expired or not (the proxy
+    /// strips such tokens from what it forwards into capsules).
+    pub fn signed_by_us(&self, token: &str) -> bool {
+        let mut v = Validation::default();
+        v.validate_exp = false;
+        v.required_spec_claims.clear();
+        decode::<serde_json::Value>(token, &self.dec, &v).is_ok()
+    }
+
     pub fn verify(&self, token: &str) -> Result<UserClaims, ApiError> {
         decode::<UserClaims>(token, &self.dec, &Validation::default())
             .map(|d| d.claims)
@@ -127,6 +142,91 @@ impl KeyCache {
         if let Ok(mut map) = self.entries.lock() {
             map.retain(|_, (k, _)| k.id != key_id);
         }
+    }
+
+    /// Forgets a deleted team's keys at once.
+    pub fn revoke_team(&self, team_id: &str) {
+        if let Ok(mut map) = self.entries.lock() {
+            map.retain(|_, (k, _)| k.team_id != team_id);
+        }
+    }
+}
+
+/// How long a user token's checked membership (and role) is trusted without asking the
+/// database again. Changes made through this server invalidate it at once; this bounds
+/// how late a change made elsewhere (another server on the same database) is seen.
+pub const MEMBER_CACHE_TTL: Duration = Duration::from_secs(5);
+const MEMBER_CACHE_MAX: usize = 10_000;
+
+/// The current role of each (user, team) pair that user tokens name, from the database.
+#[derive(Debug, Default)]
+pub struct MemberCache {
+    inner: Mutex<MemberCacheInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemberCacheInner {
+    /// (user id, team id) → role.
+    roles: HashMap<(String, String), (Role, Instant)>,
+    /// Bumped by every invalidation; a lookup that began before one is not cached.
+    generation: u64,
+}
+
+impl MemberCache {
+    /// The user's current role in the team; `None` if they are not a member (removed,
+    /// left, the team or the account deleted). Not-a-member is never cached.
+    pub async fn role(
+        &self,
+        db: &Db,
+        team_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Role>, DbError> {
+        let key = (user_id.to_owned(), team_id.to_owned());
+        let generation = match self.inner.lock() {
+            Ok(inner) => match inner.roles.get(&key) {
+                Some((role, at)) if at.elapsed() < MEMBER_CACHE_TTL => return Ok(Some(*role)),
+                _ => Some(inner.generation),
+            },
+            Err(_) => None,
+        };
+        let role = match db.member_role(team_id, user_id).await {
+            Ok(r) => r,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if let (Some(generation), Ok(mut inner)) = (generation, self.inner.lock()) {
+            if inner.generation == generation {
+                if inner.roles.len() >= MEMBER_CACHE_MAX {
+                    inner
+                        .roles
+                        .retain(|_, (_, at)| at.elapsed() < MEMBER_CACHE_TTL);
+                }
+                inner.roles.insert(key, (role, Instant::now()));
+            }
+        }
+        Ok(Some(role))
+    }
+
+    fn forget(&self, drop: impl Fn(&str, &str) -> bool) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.generation += 1;
+            inner.roles.retain(|(user, team), _| !drop(user, team));
+        }
+    }
+
+    /// Call after changing `user_id`'s membership of `team_id` (role, removal, leaving).
+    pub fn invalidate(&self, team_id: &str, user_id: &str) {
+        self.forget(|u, t| u == user_id && t == team_id);
+    }
+
+    /// Call after deleting a team.
+    pub fn invalidate_team(&self, team_id: &str) {
+        self.forget(|_, t| t == team_id);
+    }
+
+    /// Call after deleting (or disabling) a user.
+    pub fn invalidate_user(&self, user_id: &str) {
+        self.forget(|u, _| u == user_id);
     }
 }
 
@@ -186,7 +286,7 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
     let p = if let Some(key) = header(headers, "x-api-key") {
         key_principal(state, key).await?
     } else if let Some(token) = bearer(headers) {
-        token_principal(state, token)?
+        token_principal(state, token).await?
     } else {
         return Err(ApiError::unauthorized(
             "missing credentials: send X-API-Key or Authorization: Bearer <token>",
@@ -199,8 +299,23 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
     Ok(p)
 }
 
-pub fn token_principal(state: &AppState, token: &str) -> Result<Principal, ApiError> {
-    let claims = state.jwt.verify(token)?;
+/// A user token's caller. Past the signature and expiry, the membership the token names
+/// is checked against the database (cached briefly, see [`MemberCache`]): a removed
+/// member's token stops working, and the role that authorises is the current one, not
+/// the one the token was issued with.
+pub async fn token_principal(state: &AppState, token: &str) -> Result<Principal, ApiError> {
+    let mut claims = state.jwt.verify(token)?;
+    let role = state
+        .members
+        .role(&state.db, &claims.team_id, &claims.sub)
+        .await?
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                "this token's team membership has ended (removed from the team, or the team \
+                 or the account deleted); log in again",
+            )
+        })?;
+    claims.role = role.as_str().to_string();
     Ok(Principal {
         team_id: claims.team_id.clone(),
         actor: Actor::User {
@@ -271,5 +386,289 @@ impl FromRequestParts<Arc<AppState>> for UserAuth {
         let p = authenticate(state, &parts.headers).await?;
         p.user()?;
         Ok(UserAuth(p))
+    }
+}
+
+/// The client's address as the listener saw it (axum's `ConnectInfo`, which `wrenn serve`
+/// provides), or, when that is one of the configured trusted reverse proxies, the last
+/// address of `X-Forwarded-For` (the one the proxy added). `None` without `ConnectInfo`
+/// (in-process callers, tests): those share one bucket.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl FromRequestParts<Arc<AppState>> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        Ok(ClientIp(match peer {
+            Some(p) if state.config.trusted_proxies.contains(&p) => {
+                forwarded_for(&parts.headers).or(Some(p))
+            }
+            other => other,
+        }))
+    }
+}
+
+/// The last address in the last `X-Forwarded-For` header.
+fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+    let last = headers.get_all("x-forwarded-for").iter().next_back()?;
+    last.to_str().ok()?.rsplit(',').next()?.trim().parse().ok()
+}
+
+impl ClientIp {
+    /// The throttling bucket: an IPv4 address, or the /64 of an IPv6 one (a single
+    /// host commonly has a whole /64 to pick addresses from).
+    fn bucket(self) -> String {
+        match self.0 {
+            None => "unknown".into(),
+            Some(IpAddr::V4(a)) => a.to_string(),
+            Some(IpAddr::V6(a)) => match a.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => {
+                    let s = a.segments();
+                    format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                }
+            },
+        }
+    }
+}
+
+/// Most keys a [`Buckets`] tracks: past it, buckets that have refilled are forgotten, and
+/// if that is not enough new keys are refused (a flood of distinct keys cannot grow it).
+const BUCKETS_MAX: usize = 100_000;
+
+/// Token buckets per key (a client address, an account), `per_minute` refilled
+/// continuously up to a burst of as many.
+#[derive(Debug)]
+struct Buckets {
+    /// 0 = unlimited.
+    per_minute: f64,
+    map: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl Buckets {
+    fn new(per_minute: u32) -> Self {
+        Buckets {
+            per_minute: f64::from(per_minute),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a token for `key`; on refusal, the seconds until one is available.
+    fn take(&self, key: &str) -> Result<(), u64> {
+        if self.per_minute <= 0.0 {
+            return Ok(());
+        }
+        let (burst, rate) = (self.per_minute, self.per_minute / 60.0);
+        let Ok(mut map) = self.map.lock() else {
+            return Err(1);
+        };
+        let now = Instant::now();
+        if map.len() >= BUCKETS_MAX && !map.contains_key(key) {
+            map.retain(|_, (tokens, last)| {
+                *tokens + now.duration_since(*last).as_secs_f64() * rate < burst
+            });
+            if map.len() >= BUCKETS_MAX {
+                return Err(60);
+            }
+        }
+        let (tokens, last) = map.entry(key.to_owned()).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
+
+    /// Gives back a token that [`Buckets::take`] took.
+    fn refund(&self, key: &str) {
+        if let Ok(mut map) = self.map.lock() {
+            if let Some((tokens, _)) = map.get_mut(key) {
+                *tokens = (*tokens + 1.0).min(self.per_minute);
+            }
+        }
+    }
+}
+
+fn too_many(retry_after: u64, message: &str) -> ApiError {
+    ApiError {
+        retry_after: Some(retry_after),
+        ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+    }
+}
+
+/// Sign-up and login throttling. Attempts are limited per client address and per
+/// account (e-mail) before any password is hashed; an account's token is given back
+/// when the attempt succeeds, so that only failures count against it. The hashes
+/// themselves (Argon2id: ~19 MiB and tens of milliseconds of CPU each, on the blocking
+/// pool) run at most `hash_concurrency` at a time with at most `hash_queue` callers
+/// waiting; callers beyond that are answered 503 at once instead of piling up memory.
+#[derive(Debug)]
+pub struct AuthThrottle {
+    per_ip: Buckets,
+    per_account: Buckets,
+    hashes: Arc<Semaphore>,
+    hash_concurrency: usize,
+    hash_queue: usize,
+    waiting: AtomicUsize,
+    running: Arc<AtomicUsize>,
+    peak: AtomicUsize,
+    admitted: AtomicU64,
+}
+
+/// What [`AuthThrottle`] has let through so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HashStats {
+    /// Callers that got to hash (each hashes once or twice).
+    pub admitted: u64,
+    /// Most callers hashing at the same time.
+    pub peak_concurrent: usize,
+    /// Callers hashing now.
+    pub running: usize,
+    /// Callers waiting for their turn now.
+    pub waiting: usize,
+}
+
+/// A sign-in attempt that passed the throttle: call [`Attempt::succeeded`] when the
+/// password was right, so that it does not count against the account.
+#[derive(Debug)]
+#[must_use]
+pub struct Attempt<'a> {
+    throttle: &'a AuthThrottle,
+    account: String,
+}
+
+impl Attempt<'_> {
+    pub fn succeeded(self) {
+        self.throttle.per_account.refund(&self.account);
+    }
+}
+
+/// The right to hash passwords, held while hashing.
+#[derive(Debug)]
+pub struct HashPermit {
+    _permit: OwnedSemaphorePermit,
+    running: Arc<AtomicUsize>,
+}
+
+impl Drop for HashPermit {
+    fn drop(&mut self) {
+        self.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A place in the hash queue, given up when dropped (served or cancelled).
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl AuthThrottle {
+    /// `ip_per_minute` and `account_per_minute` attempts (0 = unlimited);
+    /// `hash_concurrency` hashes at a time (0 = one per CPU), `hash_queue` waiting.
+    pub fn new(
+        ip_per_minute: u32,
+        account_per_minute: u32,
+        hash_concurrency: usize,
+        hash_queue: usize,
+    ) -> Self {
+        let hash_concurrency = match hash_concurrency {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        AuthThrottle {
+            per_ip: Buckets::new(ip_per_minute),
+            per_account: Buckets::new(account_per_minute),
+            hashes: Arc::new(Semaphore::new(hash_concurrency)),
+            hash_concurrency,
+            hash_queue,
+            waiting: AtomicUsize::new(0),
+            running: Arc::new(AtomicUsize::new(0)),
+            peak: AtomicUsize::new(0),
+            admitted: AtomicU64::new(0),
+        }
+    }
+
+    /// Admits an attempt from `ip` for the account `email`, or refuses it (429 with
+    /// Retry-After). Nothing is hashed before this.
+    pub fn attempt(&self, ip: ClientIp, email: &str) -> Result<Attempt<'_>, ApiError> {
+        self.per_ip.take(&ip.bucket()).map_err(|s| {
+            too_many(
+                s,
+                "too many sign-up or login attempts from this address; retry later",
+            )
+        })?;
+        let account = email.trim().to_lowercase();
+        self.per_account.take(&account).map_err(|s| {
+            too_many(
+                s,
+                "too many failed login attempts for this account; retry later",
+            )
+        })?;
+        Ok(Attempt {
+            throttle: self,
+            account,
+        })
+    }
+
+    /// Waits for a turn to hash (503 at once when the queue is full).
+    pub async fn hash_permit(&self) -> Result<HashPermit, ApiError> {
+        let permit = match self.hashes.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return Err(ApiError::internal("hash gate closed")),
+            Err(TryAcquireError::NoPermits) => {
+                let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
+                let _slot = QueueSlot(&self.waiting);
+                if ahead >= self.hash_queue {
+                    return Err(ApiError {
+                        retry_after: Some(1),
+                        ..ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "overloaded",
+                            "too many password checks in progress; retry shortly",
+                        )
+                    });
+                }
+                self.hashes
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ApiError::internal("hash gate closed"))?
+            }
+        };
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        self.admitted.fetch_add(1, Ordering::SeqCst);
+        Ok(HashPermit {
+            _permit: permit,
+            running: self.running.clone(),
+        })
+    }
+
+    /// How many hashes may run at once.
+    pub fn hash_concurrency(&self) -> usize {
+        self.hash_concurrency
+    }
+
+    pub fn stats(&self) -> HashStats {
+        HashStats {
+            admitted: self.admitted.load(Ordering::SeqCst),
+            peak_concurrent: self.peak.load(Ordering::SeqCst),
+            running: self.running.load(Ordering::SeqCst),
+            waiting: self.waiting.load(Ordering::SeqCst),
+        }
     }
 }

@@ -13,6 +13,8 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod openapi;
 pub mod proxy;
+pub mod quota;
+pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod state;
@@ -65,6 +67,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::routing::patch(account::set_role).delete(account::remove_member),
         )
         .route("/v1/teams/{id}/leave", post(account::leave_team))
+        .route(
+            "/v1/teams/{id}/invitations",
+            get(account::list_invitations).post(account::create_invitation),
+        )
+        .route(
+            "/v1/teams/{id}/invitations/{invitation}",
+            delete(account::delete_invitation),
+        )
         .route(
             "/v1/api-keys",
             get(account::list_keys).post(account::create_key),

@@ -16,13 +16,16 @@ pub struct ReconcileReport {
     pub updated: usize,
     /// Rows of capsules the host no longer has (now `stopped`).
     pub lost: usize,
-    /// Capsules the host ran that no row knew (destroyed).
+    /// Running capsules no row knew (destroyed: nothing of them was ever saved).
     pub orphans_destroyed: usize,
+    /// Paused capsules no row knows (`wrenn run --keep`, another database's): left
+    /// untouched on the host with their snapshots, reported, never destroyed.
+    pub quarantined: Vec<String>,
 }
 
 /// Makes the database and the host agree: every live row gets the host's status (or
-/// `stopped` when the host has no such capsule), and capsules no live row owns are
-/// destroyed.
+/// `stopped` when the host has no such capsule); running capsules no live row owns are
+/// destroyed, paused ones are quarantined (kept, reported, unreachable through the API).
 pub async fn reconcile(st: &AppState) -> Result<ReconcileReport, String> {
     let host = st.agent.list().await.map_err(|e| e.message)?;
     let mut on_host: HashMap<String, CapsuleStatus> =
@@ -77,7 +80,14 @@ pub async fn reconcile(st: &AppState) -> Result<ReconcileReport, String> {
         let Ok(cid) = wrenn_core::id::CapsuleId::parse(&id) else {
             continue;
         };
-        tracing::warn!(capsule = %id, %status, "host capsule unknown to the database; destroying it");
+        if status == CapsuleStatus::Paused {
+            tracing::warn!(capsule = %id,
+                "paused capsule unknown to the database: quarantined (kept on the host with \
+                 its snapshot; `wrenn resume`/`wrenn rm` operate on it)");
+            report.quarantined.push(id);
+            continue;
+        }
+        tracing::warn!(capsule = %id, %status, "running capsule unknown to the database; destroying it");
         match st.agent.destroy(&cid).await {
             Ok(()) => report.orphans_destroyed += 1,
             Err(e) if e.kind == HostErrorKind::NotFound => {}
@@ -88,8 +98,55 @@ pub async fn reconcile(st: &AppState) -> Result<ReconcileReport, String> {
     Ok(report)
 }
 
+/// Capsules whose timeout action (pause or destroy) failed: each is retried after a
+/// delay that doubles per failure (up to [`ReaperBackoff::MAX`]) instead of every tick,
+/// and is never destroyed in place of the pause it was due.
+#[derive(Debug, Default)]
+pub struct ReaperBackoff {
+    failed: std::sync::Mutex<HashMap<String, (u32, std::time::Instant)>>,
+}
+
+impl ReaperBackoff {
+    /// The longest wait before the next attempt.
+    pub const MAX: std::time::Duration = std::time::Duration::from_secs(300);
+    const FIRST: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u32, std::time::Instant)>> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the reaper should leave `id` alone for now.
+    pub fn waiting(&self, id: &str) -> bool {
+        self.lock()
+            .get(id)
+            .is_some_and(|(_, next)| std::time::Instant::now() < *next)
+    }
+
+    /// Records a failure; returns how many in a row and the wait before the next try.
+    pub fn failed(&self, id: &str) -> (u32, std::time::Duration) {
+        let mut map = self.lock();
+        let n = map.get(id).map_or(1, |(n, _)| n.saturating_add(1));
+        let wait = Self::FIRST
+            .saturating_mul(1u32 << (n - 1).min(10))
+            .min(Self::MAX);
+        map.insert(id.to_owned(), (n, std::time::Instant::now() + wait));
+        (n, wait)
+    }
+
+    /// How many times in a row the timeout action of `id` has failed.
+    pub fn failures(&self, id: &str) -> u32 {
+        self.lock().get(id).map_or(0, |(n, _)| *n)
+    }
+
+    fn succeeded(&self, id: &str) {
+        self.lock().remove(id);
+    }
+}
+
 /// One pass of the inactivity reaper: idle capsules are paused (or destroyed when their
-/// timeout says kill).
+/// timeout says kill). A pause that fails leaves the capsule as the host has it (running)
+/// with its saved state intact, is reported (log and audit row) and retried later; the
+/// reaper never destroys a capsule it was asked to pause.
 pub async fn reap_once(st: &AppState) {
     let idle = match st.db.system_idle_capsules(wrenn_db::now()).await {
         Ok(v) => v,
@@ -99,6 +156,10 @@ pub async fn reap_once(st: &AppState) {
         }
     };
     for c in idle {
+        let id = c.id.to_string();
+        if st.reaper_backoff.waiting(&id) {
+            continue;
+        }
         let result = if c.pause_on_timeout {
             tracing::info!(capsule = %c.id, memory = c.timeout_pause_memory, "timeout: pausing");
             let mode = PauseMode::keeping_memory(c.timeout_pause_memory);
@@ -109,11 +170,16 @@ pub async fn reap_once(st: &AppState) {
             tracing::info!(capsule = %c.id, "timeout: destroying");
             service::destroy(st, &Actor::System, None, &c).await
         };
-        if let Err(e) = result {
-            tracing::warn!(capsule = %c.id, error = %e, "reaper action failed");
-            if c.pause_on_timeout {
-                // A capsule that cannot be paused is not left running forever.
-                let _ = service::destroy(st, &Actor::System, None, &c).await;
+        match result {
+            Ok(()) => st.reaper_backoff.succeeded(&id),
+            // Someone else (a user's pause or kill) got there first: nothing to do.
+            Err(e) if e.code == "invalid_state" => {
+                tracing::debug!(capsule = %c.id, error = %e, "reaper: capsule changed meanwhile");
+            }
+            Err(e) => {
+                let (n, wait) = st.reaper_backoff.failed(&id);
+                tracing::error!(capsule = %c.id, error = %e, failures = n,
+                    retry_in_s = wait.as_secs(), "timeout action failed; the capsule is kept");
             }
         }
     }

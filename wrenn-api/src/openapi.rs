@@ -101,6 +101,7 @@ impl Modify for CommonErrors {
         v1::account::rename_team, v1::account::delete_team, v1::account::list_members,
         v1::account::add_member, v1::account::set_role, v1::account::remove_member,
         v1::account::leave_team, v1::account::create_key, v1::account::list_keys,
+        v1::account::create_invitation, v1::account::list_invitations, v1::account::delete_invitation,
         v1::account::delete_key, v1::account::audit_logs,
         v1::capsules::create, v1::capsules::list, v1::capsules::get, v1::capsules::destroy,
         v1::capsules::ping, v1::capsules::pause, v1::capsules::resume, v1::capsules::exec,

@@ -211,7 +211,34 @@ async fn resolve(st: &AppState, t: &Target) -> Result<SocketAddr, ApiError> {
     st.agent.port_addr(&id, t.port).map_err(ApiError::from)
 }
 
+/// Removes Wrenn's own credentials (API keys, user tokens) from a request going into a
+/// capsule: the guest runs untrusted code and must not learn them. Other values of
+/// these headers (the guest application's own auth) pass.
+fn strip_wrenn_credentials(st: &AppState, h: &mut HeaderMap) {
+    let ours = |v: &str| {
+        let v = v.trim();
+        wrenn_db::validate_api_key(v).is_ok() || st.jwt.signed_by_us(v)
+    };
+    if h.get_all("x-api-key")
+        .iter()
+        .any(|v| v.to_str().is_ok_and(ours))
+    {
+        h.remove("x-api-key");
+    }
+    let bearer = |v: &HeaderValue| {
+        v.to_str().is_ok_and(|s| {
+            let mut it = s.trim().splitn(2, ' ');
+            let scheme = it.next().unwrap_or("");
+            scheme.eq_ignore_ascii_case("bearer") && ours(it.next().unwrap_or(""))
+        })
+    };
+    if h.get_all(header::AUTHORIZATION).iter().any(bearer) {
+        h.remove(header::AUTHORIZATION);
+    }
+}
+
 async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, ApiError> {
+    strip_wrenn_credentials(st, req.headers_mut());
     let addr = resolve(st, &t).await?;
     st.metrics.proxied();
     let path = req

@@ -16,8 +16,14 @@ pub struct ServeOptions {
     pub database_url: Option<String>,
     /// Make the first start's API key this one (`wrn_` + 32 hex).
     pub bootstrap_key: Option<String>,
+    /// Password of the bootstrap admin (`admin@wrenn.local`, owner of the first team),
+    /// set if the account has none yet (never replaced).
+    pub bootstrap_admin_password: Option<String>,
     /// HS256 secret for user tokens; `None` = generated once and kept in the data dir.
     pub jwt_secret: Option<String>,
+    /// Start even if the database records another data directory's capsules (or none
+    /// while this data directory was served by another database), pairing the two anew.
+    pub adopt_data_dir: bool,
     pub config: ApiConfig,
 }
 
@@ -37,6 +43,8 @@ pub enum ServeError {
     },
     #[error("Reconciliation with the host failed: {0}")]
     Reconcile(String),
+    #[error("{0}")]
+    DataDirMismatch(String),
     #[error("Server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -63,6 +71,90 @@ fn jwt_secret(opts: &ServeOptions) -> Result<Vec<u8>, ServeError> {
     let secret: String = (0..32)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect();
+    write_private(&path, secret.as_bytes())
+        .map_err(|e| ServeError::Secret(format!("{}: {e}", path.display())))?;
+    Ok(secret.into_bytes())
+}
+
+/// The setting and the file that pair a database with its data directory.
+const DATA_DIR_ID_SETTING: &str = "data_dir_id";
+const DATA_DIR_ID_FILE: &str = "data-dir.id";
+
+/// Checks that the database records this data directory's capsules: both carry the same
+/// pairing id, written on the first start. A database paired with another data
+/// directory, or a fresh database meeting a data directory another database served, is
+/// refused (its reconciliation would misjudge every capsule) unless `adopt` says to pair
+/// them anew.
+pub async fn pair_data_dir(
+    db: &wrenn_db::Db,
+    data_dir: &std::path::Path,
+    adopt: bool,
+) -> Result<(), ServeError> {
+    let path = data_dir.join(DATA_DIR_ID_FILE);
+    let on_disk = match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(ServeError::DataDirMismatch(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    let in_db = db
+        .system_setting(DATA_DIR_ID_SETTING)
+        .await
+        .map_err(ServeError::Db)?;
+    let id = match (&on_disk, &in_db) {
+        (Some(f), Some(d)) if f == d => return Ok(()),
+        (None, None) => wrenn_db::new_id("dir-"),
+        _ if adopt => {
+            tracing::warn!(data_dir = %data_dir.display(), file = ?on_disk, database = ?in_db,
+                "pairing the database with this data directory anew (--adopt-data-dir)");
+            on_disk.clone().unwrap_or_else(|| wrenn_db::new_id("dir-"))
+        }
+        (Some(f), None) => {
+            return Err(ServeError::DataDirMismatch(format!(
+                "the database has no record of data directory {} (pairing {f}), which another \
+                 database served: its capsules would be unknown here. Point DATABASE_URL at \
+                 that database, or start with --adopt-data-dir to pair this one with it",
+                data_dir.display()
+            )))
+        }
+        (_, Some(d)) => {
+            return Err(ServeError::DataDirMismatch(format!(
+                "the database belongs to another data directory (pairing {d}) than {} \
+                 (pairing {}): its capsule rows would not match this host. Use the data \
+                 directory it was created with, or start with --adopt-data-dir to pair them \
+                 anew",
+                data_dir.display(),
+                on_disk.as_deref().unwrap_or("none")
+            )))
+        }
+    };
+    db.system_set_setting(DATA_DIR_ID_SETTING, &id)
+        .await
+        .map_err(ServeError::Db)?;
+    write_private(&path, id.as_bytes())
+        .map_err(|e| ServeError::DataDirMismatch(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Makes `path` exist with mode 0600 (an existing file's contents are kept).
+fn private_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+}
+
+/// Writes `bytes` to `path` (mode 0600) durably: a synced temporary file renamed over it.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -71,26 +163,48 @@ fn jwt_secret(opts: &ServeOptions) -> Result<Vec<u8>, ServeError> {
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| ServeError::Secret(format!("{}: {e}", tmp.display())))?;
-    f.write_all(secret.as_bytes())
-        .and_then(|_| f.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, &path))
-        .map_err(|e| ServeError::Secret(format!("{}: {e}", path.display())))?;
-    Ok(secret.into_bytes())
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Opens the database (SQLite in the data dir unless a URL is given) and runs bootstrap;
 /// returns the new API key on a first start.
 pub async fn open_db(opts: &ServeOptions) -> Result<(wrenn_db::Db, Option<String>), ServeError> {
-    let url = opts
-        .database_url
-        .clone()
-        .unwrap_or_else(|| wrenn_db::Db::sqlite_url(&opts.data_dir.join("wrenn.db")));
+    let url = match &opts.database_url {
+        Some(url) => url.clone(),
+        None => {
+            // Created 0600 before SQLite opens it: it holds the server's records
+            // (SQLite gives its journal files the database file's mode).
+            let path = opts.data_dir.join("wrenn.db");
+            private_file(&path).map_err(|e| {
+                ServeError::Secret(format!("cannot create {}: {e}", path.display()))
+            })?;
+            for journal in ["wrenn.db-wal", "wrenn.db-shm"] {
+                let p = opts.data_dir.join(journal);
+                if p.exists() {
+                    private_file(&p).map_err(|e| {
+                        ServeError::Secret(format!("cannot protect {}: {e}", p.display()))
+                    })?;
+                }
+            }
+            wrenn_db::Db::sqlite_url(&path)
+        }
+    };
     let db = wrenn_db::Db::open(&url).await.map_err(ServeError::Db)?;
     let key = wrenn_db::ensure_bootstrap(&db, opts.bootstrap_key.as_deref())
         .await
         .map_err(ServeError::Db)?;
+    if let Some(password) = &opts.bootstrap_admin_password {
+        wrenn_db::ensure_bootstrap_admin_password(&db, password)
+            .await
+            .map_err(ServeError::Db)?;
+    }
     Ok((db, key))
 }
 
@@ -106,6 +220,7 @@ pub async fn run(
     })?;
     let secret = jwt_secret(&opts)?;
     let (db, key) = open_db(&opts).await?;
+    pair_data_dir(&db, &opts.data_dir, opts.adopt_data_dir).await?;
     let host = wrenn::Host::local(wrenn::HostOptions {
         data_dir: wrenn::DataDir::new(&opts.data_dir),
         ..Default::default()
@@ -134,9 +249,13 @@ pub async fn run(
     tracing::info!(%addr, "wrenn serve listening");
     on_ready(addr, key.as_deref());
     let app = crate::router(state.clone());
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    // With the peer address: sign-up and login are throttled per client address.
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
     reaper.abort();
     crate::lifecycle::pause_all_running(&state).await;
     db.close().await;

@@ -59,7 +59,7 @@ pub fn disk_size_mb(c: &Capsule) -> u64 {
     if c.disk_mb > 0 {
         c.disk_mb
     } else {
-        5120
+        wrenn_db::DEFAULT_DISK_MB
     }
 }
 
@@ -186,12 +186,38 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
     // A pre-booted template restores with the sizes it was saved with: other sizes
     // of a platform template boot it instead; a team snapshot always keeps its own.
     let (mut vcpus, mut memory_mb, mut cold_boot) = (p.vcpus, p.memory_mb, false);
+    let host_tpl = state.agent.template(&host_template).await.ok();
     if is_team_snapshot_name(&host_template) {
         (vcpus, memory_mb) = (None, None);
-    } else if let Ok(t) = state.agent.template(&host_template).await {
+    } else if let Some(t) = &host_tpl {
         let differs = |want: Option<u32>, have: Option<u32>| want.is_some() && want != have;
         cold_boot = t.snapshot && (differs(vcpus, t.vcpus) || differs(memory_mb, t.memory_mb));
     }
+    let _reserved = state
+        .quotas
+        .reserve(
+            &state.db,
+            &who.team_id,
+            crate::quota::Ask::capsules(
+                1,
+                u64::from(
+                    vcpus
+                        .or(host_tpl.as_ref().and_then(|t| t.vcpus))
+                        .unwrap_or(1),
+                ),
+                u64::from(
+                    memory_mb
+                        .or(host_tpl.as_ref().and_then(|t| t.memory_mb))
+                        .unwrap_or(512),
+                ),
+                host_tpl
+                    .as_ref()
+                    .map(|t| t.size_bytes.div_ceil(1 << 20))
+                    .filter(|mb| *mb > 0)
+                    .unwrap_or(wrenn_db::DEFAULT_DISK_MB),
+            ),
+        )
+        .await?;
     let spec = CapsuleSpec {
         template: host_template,
         vcpus,
@@ -255,7 +281,11 @@ async fn record(
 ) -> ApiResult<Capsule> {
     let mut metadata = user_metadata.clone();
     metadata.extend(system_metadata(state));
-    let token = state.agent.envd_token(&hc.id).ok();
+    let token = state
+        .agent
+        .envd_token(&hc.id)
+        .ok()
+        .map(|t| state.tokens.seal(hc.id.as_str(), &t));
     let new = NewCapsule {
         id: hc.id.clone(),
         status: CapsuleStatus::Running,
@@ -306,6 +336,50 @@ async fn set_status(state: &AppState, c: &Capsule, s: CapsuleStatus) -> ApiResul
     Ok(row?)
 }
 
+/// The capsule's envd access token in clear (stored sealed).
+pub async fn envd_token(state: &AppState, c: &Capsule) -> ApiResult<Option<String>> {
+    let stored = state
+        .db
+        .capsule_envd_token(&c.team_id, c.id.as_str())
+        .await?;
+    stored
+        .map(|s| state.tokens.open(c.id.as_str(), &s))
+        .transpose()
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Claims `c` for an operation: moves it from `from` to `to` only if it still is `from`
+/// in the database, so of two racing callers (a user's pause and the reaper's) one wins
+/// and the other gets a clear "invalid state" error and changes nothing.
+async fn claim(
+    state: &AppState,
+    c: &Capsule,
+    from: CapsuleStatus,
+    to: CapsuleStatus,
+    verb: &str,
+) -> ApiResult<Capsule> {
+    let row = state
+        .db
+        .transition_capsule_status(&c.team_id, c.id.as_str(), from, to)
+        .await;
+    state.capsule_cache.invalidate(c.id.as_str());
+    match row? {
+        Some(row) => Ok(row),
+        None => {
+            let now = state
+                .db
+                .get_capsule(&c.team_id, c.id.as_str())
+                .await
+                .map(|r| r.status.to_string())
+                .unwrap_or_else(|_| "gone".into());
+            Err(ApiError::invalid_state(format!(
+                "capsule {} is {now}; {verb} needs it {from}",
+                c.id
+            )))
+        }
+    }
+}
+
 /// Pauses a running capsule (memory and disk); its sample history is kept in the database.
 pub async fn pause(
     state: &AppState,
@@ -330,7 +404,14 @@ pub async fn pause_with(
             c.id, c.status
         )));
     }
-    set_status(state, c, CapsuleStatus::Pausing).await?;
+    claim(
+        state,
+        c,
+        CapsuleStatus::Running,
+        CapsuleStatus::Pausing,
+        "pause",
+    )
+    .await?;
     state
         .streams
         .end(c.id.as_str(), crate::proxy::EndReason::Paused);
@@ -393,7 +474,27 @@ pub async fn resume_with(
             c.id, c.status
         )));
     }
-    set_status(state, c, CapsuleStatus::Resuming).await?;
+    // A paused capsule holds disk only; running again, it takes vCPUs and memory.
+    let _reserved = state
+        .quotas
+        .reserve(
+            &state.db,
+            &c.team_id,
+            crate::quota::Ask {
+                vcpus: u64::from(c.vcpus),
+                memory_mb: u64::from(c.memory_mb),
+                ..Default::default()
+            },
+        )
+        .await?;
+    claim(
+        state,
+        c,
+        CapsuleStatus::Paused,
+        CapsuleStatus::Resuming,
+        "resume",
+    )
+    .await?;
     let result = state.agent.resume(&c.id, mode).await;
     let ok = result.is_ok();
     let row = match result {
@@ -405,7 +506,11 @@ pub async fn resume_with(
             if let Ok(token) = state.agent.envd_token(&c.id) {
                 if let Err(e) = state
                     .db
-                    .set_capsule_envd_token(&c.team_id, c.id.as_str(), Some(&token))
+                    .set_capsule_envd_token(
+                        &c.team_id,
+                        c.id.as_str(),
+                        Some(&state.tokens.seal(c.id.as_str(), &token)),
+                    )
                     .await
                 {
                     tracing::warn!(capsule = %c.id, error = %e, "envd token not recorded");
@@ -480,6 +585,19 @@ pub async fn snapshot(
     c: &Capsule,
     name: &str,
 ) -> ApiResult<wrenn_db::Template> {
+    snapshot_with(state, who, c, name, false).await
+}
+
+/// [`snapshot`]; with `overwrite`, an existing snapshot `name` of the team is replaced:
+/// the new one is written first and swapped in, and only then is the old one removed,
+/// so a failure leaves the old snapshot as it was.
+pub async fn snapshot_with(
+    state: &AppState,
+    who: &Principal,
+    c: &Capsule,
+    name: &str,
+    overwrite: bool,
+) -> ApiResult<wrenn_db::Template> {
     if c.status != CapsuleStatus::Running {
         return Err(ApiError::invalid_state(format!(
             "capsule {} is {}; snapshot needs it running",
@@ -494,12 +612,24 @@ pub async fn snapshot(
             format!("{name} is a platform template"),
         ));
     }
-    if state.db.get_template(&who.team_id, name).await.is_ok() {
+    let replaces = state.db.get_template(&who.team_id, name).await.is_ok();
+    if replaces && !overwrite {
         return Err(ApiError::conflict(
             "template_name_taken",
             format!("template {name} already exists"),
         ));
     }
+    let _reserved = state
+        .quotas
+        .reserve(
+            &state.db,
+            &who.team_id,
+            crate::quota::Ask {
+                snapshots: u64::from(!replaces),
+                ..Default::default()
+            },
+        )
+        .await?;
     let host_name = format!("snap-{}", wrenn_core::id::base36(rand::random::<u128>()));
     let result = state.agent.snapshot(&c.id, &host_name).await;
     let ht = match result {
@@ -522,13 +652,41 @@ pub async fn snapshot(
         size_bytes: ht.size_bytes,
         metadata,
     };
-    let row = match state.db.insert_template(&who.team_id, new).await {
+    let stored = if replaces {
+        state
+            .db
+            .replace_template(&who.team_id, new)
+            .await
+            .map(|(old, row)| (Some(old), row))
+    } else {
+        state
+            .db
+            .insert_template(&who.team_id, new)
+            .await
+            .map(|row| (None, row))
+    };
+    let (old, row) = match stored {
         Ok(t) => t,
         Err(e) => {
             let _ = state.agent.delete_template(&host_name).await;
             return Err(ApiError::from(e));
         }
     };
+    // The old snapshot's files go only once the new one is in place.
+    if let Some(old_host) = old
+        .as_ref()
+        .and_then(|t| t.metadata.get(HOST_TEMPLATE_KEY))
+        .and_then(Value::as_str)
+    {
+        match state.agent.delete_template(old_host).await {
+            Ok(()) => {}
+            Err(e) if e.kind == HostErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(template = name, host = old_host, error = %e,
+                    "replaced snapshot's files not removed");
+            }
+        }
+    }
     state
         .audit(
             who,
@@ -536,7 +694,7 @@ pub async fn snapshot(
             "snapshot",
             Some(name),
             true,
-            Some(serde_json::json!({"capsule": c.id.as_str()})),
+            Some(serde_json::json!({"capsule": c.id.as_str(), "replaced": old.is_some()})),
         )
         .await;
     Ok(row)
@@ -577,6 +735,21 @@ pub async fn fork(
             c.id, c.status
         )));
     }
+    let n = count as u64;
+    state.quotas.check_fork_count(n)?;
+    let _reserved = state
+        .quotas
+        .reserve(
+            &state.db,
+            &who.team_id,
+            crate::quota::Ask::capsules(
+                n,
+                u64::from(c.vcpus),
+                u64::from(c.memory_mb),
+                disk_size_mb(c),
+            ),
+        )
+        .await?;
     let mut labels = HashMap::new();
     labels.insert(TEAM_LABEL.to_string(), who.team_id.clone());
     let forks = state

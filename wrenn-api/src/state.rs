@@ -16,6 +16,9 @@ pub struct ApiConfig {
     pub domain: Option<String>,
     /// Largest accepted file upload per request, in bytes.
     pub upload_limit: u64,
+    /// Most output (stdout and stderr together) a synchronous exec collects; a command
+    /// printing more is stopped and the request answered 413.
+    pub exec_output_limit: u64,
     /// Requests per second per key (0 = unlimited) and burst.
     pub rate_limit: u32,
     pub rate_burst: u32,
@@ -25,8 +28,22 @@ pub struct ApiConfig {
     pub e2b_default_timeout: u32,
     /// How often the inactivity reaper looks.
     pub reaper_period: Duration,
-    /// Allow `POST /v1/auth/signup`.
+    /// Limits every team is held to.
+    pub team_limits: crate::quota::TeamLimits,
+    /// Allow `POST /v1/auth/signup` without an invitation (with one it is always
+    /// allowed). `wrenn serve` opens it by default only on a loopback listen address.
     pub open_signup: bool,
+    /// Sign-up and login attempts per minute per client address (0 = unlimited).
+    pub auth_ip_rate: u32,
+    /// Failed login (and sign-up) attempts per minute per account (0 = unlimited).
+    pub auth_account_rate: u32,
+    /// Password hashes at a time (0 = one per CPU).
+    pub hash_concurrency: usize,
+    /// Callers waiting for a password hash beyond which more are answered 503.
+    pub hash_queue: usize,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (for sign-in throttling);
+    /// anyone else's header is ignored.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for ApiConfig {
@@ -34,12 +51,19 @@ impl Default for ApiConfig {
         ApiConfig {
             domain: None,
             upload_limit: 100 * 1024 * 1024,
+            exec_output_limit: 16 * 1024 * 1024,
+            team_limits: crate::quota::TeamLimits::default(),
             rate_limit: 200,
             rate_burst: 400,
             min_idle_timeout: 60,
             e2b_default_timeout: 300,
             reaper_period: Duration::from_secs(2),
             open_signup: true,
+            auth_ip_rate: 20,
+            auth_account_rate: 10,
+            hash_concurrency: 0,
+            hash_queue: 32,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -61,16 +85,35 @@ pub struct AppState {
     pub proxy: crate::proxy::ProxyClient,
     /// What is in flight through the proxy, per capsule: ended on kill and pause.
     pub streams: crate::proxy::LiveStreams,
+    /// Per-team limits and the reservations of requests in flight.
+    pub quotas: crate::quota::Quotas,
+    /// Seals the envd tokens kept in the database.
+    pub tokens: crate::secrets::TokenSealer,
+    /// Capsules whose timeout action failed, retried later rather than every tick.
+    pub reaper_backoff: crate::lifecycle::ReaperBackoff,
+    /// Team roles of user tokens, checked against the database (briefly cached).
+    pub members: crate::auth::MemberCache,
+    /// Sign-up and login throttling and the bound on concurrent password hashes.
+    pub auth_throttle: crate::auth::AuthThrottle,
 }
 
 impl AppState {
     pub fn new(db: Db, agent: Arc<dyn HostAgent>, config: ApiConfig, jwt_secret: &[u8]) -> Self {
         AppState {
+            quotas: crate::quota::Quotas::new(config.team_limits),
             limiter: RateLimiter::new(config.rate_limit, config.rate_burst),
+            members: crate::auth::MemberCache::default(),
+            auth_throttle: crate::auth::AuthThrottle::new(
+                config.auth_ip_rate,
+                config.auth_account_rate,
+                config.hash_concurrency,
+                config.hash_queue,
+            ),
             db,
             agent,
             config,
             jwt: JwtKeys::new(jwt_secret),
+            tokens: crate::secrets::TokenSealer::new(jwt_secret),
             keys: KeyCache::default(),
             metrics: ServerMetrics::new(),
             activity: Activity::default(),
@@ -78,6 +121,7 @@ impl AppState {
             capsule_cache: CapsuleCache::default(),
             proxy: crate::proxy::client(),
             streams: crate::proxy::LiveStreams::default(),
+            reaper_backoff: crate::lifecycle::ReaperBackoff::default(),
         }
     }
 

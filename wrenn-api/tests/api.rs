@@ -27,7 +27,12 @@ const KEY: &str = "wrn_00112233445566778899aabbccddeeff";
 fn data_dir() -> tempfile::TempDir {
     std::fs::create_dir_all("/var/lib/wrenn-test").expect("test root");
     let dir = tempfile::tempdir_in("/var/lib/wrenn-test").expect("temp data dir");
-    let root = dir.path();
+    populate(dir.path());
+    dir
+}
+
+/// Links the built images and the `minimal` template into the data directory `root`.
+fn populate(root: &Path) {
     std::os::unix::fs::symlink(Path::new(IMAGES).join("images"), root.join("images"))
         .expect("link images");
     std::fs::create_dir_all(root.join("templates")).expect("templates dir");
@@ -42,7 +47,6 @@ fn data_dir() -> tempfile::TempDir {
         let _ = std::fs::create_dir_all(root.join("run"));
         let _ = std::fs::write(root.join("run/accel-probe.json"), probe);
     }
-    dir
 }
 
 struct Api {
@@ -52,7 +56,10 @@ struct Api {
 }
 
 async fn api(t: &TestDb, config: ApiConfig) -> Api {
-    let dir = data_dir();
+    api_in(t, config, data_dir()).await
+}
+
+async fn api_in(t: &TestDb, config: ApiConfig, dir: tempfile::TempDir) -> Api {
     let host = wrenn::Host::local(wrenn::HostOptions {
         data_dir: wrenn::DataDir::new(dir.path()),
         ..Default::default()
@@ -478,11 +485,13 @@ async fn e2b_error_shapes_and_key_spellings(t: &TestDb) {
         (StatusCode::NOT_FOUND, "not_found")
     );
 
-    // Both spellings of a key are one key.
+    // Both spellings of a key are one key (keys are made by the team's owner: an API
+    // key cannot make keys).
     let r = a.get("/v2/sandboxes", Some(&e2b_key)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let owner = admin_token(&a).await;
     let r = a
-        .post("/v1/api-keys", Some(&e2b_key), json!({"name": "k"}))
+        .post("/v1/api-keys", Some(&owner), json!({"name": "k"}))
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let (id, key, alias) = (
@@ -499,7 +508,7 @@ async fn e2b_error_shapes_and_key_spellings(t: &TestDb) {
         .call(
             Method::DELETE,
             &format!("/v1/api-keys/{id}"),
-            Some(KEY),
+            Some(&owner),
             None,
         )
         .await;
@@ -599,8 +608,8 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
 
-    // Reconciliation: a row the host does not know becomes stopped; a capsule the
-    // database does not know is destroyed.
+    // Reconciliation: a row the host does not know becomes stopped; a running capsule
+    // the database does not know is destroyed, a paused one quarantined.
     let ghost = wrenn_core::id::CapsuleId::random();
     let team = a
         .state
@@ -639,9 +648,28 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
         })
         .await
         .expect("orphan capsule");
+    // A paused capsule no row knows (e.g. `wrenn run --keep` in this data dir).
+    let kept = a
+        .state
+        .agent
+        .create(CapsuleSpec {
+            template: "minimal".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("kept capsule");
+    a.state
+        .agent
+        .pause(&kept.id, wrenn_api::agent::PauseMode::Full)
+        .await
+        .expect("pause kept capsule");
     let report = wrenn_api::lifecycle::reconcile(&a.state)
         .await
         .expect("reconcile");
+    assert_eq!(report.quarantined, [kept.id.to_string()], "{report:?}");
+    let host = a.state.agent.get(&kept.id).await.expect("kept on the host");
+    assert_eq!(host.status, CapsuleStatus::Paused);
+    a.state.agent.destroy(&kept.id).await.expect("destroy kept");
     assert_eq!(
         (report.lost, report.orphans_destroyed),
         (1, 1),
@@ -690,9 +718,1557 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
     );
 }
 
+/// Makes a directory unwritable even for root (`chattr +i`), as a full or failing disk
+/// would make it for the snapshot writer; undone when dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Immutable {
+        let status = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .expect("run chattr (e2fsprogs)");
+        assert!(status.success(), "chattr +i {}", dir.display());
+        Immutable(dir.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+async fn exec_out(a: &Api, id: &str, script: &str) -> Resp {
+    a.post(
+        &format!("/v1/capsules/{id}/exec"),
+        Some(KEY),
+        json!({"cmd": "/bin/sh", "args": ["-c", script]}),
+    )
+    .await
+}
+
+async fn capsule_status(a: &Api, id: &str) -> String {
+    let r = a.get(&format!("/v1/capsules/{id}"), Some(KEY)).await;
+    r.body["status"].as_str().unwrap_or("<none>").to_string()
+}
+
+/// A timed-out capsule whose pause fails is kept (running, its state intact) and the
+/// pause is retried later; a pause that lost a race with another one changes nothing.
+async fn failed_pause_keeps_capsule(t: &TestDb) {
+    let dir = data_dir();
+    let snapshots = dir.path().join("snapshots");
+    let a = api_in(
+        t,
+        ApiConfig {
+            min_idle_timeout: 1,
+            ..Default::default()
+        },
+        dir,
+    )
+    .await;
+    let r = a
+        .post(
+            "/v1/capsules",
+            Some(KEY),
+            json!({"template": "minimal", "timeout_sec": 1}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.body["id"].as_str().expect("id").to_string();
+    let r = exec_out(&a, &id, "echo kept > /tmp/state").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+
+    // The reaper read the row as running; a user's pause gets there first.
+    let stale = a
+        .state
+        .db
+        .system_get_capsule(&id)
+        .await
+        .expect("capsule row");
+    let r = a
+        .post(&format!("/v1/capsules/{id}/pause"), Some(KEY), json!({}))
+        .await;
+    assert_eq!(r.body["status"], "paused", "{}", r.text);
+    let lost = wrenn_api::service::pause_with(
+        &a.state,
+        &wrenn_db::Actor::System,
+        None,
+        &stale,
+        wrenn_api::agent::PauseMode::Full,
+    )
+    .await
+    .expect_err("a second pause of a paused capsule");
+    assert_eq!(lost.code, "invalid_state", "{lost:?}");
+    assert_eq!(capsule_status(&a, &id).await, "paused");
+    let r = a
+        .post(&format!("/v1/capsules/{id}/resume"), Some(KEY), json!({}))
+        .await;
+    assert_eq!(r.body["status"], "running", "{}", r.text);
+
+    // The snapshot cannot be written: the timeout's pause fails, the capsule runs on.
+    let stuck = Immutable::set(&snapshots.join(&id));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    wrenn_api::lifecycle::reap_once(&a.state).await;
+    assert_eq!(a.state.reaper_backoff.failures(&id), 1, "the pause failed");
+    assert_eq!(capsule_status(&a, &id).await, "running");
+    drop(stuck);
+    let r = exec_out(&a, &id, "cat /tmp/state").await;
+    assert_eq!(r.body["stdout"], "kept\n", "{}", r.text);
+    let r = a
+        .get("/v1/audit-logs?resource_type=capsule", Some(KEY))
+        .await;
+    let failed_pauses = r.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|i| i["resource_id"] == id.as_str() && i["action"] == "capsule.pause")
+        .filter(|i| i["status"] == "failure")
+        .count();
+    assert_eq!(failed_pauses, 1, "{}", r.text);
+
+    // Not retried before its backoff ends, then paused.
+    wrenn_api::lifecycle::reap_once(&a.state).await;
+    assert_eq!(capsule_status(&a, &id).await, "running", "backing off");
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    wrenn_api::lifecycle::reap_once(&a.state).await;
+    assert_eq!(capsule_status(&a, &id).await, "paused");
+    assert_eq!(a.state.reaper_backoff.failures(&id), 0);
+    let r = a
+        .post(&format!("/v1/capsules/{id}/resume"), Some(KEY), json!({}))
+        .await;
+    assert_eq!(r.body["status"], "running", "{}", r.text);
+    let r = exec_out(&a, &id, "cat /tmp/state").await;
+    assert_eq!(r.body["stdout"], "kept\n", "{}", r.text);
+    let r = a
+        .call(
+            Method::DELETE,
+            &format!("/v1/capsules/{id}"),
+            Some(KEY),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+}
+
+/// What `/tmp/v` holds in a new capsule of template `name` (destroyed after).
+async fn read_v_from(a: &Api, name: &str) -> String {
+    let r = a
+        .post("/v1/capsules", Some(KEY), json!({"template": name}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let cid = r.body["id"].as_str().expect("id").to_string();
+    let out = exec_out(a, &cid, "cat /tmp/v").await;
+    assert_eq!(out.status, StatusCode::OK, "{}", out.text);
+    a.call(
+        Method::DELETE,
+        &format!("/v1/capsules/{cid}"),
+        Some(KEY),
+        None,
+    )
+    .await;
+    format!(
+        "{}{}",
+        out.body["stdout"].as_str().unwrap_or(""),
+        out.body["stderr"].as_str().unwrap_or("")
+    )
+}
+
+/// `?overwrite=true` writes the new snapshot before the old one goes: a failed
+/// overwrite leaves the old snapshot usable.
+async fn snapshot_overwrite_keeps_old_until_new(t: &TestDb) {
+    let a = api(t, ApiConfig::default()).await;
+    let r = a
+        .post("/v1/capsules", Some(KEY), json!({"template": "minimal"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.body["id"].as_str().expect("id").to_string();
+    let r = exec_out(&a, &id, "echo one > /tmp/v").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = a
+        .post(
+            "/v1/snapshots",
+            Some(KEY),
+            json!({"sandbox_id": id, "name": "keep"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+
+    // A paused capsule cannot be snapshotted: the overwrite fails, "keep" stays.
+    let r = a
+        .post(&format!("/v1/capsules/{id}/pause"), Some(KEY), json!({}))
+        .await;
+    assert_eq!(r.body["status"], "paused", "{}", r.text);
+    let r = a
+        .post(
+            "/v1/snapshots?overwrite=true",
+            Some(KEY),
+            json!({"sandbox_id": id, "name": "keep"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (StatusCode::CONFLICT, "invalid_state"),
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        read_v_from(&a, "keep").await,
+        "one\n",
+        "the old snapshot survives"
+    );
+
+    // A successful overwrite replaces it.
+    let r = a
+        .post(&format!("/v1/capsules/{id}/resume"), Some(KEY), json!({}))
+        .await;
+    assert_eq!(r.body["status"], "running", "{}", r.text);
+    exec_out(&a, &id, "echo two > /tmp/v").await;
+    let r = a
+        .post(
+            "/v1/snapshots?overwrite=true",
+            Some(KEY),
+            json!({"sandbox_id": id, "name": "keep"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(
+        read_v_from(&a, "keep").await,
+        "two\n",
+        "the new snapshot replaced it"
+    );
+    let r = a.get("/v1/snapshots?type=snapshot", Some(KEY)).await;
+    let names: Vec<&str> = r
+        .body
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["keep"], "{}", r.text);
+    a.call(
+        Method::DELETE,
+        &format!("/v1/capsules/{id}"),
+        Some(KEY),
+        None,
+    )
+    .await;
+}
+
+/// The database and the data directory are paired on the first start; a mismatch is
+/// refused unless adopting is asked for.
+async fn data_dir_pairing(t: &TestDb) {
+    use wrenn_api::server::pair_data_dir;
+    let one = tempfile::tempdir().expect("dir");
+    let two = tempfile::tempdir().expect("dir");
+    pair_data_dir(&t.db, one.path(), false)
+        .await
+        .expect("first start pairs");
+    pair_data_dir(&t.db, one.path(), false)
+        .await
+        .expect("same pair again");
+    let id = std::fs::read_to_string(one.path().join("data-dir.id")).expect("id file");
+    let mode = std::fs::metadata(one.path().join("data-dir.id"))
+        .expect("id file")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let err = pair_data_dir(&t.db, two.path(), false)
+        .await
+        .expect_err("the database belongs to another data dir");
+    assert!(err.to_string().contains("--adopt-data-dir"), "{err}");
+    // A fresh database meeting a data dir another database served.
+    t.db.system_set_setting("data_dir_id", "dir-other")
+        .await
+        .expect("set");
+    let err = pair_data_dir(&t.db, one.path(), false)
+        .await
+        .expect_err("mismatch");
+    assert!(err.to_string().contains("another data directory"), "{err}");
+    pair_data_dir(&t.db, one.path(), true)
+        .await
+        .expect("adopting pairs them anew");
+    assert_eq!(
+        t.db.system_setting("data_dir_id").await.expect("get"),
+        Some(id.trim().to_string())
+    );
+    pair_data_dir(&t.db, one.path(), false)
+        .await
+        .expect("paired now");
+}
+
+/// Per-team limits: 403 when a request alone is over a limit, 429 when the team's
+/// usage is; creates in flight count, so concurrent creates cannot pass a limit.
+async fn team_limits(t: &TestDb) {
+    let a = api(
+        t,
+        ApiConfig {
+            team_limits: wrenn_api::quota::TeamLimits {
+                capsules: 2,
+                vcpus: 2,
+                memory_mb: 0,
+                disk_mb: 0,
+                snapshots: 1,
+                fork_count: 1,
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let create = |body: Value| a.post("/v1/capsules", Some(KEY), body);
+    let r = create(json!({"template": "minimal", "vcpus": 3})).await;
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (StatusCode::FORBIDDEN, "quota_exceeded"),
+        "{}",
+        r.text
+    );
+    let r = create(json!({"template": "minimal"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let first = r.body["id"].as_str().expect("id").to_string();
+    // Two creates at once for the one place left: one gets it.
+    let (r1, r2) = tokio::join!(
+        create(json!({"template": "minimal"})),
+        create(json!({"template": "minimal"}))
+    );
+    let mut statuses = [r1.status, r2.status];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::CREATED, StatusCode::TOO_MANY_REQUESTS],
+        "{} / {}",
+        r1.text,
+        r2.text
+    );
+    let loser = if r1.status == StatusCode::CREATED {
+        &r2
+    } else {
+        &r1
+    };
+    assert_eq!(error_code(loser), "quota_exceeded", "{}", loser.text);
+    assert!(
+        loser.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2 capsules")),
+        "{}",
+        loser.text
+    );
+    let second = [&r1, &r2]
+        .iter()
+        .find(|r| r.status == StatusCode::CREATED)
+        .and_then(|r| r.body["id"].as_str())
+        .expect("second id")
+        .to_string();
+    // The E2B API answers in its own error shape, with the same status.
+    let r = a
+        .post("/sandboxes", Some(KEY), json!({"templateID": "minimal"}))
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    assert_eq!(r.body["code"], 429, "{}", r.text);
+
+    let r = a
+        .post(
+            &format!("/sandboxes/{first}/fork"),
+            Some(KEY),
+            json!({"count": 2}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
+    assert_eq!(r.body["code"], 403, "{}", r.text);
+    let r = a
+        .post(
+            &format!("/sandboxes/{first}/fork"),
+            Some(KEY),
+            json!({"count": 1}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+
+    // Snapshots: one allowed; replacing it is not another.
+    let snap = |name: &str, overwrite: bool| {
+        let path = if overwrite {
+            "/v1/snapshots?overwrite=true"
+        } else {
+            "/v1/snapshots"
+        };
+        a.post(path, Some(KEY), json!({"sandbox_id": first, "name": name}))
+    };
+    assert_eq!(snap("lim-one", false).await.status, StatusCode::CREATED);
+    let r = snap("lim-two", false).await;
+    assert_eq!(
+        (r.status, error_code(&r)),
+        (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+        "{}",
+        r.text
+    );
+    assert_eq!(snap("lim-one", true).await.status, StatusCode::CREATED);
+
+    // A paused capsule frees its vCPUs until it resumes.
+    let r = a
+        .post(
+            &format!("/v1/capsules/{second}/pause"),
+            Some(KEY),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "paused", "{}", r.text);
+    let r = a
+        .post(
+            &format!("/v1/capsules/{second}/resume"),
+            Some(KEY),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "running", "{}", r.text);
+    for id in [&first, &second] {
+        a.call(
+            Method::DELETE,
+            &format!("/v1/capsules/{id}"),
+            Some(KEY),
+            None,
+        )
+        .await;
+    }
+    a.call(Method::DELETE, "/v1/snapshots/lim-one", Some(KEY), None)
+        .await;
+    let r = create(json!({"template": "minimal"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "freed again: {}", r.text);
+    let id = r.body["id"].as_str().expect("id").to_string();
+    a.call(
+        Method::DELETE,
+        &format!("/v1/capsules/{id}"),
+        Some(KEY),
+        None,
+    )
+    .await;
+}
+
 on_both_backends!(
     accounts_teams_and_keys,
     validation_and_limits,
     e2b_error_shapes_and_key_spellings,
-    capsule_lifecycle_and_reconcile
+    capsule_lifecycle_and_reconcile,
+    failed_pause_keeps_capsule,
+    snapshot_overwrite_keeps_old_until_new,
+    data_dir_pairing,
+    team_limits
 );
+
+/// The bootstrap admin's password in these tests (as `--bootstrap-admin-password`).
+const ADMIN_PASSWORD: &str = "bootstrap admin pw";
+
+/// A user token of the bootstrap admin, the owner of [`KEY`]'s team.
+async fn admin_token(a: &Api) -> String {
+    wrenn_db::ensure_bootstrap_admin_password(&a.state.db, ADMIN_PASSWORD)
+        .await
+        .expect("admin password");
+    let r = a
+        .post(
+            "/v1/auth/login",
+            None,
+            json!({"email": wrenn_db::BOOTSTRAP_ADMIN_EMAIL, "password": ADMIN_PASSWORD}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    r.body["token"].as_str().expect("token").to_string()
+}
+
+/// Who may manage keys and members, what a user token is worth once its membership
+/// changes, the owner's rules, sign-up and invitations, and the throttling of sign-in.
+/// None of these boots a capsule.
+mod auth_rules {
+    use super::*;
+    use axum::extract::ConnectInfo;
+    use std::net::{IpAddr, SocketAddr};
+    use std::time::{Duration, Instant};
+
+    on_both_backends!(
+        api_keys_need_an_owner_or_admin,
+        memberships_are_checked_on_every_request,
+        owner_rules,
+        signup_closed_and_invitations,
+        login_and_signup_are_throttled,
+        forwarded_for_counts_only_from_trusted_proxies,
+    );
+
+    /// Sign-in throttling off, for the tests that sign many people in.
+    fn unthrottled() -> ApiConfig {
+        ApiConfig {
+            auth_ip_rate: 0,
+            auth_account_rate: 0,
+            ..Default::default()
+        }
+    }
+
+    /// A `/v1` error: this status and code, a message, as JSON.
+    #[track_caller]
+    fn assert_error(r: &Resp, status: StatusCode, code: &str) {
+        assert_eq!((r.status, error_code(r)), (status, code), "{}", r.text);
+        let msg = r.body["error"]["message"].as_str().unwrap_or("");
+        assert!(!msg.is_empty(), "{}", r.text);
+        let ct = r.headers.get(header::CONTENT_TYPE).expect("content type");
+        assert!(ct.to_str().unwrap_or("").starts_with("application/json"));
+    }
+
+    async fn home_team(a: &Api, token: &str) -> String {
+        let r = a.get("/v1/teams", Some(token)).await;
+        r.body[0]["id"].as_str().expect("team id").to_string()
+    }
+
+    /// `token`'s user acting for `team` (a new token from switch-team).
+    async fn switch(a: &Api, token: &str, team: &str) -> String {
+        let r = a
+            .post(
+                "/v1/auth/switch-team",
+                Some(token),
+                json!({"team_id": team}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        r.body["token"].as_str().expect("token").to_string()
+    }
+
+    /// Signs `email` up, adds them to `team` (by its owner `owner`) with `role`, and
+    /// returns their token for `team` and their id.
+    async fn join(a: &Api, owner: &str, team: &str, email: &str, role: &str) -> (String, String) {
+        let (own, id) = a.user(email).await;
+        let r = a
+            .post(
+                &format!("/v1/teams/{team}/members"),
+                Some(owner),
+                json!({"email": email, "role": role}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        (switch(a, &own, team).await, id)
+    }
+
+    async fn patch_role(a: &Api, who: &str, team: &str, uid: &str, role: &str) -> Resp {
+        a.call(
+            Method::PATCH,
+            &format!("/v1/teams/{team}/members/{uid}"),
+            Some(who),
+            Some(json!({"role": role})),
+        )
+        .await
+    }
+
+    async fn remove(a: &Api, who: &str, team: &str, uid: &str) -> Resp {
+        a.call(
+            Method::DELETE,
+            &format!("/v1/teams/{team}/members/{uid}"),
+            Some(who),
+            None,
+        )
+        .await
+    }
+
+    async fn members(a: &Api, who: &str, team: &str) -> Vec<(String, String)> {
+        let r = a.get(&format!("/v1/teams/{team}/members"), Some(who)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        r.body
+            .as_array()
+            .expect("members")
+            .iter()
+            .map(|m| {
+                (
+                    m["user_id"].as_str().unwrap_or("").to_string(),
+                    m["role"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Only the owner and admins, with their user token, create and delete keys; API
+    /// keys (member rights) never do; another team's key is 404, not 403.
+    async fn api_keys_need_an_owner_or_admin(t: &TestDb) {
+        let a = api(t, unthrottled()).await;
+        let (alice, _) = a.user("alice@example.com").await;
+        let home = home_team(&a, &alice).await;
+        let (bob, bob_id) = join(&a, &alice, &home, "bob@example.com", "member").await;
+
+        let r = a
+            .post("/v1/api-keys", Some(&bob), json!({"name": "b"}))
+            .await;
+        assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+        assert!(r.text.contains("owner or admins"), "{}", r.text);
+        let r = a
+            .post("/v1/api-keys", Some(&alice), json!({"name": "ci"}))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let (key, key_id) = (
+            r.body["key"].as_str().expect("key").to_string(),
+            r.body["id"].as_str().expect("id").to_string(),
+        );
+        let del = |who: String, id: String| {
+            let a = &a;
+            async move {
+                a.call(
+                    Method::DELETE,
+                    &format!("/v1/api-keys/{id}"),
+                    Some(&who),
+                    None,
+                )
+                .await
+            }
+        };
+        assert_error(
+            &del(bob.clone(), key_id.clone()).await,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        );
+
+        // An API key acts with member rights: it lists keys, but neither makes nor
+        // deletes any (not even itself), in either spelling.
+        for k in [key.clone(), format!("e2b_{}", &key[4..])] {
+            let r = a.post("/v1/api-keys", Some(&k), json!({"name": "x"})).await;
+            assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+            assert!(r.text.contains("API keys cannot"), "{}", r.text);
+            assert_error(
+                &del(k.clone(), key_id.clone()).await,
+                StatusCode::FORBIDDEN,
+                "forbidden",
+            );
+        }
+        assert_eq!(
+            a.get("/v1/api-keys", Some(&key)).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            a.get("/v1/api-keys", Some(&bob)).await.status,
+            StatusCode::OK
+        );
+        // The bootstrap key too (it was the only way to make keys for its team).
+        let r = a.post("/v1/api-keys", Some(KEY), json!({})).await;
+        assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+
+        // Another team's key is not found, whoever asks.
+        let (carol, _) = a.user("carol@example.com").await;
+        let r = a
+            .post("/v1/api-keys", Some(&carol), json!({"name": "c"}))
+            .await;
+        let carol_key = r.body["key"].as_str().expect("key").to_string();
+        for who in [carol.clone(), carol_key] {
+            assert_error(
+                &del(who, key_id.clone()).await,
+                StatusCode::NOT_FOUND,
+                "not_found",
+            );
+        }
+        assert_eq!(
+            a.get("/v1/capsules", Some(&key)).await.status,
+            StatusCode::OK
+        );
+
+        // Made an admin, bob may (with the same token: the role is read afresh).
+        let r = patch_role(&a, &alice, &home, &bob_id, "admin").await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        let r = a
+            .post("/v1/api-keys", Some(&bob), json!({"name": "b"}))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        assert_eq!(r.body["created_by"], bob_id.as_str());
+        let r = del(bob.clone(), key_id.clone()).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        assert_eq!(
+            a.get("/v1/capsules", Some(&key)).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
+    /// A user token is only as good as the membership it names, now: removal, leaving,
+    /// a role change and a deleted team take effect on the next request; a change made
+    /// behind this server's back within [`wrenn_api::auth::MEMBER_CACHE_TTL`].
+    async fn memberships_are_checked_on_every_request(t: &TestDb) {
+        let a = api(t, unthrottled()).await;
+        let (alice, _) = a.user("alice@example.com").await;
+        let home = home_team(&a, &alice).await;
+        let (bob, bob_id) = join(&a, &alice, &home, "bob@example.com", "admin").await;
+        assert_eq!(
+            a.get("/v1/capsules", Some(&bob)).await.status,
+            StatusCode::OK
+        );
+        let r = a
+            .post("/v1/api-keys", Some(&bob), json!({"name": "b"}))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+
+        // Demoted: the token still says admin; the server goes by the database.
+        let r = patch_role(&a, &alice, &home, &bob_id, "member").await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        let r = a
+            .post("/v1/api-keys", Some(&bob), json!({"name": "b"}))
+            .await;
+        assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+        assert_eq!(a.get("/v1/me", Some(&bob)).await.body["role"], "member");
+
+        // Removed: the token is dead at once, for everything.
+        let r = remove(&a, &alice, &home, &bob_id).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        for (m, path) in [
+            (Method::GET, "/v1/capsules"),
+            (Method::POST, "/v1/api-keys"),
+            (Method::GET, "/v1/api-keys"),
+            (Method::GET, "/v1/me"),
+            (Method::GET, "/v1/audit-logs"),
+            (Method::GET, "/v2/sandboxes"),
+        ] {
+            let body = (m == Method::POST).then(|| json!({"name": "x"}));
+            let r = a.call(m.clone(), path, Some(&bob), body).await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{m} {path}: {}", r.text);
+        }
+        let r = a.get(&format!("/v1/teams/{home}"), Some(&bob)).await;
+        assert_error(&r, StatusCode::UNAUTHORIZED, "unauthorized");
+        // Bob's token for his own team is unaffected; he can log in again there.
+        let r = a
+            .post(
+                "/v1/auth/login",
+                None,
+                json!({"email": "bob@example.com", "password": "long enough pw"}),
+            )
+            .await;
+        let bob_own = r.body["token"].as_str().expect("token").to_string();
+        assert_eq!(
+            a.get("/v1/capsules", Some(&bob_own)).await.status,
+            StatusCode::OK
+        );
+        assert_error(
+            &a.post(
+                "/v1/auth/switch-team",
+                Some(&bob_own),
+                json!({"team_id": home}),
+            )
+            .await,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        );
+
+        // Leaving.
+        let (carol, _) = join(&a, &alice, &home, "carol@example.com", "member").await;
+        let r = a
+            .post(&format!("/v1/teams/{home}/leave"), Some(&carol), json!({}))
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        assert_eq!(
+            a.get("/v1/capsules", Some(&carol)).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+
+        // A deleted team.
+        let r = a
+            .post("/v1/teams", Some(&alice), json!({"name": "Side"}))
+            .await;
+        let side = r.body["id"].as_str().expect("id").to_string();
+        let alice_side = switch(&a, &alice, &side).await;
+        let r = a
+            .post("/v1/api-keys", Some(&alice_side), json!({"name": "side"}))
+            .await;
+        let side_key = r.body["key"].as_str().expect("key").to_string();
+        assert_eq!(
+            a.get("/v1/capsules", Some(&alice_side)).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            a.get("/v1/capsules", Some(&side_key)).await.status,
+            StatusCode::OK
+        );
+        let r = a
+            .call(
+                Method::DELETE,
+                &format!("/v1/teams/{side}"),
+                Some(&alice),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        for k in [&alice_side, &side_key] {
+            assert_eq!(
+                a.get("/v1/capsules", Some(k)).await.status,
+                StatusCode::UNAUTHORIZED
+            );
+        }
+        assert_eq!(
+            a.get("/v1/capsules", Some(&alice)).await.status,
+            StatusCode::OK
+        );
+
+        // Removed by another server on the same database: seen within the cache's TTL.
+        let (dave, dave_id) = join(&a, &alice, &home, "dave@example.com", "member").await;
+        assert_eq!(
+            a.get("/v1/capsules", Some(&dave)).await.status,
+            StatusCode::OK
+        );
+        t.db.remove_member(&home, &dave_id).await.expect("removed");
+        tokio::time::sleep(wrenn_api::auth::MEMBER_CACHE_TTL + Duration::from_millis(300)).await;
+        assert_eq!(
+            a.get("/v1/capsules", Some(&dave)).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
+    /// One owner, always: admins manage members, only the owner manages admins and
+    /// hands ownership over; the owner can be neither removed nor demoted, and leaves
+    /// only after handing ownership over.
+    async fn owner_rules(t: &TestDb) {
+        let a = api(t, unthrottled()).await;
+        let (alice, alice_id) = a.user("alice@example.com").await;
+        let home = home_team(&a, &alice).await;
+        let (bob, bob_id) = join(&a, &alice, &home, "bob@example.com", "admin").await;
+        let (_erin, erin_id) = join(&a, &alice, &home, "erin@example.com", "admin").await;
+        let (carol, carol_id) = join(&a, &alice, &home, "carol@example.com", "member").await;
+        a.user("frank@example.com").await;
+
+        // What an admin may not do.
+        for (r, what) in [
+            (
+                patch_role(&a, &bob, &home, &alice_id, "member").await,
+                "demote the owner",
+            ),
+            (
+                patch_role(&a, &bob, &home, &alice_id, "admin").await,
+                "demote the owner",
+            ),
+            (remove(&a, &bob, &home, &alice_id).await, "remove the owner"),
+            (
+                patch_role(&a, &bob, &home, &bob_id, "owner").await,
+                "take ownership",
+            ),
+            (
+                patch_role(&a, &bob, &home, &carol_id, "admin").await,
+                "make an admin",
+            ),
+            (
+                patch_role(&a, &bob, &home, &erin_id, "member").await,
+                "demote an admin",
+            ),
+            (remove(&a, &bob, &home, &erin_id).await, "remove an admin"),
+            (
+                a.post(
+                    &format!("/v1/teams/{home}/members"),
+                    Some(&bob),
+                    json!({"email": "frank@example.com", "role": "admin"}),
+                )
+                .await,
+                "add an admin",
+            ),
+            (
+                remove(&a, &carol, &home, &bob_id).await,
+                "(a member) remove an admin",
+            ),
+        ] {
+            assert_eq!(r.status, StatusCode::FORBIDDEN, "{what}: {}", r.text);
+            assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+        }
+        // The owner cannot demote themselves or leave: ownership is handed over first.
+        let r = patch_role(&a, &alice, &home, &alice_id, "admin").await;
+        assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+        for r in [
+            a.post(&format!("/v1/teams/{home}/leave"), Some(&alice), json!({}))
+                .await,
+            remove(&a, &alice, &home, &alice_id).await,
+        ] {
+            assert_error(&r, StatusCode::CONFLICT, "owner_cannot_leave");
+        }
+        let roles = members(&a, &alice, &home).await;
+        assert!(
+            roles.contains(&(alice_id.clone(), "owner".into())),
+            "{roles:?}"
+        );
+        assert_eq!(roles.iter().filter(|(_, r)| r == "owner").count(), 1);
+
+        // What an admin may do: manage members.
+        let r = remove(&a, &bob, &home, &carol_id).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        let r = a
+            .post(
+                &format!("/v1/teams/{home}/members"),
+                Some(&bob),
+                json!({"email": "frank@example.com"}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+
+        // The owner hands ownership to bob: one owner after it, alice an admin.
+        let r = patch_role(&a, &alice, &home, &bob_id, "owner").await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        let roles = members(&a, &bob, &home).await;
+        let owners: Vec<_> = roles.iter().filter(|(_, r)| r == "owner").collect();
+        assert_eq!(
+            owners,
+            [&(bob_id.clone(), "owner".to_string())],
+            "{roles:?}"
+        );
+        assert!(
+            roles.contains(&(alice_id.clone(), "admin".into())),
+            "{roles:?}"
+        );
+        // Alice (an admin now, same token) cannot undo it nor remove bob; she can leave.
+        assert_error(
+            &patch_role(&a, &alice, &home, &alice_id, "owner").await,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        );
+        assert_error(
+            &remove(&a, &alice, &home, &bob_id).await,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        );
+        let r = a
+            .post(&format!("/v1/teams/{home}/leave"), Some(&alice), json!({}))
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        let r = a
+            .post(&format!("/v1/teams/{home}/leave"), Some(&bob), json!({}))
+            .await;
+        assert_error(&r, StatusCode::CONFLICT, "owner_cannot_leave");
+        // Only the owner deletes the team.
+        let (erin_tok, _) = {
+            let r = a
+                .post(
+                    "/v1/auth/login",
+                    None,
+                    json!({"email": "erin@example.com", "password": "long enough pw"}),
+                )
+                .await;
+            let own = r.body["token"].as_str().expect("token").to_string();
+            (switch(&a, &own, &home).await, ())
+        };
+        let r = a
+            .call(
+                Method::DELETE,
+                &format!("/v1/teams/{home}"),
+                Some(&erin_tok),
+                None,
+            )
+            .await;
+        assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+        let r = a
+            .call(
+                Method::DELETE,
+                &format!("/v1/teams/{home}"),
+                Some(&bob),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    }
+
+    /// Closed sign-up takes invitations: an owner or admin invites one e-mail, which
+    /// signs up once and joins the team.
+    async fn signup_closed_and_invitations(t: &TestDb) {
+        let a = api(
+            t,
+            ApiConfig {
+                open_signup: false,
+                ..unthrottled()
+            },
+        )
+        .await;
+        let signup = |email: &str, invitation: Option<&str>| {
+            let mut body = json!({"email": email, "password": "long enough pw", "name": "N"});
+            if let Some(i) = invitation {
+                body["invitation"] = json!(i);
+            }
+            let a = &a;
+            async move { a.post("/v1/auth/signup", None, body).await }
+        };
+        let r = signup("new@example.com", None).await;
+        assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+        assert!(r.text.contains("invitation"), "{}", r.text);
+
+        // The bootstrap admin owns the first team and invites.
+        let owner = admin_token(&a).await;
+        let team = a.get("/v1/me", Some(&owner)).await.body["team_id"]
+            .as_str()
+            .expect("team")
+            .to_string();
+        let invite = |who: String, email: &str, role: &str| {
+            let a = &a;
+            let body = json!({"email": email, "role": role});
+            let path = format!("/v1/teams/{team}/invitations");
+            async move { a.post(&path, Some(&who), body).await }
+        };
+        let r = invite(owner.clone(), "new@example.com", "member").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let token = r.body["token"].as_str().expect("token").to_string();
+        let inv_id = r.body["id"].as_str().expect("id").to_string();
+        assert!(
+            token.starts_with(wrenn_db::INVITATION_TOKEN_PREFIX),
+            "{token}"
+        );
+        assert_eq!(r.body["role"], "member");
+        let r = a
+            .get(&format!("/v1/teams/{team}/invitations"), Some(&owner))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body[0]["id"], inv_id.as_str());
+        assert!(r.body[0].get("token").is_none(), "the token is shown once");
+        // Not with an API key, not for an existing account, never an owner.
+        let r = a
+            .post(
+                &format!("/v1/teams/{team}/invitations"),
+                Some(KEY),
+                json!({"email": "x@example.com"}),
+            )
+            .await;
+        assert_error(&r, StatusCode::UNAUTHORIZED, "unauthorized");
+        assert_error(
+            &invite(owner.clone(), wrenn_db::BOOTSTRAP_ADMIN_EMAIL, "member").await,
+            StatusCode::CONFLICT,
+            "email_taken",
+        );
+        assert_error(
+            &invite(owner.clone(), "x@example.com", "owner").await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        );
+
+        // The wrong address, a made-up token: refused, nothing created.
+        assert_error(
+            &signup("other@example.com", Some(&token)).await,
+            StatusCode::FORBIDDEN,
+            "invalid_invitation",
+        );
+        assert_error(
+            &signup(
+                "new@example.com",
+                Some("wrninv_00000000000000000000000000000000"),
+            )
+            .await,
+            StatusCode::FORBIDDEN,
+            "invalid_invitation",
+        );
+        assert!(t.db.get_user_by_email("other@example.com").await.is_err());
+
+        // The invited address signs up, once, and lands in the team as a member.
+        let r = signup("New@Example.com", Some(&token)).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        assert_error(
+            &signup("new@example.com", Some(&token)).await,
+            StatusCode::FORBIDDEN,
+            "invalid_invitation",
+        );
+        let r = a
+            .post(
+                "/v1/auth/login",
+                None,
+                json!({"email": "new@example.com", "password": "long enough pw"}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(r.body["team_id"], team.as_str());
+        let newbie = r.body["token"].as_str().expect("token").to_string();
+        assert_eq!(a.get("/v1/me", Some(&newbie)).await.body["role"], "member");
+        assert_eq!(
+            a.get("/v1/teams", Some(&newbie))
+                .await
+                .body
+                .as_array()
+                .map(Vec::len),
+            Some(1)
+        );
+        // A member does not invite; the owner deletes an invitation, which then fails.
+        assert_error(
+            &invite(newbie.clone(), "y@example.com", "member").await,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        );
+        let r = invite(owner.clone(), "late@example.com", "admin").await;
+        let (late_token, late_id) = (
+            r.body["token"].as_str().expect("token").to_string(),
+            r.body["id"].as_str().expect("id").to_string(),
+        );
+        let r = a
+            .call(
+                Method::DELETE,
+                &format!("/v1/teams/{team}/invitations/{late_id}"),
+                Some(&owner),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+        assert_error(
+            &signup("late@example.com", Some(&late_token)).await,
+            StatusCode::FORBIDDEN,
+            "invalid_invitation",
+        );
+        let r = a
+            .get(&format!("/v1/teams/{team}/invitations"), Some(&owner))
+            .await;
+        assert_eq!(r.body, json!([]));
+    }
+
+    /// A request as if from `ip` (the peer address `wrenn serve` records).
+    async fn call_from(a: &Api, ip: &str, path: &str, body: Value) -> Resp {
+        call_from_with(a, ip, &[], path, body).await
+    }
+
+    /// The same with extra headers.
+    async fn call_from_with(
+        a: &Api,
+        ip: &str,
+        headers: &[(&str, &str)],
+        path: &str,
+        body: Value,
+    ) -> Resp {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut req = req.body(Body::from(body.to_string())).expect("request");
+        let ip: IpAddr = ip.parse().expect("ip");
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::new(ip, 40000)));
+        let resp = a.app.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        Resp {
+            status,
+            headers,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    /// Behind a trusted reverse proxy, the address it puts last in `X-Forwarded-For` is
+    /// the client; anyone else's `X-Forwarded-For` is ignored.
+    async fn forwarded_for_counts_only_from_trusted_proxies(t: &TestDb) {
+        let a = api(
+            t,
+            ApiConfig {
+                auth_ip_rate: 2,
+                auth_account_rate: 0,
+                trusted_proxies: vec!["10.9.9.9".parse().expect("ip")],
+                ..Default::default()
+            },
+        )
+        .await;
+        let login = |peer: &'static str, xff: String| {
+            let a = &a;
+            async move {
+                call_from_with(
+                    a,
+                    peer,
+                    &[("x-forwarded-for", &xff)],
+                    "/v1/auth/login",
+                    login_body("nobody@example.com", "wrong"),
+                )
+                .await
+            }
+        };
+        for client in ["192.0.2.1", "192.0.2.2"] {
+            for _ in 0..2 {
+                let r = login("10.9.9.9", format!("198.51.100.7, {client}")).await;
+                assert_error(&r, StatusCode::UNAUTHORIZED, "wrong_password");
+            }
+            assert_throttled(&login("10.9.9.9", format!("198.51.100.7, {client}")).await);
+        }
+        for i in 0..2 {
+            let r = login("10.8.8.8", format!("192.0.2.{}", 10 + i)).await;
+            assert_error(&r, StatusCode::UNAUTHORIZED, "wrong_password");
+        }
+        assert_throttled(&login("10.8.8.8", "192.0.2.99".into()).await);
+    }
+
+    fn login_body(email: &str, password: &str) -> Value {
+        json!({"email": email, "password": password})
+    }
+
+    #[track_caller]
+    fn assert_throttled(r: &Resp) {
+        assert_error(r, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+        let after: u64 = r.headers[header::RETRY_AFTER]
+            .to_str()
+            .expect("retry-after")
+            .parse()
+            .expect("seconds");
+        assert!((1..=60).contains(&after), "Retry-After {after}");
+    }
+
+    /// Login and sign-up are throttled per client address and per account before any
+    /// password is hashed; successful logins do not count against the account.
+    async fn login_and_signup_are_throttled(t: &TestDb) {
+        let a = api(
+            t,
+            ApiConfig {
+                auth_ip_rate: 5,
+                auth_account_rate: 3,
+                ..Default::default()
+            },
+        )
+        .await;
+        t.db.create_user("victim@example.com", "V", Some("right password"), false)
+            .await
+            .expect("victim");
+        let hashed = || a.state.auth_throttle.stats().admitted;
+
+        // Per account: three failures, then refused without hashing, from anywhere,
+        // even with the right password.
+        for _ in 0..3 {
+            let r = call_from(
+                &a,
+                "10.0.0.1",
+                "/v1/auth/login",
+                login_body("victim@example.com", "wrong"),
+            )
+            .await;
+            assert_error(&r, StatusCode::UNAUTHORIZED, "wrong_password");
+        }
+        let before = hashed();
+        let r = call_from(
+            &a,
+            "10.0.0.1",
+            "/v1/auth/login",
+            login_body("Victim@example.com", "wrong"),
+        )
+        .await;
+        assert_throttled(&r);
+        assert!(r.text.contains("account"), "{}", r.text);
+        let r = call_from(
+            &a,
+            "10.0.0.2",
+            "/v1/auth/login",
+            login_body("victim@example.com", "right password"),
+        )
+        .await;
+        assert_throttled(&r);
+        assert_eq!(hashed(), before, "a refused attempt hashed a password");
+
+        // Successful logins do not count against the account.
+        t.db.create_user("regular@example.com", "R", Some("right password"), false)
+            .await
+            .expect("user");
+        t.db.create_team(
+            "R",
+            &t.db
+                .get_user_by_email("regular@example.com")
+                .await
+                .expect("u")
+                .id,
+        )
+        .await
+        .expect("team");
+        for i in 0..5 {
+            let r = call_from(
+                &a,
+                &format!("10.0.1.{i}"),
+                "/v1/auth/login",
+                login_body("regular@example.com", "right password"),
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::OK, "login {i}: {}", r.text);
+        }
+
+        // Per address: five attempts a minute, whatever the accounts; sign-up shares it.
+        for i in 0..5 {
+            let r = call_from(
+                &a,
+                "10.0.2.1",
+                "/v1/auth/login",
+                login_body(&format!("nobody{i}@example.com"), "wrong"),
+            )
+            .await;
+            assert_error(&r, StatusCode::UNAUTHORIZED, "wrong_password");
+        }
+        let before = hashed();
+        let r = call_from(
+            &a,
+            "10.0.2.1",
+            "/v1/auth/login",
+            login_body("nobody9@example.com", "wrong"),
+        )
+        .await;
+        assert_throttled(&r);
+        assert!(r.text.contains("address"), "{}", r.text);
+        let r = call_from(
+            &a,
+            "10.0.2.1",
+            "/v1/auth/signup",
+            json!({"email": "fresh@example.com", "password": "long enough pw"}),
+        )
+        .await;
+        assert_throttled(&r);
+        assert_eq!(hashed(), before);
+        assert!(t.db.get_user_by_email("fresh@example.com").await.is_err());
+        // Another address is not affected; an IPv6 /64 is one address.
+        let r = call_from(
+            &a,
+            "10.0.2.2",
+            "/v1/auth/signup",
+            json!({"email": "fresh@example.com", "password": "long enough pw"}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        for i in 0..5 {
+            let r = call_from(
+                &a,
+                &format!("2001:db8::{:x}", i + 1),
+                "/v1/auth/login",
+                login_body(&format!("v6-{i}@example.com"), "wrong"),
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
+        }
+        let r = call_from(
+            &a,
+            "2001:db8::ffff",
+            "/v1/auth/login",
+            login_body("v6-x@example.com", "wrong"),
+        )
+        .await;
+        assert_throttled(&r);
+        let r = call_from(
+            &a,
+            "2001:db8:0:1::1",
+            "/v1/auth/login",
+            login_body("v6-y@example.com", "wrong"),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
+
+        // Without a peer address (in-process callers) everyone shares one bucket.
+        for i in 0..5 {
+            let r = a
+                .post(
+                    "/v1/auth/login",
+                    None,
+                    login_body(&format!("anon{i}@example.com"), "wrong"),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
+        }
+        assert_throttled(
+            &a.post(
+                "/v1/auth/login",
+                None,
+                login_body("anon9@example.com", "wrong"),
+            )
+            .await,
+        );
+    }
+
+    /// Resident and peak resident memory of this process, in KiB.
+    fn vm_kib(field: &str) -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+    }
+
+    fn median(mut v: Vec<Duration>) -> Duration {
+        v.sort();
+        v[v.len() / 2]
+    }
+
+    /// `n` health requests, each timed, while `busy` says the server is loaded.
+    async fn health_latencies(
+        a: &Api,
+        n: usize,
+        busy: impl Fn() -> bool,
+    ) -> (Vec<Duration>, usize) {
+        let mut times = Vec::new();
+        let mut loaded = 0;
+        for _ in 0..n {
+            let start = Instant::now();
+            let r = a.get("/health", None).await;
+            times.push(start.elapsed());
+            assert_eq!(r.status, StatusCode::OK);
+            loaded += usize::from(busy());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (times, loaded)
+    }
+
+    /// 1,000 concurrent logins (from 1,000 addresses, so the per-address limit does not
+    /// stop them) hash at most `hash_concurrency` at a time; those beyond the queue are
+    /// answered 503 at once. The process's peak RSS grows by less than 200 MiB (without
+    /// the bound every attempt allocates Argon2's 19 MiB on its own blocking thread:
+    /// gigabytes), and /health answers during the flood within 5x of its latency under
+    /// the same hashing load without the flood (the median of 20 requests each; the
+    /// baseline floored at 1 ms, below which timer noise dominates).
+    ///
+    /// The test runs in a process of its own (this test binary, run again for this test
+    /// only), so that the memory of tests running beside it does not count.
+    #[test]
+    fn login_flood_is_bounded() {
+        const CHILD: &str = "WRENN_TEST_LOGIN_FLOOD_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(login_flood());
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "auth_rules::login_flood_is_bounded",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .expect("run the flood test in a process of its own");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        eprintln!("{stderr}");
+        assert!(
+            out.status.success(),
+            "flood test failed:\n{stdout}\n{stderr}"
+        );
+        assert!(
+            stderr.contains("flood: "),
+            "the flood did not run:\n{stdout}\n{stderr}"
+        );
+    }
+
+    async fn login_flood() {
+        const FLOOD: usize = 1000;
+        const RSS_GROWTH_MAX_KIB: u64 = 200 * 1024;
+        let t = TestDb::sqlite().await;
+        let a = api(
+            &t,
+            ApiConfig {
+                hash_concurrency: 2,
+                hash_queue: 16,
+                ..Default::default()
+            },
+        )
+        .await;
+        let throttle = || a.state.auth_throttle.stats();
+
+        // Baseline: /health while two logins at a time keep both hash slots busy.
+        let background: Vec<_> = (0..2)
+            .map(|i| {
+                let app = a.app.clone();
+                tokio::spawn(async move {
+                    for j in 0..4 {
+                        let mut req = Request::builder()
+                            .method(Method::POST)
+                            .uri("/v1/auth/login")
+                            .header(header::CONTENT_TYPE, "application/json")
+                            .body(Body::from(
+                                login_body(&format!("base{i}-{j}@example.com"), "wrong")
+                                    .to_string(),
+                            ))
+                            .expect("request");
+                        req.extensions_mut()
+                            .insert(ConnectInfo(SocketAddr::from(([10, 1, i, j], 40000))));
+                        let _ = app.clone().oneshot(req).await;
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (base, loaded) = health_latencies(&a, 20, || throttle().running > 0).await;
+        for b in background {
+            b.await.expect("background logins");
+        }
+        assert!(
+            loaded >= 10,
+            "the baseline ran without hashing load ({loaded}/20)"
+        );
+        let baseline = median(base).max(Duration::from_millis(1));
+
+        // The flood.
+        let rss_before = vm_kib("VmRSS:");
+        // Reset VmHWM to the current RSS, so that it measures the flood's peak.
+        std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
+        let admitted_before = throttle().admitted;
+        let started = Instant::now();
+        let flood: Vec<_> = (0..FLOOD)
+            .map(|i| {
+                let app = a.app.clone();
+                tokio::spawn(async move {
+                    let mut req = Request::builder()
+                        .method(Method::POST)
+                        .uri("/v1/auth/login")
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(Body::from(
+                            login_body(&format!("flood{i}@example.com"), "wrong password")
+                                .to_string(),
+                        ))
+                        .expect("request");
+                    let ip = SocketAddr::from(([10, 2, (i / 256) as u8, (i % 256) as u8], 40000));
+                    req.extensions_mut().insert(ConnectInfo(ip));
+                    let resp = app.oneshot(req).await.expect("infallible");
+                    let status = resp.status();
+                    let retry = resp.headers().contains_key(header::RETRY_AFTER);
+                    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+                    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                    (
+                        status,
+                        retry,
+                        body["error"]["code"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+            })
+            .collect();
+        let (during, loaded) = health_latencies(&a, 20, || {
+            let s = throttle();
+            s.running + s.waiting > 0
+        })
+        .await;
+        let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+        for f in flood {
+            let (status, retry, code) = f.await.expect("login task");
+            *statuses.entry(status.as_u16()).or_default() += 1;
+            match status {
+                StatusCode::UNAUTHORIZED => assert_eq!(code, "wrong_password"),
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    assert_eq!(code, "overloaded");
+                    assert!(retry, "503 without Retry-After");
+                }
+                s => panic!("unexpected {s} ({code})"),
+            }
+        }
+        let elapsed = started.elapsed();
+        let peak_growth = vm_kib("VmHWM:").saturating_sub(rss_before);
+        let stats = throttle();
+        let hashed = stats.admitted - admitted_before;
+        eprintln!(
+            "flood: {statuses:?} in {elapsed:?}; hashed {hashed}, peak concurrency {}; \
+             RSS {rss_before} KiB, peak growth {peak_growth} KiB; /health median {:?} \
+             during vs {baseline:?} baseline ({loaded}/20 under load)",
+            stats.peak_concurrent,
+            median(during.clone())
+        );
+        assert_eq!(statuses.values().sum::<usize>(), FLOOD);
+        assert!(stats.peak_concurrent <= 2, "{stats:?}");
+        assert!(
+            statuses.get(&503).copied().unwrap_or(0) >= FLOOD / 2,
+            "the queue bound did not turn callers away: {statuses:?}"
+        );
+        assert_eq!(hashed as usize, statuses.get(&401).copied().unwrap_or(0));
+        assert!(
+            peak_growth < RSS_GROWTH_MAX_KIB,
+            "peak RSS grew by {peak_growth} KiB (bound {RSS_GROWTH_MAX_KIB} KiB)"
+        );
+        assert!(
+            loaded >= 5,
+            "the flood was over before /health was measured"
+        );
+        let during = median(during);
+        assert!(
+            during <= baseline * 5,
+            "/health took {during:?} (median) during the flood, {baseline:?} without"
+        );
+        t.finish().await;
+    }
+}

@@ -48,3 +48,32 @@ pub async fn ensure_bootstrap(db: &Db, given_key: Option<&str>) -> Result<Option
     tracing::info!(team = %team.id, key_prefix = %created.api_key.key_prefix, "Bootstrapped admin user, team and API key");
     Ok(Some(created.key))
 }
+
+/// Gives the bootstrap admin ([`BOOTSTRAP_ADMIN_EMAIL`], the owner of the first team)
+/// `password` if the account has none yet, so that it can log in and manage its team
+/// (API keys cannot create or delete keys). Never replaces a password; returns whether
+/// it set one (false when the account has a password or does not exist).
+pub async fn ensure_bootstrap_admin_password(db: &Db, password: &str) -> Result<bool, DbError> {
+    if password.chars().count() < 8 {
+        return Err(DbError::invalid(
+            "bootstrap admin password",
+            "must be at least 8 characters",
+        ));
+    }
+    let admin = match db.get_user_by_email(BOOTSTRAP_ADMIN_EMAIL).await {
+        Ok(u) => u,
+        Err(DbError::NotFound { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if admin.has_password {
+        return Ok(false);
+    }
+    let set = db.set_password_if_unset(&admin.id, password).await?;
+    if set {
+        tracing::info!(
+            email = BOOTSTRAP_ADMIN_EMAIL,
+            "Set the bootstrap admin's password"
+        );
+    }
+    Ok(set)
+}

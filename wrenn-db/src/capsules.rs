@@ -86,6 +86,18 @@ pub(crate) const COLS: &str = "id, team_id, status, template, vcpus, memory_mb, 
 
 /// Statuses that `list_capsules` leaves out unless asked: the capsule is gone.
 pub(crate) const ENDED: &str = "('stopped', 'error')";
+/// Disk of a capsule whose row predates the `disk_mb` column.
+pub const DEFAULT_DISK_MB: u64 = 5120;
+
+/// What a team holds (see [`Db::team_usage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TeamUsage {
+    pub capsules: u64,
+    pub vcpus: u64,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub snapshots: u64,
+}
 
 pub(crate) fn capsule(row: &AnyRow) -> R<Capsule> {
     let id = text(row, "id")?;
@@ -229,6 +241,74 @@ impl Db {
         .await
         .map_err(|e| Ctx::op("set capsule status").err(e))?;
         one("set capsule status", row)
+    }
+
+    /// Moves the capsule from `from` to `to` only if its status is still `from`: the
+    /// check and the write are one statement, so two callers racing for one capsule
+    /// (a user's pause and the reaper's) cannot both win. `None` when the capsule is no
+    /// longer `from` (or does not exist).
+    pub async fn transition_capsule_status(
+        &self,
+        team_id: &str,
+        id: &str,
+        from: CapsuleStatus,
+        to: CapsuleStatus,
+    ) -> Result<Option<Capsule>, DbError> {
+        let t = to_db(now());
+        let running = to == CapsuleStatus::Running;
+        let row = sqlx::query(&format!(
+            "UPDATE capsules SET status = $1, last_updated = $2, \
+             started_at = CASE WHEN $3 = 1 THEN COALESCE(started_at, $2) ELSE started_at END, \
+             last_active_at = CASE WHEN $3 = 1 THEN $2 ELSE last_active_at END \
+             WHERE team_id = $4 AND id = $5 AND status = $6 RETURNING {COLS}"
+        ))
+        .bind(to.as_str())
+        .bind(t)
+        .bind(i64::from(running))
+        .bind(team_id)
+        .bind(id)
+        .bind(from.as_str())
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| Ctx::op("change capsule status").err(e))?;
+        row.map(|r| capsule(&r))
+            .transpose()
+            .map_err(|e| DbError::backend("change capsule status", e))
+    }
+
+    /// What the team holds now: capsules not stopped or failed; the vCPUs and memory of
+    /// those not paused; the disk of all of them; and its snapshot templates.
+    pub async fn team_usage(&self, team_id: &str) -> Result<TeamUsage, DbError> {
+        let row = sqlx::query(&format!(
+            "SELECT COUNT(*) AS capsules, \
+             CAST(COALESCE(SUM(CASE WHEN status <> 'paused' THEN vcpus ELSE 0 END), 0) AS BIGINT) AS vcpus, \
+             CAST(COALESCE(SUM(CASE WHEN status <> 'paused' THEN memory_mb ELSE 0 END), 0) AS BIGINT) AS memory_mb, \
+             CAST(COALESCE(SUM(CASE WHEN disk_mb > 0 THEN disk_mb ELSE {DEFAULT_DISK_MB} END), 0) AS BIGINT) AS disk_mb \
+             FROM capsules WHERE team_id = $1 AND status NOT IN {ENDED}"
+        ))
+        .bind(team_id)
+        .fetch_one(self.pool())
+        .await
+        .map_err(|e| Ctx::op("team usage").err(e))?;
+        let snapshots = sqlx::query(
+            "SELECT COUNT(*) AS n FROM templates WHERE team_id = $1 AND kind = 'snapshot'",
+        )
+        .bind(team_id)
+        .fetch_one(self.pool())
+        .await
+        .map_err(|e| Ctx::op("team usage").err(e))?;
+        let get = |r: &AnyRow, c: &str| -> Result<u64, DbError> {
+            int(r, c)
+                .map(|v| u64::try_from(v).unwrap_or(0))
+                .map_err(|e| DbError::backend("team usage", e))
+        };
+        Ok(TeamUsage {
+            capsules: get(&row, "capsules")?,
+            vcpus: get(&row, "vcpus")?,
+            memory_mb: get(&row, "memory_mb")?,
+            disk_mb: get(&row, "disk_mb")?,
+            snapshots: get(&snapshots, "n")?,
+        })
     }
 
     /// Records activity (exec, ping, …): resets the inactivity timer. A capsule whose

@@ -41,11 +41,16 @@ pub use audit::{
     Actor, AuditCursor, AuditEntry, AuditPage, AuditQuery, AuditResult, NewAuditEntry,
     AUDIT_DEFAULT_LIMIT, AUDIT_MAX_LIMIT,
 };
-pub use bootstrap::{ensure_bootstrap, BOOTSTRAP_ADMIN_EMAIL, BOOTSTRAP_TEAM_NAME};
-pub use capsules::{Capsule, NewCapsule};
+pub use bootstrap::{
+    ensure_bootstrap, ensure_bootstrap_admin_password, BOOTSTRAP_ADMIN_EMAIL, BOOTSTRAP_TEAM_NAME,
+};
+pub use capsules::{Capsule, NewCapsule, TeamUsage, DEFAULT_DISK_MB};
 pub use error::DbError;
 pub use id::{new_id, prefix};
-pub use teams::{Member, Membership, Role, Team, TeamWithRole};
+pub use teams::{
+    CreatedInvitation, Invitation, Member, MemberError, MemberRule, Membership, Role, Team,
+    TeamWithRole, INVITATION_TOKEN_PREFIX,
+};
 pub use templates::{NewTemplate, Template, TemplateKind};
 pub use time::{now, Timestamp};
 pub use users::User;

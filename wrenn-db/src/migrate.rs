@@ -26,6 +26,18 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0003_deadline.sql"),
         include_str!("../migrations/postgres/0003_deadline.sql"),
     ),
+    (
+        4,
+        "team rules",
+        include_str!("../migrations/sqlite/0004_team_rules.sql"),
+        include_str!("../migrations/postgres/0004_team_rules.sql"),
+    ),
+    (
+        5,
+        "settings",
+        include_str!("../migrations/sqlite/0005_settings.sql"),
+        include_str!("../migrations/postgres/0005_settings.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

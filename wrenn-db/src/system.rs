@@ -62,4 +62,30 @@ impl Db {
             .map_err(|e| Ctx::op("get capsule").err(e))?;
         one("get capsule", row)
     }
+
+    /// A server-wide setting (see the `settings` table), `None` when unset.
+    pub async fn system_setting(&self, key: &str) -> Result<Option<String>, DbError> {
+        let row = sqlx::query("SELECT value FROM settings WHERE key = $1")
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(|e| Ctx::op("get setting").err(e))?;
+        row.map(|r| crate::row::text(&r, "value"))
+            .transpose()
+            .map_err(|e| DbError::backend("get setting", e))
+    }
+
+    /// Sets a server-wide setting, replacing any value it had.
+    pub async fn system_set_setting(&self, key: &str, value: &str) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("set setting").err(e))?;
+        Ok(())
+    }
 }

@@ -155,6 +155,54 @@ impl Db {
             .map_err(|e| DbError::backend("list templates", e))
     }
 
+    /// Replaces the team's template `new.name` with `new` in one statement (same id, new
+    /// contents and creation time); returns the old row, whose files the caller then
+    /// removes. NotFound if the team has no template by that name.
+    pub async fn replace_template(
+        &self,
+        team_id: &str,
+        new: NewTemplate,
+    ) -> Result<(Template, Template), DbError> {
+        let size = i64::try_from(new.size_bytes)
+            .map_err(|_| DbError::invalid("size_bytes", "too large"))?;
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| Ctx::op("replace template").err(e))?;
+        let old = sqlx::query(&format!(
+            "SELECT {COLS} FROM templates WHERE team_id = $1 AND name = $2"
+        ))
+        .bind(team_id)
+        .bind(new.name.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| Ctx::op("replace template").err(e))?;
+        let old = one("replace template", old)?;
+        let row = sqlx::query(&format!(
+            "UPDATE templates SET kind = $1, source_capsule = $2, vcpus = $3, memory_mb = $4, \
+             size_bytes = $5, metadata = $6, created_at = $7 WHERE team_id = $8 AND name = $9 \
+             RETURNING {COLS}"
+        ))
+        .bind(new.kind.as_str())
+        .bind(new.source_capsule)
+        .bind(new.vcpus.map(i64::from))
+        .bind(new.memory_mb.map(i64::from))
+        .bind(size)
+        .bind(Value::Object(new.metadata).to_string())
+        .bind(to_db(now()))
+        .bind(team_id)
+        .bind(new.name.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| Ctx::op("replace template").err(e))?;
+        let row = one("replace template", row)?;
+        tx.commit()
+            .await
+            .map_err(|e| Ctx::op("replace template").err(e))?;
+        Ok((old, row))
+    }
+
     /// Deletes the row and returns it (the caller then removes the files).
     pub async fn delete_template(&self, team_id: &str, name: &str) -> Result<Template, DbError> {
         let row = sqlx::query(&format!(

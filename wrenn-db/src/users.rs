@@ -173,16 +173,106 @@ impl Db {
     }
 
     /// Deletes the user and their memberships; keys they created stay with the team.
+    /// Refused (InvalidInput) while they own a team that has other members: they hand
+    /// ownership over first, so that no team is left without an owner.
     pub async fn delete_user(&self, user_id: &str) -> Result<(), DbError> {
-        let done = sqlx::query("DELETE FROM users WHERE id = $1")
-            .bind(user_id)
-            .execute(self.pool())
-            .await
-            .map_err(|e| Ctx::op("delete user").err(e))?;
+        let done = sqlx::query(
+            "DELETE FROM users WHERE id = $1 AND NOT EXISTS ( \
+                 SELECT 1 FROM memberships o JOIN memberships m \
+                   ON m.team_id = o.team_id AND m.user_id <> o.user_id \
+                 WHERE o.user_id = $1 AND o.role = 'owner')",
+        )
+        .bind(user_id)
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("delete user").err(e))?;
         if done.rows_affected() == 0 {
-            return Err(DbError::NotFound { what: "user" });
+            self.get_user(user_id).await?;
+            return Err(DbError::invalid(
+                "user",
+                "owns a team with other members: hand its ownership over first",
+            ));
         }
         Ok(())
+    }
+
+    /// Signs up `email` with an invitation (see [`Db::create_invitation`]): creates the
+    /// user and makes them a member of the invitation's team (their default team) with
+    /// its role, and uses the invitation up, all or nothing. NotFound "invitation" for a
+    /// token that is wrong, expired, used or for another address (checked before the
+    /// password is hashed); Conflict "email" if the address has an account.
+    pub async fn create_user_from_invitation(
+        &self,
+        token: &str,
+        email: &str,
+        name: &str,
+        password: &str,
+    ) -> Result<(User, crate::Invitation), DbError> {
+        let invitation = self.invitation_for(token, email).await?;
+        check_name(name)?;
+        let hash = password::hash(password).await?;
+        let ctx = Ctx::op("sign up with invitation")
+            .unique("email")
+            .missing("invitation");
+        let t = now();
+        let mut tx = self.pool().begin().await.map_err(|e| ctx.err(e))?;
+        let used = sqlx::query("DELETE FROM invitations WHERE id = $1 AND expires_at > $2")
+            .bind(&invitation.id)
+            .bind(to_db(t))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| ctx.err(e))?;
+        if used.rows_affected() != 1 {
+            return Err(DbError::NotFound { what: "invitation" });
+        }
+        let row = sqlx::query(&format!(
+            "INSERT INTO users (id, email, name, password_hash, is_admin, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING {COLS}"
+        ))
+        .bind(new_id(prefix::USER))
+        .bind(&invitation.email)
+        .bind(name)
+        .bind(hash)
+        .bind(false)
+        .bind(to_db(t))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| ctx.err(e))?;
+        let user = user(&row).map_err(|e| DbError::backend("sign up with invitation", e))?;
+        sqlx::query(
+            "INSERT INTO memberships (team_id, user_id, role, is_default, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&invitation.team_id)
+        .bind(&user.id)
+        .bind(invitation.role.as_str())
+        .bind(true)
+        .bind(to_db(t))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| ctx.err(e))?;
+        tx.commit().await.map_err(|e| ctx.err(e))?;
+        Ok((user, invitation))
+    }
+
+    /// Gives the user a password if they have none (never replaces one); whether it did.
+    pub(crate) async fn set_password_if_unset(
+        &self,
+        user_id: &str,
+        password: &str,
+    ) -> Result<bool, DbError> {
+        let hash = password::hash(password).await?;
+        let done = sqlx::query(
+            "UPDATE users SET password_hash = $1, updated_at = $2 \
+             WHERE id = $3 AND password_hash IS NULL",
+        )
+        .bind(hash)
+        .bind(to_db(now()))
+        .bind(user_id)
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("set password").err(e))?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Users whose e-mail starts with `prefix` (at most `limit`, by e-mail).

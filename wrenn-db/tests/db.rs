@@ -836,3 +836,359 @@ async fn bootstrap_with_random_key(t: &TestDb) {
     assert!(db.authenticate_api_key(&key).await.is_ok());
     assert_eq!(ensure_bootstrap(db, None).await.unwrap(), None);
 }
+
+/// Team rules (one owner, who manages admins), invitations and the bootstrap admin's
+/// password.
+mod team_rules {
+    use super::*;
+    use std::time::Duration;
+
+    on_both_backends!(
+        owner_rules_are_enforced,
+        owner_rules_hold_under_races,
+        invitations_sign_up_once,
+        bootstrap_admin_password_is_set_once,
+    );
+
+    fn refused(r: Result<(), MemberError>) -> MemberRule {
+        match r {
+            Err(MemberError::Refused(rule)) => rule,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    async fn owners(db: &Db, team: &str) -> Vec<String> {
+        db.list_members(team)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.role == Role::Owner)
+            .map(|m| m.user_id)
+            .collect()
+    }
+
+    async fn owner_rules_are_enforced(t: &TestDb) {
+        let db = &t.db;
+        let url = t.url.clone();
+        let (o, team) = team_of(db, "owner@example.com").await;
+        let a = user(db, "admin@example.com").await;
+        let a2 = user(db, "admin2@example.com").await;
+        let m = user(db, "member@example.com").await;
+        db.add_member(&team.id, &a.id, Role::Admin).await.unwrap();
+        db.add_member(&team.id, &a2.id, Role::Admin).await.unwrap();
+        db.add_member(&team.id, &m.id, Role::Member).await.unwrap();
+        let t = team.id.as_str();
+
+        // An admin can neither demote nor remove the owner, nor manage admins.
+        assert_eq!(
+            refused(db.change_member_role(t, &a.id, &o.id, Role::Member).await),
+            MemberRule::OwnerRoleFixed
+        );
+        assert_eq!(
+            refused(db.remove_member_by(t, &a.id, &o.id).await),
+            MemberRule::OwnerNotRemovable
+        );
+        assert_eq!(
+            refused(db.change_member_role(t, &a.id, &m.id, Role::Admin).await),
+            MemberRule::NeedsOwner
+        );
+        assert_eq!(
+            refused(db.change_member_role(t, &a.id, &a2.id, Role::Member).await),
+            MemberRule::NeedsOwner
+        );
+        assert_eq!(
+            refused(db.remove_member_by(t, &a.id, &a2.id).await),
+            MemberRule::NeedsOwner
+        );
+        assert_eq!(
+            refused(db.change_member_role(t, &a.id, &a.id, Role::Owner).await),
+            MemberRule::NeedsOwner
+        );
+        assert_eq!(
+            refused(db.remove_member_by(t, &m.id, &a.id).await),
+            MemberRule::NeedsManager
+        );
+        // Nor can the owner demote themselves or leave.
+        assert_eq!(
+            refused(db.change_member_role(t, &o.id, &o.id, Role::Admin).await),
+            MemberRule::OwnerRoleFixed
+        );
+        assert_eq!(
+            refused(db.leave_team(t, &o.id).await),
+            MemberRule::OwnerCannotLeave
+        );
+        assert_eq!(
+            refused(db.remove_member_by(t, &o.id, &o.id).await),
+            MemberRule::OwnerCannotLeave
+        );
+        // The unchecked functions keep the owner too.
+        assert!(matches!(
+            db.set_member_role(t, &o.id, Role::Member).await,
+            Err(DbError::InvalidInput { .. })
+        ));
+        assert!(matches!(
+            db.set_member_role(t, &m.id, Role::Owner).await,
+            Err(DbError::InvalidInput { .. })
+        ));
+        assert!(matches!(
+            db.remove_member(t, &o.id).await,
+            Err(DbError::InvalidInput { .. })
+        ));
+        // Nor can a second owner be written behind the functions' backs.
+        let raw = raw_pool(&url).await;
+        let second_owner = sqlx::query("UPDATE memberships SET role = 'owner' WHERE user_id = $1")
+            .bind(&m.id)
+            .execute(&raw)
+            .await;
+        assert!(second_owner.is_err(), "a second owner was written");
+        raw.close().await;
+        assert_eq!(owners(db, t).await, std::slice::from_ref(&o.id));
+        assert!(matches!(
+            db.delete_user(&o.id).await,
+            Err(DbError::InvalidInput { .. })
+        ));
+        // Missing people are NotFound.
+        let e = db
+            .remove_member_by(t, &o.id, "usr-nobody")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, MemberError::Db(ref d) if d.is_not_found()),
+            "{e:?}"
+        );
+        let e = db
+            .remove_member_by(t, "usr-nobody", &m.id)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, MemberError::Db(ref d) if d.is_not_found()),
+            "{e:?}"
+        );
+
+        // What is allowed: admins remove members; the owner manages admins.
+        db.remove_member_by(t, &a.id, &m.id).await.unwrap();
+        db.change_member_role(t, &o.id, &a2.id, Role::Member)
+            .await
+            .unwrap();
+        assert_eq!(db.member_role(t, &a2.id).await.unwrap(), Role::Member);
+        db.remove_member_by(t, &o.id, &a.id).await.unwrap();
+        db.leave_team(t, &a2.id).await.unwrap();
+        db.add_member(t, &a.id, Role::Member).await.unwrap();
+
+        // Handing ownership over: one statement's worth of change, one owner after it.
+        assert_eq!(
+            refused(db.transfer_ownership(t, &a.id, &a.id).await),
+            MemberRule::NeedsOwner
+        );
+        let e = db
+            .transfer_ownership(t, &o.id, "usr-nobody")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, MemberError::Db(ref d) if d.is_not_found()),
+            "{e:?}"
+        );
+        assert_eq!(
+            owners(db, t).await,
+            std::slice::from_ref(&o.id),
+            "a failed hand-over changes nothing"
+        );
+        db.change_member_role(t, &o.id, &a.id, Role::Owner)
+            .await
+            .unwrap();
+        assert_eq!(owners(db, t).await, std::slice::from_ref(&a.id));
+        assert_eq!(db.member_role(t, &o.id).await.unwrap(), Role::Admin);
+        assert_eq!(
+            refused(db.transfer_ownership(t, &o.id, &o.id).await),
+            MemberRule::NeedsOwner
+        );
+        db.leave_team(t, &o.id).await.unwrap();
+
+        // Only the owner deletes the team.
+        db.add_member(t, &m.id, Role::Admin).await.unwrap();
+        assert_eq!(
+            refused(db.delete_team_by_owner(t, &m.id).await),
+            MemberRule::NeedsOwner
+        );
+        db.delete_team_by_owner(t, &a.id).await.unwrap();
+        assert!(db.get_team(t).await.unwrap_err().is_not_found());
+    }
+
+    /// Concurrent hand-overs, demotions, removals and leaving never leave a team with
+    /// no owner or two.
+    async fn owner_rules_hold_under_races(t: &TestDb) {
+        let db = &t.db;
+        for round in 0..8 {
+            let (o, team) = team_of(db, &format!("o{round}@example.com")).await;
+            let x = user(db, &format!("x{round}@example.com")).await;
+            let y = user(db, &format!("y{round}@example.com")).await;
+            db.add_member(&team.id, &x.id, Role::Admin).await.unwrap();
+            db.add_member(&team.id, &y.id, Role::Member).await.unwrap();
+            let tid = team.id.as_str();
+            let (r1, r2, r3, r4, r5, r6) = tokio::join!(
+                db.transfer_ownership(tid, &o.id, &x.id),
+                db.transfer_ownership(tid, &o.id, &y.id),
+                db.change_member_role(tid, &o.id, &x.id, Role::Member),
+                db.remove_member_by(tid, &o.id, &y.id),
+                db.leave_team(tid, &o.id),
+                db.remove_member_by(tid, &x.id, &o.id),
+            );
+            for r in [r1, r2, r3, r4, r5, r6] {
+                if let Err(MemberError::Db(e)) = r {
+                    assert!(e.is_not_found(), "round {round}: {e:?}");
+                }
+            }
+            let members = db.list_members(tid).await.unwrap();
+            let owners: Vec<_> = members.iter().filter(|m| m.role == Role::Owner).collect();
+            assert_eq!(owners.len(), 1, "round {round}: {members:?}");
+        }
+    }
+
+    async fn invitations_sign_up_once(t: &TestDb) {
+        let db = &t.db;
+        let (o, team) = team_of(db, "inviter@example.com").await;
+        let week = Duration::from_secs(7 * 86400);
+        assert!(matches!(
+            db.create_invitation(&team.id, "x@example.com", Role::Owner, Some(&o.id), week)
+                .await,
+            Err(DbError::InvalidInput { .. })
+        ));
+        let inv = db
+            .create_invitation(
+                &team.id,
+                " New@Example.com ",
+                Role::Admin,
+                Some(&o.id),
+                week,
+            )
+            .await
+            .unwrap();
+        assert!(inv.token.starts_with(INVITATION_TOKEN_PREFIX));
+        assert!(
+            !format!("{inv:?}").contains(&inv.token),
+            "the token is not logged"
+        );
+        assert_eq!(inv.invitation.email, "new@example.com");
+        assert_eq!(
+            db.list_invitations(&team.id).await.unwrap(),
+            std::slice::from_ref(&inv.invitation)
+        );
+
+        // Another address, a wrong token: NotFound before any account is made.
+        for (token, email) in [
+            (inv.token.as_str(), "other@example.com"),
+            ("wrninv_00000000000000000000000000000000", "new@example.com"),
+        ] {
+            let e = db
+                .create_user_from_invitation(token, email, "N", "long enough pw")
+                .await
+                .unwrap_err();
+            assert!(e.is_not_found(), "{e:?}");
+        }
+        assert!(db.get_user_by_email("other@example.com").await.is_err());
+
+        let (u, used) = db
+            .create_user_from_invitation(&inv.token, "NEW@example.com", "New", "long enough pw")
+            .await
+            .unwrap();
+        assert_eq!(used.id, inv.invitation.id);
+        assert_eq!(db.member_role(&team.id, &u.id).await.unwrap(), Role::Admin);
+        assert_eq!(
+            db.default_team(&u.id).await.unwrap().unwrap().team.id,
+            team.id
+        );
+        assert!(db
+            .verify_password("new@example.com", "long enough pw")
+            .await
+            .unwrap()
+            .is_some());
+        // Single use.
+        let e = db
+            .create_user_from_invitation(&inv.token, "new@example.com", "New", "long enough pw")
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e:?}");
+        assert!(db.list_invitations(&team.id).await.unwrap().is_empty());
+
+        // Expired, and deleted, invitations are no good.
+        let expired = db
+            .create_invitation(
+                &team.id,
+                "late@example.com",
+                Role::Member,
+                None,
+                Duration::ZERO,
+            )
+            .await
+            .unwrap();
+        let e = db
+            .create_user_from_invitation(&expired.token, "late@example.com", "L", "long enough pw")
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e:?}");
+        let gone = db
+            .create_invitation(&team.id, "gone@example.com", Role::Member, None, week)
+            .await
+            .unwrap();
+        db.delete_invitation(&team.id, &gone.invitation.id)
+            .await
+            .unwrap();
+        assert!(db
+            .delete_invitation(&team.id, &gone.invitation.id)
+            .await
+            .unwrap_err()
+            .is_not_found());
+        assert!(db
+            .invitation_for(&gone.token, "gone@example.com")
+            .await
+            .unwrap_err()
+            .is_not_found());
+        // An invitation for an address that has an account: Conflict, and not used up.
+        let taken = db
+            .create_invitation(&team.id, "inviter@example.com", Role::Member, None, week)
+            .await
+            .unwrap();
+        let e = db
+            .create_user_from_invitation(&taken.token, "inviter@example.com", "I", "long enough pw")
+            .await
+            .unwrap_err();
+        assert!(e.is_conflict(), "{e:?}");
+        assert!(db
+            .invitation_for(&taken.token, "inviter@example.com")
+            .await
+            .is_ok());
+    }
+
+    async fn bootstrap_admin_password_is_set_once(t: &TestDb) {
+        let db = &t.db;
+        // Before bootstrap there is no admin to give a password to.
+        assert!(!ensure_bootstrap_admin_password(db, "first password")
+            .await
+            .unwrap());
+        ensure_bootstrap(db, None)
+            .await
+            .unwrap()
+            .expect("bootstrapped");
+        assert!(matches!(
+            ensure_bootstrap_admin_password(db, "short").await,
+            Err(DbError::InvalidInput { .. })
+        ));
+        assert!(ensure_bootstrap_admin_password(db, "first password")
+            .await
+            .unwrap());
+        assert!(db
+            .verify_password(BOOTSTRAP_ADMIN_EMAIL, "first password")
+            .await
+            .unwrap()
+            .is_some());
+        // Never replaced.
+        assert!(!ensure_bootstrap_admin_password(db, "second password")
+            .await
+            .unwrap());
+        assert!(db
+            .verify_password(BOOTSTRAP_ADMIN_EMAIL, "second password")
+            .await
+            .unwrap()
+            .is_none());
+    }
+}

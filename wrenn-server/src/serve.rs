@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
 use std::time::Duration;
+use wrenn_api::quota::TeamLimits;
 use wrenn_api::server::{run, ServeOptions};
 use wrenn_api::ApiConfig;
 
@@ -26,6 +27,27 @@ pub struct ServeArgs {
     /// Largest file upload per request, in MiB.
     #[arg(long, env = "WRENN_UPLOAD_LIMIT_MIB", default_value_t = 100)]
     upload_limit_mib: u64,
+    /// Most output a synchronous exec returns, in MiB (more: the command is stopped, 413).
+    #[arg(long, env = "WRENN_EXEC_OUTPUT_LIMIT_MIB", default_value_t = 16)]
+    exec_output_limit_mib: u64,
+    /// Capsules a team may hold (not stopped; 0 = unlimited).
+    #[arg(long, env = "WRENN_TEAM_MAX_CAPSULES", default_value_t = TeamLimits::default().capsules)]
+    team_max_capsules: u64,
+    /// vCPUs of a team's capsules that are not paused (0 = unlimited).
+    #[arg(long, env = "WRENN_TEAM_MAX_VCPUS", default_value_t = TeamLimits::default().vcpus)]
+    team_max_vcpus: u64,
+    /// Memory of a team's capsules that are not paused, in MiB (0 = unlimited).
+    #[arg(long, env = "WRENN_TEAM_MAX_MEMORY_MB", default_value_t = TeamLimits::default().memory_mb)]
+    team_max_memory_mb: u64,
+    /// Disk of a team's capsules, in MB (0 = unlimited).
+    #[arg(long, env = "WRENN_TEAM_MAX_DISK_MB", default_value_t = TeamLimits::default().disk_mb)]
+    team_max_disk_mb: u64,
+    /// Snapshot templates a team may keep (0 = unlimited).
+    #[arg(long, env = "WRENN_TEAM_MAX_SNAPSHOTS", default_value_t = TeamLimits::default().snapshots)]
+    team_max_snapshots: u64,
+    /// Forks one request may make (0 = unlimited).
+    #[arg(long, env = "WRENN_TEAM_MAX_FORKS", default_value_t = TeamLimits::default().fork_count)]
+    team_max_forks: u64,
     /// Requests per second per API key or user (0 = unlimited).
     #[arg(long, env = "WRENN_RATE_LIMIT", default_value_t = 200)]
     rate_limit: u32,
@@ -38,9 +60,63 @@ pub struct ServeArgs {
     /// Seconds between inactivity checks.
     #[arg(long, env = "WRENN_REAPER_PERIOD", default_value_t = 2)]
     reaper_period: u64,
-    /// Refuse `POST /v1/auth/signup`.
+    /// Start even if the database and the data directory were not used together before
+    /// (a fresh database for a data directory with capsules, or the database of another
+    /// data directory), and pair them from now on.
+    #[arg(long, env = "WRENN_ADOPT_DATA_DIR")]
+    adopt_data_dir: bool,
+    /// Password for the bootstrap admin `admin@wrenn.local` (owner of the first team), set
+    /// if that account has none yet (never replaced): log in with it to create API keys,
+    /// invite people and manage the team.
+    #[arg(long, env = "WRENN_BOOTSTRAP_ADMIN_PASSWORD", hide_env_values = true)]
+    bootstrap_admin_password: Option<String>,
+    /// Who may `POST /v1/auth/signup` without an invitation: `open`, `closed`, or `auto`
+    /// (open only when listening on a loopback address).
+    #[arg(long, env = "WRENN_SIGNUP", value_enum, default_value_t = SignupMode::Auto)]
+    signup: SignupMode,
+    /// Refuse sign-up without an invitation (the same as `--signup closed`).
     #[arg(long, env = "WRENN_DISABLE_SIGNUP")]
     disable_signup: bool,
+    /// Sign-up and login attempts per minute per client address (0 = unlimited).
+    #[arg(long, env = "WRENN_AUTH_RATE_LIMIT", default_value_t = 20)]
+    auth_rate_limit: u32,
+    /// Failed login attempts per minute per account (0 = unlimited).
+    #[arg(long, env = "WRENN_AUTH_ACCOUNT_RATE_LIMIT", default_value_t = 10)]
+    auth_account_rate_limit: u32,
+    /// Password hashes computed at a time (0 = one per CPU); each takes ~19 MiB.
+    #[arg(long, env = "WRENN_PASSWORD_HASH_CONCURRENCY", default_value_t = 0)]
+    password_hash_concurrency: usize,
+    /// Sign-ins waiting for a password hash beyond which more are answered 503.
+    #[arg(long, env = "WRENN_PASSWORD_HASH_QUEUE", default_value_t = 32)]
+    password_hash_queue: usize,
+    /// A reverse proxy in front of the server (repeatable, or comma-separated): its
+    /// `X-Forwarded-For` names the client that sign-in throttling counts.
+    #[arg(
+        long = "trusted-proxy",
+        env = "WRENN_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+/// Who may sign up without an invitation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SignupMode {
+    /// Open when the server listens on a loopback address, closed otherwise.
+    Auto,
+    Open,
+    Closed,
+}
+
+/// Whether sign-up without an invitation is open: by default only for a server that
+/// nobody beyond this machine can reach.
+fn signup_open(mode: SignupMode, disabled: bool, listen: SocketAddr) -> bool {
+    !disabled
+        && match mode {
+            SignupMode::Open => true,
+            SignupMode::Closed => false,
+            SignupMode::Auto => listen.ip().is_loopback(),
+        }
 }
 
 async fn shutdown_signal() {
@@ -67,17 +143,35 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
         database_url: a.database_url,
         bootstrap_key: a.bootstrap_api_key,
         jwt_secret: a.jwt_secret,
+        bootstrap_admin_password: a.bootstrap_admin_password,
+        adopt_data_dir: a.adopt_data_dir,
         config: ApiConfig {
             domain: a.domain,
             upload_limit: a.upload_limit_mib.saturating_mul(1024 * 1024),
+            exec_output_limit: a.exec_output_limit_mib.saturating_mul(1024 * 1024),
+            team_limits: TeamLimits {
+                capsules: a.team_max_capsules,
+                vcpus: a.team_max_vcpus,
+                memory_mb: a.team_max_memory_mb,
+                disk_mb: a.team_max_disk_mb,
+                snapshots: a.team_max_snapshots,
+                fork_count: a.team_max_forks,
+            },
             rate_limit: a.rate_limit,
             rate_burst: a.rate_burst,
             min_idle_timeout: a.min_idle_timeout,
             reaper_period: Duration::from_secs(a.reaper_period.max(1)),
-            open_signup: !a.disable_signup,
+            open_signup: signup_open(a.signup, a.disable_signup, a.listen),
+            auth_ip_rate: a.auth_rate_limit,
+            auth_account_rate: a.auth_account_rate_limit,
+            hash_concurrency: a.password_hash_concurrency,
+            hash_queue: a.password_hash_queue,
+            trusted_proxies: a.trusted_proxies,
             ..Default::default()
         },
     };
+    let admin_password = opts.bootstrap_admin_password.is_some();
+    let signup = opts.config.open_signup;
     run(opts, shutdown_signal(), |addr, key| {
         if let Some(key) = key {
             println!(
@@ -85,10 +179,47 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
                  (the same key for E2B SDKs that want the e2b_ form: {})",
                 wrenn_api::e2b_spelling(key)
             );
+            if !admin_password {
+                println!(
+                    "  API keys cannot create keys: set WRENN_BOOTSTRAP_ADMIN_PASSWORD to log in \
+                     as admin@wrenn.local and manage the team"
+                );
+            }
+        }
+        if !signup {
+            println!("Sign-up is closed (invitations only); --signup open opens it");
         }
         println!("wrenn serve listening on http://{addr}");
     })
     .await
     .context("wrenn serve")?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signup_is_open_by_default_only_on_loopback() {
+        let at = |s: &str| s.parse::<SocketAddr>().expect("address");
+        for (addr, open) in [
+            ("127.0.0.1:8080", true),
+            ("127.0.0.2:8080", true),
+            ("[::1]:8080", true),
+            ("0.0.0.0:8080", false),
+            ("[::]:8080", false),
+            ("192.168.1.10:8080", false),
+        ] {
+            assert_eq!(
+                signup_open(SignupMode::Auto, false, at(addr)),
+                open,
+                "{addr}"
+            );
+        }
+        assert!(signup_open(SignupMode::Open, false, at("0.0.0.0:80")));
+        assert!(!signup_open(SignupMode::Closed, false, at("127.0.0.1:80")));
+        assert!(!signup_open(SignupMode::Open, true, at("0.0.0.0:80")));
+        assert!(!signup_open(SignupMode::Auto, true, at("127.0.0.1:80")));
+    }
 }

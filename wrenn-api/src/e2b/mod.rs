@@ -196,11 +196,7 @@ fn envd_version(c: &wrenn_db::Capsule) -> String {
 }
 
 async fn sandbox(st: &AppState, headers: &HeaderMap, c: &wrenn_db::Capsule) -> R<Sandbox> {
-    let token = st
-        .db
-        .capsule_envd_token(&c.team_id, c.id.as_str())
-        .await
-        .map_err(|e| E2bError(e.into()))?;
+    let token = service::envd_token(st, c).await.map_err(E2bError)?;
     Ok(Sandbox {
         template_id: c.template.clone(),
         sandbox_id: c.id.to_string(),
@@ -212,11 +208,7 @@ async fn sandbox(st: &AppState, headers: &HeaderMap, c: &wrenn_db::Capsule) -> R
 }
 
 async fn detail(st: &AppState, headers: &HeaderMap, c: &wrenn_db::Capsule) -> R<SandboxDetail> {
-    let token = st
-        .db
-        .capsule_envd_token(&c.team_id, c.id.as_str())
-        .await
-        .map_err(|e| E2bError(e.into()))?;
+    let token = service::envd_token(st, c).await.map_err(E2bError)?;
     Ok(SandboxDetail {
         template_id: c.template.clone(),
         sandbox_id: c.id.to_string(),
@@ -281,7 +273,7 @@ async fn settled(st: &AppState, who: &Principal, id: &str) -> R<wrenn_db::Capsul
 
 #[utoipa::path(post, path = "/sandboxes", tag = "e2b", request_body = NewSandbox,
     responses((status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
-        (status = 401, body = E2bErrorBody), (status = 404, body = E2bErrorBody)),
+        (status = 401, body = E2bErrorBody), (status = 404, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn create(
     State(st): S,
@@ -358,7 +350,7 @@ pub struct ConnectSandbox {
 /// `POST /v2/sandboxes` (SDK ≥ 2.51): the same as `POST /sandboxes`.
 #[utoipa::path(post, path = "/v2/sandboxes", tag = "e2b", request_body = NewSandbox,
     responses((status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
-        (status = 401, body = E2bErrorBody), (status = 404, body = E2bErrorBody)),
+        (status = 401, body = E2bErrorBody), (status = 404, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn create_v2(
     st: S,
@@ -373,7 +365,7 @@ pub async fn create_v2(
 #[utoipa::path(post, path = "/v2/sandboxes/{id}/connect", tag = "e2b", params(("id" = String, Path)),
     request_body = ConnectSandbox,
     responses((status = 200, body = Sandbox), (status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
-        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody)),
+        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn connect_v2(
     st: S,
@@ -389,7 +381,7 @@ pub async fn connect_v2(
 #[utoipa::path(post, path = "/sandboxes/{id}/connect", tag = "e2b", params(("id" = String, Path)),
     request_body = ConnectSandbox,
     responses((status = 200, body = Sandbox), (status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
-        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody)),
+        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn connect(
     State(st): S,
@@ -440,7 +432,7 @@ pub async fn connect(
 #[utoipa::path(post, path = "/sandboxes/{id}/resume", tag = "e2b", params(("id" = String, Path)),
     request_body = ConnectSandbox,
     responses((status = 201, body = Sandbox), (status = 400, body = E2bErrorBody), (status = 404, body = E2bErrorBody),
-        (status = 409, body = E2bErrorBody)),
+        (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn resume(
     State(st): S,
@@ -830,7 +822,8 @@ pub struct ForkResult {
 
 #[utoipa::path(post, path = "/sandboxes/{id}/fork", tag = "e2b", params(("id" = String, Path)),
     request_body = ForkRequest,
-    responses((status = 201, body = Vec<ForkResult>), (status = 400, body = E2bErrorBody), (status = 404, body = E2bErrorBody)),
+    responses((status = 201, body = Vec<ForkResult>), (status = 400, body = E2bErrorBody), (status = 404, body = E2bErrorBody),
+        (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn fork(
     State(st): S,
@@ -879,7 +872,7 @@ pub struct SnapshotInfo {
 #[utoipa::path(post, path = "/sandboxes/{id}/snapshots", tag = "e2b", params(("id" = String, Path)),
     request_body = SnapshotRequest,
     responses((status = 201, body = SnapshotInfo), (status = 400, body = E2bErrorBody),
-        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody)),
+        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn create_snapshot(
     State(st): S,

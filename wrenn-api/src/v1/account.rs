@@ -1,6 +1,6 @@
 //! Accounts, teams, members, API keys and audit logs.
 
-use crate::auth::{Auth, UserAuth, UserClaims};
+use crate::auth::{Auth, ClientIp, Principal, UserAuth, UserClaims};
 use crate::error::{json_rejection, ApiError, ApiResult, ErrorBody};
 use crate::state::AppState;
 use axum::extract::rejection::JsonRejection;
@@ -10,7 +10,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use utoipa::{IntoParams, ToSchema};
-use wrenn_db::{Role, User};
+use wrenn_db::{MemberError, MemberRule, Role, User};
 
 type S = State<Arc<AppState>>;
 
@@ -23,6 +23,10 @@ pub struct SignupRequest {
     pub password: String,
     #[schema(max_length = 100)]
     pub name: Option<String>,
+    /// An invitation token (`wrninv_…`) for this e-mail: signs up also while sign-up is
+    /// closed, and joins the inviting team instead of creating a team of one's own.
+    #[schema(max_length = 128)]
+    pub invitation: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -76,15 +80,19 @@ fn login_response(
 
 #[utoipa::path(post, path = "/v1/auth/signup", tag = "auth", request_body = SignupRequest,
     responses((status = 201, body = MessageResponse), (status = 400, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn signup(
     State(st): S,
+    ip: ClientIp,
     body: Result<Json<SignupRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<MessageResponse>)> {
-    if !st.config.open_signup {
-        return Err(ApiError::forbidden("sign-up is disabled on this server"));
-    }
     let Json(req) = body.map_err(json_rejection)?;
+    if req.invitation.is_none() && !st.config.open_signup {
+        return Err(ApiError::forbidden(
+            "sign-up is closed on this server: ask a team's owner or admin for an invitation",
+        ));
+    }
     if req.password.chars().count() < 8 {
         return Err(ApiError::invalid("password must be at least 8 characters"));
     }
@@ -97,31 +105,66 @@ pub async fn signup(
     } else {
         name
     };
-    let user = match st
-        .db
-        .create_user(&req.email, &display, Some(&req.password), false)
-        .await
-    {
-        Ok(u) => u,
-        Err(wrenn_db::DbError::Conflict { .. }) => {
-            return Err(ApiError::conflict(
-                "email_taken",
-                "an account with this e-mail exists",
-            ))
-        }
-        Err(e) => return Err(e.into()),
+    // Throttled before anything is hashed; the hash waits for its turn.
+    let attempt = st.auth_throttle.attempt(ip, &req.email)?;
+    let bad_invitation = || {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_invitation",
+            "the invitation is unknown, used, expired or for another e-mail address",
+        )
     };
-    let team = st
-        .db
-        .create_team(&format!("{}'s team", user.name), &user.id)
-        .await?;
+    if let Some(token) = &req.invitation {
+        st.db.invitation_for(token, &req.email).await.map_err(|e| {
+            if e.is_not_found() {
+                bad_invitation()
+            } else {
+                e.into()
+            }
+        })?;
+    }
+    let permit = st.auth_throttle.hash_permit().await?;
+    let email_taken = || ApiError::conflict("email_taken", "an account with this e-mail exists");
+    let (user, team_id, action) = match &req.invitation {
+        Some(token) => {
+            let (user, inv) = match st
+                .db
+                .create_user_from_invitation(token, &req.email, &display, &req.password)
+                .await
+            {
+                Ok(done) => done,
+                Err(wrenn_db::DbError::Conflict { .. }) => return Err(email_taken()),
+                Err(e) if e.is_not_found() => return Err(bad_invitation()),
+                Err(e) => return Err(e.into()),
+            };
+            (user, inv.team_id, "user.signup_invited")
+        }
+        None => {
+            let user = match st
+                .db
+                .create_user(&req.email, &display, Some(&req.password), false)
+                .await
+            {
+                Ok(u) => u,
+                Err(wrenn_db::DbError::Conflict { .. }) => return Err(email_taken()),
+                Err(e) => return Err(e.into()),
+            };
+            let team = st
+                .db
+                .create_team(&format!("{}'s team", user.name), &user.id)
+                .await?;
+            (user, team.id, "user.signup")
+        }
+    };
+    drop(permit);
+    attempt.succeeded();
     st.audit_team(
-        &team.id,
+        &team_id,
         wrenn_db::Actor::User {
             id: user.id.clone(),
         },
         Some(user.email.clone()),
-        "user.signup",
+        action,
         "user",
         Some(&user.id),
         true,
@@ -138,23 +181,27 @@ pub async fn signup(
 
 #[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = LoginResponse), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn login(
     State(st): S,
+    ip: ClientIp,
     body: Result<Json<LoginRequest>, JsonRejection>,
 ) -> ApiResult<Json<LoginResponse>> {
     let Json(req) = body.map_err(json_rejection)?;
-    let user = st
-        .db
-        .verify_password(&req.email, &req.password)
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "wrong_password",
-                "wrong e-mail or password",
-            )
-        })?;
+    // Throttled per address and per account before the password is hashed.
+    let attempt = st.auth_throttle.attempt(ip, &req.email)?;
+    let permit = st.auth_throttle.hash_permit().await?;
+    let user = st.db.verify_password(&req.email, &req.password).await?;
+    drop(permit);
+    let user = user.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "wrong_password",
+            "wrong e-mail or password",
+        )
+    })?;
+    attempt.succeeded();
     let team = st.db.default_team(&user.id).await?.ok_or_else(|| {
         ApiError::new(StatusCode::FORBIDDEN, "no_team", "the account has no team")
     })?;
@@ -269,6 +316,7 @@ pub async fn change_password(
         return Err(ApiError::invalid("password must be at least 8 characters"));
     }
     let user = st.db.get_user(&u.sub).await?;
+    let _permit = st.auth_throttle.hash_permit().await?;
     if user.has_password {
         let current = req.current_password.unwrap_or_default();
         if st
@@ -398,9 +446,22 @@ fn need_manager(t: &wrenn_db::TeamWithRole) -> ApiResult<()> {
     if t.role.can_manage() {
         Ok(())
     } else {
-        Err(ApiError::forbidden(
-            "only the team's owner or admins can do this",
-        ))
+        Err(ApiError::forbidden(MemberRule::NeedsManager.message()))
+    }
+}
+
+/// A refused membership change: 409 for leaving as the owner (hand ownership over
+/// first) and for a change that lost a race, 403 for the other rules.
+fn member_error(e: MemberError) -> ApiError {
+    match e {
+        MemberError::Refused(rule @ MemberRule::OwnerCannotLeave) => {
+            ApiError::conflict("owner_cannot_leave", rule.message())
+        }
+        MemberError::Refused(rule @ MemberRule::Changed) => {
+            ApiError::conflict("conflict", rule.message())
+        }
+        MemberError::Refused(rule) => ApiError::forbidden(rule.message()),
+        MemberError::Db(e) => e.into(),
     }
 }
 
@@ -452,7 +513,12 @@ pub async fn delete_team(
             "the team still has capsules; destroy them first",
         ));
     }
-    st.db.delete_team(&id).await?;
+    st.db
+        .delete_team_by_owner(&id, &u.sub)
+        .await
+        .map_err(member_error)?;
+    st.members.invalidate_team(&id);
+    st.keys.revoke_team(&id);
     st.capsule_cache.clear();
     Ok(StatusCode::NO_CONTENT)
 }
@@ -515,8 +581,12 @@ pub async fn add_member(
             "a team has one owner; add as admin or member",
         ));
     }
+    if role == Role::Admin && t.role != Role::Owner {
+        return Err(ApiError::forbidden(MemberRule::NeedsOwner.message()));
+    }
     let user = st.db.get_user_by_email(&req.email).await?;
     st.db.add_member(&id, &user.id, role).await?;
+    st.members.invalidate(&id, &user.id);
     let m = st
         .db
         .list_members(&id)
@@ -540,7 +610,8 @@ pub async fn add_member(
 
 #[utoipa::path(patch, path = "/v1/teams/{id}/members/{uid}", tag = "teams",
     params(("id" = String, Path), ("uid" = String, Path)), request_body = RoleRequest,
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn set_role(
     State(st): S,
@@ -550,15 +621,14 @@ pub async fn set_role(
 ) -> ApiResult<StatusCode> {
     let Json(req) = body.map_err(json_rejection)?;
     let u = who.user()?;
-    let t = my_team(&st, &u.sub, &id).await?;
-    need_manager(&t)?;
+    my_team(&st, &u.sub, &id).await?;
     let role = parse_role(Some(&req.role))?;
-    if role == Role::Owner && t.role != Role::Owner {
-        return Err(ApiError::forbidden(
-            "only the owner can hand over ownership",
-        ));
-    }
-    st.db.set_member_role(&id, &uid, role).await?;
+    // Only the owner changes roles (never their own); the role owner hands ownership
+    // over, the owner becoming an admin. Checked and written atomically.
+    let changed = st.db.change_member_role(&id, &u.sub, &uid, role).await;
+    st.members.invalidate(&id, &uid);
+    st.members.invalidate(&id, &u.sub);
+    changed.map_err(member_error)?;
     st.audit_team(
         &id,
         who.actor.clone(),
@@ -583,11 +653,12 @@ pub async fn remove_member(
     Path((id, uid)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let u = who.user()?;
-    let t = my_team(&st, &u.sub, &id).await?;
-    if uid != u.sub {
-        need_manager(&t)?;
-    }
-    st.db.remove_member(&id, &uid).await?;
+    my_team(&st, &u.sub, &id).await?;
+    // The owner removes anyone but themselves, admins remove members; removing oneself
+    // is leaving. Checked and written atomically.
+    let removed = st.db.remove_member_by(&id, &u.sub, &uid).await;
+    st.members.invalidate(&id, &uid);
+    removed.map_err(member_error)?;
     st.audit_team(
         &id,
         who.actor.clone(),
@@ -612,7 +683,160 @@ pub async fn leave_team(
 ) -> ApiResult<StatusCode> {
     let u = who.user()?;
     my_team(&st, &u.sub, &id).await?;
-    st.db.remove_member(&id, &u.sub).await?;
+    let left = st.db.leave_team(&id, &u.sub).await;
+    st.members.invalidate(&id, &u.sub);
+    left.map_err(member_error)?;
+    st.audit_team(
+        &id,
+        who.actor.clone(),
+        who.actor_name.clone(),
+        "member.leave",
+        "user",
+        Some(&u.sub),
+        true,
+        None,
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// How long an invitation can be used.
+pub const INVITATION_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InvitationRequest {
+    #[schema(format = Email)]
+    pub email: String,
+    /// admin or member (default member); inviting an admin is for the owner.
+    pub role: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InvitationView {
+    pub id: String,
+    pub team_id: String,
+    pub email: String,
+    pub role: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// The token, in the create response only: the invited person signs up with it
+    /// (`POST /v1/auth/signup` with `invitation`), once, before `expires_at`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+fn invitation_view(i: &wrenn_db::Invitation, token: Option<String>) -> InvitationView {
+    InvitationView {
+        id: i.id.clone(),
+        team_id: i.team_id.clone(),
+        email: i.email.clone(),
+        role: i.role.as_str().to_string(),
+        created_by: i.created_by.clone(),
+        created_at: i.created_at,
+        expires_at: i.expires_at,
+        token,
+    }
+}
+
+#[utoipa::path(post, path = "/v1/teams/{id}/invitations", tag = "teams", params(("id" = String, Path)),
+    request_body = InvitationRequest,
+    responses((status = 201, body = InvitationView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_invitation(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    Path(id): Path<String>,
+    body: Result<Json<InvitationRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<InvitationView>)> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let u = who.user()?;
+    let t = my_team(&st, &u.sub, &id).await?;
+    need_manager(&t)?;
+    let role = parse_role(req.role.as_deref())?;
+    if role == Role::Owner {
+        return Err(ApiError::invalid(
+            "a team has one owner; invite an admin or a member",
+        ));
+    }
+    if role == Role::Admin && t.role != Role::Owner {
+        return Err(ApiError::forbidden(MemberRule::NeedsOwner.message()));
+    }
+    if st.db.get_user_by_email(&req.email).await.is_ok() {
+        return Err(ApiError::conflict(
+            "email_taken",
+            format!(
+                "{} has an account: add them with POST /v1/teams/{id}/members",
+                req.email.trim()
+            ),
+        ));
+    }
+    let created = st
+        .db
+        .create_invitation(&id, &req.email, role, Some(&u.sub), INVITATION_TTL)
+        .await?;
+    st.audit_team(
+        &id,
+        who.actor.clone(),
+        who.actor_name.clone(),
+        "invitation.create",
+        "invitation",
+        Some(&created.invitation.id),
+        true,
+        Some(serde_json::json!({"email": created.invitation.email, "role": role.as_str()})),
+    )
+    .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(invitation_view(
+            &created.invitation,
+            Some(created.token.clone()),
+        )),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/teams/{id}/invitations", tag = "teams", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<InvitationView>), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_invitations(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<InvitationView>>> {
+    let u = who.user()?;
+    need_manager(&my_team(&st, &u.sub, &id).await?)?;
+    let list = st.db.list_invitations(&id).await?;
+    Ok(Json(
+        list.iter().map(|i| invitation_view(i, None)).collect(),
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/teams/{id}/invitations/{invitation}", tag = "teams",
+    params(("id" = String, Path), ("invitation" = String, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_invitation(
+    State(st): S,
+    UserAuth(who): UserAuth,
+    Path((id, invitation)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let u = who.user()?;
+    need_manager(&my_team(&st, &u.sub, &id).await?)?;
+    st.db.delete_invitation(&id, &invitation).await?;
+    st.audit_team(
+        &id,
+        who.actor.clone(),
+        who.actor_name.clone(),
+        "invitation.delete",
+        "invitation",
+        Some(&invitation),
+        true,
+        None,
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -660,8 +884,34 @@ pub struct CreateKeyRequest {
     pub name: Option<String>,
 }
 
+/// Creating and deleting API keys is for the team's owner and admins, with their user
+/// token: API keys act with member rights and never mint or delete keys. The role is
+/// read from the database at the time of the request.
+async fn need_key_manager<'a>(st: &AppState, who: &'a Principal) -> ApiResult<&'a UserClaims> {
+    let Some(u) = who.user.as_ref() else {
+        return Err(ApiError::forbidden(
+            "API keys cannot create or delete API keys (they act with member rights): use \
+             the user token (Authorization: Bearer) of the team's owner or an admin",
+        ));
+    };
+    let role = st.db.member_role(&who.team_id, &u.sub).await.map_err(|e| {
+        if e.is_not_found() {
+            ApiError::unauthorized("this token's team membership has ended; log in again")
+        } else {
+            e.into()
+        }
+    })?;
+    if !role.can_manage() {
+        return Err(ApiError::forbidden(
+            "only the team's owner or admins can create or delete API keys",
+        ));
+    }
+    Ok(u)
+}
+
 #[utoipa::path(post, path = "/v1/api-keys", tag = "api-keys", request_body = CreateKeyRequest,
-    responses((status = 201, body = ApiKeyView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 201, body = ApiKeyView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn create_key(
     State(st): S,
@@ -669,6 +919,7 @@ pub async fn create_key(
     body: Result<Json<CreateKeyRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<ApiKeyView>)> {
     let Json(req) = body.map_err(json_rejection)?;
+    let creator = need_key_manager(&st, &who).await?.sub.clone();
     let name = req
         .name
         .filter(|n| !n.trim().is_empty())
@@ -676,8 +927,10 @@ pub async fn create_key(
     if name.chars().count() > 100 {
         return Err(ApiError::invalid("name must be at most 100 characters"));
     }
-    let creator = who.user.as_ref().map(|u| u.sub.as_str());
-    let created = st.db.create_api_key(&who.team_id, &name, creator).await?;
+    let created = st
+        .db
+        .create_api_key(&who.team_id, &name, Some(&creator))
+        .await?;
     st.audit(
         &who,
         "api_key.create",
@@ -702,13 +955,17 @@ pub async fn list_keys(State(st): S, Auth(who): Auth) -> ApiResult<Json<Vec<ApiK
 }
 
 #[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "api-keys", params(("id" = String, Path)),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn delete_key(
     State(st): S,
     Auth(who): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
+    // Another team's key is not found (never forbidden); one's own team's needs a manager.
+    st.db.get_api_key(&who.team_id, &id).await?;
+    need_key_manager(&st, &who).await?;
     st.db.delete_api_key(&who.team_id, &id).await?;
     st.keys.revoke(&id);
     st.audit(&who, "api_key.delete", "api_key", Some(&id), true, None)

@@ -86,7 +86,7 @@ pub struct CreateCapsuleRequest {
 #[utoipa::path(post, path = "/v1/capsules", tag = "capsules",
     request_body = CreateCapsuleRequest,
     responses((status = 201, body = CapsuleView), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn create(
     State(st): S,
@@ -196,7 +196,7 @@ pub async fn pause(
 
 #[utoipa::path(post, path = "/v1/capsules/{id}/resume", tag = "capsules",
     params(("id" = String, Path)),
-    responses((status = 200, body = CapsuleView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    responses((status = 200, body = CapsuleView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn resume(
     State(st): S,
@@ -269,7 +269,8 @@ pub fn random_tag(prefix: &str) -> String {
 #[utoipa::path(post, path = "/v1/capsules/{id}/exec", tag = "exec",
     params(("id" = String, Path)), request_body = ExecBody,
     responses((status = 200, body = ExecResult), (status = 202, body = BackgroundExec),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn exec(
     State(st): S,
@@ -337,6 +338,21 @@ pub async fn exec(
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(service::guest_err(e)),
+            Ok(Some(Ok(ExecEvent::Stdout(b) | ExecEvent::Stderr(b))))
+                if (out.len() + err.len() + b.len()) as u64 > st.config.exec_output_limit =>
+            {
+                let _ = guest.signal(stream.pid, true).await;
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!(
+                        "command output exceeds the limit of {} bytes (stdout and stderr \
+                         together); the command was stopped. Redirect it to a file, or run it \
+                         in the background (tag) and stream its output",
+                        st.config.exec_output_limit
+                    ),
+                ));
+            }
             Ok(Some(Ok(ExecEvent::Stdout(b)))) => out.extend_from_slice(&b),
             Ok(Some(Ok(ExecEvent::Stderr(b)))) => err.extend_from_slice(&b),
             Ok(Some(Ok(ExecEvent::Exited(s)))) => {

@@ -122,6 +122,7 @@ fn file_err(e: AgentError) -> ApiError {
     match e {
         AgentError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
         AgentError::InvalidArgument(m) => ApiError::invalid(m),
+        AgentError::PermissionDenied(m) => ApiError::forbidden(m),
         other => service::guest_err(other),
     }
 }
@@ -174,6 +175,19 @@ pub struct UploadForm {
 
 /// Most of a refused upload's body read (and dropped) before answering.
 const MAX_DRAIN: u64 = 256 << 20;
+/// Longest multipart `path` field (a path is at most 4096 bytes).
+const MAX_PATH_FIELD: usize = 4096;
+/// Multipart framing and the `path` field on top of the file's own bytes.
+const MULTIPART_OVERHEAD: u64 = 64 * 1024;
+
+/// A multipart error as an answer: the body-wide cap surfaces as 413.
+fn multipart_err(e: axum::extract::multipart::MultipartError, limit: u64) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::too_large(limit)
+    } else {
+        ApiError::invalid(format!("multipart: {}", e.body_text()))
+    }
+}
 
 /// A failed upload's answer: its body may be partly unread, so the connection is not
 /// reused (a client would otherwise send its next request into a closing socket).
@@ -199,7 +213,7 @@ async fn write_impl(
         .and_then(|v| v.parse::<u64>().ok());
     // Multipart framing adds a few hundred bytes; a body far beyond the cap is refused
     // before anything is read.
-    if declared.is_some_and(|n| n > limit.saturating_add(64 * 1024)) {
+    if declared.is_some_and(|n| n > limit.saturating_add(MULTIPART_OVERHEAD)) {
         return Err(ApiError::too_large(limit));
     }
     let (capsule, guest) = capsule_guest(st, who, id).await?;
@@ -208,14 +222,21 @@ async fn write_impl(
     while let Some(mut field) = form
         .next_field()
         .await
-        .map_err(|e| ApiError::invalid(format!("multipart: {e}")))?
+        .map_err(|e| multipart_err(e, limit))?
     {
         match field.name() {
             Some("path") => {
-                let p = field
-                    .text()
-                    .await
-                    .map_err(|e| ApiError::invalid(format!("multipart path: {e}")))?;
+                let mut raw = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(|e| multipart_err(e, limit))? {
+                    raw.extend_from_slice(&chunk);
+                    if raw.len() > MAX_PATH_FIELD {
+                        return Err(ApiError::invalid(format!(
+                            "multipart path: longer than {MAX_PATH_FIELD} bytes"
+                        )));
+                    }
+                }
+                let p = String::from_utf8(raw)
+                    .map_err(|_| ApiError::invalid("multipart path: not UTF-8"))?;
                 check_path(&p)?;
                 path = Some(p);
             }
@@ -265,7 +286,7 @@ async fn write_impl(
                             let _ = tx
                                 .send(Err(AgentError::Protocol("upload interrupted".into())))
                                 .await;
-                            failure = Some(ApiError::invalid(format!("multipart file: {e}")));
+                            failure = Some(multipart_err(e, limit));
                             break;
                         }
                     }
@@ -308,10 +329,21 @@ pub async fn write(
     State(st): S,
     Auth(who): Auth,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+    req: axum::extract::Request,
 ) -> Result<StatusCode, Response> {
-    let form = form.map_err(|e| refused(ApiError::invalid(e.body_text())))?;
+    // The whole body is capped, whatever its framing (a chunked body has no length to
+    // check up front) and whichever part it is in.
+    let (parts, body) = req.into_parts();
+    let cap = usize::try_from(st.config.upload_limit.saturating_add(MULTIPART_OVERHEAD))
+        .unwrap_or(usize::MAX);
+    let headers = parts.headers.clone();
+    let req = axum::extract::Request::from_parts(
+        parts,
+        Body::new(http_body_util::Limited::new(body, cap)),
+    );
+    let form = <Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
+        .await
+        .map_err(|e| refused(ApiError::invalid(e.body_text())))?;
     write_impl(&st, &who, &id, &headers, form)
         .await
         .map_err(refused)
@@ -328,10 +360,9 @@ pub async fn stream_write(
     st: S,
     who: Auth,
     id: Path<String>,
-    headers: HeaderMap,
-    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+    req: axum::extract::Request,
 ) -> Result<StatusCode, Response> {
-    write(st, who, id, headers, form).await
+    write(st, who, id, req).await
 }
 
 #[utoipa::path(post, path = "/v1/capsules/{id}/files/list", tag = "files",

@@ -75,7 +75,7 @@ pub struct OverwriteQuery {
 #[utoipa::path(post, path = "/v1/snapshots", tag = "snapshots",
     request_body = CreateSnapshotRequest, params(OverwriteQuery),
     responses((status = 201, body = TemplateView), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn create(
     State(st): S,
@@ -92,10 +92,7 @@ pub async fn create(
     wrenn_core::template::TemplateName::parse(&name)
         .map_err(|e| ApiError::invalid(format!("name: {e}")))?;
     let c = service::get(&st, &who, &req.sandbox_id).await?;
-    if q.overwrite == Some(true) && st.db.get_template(&who.team_id, &name).await.is_ok() {
-        service::delete_snapshot(&st, &who, &name).await?;
-    }
-    let t = service::snapshot(&st, &who, &c, &name).await?;
+    let t = service::snapshot_with(&st, &who, &c, &name, q.overwrite == Some(true)).await?;
     Ok((StatusCode::CREATED, Json(team_view(&t))))
 }
 

@@ -135,6 +135,12 @@ impl HostAgent for TimedAgent {
     async fn pause_all(&self) -> Vec<(CapsuleId, HostError)> {
         self.inner.pause_all().await
     }
+    fn pools(&self) -> Vec<wrenn_api::agent::PoolStats> {
+        self.inner.pools()
+    }
+    async fn set_pool(&self, template: &str, size: usize) -> Result<(), HostError> {
+        self.inner.set_pool(template, size).await
+    }
 }
 
 /// One keep-alive HTTP/1.1 connection.

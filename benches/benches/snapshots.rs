@@ -1,7 +1,8 @@
 //! Snapshot benchmark, all measured side by side in one run on this host's
 //! acceleration: create-from-template vs cold boot, resume vs cold boot, bytes a
 //! pause writes vs bytes the guest dirtied (1, 10, 100 MiB), host memory per idle
-//! clone (20 clones of one 512 MiB template), and the userfaultfd memory server's
+//! clone (20 clones of one 512 MiB template), create from a warm pool and what a ready
+//! pool entry costs (PSS), and the userfaultfd memory server's
 //! 4 KiB fault service rate vs a plain memcpy.
 //!
 //! `cargo bench --bench snapshots` (repo root, as root, images built).
@@ -40,6 +41,39 @@ fn vmm_pid(host: &Host, id: &CapsuleId) -> Option<u32> {
     .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&state).ok()?;
     v["vmm_pid"].as_u64().map(|p| p as u32)
+}
+
+fn pool_stats(host: &Host, template: &str) -> wrenn::PoolStats {
+    host.capsules()
+        .pool_stats()
+        .into_iter()
+        .find(|p| p.template == template)
+        .unwrap_or_default()
+}
+
+async fn wait_pool(host: &Host, template: &str, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pool_stats(host, template).ready < n {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the pool of {template} did not fill"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// VMM processes of the pool entries (their records say `pooled`).
+fn pooled_vmm_pids(host: &Host) -> Vec<u32> {
+    let Ok(dirs) = std::fs::read_dir(host.data_dir().capsules()) else {
+        return Vec::new();
+    };
+    dirs.flatten()
+        .filter_map(|d| std::fs::read(d.path().join("state.json")).ok())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter(|v| v["pooled"] == true)
+        .filter_map(|v| v["vmm_pid"].as_u64().map(|p| p as u32))
+        .collect()
 }
 
 async fn sh(host: &Host, id: &CapsuleId, script: &str) -> Result<String> {
@@ -94,6 +128,34 @@ async fn main() -> Result<()> {
     let (cold_ms, _) = median_p99_ms(&mut cold_t);
     let (tpl_ms, _) = median_p99_ms(&mut tpl_t);
     let (resume_ms, _) = median_p99_ms(&mut resume_t);
+
+    // Create from a warm pool (one ready capsule, refilled between rounds).
+    caps.set_pool("minimal", 1).await?;
+    let mut pool_t = Vec::new();
+    for _ in 0..rounds {
+        wait_pool(&host, "minimal", 1).await?;
+        let t = Instant::now();
+        let c = caps.create(template.clone()).await?;
+        pool_t.push(t.elapsed());
+        caps.destroy(&c.id).await?;
+    }
+    let hits = pool_stats(&host, "minimal").hits;
+    anyhow::ensure!(
+        hits == rounds as u64,
+        "only {hits} of {rounds} creates came from the pool"
+    );
+    let (pool_ms, _) = median_p99_ms(&mut pool_t);
+    // What a ready pool entry costs the host: PSS of idle entries' VMMs.
+    let pool_n = 4;
+    caps.set_pool("minimal", pool_n).await?;
+    wait_pool(&host, "minimal", pool_n).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pool_pss_kib: u64 = pooled_vmm_pids(&host)
+        .into_iter()
+        .map(|pid| pss_rss_kib(pid).0)
+        .sum();
+    let pool_pss_mb = pool_pss_kib as f64 / 1024.0 / pool_n as f64;
+    caps.set_pool("minimal", 0).await?;
 
     // Pause amplification: bytes written by a pause vs bytes the guest dirtied.
     let c = caps.create(template.clone()).await?;
@@ -169,6 +231,7 @@ async fn main() -> Result<()> {
 
     let create_ratio = tpl_ms / cold_ms;
     let resume_ratio = resume_ms / cold_ms;
+    let pool_ratio = pool_ms / cold_ms;
     let mut rows = vec![
         (
             "cold boot → envd ready (median)".to_string(),
@@ -177,6 +240,10 @@ async fn main() -> Result<()> {
         (
             "create from template snapshot".to_string(),
             format!("{tpl_ms:.0} ms  (ratio {create_ratio:.3}, goal ≤ 0.033)"),
+        ),
+        (
+            "create from a warm pool".to_string(),
+            format!("{pool_ms:.1} ms  (ratio {pool_ratio:.4}, goal ≤ 0.01)"),
         ),
         (
             "resume paused capsule".to_string(),
@@ -201,6 +268,10 @@ async fn main() -> Result<()> {
         format!("{pss_per_clone_mb:.1} MB proportional (PSS), {rss_per_clone_mb:.1} MB RSS counting shared pages in full"),
     ));
     rows.push((
+        format!("host memory per ready pool entry ({pool_n} idle)"),
+        format!("{pool_pss_mb:.1} MB PSS (goal ≤ {pss_per_clone_mb:.1}, an idle clone's)"),
+    ));
+    rows.push((
         "uffd 4 KiB fault service vs memcpy".to_string(),
         format!(
             "{:.0} MiB/s vs {:.0} MiB/s = {:.2}x (goal ≥ 0.5x)",
@@ -215,6 +286,9 @@ async fn main() -> Result<()> {
         "cold_boot_ms": round2(cold_ms),
         "create_from_template_ms": round2(tpl_ms),
         "create_ratio": round3(create_ratio),
+        "create_from_pool_ms": round2(pool_ms),
+        "pool_ratio": round3(pool_ratio),
+        "pool_pss_mb": round2(pool_pss_mb),
         "resume_ms": round2(resume_ms),
         "resume_ratio": round3(resume_ratio),
         "pause_amplification_1m": round2(amp[0].1),

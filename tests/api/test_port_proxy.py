@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 import os
 import socket
 import struct
@@ -296,6 +297,41 @@ def test_paused_then_resumed_then_killed(server):
         assert s.kill() is True
     r = httpx.get(f"{server.url}/", headers={"Host": h})
     assert r.status_code == 404, r.text
+
+
+def test_auto_resume_by_traffic_resumes_once(server):
+    s = Sandbox.create(
+        "python", timeout=300, lifecycle={"on_timeout": "pause", "auto_resume": True}, **api(server)
+    )
+    try:
+        start_servers(s, server)
+        h = host(PUBLIC, s.sandbox_id)
+        assert s.pause() is True
+        # 20 requests at once reach the paused sandbox: one resume serves them all.
+        with ThreadPoolExecutor(20) as ex:
+            rs = list(ex.map(lambda i: httpx.get(f"{server.url}/n/{i}", headers={"Host": h}, timeout=120), range(20)))
+        for i, r in enumerate(rs):
+            assert r.status_code == 200 and r.text.startswith(f"public GET /n/{i} "), r.text
+        with server.admin() as c:
+            r = c.get("/v1/audit-logs", params={"resource_type": "capsule", "limit": 200})
+            resumes = [
+                e for e in r.json()["items"]
+                if e["resource_id"] == s.sandbox_id and e["action"] == "capsule.resume"
+            ]
+        assert len(resumes) == 1, resumes
+        assert resumes[0]["actor_type"] == "system" and resumes[0]["status"] == "success", resumes
+        with server.admin() as c:
+            detail = c.get(f"/sandboxes/{s.sandbox_id}").json()
+        assert detail["state"] == "running" and detail["lifecycle"]["autoResume"] is True, detail
+    finally:
+        s.kill()
+    # Auto-resume needs a memory pause: the combination with a filesystem-only one is refused.
+    with server.admin() as c:
+        r = c.post(
+            "/sandboxes",
+            json={"templateID": "minimal", "autoPause": True, "autoPauseMemory": False, "autoResume": {"enabled": True}},
+        )
+    assert r.status_code == 400 and "autoResume" in r.json()["message"], r.text
 
 
 def test_proxied_traffic_keeps_capsule_alive(server):

@@ -25,7 +25,7 @@ pub use state::{ApiConfig, AppState};
 pub use wrenn_db::e2b_spelling;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use std::sync::Arc;
 
@@ -117,6 +117,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(snapshots::list).post(snapshots::create),
         )
         .route("/v1/snapshots/{name}", delete(snapshots::delete))
+        .route("/v1/admin/pools", get(v1::admin::pools))
+        .route("/v1/admin/pools/{template}", put(v1::admin::set_pool))
         .merge(uploads)
         .method_not_allowed_fallback(openapi::method_not_allowed);
     let e2b = Router::new()

@@ -23,6 +23,9 @@ pub struct ServerMetrics {
     execs: Histogram,
     proxied: IntCounter,
     capsules: IntGaugeVec,
+    /// Warm pools by template and what (target, ready, filling, hits, misses,
+    /// last_refill_ms, memory_mb); refreshed on scrape.
+    pools: IntGaugeVec,
 }
 
 fn build() -> Result<ServerMetrics, prometheus::Error> {
@@ -58,8 +61,18 @@ fn build() -> Result<ServerMetrics, prometheus::Error> {
     registry.register(Box::new(creates.clone()))?;
     registry.register(Box::new(execs.clone()))?;
     registry.register(Box::new(proxied.clone()))?;
+    let pools = IntGaugeVec::new(
+        Opts::new(
+            "pool",
+            "Warm pools by template: target, ready, filling, hits, misses, \
+             last_refill_ms, memory_mb (refreshed on scrape)",
+        ),
+        &["template", "what"],
+    )?;
     registry.register(Box::new(capsules.clone()))?;
+    registry.register(Box::new(pools.clone()))?;
     Ok(ServerMetrics {
+        pools,
         registry,
         requests,
         latency,
@@ -122,6 +135,24 @@ pub async fn serve(State(st): State<Arc<AppState>>) -> Response {
                 .capsules
                 .with_label_values(&[c.status.as_str()])
                 .inc();
+        }
+    }
+    st.metrics.pools.reset();
+    for p in st.agent.pools() {
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (what, v) in [
+            ("target", p.target as u64),
+            ("ready", p.ready as u64),
+            ("filling", p.filling as u64),
+            ("hits", p.hits),
+            ("misses", p.misses),
+            ("last_refill_ms", p.last_refill_ms.unwrap_or(0)),
+            ("memory_mb", p.memory_mb),
+        ] {
+            st.metrics
+                .pools
+                .with_label_values(&[p.template.as_str(), what])
+                .set(as_i64(v));
         }
     }
     let mut buf = Vec::new();

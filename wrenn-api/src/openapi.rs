@@ -110,6 +110,7 @@ impl Modify for CommonErrors {
         v1::files::read, v1::files::stream_read, v1::files::write, v1::files::stream_write,
         v1::files::list, v1::files::mkdir, v1::files::remove,
         v1::snapshots::create, v1::snapshots::list, v1::snapshots::delete,
+        v1::admin::pools, v1::admin::set_pool,
         e2b::create, e2b::create_v2, e2b::connect, e2b::connect_v2, e2b::resume, e2b::get, e2b::kill, e2b::set_timeout,
         e2b::pause, e2b::list_v2, e2b::list_v1, e2b::metrics, e2b::fork,
         e2b::create_snapshot, e2b::list_snapshots, e2b::delete_template,

@@ -186,7 +186,7 @@ fn strip_hop_headers(h: &mut HeaderMap) {
 async fn resolve(st: &AppState, t: &Target) -> Result<SocketAddr, ApiError> {
     let not_found = || ApiError::not_found(&format!("capsule {}", t.capsule));
     let id = CapsuleId::parse(&t.capsule).map_err(|_| not_found())?;
-    let c = st
+    let mut c = st
         .capsule_cache
         .get(&st.db, None, id.as_str())
         .await
@@ -200,6 +200,12 @@ async fn resolve(st: &AppState, t: &Target) -> Result<SocketAddr, ApiError> {
     match c.status {
         CapsuleStatus::Running => {}
         CapsuleStatus::Stopped | CapsuleStatus::Error => return Err(not_found()),
+        // Traffic wakes a capsule created with auto-resume.
+        CapsuleStatus::Paused | CapsuleStatus::Pausing | CapsuleStatus::Resuming
+            if c.auto_resume =>
+        {
+            c = crate::service::auto_resume(st, &c).await?;
+        }
         s => {
             return Err(ApiError::invalid_state(format!(
                 "capsule {} is {s}",

@@ -24,6 +24,10 @@ pub struct ServeOptions {
     /// Start even if the database records another data directory's capsules (or none
     /// while this data directory was served by another database), pairing the two anew.
     pub adopt_data_dir: bool,
+    /// Warm pools: ready capsules kept per template.
+    pub pools: Vec<(String, usize)>,
+    /// Guest memory all warm pools together may hold, in MiB (0 = no cap).
+    pub pool_memory_mb: u64,
     pub config: ApiConfig,
 }
 
@@ -223,6 +227,8 @@ pub async fn run(
     pair_data_dir(&db, &opts.data_dir, opts.adopt_data_dir).await?;
     let host = wrenn::Host::local(wrenn::HostOptions {
         data_dir: wrenn::DataDir::new(&opts.data_dir),
+        pools: opts.pools.clone(),
+        pool_memory_budget_mb: opts.pool_memory_mb,
         ..Default::default()
     })
     .await

@@ -39,6 +39,8 @@ pub struct CreateParams {
     pub deadline: bool,
     /// A pause on timeout keeps the memory (else the disk only).
     pub timeout_pause_memory: bool,
+    /// Traffic through the proxy to the paused capsule resumes it.
+    pub auto_resume: bool,
     pub metadata: Map<String, Value>,
     pub envs: HashMap<String, String>,
 }
@@ -51,6 +53,7 @@ struct TimeoutPolicy {
     pause: bool,
     deadline: bool,
     pause_memory: bool,
+    auto_resume: bool,
 }
 
 /// A capsule's disk size as shown: rows written before the size was recorded show the
@@ -254,6 +257,7 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
             pause: p.pause_on_timeout,
             deadline: p.deadline,
             pause_memory: p.timeout_pause_memory,
+            auto_resume: p.auto_resume,
         },
     )
     .await?;
@@ -299,6 +303,7 @@ async fn record(
         disk_mb: hc.disk_mb,
         deadline: timeout.deadline,
         timeout_pause_memory: timeout.pause_memory,
+        auto_resume: timeout.auto_resume,
     };
     match state.db.insert_capsule(&who.team_id, new).await {
         Ok(row) => Ok(row),
@@ -536,6 +541,79 @@ pub async fn resume_with(
         )
         .await;
     row
+}
+
+/// How long traffic to an auto-resuming capsule waits for it to run again.
+const AUTO_RESUME_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Brings a paused capsule created with auto-resume back for traffic that reached it
+/// (the proxy): one resume however many requests arrive at once; the others wait for it.
+/// Returns the running row.
+pub async fn auto_resume(state: &AppState, c: &Capsule) -> ApiResult<Capsule> {
+    let lock = state.resumes.lock_for(c.id.as_str());
+    let turn = lock.lock().await;
+    let deadline = tokio::time::Instant::now() + AUTO_RESUME_WAIT;
+    let system = Principal {
+        team_id: c.team_id.clone(),
+        actor: Actor::System,
+        actor_name: Some("auto-resume".into()),
+        user: None,
+    };
+    let result = loop {
+        let now = state.db.get_capsule(&c.team_id, c.id.as_str()).await?;
+        match now.status {
+            CapsuleStatus::Running => break Ok(now),
+            CapsuleStatus::Paused => {
+                match resume_with(state, &system, &now, ResumeMode::Restore).await {
+                    Ok(row) => {
+                        tracing::info!(capsule = %c.id, "auto-resumed for traffic");
+                        break Ok(row);
+                    }
+                    // Someone else resumed (or paused) it meanwhile: look again.
+                    Err(e) if e.code == "invalid_state" => {}
+                    Err(e) => break Err(e),
+                }
+            }
+            CapsuleStatus::Stopped | CapsuleStatus::Error => {
+                break Err(ApiError::not_found(&format!("capsule {}", c.id)))
+            }
+            // Pausing, resuming, starting: settles by itself.
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("capsule {} did not become running in time", c.id),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    drop(turn);
+    state.resumes.done(c.id.as_str(), lock);
+    result
+}
+
+/// One lock per capsule being auto-resumed, so concurrent traffic resumes it once.
+#[derive(Debug, Default)]
+pub struct Resumes {
+    locks: std::sync::Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Resumes {
+    fn lock_for(&self, id: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// Forgets the lock when no one else waits on it.
+    fn done(&self, id: &str, lock: std::sync::Arc<tokio::sync::Mutex<()>>) {
+        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's reference and ours: nobody else holds or waits for it.
+        if std::sync::Arc::strong_count(&lock) <= 2 {
+            m.remove(id);
+        }
+    }
 }
 
 async fn touch_now(state: &AppState, c: &Capsule) {
@@ -791,6 +869,7 @@ pub async fn fork(
                     pause: c.pause_on_timeout,
                     deadline: c.deadline,
                     pause_memory: c.timeout_pause_memory,
+                    auto_resume: c.auto_resume,
                 },
             )
             .await?,

@@ -85,6 +85,8 @@ pub struct AppState {
     pub proxy: crate::proxy::ProxyClient,
     /// What is in flight through the proxy, per capsule: ended on kill and pause.
     pub streams: crate::proxy::LiveStreams,
+    /// Auto-resumes in progress, one per capsule.
+    pub resumes: crate::service::Resumes,
     /// Per-team limits and the reservations of requests in flight.
     pub quotas: crate::quota::Quotas,
     /// Seals the envd tokens kept in the database.
@@ -101,6 +103,7 @@ impl AppState {
     pub fn new(db: Db, agent: Arc<dyn HostAgent>, config: ApiConfig, jwt_secret: &[u8]) -> Self {
         AppState {
             quotas: crate::quota::Quotas::new(config.team_limits),
+            resumes: crate::service::Resumes::default(),
             limiter: RateLimiter::new(config.rate_limit, config.rate_burst),
             members: crate::auth::MemberCache::default(),
             auth_throttle: crate::auth::AuthThrottle::new(
@@ -382,6 +385,7 @@ mod tests {
             disk_mb: 0,
             deadline: false,
             timeout_pause_memory: true,
+            auto_resume: false,
         };
         db.insert_capsule(team_id, new).await.expect("row");
         let cache = CapsuleCache::default();

@@ -635,6 +635,7 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
                 disk_mb: 0,
                 deadline: false,
                 timeout_pause_memory: true,
+                auto_resume: false,
             },
         )
         .await
@@ -1149,6 +1150,93 @@ async fn team_limits(t: &TestDb) {
     .await;
 }
 
+/// Warm pools through the admin API: platform admins only; creates are served from the
+/// pool; pool entries are nobody's capsules; /metrics reports the pool.
+async fn pool_admin(t: &TestDb) {
+    let a = api(t, ApiConfig::default()).await;
+    let admin = admin_token(&a).await;
+    let (user, _) = a.user("pool-user@example.com").await;
+    let set = |who: &str, template: &str, size: Value| {
+        let (who, path) = (who.to_string(), format!("/v1/admin/pools/{template}"));
+        let a = &a;
+        async move {
+            a.call(
+                Method::PUT,
+                &path,
+                Some(&who),
+                Some(json!({ "size": size })),
+            )
+            .await
+        }
+    };
+    let r = set(&user, "minimal", json!(1)).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
+    let r = set(KEY, "minimal", json!(1)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
+    let r = set(&admin, "minimal", json!(65)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    let r = set(&admin, "no-such-template", json!(1)).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+    let r = set(&admin, "minimal", json!(1)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let pool = |a: &Api| {
+        a.state
+            .agent
+            .pools()
+            .into_iter()
+            .find(|p| p.template == "minimal")
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while pool(&a).ready < 1 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", pool(&a));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let r = a.get("/v1/capsules", Some(KEY)).await;
+    assert_eq!(
+        r.body.as_array().map(Vec::len),
+        Some(0),
+        "pool entries are nobody's"
+    );
+    let r = a
+        .post("/v1/capsules", Some(KEY), json!({"template": "minimal"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.body["id"].as_str().expect("id").to_string();
+    let out = exec_out(&a, &id, "echo from-pool").await;
+    assert_eq!(out.body["stdout"], "from-pool\n", "{}", out.text);
+    let r = a.get("/v1/admin/pools", Some(&admin)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let minimal = r
+        .body
+        .as_array()
+        .and_then(|l| l.iter().find(|p| p["template"] == "minimal"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (minimal["target"].as_u64(), minimal["hits"].as_u64()),
+        (Some(1), Some(1)),
+        "{minimal}"
+    );
+    let r = a.get("/metrics", None).await;
+    assert!(
+        r.text
+            .contains(r#"wrenn_pool{template="minimal",what="hits"} 1"#),
+        "{}",
+        r.text
+    );
+    let r = set(&admin, "minimal", json!(0)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(pool(&a).ready, 0);
+    a.call(
+        Method::DELETE,
+        &format!("/v1/capsules/{id}"),
+        Some(KEY),
+        None,
+    )
+    .await;
+}
+
 on_both_backends!(
     accounts_teams_and_keys,
     validation_and_limits,
@@ -1157,7 +1245,8 @@ on_both_backends!(
     failed_pause_keeps_capsule,
     snapshot_overwrite_keeps_old_until_new,
     data_dir_pairing,
-    team_limits
+    team_limits,
+    pool_admin
 );
 
 /// The bootstrap admin's password in these tests (as `--bootstrap-admin-password`).

@@ -24,7 +24,7 @@ pub mod vmm;
 pub use error::CapsuleError;
 pub use id::CapsuleId;
 pub use manager::{
-    CapsuleInfo, Capsules, ExecOutput, HostParts, ManagerConfig, SweepReport, VmmProcess,
+    CapsuleInfo, Capsules, ExecOutput, HostParts, ManagerConfig, PoolStats, SweepReport, VmmProcess,
 };
 pub use spec::{CapsuleSpec, CreateOptions, Limits};
 pub use status::CapsuleStatus;

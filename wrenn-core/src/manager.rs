@@ -35,6 +35,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
+mod pool;
+pub use pool::PoolStats;
+
 /// The parts a manager composes.
 #[derive(Clone, Debug)]
 pub struct HostParts {
@@ -57,6 +60,8 @@ pub struct ManagerConfig {
     pub restore_ready_timeout: Duration,
     /// Path of the guest's init.
     pub guest_init: String,
+    /// Guest memory all warm pools together may hold, in MiB (0 = no cap).
+    pub pool_memory_budget_mb: u64,
 }
 
 impl Default for ManagerConfig {
@@ -66,6 +71,7 @@ impl Default for ManagerConfig {
             ready_timeout: Duration::from_secs(60),
             restore_ready_timeout: Duration::from_secs(30),
             guest_init: "/usr/local/bin/wrenn-init".into(),
+            pool_memory_budget_mb: 4096,
         }
     }
 }
@@ -468,12 +474,14 @@ fn invalid(rec: &CapsuleRecord, op: &'static str, needed: &'static str) -> Capsu
 pub struct Capsules {
     ctx: Ctx,
     table: Mutex<HashMap<CapsuleId, Arc<Entry>>>,
+    pools: pool::Pools,
 }
 
 impl Capsules {
     /// A manager over `parts`. Call [`Capsules::recover`] once at startup.
     pub fn new(parts: HostParts, config: ManagerConfig) -> Arc<Self> {
         Arc::new(Capsules {
+            pools: pool::Pools::new(config.pool_memory_budget_mb),
             ctx: Ctx { parts, config },
             table: Mutex::new(HashMap::new()),
         })
@@ -583,6 +591,7 @@ impl Capsules {
             memory_base: MemoryBase::Zero,
             kernel: PathBuf::new(),
             cmdline: String::new(),
+            pooled: false,
         }
     }
 
@@ -655,33 +664,41 @@ impl Capsules {
             spec.vcpus = r.meta.spec.vcpus;
             spec.memory_mb = r.meta.spec.memory_mb;
             spec.disk_mb = spec.disk_mb.max(r.meta.spec.disk_mb);
+            // A ready capsule of the warm pool, when there is one of this snapshot.
+            let mut stale = Vec::new();
+            let taken = self.pools.take(
+                spec.template.as_str(),
+                &pool::Origin::of(r),
+                spec.disk_mb,
+                &mut stale,
+            );
+            for old in stale {
+                self.discard(old).await;
+            }
+            let claimed = match taken {
+                Some(ready) => match self.claim(ready, spec.clone()).await {
+                    Ok(info) => Some(info),
+                    Err(e) => {
+                        tracing::warn!(template = %spec.template, error = %error_chain(&e),
+                            "pool entry unusable; restoring instead");
+                        None
+                    }
+                },
+                None => None,
+            };
+            self.refill(spec.template.as_str());
+            if let Some(info) = claimed {
+                return Ok(info);
+            }
         }
         let record = self.new_record(spec);
         self.launch(record, move |dir| {
             let dir = dir.to_path_buf();
             Box::pin(async move {
-                let Some(r) = snap else {
-                    return Ok(Start::Boot { template });
-                };
-                let memory = match &r.meta.memory_base {
-                    MemoryBase::File(p) => {
-                        MemoryBase::File(parts.templates.pin(p, &dir, "memory.base").await?)
-                    }
-                    MemoryBase::Zero => MemoryBase::Zero,
-                };
-                let disk_base = parts
-                    .templates
-                    .pin(&r.disk_base, &dir, "rootfs.base")
-                    .await?;
-                Ok(Start::Restore {
-                    kernel: r.meta.kernel.clone(),
-                    cmdline: r.meta.cmdline.clone(),
-                    memory,
-                    device_state: r.device_state.clone(),
-                    overlay: r.overlay.clone(),
-                    disk_base,
-                    old_token: r.meta.access_token.clone(),
-                })
+                match snap {
+                    Some(r) => pool::restore_start(&parts, &r, &dir).await,
+                    None => Ok(Start::Boot { template }),
+                }
             })
         })
         .await

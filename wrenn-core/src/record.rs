@@ -44,6 +44,9 @@ pub struct CapsuleRecord {
     pub kernel: std::path::PathBuf,
     #[serde(default)]
     pub cmdline: String,
+    /// A warm-pool entry: restored ahead of time, not yet anyone's capsule.
+    #[serde(default)]
+    pub pooled: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

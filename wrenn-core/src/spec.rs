@@ -75,6 +75,8 @@ pub enum InvalidSpec {
     Disk { got: u64, min: u64, max: u64 },
     #[error("Invalid environment variable name {0:?}")]
     EnvName(String),
+    #[error("Cannot pool: {0}")]
+    Pool(String),
 }
 
 impl CreateOptions {

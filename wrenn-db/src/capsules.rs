@@ -36,6 +36,8 @@ pub struct Capsule {
     pub deadline: bool,
     /// A pause on timeout keeps the memory (`true`) or the disk only.
     pub timeout_pause_memory: bool,
+    /// Traffic to the paused capsule resumes it.
+    pub auto_resume: bool,
 }
 
 /// What creating a capsule record needs; the id comes from the capsule manager.
@@ -55,6 +57,8 @@ pub struct NewCapsule {
     pub deadline: bool,
     /// See [`Capsule::timeout_pause_memory`].
     pub timeout_pause_memory: bool,
+    /// See [`Capsule::auto_resume`].
+    pub auto_resume: bool,
 }
 
 impl std::fmt::Debug for NewCapsule {
@@ -71,6 +75,7 @@ impl std::fmt::Debug for NewCapsule {
             .field("disk_mb", &self.disk_mb)
             .field("deadline", &self.deadline)
             .field("timeout_pause_memory", &self.timeout_pause_memory)
+            .field("auto_resume", &self.auto_resume)
             .field(
                 "envd_access_token",
                 &self.envd_access_token.as_ref().map(|_| "<redacted>"),
@@ -82,7 +87,7 @@ impl std::fmt::Debug for NewCapsule {
 /// Every column but `envd_access_token`.
 pub(crate) const COLS: &str = "id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
                                created_at, started_at, last_active_at, last_updated, metadata, \
-                               on_timeout, disk_mb, timeout_kind, timeout_pause";
+                               on_timeout, disk_mb, timeout_kind, timeout_pause, auto_resume";
 
 /// Statuses that `list_capsules` leaves out unless asked: the capsule is gone.
 pub(crate) const ENDED: &str = "('stopped', 'error')";
@@ -122,6 +127,7 @@ pub(crate) fn capsule(row: &AnyRow) -> R<Capsule> {
         disk_mb: u64::from(u32_col(row, "disk_mb")?),
         deadline: text(row, "timeout_kind")? == "deadline",
         timeout_pause_memory: text(row, "timeout_pause")? != "disk",
+        auto_resume: text(row, "auto_resume")? == "on",
     })
 }
 
@@ -145,8 +151,8 @@ impl Db {
         let row = sqlx::query(&format!(
             "INSERT INTO capsules (id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
              created_at, started_at, last_active_at, last_updated, metadata, envd_access_token, \
-             on_timeout, disk_mb, timeout_kind, timeout_pause) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11, $12, $13, $14, $15) \
+             on_timeout, disk_mb, timeout_kind, timeout_pause, auto_resume) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11, $12, $13, $14, $15, $16) \
              RETURNING {COLS}"
         ))
         .bind(new.id.as_str())
@@ -172,6 +178,7 @@ impl Db {
         } else {
             "disk"
         })
+        .bind(if new.auto_resume { "on" } else { "off" })
         .fetch_optional(self.pool())
         .await
         .map_err(|e| {

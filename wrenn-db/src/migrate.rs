@@ -38,6 +38,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0005_settings.sql"),
         include_str!("../migrations/postgres/0005_settings.sql"),
     ),
+    (
+        6,
+        "auto_resume",
+        include_str!("../migrations/sqlite/0006_auto_resume.sql"),
+        include_str!("../migrations/postgres/0006_auto_resume.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

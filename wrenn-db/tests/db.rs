@@ -52,6 +52,7 @@ fn new_capsule(status: CapsuleStatus) -> NewCapsule {
         disk_mb: 2048,
         deadline: false,
         timeout_pause_memory: true,
+        auto_resume: false,
     }
 }
 

@@ -180,6 +180,31 @@ pub async fn run(data: &DataDir) -> Result<u8> {
             "run as root or set WRENN_DATA_DIR",
         ),
     }
+    // Warm pools of running servers, as their records in the data directory say.
+    {
+        use wrenn::record::StateStore;
+        let store = wrenn::FsStateStore::new(data.clone());
+        let mut pools: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+        for (_, rec) in store.list().await.unwrap_or_default() {
+            if let Some(rec) = rec.filter(|r| r.pooled && store.owner_alive(&r.owner)) {
+                let e = pools.entry(rec.spec.template.to_string()).or_default();
+                e.0 += 1;
+                e.1 += u64::from(rec.spec.memory_mb);
+            }
+        }
+        if pools.is_empty() {
+            r.ok(
+                "warm pools",
+                "none (wrenn serve --pool TEMPLATE=N keeps N ready capsules of a template)",
+            );
+        } else {
+            let list: Vec<String> = pools
+                .iter()
+                .map(|(t, (n, mb))| format!("{t}: {n} ready ({mb} MiB of guest memory)"))
+                .collect();
+            r.ok("warm pools", list.join(", "));
+        }
+    }
     println!();
     if r.problems == 0 {
         println!("all checks passed");

@@ -406,7 +406,8 @@ async fn ps(data: &DataDir) -> Result<()> {
                 println!(
                     "{:<30} {:<9} {:<10} {:>5} {:>7} {:<16} {}",
                     id.as_str(),
-                    r.status.as_str(),
+                    // A warm-pool entry of a running server: nobody's capsule yet.
+                    if r.pooled { "pool" } else { r.status.as_str() },
                     r.spec.template.as_str(),
                     r.spec.vcpus,
                     r.spec.memory_mb,

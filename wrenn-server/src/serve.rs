@@ -27,6 +27,13 @@ pub struct ServeArgs {
     /// Largest file upload per request, in MiB.
     #[arg(long, env = "WRENN_UPLOAD_LIMIT_MIB", default_value_t = 100)]
     upload_limit_mib: u64,
+    /// Keep N ready capsules of TEMPLATE (`TEMPLATE=N`; repeat, or comma-separate in the
+    /// environment): creates of it take one instead of restoring.
+    #[arg(long = "pool", env = "WRENN_POOLS", value_delimiter = ',', value_parser = parse_pool)]
+    pools: Vec<(String, usize)>,
+    /// Guest memory all warm pools together may hold, in MiB (0 = no cap).
+    #[arg(long, env = "WRENN_POOL_MEMORY_MB", default_value_t = 4096)]
+    pool_memory_mb: u64,
     /// Most output a synchronous exec returns, in MiB (more: the command is stopped, 413).
     #[arg(long, env = "WRENN_EXEC_OUTPUT_LIMIT_MIB", default_value_t = 16)]
     exec_output_limit_mib: u64,
@@ -119,6 +126,18 @@ fn signup_open(mode: SignupMode, disabled: bool, listen: SocketAddr) -> bool {
         }
 }
 
+/// `TEMPLATE=N`.
+fn parse_pool(s: &str) -> Result<(String, usize), String> {
+    let (t, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected TEMPLATE=N"))?;
+    let n = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: N must be a number of capsules"))?;
+    Ok((t.trim().to_string(), n))
+}
+
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let term = async {
@@ -145,6 +164,8 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
         jwt_secret: a.jwt_secret,
         bootstrap_admin_password: a.bootstrap_admin_password,
         adopt_data_dir: a.adopt_data_dir,
+        pools: a.pools,
+        pool_memory_mb: a.pool_memory_mb,
         config: ApiConfig {
             domain: a.domain,
             upload_limit: a.upload_limit_mib.saturating_mul(1024 * 1024),

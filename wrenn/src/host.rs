@@ -23,6 +23,10 @@ pub struct HostOptions {
     pub sweep: bool,
     /// Memory generations kept before a pause merges them.
     pub generation_cap: usize,
+    /// Warm pools to keep: ready capsules per template.
+    pub pools: Vec<(String, usize)>,
+    /// Guest memory all warm pools together may hold, in MiB (0 = no cap).
+    pub pool_memory_budget_mb: u64,
 }
 
 impl Default for HostOptions {
@@ -33,6 +37,8 @@ impl Default for HostOptions {
             ready_timeout: Duration::from_secs(120),
             sweep: true,
             generation_cap: wrenn_storage::capsnap::DEFAULT_GENERATION_CAP,
+            pools: Vec::new(),
+            pool_memory_budget_mb: ManagerConfig::default().pool_memory_budget_mb,
         }
     }
 }
@@ -49,6 +55,12 @@ pub enum HostError {
     },
     #[error("Startup sweep failed")]
     Sweep(#[source] CapsuleError),
+    #[error("Cannot keep a warm pool of template {template}")]
+    Pool {
+        template: String,
+        #[source]
+        source: CapsuleError,
+    },
 }
 
 /// Capsules on this machine.
@@ -107,6 +119,7 @@ impl Host {
         let config = ManagerConfig {
             limits: opts.limits,
             ready_timeout: opts.ready_timeout,
+            pool_memory_budget_mb: opts.pool_memory_budget_mb,
             ..Default::default()
         };
         let capsules = Capsules::new(parts, config);
@@ -115,6 +128,15 @@ impl Host {
         } else {
             SweepReport::default()
         };
+        for (template, size) in &opts.pools {
+            capsules
+                .set_pool(template, *size)
+                .await
+                .map_err(|source| HostError::Pool {
+                    template: template.clone(),
+                    source,
+                })?;
+        }
         Ok(Host {
             capsules,
             probe,

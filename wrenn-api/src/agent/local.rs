@@ -287,6 +287,11 @@ impl HostAgent for LocalAgent {
 
     async fn delete_template(&self, name: &str) -> Result<(), HostError> {
         self.template(name).await?;
+        // Its ready capsules are of a template that no longer exists.
+        self.capsules()
+            .set_pool(name, 0)
+            .await
+            .map_err(host_error)?;
         // Capsules started from it hold their own links to its files.
         let dir = self.template_dir(name);
         tokio::fs::remove_dir_all(&dir).await.map_err(|e| {
@@ -367,7 +372,23 @@ impl HostAgent for LocalAgent {
         }
     }
 
+    fn pools(&self) -> Vec<super::PoolStats> {
+        self.capsules().pool_stats()
+    }
+
+    async fn set_pool(&self, template: &str, size: usize) -> Result<(), HostError> {
+        self.capsules()
+            .set_pool(template, size)
+            .await
+            .map_err(host_error)
+    }
+
     async fn pause_all(&self) -> Vec<(CapsuleId, HostError)> {
+        // Pool entries are nobody's: they go, not pause.
+        let drained = self.capsules().drain_pools().await;
+        if drained > 0 {
+            tracing::info!(drained, "warm pools drained");
+        }
         let running: Vec<CapsuleId> = self
             .capsules()
             .list()

@@ -179,4 +179,12 @@ pub trait HostAgent: Send + Sync + Debug {
 
     /// Pauses every running capsule (graceful shutdown); returns those that failed.
     async fn pause_all(&self) -> Vec<(CapsuleId, HostError)>;
+
+    /// The warm pools: ready capsules kept per template.
+    fn pools(&self) -> Vec<PoolStats>;
+
+    /// Keeps `size` ready capsules of `template` (0 = none).
+    async fn set_pool(&self, template: &str, size: usize) -> Result<(), HostError>;
 }
+
+pub use wrenn_core::manager::PoolStats;

@@ -94,8 +94,9 @@ pub struct NewSandbox {
     pub secure: Option<bool>,
     #[serde(rename = "allow_internet_access")]
     pub allow_internet_access: Option<bool>,
-    /// Accepted and ignored, as are `network`, `mcp` and `volumeMounts`.
+    /// `{enabled: bool}`: traffic to the paused sandbox resumes it.
     pub auto_resume: Option<Map<String, Value>>,
+    /// Accepted and ignored, as are `mcp` and `volumeMounts`.
     pub network: Option<Map<String, Value>>,
     pub mcp: Option<Map<String, Value>>,
     pub volume_mounts: Option<Vec<Map<String, Value>>>,
@@ -195,6 +196,15 @@ fn envd_version(c: &wrenn_db::Capsule) -> String {
         .to_string()
 }
 
+/// `autoResume: {enabled: bool}` (absent: off).
+fn auto_resume_enabled(v: Option<&Map<String, Value>>) -> R<bool> {
+    match v.and_then(|m| m.get("enabled")) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(bad("autoResume.enabled must be a boolean")),
+    }
+}
+
 async fn sandbox(st: &AppState, headers: &HeaderMap, c: &wrenn_db::Capsule) -> R<Sandbox> {
     let token = service::envd_token(st, c).await.map_err(E2bError)?;
     Ok(Sandbox {
@@ -224,7 +234,7 @@ async fn detail(st: &AppState, headers: &HeaderMap, c: &wrenn_db::Capsule) -> R<
         envd_access_token: token,
         domain: domain(st, headers),
         lifecycle: Lifecycle {
-            auto_resume: false,
+            auto_resume: c.auto_resume,
             on_timeout: if c.pause_on_timeout { "pause" } else { "kill" }.into(),
         },
     })
@@ -313,6 +323,13 @@ pub async fn create(
     {
         return Err(E2bError(ApiError::invalid("metadata uses a reserved key")));
     }
+    let auto_resume = auto_resume_enabled(req.auto_resume.as_ref())?;
+    if auto_resume && req.auto_pause_memory == Some(false) {
+        // A filesystem-only pause cold-boots on resume: traffic cannot wake it in place.
+        return Err(bad(
+            "autoResume cannot be combined with a filesystem-only auto-pause (autoPauseMemory: false)",
+        ));
+    }
     let c = service::create(
         &st,
         &who,
@@ -324,6 +341,7 @@ pub async fn create(
             pause_on_timeout: req.auto_pause.unwrap_or(false),
             deadline: true,
             timeout_pause_memory: req.auto_pause_memory.unwrap_or(true),
+            auto_resume,
             metadata,
             envs: req.env_vars.unwrap_or_default(),
         },

@@ -81,6 +81,9 @@ pub struct CreateCapsuleRequest {
     pub timeout_sec: Option<u32>,
     /// User labels: ≤ 20 keys, values ≤ 64 characters.
     pub metadata: Option<HashMap<String, String>>,
+    /// Traffic through the proxy to the capsule while it is paused resumes it
+    /// (default false: such traffic is answered 409).
+    pub auto_resume: Option<bool>,
 }
 
 #[utoipa::path(post, path = "/v1/capsules", tag = "capsules",
@@ -117,6 +120,7 @@ pub async fn create(
             metadata,
             deadline: false,
             timeout_pause_memory: true,
+            auto_resume: req.auto_resume.unwrap_or(false),
             envs: HashMap::new(),
         },
     )

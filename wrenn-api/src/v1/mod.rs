@@ -1,6 +1,7 @@
 //! The Wrenn REST API, `/v1/…`.
 
 pub mod account;
+pub mod admin;
 pub mod capsules;
 pub mod files;
 pub mod snapshots;

@@ -1,0 +1,111 @@
+//! `/v1/admin/…`: operator routes, for platform admins (a user token whose account is
+//! an admin of the platform, not only of a team).
+
+use crate::auth::Auth;
+use crate::error::{json_rejection, ApiError, ApiResult, ErrorBody};
+use crate::service;
+use crate::state::AppState;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+type S = State<Arc<AppState>>;
+
+/// One template's warm pool.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PoolView {
+    pub template: String,
+    /// Ready capsules kept.
+    pub target: usize,
+    pub ready: usize,
+    pub filling: usize,
+    pub hits: u64,
+    pub misses: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_refill_ms: Option<u64>,
+    /// Guest memory of the ready and filling entries, in MiB.
+    pub memory_mb: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetPool {
+    /// Ready capsules to keep (0 = no pool).
+    #[schema(maximum = 64)]
+    pub size: usize,
+}
+
+/// Most ready capsules one pool may keep.
+const MAX_POOL: usize = 64;
+
+fn platform_admin(who: &crate::auth::Principal) -> ApiResult<()> {
+    if who.user()?.is_admin {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(
+            "this route is for platform admins (the bootstrap admin account)",
+        ))
+    }
+}
+
+fn views(st: &AppState) -> Vec<PoolView> {
+    st.agent
+        .pools()
+        .into_iter()
+        .map(|p| PoolView {
+            template: p.template,
+            target: p.target,
+            ready: p.ready,
+            filling: p.filling,
+            hits: p.hits,
+            misses: p.misses,
+            last_refill_ms: p.last_refill_ms,
+            memory_mb: p.memory_mb,
+        })
+        .collect()
+}
+
+#[utoipa::path(get, path = "/v1/admin/pools", tag = "admin",
+    responses((status = 200, body = Vec<PoolView>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn pools(State(st): S, Auth(who): Auth) -> ApiResult<Json<Vec<PoolView>>> {
+    platform_admin(&who)?;
+    Ok(Json(views(&st)))
+}
+
+#[utoipa::path(put, path = "/v1/admin/pools/{template}", tag = "admin",
+    params(("template" = String, Path)), request_body = SetPool,
+    responses((status = 200, body = Vec<PoolView>), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn set_pool(
+    State(st): S,
+    Auth(who): Auth,
+    Path(template): Path<String>,
+    body: Result<Json<SetPool>, JsonRejection>,
+) -> ApiResult<Json<Vec<PoolView>>> {
+    platform_admin(&who)?;
+    let Json(req) = body.map_err(json_rejection)?;
+    if req.size > MAX_POOL {
+        return Err(ApiError::invalid(format!(
+            "size: at most {MAX_POOL} ready capsules per template"
+        )));
+    }
+    st.agent
+        .set_pool(&template, req.size)
+        .await
+        .map_err(service::host_err)?;
+    st.audit(
+        &who,
+        "pool.set",
+        "template",
+        Some(&template),
+        true,
+        Some(serde_json::json!({"size": req.size})),
+    )
+    .await;
+    Ok(Json(views(&st)))
+}

@@ -1228,6 +1228,47 @@ async fn pool_admin(t: &TestDb) {
     let r = set(&admin, "minimal", json!(0)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(pool(&a).ready, 0);
+
+    // A team snapshot's pool (by its host name) is drained when the snapshot goes.
+    let r = a
+        .post(
+            "/v1/snapshots",
+            Some(KEY),
+            json!({"sandbox_id": id, "name": "pooled-snap"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let host_name = a
+        .state
+        .db
+        .get_template(&team_of_key(&a).await, "pooled-snap")
+        .await
+        .expect("snapshot row")
+        .metadata
+        .get(wrenn_api::service::HOST_TEMPLATE_KEY)
+        .and_then(Value::as_str)
+        .expect("host template name")
+        .to_string();
+    let r = set(&admin, &host_name, json!(1)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let snap_pool = |a: &Api| {
+        a.state
+            .agent
+            .pools()
+            .into_iter()
+            .find(|p| p.template == host_name)
+            .unwrap_or_default()
+    };
+    while snap_pool(&a).ready < 1 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", snap_pool(&a));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let r = a
+        .call(Method::DELETE, "/v1/snapshots/pooled-snap", Some(KEY), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    let p = snap_pool(&a);
+    assert_eq!((p.target, p.ready), (0, 0), "{p:?}");
     a.call(
         Method::DELETE,
         &format!("/v1/capsules/{id}"),
@@ -1235,6 +1276,15 @@ async fn pool_admin(t: &TestDb) {
         None,
     )
     .await;
+}
+
+async fn team_of_key(a: &Api) -> String {
+    a.state
+        .db
+        .api_key_by_hash(&wrenn_db::hash_api_key(KEY))
+        .await
+        .expect("key")
+        .team_id
 }
 
 on_both_backends!(

@@ -14,6 +14,7 @@ pub mod manager;
 pub mod memory;
 pub mod net;
 pub mod record;
+pub mod scheduler;
 pub mod snapshot;
 pub mod spec;
 pub mod status;

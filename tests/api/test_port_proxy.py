@@ -316,7 +316,7 @@ def test_auto_resume_by_traffic_resumes_once(server):
             r = c.get("/v1/audit-logs", params={"resource_type": "capsule", "limit": 200})
             resumes = [
                 e for e in r.json()["items"]
-                if e["resource_id"] == s.sandbox_id and e["action"] == "capsule.resume"
+                if e.get("resource_id") == s.sandbox_id and e["action"] == "capsule.resume"
             ]
         assert len(resumes) == 1, resumes
         assert resumes[0]["actor_type"] == "system" and resumes[0]["status"] == "success", resumes

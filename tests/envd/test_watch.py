@@ -147,7 +147,8 @@ async def test_async_watch_stream(async_sandbox, scratch):
 
 
 async def test_async_watch_recursive_include_entry(async_sandbox, scratch):
-    os.makedirs(f"{scratch}/s")
+    # The write below runs as `user`, so the directory must be theirs.
+    await async_sandbox.files.make_dir(f"{scratch}/s")
     events = []
     h = await async_sandbox.files.watch_dir(
         scratch, on_event=events.append, recursive=True, include_entry=True, timeout=30

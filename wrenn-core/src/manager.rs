@@ -595,6 +595,19 @@ impl Capsules {
         }
     }
 
+    /// Creates the capsule's directory with its record in it. The record (with its
+    /// owner) comes first: a concurrent startup sweep elsewhere must see the capsule as
+    /// someone's before any other file of it exists.
+    async fn open_record(&self, record: &CapsuleRecord) -> Result<PathBuf, CapsuleError> {
+        let parts = &self.ctx.parts;
+        let dir = parts.state.create_dir(&record.id).await?;
+        if let Err(e) = parts.state.save(record).await {
+            let _ = parts.state.remove_dir(&record.id).await;
+            return Err(e.into());
+        }
+        Ok(dir)
+    }
+
     /// Brings up `record` and registers it, or releases everything on failure.
     async fn launch(
         self: &Arc<Self>,
@@ -606,13 +619,7 @@ impl Capsules {
     ) -> Result<CapsuleInfo, CapsuleError> {
         let parts = &self.ctx.parts;
         let id = record.id.clone();
-        let dir = parts.state.create_dir(&id).await?;
-        // The record (with its owner) first: a concurrent startup sweep elsewhere must see
-        // this capsule as someone's before any file of it exists.
-        if let Err(e) = parts.state.save(&record).await {
-            let _ = parts.state.remove_dir(&id).await;
-            return Err(e.into());
-        }
+        let dir = self.open_record(&record).await?;
         let mut res = Resources::default();
         let started = tokio::time::Instant::now();
         let result = match start(&dir).await {

@@ -11,9 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A host agent's identity.
-#[derive(
-    Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct HostId(pub String);
 
 impl std::fmt::Display for HostId {
@@ -132,7 +130,11 @@ impl LeastLoaded {
                 Some(used / room)
             }
         };
-        let loads = [ratio(cpu, cpu_room)?, ratio(mem, mem_room)?, ratio(disk, disk_room)?];
+        let loads = [
+            ratio(cpu, cpu_room)?,
+            ratio(mem, mem_room)?,
+            ratio(disk, disk_room)?,
+        ];
         let worst = loads.into_iter().fold(0.0_f64, f64::max);
         (worst <= 1.0).then_some(worst)
     }
@@ -238,7 +240,10 @@ mod tests {
         let mut b = host("b", 8, 16_384);
         a.used.running_memory_mb = 8_000; // memory-bound
         b.used.running_vcpus = 10; // cpu-bound: 11 of 12 after overcommit
-        assert_eq!(s.place(&req(512), &[a.clone(), b.clone()]), Ok(HostId("a".into())));
+        assert_eq!(
+            s.place(&req(512), &[a.clone(), b.clone()]),
+            Ok(HostId("a".into()))
+        );
         b.used.running_vcpus = 0;
         assert_eq!(s.place(&req(512), &[a, b]), Ok(HostId("b".into())));
     }
@@ -304,7 +309,10 @@ mod tests {
             s.place(&req(512), &[idle.clone(), snap.clone(), pool]),
             Ok(HostId("snap".into()))
         );
-        assert_eq!(s.place(&req(512), &[idle, snap.clone()]), Ok(HostId("snap".into())));
+        assert_eq!(
+            s.place(&req(512), &[idle, snap.clone()]),
+            Ok(HostId("snap".into()))
+        );
         // A full host is not chosen for its pool.
         let mut full = host("full", 1, 1_024);
         full.pool_ready.insert("minimal".into(), 3);

@@ -561,6 +561,30 @@ pub async fn list_members(
     Ok(Json(members.iter().map(member_view).collect()))
 }
 
+/// The role `requested` for someone joining team `id`, checked against the caller: owners
+/// and admins `verb` members, only the owner admins, and nobody a second owner.
+async fn grantable_role(
+    st: &AppState,
+    who: &crate::auth::Principal,
+    id: &str,
+    requested: Option<&str>,
+    verb: &str,
+) -> ApiResult<Role> {
+    let u = who.user()?;
+    let t = my_team(st, &u.sub, id).await?;
+    need_manager(&t)?;
+    let role = parse_role(requested)?;
+    if role == Role::Owner {
+        return Err(ApiError::invalid(format!(
+            "a team has one owner; {verb} an admin or a member"
+        )));
+    }
+    if role == Role::Admin && t.role != Role::Owner {
+        return Err(ApiError::forbidden(MemberRule::NeedsOwner.message()));
+    }
+    Ok(role)
+}
+
 #[utoipa::path(post, path = "/v1/teams/{id}/members", tag = "teams", params(("id" = String, Path)), request_body = AddMemberRequest,
     responses((status = 201, body = MemberView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
@@ -572,18 +596,7 @@ pub async fn add_member(
     body: Result<Json<AddMemberRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<MemberView>)> {
     let Json(req) = body.map_err(json_rejection)?;
-    let u = who.user()?;
-    let t = my_team(&st, &u.sub, &id).await?;
-    need_manager(&t)?;
-    let role = parse_role(req.role.as_deref())?;
-    if role == Role::Owner {
-        return Err(ApiError::invalid(
-            "a team has one owner; add as admin or member",
-        ));
-    }
-    if role == Role::Admin && t.role != Role::Owner {
-        return Err(ApiError::forbidden(MemberRule::NeedsOwner.message()));
-    }
+    let role = grantable_role(&st, &who, &id, req.role.as_deref(), "add").await?;
     let user = st.db.get_user_by_email(&req.email).await?;
     st.db.add_member(&id, &user.id, role).await?;
     st.members.invalidate(&id, &user.id);
@@ -753,18 +766,8 @@ pub async fn create_invitation(
     body: Result<Json<InvitationRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<InvitationView>)> {
     let Json(req) = body.map_err(json_rejection)?;
+    let role = grantable_role(&st, &who, &id, req.role.as_deref(), "invite").await?;
     let u = who.user()?;
-    let t = my_team(&st, &u.sub, &id).await?;
-    need_manager(&t)?;
-    let role = parse_role(req.role.as_deref())?;
-    if role == Role::Owner {
-        return Err(ApiError::invalid(
-            "a team has one owner; invite an admin or a member",
-        ));
-    }
-    if role == Role::Admin && t.role != Role::Owner {
-        return Err(ApiError::forbidden(MemberRule::NeedsOwner.message()));
-    }
     if st.db.get_user_by_email(&req.email).await.is_ok() {
         return Err(ApiError::conflict(
             "email_taken",

@@ -323,11 +323,7 @@ impl Capsules {
         let mut record = self.new_record(spec);
         record.pooled = true;
         let id = record.id.clone();
-        let dir = parts.state.create_dir(&id).await?;
-        if let Err(e) = parts.state.save(&record).await {
-            let _ = parts.state.remove_dir(&id).await;
-            return Err(e.into());
-        }
+        let dir = self.open_record(&record).await?;
         let mut res = Resources::default();
         let result = async {
             let start = restore_start(&parts, &snap, &dir).await?;

@@ -91,6 +91,13 @@ impl HostAgent for TimedAgent {
     async fn destroy(&self, id: &CapsuleId) -> Result<(), HostError> {
         self.inner.destroy(id).await
     }
+    async fn set_network(
+        &self,
+        id: &CapsuleId,
+        policy: wrenn_api::agent::EgressPolicy,
+    ) -> Result<(), HostError> {
+        self.inner.set_network(id, policy).await
+    }
     async fn fork(
         &self,
         id: &CapsuleId,

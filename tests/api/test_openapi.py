@@ -152,6 +152,10 @@ def test_real_capsule_answers_match_the_document(server, document):
             call("GET", "/v2/sandboxes", 200, params={"limit": 1})
             call("GET", "/sandboxes", 200)
             call("POST", "/sandboxes/{id}/timeout", 204, f"/sandboxes/{sid}/timeout", json={"timeout": 200})
+            call("PUT", "/sandboxes/{id}/network", 204, f"/sandboxes/{sid}/network",
+                 json={"allowOut": ["198.18.0.0/24"], "denyOut": ["0.0.0.0/0"]})
+            call("PUT", "/sandboxes/{id}/network", 400, f"/sandboxes/{sid}/network",
+                 json={"egressProxy": {"address": "proxy.example.com:1080"}})
             call("POST", "/v2/sandboxes/{id}/connect", 200, f"/v2/sandboxes/{sid}/connect", json={"timeout": 300})
             call("POST", "/sandboxes/{id}/pause", 204, f"/sandboxes/{sid}/pause", json={})
             call("POST", "/sandboxes/{id}/pause", 409, f"/sandboxes/{sid}/pause", json={})
@@ -176,6 +180,12 @@ def test_real_capsule_answers_match_the_document(server, document):
             call("GET", "/v1/capsules", 200)
             call("GET", "/v1/capsules/{id}", 200, f"/v1/capsules/{sid}")
             call("POST", "/v1/capsules/{id}/ping", 204, f"/v1/capsules/{sid}/ping")
+            net = call("PATCH", "/v1/capsules/{id}/network", 200, f"/v1/capsules/{sid}/network",
+                       json={"allow_out": ["*.example.com"], "deny_out": ["0.0.0.0/0"]}).json()
+            assert net["network"] == {"allow_out": ["*.example.com"], "deny_out": ["0.0.0.0/0"]}, net
+            call("PATCH", "/v1/capsules/{id}/network", 400, f"/v1/capsules/{sid}/network",
+                 json={"deny_out": ["example.com"]})
+            call("PATCH", "/v1/capsules/{id}/network", 200, f"/v1/capsules/{sid}/network", json={})
             call("POST", "/v1/capsules/{id}/exec", 200, f"/v1/capsules/{sid}/exec",
                  json={"cmd": "/bin/sh", "args": ["-c", "echo hi; mkdir -p /tmp/d"]})
             bg = call("POST", "/v1/capsules/{id}/exec", 202, f"/v1/capsules/{sid}/exec",

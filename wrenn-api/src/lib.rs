@@ -25,7 +25,7 @@ pub use state::{ApiConfig, AppState};
 pub use wrenn_db::e2b_spelling;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post, put};
+use axum::routing::{delete, get, patch, post, put};
 use axum::Router;
 use std::sync::Arc;
 
@@ -89,6 +89,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(capsules::get).delete(capsules::destroy),
         )
         .route("/v1/capsules/{id}/ping", post(capsules::ping))
+        .route("/v1/capsules/{id}/network", patch(capsules::set_network))
         .route("/v1/capsules/{id}/pause", post(capsules::pause))
         .route("/v1/capsules/{id}/resume", post(capsules::resume))
         .route("/v1/capsules/{id}/exec", post(capsules::exec))
@@ -129,6 +130,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(e2b::connect_v2))
         .route("/sandboxes/{id}/resume", post(e2b::resume))
         .route("/sandboxes/{id}/timeout", post(e2b::set_timeout))
+        .route("/sandboxes/{id}/network", put(e2b::update_network))
         .route("/sandboxes/{id}/pause", post(e2b::pause))
         .route("/sandboxes/{id}/metrics", get(e2b::metrics))
         .route("/sandboxes/{id}/fork", post(e2b::fork))

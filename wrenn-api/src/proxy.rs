@@ -1,8 +1,10 @@
 //! Reverse proxy into capsules: `{port}-{capsule}.{domain}` Host names and E2B's
 //! `E2b-Sandbox-Id` / `E2b-Sandbox-Port` headers reach any TCP port of a running
 //! capsule over HTTP, streaming bodies and passing WebSocket (and other) upgrades through.
-//! The proxy asks for no credentials: envd checks its own access token, and guest
-//! services are as public as the capsule's owner makes them. Killing or pausing a
+//! The proxy asks for no credentials of its own: envd checks its own access token,
+//! and guest services are public unless the capsule was created with private ports
+//! (E2B's `allowPublicTraffic: false`), whose requests must carry the capsule's
+//! `e2b-traffic-access-token`. Killing or pausing a
 //! capsule ends everything in flight to it at once ([`LiveStreams`]).
 
 use crate::error::{ApiError, E2bError};
@@ -183,7 +185,7 @@ fn strip_hop_headers(h: &mut HeaderMap) {
     h.remove("e2b-sandbox-port");
 }
 
-async fn resolve(st: &AppState, t: &Target) -> Result<SocketAddr, ApiError> {
+async fn resolve(st: &AppState, t: &Target, headers: &HeaderMap) -> Result<SocketAddr, ApiError> {
     let not_found = || ApiError::not_found(&format!("capsule {}", t.capsule));
     let id = CapsuleId::parse(&t.capsule).map_err(|_| not_found())?;
     let mut c = st
@@ -197,6 +199,9 @@ async fn resolve(st: &AppState, t: &Target) -> Result<SocketAddr, ApiError> {
                 e.into()
             }
         })?;
+    if !c.public_traffic && t.port != ENVD_PORT {
+        check_traffic_token(st, &c, headers).await?;
+    }
     match c.status {
         CapsuleStatus::Running => {}
         CapsuleStatus::Stopped | CapsuleStatus::Error => return Err(not_found()),
@@ -215,6 +220,45 @@ async fn resolve(st: &AppState, t: &Target) -> Result<SocketAddr, ApiError> {
     }
     crate::service::touch(st, &c).await;
     st.agent.port_addr(&id, t.port).map_err(ApiError::from)
+}
+
+/// Header carrying a capsule's traffic access token (E2B's name).
+pub const TRAFFIC_TOKEN_HEADER: &str = "e2b-traffic-access-token";
+
+/// A capsule whose ports are private answers only requests carrying its traffic
+/// access token (envd's port keeps its own token check).
+async fn check_traffic_token(
+    st: &AppState,
+    c: &wrenn_db::Capsule,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let given = headers
+        .get(TRAFFIC_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::forbidden(format!(
+                "capsule {} only accepts traffic with its {TRAFFIC_TOKEN_HEADER} header",
+                c.id
+            ))
+        })?;
+    let expected = crate::service::traffic_token(st, c)
+        .await?
+        .unwrap_or_default();
+    let same = !expected.is_empty()
+        && given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "wrong {TRAFFIC_TOKEN_HEADER} for capsule {}",
+            c.id
+        )))
+    }
 }
 
 /// Removes Wrenn's own credentials (API keys, user tokens) from a request going into a
@@ -245,7 +289,8 @@ fn strip_wrenn_credentials(st: &AppState, h: &mut HeaderMap) {
 
 async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, ApiError> {
     strip_wrenn_credentials(st, req.headers_mut());
-    let addr = resolve(st, &t).await?;
+    let addr = resolve(st, &t, req.headers()).await?;
+    req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
     st.metrics.proxied();
     let path = req
         .uri()

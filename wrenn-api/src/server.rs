@@ -28,6 +28,8 @@ pub struct ServeOptions {
     pub pools: Vec<(String, usize)>,
     /// Guest memory all warm pools together may hold, in MiB (0 = no cap).
     pub pool_memory_mb: u64,
+    /// Upstream of the capsules' filtering resolvers (`None`: the host's resolver).
+    pub dns_upstream: Option<SocketAddr>,
     pub config: ApiConfig,
 }
 
@@ -229,6 +231,7 @@ pub async fn run(
         data_dir: wrenn::DataDir::new(&opts.data_dir),
         pools: opts.pools.clone(),
         pool_memory_budget_mb: opts.pool_memory_mb,
+        dns_upstream: opts.dns_upstream,
         ..Default::default()
     })
     .await

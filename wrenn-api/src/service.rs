@@ -7,6 +7,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
+use wrenn_core::egress::EgressPolicy;
 use wrenn_core::id::CapsuleId;
 use wrenn_core::status::CapsuleStatus;
 use wrenn_db::{Actor, Capsule, NewCapsule};
@@ -43,6 +44,16 @@ pub struct CreateParams {
     pub auto_resume: bool,
     pub metadata: Map<String, Value>,
     pub envs: HashMap<String, String>,
+    pub network: NetworkParams,
+}
+
+/// A capsule's network settings as the API sets them.
+#[derive(Clone, Debug, Default)]
+pub struct NetworkParams {
+    /// Egress policy, enforced by the host.
+    pub egress: EgressPolicy,
+    /// false: the proxy requires the capsule's traffic access token on its ports.
+    pub private_ports: bool,
 }
 
 /// A new capsule row's timeout: seconds (0 = never), what it does, what it measures,
@@ -228,6 +239,7 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
         envs: p.envs,
         labels,
         cold_boot,
+        network: p.network.egress.clone(),
     };
     let hc = match state.agent.create(spec).await {
         Ok(c) => c,
@@ -259,6 +271,7 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
             pause_memory: p.timeout_pause_memory,
             auto_resume: p.auto_resume,
         },
+        &p.network,
     )
     .await?;
     state.metrics.capsule_created(started.elapsed());
@@ -282,6 +295,7 @@ async fn record(
     template: &str,
     user_metadata: &Map<String, Value>,
     timeout: TimeoutPolicy,
+    network: &NetworkParams,
 ) -> ApiResult<Capsule> {
     let mut metadata = user_metadata.clone();
     metadata.extend(system_metadata(state));
@@ -290,6 +304,9 @@ async fn record(
         .envd_token(&hc.id)
         .ok()
         .map(|t| state.tokens.seal(hc.id.as_str(), &t));
+    let traffic_token = network
+        .private_ports
+        .then(|| state.tokens.seal(hc.id.as_str(), &new_traffic_token()));
     let new = NewCapsule {
         id: hc.id.clone(),
         status: CapsuleStatus::Running,
@@ -304,6 +321,9 @@ async fn record(
         deadline: timeout.deadline,
         timeout_pause_memory: timeout.pause_memory,
         auto_resume: timeout.auto_resume,
+        network: network.egress.clone(),
+        public_traffic: !network.private_ports,
+        traffic_access_token: traffic_token,
     };
     match state.db.insert_capsule(&who.team_id, new).await {
         Ok(row) => Ok(row),
@@ -871,6 +891,12 @@ pub async fn fork(
                     pause_memory: c.timeout_pause_memory,
                     auto_resume: c.auto_resume,
                 },
+                // Forks keep the parent's egress policy (the host applies it) and
+                // port privacy, with tokens of their own.
+                &NetworkParams {
+                    egress: c.network.clone(),
+                    private_ports: !c.public_traffic,
+                },
             )
             .await?,
         );
@@ -886,6 +912,56 @@ pub async fn fork(
             .await;
     }
     Ok(rows)
+}
+
+/// A new traffic access token (the `e2b-traffic-access-token` of private ports).
+fn new_traffic_token() -> String {
+    let v: u128 = rand::random();
+    format!("{v:032x}")
+}
+
+/// The capsule's traffic access token, when its ports are private.
+pub async fn traffic_token(state: &AppState, c: &Capsule) -> ApiResult<Option<String>> {
+    if c.public_traffic {
+        return Ok(None);
+    }
+    let Some(sealed) = state.db.capsule_traffic_token(c.id.as_str()).await? else {
+        return Ok(None);
+    };
+    state
+        .tokens
+        .open(c.id.as_str(), &sealed)
+        .map(Some)
+        .map_err(|_| ApiError::internal("the capsule's traffic token cannot be read"))
+}
+
+/// Replaces the egress policy of a running or paused capsule: the host enforces
+/// it before this returns (a paused capsule resumes with it).
+pub async fn set_network(
+    state: &AppState,
+    who: &Principal,
+    c: &Capsule,
+    policy: EgressPolicy,
+) -> ApiResult<Capsule> {
+    let r = state.agent.set_network(&c.id, policy.clone()).await;
+    let ok = r.is_ok();
+    state
+        .audit(
+            who,
+            "capsule.network",
+            "capsule",
+            Some(c.id.as_str()),
+            ok,
+            Some(serde_json::to_value(&policy).unwrap_or_default()),
+        )
+        .await;
+    r?;
+    let row = state
+        .db
+        .set_capsule_network(&who.team_id, c.id.as_str(), &policy)
+        .await?;
+    state.capsule_cache.invalidate(c.id.as_str());
+    Ok(row)
 }
 
 /// Maps a host error of a guest call.

@@ -386,6 +386,9 @@ mod tests {
             deadline: false,
             timeout_pause_memory: true,
             auto_resume: false,
+            network: Default::default(),
+            public_traffic: true,
+            traffic_access_token: None,
         };
         db.insert_capsule(team_id, new).await.expect("row");
         let cache = CapsuleCache::default();

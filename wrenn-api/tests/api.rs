@@ -636,6 +636,9 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
                 deadline: false,
                 timeout_pause_memory: true,
                 auto_resume: false,
+                network: Default::default(),
+                public_traffic: true,
+                traffic_access_token: None,
             },
         )
         .await

@@ -24,6 +24,9 @@ pub struct GuestInit {
     pub default_workdir: Option<String>,
     /// Host time, so the guest clock is corrected (after a restore especially).
     pub timestamp: Option<SystemTime>,
+    /// Random bytes the guest mixes into its kernel RNG and reseeds from, so
+    /// guests restored from one memory image do not share random state.
+    pub entropy: Option<Vec<u8>>,
 }
 
 /// Size of a pseudo-terminal, in character cells.

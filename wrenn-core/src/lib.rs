@@ -7,6 +7,7 @@
 //! and `wrenn-envd` (the guest agent client); the `wrenn` crate wires them.
 #![forbid(unsafe_code)]
 
+pub mod egress;
 pub mod error;
 pub mod guest;
 pub mod id;

@@ -166,6 +166,10 @@ enum Command {
         reply: oneshot::Sender<Result<(), CapsuleError>>,
     },
     Fork(oneshot::Sender<Result<ForkState, CapsuleError>>),
+    SetNetwork(
+        crate::egress::EgressPolicy,
+        oneshot::Sender<Result<(), CapsuleError>>,
+    ),
 }
 
 #[derive(Debug)]
@@ -261,6 +265,15 @@ fn random_token() -> String {
     format!("{v:032x}")
 }
 
+/// Bytes of fresh randomness every started guest gets at `/init`.
+pub const INIT_ENTROPY_BYTES: usize = 64;
+
+/// Fresh randomness for a guest's kernel RNG (from the host's CSPRNG).
+fn fresh_entropy() -> Vec<u8> {
+    let bytes: [u8; INIT_ENTROPY_BYTES] = rand::random();
+    bytes.to_vec()
+}
+
 /// How a VM gets its state: booted from a template, or restored.
 enum Start {
     Boot {
@@ -317,7 +330,7 @@ impl Ctx {
     ) -> Result<Arc<dyn GuestAgent>, CapsuleError> {
         // The caller has saved the record; it is saved again as resources are acquired.
         let parts = &self.parts;
-        let slot = parts.net.allocate().await?;
+        let slot = parts.net.allocate(&record.spec.network).await?;
         res.slot = Some(slot.clone());
         record.slot = Some(slot.clone());
 
@@ -438,6 +451,7 @@ impl Ctx {
                 default_user: None,
                 default_workdir: None,
                 timestamp: Some(SystemTime::now()),
+                entropy: Some(fresh_entropy()),
             })
             .await?;
         Ok(parts
@@ -1003,6 +1017,18 @@ impl Capsules {
         }
     }
 
+    /// Replaces the egress policy of a running or paused capsule. On a running
+    /// capsule it is in force when this returns; a paused one resumes with it.
+    pub async fn set_network(
+        &self,
+        id: &CapsuleId,
+        policy: crate::egress::EgressPolicy,
+    ) -> Result<CapsuleInfo, CapsuleError> {
+        self.ask(id, |reply| Command::SetNetwork(policy, reply))
+            .await?;
+        self.get(id)
+    }
+
     /// Destroys a capsule: stops its VM and releases everything it holds, its
     /// snapshot included.
     pub async fn destroy(&self, id: &CapsuleId) -> Result<(), CapsuleError> {
@@ -1125,6 +1151,10 @@ async fn actor(ctx: Ctx, entry: Arc<Entry>, mut res: Resources, mut rx: mpsc::Re
             }
             Some(Command::Fork(reply)) => {
                 let r = fork_state(&ctx, &entry, &res).await;
+                let _ = reply.send(r);
+            }
+            Some(Command::SetNetwork(policy, reply)) => {
+                let r = set_network(&ctx, &entry, &res, policy).await;
                 let _ = reply.send(r);
             }
         }
@@ -1400,6 +1430,26 @@ async fn resume(
             Err(e)
         }
     }
+}
+
+/// Replaces a capsule's egress policy: in its slot at once when it runs, and in
+/// its record (a paused capsule gets it on resume).
+async fn set_network(
+    ctx: &Ctx,
+    entry: &Entry,
+    res: &Resources,
+    policy: crate::egress::EgressPolicy,
+) -> Result<(), CapsuleError> {
+    let rec = entry.snapshot().ok_or(CapsuleError::ShuttingDown)?;
+    if !matches!(rec.status, CapsuleStatus::Running | CapsuleStatus::Paused) {
+        return Err(invalid(&rec, "set_network", "running or paused"));
+    }
+    if let Some(slot) = res.slot.as_ref() {
+        ctx.parts.net.set_egress(slot, &policy).await?;
+    }
+    save_record(ctx, entry.update(|r| r.spec.network = policy.clone())).await;
+    tracing::info!(capsule = %rec.id, open = policy.is_open(), "egress policy changed");
+    Ok(())
 }
 
 /// Scratch directory for a snapshot or fork, inside the capsule's directory.

@@ -5,6 +5,7 @@
 //! snapshot taken in one slot restores into any other. The host reaches a capsule
 //! through the slot's unique [`NetSlot::host_addr`], which the slot forwards to the guest.
 
+use crate::egress::EgressPolicy;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
@@ -71,9 +72,14 @@ pub enum NetError {
 /// Creates and removes network slots.
 #[async_trait]
 pub trait Network: Send + Sync + Debug {
-    /// Allocates the lowest free slot and creates its namespace, links and rules.
-    /// On error nothing of the slot is left behind.
-    async fn allocate(&self) -> Result<NetSlot, NetError>;
+    /// Allocates the lowest free slot and creates its namespace, links and rules,
+    /// with `policy` in force before anything can use the slot. On error nothing
+    /// of the slot is left behind.
+    async fn allocate(&self, policy: &EgressPolicy) -> Result<NetSlot, NetError>;
+
+    /// Replaces the egress policy of a live slot, atomically: a connection is
+    /// judged by the old policy or the new one, never by neither.
+    async fn set_egress(&self, slot: &NetSlot, policy: &EgressPolicy) -> Result<(), NetError>;
 
     /// Removes everything of a slot and frees its index. Idempotent: parts already
     /// gone count as removed.

@@ -1,5 +1,6 @@
 //! What a caller asks for when creating a capsule, and the checks on it.
 
+use crate::egress::EgressPolicy;
 use crate::template::{InvalidTemplateName, TemplateName};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -18,6 +19,8 @@ pub struct CreateOptions {
     pub metadata: HashMap<String, String>,
     /// Boot the template's kernel even when the template has a pre-booted snapshot.
     pub cold_boot: bool,
+    /// Which destinations the guest may reach (default: all but the always-denied ones).
+    pub network: EgressPolicy,
 }
 
 /// Bounds and defaults for capsule sizes.
@@ -60,6 +63,9 @@ pub struct CapsuleSpec {
     pub disk_mb: u64,
     pub envs: HashMap<String, String>,
     pub metadata: HashMap<String, String>,
+    /// Egress policy; records written before policies existed read as open.
+    #[serde(default)]
+    pub network: EgressPolicy,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -118,6 +124,7 @@ impl CreateOptions {
             disk_mb,
             envs: self.envs.clone(),
             metadata: self.metadata.clone(),
+            network: self.network.clone(),
         })
     }
 }

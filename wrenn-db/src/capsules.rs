@@ -9,6 +9,7 @@ use crate::time::{now, to_db, Timestamp};
 use crate::{Db, DbError};
 use serde_json::{Map, Value};
 use sqlx::any::AnyRow;
+use wrenn_core::egress::EgressPolicy;
 use wrenn_core::id::CapsuleId;
 use wrenn_core::status::CapsuleStatus;
 
@@ -38,6 +39,10 @@ pub struct Capsule {
     pub timeout_pause_memory: bool,
     /// Traffic to the paused capsule resumes it.
     pub auto_resume: bool,
+    /// Egress policy.
+    pub network: EgressPolicy,
+    /// Ports are reachable through the proxy without the traffic access token.
+    pub public_traffic: bool,
 }
 
 /// What creating a capsule record needs; the id comes from the capsule manager.
@@ -59,6 +64,11 @@ pub struct NewCapsule {
     pub timeout_pause_memory: bool,
     /// See [`Capsule::auto_resume`].
     pub auto_resume: bool,
+    pub network: EgressPolicy,
+    /// See [`Capsule::public_traffic`].
+    pub public_traffic: bool,
+    /// Sealed; set when `public_traffic` is off.
+    pub traffic_access_token: Option<String>,
 }
 
 impl std::fmt::Debug for NewCapsule {
@@ -76,18 +86,25 @@ impl std::fmt::Debug for NewCapsule {
             .field("deadline", &self.deadline)
             .field("timeout_pause_memory", &self.timeout_pause_memory)
             .field("auto_resume", &self.auto_resume)
+            .field("network", &self.network)
+            .field("public_traffic", &self.public_traffic)
             .field(
                 "envd_access_token",
                 &self.envd_access_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "traffic_access_token",
+                &self.traffic_access_token.as_ref().map(|_| "<redacted>"),
             )
             .finish()
     }
 }
 
-/// Every column but `envd_access_token`.
+/// Every column but the tokens.
 pub(crate) const COLS: &str = "id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
                                created_at, started_at, last_active_at, last_updated, metadata, \
-                               on_timeout, disk_mb, timeout_kind, timeout_pause, auto_resume";
+                               on_timeout, disk_mb, timeout_kind, timeout_pause, auto_resume, \
+                               network, public_traffic";
 
 /// Statuses that `list_capsules` leaves out unless asked: the capsule is gone.
 pub(crate) const ENDED: &str = "('stopped', 'error')";
@@ -128,6 +145,9 @@ pub(crate) fn capsule(row: &AnyRow) -> R<Capsule> {
         deadline: text(row, "timeout_kind")? == "deadline",
         timeout_pause_memory: text(row, "timeout_pause")? != "disk",
         auto_resume: text(row, "auto_resume")? == "on",
+        network: serde_json::from_str(&text(row, "network")?)
+            .map_err(|e| crate::row::decode("network", e))?,
+        public_traffic: text(row, "public_traffic")? != "off",
     })
 }
 
@@ -143,6 +163,10 @@ pub(crate) fn many(op: &'static str, rows: Vec<AnyRow>) -> Result<Vec<Capsule>, 
         .map_err(|e| DbError::backend(op, e))
 }
 
+fn policy_json(p: &EgressPolicy) -> String {
+    serde_json::to_string(p).unwrap_or_else(|_| "{}".into())
+}
+
 impl Db {
     /// Records a new capsule of `team_id`. Conflict "capsule" if the id exists.
     pub async fn insert_capsule(&self, team_id: &str, new: NewCapsule) -> Result<Capsule, DbError> {
@@ -151,8 +175,10 @@ impl Db {
         let row = sqlx::query(&format!(
             "INSERT INTO capsules (id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
              created_at, started_at, last_active_at, last_updated, metadata, envd_access_token, \
-             on_timeout, disk_mb, timeout_kind, timeout_pause, auto_resume) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11, $12, $13, $14, $15, $16) \
+             on_timeout, disk_mb, timeout_kind, timeout_pause, auto_resume, network, \
+             public_traffic, traffic_access_token) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11, $12, $13, $14, $15, $16, \
+             $17, $18, $19) \
              RETURNING {COLS}"
         ))
         .bind(new.id.as_str())
@@ -179,6 +205,9 @@ impl Db {
             "disk"
         })
         .bind(if new.auto_resume { "on" } else { "off" })
+        .bind(policy_json(&new.network))
+        .bind(if new.public_traffic { "on" } else { "off" })
+        .bind(new.traffic_access_token)
         .fetch_optional(self.pool())
         .await
         .map_err(|e| {
@@ -360,6 +389,39 @@ impl Db {
         .await
         .map_err(|e| Ctx::op("set capsule timeout").err(e))?;
         one("set capsule timeout", row)
+    }
+
+    /// Replaces the capsule's egress policy.
+    pub async fn set_capsule_network(
+        &self,
+        team_id: &str,
+        id: &str,
+        network: &EgressPolicy,
+    ) -> Result<Capsule, DbError> {
+        let row = sqlx::query(&format!(
+            "UPDATE capsules SET network = $1, last_updated = $2 \
+             WHERE team_id = $3 AND id = $4 RETURNING {COLS}"
+        ))
+        .bind(policy_json(network))
+        .bind(to_db(now()))
+        .bind(team_id)
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| Ctx::op("set capsule network").err(e))?;
+        one("set capsule network", row)
+    }
+
+    /// The capsule's (sealed) traffic access token, if its ports are private.
+    pub async fn capsule_traffic_token(&self, id: &str) -> Result<Option<String>, DbError> {
+        let row = sqlx::query("SELECT traffic_access_token FROM capsules WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(|e| Ctx::op("get traffic token").err(e))?
+            .ok_or(DbError::NotFound { what: "capsule" })?;
+        crate::row::opt_text(&row, "traffic_access_token")
+            .map_err(|e| DbError::backend("get traffic token", e))
     }
 
     /// Replaces the capsule's metadata map.

@@ -44,6 +44,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0006_auto_resume.sql"),
         include_str!("../migrations/postgres/0006_auto_resume.sql"),
     ),
+    (
+        7,
+        "network",
+        include_str!("../migrations/sqlite/0007_network.sql"),
+        include_str!("../migrations/postgres/0007_network.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

@@ -53,6 +53,9 @@ fn new_capsule(status: CapsuleStatus) -> NewCapsule {
         deadline: false,
         timeout_pause_memory: true,
         auto_resume: false,
+        network: Default::default(),
+        public_traffic: true,
+        traffic_access_token: None,
     }
 }
 

@@ -388,6 +388,10 @@ impl GuestAgent for EnvdClient {
                 .map(|t| serde_json::Value::String(humantime::format_rfc3339_nanos(t).to_string())),
             default_user: init.default_user.clone(),
             default_workdir: init.default_workdir.clone(),
+            entropy: init.entropy.as_ref().map(|b| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.encode(b)
+            }),
         };
         let bytes = serde_json::to_vec(&body).map_err(|e| AgentError::Protocol(e.to_string()))?;
         let req = self

@@ -552,6 +552,10 @@ pub struct InitRequest {
     pub default_user: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_workdir: Option<String>,
+    /// Wrenn's extension: base64 bytes from the host's CSPRNG that the guest
+    /// mixes into its kernel RNG and reseeds from (clones of one snapshot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<String>,
 }
 
 /// Body of `GET /metrics`.

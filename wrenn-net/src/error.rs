@@ -69,6 +69,12 @@ pub enum SlotError {
         status: i32,
         stderr: String,
     },
+    #[error("DNS filter: {step} failed")]
+    Dns {
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("Namespace worker thread failed: {what}")]
     Worker { what: String },
     #[error("Teardown of slot {index} left {} error(s): {}", .errors.len(), join(.errors))]
@@ -112,6 +118,7 @@ impl SlotError {
             | Self::Sysctl { source, .. }
             | Self::OwnerFile { source, .. }
             | Self::NetlinkConnect(source)
+            | Self::Dns { source, .. }
             | Self::NftSpawn { source, .. } => is_perm_errno(source.raw_os_error()),
             Self::Netlink { source, .. } => is_perm_errno(netlink_errno(source)),
             Self::NftRejected { stderr, .. } => stderr.contains("Operation not permitted"),

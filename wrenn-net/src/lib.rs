@@ -24,6 +24,7 @@
 //! What this crate does not do: start VMMs, shape traffic, filter egress
 //! destinations, or IPv6.
 
+mod dns;
 mod error;
 mod netns;
 mod nft;
@@ -32,20 +33,23 @@ mod rtnl;
 mod slot;
 mod tap;
 
+pub use dns::{upstream_from_resolv_conf, MAX_TTL, MIN_TTL};
 pub use error::{error_chain, SlotError};
-pub use nft::{host_ruleset, slot_ruleset, HOST_TABLE, SLOT_TABLE};
+pub use nft::{egress_commands, host_ruleset, slot_ruleset, DNS_PORT, HOST_TABLE, SLOT_TABLE};
 pub use slot::{
     host_veth_addr, parse_index, peer_addr, slot_for, HOST_VETH_PREFIX, MAX_INDEX, NETNS_DIR,
     NETNS_PREFIX, PEER_VETH, SLOT_RANGE, SLOT_RANGE_PREFIX, TAP_TXQUEUELEN,
 };
 
 use async_trait::async_trait;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tracing::{debug, info, warn};
+use wrenn_core::egress::EgressPolicy;
 use wrenn_core::net::{NetError, NetSlot, Network, SlotIndex, GATEWAY_IP, GUEST_PREFIX, TAP_NAME};
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -60,11 +64,21 @@ pub struct NetConfig {
     pub capacity: u32,
     /// The `nft` binary.
     pub nft: PathBuf,
+    /// Resolver that capsules' filtering resolvers forward allowed names to
+    /// (reached from the host's namespace). Default: the host's first IPv4
+    /// nameserver in `/etc/resolv.conf`, else 8.8.8.8.
+    pub dns_upstream: SocketAddr,
 }
 
 impl Default for NetConfig {
     fn default() -> Self {
         let sbin = Path::new("/usr/sbin/nft");
+        let dns_upstream = std::fs::read_to_string("/etc/resolv.conf")
+            .ok()
+            .and_then(|t| upstream_from_resolv_conf(&t))
+            .unwrap_or_else(|| {
+                SocketAddr::from((wrenn_core::egress::DEFAULT_DNS_SERVER, nft::DNS_PORT))
+            });
         Self {
             capacity: 1024,
             nft: if sbin.exists() {
@@ -72,6 +86,7 @@ impl Default for NetConfig {
             } else {
                 PathBuf::from("nft")
             },
+            dns_upstream,
         }
     }
 }
@@ -97,6 +112,8 @@ pub struct NetnsNetwork {
     used: Mutex<BTreeSet<u32>>,
     /// Whether the host table has been loaded by this instance.
     host_ready: tokio::sync::Mutex<bool>,
+    /// Filtering resolvers of the slots whose policy allows domains.
+    dns: Mutex<HashMap<u32, dns::DnsFilter>>,
 }
 
 impl NetnsNetwork {
@@ -106,6 +123,7 @@ impl NetnsNetwork {
             config,
             used: Mutex::new(BTreeSet::new()),
             host_ready: tokio::sync::Mutex::new(false),
+            dns: Mutex::new(HashMap::new()),
         }
     }
 
@@ -180,7 +198,12 @@ impl NetnsNetwork {
 
     /// Creates every part of `slot`, recording each part in `made` as soon as it
     /// may exist, so the caller can undo exactly that.
-    async fn build(&self, slot: &NetSlot, made: &mut Vec<Part>) -> Result<(), SlotError> {
+    async fn build(
+        &self,
+        slot: &NetSlot,
+        policy: &EgressPolicy,
+        made: &mut Vec<Part>,
+    ) -> Result<(), SlotError> {
         netns::create(slot.netns.clone(), slot.netns_path.clone()).await?;
         made.push(Part::Netns);
 
@@ -207,6 +230,7 @@ impl NetnsNetwork {
         made.push(Part::Inside);
         let peer = peer_addr(slot.index);
         let nft = self.config.nft.clone();
+        let ruleset = nft::slot_ruleset(peer, policy);
         netns::run(Some(slot.netns_path.clone()), move || {
             rtnl::with_netlink(|h| async move {
                 let lo = rtnl::require_index(&h, "lo").await?;
@@ -223,14 +247,65 @@ impl NetnsNetwork {
                 rtnl::set_up(&h, TAP_NAME, t, Some(TAP_TXQUEUELEN), Some(GATEWAY_MAC)).await
             })?;
             write_sysctl(IP_FORWARD, "1")?;
-            nft::apply(&nft, SLOT_TABLE, &nft::slot_ruleset(peer))
+            nft::apply(&nft, SLOT_TABLE, &ruleset)
         })
-        .await
+        .await?;
+        // The redirect to the resolver is in place; start it before the slot is handed out.
+        self.sync_dns_filter(slot, policy).await
+    }
+
+    fn dns_filters(&self) -> std::sync::MutexGuard<'_, HashMap<u32, dns::DnsFilter>> {
+        self.dns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts, updates or stops the slot's filtering resolver to match `policy`.
+    async fn sync_dns_filter(
+        &self,
+        slot: &NetSlot,
+        policy: &EgressPolicy,
+    ) -> Result<(), SlotError> {
+        if !policy.filters_dns() {
+            self.dns_filters().remove(&slot.index.0);
+            return Ok(());
+        }
+        if let Some(filter) = self.dns_filters().get(&slot.index.0) {
+            filter.set_policy(policy.clone());
+            return Ok(());
+        }
+        let filter = dns::DnsFilter::start(
+            slot.netns_path.clone(),
+            self.config.nft.clone(),
+            self.config.dns_upstream,
+            policy.clone(),
+        )
+        .await?;
+        self.dns_filters().insert(slot.index.0, filter);
+        Ok(())
+    }
+
+    async fn apply_egress(&self, slot: &NetSlot, policy: &EgressPolicy) -> Result<(), SlotError> {
+        let slot = checked_slot(slot.index)?;
+        // The resolver is ready before the redirect to it exists, and goes after it is gone.
+        if policy.filters_dns() {
+            self.sync_dns_filter(&slot, policy).await?;
+        }
+        let nft = self.config.nft.clone();
+        let commands = nft::egress_commands(policy);
+        netns::run(Some(slot.netns_path.clone()), move || {
+            nft::apply(&nft, SLOT_TABLE, &commands)
+        })
+        .await?;
+        if !policy.filters_dns() {
+            self.sync_dns_filter(&slot, policy).await?;
+        }
+        debug!(slot = %slot.index, open = policy.is_open(), "Egress policy applied");
+        Ok(())
     }
 
     /// Removes `parts` of `slot`; missing pieces count as removed. Every error is
     /// collected; the namespace goes last and only if everything else went.
     async fn teardown(&self, slot: &NetSlot, parts: &[Part]) -> Result<(), SlotError> {
+        self.dns_filters().remove(&slot.index.0);
         let mut errors = Vec::new();
         if parts.contains(&Part::Inside) {
             let nft = self.config.nft.clone();
@@ -276,7 +351,7 @@ impl NetnsNetwork {
         }
     }
 
-    async fn allocate_slot(&self) -> Result<NetSlot, SlotError> {
+    async fn allocate_slot(&self, policy: &EgressPolicy) -> Result<NetSlot, SlotError> {
         self.host_rules(false).await?;
         let mut skip = BTreeSet::new();
         loop {
@@ -285,7 +360,7 @@ impl NetnsNetwork {
             })?;
             let slot = slot_for(index);
             let mut made = Vec::new();
-            match self.build(&slot, &mut made).await {
+            match self.build(&slot, policy, &mut made).await {
                 Ok(()) => {
                     info!(slot = %index, host_addr = %slot.host_addr, "Network slot allocated");
                     return Ok(slot);
@@ -417,8 +492,12 @@ fn delete_tap(name: &str) -> Result<(), SlotError> {
 
 #[async_trait]
 impl Network for NetnsNetwork {
-    async fn allocate(&self) -> Result<NetSlot, NetError> {
-        Ok(self.allocate_slot().await?)
+    async fn allocate(&self, policy: &EgressPolicy) -> Result<NetSlot, NetError> {
+        Ok(self.allocate_slot(policy).await?)
+    }
+
+    async fn set_egress(&self, slot: &NetSlot, policy: &EgressPolicy) -> Result<(), NetError> {
+        Ok(self.apply_egress(slot, policy).await?)
     }
 
     async fn release(&self, slot: &NetSlot) -> Result<(), NetError> {

@@ -20,6 +20,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use wrenn_core::egress::EgressPolicy;
 use wrenn_core::net::{NetError, NetSlot, Network, SlotIndex, GUEST_IP};
 use wrenn_net::{host_veth_addr, slot_for, NetConfig, NetnsNetwork};
 
@@ -224,7 +225,8 @@ async fn two_concurrent_slots_are_wired() {
     }
     let _lock = SLOTS_LOCK.read().await;
     let net = network();
-    let (a, b) = tokio::join!(net.allocate(), net.allocate());
+    let open = EgressPolicy::default();
+    let (a, b) = tokio::join!(net.allocate(&open), net.allocate(&open));
     let a = SlotGuard::new(&net, a.expect("allocate a"));
     let b = SlotGuard::new(&net, b.expect("allocate b"));
     assert_ne!(a.slot().index, b.slot().index);
@@ -302,8 +304,18 @@ async fn host_reaches_guest_and_slots_are_isolated() {
     }
     let _lock = SLOTS_LOCK.read().await;
     let net = network();
-    let a = SlotGuard::new(&net, net.allocate().await.expect("allocate a"));
-    let b = SlotGuard::new(&net, net.allocate().await.expect("allocate b"));
+    let a = SlotGuard::new(
+        &net,
+        net.allocate(&EgressPolicy::default())
+            .await
+            .expect("allocate a"),
+    );
+    let b = SlotGuard::new(
+        &net,
+        net.allocate(&EgressPolicy::default())
+            .await
+            .expect("allocate b"),
+    );
     emulate_guest(a.slot());
     emulate_guest(b.slot());
     let port = 47_011;
@@ -423,7 +435,12 @@ async fn guest_egress_is_masqueraded() {
     }
     let _lock = SLOTS_LOCK.read().await;
     let net = network();
-    let a = SlotGuard::new(&net, net.allocate().await.expect("allocate"));
+    let a = SlotGuard::new(
+        &net,
+        net.allocate(&EgressPolicy::default())
+            .await
+            .expect("allocate"),
+    );
     emulate_guest(a.slot());
     let world = EgressNs::create();
     let port = 47_012;
@@ -458,7 +475,10 @@ async fn release_removes_everything_and_is_idempotent() {
     }
     let _lock = SLOTS_LOCK.read().await;
     let net = network();
-    let slot = net.allocate().await.expect("allocate");
+    let slot = net
+        .allocate(&EgressPolicy::default())
+        .await
+        .expect("allocate");
     let guard = SlotGuard::new(&net, slot.clone());
     // Hold the namespace open so its insides can be inspected after release.
     let held = File::open(&slot.netns_path).unwrap();
@@ -503,7 +523,7 @@ async fn capacity_is_enforced() {
         ..NetConfig::default()
     }));
     net.adopt(&slot_for(SlotIndex(1)));
-    match net.allocate().await {
+    match net.allocate(&EgressPolicy::default()).await {
         Err(NetError::Exhausted { capacity: 1 }) => {}
         other => panic!("expected Exhausted, got {other:?}"),
     }
@@ -529,7 +549,10 @@ async fn sweep_removes_leftovers_of_a_crash() {
     // A "crashed" process: allocates, then vanishes without releasing.
     let leaked = {
         let crashed = network();
-        crashed.allocate().await.expect("allocate")
+        crashed
+            .allocate(&EgressPolicy::default())
+            .await
+            .expect("allocate")
     };
     assert!(leaked.netns_path.exists());
     // A crash between creating the mount point and binding the namespace.
@@ -583,7 +606,7 @@ async fn without_root_allocation_is_a_permission_error() {
     if nix::unistd::geteuid().is_root() {
         return;
     }
-    match network().allocate().await {
+    match network().allocate(&EgressPolicy::default()).await {
         Err(NetError::Permission { what }) => eprintln!("permission error as expected: {what}"),
         other => panic!("expected Permission, got {other:?}"),
     }

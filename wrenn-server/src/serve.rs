@@ -34,6 +34,11 @@ pub struct ServeArgs {
     /// Guest memory all warm pools together may hold, in MiB (0 = no cap).
     #[arg(long, env = "WRENN_POOL_MEMORY_MB", default_value_t = 4096)]
     pool_memory_mb: u64,
+    /// DNS server (IP:PORT) that capsules' filtering resolvers forward allowed
+    /// names to, when an egress policy allows domains (default: the host's first
+    /// IPv4 nameserver in /etc/resolv.conf).
+    #[arg(long, env = "WRENN_DNS_UPSTREAM")]
+    dns_upstream: Option<std::net::SocketAddr>,
     /// Most output a synchronous exec returns, in MiB (more: the command is stopped, 413).
     #[arg(long, env = "WRENN_EXEC_OUTPUT_LIMIT_MIB", default_value_t = 16)]
     exec_output_limit_mib: u64,
@@ -166,6 +171,7 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
         adopt_data_dir: a.adopt_data_dir,
         pools: a.pools,
         pool_memory_mb: a.pool_memory_mb,
+        dns_upstream: a.dns_upstream,
         config: ApiConfig {
             domain: a.domain,
             upload_limit: a.upload_limit_mib.saturating_mul(1024 * 1024),

@@ -27,6 +27,9 @@ pub struct HostOptions {
     pub pools: Vec<(String, usize)>,
     /// Guest memory all warm pools together may hold, in MiB (0 = no cap).
     pub pool_memory_budget_mb: u64,
+    /// Resolver the capsules' filtering resolvers forward allowed names to
+    /// (`None`: the host's first IPv4 nameserver, else 8.8.8.8).
+    pub dns_upstream: Option<std::net::SocketAddr>,
 }
 
 impl Default for HostOptions {
@@ -39,6 +42,7 @@ impl Default for HostOptions {
             generation_cap: wrenn_storage::capsnap::DEFAULT_GENERATION_CAP,
             pools: Vec::new(),
             pool_memory_budget_mb: ManagerConfig::default().pool_memory_budget_mb,
+            dns_upstream: None,
         }
     }
 }
@@ -106,7 +110,14 @@ impl Host {
         tracing::info!(accel = %probe.accel, reason = %probe.reason, "acceleration");
         let parts = HostParts {
             vmm: Arc::new(QemuVmm::new(QemuConfig::new(probe.accel))),
-            net: Arc::new(NetnsNetwork::new(NetConfig::default())),
+            net: Arc::new(NetnsNetwork::new({
+                let mut net = NetConfig::default();
+                if let Some(upstream) = opts.dns_upstream {
+                    net.dns_upstream = upstream;
+                }
+                tracing::info!(upstream = %net.dns_upstream, "DNS filter upstream");
+                net
+            })),
             disks: Arc::new(Qcow2Store::new()),
             templates: Arc::new(FsTemplates::new(data.clone())),
             guests: Arc::new(EnvdConnector::default()),

@@ -278,6 +278,7 @@ fn create(
             envs: envs.unwrap_or_default(),
             metadata: metadata.unwrap_or_default(),
             cold_boot,
+            network: Default::default(),
         })
     })();
     let opts = match opts {

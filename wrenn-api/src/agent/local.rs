@@ -1,8 +1,8 @@
 //! The in-process host agent: the capsule manager of this machine.
 
 use super::{
-    CapsuleSpec, HostAgent, HostCapsule, HostError, HostErrorKind, HostTemplate, HostVersions,
-    MetricPoint, PauseMode, ResumeMode,
+    CapsuleSpec, EgressPolicy, HostAgent, HostCapsule, HostError, HostErrorKind, HostTemplate,
+    HostVersions, MetricPoint, PauseMode, ResumeMode,
 };
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -183,6 +183,7 @@ impl HostAgent for LocalAgent {
             envs: spec.envs,
             metadata: spec.labels,
             cold_boot: spec.cold_boot,
+            network: spec.network,
             ..Default::default()
         };
         self.capsules()
@@ -234,6 +235,15 @@ impl HostAgent for LocalAgent {
         let r = self.capsules().destroy(id).await.map_err(host_error);
         self.sampler.forget(id);
         r
+    }
+
+    async fn set_network(&self, id: &CapsuleId, policy: EgressPolicy) -> Result<(), HostError> {
+        self.get(id).await?;
+        self.capsules()
+            .set_network(id, policy)
+            .await
+            .map(|_| ())
+            .map_err(host_error)
     }
 
     async fn fork(

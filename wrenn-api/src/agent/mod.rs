@@ -13,6 +13,7 @@ use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+pub use wrenn_core::egress::EgressPolicy;
 use wrenn_core::guest::GuestAgent;
 use wrenn_core::id::CapsuleId;
 pub use wrenn_core::snapshot::{PauseMode, ResumeMode};
@@ -69,6 +70,8 @@ pub struct CapsuleSpec {
     /// Boot the template's kernel even when it has a pre-booted snapshot (whose sizes
     /// differ from the requested ones).
     pub cold_boot: bool,
+    /// Egress policy, in force before the guest runs.
+    pub network: EgressPolicy,
 }
 
 /// A capsule as the host sees it.
@@ -136,6 +139,10 @@ pub trait HostAgent: Send + Sync + Debug {
     async fn resume(&self, id: &CapsuleId, mode: ResumeMode) -> Result<HostCapsule, HostError>;
 
     async fn destroy(&self, id: &CapsuleId) -> Result<(), HostError>;
+
+    /// Replaces the egress policy of a running capsule (in force when this returns)
+    /// or a paused one (in force when it resumes).
+    async fn set_network(&self, id: &CapsuleId, policy: EgressPolicy) -> Result<(), HostError>;
 
     /// Forks a running capsule into `count` new ones.
     async fn fork(

@@ -96,7 +96,9 @@ pub struct NewSandbox {
     pub allow_internet_access: Option<bool>,
     /// `{enabled: bool}`: traffic to the paused sandbox resumes it.
     pub auto_resume: Option<Map<String, Value>>,
-    /// Accepted and ignored, as are `mcp` and `volumeMounts`.
+    /// `allowOut`, `denyOut`, `dnsServers` (enforced by the host),
+    /// `allowPublicTraffic`; what cannot be enforced (`egressProxy`, `rules`,
+    /// `maskRequestHost`, `httpsPorts`) is refused with a 400.
     pub network: Option<Map<String, Value>>,
     pub mcp: Option<Map<String, Value>>,
     pub volume_mounts: Option<Vec<Map<String, Value>>>,
@@ -114,8 +116,45 @@ pub struct Sandbox {
     pub envd_version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub envd_access_token: Option<String>,
+    /// Required as `e2b-traffic-access-token` on the sandbox's ports when
+    /// `network.allowPublicTraffic` was false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic_access_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+}
+
+/// The network settings of a sandbox, as `GET /sandboxes/{id}` shows them.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxNetwork {
+    pub allow_public_traffic: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
+}
+
+impl SandboxNetwork {
+    fn of(c: &wrenn_db::Capsule) -> Self {
+        let wire = wrenn_core::egress::EgressPolicyWire::from(c.network.clone());
+        SandboxNetwork {
+            allow_public_traffic: c.public_traffic,
+            allow_out: wire.allow_out,
+            deny_out: wire.deny_out,
+            dns_servers: wire.dns_servers,
+        }
+    }
+}
+
+/// Body of `PUT /sandboxes/{id}/network`: replaces the egress configuration
+/// (omitted fields are cleared, as E2B does).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct NetworkUpdate {
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -151,6 +190,8 @@ pub struct SandboxDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
     pub lifecycle: Lifecycle,
+    pub allow_internet_access: bool,
+    pub network: SandboxNetwork,
 }
 
 fn domain(st: &AppState, headers: &HeaderMap) -> Option<String> {
@@ -207,12 +248,14 @@ fn auto_resume_enabled(v: Option<&Map<String, Value>>) -> R<bool> {
 
 async fn sandbox(st: &AppState, headers: &HeaderMap, c: &wrenn_db::Capsule) -> R<Sandbox> {
     let token = service::envd_token(st, c).await.map_err(E2bError)?;
+    let traffic = service::traffic_token(st, c).await.map_err(E2bError)?;
     Ok(Sandbox {
         template_id: c.template.clone(),
         sandbox_id: c.id.to_string(),
         client_id: CLIENT_ID.into(),
         envd_version: envd_version(c),
         envd_access_token: token,
+        traffic_access_token: traffic,
         domain: domain(st, headers),
     })
 }
@@ -237,6 +280,78 @@ async fn detail(st: &AppState, headers: &HeaderMap, c: &wrenn_db::Capsule) -> R<
             auto_resume: c.auto_resume,
             on_timeout: if c.pause_on_timeout { "pause" } else { "kill" }.into(),
         },
+        allow_internet_access: !c.network.internet_denied(),
+        network: SandboxNetwork::of(c),
+    })
+}
+
+/// A list of strings in a network object (absent or null: `None`).
+fn string_list(m: &Map<String, Value>, key: &str) -> R<Option<Vec<String>>> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad(format!("network.{key} must be a list of strings")))
+            })
+            .collect::<R<Vec<_>>>()
+            .map(Some),
+        Some(_) => Err(bad(format!("network.{key} must be a list of strings"))),
+    }
+}
+
+/// E2B's network settings (`network` object plus `allow_internet_access`) as
+/// Wrenn enforces them. `extra` are the keys the route takes besides the egress
+/// lists. Settings this server cannot enforce are refused, never ignored.
+fn network_params(
+    allow_internet_access: Option<bool>,
+    network: Option<&Map<String, Value>>,
+    extra: &[&str],
+) -> R<service::NetworkParams> {
+    let empty = Map::new();
+    let m = network.unwrap_or(&empty);
+    for (k, v) in m {
+        let set = !matches!(v, Value::Null)
+            && !matches!(v, Value::Array(a) if a.is_empty())
+            && !matches!(v, Value::Object(o) if o.is_empty());
+        match k.as_str() {
+            "allowOut" | "denyOut" | "dnsServers" => {}
+            k if extra.contains(&k) => {}
+            "egressProxy" | "rules" | "maskRequestHost" | "httpsPorts" if !set => {}
+            "egressProxy" => {
+                return Err(bad(
+                    "network.egressProxy is not supported by this server and cannot be enforced",
+                ))
+            }
+            "rules" => {
+                return Err(bad(
+                    "network.rules (per-host request transforms) is not supported by this server",
+                ))
+            }
+            "maskRequestHost" | "httpsPorts" => {
+                return Err(bad(format!("network.{k} is not supported by this server")))
+            }
+            other => return Err(bad(format!("unknown network setting {other:?}"))),
+        }
+    }
+    let allow = string_list(m, "allowOut")?.unwrap_or_default();
+    let deny = string_list(m, "denyOut")?.unwrap_or_default();
+    let dns = string_list(m, "dnsServers")?;
+    let mut egress = wrenn_core::egress::EgressPolicy::new(&allow, &deny, dns.as_deref())
+        .map_err(|e| bad(format!("network: {e}")))?;
+    if allow_internet_access == Some(false) {
+        egress = egress.with_internet_denied();
+    }
+    let private_ports = match m.get("allowPublicTraffic") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => !b,
+        Some(_) => return Err(bad("network.allowPublicTraffic must be a boolean")),
+    };
+    Ok(service::NetworkParams {
+        egress,
+        private_ports,
     })
 }
 
@@ -323,6 +438,11 @@ pub async fn create(
     {
         return Err(E2bError(ApiError::invalid("metadata uses a reserved key")));
     }
+    let network = network_params(
+        req.allow_internet_access,
+        req.network.as_ref(),
+        &["allowPublicTraffic"],
+    )?;
     let auto_resume = auto_resume_enabled(req.auto_resume.as_ref())?;
     if auto_resume && req.auto_pause_memory == Some(false) {
         // A filesystem-only pause cold-boots on resume: traffic cannot wake it in place.
@@ -344,6 +464,7 @@ pub async fn create(
             auto_resume,
             metadata,
             envs: req.env_vars.unwrap_or_default(),
+            network,
         },
     )
     .await
@@ -614,6 +735,33 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     pub next_token: Option<String>,
+}
+
+/// `PUT /sandboxes/{id}/network`: replaces the sandbox's egress rules (E2B's
+/// `update_network`); in force when this answers, kept across pause and resume.
+#[utoipa::path(put, path = "/sandboxes/{id}/network", tag = "e2b", params(("id" = String, Path)),
+    request_body = NetworkUpdate,
+    responses((status = 204), (status = 400, body = E2bErrorBody), (status = 404, body = E2bErrorBody),
+        (status = 403, body = E2bErrorBody)),
+    security(("api_key" = [])))]
+pub async fn update_network(
+    State(st): S,
+    E2bAuth(who): E2bAuth,
+    Path(id): Path<String>,
+    body: Result<Json<NetworkUpdate>, JsonRejection>,
+) -> R<StatusCode> {
+    let mut fields = json(body)?.fields;
+    let allow_internet = match fields.remove("allow_internet_access") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(b),
+        Some(_) => return Err(bad("allow_internet_access must be a boolean")),
+    };
+    let params = network_params(allow_internet, Some(&fields), &[])?;
+    let c = settled(&st, &who, &id).await?;
+    service::set_network(&st, &who, &c, params.egress)
+        .await
+        .map_err(E2bError)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn bad(msg: impl Into<String>) -> E2bError {

@@ -41,6 +41,49 @@ pub struct CapsuleView {
     pub disk_size_mb: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_used_mb: Option<u64>,
+    /// Egress policy (`{}`: everything but the always-denied ranges is open).
+    pub network: CapsuleNetwork,
+}
+
+/// A capsule's egress policy. Everything is allowed unless denied; an entry of
+/// `allow_out` beats any entry of `deny_out`. `allow_out` takes IPv4 addresses,
+/// CIDR blocks and domain names (`example.com`, `*.example.com`: names below
+/// it); `deny_out` takes addresses and CIDR blocks (`0.0.0.0/0`: the whole
+/// internet). A domain opens, for the TTL of the answer, the addresses the
+/// capsule's filtering resolver returned for it; while a domain is allowed and
+/// anything is denied, the capsule's DNS goes to that resolver, which refuses
+/// other names. `dns_servers` (IPv4) are reachable while a domain is allowed
+/// (default 8.8.8.8). The host itself, other capsules, link-local (metadata)
+/// and loopback addresses are never reachable.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CapsuleNetwork {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
+}
+
+impl CapsuleNetwork {
+    fn of(p: &wrenn_core::egress::EgressPolicy) -> Self {
+        let w = wrenn_core::egress::EgressPolicyWire::from(p.clone());
+        CapsuleNetwork {
+            allow_out: w.allow_out,
+            deny_out: w.deny_out,
+            dns_servers: w.dns_servers,
+        }
+    }
+
+    fn policy(&self) -> ApiResult<wrenn_core::egress::EgressPolicy> {
+        wrenn_core::egress::EgressPolicy::new(
+            &self.allow_out,
+            &self.deny_out,
+            self.dns_servers.as_deref(),
+        )
+        .map_err(|e| ApiError::invalid(format!("network: {e}")))
+    }
 }
 
 impl CapsuleView {
@@ -63,6 +106,7 @@ impl CapsuleView {
                 .collect(),
             disk_size_mb: service::disk_size_mb(c),
             disk_used_mb: None,
+            network: CapsuleNetwork::of(&c.network),
         }
     }
 }
@@ -84,6 +128,8 @@ pub struct CreateCapsuleRequest {
     /// Traffic through the proxy to the capsule while it is paused resumes it
     /// (default false: such traffic is answered 409).
     pub auto_resume: Option<bool>,
+    /// Egress policy (default: open).
+    pub network: Option<CapsuleNetwork>,
 }
 
 #[utoipa::path(post, path = "/v1/capsules", tag = "capsules",
@@ -97,6 +143,12 @@ pub async fn create(
     body: Result<Json<CreateCapsuleRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<CapsuleView>)> {
     let Json(req) = body.map_err(json_rejection)?;
+    let egress = req
+        .network
+        .as_ref()
+        .map(CapsuleNetwork::policy)
+        .transpose()?
+        .unwrap_or_default();
     let metadata: serde_json::Map<String, serde_json::Value> = req
         .metadata
         .unwrap_or_default()
@@ -122,6 +174,10 @@ pub async fn create(
             timeout_pause_memory: true,
             auto_resume: req.auto_resume.unwrap_or(false),
             envs: HashMap::new(),
+            network: service::NetworkParams {
+                egress,
+                private_ports: false,
+            },
         },
     )
     .await?;
@@ -154,6 +210,32 @@ pub async fn get(
             .map(|p| p.disk_bytes >> 20);
     }
     Ok(Json(view))
+}
+
+/// Replaces the egress policy of a running or paused capsule: in force when this
+/// answers (a paused capsule resumes with it).
+#[utoipa::path(patch, path = "/v1/capsules/{id}/network", tag = "capsules",
+    params(("id" = String, Path)), request_body = CapsuleNetwork,
+    responses((status = 200, body = CapsuleView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("api_key" = []), ("bearer" = [])))]
+pub async fn set_network(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: Result<Json<CapsuleNetwork>, JsonRejection>,
+) -> ApiResult<Json<CapsuleView>> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let policy = req.policy()?;
+    let c = service::get(&st, &who, &id).await?;
+    if !matches!(c.status, CapsuleStatus::Running | CapsuleStatus::Paused) {
+        return Err(ApiError::invalid_state(format!(
+            "capsule {id} is {}; its network can change while it is running or paused",
+            c.status
+        )));
+    }
+    let row = service::set_network(&st, &who, &c, policy).await?;
+    Ok(Json(CapsuleView::from_row(&row)))
 }
 
 #[utoipa::path(delete, path = "/v1/capsules/{id}", tag = "capsules",

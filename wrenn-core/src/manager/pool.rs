@@ -372,6 +372,10 @@ impl Capsules {
         let parts = self.ctx.parts.clone();
         let token = random_token();
         let given = async {
+            // The entry's slot was made open; the caller's policy holds before the guest runs.
+            if let Some(slot) = res.slot.as_ref().filter(|_| !spec.network.is_open()) {
+                parts.net.set_egress(slot, &spec.network).await?;
+            }
             if let Some(vmm) = res.vmm.as_ref() {
                 vmm.resume().await?;
             }
@@ -382,6 +386,7 @@ impl Capsules {
                     default_user: None,
                     default_workdir: None,
                     timestamp: Some(SystemTime::now()),
+                    entropy: Some(fresh_entropy()),
                 })
                 .await?;
             Ok::<_, CapsuleError>(())

@@ -85,6 +85,21 @@ pub async fn init(
             ));
         }
     }
+    if let Some(b64) = req.entropy.as_deref() {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| http_error(StatusCode::BAD_REQUEST, format!("invalid entropy: {e}")))?;
+        // Mixed in even when the /init is stale: fresh randomness never hurts. A
+        // guest that cannot reseed says so instead of running with a cloned RNG.
+        super::entropy::inject(&bytes).map_err(|e| {
+            http_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot reseed the kernel RNG: {e}"),
+            )
+        })?;
+        tracing::debug!(bytes = bytes.len(), "kernel RNG reseeded");
+    }
     {
         let Ok(mut d) = st.defaults.write() else {
             return Err(http_error(

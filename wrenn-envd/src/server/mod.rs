@@ -1,6 +1,7 @@
 //! The guest daemon: one listener serving envd's HTTP routes and its Connect services.
 
 mod auth;
+mod entropy;
 mod files;
 mod filesystem;
 pub mod forward;

@@ -190,6 +190,7 @@ impl From<HostError> for ApiError {
             K::InvalidState => (StatusCode::CONFLICT, "invalid_state"),
             K::Conflict => (StatusCode::CONFLICT, "conflict"),
             K::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "host_unavailable"),
+            K::InsufficientStorage => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
             K::Timeout => (StatusCode::GATEWAY_TIMEOUT, "agent_error"),
             K::Guest => (StatusCode::BAD_GATEWAY, "agent_error"),
             K::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),

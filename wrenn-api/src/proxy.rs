@@ -317,6 +317,9 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        if let Some(n) = declared {
+            st.agent.ensure_space(n)?;
+        }
         if declared.is_some_and(|n| n > limit.saturating_add(64 * 1024)) {
             // Read (a bounded amount of) the body first, so the client gets to see
             // the answer instead of a broken pipe.

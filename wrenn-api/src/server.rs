@@ -30,6 +30,8 @@ pub struct ServeOptions {
     pub pool_memory_mb: u64,
     /// Upstream of the capsules' filtering resolvers (`None`: the host's resolver).
     pub dns_upstream: Option<SocketAddr>,
+    /// Disk space (MiB) capsules may never take from the host.
+    pub disk_reserve_mb: u64,
     pub config: ApiConfig,
 }
 
@@ -232,6 +234,7 @@ pub async fn run(
         pools: opts.pools.clone(),
         pool_memory_budget_mb: opts.pool_memory_mb,
         dns_upstream: opts.dns_upstream,
+        disk_reserve_mb: opts.disk_reserve_mb,
         ..Default::default()
     })
     .await

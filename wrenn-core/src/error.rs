@@ -48,6 +48,17 @@ pub enum CapsuleError {
     ShuttingDown,
     #[error("The command's output exceeds {limit} bytes; it was stopped (stream it instead)")]
     OutputTooLarge { limit: usize },
+    #[error(
+        "Not enough disk space on the host to {op}: needs {needed_mb} MiB more, \
+         {available_mb} MiB free beyond what running capsules may still use and the \
+         {reserve_mb} MiB reserve"
+    )]
+    InsufficientStorage {
+        op: &'static str,
+        needed_mb: u64,
+        available_mb: u64,
+        reserve_mb: u64,
+    },
 }
 
 impl CapsuleError {
@@ -78,6 +89,7 @@ impl CapsuleError {
             CapsuleError::Snapshot(_) => "snapshot_error",
             CapsuleError::ShuttingDown => "shutting_down",
             CapsuleError::OutputTooLarge { .. } => "too_large",
+            CapsuleError::InsufficientStorage { .. } => "insufficient_storage",
         }
     }
 }

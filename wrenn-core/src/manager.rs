@@ -62,6 +62,10 @@ pub struct ManagerConfig {
     pub guest_init: String,
     /// Guest memory all warm pools together may hold, in MiB (0 = no cap).
     pub pool_memory_budget_mb: u64,
+    /// Disk space (MiB) on the data directory's filesystem that capsules may never
+    /// take: creates, resumes, forks, pauses and snapshots that could eat into it are
+    /// refused ([`CapsuleError::InsufficientStorage`]).
+    pub disk_reserve_mb: u64,
 }
 
 impl Default for ManagerConfig {
@@ -72,6 +76,7 @@ impl Default for ManagerConfig {
             restore_ready_timeout: Duration::from_secs(30),
             guest_init: "/usr/local/bin/wrenn-init".into(),
             pool_memory_budget_mb: 4096,
+            disk_reserve_mb: 1024,
         }
     }
 }
@@ -489,6 +494,23 @@ pub struct Capsules {
     ctx: Ctx,
     table: Mutex<HashMap<CapsuleId, Arc<Entry>>>,
     pools: pool::Pools,
+    /// Disk bytes promised to operations in flight (see [`Capsules::reserve_space`]).
+    pending_disk: Arc<Mutex<u64>>,
+}
+
+/// Disk space promised to one operation in flight; released on drop.
+#[derive(Debug)]
+struct SpaceClaim {
+    pending: Arc<Mutex<u64>>,
+    bytes: u64,
+}
+
+impl Drop for SpaceClaim {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pending.lock() {
+            *p = p.saturating_sub(self.bytes);
+        }
+    }
 }
 
 impl Capsules {
@@ -498,7 +520,73 @@ impl Capsules {
             pools: pool::Pools::new(config.pool_memory_budget_mb),
             ctx: Ctx { parts, config },
             table: Mutex::new(HashMap::new()),
+            pending_disk: Arc::new(Mutex::new(0)),
         })
+    }
+
+    /// Checks that `bytes` more can be written to the host's disk (an upload)
+    /// without taking it below the reserve.
+    pub fn check_space(&self, op: &'static str, bytes: u64) -> Result<(), CapsuleError> {
+        self.reserve_space(op, bytes).map(drop)
+    }
+
+    /// Promises `need` bytes of the data directory's disk to operation `op`, or
+    /// refuses it when that could take the host below the configured reserve:
+    /// what running capsules' writable disks may still grow by (their size minus
+    /// what they hold now) and what other operations in flight were promised
+    /// count as used.
+    fn reserve_space(&self, op: &'static str, need: u64) -> Result<SpaceClaim, CapsuleError> {
+        let state = &self.ctx.parts.state;
+        let claim = |bytes| SpaceClaim {
+            pending: self.pending_disk.clone(),
+            bytes,
+        };
+        let Some(avail) = state.available_bytes() else {
+            return Ok(claim(0));
+        };
+        let entries: Vec<Arc<Entry>> = self
+            .table
+            .lock()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
+        let growth: u64 = entries
+            .iter()
+            .filter_map(|e| e.snapshot())
+            .filter(|r| r.status != CapsuleStatus::Paused)
+            .map(|r| {
+                let held = r
+                    .disk
+                    .as_ref()
+                    .map(|d| state.allocated_bytes(&d.path))
+                    .unwrap_or(0);
+                (r.spec.disk_mb << 20).saturating_sub(held)
+            })
+            .sum();
+        let reserve = self.ctx.config.disk_reserve_mb << 20;
+        let mut pending = self
+            .pending_disk
+            .lock()
+            .map_err(|_| CapsuleError::ShuttingDown)?;
+        let free = avail
+            .saturating_sub(growth)
+            .saturating_sub(*pending)
+            .saturating_sub(reserve);
+        if need > free {
+            tracing::warn!(
+                op,
+                need_mb = need >> 20,
+                free_mb = free >> 20,
+                "refused: host disk space"
+            );
+            return Err(CapsuleError::InsufficientStorage {
+                op,
+                needed_mb: need.div_ceil(1 << 20),
+                available_mb: free >> 20,
+                reserve_mb: self.ctx.config.disk_reserve_mb,
+            });
+        }
+        *pending += need;
+        Ok(claim(need))
     }
 
     pub fn accel(&self) -> Accel {
@@ -673,6 +761,8 @@ impl Capsules {
         let mut spec = opts.validate(&self.ctx.config.limits)?;
         let parts = self.ctx.parts.clone();
         let template = parts.templates.get(&spec.template).await?;
+        // The new capsule's writable disk may grow to its full size.
+        let _space = self.reserve_space("create a capsule", spec.disk_mb << 20)?;
         let snap = match parts.snapshots.open_template(&spec.template).await {
             Ok(_) if opts.cold_boot => None,
             Ok(s) => s.filter(|r| r.meta.accel == parts.vmm.accel()),
@@ -916,6 +1006,12 @@ impl Capsules {
         id: &CapsuleId,
         mode: PauseMode,
     ) -> Result<PauseReport, CapsuleError> {
+        // A full pause writes up to the guest's memory (and its device state).
+        let need = match (mode, self.entry(id).ok().and_then(|e| e.snapshot())) {
+            (PauseMode::Full, Some(r)) => (u64::from(r.spec.memory_mb) << 20) + (8 << 20),
+            _ => 8 << 20,
+        };
+        let _space = self.reserve_space("pause the capsule", need)?;
         self.ask(id, |reply| Command::Pause(mode, reply)).await
     }
 
@@ -931,6 +1027,16 @@ impl Capsules {
         id: &CapsuleId,
         mode: ResumeMode,
     ) -> Result<CapsuleInfo, CapsuleError> {
+        if self.entry(id).is_err() {
+            self.adopt(id).await?;
+        }
+        let disk = self
+            .entry(id)
+            .ok()
+            .and_then(|e| e.snapshot())
+            .map(|r| r.spec.disk_mb << 20)
+            .unwrap_or(0);
+        let _space = self.reserve_space("resume the capsule", disk)?;
         self.ask(id, |reply| Command::Resume(mode, reply)).await?;
         self.get(id)
     }
@@ -944,6 +1050,14 @@ impl Capsules {
         overwrite: bool,
     ) -> Result<(), CapsuleError> {
         let name = TemplateName::parse(name).map_err(crate::spec::InvalidSpec::from)?;
+        // A flattened disk and the whole memory, at most.
+        let need = self
+            .entry(id)
+            .ok()
+            .and_then(|e| e.snapshot())
+            .map(|r| (r.spec.disk_mb << 20) + (u64::from(r.spec.memory_mb) << 20))
+            .unwrap_or(0);
+        let _space = self.reserve_space("snapshot the capsule", need)?;
         self.ask(id, |reply| Command::Snapshot {
             name,
             overwrite,
@@ -959,6 +1073,15 @@ impl Capsules {
         id: &CapsuleId,
         n: usize,
     ) -> Result<Vec<CapsuleInfo>, CapsuleError> {
+        let rec = self.entry(id).ok().and_then(|e| e.snapshot());
+        let per_child = rec
+            .as_ref()
+            .map(|r| (r.spec.disk_mb << 20) + (u64::from(r.spec.memory_mb) << 20))
+            .unwrap_or(0);
+        let _space = self.reserve_space(
+            "fork the capsule",
+            per_child.saturating_mul(u64::try_from(n).unwrap_or(u64::MAX)),
+        )?;
         let state = self.ask(id, Command::Fork).await?;
         let mut out = Vec::new();
         let mut first_err = None;

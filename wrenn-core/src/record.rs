@@ -80,4 +80,13 @@ pub trait StateStore: Send + Sync + Debug {
     /// Kills VMM processes tagged for capsules other than `keep` (orphans of a crash).
     /// Returns how many were killed.
     async fn kill_orphan_vmms(&self, keep: &[CapsuleId]) -> usize;
+    /// Bytes free for capsule data on the host (`None`: unknown, nothing is checked).
+    fn available_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// Bytes the file at `path` takes on disk (sparse holes excluded); 0 if missing.
+    fn allocated_bytes(&self, path: &std::path::Path) -> u64 {
+        let _ = path;
+        0
+    }
 }

@@ -205,4 +205,19 @@ pub trait VmmHandle: Send + Sync + Debug {
     /// Stops the VM and its process: graceful request, bounded wait, then kill.
     /// Idempotent.
     async fn shutdown(&self) -> Result<(), VmmError>;
+
+    /// What the VMM process uses on the host, from its cgroup (`None` when it
+    /// runs without one).
+    fn usage(&self) -> Option<VmmUsage> {
+        None
+    }
+}
+
+/// Host resources a VMM uses (its cgroup's counters).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmUsage {
+    /// Memory charged to the VMM: guest RAM it touched plus its own.
+    pub memory_bytes: u64,
+    /// CPU time used since it started, in µs.
+    pub cpu_usage_us: u64,
 }

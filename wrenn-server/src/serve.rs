@@ -39,6 +39,11 @@ pub struct ServeArgs {
     /// IPv4 nameserver in /etc/resolv.conf).
     #[arg(long, env = "WRENN_DNS_UPSTREAM")]
     dns_upstream: Option<std::net::SocketAddr>,
+    /// Disk space (MiB) of the data directory's filesystem that capsules may never
+    /// take: creates, resumes, forks, pauses, snapshots and uploads that could eat
+    /// into it are refused with 507.
+    #[arg(long, env = "WRENN_DISK_RESERVE_MB", default_value_t = 1024)]
+    disk_reserve_mb: u64,
     /// Most output a synchronous exec returns, in MiB (more: the command is stopped, 413).
     #[arg(long, env = "WRENN_EXEC_OUTPUT_LIMIT_MIB", default_value_t = 16)]
     exec_output_limit_mib: u64,
@@ -172,6 +177,7 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
         pools: a.pools,
         pool_memory_mb: a.pool_memory_mb,
         dns_upstream: a.dns_upstream,
+        disk_reserve_mb: a.disk_reserve_mb,
         config: ApiConfig {
             domain: a.domain,
             upload_limit: a.upload_limit_mib.saturating_mul(1024 * 1024),

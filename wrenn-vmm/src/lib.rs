@@ -6,6 +6,7 @@
 //! a real guest boot, not by checking that `/dev/kvm` exists.
 
 pub mod accel;
+pub mod cgroup;
 pub mod qemu;
 
 pub use accel::{probe, AccelProbe};

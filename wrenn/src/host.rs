@@ -27,6 +27,8 @@ pub struct HostOptions {
     pub pools: Vec<(String, usize)>,
     /// Guest memory all warm pools together may hold, in MiB (0 = no cap).
     pub pool_memory_budget_mb: u64,
+    /// Disk space (MiB) capsules may never take from the data directory's filesystem.
+    pub disk_reserve_mb: u64,
     /// Resolver the capsules' filtering resolvers forward allowed names to
     /// (`None`: the host's first IPv4 nameserver, else 8.8.8.8).
     pub dns_upstream: Option<std::net::SocketAddr>,
@@ -43,6 +45,7 @@ impl Default for HostOptions {
             pools: Vec::new(),
             pool_memory_budget_mb: ManagerConfig::default().pool_memory_budget_mb,
             dns_upstream: None,
+            disk_reserve_mb: ManagerConfig::default().disk_reserve_mb,
         }
     }
 }
@@ -59,6 +62,8 @@ pub enum HostError {
     },
     #[error("Startup sweep failed")]
     Sweep(#[source] CapsuleError),
+    #[error("Cannot confine VMMs: no usable cgroup hierarchy")]
+    Cgroups(#[source] wrenn_vmm::cgroup::CgroupError),
     #[error("Cannot keep a warm pool of template {template}")]
     Pool {
         template: String,
@@ -108,8 +113,12 @@ impl Host {
         let binary = wrenn_vmm::qemu::process::default_binary();
         let probe = wrenn_vmm::probe(&binary, &kernel, Some(&data.run_dir())).await;
         tracing::info!(accel = %probe.accel, reason = %probe.reason, "acceleration");
+        let cgroups = wrenn_vmm::cgroup::Layout::detect().map_err(HostError::Cgroups)?;
+        tracing::info!(layout = %cgroups.describe(), "VMM cgroups");
+        let mut qemu = QemuConfig::new(probe.accel);
+        qemu.cgroups = Some(cgroups.clone());
         let parts = HostParts {
-            vmm: Arc::new(QemuVmm::new(QemuConfig::new(probe.accel))),
+            vmm: Arc::new(QemuVmm::new(qemu)),
             net: Arc::new(NetnsNetwork::new({
                 let mut net = NetConfig::default();
                 if let Some(upstream) = opts.dns_upstream {
@@ -131,11 +140,17 @@ impl Host {
             limits: opts.limits,
             ready_timeout: opts.ready_timeout,
             pool_memory_budget_mb: opts.pool_memory_budget_mb,
+            disk_reserve_mb: opts.disk_reserve_mb,
             ..Default::default()
         };
         let capsules = Capsules::new(parts, config);
         let sweep = if opts.sweep {
-            capsules.recover().await.map_err(HostError::Sweep)?
+            let report = capsules.recover().await.map_err(HostError::Sweep)?;
+            let groups = cgroups.sweep();
+            if groups > 0 {
+                tracing::info!(groups, "removed the cgroups of VMMs that are gone");
+            }
+            report
         } else {
             SweepReport::default()
         };

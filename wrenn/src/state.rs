@@ -132,6 +132,18 @@ impl StateStore for FsStateStore {
         let _ = tokio::fs::remove_dir_all(dir).await;
     }
 
+    fn available_bytes(&self) -> Option<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.data.capsules()).ok()?;
+        Some(st.blocks_available().saturating_mul(st.fragment_size()))
+    }
+
+    fn allocated_bytes(&self, path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path)
+            .map(|m| m.blocks().saturating_mul(512))
+            .unwrap_or(0)
+    }
+
     async fn save(&self, record: &CapsuleRecord) -> Result<(), StateError> {
         let path = self.dir(&record.id).join(STATE_FILE);
         let bytes = serde_json::to_vec_pretty(record)

@@ -198,9 +198,9 @@ impl EgressServer {
         ip(&[
             "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ])?;
-        ip(&["addr", "add", "169.254.252.1/30", "dev", &veth])?;
+        ip(&["addr", "add", "198.19.252.1/30", "dev", &veth])?;
         ip(&["link", "set", &veth, "up"])?;
-        ip(&["-n", &ns, "addr", "add", "169.254.252.2/30", "dev", "eth0"])?;
+        ip(&["-n", &ns, "addr", "add", "198.19.252.2/30", "dev", "eth0"])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         let server = std::process::Command::new("ip")
@@ -208,7 +208,7 @@ impl EgressServer {
             .arg(
                 "import socket\n\
                  s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-                 s.bind(('169.254.252.2', 8765)); s.listen(4)\n\
+                 s.bind(('198.19.252.2', 8765)); s.listen(4)\n\
                  while True:\n\
                  \x20   c,a=s.accept(); c.sendall(('hello from outside, you are %s\\n' % a[0]).encode()); c.close()\n",
             )
@@ -241,12 +241,12 @@ async fn guest_egress_reaches_a_server_in_another_namespace() {
     let (out, err, code) = run(
         &host,
         &info.id,
-        "timeout 10 bash -c 'exec 3<>/dev/tcp/169.254.252.2/8765; head -1 <&3'",
+        "timeout 10 bash -c 'exec 3<>/dev/tcp/198.19.252.2/8765; head -1 <&3'",
     )
     .await;
     assert_eq!(code, 0, "egress failed: {err}");
     assert!(
-        out.starts_with("hello from outside, you are 169.254.252.1"),
+        out.starts_with("hello from outside, you are 198.19.252.1"),
         "{out}"
     );
     caps.destroy(&info.id).await.expect("destroy");

@@ -100,6 +100,7 @@ pub(crate) fn host_error(e: CapsuleError) -> HostError {
             HostErrorKind::Conflict
         }
         CapsuleError::ShuttingDown => HostErrorKind::Unavailable,
+        CapsuleError::InsufficientStorage { .. } => HostErrorKind::InsufficientStorage,
         CapsuleError::Agent(a) => return guest_error(a),
         _ => HostErrorKind::Internal,
     };
@@ -235,6 +236,12 @@ impl HostAgent for LocalAgent {
         let r = self.capsules().destroy(id).await.map_err(host_error);
         self.sampler.forget(id);
         r
+    }
+
+    fn ensure_space(&self, bytes: u64) -> Result<(), HostError> {
+        self.capsules()
+            .check_space("take the upload", bytes)
+            .map_err(host_error)
     }
 
     async fn set_network(&self, id: &CapsuleId, policy: EgressPolicy) -> Result<(), HostError> {

@@ -28,6 +28,8 @@ pub enum HostErrorKind {
     Conflict,
     /// The host cannot take the work (capacity, shutting down).
     Unavailable,
+    /// The host's disk cannot take what the operation would write.
+    InsufficientStorage,
     Timeout,
     /// The guest agent failed or answered an error.
     Guest,
@@ -139,6 +141,12 @@ pub trait HostAgent: Send + Sync + Debug {
     async fn resume(&self, id: &CapsuleId, mode: ResumeMode) -> Result<HostCapsule, HostError>;
 
     async fn destroy(&self, id: &CapsuleId) -> Result<(), HostError>;
+
+    /// Checks that `bytes` more (an upload) fit on the host's disk above its reserve.
+    fn ensure_space(&self, bytes: u64) -> Result<(), HostError> {
+        let _ = bytes;
+        Ok(())
+    }
 
     /// Replaces the egress policy of a running capsule (in force when this returns)
     /// or a paused one (in force when it resumes).

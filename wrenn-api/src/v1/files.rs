@@ -334,6 +334,18 @@ pub async fn write(
     // The whole body is capped, whatever its framing (a chunked body has no length to
     // check up front) and whichever part it is in.
     let (parts, body) = req.into_parts();
+    // The host's disk must take the upload above its reserve (checked up front when
+    // the length is declared; the capsule's own disk size bounds the rest).
+    let declared = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared {
+        st.agent
+            .ensure_space(n)
+            .map_err(|e| refused(ApiError::from(e)))?;
+    }
     let cap = usize::try_from(st.config.upload_limit.saturating_add(MULTIPART_OVERHEAD))
         .unwrap_or(usize::MAX);
     let headers = parts.headers.clone();

@@ -42,6 +42,8 @@ pub enum QemuError {
     QmpProtocol(String),
     #[error("QEMU did not stop within {secs} s even after SIGKILL")]
     StopTimeout { secs: u64 },
+    #[error("Cannot confine the VMM in its cgroup")]
+    Cgroup(#[source] crate::cgroup::CgroupError),
 }
 
 impl From<QemuError> for VmmError {

@@ -206,11 +206,22 @@ async fn run(capsules: Weak<Capsules>, rings: Arc<Rings>, period: Duration) {
 }
 
 fn sample_all(vmms: Vec<VmmProcess>) -> Vec<Taken> {
+    static CGROUPS: std::sync::OnceLock<Option<wrenn_vmm::cgroup::Layout>> =
+        std::sync::OnceLock::new();
+    let layout = CGROUPS.get_or_init(|| wrenn_vmm::cgroup::Layout::detect().ok());
     vmms.into_iter()
         .map(|vmm| {
             let disks: Vec<PathBuf> = vmm.disk.iter().cloned().collect();
             let at = Instant::now();
-            let result = sample_process(vmm.pid, &disks);
+            let result = sample_process(vmm.pid, &disks).map(|mut raw| {
+                // A confined VMM is measured by its cgroup: everything charged to it
+                // (its threads' CPU, guest RAM it touched, its own memory).
+                if let Some(u) = layout.as_ref().and_then(|l| l.usage_of(vmm.pid)) {
+                    raw.rss_bytes = u.memory_bytes;
+                    raw.cpu_time = Duration::from_micros(u.cpu_usage_us);
+                }
+                raw
+            });
             Taken { vmm, at, result }
         })
         .collect()

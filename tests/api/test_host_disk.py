@@ -1,0 +1,62 @@
+"""The host disk reserve through the API: work that could take the host's disk below
+`--disk-reserve-mb` is refused up front with 507 (E2B's `{code, message}` on its routes,
+`insufficient_storage` on /v1), and nothing of it is left behind."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+from e2b import Sandbox
+from e2b.exceptions import SandboxException
+
+
+def api(server) -> dict:
+    return {"api_key": server.admin_key, "api_url": server.url, "sandbox_url": server.url, "debug": False}
+
+
+def free_mb(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize >> 20
+
+
+def test_no_room_means_507_and_nothing_left(start_server):
+    srv = start_server("disk-full", args=("--disk-reserve-mb", str(1 << 40)))
+    h = {"X-API-Key": srv.admin_key}
+    r = httpx.post(f"{srv.url}/v1/capsules", json={"template": "minimal"}, headers=h, timeout=60)
+    assert r.status_code == 507, r.text
+    err = r.json()["error"]
+    assert err["code"] == "insufficient_storage" and "disk space" in err["message"], err
+    r = httpx.post(f"{srv.url}/sandboxes", json={"templateID": "base"}, headers=h, timeout=60)
+    assert r.status_code == 507 and r.json()["code"] == 507, r.text
+    with pytest.raises(SandboxException) as e:
+        Sandbox.create("base", **api(srv))
+    assert "507" in str(e.value)
+    assert httpx.get(f"{srv.url}/v1/capsules", headers=h).json() == []
+    assert os.listdir(os.path.join(srv.data_dir, "capsules")) == []
+
+
+def test_an_upload_that_does_not_fit_is_refused(start_server):
+    # Room for one capsule's disk (2 GiB) and about 200 MiB more.
+    reserve = free_mb("/var/lib/wrenn-test") - 2048 - 200
+    srv = start_server("disk-tight", args=("--disk-reserve-mb", str(reserve)))
+    s = Sandbox.create("minimal", **api(srv))
+    try:
+        s.files.write("/tmp/small.txt", "fits")
+        assert s.files.read("/tmp/small.txt") == "fits"
+        big = b"x" * (600 << 20)
+        with pytest.raises(Exception) as e:
+            s.files.write("/tmp/big.bin", big)
+        assert "507" in str(e.value) or "disk space" in str(e.value), e.value
+        h = {"X-API-Key": srv.admin_key}
+        r = httpx.post(
+            f"{srv.url}/v1/capsules/{s.sandbox_id}/files/write",
+            files={"path": (None, "/tmp/big.bin"), "file": ("big.bin", big)},
+            headers=h,
+            timeout=120,
+        )
+        assert r.status_code == 507, r.text
+        assert s.commands.run("ls /tmp/big.bin || echo absent").stdout.strip().endswith("absent")
+    finally:
+        s.kill()

@@ -218,6 +218,28 @@ def test_error_kinds(capsule):
         Capsule.get_info(unknown)
 
 
+def test_network_policy_is_enforced_and_changed_live():
+    # Only denied destinations are probed: the refusal comes from the capsule's own
+    # slot, so nothing leaves this machine.
+    probe = "timeout 5 bash -c 'exec 3<>/dev/tcp/{}/80' 2>&1; echo rc=$?"
+    with Capsule(template="minimal", network={"deny_out": ["0.0.0.0/0"]}) as c:
+        out = c.commands.run(probe.format("198.51.100.7")).stdout
+        assert "refused" in out.lower() and "rc=1" in out, out
+        info = c.set_network({"allow_out": ["198.51.100.0/24"], "deny_out": ["203.0.113.0/24"]})
+        assert info.status == "running"
+        out = c.commands.run(probe.format("203.0.113.9")).stdout
+        assert "refused" in out.lower(), out
+        # Kept across a pause.
+        c.pause()
+        c.resume()
+        out = c.commands.run(probe.format("203.0.113.9")).stdout
+        assert "refused" in out.lower(), out
+    with pytest.raises(w.InvalidArgumentError):
+        Capsule(template="minimal", network={"deny_out": ["example.com"]})
+    with pytest.raises(ValueError):
+        Capsule(template="minimal", network={"egress_proxy": "x"})
+
+
 # ---------------------------------------------------------------------------
 # lifecycle
 

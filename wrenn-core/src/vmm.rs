@@ -218,6 +218,7 @@ pub trait VmmHandle: Send + Sync + Debug {
 pub struct VmmUsage {
     /// Memory charged to the VMM: guest RAM it touched plus its own.
     pub memory_bytes: u64,
-    /// CPU time used since it started, in µs.
-    pub cpu_usage_us: u64,
+    /// CPU time used since it started, in µs (`None` where the host does not
+    /// account CPU per group, e.g. a v1 `cpuacct` hierarchy apart from `cpu`).
+    pub cpu_usage_us: Option<u64>,
 }

@@ -1,9 +1,11 @@
 //! Persistent tap devices through `/dev/net/tun`.
 //!
 //! The tap is created in the namespace of the thread that opens `/dev/net/tun`,
-//! and made persistent so that QEMU, started later inside the same namespace,
-//! opens it by name (`-netdev tap,ifname=tap0,script=no,downscript=no,vnet_hdr=on`).
-//! The flags match what QEMU asks for, or its `TUNSETIFF` would be refused.
+//! and made persistent so that the VMM's launcher, inside the same namespace,
+//! attaches to it by name and hands QEMU the descriptor (`-netdev tap,fd=N`; QEMU
+//! itself runs without the capability to attach). The flags (tap, no packet
+//! info, virtio-net headers) match what the launcher asks for, or its
+//! `TUNSETIFF` would be refused.
 
 use crate::error::SlotError;
 use std::fs::{File, OpenOptions};

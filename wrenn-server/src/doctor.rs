@@ -104,6 +104,25 @@ pub async fn run(data: &DataDir) -> Result<u8> {
             "modprobe tun, and run as root",
         );
     }
+    match wrenn_vmm::cgroup::Layout::detect() {
+        Ok(layout) => r.ok("VMM cgroups", layout.describe()),
+        Err(e) => r.fail(
+            "VMM cgroups",
+            e.to_string(),
+            "mount cgroup v2 (or the v1 memory, cpu and pids controllers)",
+        ),
+    }
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    match wrenn_net::upstream_from_resolv_conf(&resolv) {
+        Some(up) => r.ok(
+            "egress DNS filter",
+            format!("allowed names are resolved through {up} (--dns-upstream to change)"),
+        ),
+        None => r.warn(
+            "egress DNS filter",
+            "no IPv4 nameserver in /etc/resolv.conf: domain rules forward to 8.8.8.8 (set --dns-upstream)",
+        ),
+    }
     let netns_ok = Path::new("/proc/self/ns/net").exists();
     if netns_ok {
         r.ok("network namespaces", "supported by the kernel");

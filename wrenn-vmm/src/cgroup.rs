@@ -207,7 +207,7 @@ impl Layout {
         };
         Some(wrenn_core::vmm::VmmUsage {
             memory_bytes: group.memory_bytes()?,
-            cpu_usage_us: group.cpu_usage_us().unwrap_or(0),
+            cpu_usage_us: group.cpu_usage_us(),
         })
     }
 
@@ -230,12 +230,132 @@ impl Layout {
             };
             for e in rd.flatten() {
                 let p = e.path();
-                if p.is_dir() && !young(&p) && fs::remove_dir(&p).is_ok() {
+                let live_spare = e
+                    .file_name()
+                    .to_str()
+                    .and_then(spare_owner)
+                    .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+                if p.is_dir() && !live_spare && !young(&p) && fs::remove_dir(&p).is_ok() {
                     removed += 1;
                 }
             }
         }
         removed
+    }
+}
+
+/// The process a spare group (`spare-<pid>-<n>`) was made by.
+fn spare_owner(name: &str) -> Option<u32> {
+    name.strip_prefix("spare-")?.split('-').next()?.parse().ok()
+}
+
+/// Groups made ahead of time, so a VMM start does not wait for `mkdir` in every
+/// hierarchy (milliseconds each on some hosts). A spare is renamed to its VMM's
+/// name when taken, which v1 hierarchies allow; on a v2 host (one `mkdir`, and no
+/// rename) groups are made on demand.
+#[derive(Debug)]
+pub struct Pool {
+    layout: Layout,
+    spares: std::sync::Mutex<Vec<Cgroup>>,
+    refilling: std::sync::atomic::AtomicBool,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// Spares kept ready.
+const SPARES: usize = 2;
+
+impl Pool {
+    pub fn new(layout: Layout) -> std::sync::Arc<Self> {
+        let pool = std::sync::Arc::new(Pool {
+            layout,
+            spares: std::sync::Mutex::new(Vec::new()),
+            refilling: std::sync::atomic::AtomicBool::new(false),
+            next: std::sync::atomic::AtomicU64::new(0),
+        });
+        pool.refill();
+        pool
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The group `name` with `limits`: a renamed spare when one is ready.
+    pub fn take(
+        self: &std::sync::Arc<Self>,
+        name: &str,
+        limits: &Limits,
+    ) -> Result<Cgroup, CgroupError> {
+        let spare = match self.layout {
+            Layout::V1 { .. } => self.spares.lock().ok().and_then(|mut s| s.pop()),
+            Layout::V2(_) => None,
+        };
+        let group = match spare.map(|s| s.rename(name)) {
+            Some(Ok(g)) => {
+                g.apply(limits)?;
+                g
+            }
+            Some(Err(leftover)) => {
+                let _ = leftover.remove();
+                self.layout.create(name, limits)?
+            }
+            None => self.layout.create(name, limits)?,
+        };
+        self.refill();
+        Ok(group)
+    }
+
+    /// Makes spares up to [`SPARES`], on a thread of its own.
+    fn refill(self: &std::sync::Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if !matches!(self.layout, Layout::V1 { .. }) || self.refilling.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wrenn-cgroup-spares".into())
+            .spawn(move || {
+                loop {
+                    let have = me.spares.lock().map(|s| s.len()).unwrap_or(SPARES);
+                    if have >= SPARES {
+                        break;
+                    }
+                    let n = me.next.fetch_add(1, Ordering::Relaxed);
+                    let name = format!("spare-{}-{n}", std::process::id());
+                    let unlimited = Limits {
+                        memory_bytes: u64::MAX >> 2,
+                        cpu_quota_us: CPU_PERIOD_US * 64,
+                        pids: 4096,
+                        io_weight: 100,
+                    };
+                    match me.layout.create(&name, &unlimited) {
+                        Ok(g) => match me.spares.lock() {
+                            Ok(mut s) => s.push(g),
+                            Err(_) => break,
+                        },
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot make a spare cgroup");
+                            break;
+                        }
+                    }
+                }
+                me.refilling.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.refilling
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Ok(spares) = self.spares.get_mut() {
+            for g in spares.drain(..) {
+                let _ = g.remove();
+            }
+        }
     }
 }
 
@@ -272,6 +392,27 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
+    /// The same groups under another name (v1 hierarchies allow renames); on
+    /// failure, what is left to remove.
+    fn rename(self, name: &str) -> Result<Cgroup, Cgroup> {
+        let mut renamed = Vec::new();
+        for dir in &self.dirs {
+            let to = dir.with_file_name(name);
+            if fs::rename(dir, &to).is_err() {
+                // Put back what moved, and hand everything back for removal.
+                for (from, to) in renamed.iter().zip(self.dirs.iter()) {
+                    let _ = fs::rename(from, to);
+                }
+                return Err(self);
+            }
+            renamed.push(to);
+        }
+        Ok(Cgroup {
+            dirs: renamed,
+            layout: self.layout,
+        })
+    }
+
     fn write(&self, dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
         let path = dir.join(file);
         fs::write(&path, value).map_err(io_err(&path, "write a limit"))

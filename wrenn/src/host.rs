@@ -116,7 +116,7 @@ impl Host {
         let cgroups = wrenn_vmm::cgroup::Layout::detect().map_err(HostError::Cgroups)?;
         tracing::info!(layout = %cgroups.describe(), "VMM cgroups");
         let mut qemu = QemuConfig::new(probe.accel);
-        qemu.cgroups = Some(cgroups.clone());
+        qemu.cgroups = Some(wrenn_vmm::cgroup::Pool::new(cgroups.clone()));
         let parts = HostParts {
             vmm: Arc::new(QemuVmm::new(qemu)),
             net: Arc::new(NetnsNetwork::new({

@@ -192,3 +192,63 @@ async fn a_fork_bomb_and_a_memory_hog_hurt_only_their_own_capsule() {
     caps.destroy(&calm.id).await.expect("destroy calm");
     assert_gone(&hog_fp).await;
 }
+
+/// `Key:\tvalue` of `/proc/<pid>/status`.
+fn status_field(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmms_run_without_capabilities_under_seccomp() {
+    let Some(host) = host().await else { return };
+    let caps = host.capsules();
+    // A restore (the template's snapshot) and a boot: both paths start QEMU.
+    for cold_boot in [false, true] {
+        let info = caps
+            .create(CreateOptions {
+                cold_boot,
+                ..minimal(1, 256)
+            })
+            .await
+            .expect("create");
+        let pid = footprint(&host, &info).vmm_pid;
+        assert_eq!(
+            status_field(pid, "Seccomp"),
+            "2",
+            "QEMU has no seccomp filter"
+        );
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"] {
+            assert_eq!(
+                u64::from_str_radix(&status_field(pid, set), 16).unwrap(),
+                0,
+                "{set} of QEMU is not empty"
+            );
+        }
+        // It still works: networking (tap handed over as a descriptor), disk, exec.
+        let (out, _, code) = run(
+            &host,
+            &info.id,
+            "ip -4 -o addr show dev eth0 && echo ok > /tmp/f && cat /tmp/f",
+        )
+        .await;
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.contains("169.254.0.21") && out.ends_with("ok\n"),
+            "{out}"
+        );
+        // Pause (device state out through a socket) and resume (in through one).
+        caps.pause(&info.id).await.expect("pause");
+        caps.resume(&info.id).await.expect("resume");
+        let pid = footprint(&host, &info).vmm_pid;
+        assert_eq!(status_field(pid, "Seccomp"), "2");
+        assert_eq!(run(&host, &info.id, "cat /tmp/f").await.0, "ok\n");
+        caps.destroy(&info.id).await.expect("destroy");
+    }
+}

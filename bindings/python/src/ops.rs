@@ -258,8 +258,23 @@ where
 // ---------------------------------------------------------------------------
 // Capsules
 
+/// An egress policy from the Python lists (`None`: open).
+fn egress_arg(
+    allow_out: Option<Vec<String>>,
+    deny_out: Option<Vec<String>>,
+    dns_servers: Option<Vec<String>>,
+) -> Result<wrenn::egress::EgressPolicy, Fail> {
+    wrenn::egress::EgressPolicy::new(
+        &allow_out.unwrap_or_default(),
+        &deny_out.unwrap_or_default(),
+        dns_servers.as_deref(),
+    )
+    .map_err(|e| Fail::new("invalid_argument", format!("network: {e}")))
+}
+
 #[pyfunction]
-#[pyo3(signature = (template=None, vcpus=None, memory_mb=None, disk_mb=None, envs=None, metadata=None, cold_boot=false))]
+#[pyo3(signature = (template=None, vcpus=None, memory_mb=None, disk_mb=None, envs=None, metadata=None, cold_boot=false, allow_out=None, deny_out=None, dns_servers=None))]
+#[allow(clippy::too_many_arguments)]
 fn create(
     template: Option<String>,
     vcpus: Option<i64>,
@@ -268,6 +283,9 @@ fn create(
     envs: Option<HashMap<String, String>>,
     metadata: Option<HashMap<String, String>>,
     cold_boot: bool,
+    allow_out: Option<Vec<String>>,
+    deny_out: Option<Vec<String>>,
+    dns_servers: Option<Vec<String>>,
 ) -> Pending {
     let opts = (|| -> Result<CreateOptions, Fail> {
         Ok(CreateOptions {
@@ -278,7 +296,7 @@ fn create(
             envs: envs.unwrap_or_default(),
             metadata: metadata.unwrap_or_default(),
             cold_boot,
-            network: Default::default(),
+            network: egress_arg(allow_out, deny_out, dns_servers)?,
         })
     })();
     let opts = match opts {
@@ -348,6 +366,22 @@ fn pause(id: &str) -> Pending {
         h.capsules().pause(&id).await?;
         Ok(info_out(h.capsules().get(&id)?))
     })
+}
+
+#[pyfunction]
+#[pyo3(signature = (id, allow_out=None, deny_out=None, dns_servers=None))]
+fn set_network(
+    id: &str,
+    allow_out: Option<Vec<String>>,
+    deny_out: Option<Vec<String>>,
+    dns_servers: Option<Vec<String>>,
+) -> Pending {
+    match egress_arg(allow_out, deny_out, dns_servers) {
+        Err(e) => ready("set_network", Err(e)),
+        Ok(policy) => with_id("set_network", false, id, |h, id| async move {
+            Ok(info_out(h.capsules().set_network(&id, policy).await?))
+        }),
+    }
 }
 
 #[pyfunction]
@@ -731,6 +765,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(destroy, m)?,
         wrap_pyfunction!(pause, m)?,
         wrap_pyfunction!(resume, m)?,
+        wrap_pyfunction!(set_network, m)?,
         wrap_pyfunction!(snapshot, m)?,
         wrap_pyfunction!(fork, m)?,
         wrap_pyfunction!(host_info, m)?,

@@ -18,6 +18,12 @@ fn path(p: &Path) -> String {
 
 /// The RAM block name, as it appears in migration streams.
 pub const RAM_BLOCK: &str = "mem";
+/// File descriptor of the first tap, opened for QEMU before it runs (QEMU itself
+/// has no capabilities to attach a tap by name). Tap `i` is `TAP_FD + i`.
+pub const TAP_FD: i32 = 100;
+/// QEMU's own seccomp filter: no obsolete syscalls, no privilege changes, no new
+/// processes or executables, no scheduler or resource controls.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// How the VM starts: booting, or paused waiting for incoming device state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +80,7 @@ pub fn build_argv(
         "none",
         "-no-reboot",
     ]);
+    push(&["-sandbox", SANDBOX]);
     push(&["-kernel", &spec.boot.kernel.display().to_string()]);
     push(&["-append", &spec.boot.cmdline]);
     push(&[
@@ -100,14 +107,10 @@ pub fn build_argv(
             &format!("virtio-blk-device,drive={}", escape(&d.id)),
         ]);
     }
-    for n in &spec.nets {
+    for (i, n) in spec.nets.iter().enumerate() {
         push(&[
             "-netdev",
-            &format!(
-                "tap,id={},ifname={},script=no,downscript=no",
-                escape(&n.id),
-                escape(&n.tap)
-            ),
+            &format!("tap,id={},fd={}", escape(&n.id), TAP_FD + i as i32),
         ]);
         push(&[
             "-device",
@@ -178,12 +181,14 @@ mod tests {
             "-name wrenn-cl-1,debug-threads=off -machine microvm,rtc=on,memory-backend=mem \
              -object memory-backend-file,id=mem,size=512M,mem-path=/run/c1/memory,share=off \
              -global migration.send-configuration=off -accel tcg,tb-size=64 -cpu max \
-             -m 512M -smp 2 -nodefaults -no-user-config -display none -no-reboot -kernel /k/vmlinux \
+             -m 512M -smp 2 -nodefaults -no-user-config -display none -no-reboot \
+             -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
+             -kernel /k/vmlinux \
              -append console=ttyS0 root=/dev/vda -chardev file,id=console,path=/run/c1/console.pipe \
              -serial chardev:console \
              -drive id=rootfs,file=/d/disk,,1.qcow2,format=qcow2,if=none,discard=unmap \
              -device virtio-blk-device,drive=rootfs \
-             -netdev tap,id=eth0,ifname=tap0,script=no,downscript=no \
+             -netdev tap,id=eth0,fd=100 \
              -device virtio-net-device,netdev=eth0,mac=02:fc:00:00:00:05 \
              -qmp unix:/run/c1/qmp.sock,server=on,wait=off"
         );

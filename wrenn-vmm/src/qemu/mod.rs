@@ -8,7 +8,7 @@ pub mod migstream;
 pub mod process;
 pub mod qmp;
 
-pub use argv::{build_argv, StartMode, RAM_BLOCK};
+pub use argv::{build_argv, StartMode, RAM_BLOCK, SANDBOX, TAP_FD};
 pub use error::QemuError;
 pub use process::{QemuConfig, QemuHandle, QemuVmm};
 

@@ -43,7 +43,7 @@ pub struct QemuConfig {
     pub console_log_cap: u64,
     /// Confine every VMM in a cgroup of its own (`None`: no limits, for tests of
     /// the VMM alone).
-    pub cgroups: Option<crate::cgroup::Layout>,
+    pub cgroups: Option<std::sync::Arc<crate::cgroup::Pool>>,
 }
 
 /// Memory a VMM may use beyond its guest's RAM: QEMU's own heap, thread stacks,
@@ -272,13 +272,12 @@ impl QemuHandle {
                 },
             )?;
         let cgroup = match &config.cgroups {
-            Some(layout) => Some(std::sync::Arc::new(
-                layout
-                    .create(
-                        &spec.name,
-                        &vmm_limits(spec, config.tb_size_mb, config.accel),
-                    )
-                    .map_err(QemuError::Cgroup)?,
+            Some(pool) => Some(std::sync::Arc::new(
+                pool.take(
+                    &spec.name,
+                    &vmm_limits(spec, config.tb_size_mb, config.accel),
+                )
+                .map_err(QemuError::Cgroup)?,
             )),
             None => None,
         };
@@ -288,6 +287,9 @@ impl QemuHandle {
             .flat_map(|c| c.procs_files())
             .filter_map(|p| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).ok())
             .collect();
+        // Taps are attached here, in the capsule's namespace, and handed to QEMU as
+        // descriptors: QEMU runs without the capability to attach them by name.
+        let taps: Vec<TapName> = spec.nets.iter().map(|n| tap_name(&n.tap)).collect();
         let mut cmd = Command::new(&config.binary);
         cmd.args(build_argv(
             spec,
@@ -310,6 +312,8 @@ impl QemuHandle {
                     nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
                         .map_err(std::io::Error::from)?;
                 }
+                attach_taps(&taps)?;
+                drop_capabilities()?;
                 Ok(())
             });
         }
@@ -430,14 +434,20 @@ impl QemuHandle {
                 path: self.mem_path.clone(),
                 source,
             })?;
-        let quoted = format!(
-            "'{}'",
-            device_state.display().to_string().replace('\'', "'\\''")
-        );
+        // QEMU listens on a socket in the run directory and reads the device state
+        // we stream into it (it may not start a helper process: see SANDBOX).
+        let sock = self.run_dir.join("incoming.sock");
+        let _ = std::fs::remove_file(&sock);
         self.qmp(&QmpCommand::MigrateIncoming {
-            uri: format!("exec:cat {quoted}"),
+            uri: format!("unix:{}", sock.display()),
         })
         .await?;
+        let feed = feed_device_state(sock.clone(), device_state.to_path_buf());
+        let fed = tokio::time::timeout(MIGRATION_TIMEOUT, feed)
+            .await
+            .map_err(|_| QemuError::QmpProtocol("streaming device state timed out".into()))?;
+        let _ = std::fs::remove_file(&sock);
+        fed?;
         let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
         loop {
             let st = self.qmp(&QmpCommand::QueryStatus).await?;
@@ -609,7 +619,7 @@ impl VmmHandle for QemuHandle {
         let g = self.cgroup.as_ref()?;
         Some(wrenn_core::vmm::VmmUsage {
             memory_bytes: g.memory_bytes()?,
-            cpu_usage_us: g.cpu_usage_us().unwrap_or(0),
+            cpu_usage_us: g.cpu_usage_us(),
         })
     }
 
@@ -662,6 +672,107 @@ impl Drop for QemuHandle {
         // Backstop only: normal paths call `shutdown`.
         self.kill_group();
     }
+}
+
+/// Connects to QEMU's incoming migration socket and streams `device_state` into it.
+async fn feed_device_state(sock: PathBuf, device_state: PathBuf) -> Result<(), QemuError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| QemuError::QmpIo { path, source }
+    };
+    let mut file = tokio::fs::File::open(&device_state)
+        .await
+        .map_err(io(&device_state))?;
+    let mut stream = tokio::net::UnixStream::connect(&sock)
+        .await
+        .map_err(io(&sock))?;
+    tokio::io::copy(&mut file, &mut stream)
+        .await
+        .map_err(io(&sock))?;
+    tokio::io::AsyncWriteExt::shutdown(&mut stream)
+        .await
+        .map_err(io(&sock))?;
+    Ok(())
+}
+
+/// A tap's name as `ifreq` carries it (NUL-padded).
+type TapName = [libc::c_char; libc::IFNAMSIZ];
+
+fn tap_name(name: &str) -> TapName {
+    let mut out: TapName = [0; libc::IFNAMSIZ];
+    for (d, s) in out.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+        *d = s as libc::c_char;
+    }
+    out
+}
+
+/// For a forked child before exec, inside the capsule's namespace: attaches to
+/// persistent tap `names[i]` (virtio-net headers, no packet info) as descriptor
+/// `TAP_FD + i`, kept across exec. Only open, ioctl, dup2 and close.
+fn attach_taps(names: &[TapName]) -> std::io::Result<()> {
+    for (i, name) in names.iter().enumerate() {
+        // SAFETY: a static NUL-terminated path.
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: all-zero is a valid `ifreq` (plain C data), built on the stack.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        req.ifr_name = *name;
+        req.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        // SAFETY: `fd` is an open tun fd; TUNSETIFF reads and writes one `ifreq`.
+        let rc = unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut req as *mut libc::ifreq) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: closes the fd opened above, once.
+            unsafe { libc::close(fd) };
+            return Err(e);
+        }
+        let target = super::TAP_FD + i as i32;
+        // SAFETY: duplicates an fd we own onto a fixed number (without CLOEXEC, so
+        // QEMU inherits it).
+        let rc = unsafe { libc::dup2(fd, target) };
+        let e = std::io::Error::last_os_error();
+        // SAFETY: closes the fd opened above, once (the duplicate stays).
+        unsafe { libc::close(fd) };
+        if rc != target {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// For a forked child before exec: QEMU starts with no capabilities at all. The
+/// bounding and ambient sets are emptied, so what exec would grant root is
+/// nothing; QEMU's own seccomp filter then forbids regaining privileges.
+fn drop_capabilities() -> std::io::Result<()> {
+    // Linux numbers capabilities from 0; unknown numbers fail with EINVAL.
+    for cap in 0..64 {
+        // SAFETY: PR_CAPBSET_DROP takes plain integers and touches no memory of ours.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: plain integers; clears the ambient set.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: plain integers; no process started from QEMU may gain privileges.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// For a forked child before exec: joins every group of `procs` (each a

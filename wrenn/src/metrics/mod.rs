@@ -218,7 +218,9 @@ fn sample_all(vmms: Vec<VmmProcess>) -> Vec<Taken> {
                 // (its threads' CPU, guest RAM it touched, its own memory).
                 if let Some(u) = layout.as_ref().and_then(|l| l.usage_of(vmm.pid)) {
                     raw.rss_bytes = u.memory_bytes;
-                    raw.cpu_time = Duration::from_micros(u.cpu_usage_us);
+                    if let Some(us) = u.cpu_usage_us {
+                        raw.cpu_time = Duration::from_micros(us);
+                    }
                 }
                 raw
             });

@@ -148,6 +148,7 @@ _BY_KIND: Dict[str, Type[WrennError]] = {
     "snapshot_error": HostError,
     "snapshot_corrupt": HostError,
     "shutting_down": HostError,
+    "insufficient_storage": HostError,
 }
 
 

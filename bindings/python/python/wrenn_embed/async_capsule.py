@@ -19,6 +19,7 @@ from .capsule import (
     OutputCallback,
     _check_id,
     _create_args,
+    _network_args,
     _data,
     _exec_kwargs,
     _exists_op,
@@ -294,11 +295,12 @@ class AsyncCapsule:
         metadata: Optional[Dict[str, str]] = None,
         disk_mb: Optional[int] = None,
         cold_boot: bool = False,
+        network: Optional[Dict[str, List[str]]] = None,
         wait: bool = False,
         api_key: Optional[str] = None,
         base_url: Optional[str] = None,
     ) -> "AsyncCapsule":
-        kw = _create_args(template, vcpus, memory_mb, disk_mb, envs, metadata)
+        kw = _create_args(template, vcpus, memory_mb, disk_mb, envs, metadata, network)
         return cls(_bound=await adrive(one(_native.create(cold_boot=bool(cold_boot), **kw))))
 
     @classmethod
@@ -337,6 +339,12 @@ class AsyncCapsule:
     @classmethod
     async def _static_pause(cls, capsule_id: str, **_: Any) -> CapsuleInfo:
         return CapsuleInfo._from(await adrive(one(_native.pause(_check_id(capsule_id)))))
+
+    async def set_network(self, network: Optional[Dict[str, List[str]]] = None) -> CapsuleInfo:
+        """Replaces the egress policy (see ``Capsule.set_network``)."""
+        kw = _network_args(network)
+        self._info = CapsuleInfo._from(await adrive(one(_native.set_network(self._id, **kw))))
+        return self._info
 
     async def _instance_resume(self) -> CapsuleInfo:
         self._info = CapsuleInfo._from(await adrive(one(_native.resume(self._id))))

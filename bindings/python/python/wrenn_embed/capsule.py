@@ -67,7 +67,28 @@ def _timeout(v: Any, background: bool) -> Optional[float]:
     return None if v is None or v == 0 else float(v)
 
 
-def _create_args(template: Any, vcpus: Any, memory_mb: Any, disk_mb: Any, envs: Any, metadata: Any) -> Dict[str, Any]:
+def _network_args(network: Any) -> Dict[str, Any]:
+    """``{"allow_out": [...], "deny_out": [...], "dns_servers": [...]}`` (all optional)."""
+    if network is None:
+        return {}
+    if not isinstance(network, dict):
+        raise TypeError(f"network must be a dict, not {type(network).__name__}")
+    unknown = set(network) - {"allow_out", "deny_out", "dns_servers"}
+    if unknown:
+        raise ValueError(f"unknown network settings: {sorted(unknown)}")
+    out: Dict[str, Any] = {}
+    for k, v in network.items():
+        if v is None:
+            continue
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            raise TypeError(f"network[{k!r}] must be a list of str")
+        out[k] = list(v)
+    return out
+
+
+def _create_args(
+    template: Any, vcpus: Any, memory_mb: Any, disk_mb: Any, envs: Any, metadata: Any, network: Any = None
+) -> Dict[str, Any]:
     _opt("template", template, str)
     _opt("vcpus", vcpus, int)
     _opt("memory_mb", memory_mb, int)
@@ -79,6 +100,7 @@ def _create_args(template: Any, vcpus: Any, memory_mb: Any, disk_mb: Any, envs: 
         disk_mb=disk_mb,
         envs=_str_map("envs", envs),
         metadata=_str_map("metadata", metadata),
+        **_network_args(network),
     )
 
 
@@ -411,13 +433,14 @@ class Capsule:
         metadata: Optional[Dict[str, str]] = None,
         disk_mb: Optional[int] = None,
         cold_boot: bool = False,
+        network: Optional[Dict[str, List[str]]] = None,
         wait: bool = False,
         api_key: Optional[str] = None,
         base_url: Optional[str] = None,
         _bound: Optional[Tuple[Dict[str, Any], Any]] = None,
     ) -> None:
         if _bound is None:
-            kw = _create_args(template, vcpus, memory_mb, disk_mb, envs, metadata)
+            kw = _create_args(template, vcpus, memory_mb, disk_mb, envs, metadata, network)
             _bound = drive(one(_native.create(cold_boot=bool(cold_boot), **kw)))
         info, handle = _bound
         self._init(info, handle)
@@ -465,12 +488,18 @@ class Capsule:
         metadata: Optional[Dict[str, str]] = None,
         disk_mb: Optional[int] = None,
         cold_boot: bool = False,
+        network: Optional[Dict[str, List[str]]] = None,
         wait: bool = False,
         api_key: Optional[str] = None,
         base_url: Optional[str] = None,
     ) -> "Capsule":
-        """Creates a capsule; same as ``Capsule(...)``."""
-        return cls(template, vcpus, memory_mb, timeout, envs=envs, metadata=metadata, disk_mb=disk_mb, cold_boot=cold_boot)
+        """Creates a capsule; same as ``Capsule(...)``. ``network`` is its egress
+        policy: ``allow_out`` (IPv4 addresses, CIDRs, domains), ``deny_out``
+        (addresses, CIDRs; ``"0.0.0.0/0"`` = no internet), ``dns_servers``."""
+        return cls(
+            template, vcpus, memory_mb, timeout, envs=envs, metadata=metadata, disk_mb=disk_mb,
+            cold_boot=cold_boot, network=network,
+        )
 
     @classmethod
     def connect(cls, capsule_id: str, *, api_key: Optional[str] = None, base_url: Optional[str] = None) -> "Capsule":
@@ -515,6 +544,13 @@ class Capsule:
     @classmethod
     def _static_pause(cls, capsule_id: str, **_: Any) -> CapsuleInfo:
         return CapsuleInfo._from(drive(one(_native.pause(_check_id(capsule_id)))))
+
+    def set_network(self, network: Optional[Dict[str, List[str]]] = None) -> CapsuleInfo:
+        """Replaces the egress policy (omitted lists are cleared); in force when
+        this returns, and kept across pause and resume."""
+        kw = _network_args(network)
+        self._info = CapsuleInfo._from(drive(one(_native.set_network(self._id, **kw))))
+        return self._info
 
     def _instance_resume(self) -> CapsuleInfo:
         """Resumes a paused capsule; its processes carry on."""

@@ -436,11 +436,7 @@ async fn e2b_error_shapes_and_key_spellings(t: &TestDb) {
     let e2b_key = format!("e2b_{}", &KEY[4..]);
     for (m, path, status) in [
         (Method::GET, "/sandboxes/cl-x/logs", StatusCode::NOT_FOUND),
-        (
-            Method::PUT,
-            "/sandboxes/cl-x/network",
-            StatusCode::NOT_FOUND,
-        ),
+        (Method::GET, "/volumes", StatusCode::NOT_FOUND),
         (Method::POST, "/v3/templates", StatusCode::NOT_FOUND),
         (Method::GET, "/templates/t/tags", StatusCode::NOT_FOUND),
         (

@@ -249,7 +249,7 @@ def test_unknown_e2b_routes_raise_the_sdks_typed_errors(e2b_env, server):
     with server.admin() as c:
         for method, path in [
             ("GET", "/sandboxes/cl-x/logs"),
-            ("PUT", "/sandboxes/cl-x/network"),
+            ("GET", "/volumes"),
             ("GET", "/v2/no/such/route"),
             ("POST", "/v3/templates"),
             ("GET", "/snapshots/x/y"),

@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// into it are refused with 507.
     #[arg(long, env = "WRENN_DISK_RESERVE_MB", default_value_t = 1024)]
     disk_reserve_mb: u64,
+    /// The uids VMMs run as (FIRST-LAST, one per running VMM; the group is FIRST).
+    /// Each VMM is jailed: that uid, no capabilities, its own mount namespace.
+    #[arg(long, env = "WRENN_JAIL_UIDS", default_value = "990000-999999", value_parser = parse_jail)]
+    jail_uids: wrenn::JailConfig,
     /// Most output a synchronous exec returns, in MiB (more: the command is stopped, 413).
     #[arg(long, env = "WRENN_EXEC_OUTPUT_LIMIT_MIB", default_value_t = 16)]
     exec_output_limit_mib: u64,
@@ -137,6 +141,10 @@ fn signup_open(mode: SignupMode, disabled: bool, listen: SocketAddr) -> bool {
 }
 
 /// `TEMPLATE=N`.
+fn parse_jail(s: &str) -> Result<wrenn::JailConfig, String> {
+    wrenn::JailConfig::parse_range(s).map_err(|e| e.to_string())
+}
+
 fn parse_pool(s: &str) -> Result<(String, usize), String> {
     let (t, n) = s
         .split_once('=')
@@ -178,6 +186,7 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
         pool_memory_mb: a.pool_memory_mb,
         dns_upstream: a.dns_upstream,
         disk_reserve_mb: a.disk_reserve_mb,
+        jail: a.jail_uids,
         config: ApiConfig {
             domain: a.domain,
             upload_limit: a.upload_limit_mib.saturating_mul(1024 * 1024),

@@ -145,7 +145,7 @@ impl Layout {
     }
 
     /// Creates the group `name` with `limits`; the VMM joins it through
-    /// [`Cgroup::procs_files`].
+    /// [`Cgroup::attach`].
     pub fn create(&self, name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
         let mut made = Cgroup {
             dirs: Vec::new(),
@@ -477,9 +477,15 @@ impl Cgroup {
         Ok(())
     }
 
-    /// The `cgroup.procs` files a process writes `0` to, to join every group.
-    pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    /// Moves process `pid` (all its threads) into every group. On a v1
+    /// hierarchy each move waits for an RCU grace period (milliseconds), so
+    /// callers overlap it with the VMM's own start-up.
+    pub fn attach(&self, pid: u32) -> Result<(), CgroupError> {
+        for d in &self.dirs {
+            let procs = d.join("cgroup.procs");
+            fs::write(&procs, pid.to_string()).map_err(io_err(&procs, "attach"))?;
+        }
+        Ok(())
     }
 
     /// The group directories (one per hierarchy).

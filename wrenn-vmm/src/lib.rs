@@ -7,6 +7,7 @@
 
 pub mod accel;
 pub mod cgroup;
+pub mod jail;
 pub mod qemu;
 
 pub use accel::{probe, AccelProbe};

@@ -32,6 +32,9 @@ pub struct HostOptions {
     /// Resolver the capsules' filtering resolvers forward allowed names to
     /// (`None`: the host's first IPv4 nameserver, else 8.8.8.8).
     pub dns_upstream: Option<std::net::SocketAddr>,
+    /// Run every VMM jailed: a uid of this range, its own mount namespace (see
+    /// `wrenn_vmm::jail`). Needs root.
+    pub jail: Option<wrenn_vmm::jail::JailConfig>,
 }
 
 impl Default for HostOptions {
@@ -46,6 +49,7 @@ impl Default for HostOptions {
             pool_memory_budget_mb: ManagerConfig::default().pool_memory_budget_mb,
             dns_upstream: None,
             disk_reserve_mb: ManagerConfig::default().disk_reserve_mb,
+            jail: Some(wrenn_vmm::jail::JailConfig::default()),
         }
     }
 }
@@ -64,6 +68,8 @@ pub enum HostError {
     Sweep(#[source] CapsuleError),
     #[error("Cannot confine VMMs: no usable cgroup hierarchy")]
     Cgroups(#[source] wrenn_vmm::cgroup::CgroupError),
+    #[error("Cannot jail VMMs")]
+    Jail(#[source] wrenn_vmm::jail::JailError),
     #[error("Cannot keep a warm pool of template {template}")]
     Pool {
         template: String,
@@ -117,6 +123,14 @@ impl Host {
         tracing::info!(layout = %cgroups.describe(), "VMM cgroups");
         let mut qemu = QemuConfig::new(probe.accel);
         qemu.cgroups = Some(wrenn_vmm::cgroup::Pool::new(cgroups.clone()));
+        if let Some(config) = &opts.jail {
+            let jail = wrenn_vmm::jail::Jail::new(config.clone(), &data.vmm_input_roots())
+                .map_err(HostError::Jail)?;
+            tracing::info!(jail = %jail.describe(), "VMM jail");
+            qemu.jail = Some(jail);
+        } else {
+            tracing::warn!("VMMs run without the jail (same user as wrenn, host mount namespace)");
+        }
         let parts = HostParts {
             vmm: Arc::new(QemuVmm::new(qemu)),
             net: Arc::new(NetnsNetwork::new({

@@ -26,6 +26,7 @@ pub use state::FsStateStore;
 pub use templates::FsTemplates;
 pub use wrenn_core::guest::{ExecEvent, ExecRequest, PtySize};
 pub use wrenn_core::*;
+pub use wrenn_vmm::jail::JailConfig;
 
 /// Convenience constructors for commands.
 pub trait ExecRequestExt {

@@ -68,6 +68,28 @@ impl DataDir {
         }
     }
 
+    /// Where files shared by VMMs (kernels, template and snapshot disks) may
+    /// live: the data directory, and where its linked parts (`images`, a
+    /// template directory) really are.
+    pub fn vmm_input_roots(&self) -> Vec<PathBuf> {
+        let mut roots = vec![self.root.clone()];
+        let linked = |dir: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.is_symlink())
+                        .filter_map(|p| p.canonicalize().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        roots.extend(linked(&self.root));
+        roots.extend(linked(&self.templates()));
+        roots.retain(|r| r.exists());
+        roots
+    }
+
     /// The kernel in use: `images/kernels/current` names its hash; without it,
     /// the most recently built `vmlinux`.
     pub fn kernel(&self) -> Option<PathBuf> {

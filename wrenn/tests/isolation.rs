@@ -204,33 +204,195 @@ fn status_field(pid: u32, key: &str) -> String {
         .to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vmms_run_without_capabilities_under_seccomp() {
-    let Some(host) = host().await else { return };
-    let caps = host.capsules();
-    // A restore (the template's snapshot) and a boot: both paths start QEMU.
-    for cold_boot in [false, true] {
-        let info = caps
-            .create(CreateOptions {
-                cold_boot,
-                ..minimal(1, 256)
-            })
-            .await
-            .expect("create");
-        let pid = footprint(&host, &info).vmm_pid;
+/// Paths (relative to `/`) of every file and directory a process sees.
+fn visible_tree(pid: u32) -> Vec<String> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap_or(&p).display().to_string();
+            // Its own /proc and the system under /usr are not the data.
+            if rel == "proc" || rel == "usr" {
+                out.push(rel);
+                continue;
+            }
+            out.push(rel);
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut out = Vec::new();
+    walk(&root, &root, &mut out);
+    out.sort();
+    out
+}
+
+fn ids(pid: u32, key: &str) -> Vec<u32> {
+    status_field(pid, key)
+        .split_whitespace()
+        .map(|v| v.parse().expect("id"))
+        .collect()
+}
+
+/// The jail of a running capsule's VMM: its own uid (not another VMM's), the
+/// jail group, no capabilities, QEMU's seccomp filter, and a mount namespace
+/// showing its own files only.
+fn check_jail(host: &wrenn::Host, info: &wrenn::CapsuleInfo, other: &wrenn::CapsuleInfo) -> u32 {
+    let pid = footprint(host, info).vmm_pid;
+    assert_eq!(
+        status_field(pid, "Seccomp"),
+        "2",
+        "QEMU has no seccomp filter"
+    );
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"] {
         assert_eq!(
-            status_field(pid, "Seccomp"),
-            "2",
-            "QEMU has no seccomp filter"
+            u64::from_str_radix(&status_field(pid, set), 16).unwrap(),
+            0,
+            "{set} of QEMU is not empty"
         );
-        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-        for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"] {
-            assert_eq!(
-                u64::from_str_radix(&status_field(pid, set), 16).unwrap(),
-                0,
-                "{set} of QEMU is not empty"
+    }
+    let uids = ids(pid, "Uid");
+    let uid = uids[0];
+    assert!(
+        uid >= wrenn_vmm::jail::DEFAULT_FIRST_UID,
+        "QEMU runs as uid {uid}"
+    );
+    assert!(
+        uids.iter().all(|u| *u == uid),
+        "real/effective/saved/fs uids differ: {uids:?}"
+    );
+    assert!(ids(pid, "Gid")
+        .iter()
+        .all(|g| *g == wrenn_vmm::jail::DEFAULT_GID));
+    assert_eq!(status_field(pid, "Groups"), "", "supplementary groups");
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).expect("mnt ns"),
+        std::fs::read_link("/proc/self/ns/mnt").expect("own mnt ns"),
+        "QEMU shares the host's mount namespace"
+    );
+    let seen = visible_tree(pid);
+    let data = host.data_dir().root().canonicalize().expect("data dir");
+    let data_rel = data
+        .strip_prefix("/")
+        .expect("absolute")
+        .display()
+        .to_string();
+    let own = footprint(host, info).dir;
+    let own_rel = own.canonicalize().expect("own dir");
+    let own_rel = own_rel
+        .strip_prefix("/")
+        .expect("absolute")
+        .display()
+        .to_string();
+    let other_dir = footprint(host, other)
+        .dir
+        .canonicalize()
+        .expect("other dir");
+    let other_rel = other_dir
+        .strip_prefix("/")
+        .expect("absolute")
+        .display()
+        .to_string();
+    assert!(
+        !seen.iter().any(|p| p.starts_with(&other_rel)),
+        "the jail shows another capsule's directory: {seen:?}"
+    );
+    for p in &seen {
+        // In the data directory: only this capsule's own files (its disk, memory
+        // file, console pipe), never its state, sockets or logs.
+        if let Some(rest) = p.strip_prefix(&format!("{own_rel}/")) {
+            assert!(
+                [
+                    "disk.qcow2",
+                    "memory.zero",
+                    "console.pipe",
+                    "rootfs.base",
+                    "fork.base"
+                ]
+                .contains(&rest),
+                "the jail shows {p}"
             );
         }
+        assert!(
+            !p.ends_with("state.json") && !p.ends_with(".sock") && !p.ends_with("qemu.log"),
+            "the jail shows {p}"
+        );
+    }
+    assert!(
+        !seen
+            .iter()
+            .any(|p| p.starts_with(&format!("{data_rel}/snapshots/"))
+                && !p.contains(&info.id.to_string())),
+        "the jail shows other capsules' snapshots: {seen:?}"
+    );
+    // A jail has a /proc only to name its sealed memory image; it shows its own
+    // process only (listed with its credentials: root sees every process).
+    if std::path::Path::new(&format!("/proc/{pid}/root/proc")).exists() {
+        let (lister, listing) = {
+            use std::os::unix::process::CommandExt;
+            let child = std::process::Command::new("/bin/ls")
+                .arg(format!("/proc/{pid}/root/proc"))
+                .uid(uid)
+                .gid(wrenn_vmm::jail::DEFAULT_GID)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("ls as the VMM's uid");
+            (child.id(), child.wait_with_output().expect("ls"))
+        };
+        assert!(listing.status.success(), "{listing:?}");
+        let procs: Vec<String> = String::from_utf8_lossy(&listing.stdout)
+            .split_whitespace()
+            .filter(|n| n.chars().all(|c| c.is_ascii_digit()))
+            .map(str::to_string)
+            .collect();
+        assert!(!procs.is_empty(), "{listing:?}");
+        assert!(
+            procs
+                .iter()
+                .all(|p| *p == pid.to_string() || *p == lister.to_string()),
+            "the jail's /proc shows {procs:?} (QEMU is {pid})"
+        );
+    }
+    // Its writable disk is its uid's alone.
+    let disk = own.join("disk.qcow2");
+    let meta = std::fs::metadata(&disk).expect("disk");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o600));
+    uid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmms_run_jailed() {
+    let Some(host) = host().await else { return };
+    let caps = host.capsules();
+    // A restore (the template's snapshot, memory from a sealed image) and a boot:
+    // both paths start QEMU.
+    let restored = caps.create(minimal(1, 256)).await.expect("create");
+    let booted = caps
+        .create(CreateOptions {
+            cold_boot: true,
+            ..minimal(1, 256)
+        })
+        .await
+        .expect("cold boot");
+    let a = check_jail(&host, &restored, &booted);
+    let b = check_jail(&host, &booted, &restored);
+    assert_ne!(a, b, "two VMMs run as one uid");
+    let maps = std::fs::read_to_string(format!(
+        "/proc/{}/maps",
+        footprint(&host, &restored).vmm_pid
+    ))
+    .expect("maps");
+    assert!(
+        maps.contains("/memfd:wrenn-memory"),
+        "the restored VMM does not map the sealed image"
+    );
+    for info in [&restored, &booted] {
         // It still works: networking (tap handed over as a descriptor), disk, exec.
         let (out, _, code) = run(
             &host,
@@ -243,12 +405,19 @@ async fn vmms_run_without_capabilities_under_seccomp() {
             out.contains("169.254.0.21") && out.ends_with("ok\n"),
             "{out}"
         );
-        // Pause (device state out through a socket) and resume (in through one).
+        // Pause (device state out through a descriptor) and resume (in through
+        // one), into a new jail.
         caps.pause(&info.id).await.expect("pause");
         caps.resume(&info.id).await.expect("resume");
-        let pid = footprint(&host, &info).vmm_pid;
-        assert_eq!(status_field(pid, "Seccomp"), "2");
         assert_eq!(run(&host, &info.id, "cat /tmp/f").await.0, "ok\n");
+    }
+    check_jail(&host, &restored, &booted);
+    check_jail(&host, &booted, &restored);
+    // A fork child: its memory base is the parent's sealed image plus its pages.
+    let child = caps.fork(&restored.id, 1).await.expect("fork").remove(0);
+    check_jail(&host, &child, &restored);
+    assert_eq!(run(&host, &child.id, "cat /tmp/f").await.0, "ok\n");
+    for info in [&restored, &booted, &child] {
         caps.destroy(&info.id).await.expect("destroy");
     }
 }

@@ -21,6 +21,11 @@ pub const RAM_BLOCK: &str = "mem";
 /// File descriptor of the first tap, opened for QEMU before it runs (QEMU itself
 /// has no capabilities to attach a tap by name). Tap `i` is `TAP_FD + i`.
 pub const TAP_FD: i32 = 100;
+/// File descriptor of QMP's listening socket, made by the host at
+/// `<run_dir>/qmp.sock` (QEMU creates no files).
+pub const QMP_FD: i32 = 99;
+/// File descriptor of a jailed VMM's sealed memory image (`/proc/self/fd/98`).
+pub const MEM_FD: i32 = 98;
 /// QEMU's own seccomp filter: no obsolete syscalls, no privilege changes, no new
 /// processes or executables, no scheduler or resource controls.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
@@ -118,14 +123,15 @@ pub fn build_argv(
         ]);
     }
     push(&[
-        "-qmp",
-        &format!(
-            "unix:{},server=on,wait=off",
-            path(&spec.run_dir.join(QMP_SOCKET))
-        ),
+        "-chardev",
+        &format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off"),
     ]);
+    push(&["-mon", "chardev=qmp,mode=control"]);
+    // Stopped until the host has put the VMM in its cgroup (and, when restoring,
+    // loaded its state).
+    push(&["-S"]);
     if mode == StartMode::Incoming {
-        push(&["-S", "-incoming", "defer"]);
+        push(&["-incoming", "defer"]);
     }
     a
 }
@@ -190,7 +196,7 @@ mod tests {
              -device virtio-blk-device,drive=rootfs \
              -netdev tap,id=eth0,fd=100 \
              -device virtio-net-device,netdev=eth0,mac=02:fc:00:00:00:05 \
-             -qmp unix:/run/c1/qmp.sock,server=on,wait=off"
+             -chardev socket,id=qmp,fd=99,server=on,wait=off -mon chardev=qmp,mode=control -S"
         );
     }
 

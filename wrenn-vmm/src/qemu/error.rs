@@ -44,6 +44,8 @@ pub enum QemuError {
     StopTimeout { secs: u64 },
     #[error("Cannot confine the VMM in its cgroup")]
     Cgroup(#[source] crate::cgroup::CgroupError),
+    #[error("Cannot jail the VMM")]
+    Jail(#[source] crate::jail::JailError),
 }
 
 impl From<QemuError> for VmmError {

@@ -13,18 +13,62 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 
-/// Where the mapping of `file` lives in process `pid`: `(start address, length)`.
-pub fn find_mapping(pid: u32, file: &Path) -> io::Result<(u64, u64)> {
+/// The identity of a mapped file as `/proc/<pid>/maps` shows it: device and inode.
+/// Paths are not compared: a jailed VMM sees its files at paths of its own mount
+/// namespace, and a sealed memory image has no path at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    pub fn of_path(path: &Path) -> io::Result<Self> {
+        Ok(Self::of(&std::fs::metadata(path)?))
+    }
+
+    /// Matches the "major:minor inode" columns of a maps line (hex, decimal).
+    fn matches(&self, dev: &str, ino: &str) -> bool {
+        let Some((major, minor)) = dev.split_once(':') else {
+            return false;
+        };
+        let (Ok(major), Ok(minor), Ok(ino)) = (
+            u32::from_str_radix(major, 16),
+            u32::from_str_radix(minor, 16),
+            ino.parse::<u64>(),
+        ) else {
+            return false;
+        };
+        ino == self.ino && libc::makedev(major, minor) == self.dev
+    }
+}
+
+/// Where the (largest) mapping of file `id` lives in process `pid`:
+/// `(start address, length)`.
+pub fn find_mapping(pid: u32, id: FileId) -> io::Result<(u64, u64)> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let want = file.canonicalize()?;
-    let want = want.to_string_lossy();
     let mut best: Option<(u64, u64)> = None;
     for line in maps.lines() {
         // "start-end perms offset dev inode   path"
-        let mut parts = line.splitn(6, ' ');
-        let range = parts.next().unwrap_or("");
-        let path = parts.nth(4).map(str::trim).unwrap_or("");
-        if path != want {
+        let mut parts = line.split_ascii_whitespace();
+        let (Some(range), Some(_perms), Some(_offset), Some(dev), Some(ino)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            continue;
+        };
+        if !id.matches(dev, ino) {
             continue;
         }
         let Some((a, b)) = range.split_once('-') else {
@@ -40,7 +84,10 @@ pub fn find_mapping(pid: u32, file: &Path) -> io::Result<(u64, u64)> {
     best.ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
-            format!("no mapping of {want} in process {pid}"),
+            format!(
+                "no mapping of inode {} (device {:#x}) in process {pid}",
+                id.ino, id.dev
+            ),
         )
     })
 }
@@ -103,5 +150,46 @@ impl MemWriter {
         }
         self.file
             .write_all_at(data.unwrap_or(&self.zero), self.start + off)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_mapping_by_device_and_inode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mem");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .expect("create");
+        f.set_len(8 * 4096).expect("size");
+        let id = FileId::of_path(&path).expect("stat");
+        // SAFETY: maps a file we just created, privately, and unmaps it below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8 * 4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let (start, len) = find_mapping(std::process::id(), id).expect("found");
+        assert_eq!(start, addr as u64);
+        assert_eq!(len, 8 * 4096);
+        // SAFETY: unmaps the mapping made above.
+        unsafe { libc::munmap(addr, 8 * 4096) };
+        let other = FileId {
+            dev: id.dev,
+            ino: id.ino + 1_000_000,
+        };
+        assert!(find_mapping(std::process::id(), other).is_err());
     }
 }

@@ -6,15 +6,15 @@
 //! the capsule's network namespace, tagged `-name wrenn-<id>` so a sweep can find
 //! orphans. Each child is reaped by a waiter thread that publishes its exit.
 
-use super::argv::{build_argv, StartMode, QMP_SOCKET, RAM_BLOCK};
-use super::guestmem;
+use super::argv::{build_argv, StartMode, MEM_FD, QMP_FD, QMP_SOCKET, RAM_BLOCK, TAP_FD};
+use super::guestmem::{self, FileId};
 use super::migstream;
 use super::qmp::{Qmp, QmpCommand};
 use super::QemuError;
 use async_trait::async_trait;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -44,6 +44,8 @@ pub struct QemuConfig {
     /// Confine every VMM in a cgroup of its own (`None`: no limits, for tests of
     /// the VMM alone).
     pub cgroups: Option<std::sync::Arc<crate::cgroup::Pool>>,
+    /// Run every VMM jailed (own uid, mount namespace; see [`crate::jail`]).
+    pub jail: Option<std::sync::Arc<crate::jail::Jail>>,
 }
 
 /// Memory a VMM may use beyond its guest's RAM: QEMU's own heap, thread stacks,
@@ -78,6 +80,7 @@ impl QemuConfig {
             tb_size_mb: Some(32),
             console_log_cap: super::console::DEFAULT_CONSOLE_CAP,
             cgroups: None,
+            jail: None,
         }
     }
 }
@@ -156,6 +159,84 @@ fn tail(path: &Path, max: usize) -> String {
     text[start..].trim().to_string()
 }
 
+/// The binary as an absolute path (a jailed VMM cannot search the host's PATH).
+fn resolve_binary(binary: &Path) -> PathBuf {
+    if binary.is_absolute() || binary.components().count() > 1 {
+        return binary.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+        .and_then(|p| p.canonicalize().ok())
+        .unwrap_or_else(|| binary.to_path_buf())
+}
+
+/// What a jailed VMM holds until it exits, and its plan.
+struct Jailed {
+    lease: crate::jail::UidLease,
+    image: Option<std::sync::Arc<crate::jail::SealedImage>>,
+    plan: std::sync::Arc<crate::jail::Plan>,
+}
+
+/// Leases a uid, gives the VMM's own files to it, makes shared inputs readable
+/// by the jail group, seals a shared memory image and lays out the mount plan.
+/// Blocking (file metadata, a memory copy on first use of an image).
+fn prepare_jail(
+    jail: &std::sync::Arc<crate::jail::Jail>,
+    spec: &VmSpec,
+    mem_path: &Path,
+    binary: &Path,
+    accel: Accel,
+) -> Result<Jailed, crate::jail::JailError> {
+    use crate::jail::{disk_chain, JailError, PlanBuilder};
+    let lease = jail.lease()?;
+    let uid = lease.uid();
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| JailError::Prepare { path, source }
+    };
+    let root = spec.run_dir.join("jail");
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    let roots = jail.roots();
+    let mut plan = PlanBuilder::new(&root, &lease);
+    plan.system(binary, accel == Accel::Kvm)?;
+    jail.share_read_only(&spec.boot.kernel, &roots)?;
+    plan.read_only(&spec.boot.kernel)?;
+    for d in &spec.drives {
+        let chain = disk_chain(&d.path).map_err(io(&d.path))?;
+        for (i, file) in chain.iter().enumerate() {
+            if i == 0 && !d.read_only {
+                jail.own(file, uid)?;
+                plan.read_write(file)?;
+            } else {
+                jail.share_read_only(file, &roots)?;
+                plan.read_only(file)?;
+            }
+        }
+    }
+    let image = match &spec.memory {
+        MemoryBase::File(p) => {
+            plan.own_proc()?;
+            Some(jail.images().get(p).map_err(io(p))?)
+        }
+        MemoryBase::Zero => {
+            jail.own(mem_path, uid)?;
+            plan.read_write(mem_path)?;
+            None
+        }
+    };
+    let console = spec.run_dir.join(super::console::CONSOLE_PIPE);
+    jail.own(&console, uid)?;
+    plan.read_write(&console)?;
+    Ok(Jailed {
+        lease,
+        image,
+        plan: std::sync::Arc::new(plan.build()?),
+    })
+}
+
 #[async_trait]
 impl Vmm for QemuVmm {
     fn accel(&self) -> Accel {
@@ -193,8 +274,10 @@ pub struct QemuHandle {
     qmp: Mutex<Option<Qmp>>,
     qmp_path: PathBuf,
     run_dir: PathBuf,
-    /// The file guest RAM is a private mapping of.
+    /// The file guest RAM is a private mapping of, as QEMU names it, and its
+    /// identity in the process's maps (a sealed copy's when jailed).
     mem_path: PathBuf,
+    mem_id: FileId,
     mem_bytes: u64,
     /// Drains the serial console into its capped log.
     console: super::console::ConsoleLog,
@@ -235,6 +318,14 @@ impl QemuHandle {
         };
         let qmp_path = spec.run_dir.join(QMP_SOCKET);
         let _ = std::fs::remove_file(&qmp_path);
+        // The host makes QMP's listening socket and hands it over: QEMU needs no
+        // right to create files.
+        let qmp_listener: OwnedFd = std::os::unix::net::UnixListener::bind(&qmp_path)
+            .map_err(|source| QemuError::RunDir {
+                path: qmp_path.clone(),
+                source,
+            })?
+            .into();
         let log_path = spec.run_dir.join("qemu.log");
         let log = std::fs::File::create(&log_path).map_err(|source| QemuError::RunDir {
             path: log_path.clone(),
@@ -271,6 +362,37 @@ impl QemuHandle {
                     source,
                 },
             )?;
+        let binary = resolve_binary(&config.binary);
+        let jailed = match &config.jail {
+            Some(jail) => {
+                let (jail, spec, mem_path, binary) =
+                    (jail.clone(), spec.clone(), mem_path.clone(), binary.clone());
+                let accel = config.accel;
+                Some(
+                    tokio::task::spawn_blocking(move || {
+                        prepare_jail(&jail, &spec, &mem_path, &binary, accel)
+                    })
+                    .await
+                    .map_err(|e| {
+                        QemuError::Jail(crate::jail::JailError::Prepare {
+                            path: PathBuf::from("(jail)"),
+                            source: std::io::Error::other(e),
+                        })
+                    })?
+                    .map_err(QemuError::Jail)?,
+                )
+            }
+            None => None,
+        };
+        let mem_id = match &jailed {
+            Some(Jailed {
+                image: Some(image), ..
+            }) => image.id(),
+            _ => FileId::of_path(&mem_path).map_err(|source| QemuError::RunDir {
+                path: mem_path.clone(),
+                source,
+            })?,
+        };
         let cgroup = match &config.cgroups {
             Some(pool) => Some(std::sync::Arc::new(
                 pool.take(
@@ -281,39 +403,70 @@ impl QemuHandle {
             )),
             None => None,
         };
-        // Prepared before the fork: the child only opens and writes.
-        let join: Vec<std::ffi::CString> = cgroup
-            .iter()
-            .flat_map(|c| c.procs_files())
-            .filter_map(|p| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).ok())
-            .collect();
         // Taps are attached here, in the capsule's namespace, and handed to QEMU as
         // descriptors: QEMU runs without the capability to attach them by name.
         let taps: Vec<TapName> = spec.nets.iter().map(|n| tap_name(&n.tap)).collect();
-        let mut cmd = Command::new(&config.binary);
+        if taps.len() > MAX_TAPS {
+            return Err(QemuError::Spawn {
+                binary: binary.clone(),
+                source: std::io::Error::other(format!("at most {MAX_TAPS} network interfaces")),
+            });
+        }
+        // A sealed image is inherited as a descriptor and named through /proc.
+        let image_fd = jailed
+            .as_ref()
+            .and_then(|j| j.image.as_ref())
+            .map(|i| i.fd().as_raw_fd());
+        let qemu_mem_path = match image_fd {
+            Some(_) => PathBuf::from(format!("/proc/self/fd/{MEM_FD}")),
+            None => mem_path.clone(),
+        };
+        let mut cmd = Command::new(&binary);
         cmd.args(build_argv(
             spec,
             config.accel,
             config.tb_size_mb,
-            &mem_path,
+            &qemu_mem_path,
             mode,
         ))
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
         let parent = std::process::id();
-        // SAFETY: runs in the forked child before exec and only makes async-signal-safe
-        // syscalls (setpgid, prctl, getppid, setns) on values prepared before the fork.
+        let plan = jailed.as_ref().map(|j| j.plan.clone());
+        // SAFETY: runs in the forked child before exec and only makes system calls
+        // (setpgid, prctl, setns, open, ioctl, fcntl, dup2, mount, mknod, pivot_root,
+        // set*id) on values prepared before the fork, without allocating.
         unsafe {
             cmd.pre_exec(move || {
                 own_group_dying_with(parent)?;
-                join_cgroups(&join)?;
                 if let Some(fd) = &netns {
                     nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
                         .map_err(std::io::Error::from)?;
                 }
-                attach_taps(&taps)?;
+                let mut tap_fds = [-1; MAX_TAPS];
+                attach_taps(&taps, &mut tap_fds)?;
+                if let Some(plan) = &plan {
+                    plan.enter_mounts()?;
+                }
+                let mut wanted = [(-1, -1); MAX_FDS];
+                wanted[0] = (qmp_listener.as_raw_fd(), QMP_FD);
+                let mut n = 1;
+                if let Some(fd) = image_fd {
+                    wanted[n] = (fd, MEM_FD);
+                    n += 1;
+                }
+                for (i, fd) in tap_fds[..taps.len()].iter().enumerate() {
+                    wanted[n] = (*fd, TAP_FD + i as i32);
+                    n += 1;
+                }
+                place_fds(&wanted[..n])?;
                 drop_capabilities()?;
+                if let Some(plan) = &plan {
+                    plan.enter_user()?;
+                    // A change of user clears the parent-death signal: arm it again.
+                    own_group_dying_with(parent)?;
+                }
                 Ok(())
             });
         }
@@ -324,15 +477,18 @@ impl QemuHandle {
                 if let Some(g) = &cgroup {
                     let _ = g.remove();
                 }
-                return Err(QemuError::Spawn {
-                    binary: config.binary.clone(),
-                    source,
-                });
+                return Err(QemuError::Spawn { binary, source });
             }
         };
         let pid = child.id();
+        // The VMM joins its cgroup while it initialises; its vCPUs run only once
+        // it is in (start waits for both, and a VM starts stopped).
+        let joining = cgroup
+            .clone()
+            .map(|g| tokio::task::spawn_blocking(move || g.attach(pid)));
         let (tx, rx) = watch::channel(None);
         let group = cgroup.clone();
+        let held = jailed.map(|j| (j.lease, j.image));
         let waiter = std::thread::Builder::new()
             .name(format!("wrenn-vmm-wait-{pid}"))
             .spawn(move || {
@@ -342,14 +498,13 @@ impl QemuHandle {
                         tracing::warn!(pid, error = %e, "cannot remove the VMM's cgroup");
                     }
                 }
+                // The uid and the memory image are free once the VMM is gone.
+                drop(held);
                 let _ = tx.send(Some(describe_exit(status)));
             });
         if let Err(e) = waiter {
             let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
-            return Err(QemuError::Spawn {
-                binary: config.binary.clone(),
-                source: e,
-            });
+            return Err(QemuError::Spawn { binary, source: e });
         }
         let mut handle = QemuHandle {
             pid,
@@ -358,39 +513,62 @@ impl QemuHandle {
             qmp_path: qmp_path.clone(),
             run_dir: spec.run_dir.clone(),
             mem_path: mem_path.clone(),
+            mem_id,
             mem_bytes,
             console,
             cgroup,
         };
-        tracing::debug!(pid, name = %spec.name, accel = %config.accel, "qemu started");
+        tracing::debug!(pid, name = %spec.name, accel = %config.accel, jailed = config.jail.is_some(), "qemu started");
 
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = handle.exit.borrow().clone() {
-                let mut log_tail = tail(&log_path, 1500);
-                if log_tail.is_empty() {
-                    log_tail = tail(&spec.run_dir.join(super::console::CONSOLE_LOG), 1500);
+        let connected = tokio::select! {
+            q = tokio::time::timeout(START_TIMEOUT, Qmp::connect(&qmp_path)) => match q {
+                Ok(Ok(q)) => Ok(q),
+                Ok(Err(e)) => Err(Some(e)),
+                Err(_) => Err(None),
+            },
+            _ = handle.wait_exited(START_TIMEOUT) => Err(None),
+        };
+        let qmp = match connected {
+            Ok(q) => q,
+            Err(e) => {
+                if let Some(status) = handle.exit.borrow().clone() {
+                    let mut log_tail = tail(&log_path, 1500);
+                    if log_tail.is_empty() {
+                        log_tail = tail(&spec.run_dir.join(super::console::CONSOLE_LOG), 1500);
+                    }
+                    return Err(QemuError::EarlyExit { status, log_tail });
                 }
-                return Err(QemuError::EarlyExit { status, log_tail });
-            }
-            if qmp_path.exists() {
-                if let Ok(q) = Qmp::connect(&qmp_path).await {
-                    tracing::debug!(pid, "qmp connected");
-                    // QEMU opens its chardevs before it serves QMP.
-                    handle.console.writer_attached();
-                    handle.qmp = Mutex::new(Some(q));
-                    return Ok(handle);
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
                 handle.kill_group();
-                return Err(QemuError::QmpTimeout {
+                return Err(e.unwrap_or(QemuError::QmpTimeout {
                     path: qmp_path,
                     secs: START_TIMEOUT.as_secs(),
-                });
+                }));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        tracing::debug!(pid, "qmp connected");
+        // QEMU opens its chardevs before it serves QMP.
+        handle.console.writer_attached();
+        handle.qmp = Mutex::new(Some(qmp));
+        if let Some(joining) = joining {
+            let joined = joining
+                .await
+                .map_err(|e| {
+                    QemuError::Cgroup(crate::cgroup::CgroupError::Io {
+                        path: PathBuf::from("cgroup.procs"),
+                        step: "attach",
+                        source: std::io::Error::other(e),
+                    })
+                })
+                .and_then(|r| r.map_err(QemuError::Cgroup));
+            if let Err(e) = joined {
+                handle.kill_group();
+                return Err(e);
+            }
         }
+        if mode == StartMode::Boot {
+            handle.qmp(&QmpCommand::Cont).await?;
+        }
+        Ok(handle)
     }
 
     fn exited(&self) -> bool {
@@ -416,12 +594,11 @@ impl QemuHandle {
     /// `StartMode::Incoming`, loads its device state, then lets it run.
     async fn load(&self, device_state: &Path, overlay: &dyn PageOverlay) -> Result<(), QemuError> {
         // Guest RAM first: loading virtio devices reads their rings from it.
-        let (start, len) = guestmem::find_mapping(self.pid, &self.mem_path).map_err(|source| {
-            QemuError::QmpIo {
+        let (start, len) =
+            guestmem::find_mapping(self.pid, self.mem_id).map_err(|source| QemuError::QmpIo {
                 path: self.mem_path.clone(),
                 source,
-            }
-        })?;
+            })?;
         let writer = guestmem::MemWriter::open(self.pid, start, len.min(self.mem_bytes)).map_err(
             |source| QemuError::QmpIo {
                 path: PathBuf::from(format!("/proc/{}/mem", self.pid)),
@@ -434,19 +611,23 @@ impl QemuHandle {
                 path: self.mem_path.clone(),
                 source,
             })?;
-        // QEMU listens on a socket in the run directory and reads the device state
-        // we stream into it (it may not start a helper process: see SANDBOX).
-        let sock = self.run_dir.join("incoming.sock");
-        let _ = std::fs::remove_file(&sock);
+        // The device state goes through a socket pair whose far end QEMU receives
+        // over QMP (it opens no files and may not start a helper process).
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|source| QemuError::QmpIo {
+                path: self.run_dir.clone(),
+                source,
+            })?;
+        self.pass_fd("incoming", theirs.as_fd()).await?;
+        drop(theirs);
         self.qmp(&QmpCommand::MigrateIncoming {
-            uri: format!("unix:{}", sock.display()),
+            uri: "fd:incoming".into(),
         })
         .await?;
-        let feed = feed_device_state(sock.clone(), device_state.to_path_buf());
+        let feed = feed_device_state(ours, device_state.to_path_buf());
         let fed = tokio::time::timeout(MIGRATION_TIMEOUT, feed)
             .await
             .map_err(|_| QemuError::QmpProtocol("streaming device state timed out".into()))?;
-        let _ = std::fs::remove_file(&sock);
         fed?;
         let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
         loop {
@@ -486,12 +667,11 @@ impl QemuHandle {
 
     /// Saves the device state of the stopped VM and collects its changed pages.
     async fn save_state(&self, device_state: &Path) -> Result<ChangedPages, QemuError> {
-        let (start, len) = guestmem::find_mapping(self.pid, &self.mem_path).map_err(|source| {
-            QemuError::QmpIo {
+        let (start, len) =
+            guestmem::find_mapping(self.pid, self.mem_id).map_err(|source| QemuError::QmpIo {
                 path: self.mem_path.clone(),
                 source,
-            }
-        })?;
+            })?;
         let dirty = guestmem::private_pages(self.pid, start, len.min(self.mem_bytes)).map_err(
             |source| QemuError::QmpIo {
                 path: PathBuf::from(format!("/proc/{}/pagemap", self.pid)),
@@ -499,19 +679,15 @@ impl QemuHandle {
             },
         )?;
         let dirty_count = dirty.len();
-        let sock = self.run_dir.join("migrate.sock");
-        let _ = std::fs::remove_file(&sock);
-        let listener =
-            std::os::unix::net::UnixListener::bind(&sock).map_err(|source| QemuError::QmpIo {
-                path: sock.clone(),
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|source| QemuError::QmpIo {
+                path: self.run_dir.clone(),
                 source,
             })?;
         let tmp = device_state.with_extension("tmp");
         let out_path = tmp.clone();
         let reader = tokio::task::spawn_blocking(move || -> Result<migstream::Captured, String> {
-            let (stream, _) = listener
-                .accept()
-                .map_err(|e| format!("accepting the migration stream: {e}"))?;
+            let stream = ours;
             let _ = stream.set_read_timeout(Some(MIGRATION_TIMEOUT));
             let mut input = std::io::BufReader::with_capacity(1 << 20, stream);
             let file = std::fs::File::create(&out_path)
@@ -526,16 +702,22 @@ impl QemuHandle {
         // A stopped VM: no reason to throttle the copy.
         self.qmp(&QmpCommand::MigrateSetMaxBandwidth(1 << 40))
             .await?;
-        let started = self
-            .qmp(&QmpCommand::Migrate {
-                uri: format!("unix:{}", sock.display()),
-            })
-            .await;
+        let handed = self.pass_fd("migration", theirs.as_fd()).await;
+        // QEMU holds its own copy now: the reader sees the end of the stream
+        // when QEMU closes it.
+        drop(theirs);
+        let started = match handed {
+            Ok(()) => {
+                self.qmp(&QmpCommand::Migrate {
+                    uri: "fd:migration".into(),
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = started {
-            // Unblock the accept so the reader ends.
-            let _ = std::os::unix::net::UnixStream::connect(&sock);
+            // Without a stream the reader sees its end at once (or QEMU's close).
             let _ = reader.await;
-            let _ = std::fs::remove_file(&sock);
             return Err(e);
         }
         let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
@@ -563,7 +745,6 @@ impl QemuHandle {
         let captured = reader
             .await
             .map_err(|e| QemuError::QmpProtocol(e.to_string()))?;
-        let _ = std::fs::remove_file(&sock);
         outcome?;
         let mut captured = captured.map_err(QemuError::QmpProtocol)?;
         if captured.len() != dirty_count {
@@ -591,6 +772,20 @@ impl QemuHandle {
                 .extend_from_slice(data.as_deref().unwrap_or(&zero));
         }
         Ok(changed)
+    }
+
+    /// Hands a descriptor to QEMU under `name` (QMP `getfd`).
+    async fn pass_fd(&self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), QemuError> {
+        let mut guard = self.qmp.lock().await;
+        let q = match guard.as_mut() {
+            Some(q) => q,
+            None => guard.insert(Qmp::connect(&self.qmp_path).await?),
+        };
+        let res = q.pass_fd(name, fd).await;
+        if res.is_err() {
+            *guard = None;
+        }
+        res
     }
 
     /// Runs a QMP command on this VM.
@@ -674,8 +869,11 @@ impl Drop for QemuHandle {
     }
 }
 
-/// Connects to QEMU's incoming migration socket and streams `device_state` into it.
-async fn feed_device_state(sock: PathBuf, device_state: PathBuf) -> Result<(), QemuError> {
+/// Streams `device_state` into QEMU's end of the incoming migration pair.
+async fn feed_device_state(
+    ours: std::os::unix::net::UnixStream,
+    device_state: PathBuf,
+) -> Result<(), QemuError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| QemuError::QmpIo { path, source }
@@ -683,15 +881,14 @@ async fn feed_device_state(sock: PathBuf, device_state: PathBuf) -> Result<(), Q
     let mut file = tokio::fs::File::open(&device_state)
         .await
         .map_err(io(&device_state))?;
-    let mut stream = tokio::net::UnixStream::connect(&sock)
-        .await
-        .map_err(io(&sock))?;
+    ours.set_nonblocking(true).map_err(io(&device_state))?;
+    let mut stream = tokio::net::UnixStream::from_std(ours).map_err(io(&device_state))?;
     tokio::io::copy(&mut file, &mut stream)
         .await
-        .map_err(io(&sock))?;
+        .map_err(io(&device_state))?;
     tokio::io::AsyncWriteExt::shutdown(&mut stream)
         .await
-        .map_err(io(&sock))?;
+        .map_err(io(&device_state))?;
     Ok(())
 }
 
@@ -706,13 +903,18 @@ fn tap_name(name: &str) -> TapName {
     out
 }
 
+/// At most this many network interfaces per VM (descriptors are prepared in fixed arrays).
+const MAX_TAPS: usize = 8;
+/// Descriptors handed to QEMU: QMP's socket, a sealed memory image, the taps.
+const MAX_FDS: usize = MAX_TAPS + 2;
+
 /// For a forked child before exec, inside the capsule's namespace: attaches to
-/// persistent tap `names[i]` (virtio-net headers, no packet info) as descriptor
-/// `TAP_FD + i`, kept across exec. Only open, ioctl, dup2 and close.
-fn attach_taps(names: &[TapName]) -> std::io::Result<()> {
+/// persistent tap `names[i]` (virtio-net headers, no packet info) and stores its
+/// descriptor (close-on-exec until placed) in `out[i]`. Only open, ioctl, close.
+fn attach_taps(names: &[TapName], out: &mut [i32; MAX_TAPS]) -> std::io::Result<()> {
     for (i, name) in names.iter().enumerate() {
         // SAFETY: a static NUL-terminated path.
-        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -729,15 +931,33 @@ fn attach_taps(names: &[TapName]) -> std::io::Result<()> {
             unsafe { libc::close(fd) };
             return Err(e);
         }
-        let target = super::TAP_FD + i as i32;
-        // SAFETY: duplicates an fd we own onto a fixed number (without CLOEXEC, so
-        // QEMU inherits it).
-        let rc = unsafe { libc::dup2(fd, target) };
-        let e = std::io::Error::last_os_error();
-        // SAFETY: closes the fd opened above, once (the duplicate stays).
-        unsafe { libc::close(fd) };
-        if rc != target {
-            return Err(e);
+        out[i] = fd;
+    }
+    Ok(())
+}
+
+/// For a forked child before exec: puts each `(fd, target)` descriptor at its
+/// fixed number, inherited by QEMU. Every source is first copied above all
+/// targets, so placing one never overwrites another still to be placed, whatever
+/// numbers the sources had. Only fcntl and dup2.
+fn place_fds(wanted: &[(i32, i32)]) -> std::io::Result<()> {
+    const MAX: usize = MAX_FDS;
+    let above = wanted.iter().map(|(_, t)| *t).max().unwrap_or(0) + 1;
+    let mut temp = [-1; MAX];
+    for (i, (fd, _)) in wanted.iter().enumerate().take(MAX) {
+        // SAFETY: duplicates an fd of ours to the lowest free number >= `above`,
+        // close-on-exec; no memory is touched.
+        let t = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, above) };
+        if t < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        temp[i] = t;
+    }
+    for (i, (_, target)) in wanted.iter().enumerate().take(MAX) {
+        // SAFETY: `temp[i]` is ours; dup2 onto the target (whatever the parent had
+        // there was close-on-exec) yields a descriptor QEMU inherits.
+        if unsafe { libc::dup2(temp[i], *target) } != *target {
+            return Err(std::io::Error::last_os_error());
         }
     }
     Ok(())
@@ -771,27 +991,6 @@ fn drop_capabilities() -> std::io::Result<()> {
     // SAFETY: plain integers; no process started from QEMU may gain privileges.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// For a forked child before exec: joins every group of `procs` (each a
-/// `cgroup.procs` path) by writing `0`. Only open/write/close, no allocation.
-fn join_cgroups(procs: &[std::ffi::CString]) -> std::io::Result<()> {
-    for p in procs {
-        // SAFETY: `p` is a valid NUL-terminated path prepared before the fork.
-        let fd = unsafe { libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: writes one byte from a static buffer to the fd opened above.
-        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-        let err = std::io::Error::last_os_error();
-        // SAFETY: closes the fd opened above, once.
-        unsafe { libc::close(fd) };
-        if n != 1 {
-            return Err(err);
-        }
     }
     Ok(())
 }

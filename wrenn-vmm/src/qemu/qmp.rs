@@ -150,6 +150,53 @@ impl Qmp {
     }
 
     /// Runs one command and returns its `return` value.
+    /// Hands `fd` to QEMU under `name` (QMP `getfd`, the descriptor travelling
+    /// as SCM_RIGHTS with the command), for URIs such as `fd:name`.
+    pub async fn pass_fd(
+        &mut self,
+        name: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), QemuError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let mut bytes = json!({ "execute": "getfd", "arguments": { "fdname": name } })
+            .to_string()
+            .into_bytes();
+        bytes.push(b'\n');
+        let io = |source| QemuError::QmpIo {
+            path: self.path.clone(),
+            source,
+        };
+        let stream: &UnixStream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        let mut sent = 0;
+        while sent < bytes.len() {
+            stream.writable().await.map_err(io)?;
+            let chunk = [std::io::IoSlice::new(&bytes[sent..])];
+            // The descriptor goes with the first byte; later chunks carry none.
+            let cmsgs: &[ControlMessage] = if sent == 0 {
+                &[ControlMessage::ScmRights(&fds)]
+            } else {
+                &[]
+            };
+            match stream.try_io(tokio::io::Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &chunk,
+                    cmsgs,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            }) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(io(e)),
+            }
+        }
+        self.read_return("getfd").await.map(|_| ())
+    }
+
     pub async fn execute(&mut self, cmd: &QmpCommand) -> Result<Value, QemuError> {
         self.send_raw(&cmd.to_json()).await?;
         self.read_return(cmd.name()).await

@@ -1,0 +1,848 @@
+//! The VMM jail, after Firecracker's jailer: every QEMU runs
+//!
+//! - as a user of its own (a uid leased from a configured range, the jail group,
+//!   no supplementary groups), so a VMM cannot signal, trace or read another;
+//! - in a mount namespace of its own whose root is an empty read-only tmpfs
+//!   holding only what this VMM needs, at the paths the host uses: `/usr` (its
+//!   binary and libraries, read-only), its kernel and disk chain (read-only), its
+//!   writable disk layer and memory file, its console pipe, and `null`, `zero`,
+//!   `urandom` (plus `kvm`, owned by its uid, when it uses KVM) under `/dev`, and
+//!   a `/proc` showing its own process only;
+//! - with no capabilities and `no_new_privs` (see `qemu::process`).
+//!
+//! The data directory of other capsules, templates and snapshots is not visible.
+//! Files shared by many VMMs (kernel, template and snapshot disk layers) are
+//! made readable by the jail group; files of one VMM are owned by its uid. A
+//! shared memory image is never a file the VMM could write: see [`SealedImages`].
+//!
+//! Everything that runs between fork and exec ([`Plan::enter`]) is prepared
+//! beforehand, so the child only makes system calls on ready-made C strings.
+
+use crate::qemu::guestmem::FileId;
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The default uid range and group of jailed VMMs (far above login and
+/// container sub-uid ranges).
+pub const DEFAULT_FIRST_UID: u32 = 990_000;
+pub const DEFAULT_UIDS: u32 = 10_000;
+pub const DEFAULT_GID: u32 = 990_000;
+
+/// Pages of memory images.
+const PAGE: usize = 4096;
+/// How long a sealed memory image no VMM uses is kept.
+const IMAGE_IDLE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error(
+        "The VMM jail needs root (it changes users and mounts); run as root or disable the jail"
+    )]
+    NotRoot,
+    #[error("Bad jail uid range {0:?}: expected FIRST-LAST, e.g. 990000-999999, not including 0")]
+    BadRange(String),
+    #[error("All {count} jail uids from {first} are in use")]
+    Exhausted { first: u32, count: u32 },
+    #[error("Cannot prepare {path} for the jail")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is outside the directories a VMM may be given ({allowed})")]
+    Outside { path: PathBuf, allowed: String },
+}
+
+fn prepare(path: &Path) -> impl FnOnce(io::Error) -> JailError + '_ {
+    move |source| JailError::Prepare {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Which uids and group jailed VMMs run as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JailConfig {
+    pub first_uid: u32,
+    pub uids: u32,
+    pub gid: u32,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        JailConfig {
+            first_uid: DEFAULT_FIRST_UID,
+            uids: DEFAULT_UIDS,
+            gid: DEFAULT_GID,
+        }
+    }
+}
+
+impl JailConfig {
+    /// `FIRST-LAST` (inclusive); the group is `FIRST`.
+    pub fn parse_range(s: &str) -> Result<Self, JailError> {
+        let bad = || JailError::BadRange(s.to_string());
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u32 = a.trim().parse().map_err(|_| bad())?;
+        let last: u32 = b.trim().parse().map_err(|_| bad())?;
+        if first == 0 || last < first || last == u32::MAX {
+            return Err(bad());
+        }
+        Ok(JailConfig {
+            first_uid: first,
+            uids: last - first + 1,
+            gid: first,
+        })
+    }
+}
+
+/// The jail of a host: its uid leases and sealed memory images.
+#[derive(Debug)]
+pub struct Jail {
+    config: JailConfig,
+    /// Where shared VMM inputs may live (the data directory).
+    roots: Vec<PathBuf>,
+    used: Mutex<BTreeSet<u32>>,
+    images: SealedImages,
+}
+
+impl Jail {
+    /// `roots`: the directories files shared by VMMs (kernels, template and
+    /// snapshot disks) may live in; a disk chain leading elsewhere is refused.
+    pub fn new(config: JailConfig, roots: &[PathBuf]) -> Result<Arc<Self>, JailError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(JailError::NotRoot);
+        }
+        let roots = roots
+            .iter()
+            .map(|r| r.canonicalize().map_err(prepare(r)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(Jail {
+            config,
+            roots,
+            used: Mutex::new(BTreeSet::new()),
+            images: SealedImages::default(),
+        }))
+    }
+
+    pub fn roots(&self) -> Vec<&Path> {
+        self.roots.iter().map(PathBuf::as_path).collect()
+    }
+
+    pub fn config(&self) -> &JailConfig {
+        &self.config
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "uids {}-{}, group {}, own mount namespace, no capabilities",
+            self.config.first_uid,
+            self.config.first_uid + (self.config.uids - 1),
+            self.config.gid
+        )
+    }
+
+    /// A uid no other live VMM of this host runs as.
+    pub fn lease(self: &Arc<Self>) -> Result<UidLease, JailError> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let first = self.config.first_uid;
+        let uid = (first..first + self.config.uids)
+            .find(|u| !used.contains(u))
+            .ok_or(JailError::Exhausted {
+                first,
+                count: self.config.uids,
+            })?;
+        used.insert(uid);
+        Ok(UidLease {
+            jail: self.clone(),
+            uid,
+        })
+    }
+
+    pub fn images(&self) -> &SealedImages {
+        &self.images
+    }
+
+    /// Makes `path` (a file shared by VMMs, read-only to them) readable by the
+    /// jail group. Only files under `allowed` are touched.
+    pub fn share_read_only(&self, path: &Path, allowed: &[&Path]) -> Result<(), JailError> {
+        let real = path.canonicalize().map_err(prepare(path))?;
+        if !allowed.iter().any(|a| real.starts_with(a)) {
+            return Err(JailError::Outside {
+                path: real,
+                allowed: allowed
+                    .iter()
+                    .map(|a| a.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let meta = std::fs::metadata(&real).map_err(prepare(&real))?;
+        let mode = meta.mode() & 0o7777;
+        let readable = meta.gid() == self.config.gid && mode & 0o040 != 0;
+        let world = mode & 0o004 != 0;
+        if !readable && !world {
+            std::os::unix::fs::chown(&real, None, Some(self.config.gid)).map_err(prepare(&real))?;
+            std::fs::set_permissions(
+                &real,
+                std::fs::Permissions::from_mode((mode | 0o040) & !0o022),
+            )
+            .map_err(prepare(&real))?;
+        }
+        Ok(())
+    }
+
+    /// Gives `path` (a file of one VMM) to its uid, readable and writable by it alone.
+    pub fn own(&self, path: &Path, uid: u32) -> Result<(), JailError> {
+        std::os::unix::fs::chown(path, Some(uid), Some(self.config.gid)).map_err(prepare(path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(prepare(path))
+    }
+}
+
+/// A uid held by one VMM until it exits.
+#[derive(Debug)]
+pub struct UidLease {
+    jail: Arc<Jail>,
+    uid: u32,
+}
+
+impl UidLease {
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    pub fn gid(&self) -> u32 {
+        self.jail.config.gid
+    }
+}
+
+impl Drop for UidLease {
+    fn drop(&mut self) {
+        let mut used = self.jail.used.lock().unwrap_or_else(|p| p.into_inner());
+        used.remove(&self.uid);
+    }
+}
+
+/// The files of a disk image: the image and, for qcow2, its backing chain, read
+/// from the headers (relative backing names resolve against the image's directory).
+pub fn disk_chain(top: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = vec![top.to_path_buf()];
+    let mut cur = top.to_path_buf();
+    while let Some(next) = qcow2_backing(&cur)? {
+        let next = if next.is_absolute() {
+            next
+        } else {
+            cur.parent().unwrap_or(Path::new("/")).join(next)
+        };
+        if out.contains(&next) || out.len() > 64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the backing chain of {} loops or is too long",
+                    top.display()
+                ),
+            ));
+        }
+        out.push(next.clone());
+        cur = next;
+    }
+    Ok(out)
+}
+
+/// The backing file name in a qcow2 header (`None` for other formats or no backing).
+fn qcow2_backing(path: &Path) -> io::Result<Option<PathBuf>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    let mut header = [0u8; 20];
+    match f.read_exact_at(&mut header, 0) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if header[..4] != *b"QFI\xfb" {
+        return Ok(None);
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+    let size = u32::from_be_bytes(header[16..20].try_into().unwrap_or([0; 4]));
+    if offset == 0 || size == 0 {
+        return Ok(None);
+    }
+    if size > 1023 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: backing file name of {size} bytes", path.display()),
+        ));
+    }
+    let mut name = vec![0u8; size as usize];
+    f.read_exact_at(&mut name, offset)?;
+    Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(&name))))
+}
+
+/// Memory images shared by many VMMs (a template's or fork parent's RAM), held
+/// in sealed memfds: QEMU 7.2 opens its memory file read-write even for a
+/// private mapping, so a shared image must be something no VMM can write. A
+/// sealed memfd opens read-write, maps privately (copy-on-write, like the
+/// file), and refuses every write, resize and new seal. Holes stay holes. The
+/// VMM inherits the memfd and opens it as `/proc/self/fd/N`.
+#[derive(Debug, Default)]
+pub struct SealedImages {
+    cache: Mutex<HashMap<(u64, u64, i64, u64), CachedImage>>,
+}
+
+#[derive(Debug)]
+struct CachedImage {
+    image: Arc<SealedImage>,
+    used: Instant,
+}
+
+/// One sealed copy of a memory image.
+#[derive(Debug)]
+pub struct SealedImage {
+    fd: OwnedFd,
+    id: FileId,
+}
+
+impl SealedImage {
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// How its mapping shows in `/proc/<pid>/maps`.
+    pub fn id(&self) -> FileId {
+        self.id
+    }
+
+    /// Copies the data extents of `path` into a new memfd and seals it.
+    fn load(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::FileExt;
+        let src = std::fs::File::open(path)?;
+        let len = src.metadata()?.len();
+        // SAFETY: a static NUL-terminated name; the returned fd is owned below.
+        let raw = unsafe {
+            libc::memfd_create(
+                c"wrenn-memory".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let dst = std::fs::File::from(fd);
+        dst.set_len(len)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos: u64 = 0;
+        while pos < len {
+            let Some(data) = seek(&src, pos, libc::SEEK_DATA)? else {
+                break;
+            };
+            let hole = seek(&src, data, libc::SEEK_HOLE)?.unwrap_or(len);
+            let mut at = data;
+            while at < hole {
+                let n = (buf.len() as u64).min(hole - at) as usize;
+                src.read_exact_at(&mut buf[..n], at)?;
+                // Runs of non-zero pages only: zero pages stay holes.
+                let mut run: Option<usize> = None;
+                for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                    let zero = page.iter().all(|b| *b == 0);
+                    match (zero, run) {
+                        (false, None) => run = Some(i * PAGE),
+                        (true, Some(from)) => {
+                            dst.write_all_at(&buf[from..i * PAGE], at + from as u64)?;
+                            run = None;
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(from) = run {
+                    dst.write_all_at(&buf[from..n], at + from as u64)?;
+                }
+                at += n as u64;
+            }
+            pos = hole;
+        }
+        let seals =
+            libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS takes an integer argument on an fd we own.
+        if unsafe { libc::fcntl(dst.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let id = FileId::of(&dst.metadata()?);
+        Ok(SealedImage { fd: dst.into(), id })
+    }
+}
+
+/// `lseek` for SEEK_DATA/SEEK_HOLE: `None` when there is no more data.
+fn seek(f: &std::fs::File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: lseek on an fd we own, plain integers.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), from as libc::off_t, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+impl SealedImages {
+    /// The sealed copy of `path`, loaded on first use (blocking: call off the
+    /// async workers). Copies no VMM has used for a while are dropped.
+    pub fn get(&self, path: &Path) -> io::Result<Arc<SealedImage>> {
+        let meta = std::fs::metadata(path)?;
+        let key = (meta.dev(), meta.ino(), meta.mtime(), meta.len());
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            cache.retain(|_, c| {
+                Arc::strong_count(&c.image) > 1 || now.duration_since(c.used) < IMAGE_IDLE
+            });
+            if let Some(c) = cache.get_mut(&key) {
+                c.used = now;
+                return Ok(c.image.clone());
+            }
+        }
+        let image = Arc::new(SealedImage::load(path)?);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = cache.entry(key).or_insert_with(|| CachedImage {
+            image: image.clone(),
+            used: Instant::now(),
+        });
+        Ok(entry.image.clone())
+    }
+
+    /// How many images are held (for diagnostics and tests).
+    pub fn len(&self) -> usize {
+        self.cache.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One step of building the jail's root, on paths already joined to the root.
+#[derive(Debug)]
+enum Op {
+    Dir(CString),
+    /// An empty file to bind a file onto.
+    FilePoint(CString),
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    Bind {
+        src: CString,
+        dst: CString,
+        recursive: bool,
+        /// Flags of the read-only/nosuid remount that follows the bind.
+        remount: libc::c_ulong,
+    },
+    Device {
+        path: CString,
+        mode: libc::mode_t,
+        dev: libc::dev_t,
+        owner: Option<(u32, u32)>,
+    },
+    Proc(CString),
+}
+
+/// What a jailed VMM sees, built in the parent.
+#[derive(Debug)]
+pub struct PlanBuilder {
+    root: PathBuf,
+    dirs: BTreeSet<PathBuf>,
+    ops: Vec<Op>,
+    uid: u32,
+    gid: u32,
+}
+
+fn cstr(p: &Path) -> Result<CString, JailError> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| JailError::Prepare {
+        path: p.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"),
+    })
+}
+
+/// Read-only bind of guest data: no devices, no set-uid, no execution.
+const DATA_RO: libc::c_ulong = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+const DATA_RW: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+
+impl PlanBuilder {
+    /// `root`: an empty directory the jail's tmpfs is mounted on (in the VMM's
+    /// namespace only).
+    pub fn new(root: &Path, lease: &UidLease) -> Self {
+        PlanBuilder {
+            root: root.to_path_buf(),
+            dirs: BTreeSet::new(),
+            ops: Vec::new(),
+            uid: lease.uid(),
+            gid: lease.gid(),
+        }
+    }
+
+    fn inside(&self, at: &Path) -> PathBuf {
+        self.root.join(at.strip_prefix("/").unwrap_or(at))
+    }
+
+    fn parents(&mut self, at: &Path) -> Result<(), JailError> {
+        let mut chain: Vec<&Path> = at.ancestors().skip(1).collect();
+        chain.reverse();
+        for dir in chain {
+            if dir == Path::new("/") || dir.as_os_str().is_empty() {
+                continue;
+            }
+            if self.dirs.insert(dir.to_path_buf()) {
+                let p = cstr(&self.inside(dir))?;
+                self.ops.push(Op::Dir(p));
+            }
+        }
+        Ok(())
+    }
+
+    fn bind(&mut self, src: &Path, at: &Path, remount: libc::c_ulong) -> Result<(), JailError> {
+        let meta = std::fs::metadata(src).map_err(prepare(src))?;
+        self.parents(at)?;
+        let dst = cstr(&self.inside(at))?;
+        if meta.is_dir() {
+            if self.dirs.insert(at.to_path_buf()) {
+                self.ops.push(Op::Dir(dst.clone()));
+            }
+        } else {
+            self.ops.push(Op::FilePoint(dst.clone()));
+        }
+        self.ops.push(Op::Bind {
+            src: cstr(src)?,
+            dst,
+            recursive: meta.is_dir(),
+            remount,
+        });
+        Ok(())
+    }
+
+    /// A file the VMM reads, at the same path.
+    pub fn read_only(&mut self, path: &Path) -> Result<(), JailError> {
+        self.bind(path, path, DATA_RO)
+    }
+
+    /// A file the VMM writes (owned by its uid), at the same path.
+    pub fn read_write(&mut self, path: &Path) -> Result<(), JailError> {
+        self.bind(path, path, DATA_RW)
+    }
+
+    /// `/proc` showing this VMM's own processes only (`hidepid=invisible`; each
+    /// VMM has a uid of its own) and no system entries (`subset=pid`): QEMU
+    /// opens a sealed memory image it inherited as `/proc/self/fd/N`.
+    pub fn own_proc(&mut self) -> Result<(), JailError> {
+        let at = cstr(&self.inside(Path::new("/proc")))?;
+        if self.dirs.insert(PathBuf::from("/proc")) {
+            self.ops.push(Op::Dir(at.clone()));
+        }
+        self.ops.push(Op::Proc(at));
+        Ok(())
+    }
+
+    /// The system: `/usr` read-only (binaries, libraries, firmware), the
+    /// top-level links into it (`/lib64` → `usr/lib64`, ...), the loader cache,
+    /// the VMM binary if it lives elsewhere, and the devices a VMM needs.
+    pub fn system(&mut self, binary: &Path, kvm: bool) -> Result<(), JailError> {
+        self.bind(
+            Path::new("/usr"),
+            Path::new("/usr"),
+            libc::MS_RDONLY | libc::MS_NOSUID,
+        )?;
+        if let Ok(rd) = std::fs::read_dir("/") {
+            for e in rd.flatten() {
+                let p = e.path();
+                if let Ok(target) = std::fs::read_link(&p) {
+                    if target.starts_with("usr") || target.starts_with("/usr") {
+                        self.ops.push(Op::Symlink {
+                            target: cstr(&target)?,
+                            link: cstr(&self.inside(&p))?,
+                        });
+                    }
+                }
+            }
+        }
+        let cache = Path::new("/etc/ld.so.cache");
+        if cache.is_file() {
+            self.bind(cache, cache, DATA_RO)?;
+        }
+        if !binary.starts_with("/usr") {
+            self.bind(
+                binary,
+                binary,
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+            )?;
+        }
+        self.parents(Path::new("/dev/null"))?;
+        for (name, major, minor) in [("null", 1, 3), ("zero", 1, 5), ("urandom", 1, 9)] {
+            self.ops.push(Op::Device {
+                path: cstr(&self.inside(&Path::new("/dev").join(name)))?,
+                mode: libc::S_IFCHR | 0o666,
+                dev: libc::makedev(major, minor),
+                owner: None,
+            });
+        }
+        if kvm {
+            let meta = std::fs::metadata("/dev/kvm").map_err(prepare(Path::new("/dev/kvm")))?;
+            self.ops.push(Op::Device {
+                path: cstr(&self.inside(Path::new("/dev/kvm")))?,
+                mode: libc::S_IFCHR | 0o600,
+                dev: meta.rdev(),
+                owner: Some((self.uid, self.gid)),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn build(self) -> Result<Plan, JailError> {
+        Ok(Plan {
+            root: cstr(&self.root)?,
+            ops: self.ops,
+            uid: self.uid,
+            gid: self.gid,
+        })
+    }
+}
+
+/// A jail ready to enter between fork and exec.
+#[derive(Debug)]
+pub struct Plan {
+    root: CString,
+    ops: Vec<Op>,
+    uid: u32,
+    gid: u32,
+}
+
+/// `-1` → the last OS error.
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Plan {
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    /// Mount namespace and root: for a forked child before exec, as root. Only
+    /// system calls on strings prepared before the fork; no allocation.
+    pub fn enter_mounts(&self) -> io::Result<()> {
+        let none = std::ptr::null::<libc::c_char>();
+        // SAFETY: every pointer is a NUL-terminated string owned by `self` (alive
+        // across the calls) or null where the call allows null; the calls only
+        // change this process's mount namespace and root.
+        unsafe {
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                c"wrenn-jail".as_ptr(),
+                self.root.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID,
+                c"mode=0755,size=1m,nr_inodes=4096".as_ptr().cast(),
+            ))?;
+            for op in &self.ops {
+                match op {
+                    Op::Dir(p) => {
+                        if libc::mkdir(p.as_ptr(), 0o755) != 0
+                            && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+                        {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Op::FilePoint(p) => {
+                        let fd = libc::open(
+                            p.as_ptr(),
+                            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                            0o600,
+                        );
+                        check(fd)?;
+                        libc::close(fd);
+                    }
+                    Op::Symlink { target, link } => {
+                        check(libc::symlink(target.as_ptr(), link.as_ptr()))?;
+                    }
+                    Op::Bind {
+                        src,
+                        dst,
+                        recursive,
+                        remount,
+                    } => {
+                        let rec = if *recursive { libc::MS_REC } else { 0 };
+                        check(libc::mount(
+                            src.as_ptr(),
+                            dst.as_ptr(),
+                            none,
+                            libc::MS_BIND | rec,
+                            std::ptr::null(),
+                        ))?;
+                        check(libc::mount(
+                            none,
+                            dst.as_ptr(),
+                            none,
+                            libc::MS_BIND | libc::MS_REMOUNT | remount,
+                            std::ptr::null(),
+                        ))?;
+                    }
+                    Op::Proc(at) => {
+                        check(libc::mount(
+                            c"proc".as_ptr(),
+                            at.as_ptr(),
+                            c"proc".as_ptr(),
+                            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                            c"hidepid=invisible,subset=pid".as_ptr().cast(),
+                        ))?;
+                    }
+                    Op::Device {
+                        path,
+                        mode,
+                        dev,
+                        owner,
+                    } => {
+                        check(libc::mknod(path.as_ptr(), *mode, *dev))?;
+                        // mknod applies the umask.
+                        check(libc::chmod(path.as_ptr(), *mode & 0o7777))?;
+                        if let Some((uid, gid)) = owner {
+                            check(libc::chown(path.as_ptr(), *uid, *gid))?;
+                        }
+                    }
+                }
+            }
+            // The tmpfs becomes `/`; the host's tree is detached from this namespace.
+            check(libc::chdir(self.root.as_ptr()))?;
+            check(
+                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
+            )?;
+            check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+            check(libc::chdir(c"/".as_ptr()))?;
+            check(libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+                std::ptr::null(),
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// Becomes the jail user: no supplementary groups, the jail group, the
+    /// leased uid (which also empties the permitted and effective capabilities).
+    pub fn enter_user(&self) -> io::Result<()> {
+        // SAFETY: plain integer arguments; a null list with length 0.
+        unsafe {
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setresgid(self.gid, self.gid, self.gid))?;
+            check(libc::setresuid(self.uid, self.uid, self.uid))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse() {
+        let c = JailConfig::parse_range("990000-990009").expect("range");
+        assert_eq!((c.first_uid, c.uids, c.gid), (990_000, 10, 990_000));
+        for bad in ["", "5", "0-10", "10-5", "a-b", "1-4294967295"] {
+            assert!(JailConfig::parse_range(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn leases_are_unique_and_returned() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED leases_are_unique_and_returned: needs root");
+            return;
+        }
+        let jail = Jail::new(
+            JailConfig {
+                first_uid: 990_000,
+                uids: 2,
+                gid: 990_000,
+            },
+            &[],
+        )
+        .expect("jail");
+        let a = jail.lease().expect("a");
+        let b = jail.lease().expect("b");
+        assert_ne!(a.uid(), b.uid());
+        assert!(matches!(jail.lease(), Err(JailError::Exhausted { .. })));
+        let freed = a.uid();
+        drop(a);
+        assert_eq!(jail.lease().expect("again").uid(), freed);
+    }
+
+    #[test]
+    fn qcow2_chains_are_followed_and_raw_ends_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raw = dir.path().join("base.raw");
+        std::fs::write(&raw, vec![0u8; 4096]).expect("raw");
+        // A minimal qcow2 header naming a relative backing file.
+        let qcow = |name: &str, backing: &str| {
+            let mut h = vec![0u8; 512];
+            h[..4].copy_from_slice(b"QFI\xfb");
+            h[4..8].copy_from_slice(&3u32.to_be_bytes());
+            h[8..16].copy_from_slice(&256u64.to_be_bytes());
+            h[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
+            h[256..256 + backing.len()].copy_from_slice(backing.as_bytes());
+            let p = dir.path().join(name);
+            std::fs::write(&p, h).expect("qcow2");
+            p
+        };
+        let mid = qcow("mid.qcow2", "base.raw");
+        let top = qcow("top.qcow2", &mid.display().to_string());
+        let chain = disk_chain(&top).expect("chain");
+        assert_eq!(chain, vec![top.clone(), mid, dir.path().join("base.raw")]);
+        let looped = qcow("loop.qcow2", "loop.qcow2");
+        assert!(disk_chain(&looped).is_err());
+    }
+
+    #[test]
+    fn sealed_images_keep_content_and_refuse_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("memory");
+        let f = std::fs::File::create(&path).expect("create");
+        f.set_len(64 << 20).expect("size");
+        std::os::unix::fs::FileExt::write_all_at(&f, b"wrenn", 5 << 20).expect("write");
+        let images = SealedImages::default();
+        let img = images.get(&path).expect("sealed");
+        let again = images.get(&path).expect("cached");
+        assert!(Arc::ptr_eq(&img, &again));
+        let copy = std::fs::File::from(img.fd().try_clone().expect("dup"));
+        assert_eq!(copy.metadata().expect("stat").len(), 64 << 20);
+        let mut buf = [0u8; 5];
+        std::os::unix::fs::FileExt::read_exact_at(&copy, &mut buf, 5 << 20).expect("read");
+        assert_eq!(&buf, b"wrenn");
+        let e = std::os::unix::fs::FileExt::write_all_at(&copy, b"x", 0).expect_err("sealed");
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+        assert!(copy.set_len(1).is_err());
+        // Sparse: only the one written page is held.
+        let blocks = copy.metadata().expect("stat").blocks();
+        assert!(blocks * 512 <= 1 << 20, "{blocks} blocks");
+    }
+}

@@ -1,7 +1,7 @@
 //! Isolation costs, measured side by side in one run:
-//! - `jail_create_overhead_ms`: VMM start (spawn → QMP ready) confined in its
-//!   cgroup minus unconfined, interleaved rounds (the VMM confinement this host
-//!   applies today is the cgroup; see the README's isolation section);
+//! - `jail_create_overhead_ms`: VMM start (spawn → QMP ready, joined to its
+//!   cgroup) jailed — own uid, mount namespace, cgroup — minus unconfined,
+//!   interleaved rounds;
 //! - `egress_rule_update_ms`: replacing a live slot's egress policy (a 100-entry
 //!   allow list + deny-all ↔ a 10-entry deny list);
 //! - `dns_filter_qps`: answers per second of a slot's filtering resolver for
@@ -26,16 +26,25 @@ use wrenn_vmm::QemuConfig;
 
 const ROUNDS: usize = 12;
 
-/// VMM start to QMP ready, with and without its cgroup, interleaved.
+/// VMM start to QMP ready, jailed and not, interleaved.
 async fn jail_overhead(kernel: std::path::PathBuf, accel: Accel) -> Result<(f64, f64)> {
     let pool = wrenn_vmm::cgroup::Pool::new(wrenn_vmm::cgroup::Layout::detect()?);
     let dir = tempfile_dir()?;
+    let kernel_dir = kernel
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let jail = wrenn_vmm::jail::Jail::new(
+        wrenn_vmm::jail::JailConfig::default(),
+        &[dir.clone(), kernel_dir],
+    )?;
     let (mut plain, mut jailed) = (Vec::new(), Vec::new());
     for i in 0..ROUNDS * 2 {
         let confined = i % 2 == 1;
         let mut config = QemuConfig::new(accel);
         if confined {
             config.cgroups = Some(pool.clone());
+            config.jail = Some(jail.clone());
         }
         let spec = VmSpec {
             name: format!("wrenn-bench-jail-{i}"),

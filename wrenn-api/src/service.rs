@@ -304,9 +304,11 @@ async fn record(
         .envd_token(&hc.id)
         .ok()
         .map(|t| state.tokens.seal(hc.id.as_str(), &t));
-    let traffic_token = network
-        .private_ports
-        .then(|| state.tokens.seal(hc.id.as_str(), &new_traffic_token()));
+    let traffic_token = network.private_ports.then(|| {
+        state
+            .tokens
+            .seal(hc.id.as_str(), &wrenn_core::id::random_token())
+    });
     let new = NewCapsule {
         id: hc.id.clone(),
         status: CapsuleStatus::Running,
@@ -915,11 +917,6 @@ pub async fn fork(
 }
 
 /// A new traffic access token (the `e2b-traffic-access-token` of private ports).
-fn new_traffic_token() -> String {
-    let v: u128 = rand::random();
-    format!("{v:032x}")
-}
-
 /// The capsule's traffic access token, when its ports are private.
 pub async fn traffic_token(state: &AppState, c: &Capsule) -> ApiResult<Option<String>> {
     if c.public_traffic {

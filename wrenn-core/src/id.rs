@@ -17,6 +17,13 @@ pub fn base36(value: u128) -> String {
     digits.iter().map(|&b| b as char).collect()
 }
 
+/// A fresh secret: 128 random bits as 32 hex digits (envd access tokens,
+/// traffic access tokens).
+pub fn random_token() -> String {
+    let v: u128 = rand::random();
+    format!("{v:032x}")
+}
+
 /// Parses 25 base36 digits back to 16 bytes.
 pub fn parse_base36(s: &str) -> Option<u128> {
     if s.len() != ENCODED_LEN {

@@ -12,7 +12,7 @@ use crate::error::CapsuleError;
 use crate::guest::{
     ExecEvent, ExecRequest, ExecStream, ExitStatus, GuestAgent, GuestConnector, GuestInit,
 };
-use crate::id::CapsuleId;
+use crate::id::{random_token, CapsuleId};
 use crate::net::{NetSlot, Network, GUEST_MAC, TAP_NAME};
 use crate::record::{CapsuleRecord, StateStore};
 use crate::snapshot::{
@@ -263,11 +263,6 @@ fn now_unix() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-fn random_token() -> String {
-    let v: u128 = rand::random();
-    format!("{v:032x}")
 }
 
 /// Bytes of fresh randomness every started guest gets at `/init`.

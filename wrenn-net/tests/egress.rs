@@ -11,14 +11,15 @@
 // Integration tests are their own crate; the lint targets unit tests.
 #![allow(clippy::tests_outside_test_module)]
 
+mod common;
+
+use common::*;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use nix::sched::{setns, CloneFlags};
-use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,40 +40,8 @@ const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 7007;
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("\n********** SKIPPED: needs root **********\n");
-    false
-}
-
-fn ip(args: &[&str]) -> std::process::Output {
-    Command::new("ip").args(args).output().expect("run ip")
-}
-
-fn ip_ok(args: &[&str]) {
-    let out = ip(args);
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn netns_path(name: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(name)
-}
-
-/// Runs `f` on a thread inside the namespace at `path`.
-fn in_ns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = File::open(path).expect("open netns");
-    std::thread::spawn(move || {
-        setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("namespace thread panicked")
 }
 
 /// The test internet: echo servers on GOOD and BAD, a DNS server on GOOD.

@@ -9,6 +9,9 @@
 // Integration tests are their own crate; the lint targets unit tests.
 #![allow(clippy::tests_outside_test_module)]
 
+mod common;
+
+use common::*;
 use nix::sched::{setns, CloneFlags};
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -31,52 +34,12 @@ static SLOTS_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 const SHORT: Duration = Duration::from_millis(700);
 const LONG: Duration = Duration::from_secs(5);
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("\n********** SKIPPED: needs root **********\n");
-    false
-}
-
-fn ip(args: &[&str]) -> std::process::Output {
-    Command::new("ip").args(args).output().expect("run ip")
-}
-
-fn ip_ok(args: &[&str]) -> String {
-    let out = ip(args);
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn link_exists(name: &str) -> bool {
     ip(&["link", "show", "dev", name]).status.success()
 }
 
 fn network() -> Arc<NetnsNetwork> {
     Arc::new(NetnsNetwork::new(NetConfig::default()))
-}
-
-/// Runs `f` on a thread inside the namespace at `path`.
-fn in_ns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
-    spawn_in_ns(path, f)
-        .join()
-        .expect("namespace thread panicked")
-}
-
-fn spawn_in_ns<T: Send + 'static>(
-    path: &Path,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> JoinHandle<T> {
-    let ns = File::open(path).expect("open netns");
-    std::thread::spawn(move || {
-        setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
 }
 
 /// Puts the guest address on `lo` in the slot, standing in for the guest.

@@ -112,6 +112,37 @@ pub async fn run(data: &DataDir) -> Result<u8> {
             "mount cgroup v2 (or the v1 memory, cpu and pids controllers)",
         ),
     }
+    // The jail mounts a `/proc` with `subset=pid` (Linux 5.8).
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut version = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|v| v.parse::<u32>().ok());
+    let kernel = (version.next().unwrap_or(0), version.next().unwrap_or(0));
+    let jail = wrenn::JailConfig::default();
+    if !root {
+        r.fail(
+            "VMM jail",
+            "jailing VMMs (own uid, mount namespace) needs root",
+            "run wrenn as root",
+        );
+    } else if kernel < (5, 8) {
+        r.fail(
+            "VMM jail",
+            format!("Linux {release} cannot mount a /proc with subset=pid (5.8+)"),
+            "run a newer kernel",
+        );
+    } else {
+        r.ok(
+            "VMM jail",
+            format!(
+                "each VMM: its own uid from {}-{} (--jail-uids), no capabilities, seccomp, own mount namespace",
+                jail.first_uid,
+                jail.first_uid + (jail.uids - 1)
+            ),
+        );
+    }
     let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     match wrenn_net::upstream_from_resolv_conf(&resolv) {
         Some(up) => r.ok(

@@ -172,9 +172,9 @@ impl Layout {
         Ok(made)
     }
 
-    /// The usage counters of the groups process `pid` is in, when they are
-    /// Wrenn's (under [`PARENT`]).
-    pub fn usage_of(&self, pid: u32) -> Option<wrenn_core::vmm::VmmUsage> {
+    /// The groups process `pid` is in, one per hierarchy Wrenn uses (v2: the
+    /// one; v1: memory, cpu, pids and blkio where present), as directories.
+    pub fn groups_of(&self, pid: u32) -> Option<Vec<PathBuf>> {
         let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
         let path_for = |controller: Option<&str>| {
             text.lines().find_map(|l| {
@@ -187,23 +187,38 @@ impl Layout {
                 hit.then(|| path.trim_start_matches('/').to_string())
             })
         };
-        let ours = |p: &String| p.starts_with(&format!("{PARENT}/"));
-        let group = match self {
-            Layout::V2(root) => {
-                let p = path_for(None).filter(ours)?;
-                Cgroup {
-                    dirs: vec![root.join(p)],
-                    layout: self.clone(),
+        match self {
+            Layout::V2(root) => Some(vec![root.join(path_for(None)?)]),
+            Layout::V1 {
+                memory,
+                cpu,
+                pids,
+                blkio,
+            } => {
+                let mut dirs = vec![
+                    memory.join(path_for(Some("memory"))?),
+                    cpu.join(path_for(Some("cpu"))?),
+                    pids.join(path_for(Some("pids"))?),
+                ];
+                if let Some(b) = blkio {
+                    dirs.push(b.join(path_for(Some("blkio"))?));
                 }
+                Some(dirs)
             }
-            Layout::V1 { memory, cpu, .. } => {
-                let m = path_for(Some("memory")).filter(ours)?;
-                let c = path_for(Some("cpu")).filter(ours)?;
-                Cgroup {
-                    dirs: vec![memory.join(m), cpu.join(c)],
-                    layout: self.clone(),
-                }
-            }
+        }
+    }
+
+    /// The usage counters of the groups process `pid` is in, when they are
+    /// Wrenn's (under [`PARENT`]).
+    pub fn usage_of(&self, pid: u32) -> Option<wrenn_core::vmm::VmmUsage> {
+        let dirs = self.groups_of(pid)?;
+        let ours = |d: &PathBuf| self.roots().iter().any(|r| d.starts_with(r.join(PARENT)));
+        if !dirs.iter().all(ours) {
+            return None;
+        }
+        let group = Cgroup {
+            dirs,
+            layout: self.clone(),
         };
         Some(wrenn_core::vmm::VmmUsage {
             memory_bytes: group.memory_bytes()?,

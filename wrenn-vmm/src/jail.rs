@@ -37,6 +37,8 @@ pub const DEFAULT_GID: u32 = 990_000;
 
 /// Pages of memory images.
 const PAGE: usize = 4096;
+/// Where uid leases are locked, machine-wide (per boot).
+pub const LOCK_DIR: &str = "/run/wrenn/jail-uids";
 /// How long a sealed memory image no VMM uses is kept.
 const IMAGE_IDLE: Duration = Duration::from_secs(600);
 
@@ -149,20 +151,46 @@ impl Jail {
         )
     }
 
-    /// A uid no other live VMM of this host runs as.
+    /// A uid no other live VMM of this machine runs as: besides this jail's own
+    /// leases, each uid is locked (`flock`) in [`LOCK_DIR`] for as long as its VMM
+    /// lives, so several Wrenn processes on one machine never share one.
     pub fn lease(self: &Arc<Self>) -> Result<UidLease, JailError> {
+        let dir = Path::new(LOCK_DIR);
+        std::fs::create_dir_all(dir).map_err(prepare(dir))?;
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         let first = self.config.first_uid;
-        let uid = (first..first + self.config.uids)
-            .find(|u| !used.contains(u))
-            .ok_or(JailError::Exhausted {
-                first,
-                count: self.config.uids,
-            })?;
-        used.insert(uid);
-        Ok(UidLease {
-            jail: self.clone(),
-            uid,
+        for uid in first..first + self.config.uids {
+            if used.contains(&uid) {
+                continue;
+            }
+            let path = dir.join(uid.to_string());
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(prepare(&path))?;
+            match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => {
+                    used.insert(uid);
+                    return Ok(UidLease {
+                        jail: self.clone(),
+                        uid,
+                        _lock: lock,
+                    });
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
+                Err((_, e)) => {
+                    return Err(JailError::Prepare {
+                        path,
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+        Err(JailError::Exhausted {
+            first,
+            count: self.config.uids,
         })
     }
 
@@ -212,6 +240,7 @@ impl Jail {
 pub struct UidLease {
     jail: Arc<Jail>,
     uid: u32,
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl UidLease {
@@ -779,11 +808,12 @@ mod tests {
             eprintln!("SKIPPED leases_are_unique_and_returned: needs root");
             return;
         }
+        // A range of its own, apart from capsules other tests run.
         let jail = Jail::new(
             JailConfig {
-                first_uid: 990_000,
+                first_uid: 980_000 + std::process::id() % 10_000 * 2,
                 uids: 2,
-                gid: 990_000,
+                gid: 980_000,
             },
             &[],
         )
@@ -792,9 +822,12 @@ mod tests {
         let b = jail.lease().expect("b");
         assert_ne!(a.uid(), b.uid());
         assert!(matches!(jail.lease(), Err(JailError::Exhausted { .. })));
+        // Another jail (another process, as far as the lock goes) gets none of them.
+        let other = Jail::new(jail.config().clone(), &[]).expect("jail");
+        assert!(matches!(other.lease(), Err(JailError::Exhausted { .. })));
         let freed = a.uid();
         drop(a);
-        assert_eq!(jail.lease().expect("again").uid(), freed);
+        assert_eq!(other.lease().expect("freed").uid(), freed);
     }
 
     #[test]

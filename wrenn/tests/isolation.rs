@@ -23,34 +23,6 @@ fn minimal(vcpus: u32, memory_mb: u32) -> CreateOptions {
     }
 }
 
-/// The groups (one per hierarchy) process `pid` is in, as directories.
-fn groups_of(layout: &Layout, pid: u32) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup file");
-    let mut dirs = Vec::new();
-    for line in text.lines() {
-        let mut it = line.splitn(3, ':');
-        let (_, ctrls, path) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
-        let rel = path.trim_start_matches('/');
-        match layout {
-            Layout::V2(root) if ctrls.is_empty() => dirs.push(root.join(rel)),
-            Layout::V1 {
-                memory, cpu, pids, ..
-            } => {
-                let c: Vec<&str> = ctrls.split(',').collect();
-                if c.contains(&"memory") {
-                    dirs.push(memory.join(rel));
-                } else if c.contains(&"cpu") {
-                    dirs.push(cpu.join(rel));
-                } else if c.contains(&"pids") {
-                    dirs.push(pids.join(rel));
-                }
-            }
-            _ => {}
-        }
-    }
-    dirs
-}
-
 fn read(dir: &std::path::Path, file: &str) -> String {
     std::fs::read_to_string(dir.join(file))
         .unwrap_or_else(|e| panic!("{}/{file}: {e}", dir.display()))
@@ -73,7 +45,7 @@ async fn every_vmm_has_its_own_cgroup_with_limits() {
         .expect("create");
     assert_eq!((info.vcpus, info.memory_mb), (2, 384));
     let fp = footprint(&host, &info);
-    let groups = groups_of(&layout, fp.vmm_pid);
+    let groups = layout.groups_of(fp.vmm_pid).expect("the VMM's groups");
     assert!(!groups.is_empty());
     for g in &groups {
         assert!(

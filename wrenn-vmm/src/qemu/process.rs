@@ -531,6 +531,10 @@ impl QemuHandle {
         let qmp = match connected {
             Ok(q) => q,
             Err(e) => {
+                // A connection reset usually means QEMU is exiting: report its exit.
+                if e.is_some() {
+                    handle.wait_exited(Duration::from_secs(2)).await;
+                }
                 if let Some(status) = handle.exit.borrow().clone() {
                     let mut log_tail = tail(&log_path, 1500);
                     if log_tail.is_empty() {

@@ -20,6 +20,8 @@ export WRENN_TEST_POSTGRES_URL="$(./scripts/postgres.sh)"
 trap './scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT
 say "cargo test"
 cargo test --workspace
+say "the library's examples (built by cargo test; one runs)"
+cargo run -q --example run_command
 say "wrenn_embed (Python binding) into $venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check ./bindings/python
 say "pytest"

@@ -216,8 +216,11 @@ impl Jail {
         let mode = meta.mode() & 0o7777;
         let readable = meta.gid() == self.config.gid && mode & 0o040 != 0;
         let world = mode & 0o004 != 0;
-        if !readable && !world {
-            std::os::unix::fs::chown(&real, None, Some(self.config.gid)).map_err(prepare(&real))?;
+        // A layer a VMM once wrote (its uid's) becomes root's when it is shared:
+        // a later VMM leasing that uid owns nothing it did not get for itself.
+        if meta.uid() != 0 || (!readable && !world) {
+            std::os::unix::fs::chown(&real, Some(0), Some(self.config.gid))
+                .map_err(prepare(&real))?;
             std::fs::set_permissions(
                 &real,
                 std::fs::Permissions::from_mode((mode | 0o040) & !0o022),
@@ -491,6 +494,8 @@ enum Op {
 pub struct PlanBuilder {
     root: PathBuf,
     dirs: BTreeSet<PathBuf>,
+    /// Paths already bound (a file shared by two drives is bound once).
+    bound: BTreeSet<PathBuf>,
     ops: Vec<Op>,
     uid: u32,
     gid: u32,
@@ -514,6 +519,7 @@ impl PlanBuilder {
         PlanBuilder {
             root: root.to_path_buf(),
             dirs: BTreeSet::new(),
+            bound: BTreeSet::new(),
             ops: Vec::new(),
             uid: lease.uid(),
             gid: lease.gid(),
@@ -540,6 +546,9 @@ impl PlanBuilder {
     }
 
     fn bind(&mut self, src: &Path, at: &Path, remount: libc::c_ulong) -> Result<(), JailError> {
+        if !self.bound.insert(at.to_path_buf()) {
+            return Ok(());
+        }
         let meta = std::fs::metadata(src).map_err(prepare(src))?;
         self.parents(at)?;
         let dst = cstr(&self.inside(at))?;
@@ -676,6 +685,8 @@ impl Plan {
         // across the calls) or null where the call allows null; the calls only
         // change this process's mount namespace and root.
         unsafe {
+            // The modes below are meant as written (the server runs with umask 077).
+            libc::umask(0);
             check(libc::unshare(libc::CLONE_NEWNS))?;
             check(libc::mount(
                 none,
@@ -750,8 +761,6 @@ impl Plan {
                         owner,
                     } => {
                         check(libc::mknod(path.as_ptr(), *mode, *dev))?;
-                        // mknod applies the umask.
-                        check(libc::chmod(path.as_ptr(), *mode & 0o7777))?;
                         if let Some((uid, gid)) = owner {
                             check(libc::chown(path.as_ptr(), *uid, *gid))?;
                         }
@@ -772,6 +781,7 @@ impl Plan {
                 libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
                 std::ptr::null(),
             ))?;
+            libc::umask(0o077);
         }
         Ok(())
     }

@@ -335,11 +335,29 @@ fn check_jail(host: &wrenn::Host, info: &wrenn::CapsuleInfo, other: &wrenn::Caps
     let meta = std::fs::metadata(&disk).expect("disk");
     use std::os::unix::fs::MetadataExt;
     assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o600));
+    // The layers under it are shared: root's, readable, written by no one else
+    // (a layer an earlier VMM wrote is no longer its uid's).
+    let chain = wrenn_vmm::jail::disk_chain(&disk).expect("disk chain");
+    assert!(chain.len() >= 2, "{chain:?}");
+    for layer in &chain[1..] {
+        let m = std::fs::metadata(layer).expect("layer");
+        assert_eq!(m.uid(), 0, "{} belongs to uid {}", layer.display(), m.uid());
+        assert_eq!(
+            m.mode() & 0o022,
+            0,
+            "{} is writable by others",
+            layer.display()
+        );
+    }
     uid
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmms_run_jailed() {
+    // As `wrenn` runs: files it creates are its own (the jail must not depend on
+    // a permissive umask).
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let Some(host) = host().await else { return };
     let caps = host.capsules();
     // A restore (the template's snapshot, memory from a sealed image) and a boot:

@@ -363,6 +363,12 @@ impl QemuHandle {
                 },
             )?;
         let binary = resolve_binary(&config.binary);
+        if spec.nets.len() > MAX_TAPS {
+            return Err(QemuError::Spawn {
+                binary,
+                source: std::io::Error::other(format!("at most {MAX_TAPS} network interfaces")),
+            });
+        }
         let jailed = match &config.jail {
             Some(jail) => {
                 let (jail, spec, mem_path, binary) =
@@ -406,12 +412,6 @@ impl QemuHandle {
         // Taps are attached here, in the capsule's namespace, and handed to QEMU as
         // descriptors: QEMU runs without the capability to attach them by name.
         let taps: Vec<TapName> = spec.nets.iter().map(|n| tap_name(&n.tap)).collect();
-        if taps.len() > MAX_TAPS {
-            return Err(QemuError::Spawn {
-                binary: binary.clone(),
-                source: std::io::Error::other(format!("at most {MAX_TAPS} network interfaces")),
-            });
-        }
         // A sealed image is inherited as a descriptor and named through /proc.
         let image_fd = jailed
             .as_ref()

@@ -116,39 +116,47 @@ impl JwtKeys {
 }
 
 /// Checked keys by hash, so that hot paths do not hash-and-query on every request.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KeyCache {
-    entries: Mutex<HashMap<String, (ApiKey, Instant)>>,
+    entries: moka::sync::Cache<String, ApiKey>,
+}
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        KeyCache {
+            entries: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(KEY_CACHE_TTL)
+                .build(),
+        }
+    }
 }
 
 impl KeyCache {
     fn get(&self, hash: &str) -> Option<ApiKey> {
-        let map = self.entries.lock().ok()?;
-        let (key, at) = map.get(hash)?;
-        (at.elapsed() < KEY_CACHE_TTL).then(|| key.clone())
+        self.entries.get(hash)
     }
 
     fn put(&self, hash: String, key: ApiKey) {
-        if let Ok(mut map) = self.entries.lock() {
-            if map.len() > 10_000 {
-                map.retain(|_, (_, at)| at.elapsed() < KEY_CACHE_TTL);
+        self.entries.insert(hash, key);
+    }
+
+    fn forget(&self, drop: impl Fn(&ApiKey) -> bool) {
+        for (hash, key) in self.entries.iter() {
+            if drop(&key) {
+                self.entries.invalidate(hash.as_str());
             }
-            map.insert(hash, (key, Instant::now()));
         }
     }
 
     /// Forgets a deleted key at once.
     pub fn revoke(&self, key_id: &str) {
-        if let Ok(mut map) = self.entries.lock() {
-            map.retain(|_, (k, _)| k.id != key_id);
-        }
+        self.forget(|k| k.id == key_id);
     }
 
     /// Forgets a deleted team's keys at once.
     pub fn revoke_team(&self, team_id: &str) {
-        if let Ok(mut map) = self.entries.lock() {
-            map.retain(|_, (k, _)| k.team_id != team_id);
-        }
+        self.forget(|k| k.team_id == team_id);
     }
 }
 
@@ -156,20 +164,28 @@ impl KeyCache {
 /// database again. Changes made through this server invalidate it at once; this bounds
 /// how late a change made elsewhere (another server on the same database) is seen.
 pub const MEMBER_CACHE_TTL: Duration = Duration::from_secs(5);
-const MEMBER_CACHE_MAX: usize = 10_000;
+const MEMBER_CACHE_MAX: u64 = 10_000;
 
 /// The current role of each (user, team) pair that user tokens name, from the database.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemberCache {
-    inner: Mutex<MemberCacheInner>,
+    /// (user id, team id) → role.
+    roles: moka::sync::Cache<(String, String), Role>,
+    /// Bumped by every invalidation (under the lock, with the removal); a lookup
+    /// that began before one is not cached.
+    generation: Mutex<u64>,
 }
 
-#[derive(Debug, Default)]
-struct MemberCacheInner {
-    /// (user id, team id) → role.
-    roles: HashMap<(String, String), (Role, Instant)>,
-    /// Bumped by every invalidation; a lookup that began before one is not cached.
-    generation: u64,
+impl Default for MemberCache {
+    fn default() -> Self {
+        MemberCache {
+            roles: moka::sync::Cache::builder()
+                .max_capacity(MEMBER_CACHE_MAX)
+                .time_to_live(MEMBER_CACHE_TTL)
+                .build(),
+            generation: Mutex::new(0),
+        }
+    }
 }
 
 impl MemberCache {
@@ -182,35 +198,33 @@ impl MemberCache {
         user_id: &str,
     ) -> Result<Option<Role>, DbError> {
         let key = (user_id.to_owned(), team_id.to_owned());
-        let generation = match self.inner.lock() {
-            Ok(inner) => match inner.roles.get(&key) {
-                Some((role, at)) if at.elapsed() < MEMBER_CACHE_TTL => return Ok(Some(*role)),
-                _ => Some(inner.generation),
-            },
-            Err(_) => None,
-        };
+        if let Some(role) = self.roles.get(&key) {
+            return Ok(Some(role));
+        }
+        let generation = self.generation.lock().map(|g| *g).ok();
         let role = match db.member_role(team_id, user_id).await {
             Ok(r) => r,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e),
         };
-        if let (Some(generation), Ok(mut inner)) = (generation, self.inner.lock()) {
-            if inner.generation == generation {
-                if inner.roles.len() >= MEMBER_CACHE_MAX {
-                    inner
-                        .roles
-                        .retain(|_, (_, at)| at.elapsed() < MEMBER_CACHE_TTL);
-                }
-                inner.roles.insert(key, (role, Instant::now()));
+        if let (Some(before), Ok(now)) = (generation, self.generation.lock()) {
+            if *now == before {
+                self.roles.insert(key, role);
             }
         }
         Ok(Some(role))
     }
 
     fn forget(&self, drop: impl Fn(&str, &str) -> bool) {
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.generation += 1;
-            inner.roles.retain(|(user, team), _| !drop(user, team));
+        let mut generation = self
+            .generation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *generation += 1;
+        for (key, _) in self.roles.iter() {
+            if drop(&key.0, &key.1) {
+                self.roles.invalidate(key.as_ref());
+            }
         }
     }
 
@@ -230,42 +244,60 @@ impl MemberCache {
     }
 }
 
-/// Token buckets per caller.
-#[derive(Debug)]
+/// Request rate per caller: governor's keyed GCRA (a token bucket of `burst`
+/// refilled at `rate` a second). Callers idle long enough to be back at a full
+/// bucket are evicted every [`EVICT_EVERY`] checks, so memory follows the active
+/// callers, not every caller ever seen.
 pub struct RateLimiter {
-    /// Sustained requests per second; 0 disables limiting.
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    /// `None`: no limit.
+    limiter: Option<governor::DefaultKeyedRateLimiter<String>>,
+    checks: AtomicU64,
+}
+
+/// Checks between two evictions of idle callers.
+const EVICT_EVERY: u64 = 4096;
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("enabled", &self.limiter.is_some())
+            .field("tracked", &self.tracked())
+            .finish()
+    }
 }
 
 impl RateLimiter {
+    /// `rate` requests a second sustained (0: unlimited), bursts of `burst`.
     pub fn new(rate: u32, burst: u32) -> Self {
+        let limiter = std::num::NonZeroU32::new(rate).map(|r| {
+            let burst = std::num::NonZeroU32::new(burst.max(rate)).unwrap_or(r);
+            governor::RateLimiter::keyed(governor::Quota::per_second(r).allow_burst(burst))
+        });
         RateLimiter {
-            rate: f64::from(rate),
-            burst: f64::from(burst.max(rate)),
-            buckets: Mutex::new(HashMap::new()),
+            limiter,
+            checks: AtomicU64::new(0),
         }
     }
 
-    /// Takes one token; on refusal, the seconds until one is available.
+    /// Takes one request; on refusal, the seconds until one is allowed.
     pub fn check(&self, who: &str) -> Result<(), u64> {
-        if self.rate <= 0.0 {
-            return Ok(());
-        }
-        let Ok(mut map) = self.buckets.lock() else {
+        use governor::clock::{Clock, DefaultClock};
+        let Some(limiter) = &self.limiter else {
             return Ok(());
         };
-        let now = Instant::now();
-        let (tokens, last) = map.entry(who.to_string()).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64)
+        if self.checks.fetch_add(1, Ordering::Relaxed) % EVICT_EVERY == EVICT_EVERY - 1 {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
         }
+        limiter.check_key(&who.to_owned()).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            wait.as_secs_f64().ceil().max(1.0) as u64
+        })
+    }
+
+    /// Callers whose state is kept now.
+    pub fn tracked(&self) -> usize {
+        self.limiter.as_ref().map_or(0, |l| l.len())
     }
 }
 
@@ -670,5 +702,41 @@ impl AuthThrottle {
             running: self.running.load(Ordering::SeqCst),
             waiting: self.waiting.load(Ordering::SeqCst),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limits_bursts_and_says_when_to_retry() {
+        let l = RateLimiter::new(1, 3);
+        for _ in 0..3 {
+            assert_eq!(l.check("a"), Ok(()));
+        }
+        assert_eq!(l.check("a"), Err(1));
+        // Callers are limited apart.
+        assert_eq!(l.check("b"), Ok(()));
+        let unlimited = RateLimiter::new(0, 0);
+        for _ in 0..1000 {
+            assert_eq!(unlimited.check("a"), Ok(()));
+        }
+        assert_eq!(unlimited.tracked(), 0);
+    }
+
+    #[test]
+    fn idle_callers_are_evicted() {
+        let l = RateLimiter::new(1000, 1);
+        for i in 0..4000 {
+            assert_eq!(l.check(&format!("old-{i}")), Ok(()));
+        }
+        assert_eq!(l.tracked(), 4000);
+        // A millisecond refills these buckets: they are as good as new.
+        std::thread::sleep(Duration::from_millis(20));
+        for i in 0..1000 {
+            assert_eq!(l.check(&format!("new-{i}")), Ok(()));
+        }
+        assert!(l.tracked() < 2000, "{} callers kept", l.tracked());
     }
 }

@@ -5,7 +5,7 @@ use crate::auth::{JwtKeys, KeyCache, Principal, RateLimiter};
 use crate::metrics::ServerMetrics;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use wrenn_db::{AuditResult, Capsule, Db, DbError, NewAuditEntry};
 
 /// Server settings (command line and environment).
@@ -185,27 +185,31 @@ impl AppState {
 
 /// Capsule activity (exec, files, ping, proxied traffic) resets the inactivity timer;
 /// the database is written at most once a second per capsule.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Activity {
-    last_write: Mutex<HashMap<String, Instant>>,
+    /// Capsules whose row was written in the last second.
+    written: moka::sync::Cache<String, ()>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            written: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(1))
+                .build(),
+        }
+    }
 }
 
 impl Activity {
     /// Returns whether the row was written (at most once a second per capsule).
     pub async fn touch(&self, db: &Db, team_id: &str, capsule_id: &str) -> bool {
-        let due = match self.last_write.lock() {
-            Ok(mut m) => {
-                let now = Instant::now();
-                match m.get(capsule_id) {
-                    Some(t) if now.duration_since(*t) < Duration::from_secs(1) => false,
-                    _ => {
-                        m.insert(capsule_id.to_string(), now);
-                        true
-                    }
-                }
-            }
-            Err(_) => true,
-        };
+        let due = self
+            .written
+            .entry_by_ref(capsule_id)
+            .or_insert(())
+            .is_fresh();
         if due {
             if let Err(e) = db.touch_capsule(team_id, capsule_id).await {
                 tracing::debug!(capsule = capsule_id, error = %e, "activity not recorded");
@@ -215,85 +219,78 @@ impl Activity {
     }
 
     pub fn forget(&self, capsule_id: &str) {
-        if let Ok(mut m) = self.last_write.lock() {
-            m.remove(capsule_id);
-        }
+        self.written.invalidate(capsule_id);
     }
 }
 
 /// How long a cached capsule row is used: the bound on how late this server sees a
 /// change it did not make itself (another server on the same database).
 pub const CAPSULE_CACHE_TTL: Duration = Duration::from_secs(2);
-const CAPSULE_CACHE_MAX: usize = 10_000;
+const CAPSULE_CACHE_MAX: u64 = 10_000;
 
 /// Capsule rows as last read, so that polling a capsule (`GET /v1/capsules/{id}`, the
 /// status check of every exec or proxied request) does not query the database each
 /// time. Every write to a capsule row through this server is followed by
 /// [`CapsuleCache::invalidate`], so a read after a write sees it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CapsuleCache {
-    inner: Mutex<CapsuleCacheInner>,
+    rows: moka::sync::Cache<String, Capsule>,
+    /// Bumped by every invalidation (under the lock, with the removal); a read
+    /// that began before one is not cached.
+    generation: Mutex<u64>,
 }
 
-#[derive(Debug, Default)]
-struct CapsuleCacheInner {
-    rows: HashMap<String, (Capsule, Instant)>,
-    /// Bumped by every invalidation; a read that began before one is not cached.
-    generation: u64,
+impl Default for CapsuleCache {
+    fn default() -> Self {
+        CapsuleCache {
+            rows: moka::sync::Cache::builder()
+                .max_capacity(CAPSULE_CACHE_MAX)
+                .time_to_live(CAPSULE_CACHE_TTL)
+                .build(),
+            generation: Mutex::new(0),
+        }
+    }
 }
 
 impl CapsuleCache {
     /// Capsule `id` of team `team` (of any team with `None`, for the proxy): cached,
     /// else from the database.
     pub async fn get(&self, db: &Db, team: Option<&str>, id: &str) -> Result<Capsule, DbError> {
-        let cached = self
-            .inner
-            .lock()
-            .ok()
-            .map(|inner| match inner.rows.get(id) {
-                Some((row, at)) if at.elapsed() < CAPSULE_CACHE_TTL => Ok(row.clone()),
-                _ => Err(inner.generation),
-            });
-        let generation = match cached {
-            Some(Ok(row)) => {
-                return match team {
-                    Some(t) if t != row.team_id => Err(DbError::NotFound { what: "capsule" }),
-                    _ => Ok(row),
-                };
-            }
-            Some(Err(generation)) => Some(generation),
-            None => None,
-        };
+        if let Some(row) = self.rows.get(id) {
+            return match team {
+                Some(t) if t != row.team_id => Err(DbError::NotFound { what: "capsule" }),
+                _ => Ok(row),
+            };
+        }
+        let generation = self.generation.lock().map(|g| *g).ok();
         let row = fetch(db, team, id).await?;
-        if let (Some(generation), Ok(mut inner)) = (generation, self.inner.lock()) {
-            if inner.generation == generation {
-                if inner.rows.len() >= CAPSULE_CACHE_MAX {
-                    inner
-                        .rows
-                        .retain(|_, (_, at)| at.elapsed() < CAPSULE_CACHE_TTL);
-                }
-                inner
-                    .rows
-                    .insert(id.to_string(), (row.clone(), Instant::now()));
+        if let (Some(before), Ok(now)) = (generation, self.generation.lock()) {
+            if *now == before {
+                self.rows.insert(id.to_string(), row.clone());
             }
         }
         Ok(row)
     }
 
+    fn bump(&self) -> std::sync::MutexGuard<'_, u64> {
+        let mut generation = self
+            .generation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *generation += 1;
+        generation
+    }
+
     /// Call after every write to capsule `id`'s row.
     pub fn invalidate(&self, id: &str) {
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.generation += 1;
-            inner.rows.remove(id);
-        }
+        let _generation = self.bump();
+        self.rows.invalidate(id);
     }
 
     /// Call after writes that may touch any capsule row (a team deleted).
     pub fn clear(&self) {
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.generation += 1;
-            inner.rows.clear();
-        }
+        let _generation = self.bump();
+        self.rows.invalidate_all();
     }
 }
 
@@ -305,9 +302,9 @@ async fn fetch(db: &Db, team: Option<&str>, id: &str) -> Result<Capsule, DbError
 }
 
 /// Retried creates with the same `Idempotency-Key` get the first one's capsule.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Idempotency {
-    seen: Mutex<HashMap<TeamKey, (String, Instant)>>,
+    seen: moka::sync::Cache<TeamKey, String>,
     /// One lock per key in use, so a retry waits for the first attempt while creates
     /// with other keys go ahead.
     gates: Mutex<HashMap<TeamKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -317,6 +314,18 @@ pub struct Idempotency {
 type TeamKey = (String, String);
 
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(600);
+
+impl Default for Idempotency {
+    fn default() -> Self {
+        Idempotency {
+            seen: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(IDEMPOTENCY_TTL)
+                .build(),
+            gates: Mutex::default(),
+        }
+    }
+}
 
 impl Idempotency {
     /// Holds off other creates with the same team and key until the guard drops.
@@ -335,20 +344,12 @@ impl Idempotency {
     }
 
     pub fn get(&self, team: &str, key: &str) -> Option<String> {
-        let m = self.seen.lock().ok()?;
-        m.get(&(team.to_string(), key.to_string()))
-            .filter(|(_, at)| at.elapsed() < IDEMPOTENCY_TTL)
-            .map(|(id, _)| id.clone())
+        self.seen.get(&(team.to_string(), key.to_string()))
     }
 
     pub fn put(&self, team: &str, key: &str, capsule: &str) {
-        if let Ok(mut m) = self.seen.lock() {
-            m.retain(|_, (_, at)| at.elapsed() < IDEMPOTENCY_TTL);
-            m.insert(
-                (team.to_string(), key.to_string()),
-                (capsule.to_string(), Instant::now()),
-            );
-        }
+        self.seen
+            .insert((team.to_string(), key.to_string()), capsule.to_string());
     }
 }
 
@@ -435,5 +436,14 @@ mod tests {
         let r = cache.get(&db, team, missing.as_str()).await;
         assert!(r.expect_err("missing").is_not_found());
         db.close().await;
+    }
+
+    #[test]
+    fn idempotency_keys_are_per_team() {
+        let idem = Idempotency::default();
+        assert_eq!(idem.get("t1", "k"), None);
+        idem.put("t1", "k", "cl-1");
+        assert_eq!(idem.get("t1", "k").as_deref(), Some("cl-1"));
+        assert_eq!(idem.get("t2", "k"), None);
     }
 }

@@ -40,6 +40,8 @@ pub enum QemuError {
     },
     #[error("QMP protocol error: {0}")]
     QmpProtocol(String),
+    #[error("{op} of the VM's state did not finish within {secs} s")]
+    Timeout { op: &'static str, secs: u64 },
     #[error("QEMU did not stop within {secs} s even after SIGKILL")]
     StopTimeout { secs: u64 },
     #[error("Cannot confine the VMM in its cgroup")]
@@ -55,6 +57,7 @@ impl From<QemuError> for VmmError {
                 detail: format!("{status}: {log_tail}"),
             },
             QemuError::QmpTimeout { secs, .. } => VmmError::Timeout { op: "start", secs },
+            QemuError::Timeout { op, secs } => VmmError::Timeout { op, secs },
             QemuError::StopTimeout { secs } => VmmError::Timeout {
                 op: "shutdown",
                 secs,

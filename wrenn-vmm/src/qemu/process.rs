@@ -631,7 +631,10 @@ impl QemuHandle {
         let feed = feed_device_state(ours, device_state.to_path_buf());
         let fed = tokio::time::timeout(MIGRATION_TIMEOUT, feed)
             .await
-            .map_err(|_| QemuError::QmpProtocol("streaming device state timed out".into()))?;
+            .map_err(|_| QemuError::Timeout {
+                op: "restore",
+                secs: MIGRATION_TIMEOUT.as_secs(),
+            })?;
         fed?;
         let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
         loop {
@@ -657,9 +660,10 @@ impl QemuHandle {
                 });
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(QemuError::QmpProtocol(
-                    "loading device state timed out".into(),
-                ));
+                return Err(QemuError::Timeout {
+                    op: "restore",
+                    secs: MIGRATION_TIMEOUT.as_secs(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -740,9 +744,10 @@ impl QemuHandle {
                 _ => {}
             }
             if tokio::time::Instant::now() >= deadline {
-                break Err(QemuError::QmpProtocol(
-                    "saving device state timed out".into(),
-                ));
+                break Err(QemuError::Timeout {
+                    op: "save",
+                    secs: MIGRATION_TIMEOUT.as_secs(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };

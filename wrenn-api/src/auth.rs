@@ -170,20 +170,13 @@ const MEMBER_CACHE_MAX: u64 = 10_000;
 #[derive(Debug)]
 pub struct MemberCache {
     /// (user id, team id) → role.
-    roles: moka::sync::Cache<(String, String), Role>,
-    /// Bumped by every invalidation (under the lock, with the removal); a lookup
-    /// that began before one is not cached.
-    generation: Mutex<u64>,
+    roles: crate::cache::ReadThrough<(String, String), Role>,
 }
 
 impl Default for MemberCache {
     fn default() -> Self {
         MemberCache {
-            roles: moka::sync::Cache::builder()
-                .max_capacity(MEMBER_CACHE_MAX)
-                .time_to_live(MEMBER_CACHE_TTL)
-                .build(),
-            generation: Mutex::new(0),
+            roles: crate::cache::ReadThrough::new(MEMBER_CACHE_MAX, MEMBER_CACHE_TTL),
         }
     }
 }
@@ -201,31 +194,18 @@ impl MemberCache {
         if let Some(role) = self.roles.get(&key) {
             return Ok(Some(role));
         }
-        let generation = self.generation.lock().map(|g| *g).ok();
+        let start = self.roles.begin();
         let role = match db.member_role(team_id, user_id).await {
             Ok(r) => r,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e),
         };
-        if let (Some(before), Ok(now)) = (generation, self.generation.lock()) {
-            if *now == before {
-                self.roles.insert(key, role);
-            }
-        }
+        self.roles.put(start, key, role);
         Ok(Some(role))
     }
 
     fn forget(&self, drop: impl Fn(&str, &str) -> bool) {
-        let mut generation = self
-            .generation
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *generation += 1;
-        for (key, _) in self.roles.iter() {
-            if drop(&key.0, &key.1) {
-                self.roles.invalidate(key.as_ref());
-            }
-        }
+        self.roles.invalidate_if(|(user, team), _| drop(user, team));
     }
 
     /// Call after changing `user_id`'s membership of `team_id` (role, removal, leaving).

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod cache;
 pub mod e2b;
 pub mod error;
 pub mod lifecycle;

@@ -234,20 +234,13 @@ const CAPSULE_CACHE_MAX: u64 = 10_000;
 /// [`CapsuleCache::invalidate`], so a read after a write sees it.
 #[derive(Debug)]
 pub struct CapsuleCache {
-    rows: moka::sync::Cache<String, Capsule>,
-    /// Bumped by every invalidation (under the lock, with the removal); a read
-    /// that began before one is not cached.
-    generation: Mutex<u64>,
+    rows: crate::cache::ReadThrough<String, Capsule>,
 }
 
 impl Default for CapsuleCache {
     fn default() -> Self {
         CapsuleCache {
-            rows: moka::sync::Cache::builder()
-                .max_capacity(CAPSULE_CACHE_MAX)
-                .time_to_live(CAPSULE_CACHE_TTL)
-                .build(),
-            generation: Mutex::new(0),
+            rows: crate::cache::ReadThrough::new(CAPSULE_CACHE_MAX, CAPSULE_CACHE_TTL),
         }
     }
 }
@@ -256,41 +249,26 @@ impl CapsuleCache {
     /// Capsule `id` of team `team` (of any team with `None`, for the proxy): cached,
     /// else from the database.
     pub async fn get(&self, db: &Db, team: Option<&str>, id: &str) -> Result<Capsule, DbError> {
-        if let Some(row) = self.rows.get(id) {
+        if let Some(row) = self.rows.get(&id.to_string()) {
             return match team {
                 Some(t) if t != row.team_id => Err(DbError::NotFound { what: "capsule" }),
                 _ => Ok(row),
             };
         }
-        let generation = self.generation.lock().map(|g| *g).ok();
+        let start = self.rows.begin();
         let row = fetch(db, team, id).await?;
-        if let (Some(before), Ok(now)) = (generation, self.generation.lock()) {
-            if *now == before {
-                self.rows.insert(id.to_string(), row.clone());
-            }
-        }
+        self.rows.put(start, id.to_string(), row.clone());
         Ok(row)
-    }
-
-    fn bump(&self) -> std::sync::MutexGuard<'_, u64> {
-        let mut generation = self
-            .generation
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *generation += 1;
-        generation
     }
 
     /// Call after every write to capsule `id`'s row.
     pub fn invalidate(&self, id: &str) {
-        let _generation = self.bump();
-        self.rows.invalidate(id);
+        self.rows.invalidate(&id.to_string());
     }
 
     /// Call after writes that may touch any capsule row (a team deleted).
     pub fn clear(&self) {
-        let _generation = self.bump();
-        self.rows.invalidate_all();
+        self.rows.clear();
     }
 }
 

@@ -291,6 +291,11 @@ impl FsSnapshotStore {
 
     /// The VM's writable layer joins the disk chain of `next/`, backed by its sibling.
     fn add_disk_layer(next: &Path, disk: &CowDisk, first: bool) -> Result<(), SnapshotError> {
+        // The layer's VMM wrote it; qemu-img and later VMMs will read its header.
+        if disk.format == wrenn_core::storage::DiskFormat::Qcow2 {
+            crate::qcow2::check_guest_layer(&disk.path, &disk.base)
+                .map_err(|e| SnapshotError::Backend(Box::new(e)))?;
+        }
         if first {
             link(&disk.base, &next.join(DISK_BASE))?;
         }

@@ -34,6 +34,8 @@ pub enum DiskError {
         expected: &'static str,
         found: &'static str,
     },
+    #[error("Refusing to read disk layer {path}: {reason} (its VMM may have rewritten it)")]
+    UntrustedLayer { path: PathBuf, reason: String },
     #[error("Refusing to flatten {path} onto itself")]
     FlattenOntoSelf { path: PathBuf },
     #[error("qemu-img not found on PATH (set WRENN_QEMU_IMG)")]

@@ -19,6 +19,7 @@
 pub mod capsnap;
 pub mod error;
 pub mod memserver;
+pub mod qcow2;
 pub mod snapshot;
 pub mod sparse;
 

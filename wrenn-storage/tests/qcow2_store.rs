@@ -225,8 +225,12 @@ async fn flatten_failure_keeps_old_destination() {
     let flat = s.path("flat.raw");
     std::fs::write(&flat, b"previous snapshot").unwrap();
 
-    // Corrupt the overlay header: convert must fail, leaving the old flat file intact.
-    std::fs::write(&disk.path, b"not a qcow2 image").unwrap();
+    // Break the overlay past the fields Wrenn checks (an impossible cluster size;
+    // magic, backing name and features intact): convert must fail, leaving the old
+    // flat file intact.
+    let mut image = std::fs::read(&disk.path).unwrap();
+    image[20..24].copy_from_slice(&99u32.to_be_bytes());
+    std::fs::write(&disk.path, &image).unwrap();
     let err = store.flatten(&disk, &flat).await.unwrap_err();
     let DiskError::QemuImgConvert { stderr, .. } = disk_error(&err) else {
         panic!("{err:?}");
@@ -234,6 +238,15 @@ async fn flatten_failure_keeps_old_destination() {
     assert!(!stderr.is_empty(), "stderr not captured");
     assert_eq!(std::fs::read(&flat).unwrap(), b"previous snapshot");
     assert_eq!(s.entries(), ["base.img", "c.qcow2", "flat.raw"]);
+
+    // A header the VMM rewrote is not followed at all.
+    std::fs::write(&disk.path, b"not a qcow2 image").unwrap();
+    let err = store.flatten(&disk, &flat).await.unwrap_err();
+    assert!(
+        matches!(disk_error(&err), DiskError::UntrustedLayer { .. }),
+        "{err:?}"
+    );
+    assert_eq!(std::fs::read(&flat).unwrap(), b"previous snapshot");
 }
 
 #[tokio::test]

@@ -263,60 +263,9 @@ impl Drop for UidLease {
     }
 }
 
-/// The files of a disk image: the image and, for qcow2, its backing chain, read
-/// from the headers (relative backing names resolve against the image's directory).
-pub fn disk_chain(top: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut out = vec![top.to_path_buf()];
-    let mut cur = top.to_path_buf();
-    while let Some(next) = qcow2_backing(&cur)? {
-        let next = if next.is_absolute() {
-            next
-        } else {
-            cur.parent().unwrap_or(Path::new("/")).join(next)
-        };
-        if out.contains(&next) || out.len() > 64 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "the backing chain of {} loops or is too long",
-                    top.display()
-                ),
-            ));
-        }
-        out.push(next.clone());
-        cur = next;
-    }
-    Ok(out)
-}
-
-/// The backing file name in a qcow2 header (`None` for other formats or no backing).
-fn qcow2_backing(path: &Path) -> io::Result<Option<PathBuf>> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path)?;
-    let mut header = [0u8; 20];
-    match f.read_exact_at(&mut header, 0) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    if header[..4] != *b"QFI\xfb" {
-        return Ok(None);
-    }
-    let offset = u64::from_be_bytes(header[8..16].try_into().unwrap_or([0; 8]));
-    let size = u32::from_be_bytes(header[16..20].try_into().unwrap_or([0; 4]));
-    if offset == 0 || size == 0 {
-        return Ok(None);
-    }
-    if size > 1023 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: backing file name of {size} bytes", path.display()),
-        ));
-    }
-    let mut name = vec![0u8; size as usize];
-    f.read_exact_at(&mut name, offset)?;
-    Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(&name))))
-}
+/// The files of a disk image and its backing chain (from the qcow2 headers; the
+/// writable layer's header is Wrenn's own: every start makes a new one).
+pub use wrenn_storage::qcow2::disk_chain;
 
 /// Memory images shared by many VMMs (a template's or fork parent's RAM), held
 /// in sealed memfds: QEMU 7.2 opens its memory file read-write even for a
@@ -838,31 +787,6 @@ mod tests {
         let freed = a.uid();
         drop(a);
         assert_eq!(other.lease().expect("freed").uid(), freed);
-    }
-
-    #[test]
-    fn qcow2_chains_are_followed_and_raw_ends_them() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let raw = dir.path().join("base.raw");
-        std::fs::write(&raw, vec![0u8; 4096]).expect("raw");
-        // A minimal qcow2 header naming a relative backing file.
-        let qcow = |name: &str, backing: &str| {
-            let mut h = vec![0u8; 512];
-            h[..4].copy_from_slice(b"QFI\xfb");
-            h[4..8].copy_from_slice(&3u32.to_be_bytes());
-            h[8..16].copy_from_slice(&256u64.to_be_bytes());
-            h[16..20].copy_from_slice(&(backing.len() as u32).to_be_bytes());
-            h[256..256 + backing.len()].copy_from_slice(backing.as_bytes());
-            let p = dir.path().join(name);
-            std::fs::write(&p, h).expect("qcow2");
-            p
-        };
-        let mid = qcow("mid.qcow2", "base.raw");
-        let top = qcow("top.qcow2", &mid.display().to_string());
-        let chain = disk_chain(&top).expect("chain");
-        assert_eq!(chain, vec![top.clone(), mid, dir.path().join("base.raw")]);
-        let looped = qcow("loop.qcow2", "loop.qcow2");
-        assert!(disk_chain(&looped).is_err());
     }
 
     #[test]

@@ -337,7 +337,7 @@ fn check_jail(host: &wrenn::Host, info: &wrenn::CapsuleInfo, other: &wrenn::Caps
     assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o600));
     // The layers under it are shared: root's, readable, written by no one else
     // (a layer an earlier VMM wrote is no longer its uid's).
-    let chain = wrenn_vmm::jail::disk_chain(&disk).expect("disk chain");
+    let chain = wrenn_storage::qcow2::disk_chain(&disk).expect("disk chain");
     assert!(chain.len() >= 2, "{chain:?}");
     for layer in &chain[1..] {
         let m = std::fs::metadata(layer).expect("layer");

@@ -172,6 +172,11 @@ impl CowStore for Qcow2Store {
     /// Also flattens raw disks (the input format is always passed explicitly, never probed).
     async fn flatten(&self, disk: &CowDisk, dest: &Path) -> Result<(), StorageError> {
         ensure_distinct(&disk.path, dest).await?;
+        // qemu-img follows a qcow2 header, which the VM's VMM could write (a raw
+        // disk is read as raw: `-f` below).
+        if disk.format == DiskFormat::Qcow2 {
+            crate::qcow2::check_guest_layer(&disk.path, &disk.base)?;
+        }
         let tmp = TempPath::for_dest(dest)?;
         let mut args = vec![
             OsStr::new("convert"),

@@ -149,7 +149,6 @@ impl Qmp {
         }
     }
 
-    /// Runs one command and returns its `return` value.
     /// Hands `fd` to QEMU under `name` (QMP `getfd`, the descriptor travelling
     /// as SCM_RIGHTS with the command), for URIs such as `fd:name`.
     pub async fn pass_fd(
@@ -197,6 +196,7 @@ impl Qmp {
         self.read_return("getfd").await.map(|_| ())
     }
 
+    /// Runs one command and returns its `return` value.
     pub async fn execute(&mut self, cmd: &QmpCommand) -> Result<Value, QemuError> {
         self.send_raw(&cmd.to_json()).await?;
         self.read_return(cmd.name()).await

@@ -165,22 +165,7 @@ fn private_file(path: &std::path::Path) -> std::io::Result<()> {
 
 /// Writes `bytes` to `path` (mode 0600) durably: a synced temporary file renamed over it.
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    wrenn_core::fsutil::write_atomic(path, bytes)
 }
 
 /// Opens the database (SQLite in the data dir unless a URL is given) and runs bootstrap;

@@ -9,6 +9,7 @@
 
 pub mod egress;
 pub mod error;
+pub mod fsutil;
 pub mod guest;
 pub mod id;
 pub mod manager;

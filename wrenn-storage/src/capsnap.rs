@@ -68,12 +68,7 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
 }
 
 fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-    f.write_all(bytes).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("fsync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err("rename", path))
+    wrenn_core::fsutil::write_atomic(path, bytes).map_err(io_err("write", path))
 }
 
 /// Links `src` at `dst`, replacing `dst`.

@@ -154,14 +154,11 @@ pub async fn probe(binary: &Path, kernel: &Path, cache_dir: Option<&Path>) -> Ac
     tracing::info!(accel = %result.accel, reason = %result.reason, "acceleration probed");
     if let (Some(f), Some(dir)) = (&cache_file, cache_dir) {
         let _ = std::fs::create_dir_all(dir);
-        let tmp = f.with_extension("json.tmp");
         if let Ok(text) = serde_json::to_string(&Cached {
             key,
             probe: result.clone(),
         }) {
-            if std::fs::write(&tmp, text).is_ok() {
-                let _ = std::fs::rename(&tmp, f);
-            }
+            let _ = wrenn_core::fsutil::write_atomic(f, text.as_bytes());
         }
     }
     result

@@ -86,21 +86,6 @@ fn rand_u32() -> u32 {
     nanos ^ std::process::id().rotate_left(13)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 #[async_trait]
 impl StateStore for FsStateStore {
     async fn create_dir(&self, id: &CapsuleId) -> Result<PathBuf, StateError> {
@@ -149,7 +134,7 @@ impl StateStore for FsStateStore {
         let bytes = serde_json::to_vec_pretty(record)
             .map_err(|e| err("encoding capsule record".into(), e))?;
         let p = path.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&p, &bytes))
+        tokio::task::spawn_blocking(move || wrenn_core::fsutil::write_atomic(&p, &bytes))
             .await
             .map_err(|e| err("writing capsule record".into(), e))?
             .map_err(|e| err(format!("writing {}", path.display()), e))

@@ -180,8 +180,20 @@ def test_ctrl_c_interrupts_a_blocking_call():
         print("capsules after interrupted create:", len(Capsule.list()))
         """
     )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=120)
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     assert r.returncode == 0, r.stderr
+    # Nothing of the child is left: neither its capsule nor the one of the create
+    # it interrupted (destroyed at exit once that create ended).
+    root = os.path.join(DATA_DIR, "capsules")
+    for cid in os.listdir(root):
+        try:
+            with open(os.path.join(root, cid, "state.json")) as f:
+                owner = json.load(f).get("owner", {}).get("pid")
+        except (OSError, ValueError):
+            continue
+        assert owner != p.pid, f"capsule {cid} of the exited child is left"
     lines = dict(line.split(":", 1) if ":" in line else (line, "") for line in r.stdout.splitlines())
     assert any(line.startswith("interrupted after") for line in r.stdout.splitlines()), r.stdout
     secs = float(r.stdout.split("interrupted after")[1].split()[0])

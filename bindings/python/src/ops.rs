@@ -479,6 +479,10 @@ fn shutdown(py: Python<'_>, timeout: f64) -> usize {
         runtime().block_on(async {
             let all = async {
                 loop {
+                    // Read before destroying: a create that ends during the pass
+                    // below (its capsule still being made when the pass reached
+                    // it) gets another pass.
+                    let in_flight = IN_FLIGHT.load(Ordering::SeqCst);
                     let failed: Vec<_> = h
                         .capsules()
                         .destroy_all()
@@ -488,7 +492,7 @@ fn shutdown(py: Python<'_>, timeout: f64) -> usize {
                         .collect();
                     // A create interrupted (Ctrl-C) just before exit: wait for it,
                     // then destroy what it made.
-                    if IN_FLIGHT.load(Ordering::SeqCst) == 0 {
+                    if in_flight == 0 {
                         return failed;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;

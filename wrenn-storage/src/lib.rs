@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use wrenn_core::storage::{CowStore, DiskFormat};
 
-pub use cow::{find_qemu_img, Qcow2Store, RawCopyStore, QEMU_IMG_ENV, TEMP_MARKER};
+pub use cow::{find_on_path, find_qemu_img, Qcow2Store, RawCopyStore, QEMU_IMG_ENV, TEMP_MARKER};
 pub use error::DiskError;
 pub use sparse::CopyMethod;
 

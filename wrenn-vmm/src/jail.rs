@@ -62,7 +62,8 @@ pub enum JailError {
     Outside { path: PathBuf, allowed: String },
 }
 
-fn prepare(path: &Path) -> impl FnOnce(io::Error) -> JailError + '_ {
+/// Maps an I/O error on `path` to [`JailError::Prepare`].
+pub(crate) fn prepare(path: &Path) -> impl FnOnce(io::Error) -> JailError + '_ {
     move |source| JailError::Prepare {
         path: path.to_path_buf(),
         source,

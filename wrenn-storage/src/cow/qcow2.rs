@@ -24,8 +24,13 @@ pub fn find_qemu_img() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(QEMU_IMG_ENV).filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
     }
+    find_on_path("qemu-img")
+}
+
+/// The first executable file `name` in a directory of `PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join("qemu-img"))
+        .map(|dir| dir.join(name))
         .find(|p| {
             std::fs::metadata(p)
                 .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

@@ -85,11 +85,11 @@ impl QemuConfig {
     }
 }
 
-/// `WRENN_QEMU` or `qemu-system-x86_64` on PATH.
+/// `WRENN_QEMU`, or `qemu-system-x86_64` on PATH (as an absolute path when found).
 pub fn default_binary() -> PathBuf {
     std::env::var_os("WRENN_QEMU")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
+        .unwrap_or_else(|| resolve_binary(Path::new("qemu-system-x86_64")))
 }
 
 /// The QEMU [`Vmm`].
@@ -159,16 +159,15 @@ fn tail(path: &Path, max: usize) -> String {
     text[start..].trim().to_string()
 }
 
-/// The binary as an absolute path (a jailed VMM cannot search the host's PATH).
+/// The binary as an absolute path (a jailed VMM cannot search the host's PATH);
+/// a path already is one, and is returned at once.
 fn resolve_binary(binary: &Path) -> PathBuf {
     if binary.is_absolute() || binary.components().count() > 1 {
         return binary.to_path_buf();
     }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join(binary))
-        .find(|p| p.is_file())
+    binary
+        .to_str()
+        .and_then(wrenn_storage::find_on_path)
         .and_then(|p| p.canonicalize().ok())
         .unwrap_or_else(|| binary.to_path_buf())
 }
@@ -190,13 +189,9 @@ fn prepare_jail(
     binary: &Path,
     accel: Accel,
 ) -> Result<Jailed, crate::jail::JailError> {
-    use crate::jail::{disk_chain, JailError, PlanBuilder};
+    use crate::jail::{disk_chain, prepare as io, PlanBuilder};
     let lease = jail.lease()?;
     let uid = lease.uid();
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| JailError::Prepare { path, source }
-    };
     let root = spec.run_dir.join("jail");
     std::fs::create_dir_all(&root).map_err(io(&root))?;
     let roots = jail.roots();

@@ -208,6 +208,10 @@ def server(request) -> Server:
             "--auth-rate-limit", "0",
             "--auth-account-rate-limit", "0",
             "--upload-limit-mib", "8",
+            # Test machines may have only a few GiB free, and the suites' guests write
+            # little: keep room for a quarter of their disks (test_host_disk checks
+            # the default, fully reserved, on servers of its own).
+            "--disk-overcommit", "4",
         ],
         env=env,
         log_path=os.path.join(data_dir, "serve.log"),

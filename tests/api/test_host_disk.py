@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import httpx
 import pytest
@@ -60,3 +61,17 @@ def test_an_upload_that_does_not_fit_is_refused(start_server):
         assert s.commands.run("ls /tmp/big.bin || echo absent").stdout.strip().endswith("absent")
     finally:
         s.kill()
+
+
+@pytest.mark.parametrize("ratio", ["0.5", "101", "many"])
+def test_a_disk_overcommit_outside_1_to_100_stops_the_server_by_name(ratio, tmp_path):
+    from conftest import BINARY
+
+    out = subprocess.run(
+        [BINARY, "--data-dir", str(tmp_path), "serve", "--listen", "127.0.0.1:0", "--disk-overcommit", ratio],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "--disk-overcommit" in out.stderr and "from 1 to 100" in out.stderr, out.stderr

@@ -203,3 +203,22 @@ def test_ctrl_c_interrupts_a_blocking_call():
     assert lines["capsules after interrupted create"].strip() == "1", r.stdout
     cid = lines["id"].strip()
     assert not os.path.exists(os.path.join(DATA_DIR, "capsules", cid))
+
+
+def test_a_bad_disk_setting_in_the_environment_is_refused_by_name():
+    code = textwrap.dedent(
+        """
+        from wrenn_embed import Capsule, InvalidArgumentError
+        try:
+            Capsule(template="minimal")
+        except InvalidArgumentError as e:
+            print("refused:", e)
+        else:
+            print("accepted")
+        """
+    )
+    env = dict(os.environ, WRENN_DISK_OVERCOMMIT="0.5")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("refused:"), out.stdout
+    assert "WRENN_DISK_OVERCOMMIT" in out.stdout and "from 1 to 100" in out.stdout, out.stdout

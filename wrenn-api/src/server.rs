@@ -32,6 +32,8 @@ pub struct ServeOptions {
     pub dns_upstream: Option<SocketAddr>,
     /// Disk space (MiB) capsules may never take from the host.
     pub disk_reserve_mb: u64,
+    /// Thin provisioning of capsules' writable disks.
+    pub disk_overcommit: wrenn::DiskOvercommit,
     /// The uids jailed VMMs run as.
     pub jail: wrenn::JailConfig,
     pub config: ApiConfig,
@@ -222,6 +224,7 @@ pub async fn run(
         pool_memory_budget_mb: opts.pool_memory_mb,
         dns_upstream: opts.dns_upstream,
         disk_reserve_mb: opts.disk_reserve_mb,
+        disk_overcommit: opts.disk_overcommit,
         jail: Some(opts.jail.clone()),
         ..Default::default()
     })

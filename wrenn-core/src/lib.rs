@@ -7,6 +7,7 @@
 //! and `wrenn-envd` (the guest agent client); the `wrenn` crate wires them.
 #![forbid(unsafe_code)]
 
+pub mod diskspace;
 pub mod egress;
 pub mod error;
 pub mod fsutil;
@@ -27,7 +28,8 @@ pub mod vmm;
 pub use error::CapsuleError;
 pub use id::CapsuleId;
 pub use manager::{
-    CapsuleInfo, Capsules, ExecOutput, HostParts, ManagerConfig, PoolStats, SweepReport, VmmProcess,
+    CapsuleInfo, Capsules, DiskOvercommit, ExecOutput, HostParts, ManagerConfig, PoolStats,
+    SweepReport, VmmProcess,
 };
 pub use spec::{CapsuleSpec, CreateOptions, Limits};
 pub use status::CapsuleStatus;

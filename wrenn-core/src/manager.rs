@@ -8,6 +8,7 @@
 //! every failure path; a capsule whose VMM dies is marked failed and its resources
 //! are released at once.
 
+pub use crate::diskspace::DiskOvercommit;
 use crate::error::CapsuleError;
 use crate::guest::{
     ExecEvent, ExecRequest, ExecStream, ExitStatus, GuestAgent, GuestConnector, GuestInit,
@@ -66,6 +67,9 @@ pub struct ManagerConfig {
     /// take: creates, resumes, forks, pauses and snapshots that could eat into it are
     /// refused ([`CapsuleError::InsufficientStorage`]).
     pub disk_reserve_mb: u64,
+    /// How far writable disks are thin-provisioned: what capsules' disks may still
+    /// grow by counts against the host's free space divided by this.
+    pub disk_overcommit: DiskOvercommit,
 }
 
 impl Default for ManagerConfig {
@@ -77,6 +81,7 @@ impl Default for ManagerConfig {
             guest_init: "/usr/local/bin/wrenn-init".into(),
             pool_memory_budget_mb: 4096,
             disk_reserve_mb: 1024,
+            disk_overcommit: DiskOvercommit::NONE,
         }
     }
 }
@@ -519,6 +524,11 @@ impl Capsules {
         })
     }
 
+    /// Room kept for a new writable disk of `disk_mb` MiB to grow into.
+    fn disk_growth(&self, disk_mb: u64) -> u64 {
+        self.ctx.config.disk_overcommit.provisioned(disk_mb << 20)
+    }
+
     /// Checks that `bytes` more can be written to the host's disk (an upload)
     /// without taking it below the reserve.
     pub fn check_space(&self, op: &'static str, bytes: u64) -> Result<(), CapsuleError> {
@@ -528,8 +538,8 @@ impl Capsules {
     /// Promises `need` bytes of the data directory's disk to operation `op`, or
     /// refuses it when that could take the host below the configured reserve:
     /// what running capsules' writable disks may still grow by (their size minus
-    /// what they hold now) and what other operations in flight were promised
-    /// count as used.
+    /// what they hold now, divided by the disk overcommit) and what other
+    /// operations in flight were promised count as used.
     fn reserve_space(&self, op: &'static str, need: u64) -> Result<SpaceClaim, CapsuleError> {
         let state = &self.ctx.parts.state;
         let claim = |bytes| SpaceClaim {
@@ -556,6 +566,7 @@ impl Capsules {
                     .unwrap_or(0);
                 (r.spec.disk_mb << 20).saturating_sub(held)
             })
+            .map(|bytes| self.ctx.config.disk_overcommit.provisioned(bytes))
             .sum();
         let reserve = self.ctx.config.disk_reserve_mb << 20;
         let mut pending = self
@@ -757,7 +768,7 @@ impl Capsules {
         let parts = self.ctx.parts.clone();
         let template = parts.templates.get(&spec.template).await?;
         // The new capsule's writable disk may grow to its full size.
-        let _space = self.reserve_space("create a capsule", spec.disk_mb << 20)?;
+        let _space = self.reserve_space("create a capsule", self.disk_growth(spec.disk_mb))?;
         let snap = match parts.snapshots.open_template(&spec.template).await {
             Ok(_) if opts.cold_boot => None,
             Ok(s) => s.filter(|r| r.meta.accel == parts.vmm.accel()),
@@ -1029,7 +1040,7 @@ impl Capsules {
             .entry(id)
             .ok()
             .and_then(|e| e.snapshot())
-            .map(|r| r.spec.disk_mb << 20)
+            .map(|r| self.disk_growth(r.spec.disk_mb))
             .unwrap_or(0);
         let _space = self.reserve_space("resume the capsule", disk)?;
         self.ask(id, |reply| Command::Resume(mode, reply)).await?;
@@ -1071,7 +1082,7 @@ impl Capsules {
         let rec = self.entry(id).ok().and_then(|e| e.snapshot());
         let per_child = rec
             .as_ref()
-            .map(|r| (r.spec.disk_mb << 20) + (u64::from(r.spec.memory_mb) << 20))
+            .map(|r| self.disk_growth(r.spec.disk_mb) + (u64::from(r.spec.memory_mb) << 20))
             .unwrap_or(0);
         let _space = self.reserve_space(
             "fork the capsule",

@@ -65,7 +65,7 @@ enum Cmd {
     },
     /// Run the control plane (REST API, E2B-compatible API, proxy) with this host's
     /// capsules.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Check this host: acceleration, QEMU, images, permissions.
     Doctor,
     /// List capsules recorded in the data directory.
@@ -193,7 +193,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             overwrite,
         } => snapshot(data, &id, &name, overwrite).await.map(|_| 0),
         Cmd::Fork { id, count, exec } => fork(data, &id, count, exec).await,
-        Cmd::Serve(args) => serve::serve(cli.data_dir.clone(), args).await,
+        Cmd::Serve(args) => serve::serve(cli.data_dir.clone(), *args).await,
         Cmd::Doctor => doctor::run(&data).await,
         Cmd::Ps => ps(&data).await.map(|_| 0),
         Cmd::Rm { ids } => rm(data, ids).await.map(|_| 0),

@@ -44,6 +44,12 @@ pub struct ServeArgs {
     /// into it are refused with 507.
     #[arg(long, env = "WRENN_DISK_RESERVE_MB", default_value_t = 1024)]
     disk_reserve_mb: u64,
+    /// Thin provisioning of capsules' writable disks, 1-100: room is kept on the
+    /// host for 1/RATIO of what running capsules' disks may still grow by (1: all
+    /// of it, so no guest can ever find the host disk full). Memory images and
+    /// snapshots always count in full.
+    #[arg(long, env = "WRENN_DISK_OVERCOMMIT", default_value_t = wrenn::DiskOvercommit::NONE)]
+    disk_overcommit: wrenn::DiskOvercommit,
     /// The uids VMMs run as (FIRST-LAST, one per running VMM; the group is FIRST).
     /// Each VMM is jailed: that uid, no capabilities, its own mount namespace.
     #[arg(long, env = "WRENN_JAIL_UIDS", default_value = "990000-999999", value_parser = parse_jail)]
@@ -186,6 +192,7 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
         pool_memory_mb: a.pool_memory_mb,
         dns_upstream: a.dns_upstream,
         disk_reserve_mb: a.disk_reserve_mb,
+        disk_overcommit: a.disk_overcommit,
         jail: a.jail_uids,
         config: ApiConfig {
             domain: a.domain,

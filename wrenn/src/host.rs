@@ -5,7 +5,7 @@ use crate::state::FsStateStore;
 use crate::templates::FsTemplates;
 use std::sync::Arc;
 use std::time::Duration;
-use wrenn_core::manager::{Capsules, HostParts, ManagerConfig, SweepReport};
+use wrenn_core::manager::{Capsules, DiskOvercommit, HostParts, ManagerConfig, SweepReport};
 use wrenn_core::spec::Limits;
 use wrenn_core::CapsuleError;
 use wrenn_envd::client::EnvdConnector;
@@ -29,6 +29,8 @@ pub struct HostOptions {
     pub pool_memory_budget_mb: u64,
     /// Disk space (MiB) capsules may never take from the data directory's filesystem.
     pub disk_reserve_mb: u64,
+    /// Thin provisioning of writable disks (see [`DiskOvercommit`]).
+    pub disk_overcommit: DiskOvercommit,
     /// Resolver the capsules' filtering resolvers forward allowed names to
     /// (`None`: the host's first IPv4 nameserver, else 8.8.8.8).
     pub dns_upstream: Option<std::net::SocketAddr>,
@@ -49,6 +51,7 @@ impl Default for HostOptions {
             pool_memory_budget_mb: ManagerConfig::default().pool_memory_budget_mb,
             dns_upstream: None,
             disk_reserve_mb: ManagerConfig::default().disk_reserve_mb,
+            disk_overcommit: DiskOvercommit::NONE,
             jail: Some(wrenn_vmm::jail::JailConfig::default()),
         }
     }
@@ -155,6 +158,7 @@ impl Host {
             ready_timeout: opts.ready_timeout,
             pool_memory_budget_mb: opts.pool_memory_budget_mb,
             disk_reserve_mb: opts.disk_reserve_mb,
+            disk_overcommit: opts.disk_overcommit,
             ..Default::default()
         };
         let capsules = Capsules::new(parts, config);

@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use wrenn::{CapsuleError, CreateOptions, Host, HostOptions};
+use wrenn::{CapsuleError, CreateOptions, DiskOvercommit, Host, HostOptions};
 
 fn free_mb(dir: &std::path::Path) -> u64 {
     let st = nix::sys::statvfs::statvfs(dir).expect("statvfs");
@@ -17,9 +17,14 @@ fn free_mb(dir: &std::path::Path) -> u64 {
 }
 
 async fn host_with_reserve(dir: &std::path::Path, reserve_mb: u64) -> Host {
+    host_with(dir, reserve_mb, DiskOvercommit::NONE).await
+}
+
+async fn host_with(dir: &std::path::Path, reserve_mb: u64, overcommit: DiskOvercommit) -> Host {
     Host::local(HostOptions {
         data_dir: wrenn::DataDir::new(dir),
         disk_reserve_mb: reserve_mb,
+        disk_overcommit: overcommit,
         sweep: false,
         ..Default::default()
     })
@@ -83,6 +88,22 @@ async fn work_that_would_eat_the_reserve_is_refused() {
     caps.pause_with(&info.id, wrenn::snapshot::PauseMode::DiskOnly)
         .await
         .expect("disk-only pause");
+    caps.destroy(&info.id).await.expect("destroy");
+    assert_gone(&fp).await;
+    drop(tight);
+
+    // The same room with disks thin-provisioned 4:1: the running capsule's disk
+    // counts a quarter, so the full pause that was refused above now fits.
+    let free = free_mb(dir.path());
+    let reserve = free.saturating_sub(2048 + 128);
+    let ratio = DiskOvercommit::new(4.0).expect("ratio");
+    let thin = host_with(dir.path(), reserve, ratio).await;
+    let caps = thin.capsules();
+    let info = caps.create(opts()).await.expect("create");
+    let fp = footprint(&thin, &info);
+    caps.pause(&info.id)
+        .await
+        .expect("a full pause with thin-provisioned disks");
     caps.destroy(&info.id).await.expect("destroy");
     assert_gone(&fp).await;
 }

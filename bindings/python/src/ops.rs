@@ -12,7 +12,7 @@ use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, OnceCell};
 use wrenn::guest::{AgentError, EntryKind, ExecEvent, ExecRequest, FileEntry};
-use wrenn::{CapsuleId, CapsuleInfo, CreateOptions, Host, HostOptions};
+use wrenn::{CapsuleId, CapsuleInfo, CreateOptions, DiskOvercommit, Host, HostOptions};
 
 static HOST: OnceCell<Host> = OnceCell::const_new();
 
@@ -35,16 +35,35 @@ impl Drop for InFlight {
     }
 }
 
-/// The process's host, started on first use (`HostOptions::default()`: data
-/// directory from `WRENN_DATA_DIR`; the startup sweep removes what crashed
-/// processes left behind).
+/// The process's host, started on first use (the startup sweep removes what
+/// crashed processes left behind), configured from the environment as `wrenn
+/// serve` is: `WRENN_DATA_DIR`, `WRENN_DISK_RESERVE_MB`, `WRENN_DISK_OVERCOMMIT`.
 async fn host() -> Result<&'static Host, Fail> {
-    HOST.get_or_try_init(|| async {
-        Host::local(HostOptions::default())
-            .await
-            .map_err(Fail::from)
-    })
-    .await
+    HOST.get_or_try_init(|| async { Host::local(host_options()?).await.map_err(Fail::from) })
+        .await
+}
+
+fn host_options() -> Result<HostOptions, Fail> {
+    fn var<T: std::str::FromStr>(name: &str) -> Result<Option<T>, Fail>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match std::env::var(name) {
+            Ok(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|e| Fail::new("invalid_argument", format!("{name}={v:?}: {e}"))),
+            Err(_) => Ok(None),
+        }
+    }
+    let mut opts = HostOptions::default();
+    if let Some(mb) = var::<u64>("WRENN_DISK_RESERVE_MB")? {
+        opts.disk_reserve_mb = mb;
+    }
+    if let Some(ratio) = var::<DiskOvercommit>("WRENN_DISK_OVERCOMMIT")? {
+        opts.disk_overcommit = ratio;
+    }
+    Ok(opts)
 }
 
 fn parse_id(id: &str) -> Result<CapsuleId, Fail> {

@@ -398,7 +398,7 @@ async fn settled(st: &AppState, who: &Principal, id: &str) -> R<wrenn_db::Capsul
 
 #[utoipa::path(post, path = "/sandboxes", tag = "e2b", request_body = NewSandbox,
     responses((status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
-        (status = 401, body = E2bErrorBody), (status = 404, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
+        (status = 401, body = E2bErrorBody), (status = 404, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody), (status = 507, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn create(
     State(st): S,
@@ -489,7 +489,7 @@ pub struct ConnectSandbox {
 /// `POST /v2/sandboxes` (SDK ≥ 2.51): the same as `POST /sandboxes`.
 #[utoipa::path(post, path = "/v2/sandboxes", tag = "e2b", request_body = NewSandbox,
     responses((status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
-        (status = 401, body = E2bErrorBody), (status = 404, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
+        (status = 401, body = E2bErrorBody), (status = 404, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody), (status = 507, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn create_v2(
     st: S,
@@ -504,7 +504,7 @@ pub async fn create_v2(
 #[utoipa::path(post, path = "/v2/sandboxes/{id}/connect", tag = "e2b", params(("id" = String, Path)),
     request_body = ConnectSandbox,
     responses((status = 200, body = Sandbox), (status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
-        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
+        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody), (status = 507, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn connect_v2(
     st: S,
@@ -520,7 +520,7 @@ pub async fn connect_v2(
 #[utoipa::path(post, path = "/sandboxes/{id}/connect", tag = "e2b", params(("id" = String, Path)),
     request_body = ConnectSandbox,
     responses((status = 200, body = Sandbox), (status = 201, body = Sandbox), (status = 400, body = E2bErrorBody),
-        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
+        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody), (status = 507, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn connect(
     State(st): S,
@@ -571,7 +571,7 @@ pub async fn connect(
 #[utoipa::path(post, path = "/sandboxes/{id}/resume", tag = "e2b", params(("id" = String, Path)),
     request_body = ConnectSandbox,
     responses((status = 201, body = Sandbox), (status = 400, body = E2bErrorBody), (status = 404, body = E2bErrorBody),
-        (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
+        (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody), (status = 507, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn resume(
     State(st): S,
@@ -671,7 +671,7 @@ pub struct PauseRequest {
 #[utoipa::path(post, path = "/sandboxes/{id}/pause", tag = "e2b", params(("id" = String, Path)),
     request_body = PauseRequest,
     responses((status = 204), (status = 400, body = E2bErrorBody), (status = 404, body = E2bErrorBody),
-        (status = 409, body = E2bErrorBody)),
+        (status = 409, body = E2bErrorBody), (status = 507, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn pause(
     State(st): S,
@@ -989,7 +989,7 @@ pub struct ForkResult {
 #[utoipa::path(post, path = "/sandboxes/{id}/fork", tag = "e2b", params(("id" = String, Path)),
     request_body = ForkRequest,
     responses((status = 201, body = Vec<ForkResult>), (status = 400, body = E2bErrorBody), (status = 404, body = E2bErrorBody),
-        (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
+        (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody), (status = 507, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn fork(
     State(st): S,
@@ -1038,7 +1038,7 @@ pub struct SnapshotInfo {
 #[utoipa::path(post, path = "/sandboxes/{id}/snapshots", tag = "e2b", params(("id" = String, Path)),
     request_body = SnapshotRequest,
     responses((status = 201, body = SnapshotInfo), (status = 400, body = E2bErrorBody),
-        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody)),
+        (status = 404, body = E2bErrorBody), (status = 409, body = E2bErrorBody), (status = 403, body = E2bErrorBody), (status = 429, body = E2bErrorBody), (status = 507, body = E2bErrorBody)),
     security(("api_key" = [])))]
 pub async fn create_snapshot(
     State(st): S,

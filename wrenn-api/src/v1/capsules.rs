@@ -135,7 +135,7 @@ pub struct CreateCapsuleRequest {
 #[utoipa::path(post, path = "/v1/capsules", tag = "capsules",
     request_body = CreateCapsuleRequest,
     responses((status = 201, body = CapsuleView), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, body = ErrorBody)),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, body = ErrorBody), (status = 507, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn create(
     State(st): S,
@@ -268,7 +268,7 @@ pub async fn ping(State(st): S, Auth(who): Auth, Path(id): Path<String>) -> ApiR
 
 #[utoipa::path(post, path = "/v1/capsules/{id}/pause", tag = "capsules",
     params(("id" = String, Path)),
-    responses((status = 200, body = CapsuleView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    responses((status = 200, body = CapsuleView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 507, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn pause(
     State(st): S,
@@ -282,7 +282,7 @@ pub async fn pause(
 
 #[utoipa::path(post, path = "/v1/capsules/{id}/resume", tag = "capsules",
     params(("id" = String, Path)),
-    responses((status = 200, body = CapsuleView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, body = ErrorBody)),
+    responses((status = 200, body = CapsuleView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, body = ErrorBody), (status = 507, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn resume(
     State(st): S,

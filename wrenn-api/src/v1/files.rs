@@ -323,7 +323,7 @@ async fn write_impl(
     params(("id" = String, Path)),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 507, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn write(
     State(st): S,
@@ -365,7 +365,7 @@ pub async fn write(
     params(("id" = String, Path)),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 507, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 /// The same streamed write as `files/write` (both stream), under the reference's second path.
 pub async fn stream_write(

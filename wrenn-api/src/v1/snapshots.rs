@@ -75,7 +75,7 @@ pub struct OverwriteQuery {
 #[utoipa::path(post, path = "/v1/snapshots", tag = "snapshots",
     request_body = CreateSnapshotRequest, params(OverwriteQuery),
     responses((status = 201, body = TemplateView), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, body = ErrorBody)),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, body = ErrorBody), (status = 507, body = ErrorBody)),
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn create(
     State(st): S,

@@ -26,6 +26,13 @@ pub enum CapsuleError {
         op: &'static str,
         needed: &'static str,
     },
+    /// A status change the lifecycle does not allow (nothing was changed).
+    #[error("Capsule {id}: {source}")]
+    Transition {
+        id: CapsuleId,
+        #[source]
+        source: crate::status::InvalidTransition,
+    },
     #[error("Network setup failed")]
     Network(#[from] NetError),
     #[error("Disk setup failed")]
@@ -69,7 +76,7 @@ impl CapsuleError {
             CapsuleError::Template(TemplateError::Unknown { .. }) => "template_not_found",
             CapsuleError::Template(_) => "template_error",
             CapsuleError::NotFound { .. } => "not_found",
-            CapsuleError::InvalidState { .. } => "invalid_state",
+            CapsuleError::InvalidState { .. } | CapsuleError::Transition { .. } => "invalid_state",
             CapsuleError::Network(NetError::Permission { .. }) => "permission_denied",
             CapsuleError::Network(_) => "network_error",
             CapsuleError::Storage(_) => "storage_error",

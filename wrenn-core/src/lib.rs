@@ -23,6 +23,8 @@ pub mod spec;
 pub mod status;
 pub mod storage;
 pub mod template;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod vmm;
 
 pub use error::CapsuleError;

@@ -1,6 +1,7 @@
 //! What is persisted about a capsule (`capsules/<id>/state.json`), so a restarted
 //! process can adopt or clean up everything it finds.
 
+use crate::error::CapsuleError;
 use crate::id::CapsuleId;
 use crate::net::NetSlot;
 use crate::spec::CapsuleSpec;
@@ -47,6 +48,32 @@ pub struct CapsuleRecord {
     /// A warm-pool entry: restored ahead of time, not yet anyone's capsule.
     #[serde(default)]
     pub pooled: bool,
+}
+
+impl CapsuleRecord {
+    /// The one way a capsule's status changes: only to a status its lifecycle
+    /// allows from the current one ([`CapsuleStatus::can_become`]); otherwise
+    /// nothing changes and the error names both.
+    pub fn transition(&mut self, to: CapsuleStatus) -> Result<(), CapsuleError> {
+        self.status = self
+            .status
+            .transition(to)
+            .map_err(|source| CapsuleError::Transition {
+                id: self.id.clone(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Restates the record of a capsule whose process died, as its last committed
+    /// snapshot has it: paused, holding no VMM, slot or writable disk. Not a
+    /// lifecycle step (nothing ran the capsule there): the record was out of date.
+    pub fn restate_paused(&mut self) {
+        self.status = CapsuleStatus::Paused;
+        self.slot = None;
+        self.disk = None;
+        self.vmm_pid = None;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

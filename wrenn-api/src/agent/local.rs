@@ -95,7 +95,9 @@ pub(crate) fn host_error(e: CapsuleError) -> HostError {
         CapsuleError::NotFound { .. } => HostErrorKind::NotFound,
         CapsuleError::InvalidSpec(_) => HostErrorKind::InvalidArgument,
         CapsuleError::Template(TemplateError::Unknown { .. }) => HostErrorKind::NotFound,
-        CapsuleError::InvalidState { .. } => HostErrorKind::InvalidState,
+        CapsuleError::InvalidState { .. } | CapsuleError::Transition { .. } => {
+            HostErrorKind::InvalidState
+        }
         CapsuleError::Snapshot(wrenn_core::snapshot::SnapshotError::NameTaken { .. }) => {
             HostErrorKind::Conflict
         }

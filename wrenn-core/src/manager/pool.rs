@@ -335,7 +335,7 @@ impl Capsules {
             if let Some(vmm) = res.vmm.as_ref() {
                 vmm.pause().await?;
             }
-            record.status = CapsuleStatus::Running;
+            record.transition(CapsuleStatus::Running)?;
             parts.state.save(&record).await?;
             Ok::<_, CapsuleError>(agent)
         }
@@ -392,13 +392,7 @@ impl Capsules {
             Ok::<_, CapsuleError>(())
         }
         .await;
-        if let Err(e) = given {
-            for err in res.release(&parts).await {
-                tracing::warn!(capsule = %record.id, %err, "cleanup after failed pool claim");
-            }
-            let _ = parts.state.remove_dir(&record.id).await;
-            return Err(e);
-        }
+        // The entry is already running: it becomes the caller's capsule.
         let (vcpus, memory_mb, disk_mb) = (
             record.spec.vcpus,
             record.spec.memory_mb,
@@ -413,8 +407,17 @@ impl Capsules {
         record.access_token = token;
         record.pooled = false;
         record.created_at = now_unix();
-        record.status = CapsuleStatus::Running;
-        parts.state.save(&record).await?;
+        let saved = match given {
+            Ok(()) => parts.state.save(&record).await.map_err(CapsuleError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = saved {
+            for err in res.release(&parts).await {
+                tracing::warn!(capsule = %record.id, %err, "cleanup after failed pool claim");
+            }
+            let _ = parts.state.remove_dir(&record.id).await;
+            return Err(e);
+        }
         let addr = record
             .slot
             .as_ref()

@@ -185,6 +185,61 @@ pub async fn reap_once(st: &AppState) {
     }
 }
 
+/// Capsules that failed on the host by themselves (their VMM died): rows the database
+/// still holds as live become `error`, so the API stops offering them as running.
+/// Returns how many rows changed.
+pub async fn follow_host_failures(st: &AppState) -> usize {
+    let failed: std::collections::HashSet<String> = match st.agent.list().await {
+        Ok(host) => host
+            .iter()
+            .filter(|c| c.status == CapsuleStatus::Error)
+            .map(|c| c.id.to_string())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the host's capsules");
+            return 0;
+        }
+    };
+    if failed.is_empty() {
+        return 0;
+    }
+    let rows = match st.db.system_live_capsules().await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list live capsules");
+            return 0;
+        }
+    };
+    let mut changed = 0;
+    for row in rows {
+        let id = row.id.to_string();
+        if row.status == CapsuleStatus::Error || !failed.contains(&id) {
+            continue;
+        }
+        tracing::warn!(capsule = %id, was = %row.status, "capsule failed on the host; marking it error");
+        let written = st
+            .db
+            .system_set_capsule_status(&id, CapsuleStatus::Error)
+            .await;
+        st.capsule_cache.invalidate(&id);
+        if written.is_ok() {
+            changed += 1;
+            st.audit_team(
+                &row.team_id,
+                Actor::System,
+                None,
+                "capsule.failed",
+                "capsule",
+                Some(&id),
+                false,
+                Some(serde_json::json!({"was": row.status.as_str()})),
+            )
+            .await;
+        }
+    }
+    changed
+}
+
 /// Runs the reaper until the task is aborted.
 pub fn spawn_reaper(st: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -192,6 +247,7 @@ pub fn spawn_reaper(st: Arc<AppState>) -> tokio::task::JoinHandle<()> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            follow_host_failures(&st).await;
             reap_once(&st).await;
         }
     })

@@ -34,6 +34,13 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// Deadline of unary calls (streams have none).
 const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a process stream's `start` event (a frozen or dead guest
+/// must not hold a caller forever).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keepalive interval asked of envd on process streams; a stream silent for
+/// [`STREAM_SILENCE`] is dead.
+const KEEPALIVE_SECS: u64 = 30;
+const STREAM_SILENCE: Duration = Duration::from_secs(3 * KEEPALIVE_SECS);
 /// Largest whole response body read from a guest (unary answers, errors); file contents
 /// and process output are streamed, not read whole.
 pub const MAX_RESPONSE_BODY: usize = 64 * 1024 * 1024;
@@ -241,31 +248,41 @@ impl EnvdClient {
             .request(Method::POST, &format!("/{method}"), user)
             .header("content-type", "application/connect+json")
             .header("connect-protocol-version", "1")
-            .header("keepalive-ping-interval", "30");
+            .header("keepalive-ping-interval", KEEPALIVE_SECS.to_string());
         for (k, v) in req_headers {
             b = b.header(*k, v);
         }
         let req = b
             .body(full(encode_envelope(0, &msg)))
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
-        let resp = self.send(req).await?;
-        if resp.status() != StatusCode::OK {
-            let status = resp.status();
-            let bytes = Self::read_body(resp).await?;
-            return Err(http_status_error(status, &bytes));
-        }
-        let (tx, mut rx) = mpsc::channel::<Result<ExecEvent, AgentError>>(64);
-        tokio::spawn(pump_events(resp.into_body(), tx));
-        match rx.recv().await {
-            Some(Ok(ExecEvent::Started { pid })) => Ok(ExecStream { pid, events: rx }),
-            Some(Err(e)) => Err(e),
-            Some(Ok(other)) => Err(AgentError::Protocol(format!(
-                "first event was {other:?}, not start"
-            ))),
-            None => Err(AgentError::Protocol(
-                "stream ended before the start event".into(),
-            )),
-        }
+        let started = async {
+            let resp = self.send(req).await?;
+            if resp.status() != StatusCode::OK {
+                let status = resp.status();
+                let bytes = Self::read_body(resp).await?;
+                return Err(http_status_error(status, &bytes));
+            }
+            let (tx, mut rx) = mpsc::channel::<Result<ExecEvent, AgentError>>(64);
+            tokio::spawn(pump_events(resp.into_body(), tx));
+            match rx.recv().await {
+                Some(Ok(ExecEvent::Started { pid })) => Ok(ExecStream { pid, events: rx }),
+                Some(Err(e)) => Err(e),
+                Some(Ok(other)) => Err(AgentError::Protocol(format!(
+                    "first event was {other:?}, not start"
+                ))),
+                None => Err(AgentError::Protocol(
+                    "stream ended before the start event".into(),
+                )),
+            }
+        };
+        tokio::time::timeout(START_TIMEOUT, started)
+            .await
+            .unwrap_or_else(|_| {
+                Err(AgentError::Timeout(format!(
+                    "the guest agent did not start the process within {} s",
+                    START_TIMEOUT.as_secs()
+                )))
+            })
     }
 }
 
@@ -273,15 +290,24 @@ impl EnvdClient {
 async fn pump_events(mut body: Incoming, tx: mpsc::Sender<Result<ExecEvent, AgentError>>) {
     let mut dec = EnvelopeDecoder::new();
     loop {
-        let frame = match body.frame().await {
-            Some(Ok(f)) => f,
-            Some(Err(e)) => {
+        let frame = match tokio::time::timeout(STREAM_SILENCE, body.frame()).await {
+            Err(_) => {
+                let _ = tx
+                    .send(Err(AgentError::Unreachable(format!(
+                        "no output or keepalive from the guest for {} s",
+                        STREAM_SILENCE.as_secs()
+                    ))))
+                    .await;
+                return;
+            }
+            Ok(Some(Ok(f))) => f,
+            Ok(Some(Err(e))) => {
                 let _ = tx
                     .send(Err(AgentError::Unreachable(format!("stream broke: {e}"))))
                     .await;
                 return;
             }
-            None => {
+            Ok(None) => {
                 let _ = tx
                     .send(Err(AgentError::Protocol(
                         "stream ended without end-of-stream".into(),

@@ -53,6 +53,11 @@ impl Capsules {
                         tracing::warn!(capsule = %rec.id, error = %error_chain(&e), "removing leftover disk");
                     }
                 }
+                if rec.status != CapsuleStatus::Paused {
+                    tracing::warn!(capsule = %rec.id, was = %rec.status,
+                        "its process stopped while the capsule ran: kept as of its last pause \
+                         (what changed since is lost)");
+                }
                 rec.restate_paused();
                 parts.state.save(&rec).await?;
             }

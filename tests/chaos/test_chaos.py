@@ -1,0 +1,41 @@
+"""The reliability suite, bounded for CI (`cargo bench --bench reliability` runs the long
+form): kill -9 of `wrenn serve` during mixed lifecycle operations, faults (a VMM killed
+mid-pause, a frozen guest), and a short load phase. Nothing may leak, no paused capsule
+may be lost, and the load must see no error that is not 429."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from . import chaos
+
+OPS = int(os.environ.get("WRENN_CHAOS_OPS", "30"))
+KILLS = int(os.environ.get("WRENN_CHAOS_KILLS", "5"))
+
+
+@pytest.mark.timeout(3600)
+def test_kills_faults_and_load_leave_nothing_behind():
+    if os.geteuid() != 0:
+        pytest.fail("the chaos suite must run as root (capsules need network namespaces)")
+    if not os.access(os.path.join(chaos.REPO, "target", "debug", "wrenn"), os.X_OK):
+        pytest.fail("target/debug/wrenn is missing: cargo build -p wrenn-server")
+    lines = []
+    out = chaos.run(
+        binary=os.path.join(chaos.REPO, "target", "debug", "wrenn"),
+        ops=OPS,
+        kills=KILLS,
+        clients=20,
+        load_secs=10,
+        churn=2,
+        seed=int(os.environ.get("WRENN_CHAOS_SEED", "7")),
+        log=lines.append,
+    )
+    print("\n".join(lines))
+    print(json.dumps({k: v for k, v in out.items() if k != "problems"}))
+    assert out["kill_points"] == KILLS
+    assert out["load_requests"] > 0 and out["load_churned_capsules"] > 0, out
+    assert out["problems"] == [], "\n".join(out["problems"])
+    assert (out["leaks"], out["lost_paused"], out["load_errors"], out["fault_problems"]) == (0, 0, 0, 0), out

@@ -68,8 +68,9 @@ host  all all 127.0.0.1/32 trust
 HBA
 fi
 
-# A free port, chosen anew at each start (the old one may have been taken meanwhile).
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# A free port, chosen anew at each start (the old one may have been taken meanwhile),
+# unless WRENN_PG_PORT asks for one (a restart its clients must find again).
+port=${WRENN_PG_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 echo "$port" >"$dir/port"
 
 # fsync=off: a test cluster trades crash safety for speed; its data is disposable.

@@ -72,6 +72,7 @@ class Server:
     binary: str
     data_dir: str
     extra: list = field(default_factory=list)
+    database_url: str | None = None
     port: int = field(default_factory=_free_port)
     proc: subprocess.Popen | None = None
 
@@ -82,6 +83,8 @@ class Server:
     def start(self) -> None:
         env = dict(os.environ)
         env.pop("DATABASE_URL", None)
+        if self.database_url:
+            env["DATABASE_URL"] = self.database_url
         env["WRENN_BOOTSTRAP_API_KEY"] = ADMIN_KEY
         env["WRENN_BOOTSTRAP_ADMIN_PASSWORD"] = "chaos admin password"
         env.setdefault("WRENN_LOG", "info,tower_http=warn")
@@ -171,8 +174,34 @@ def _qemus(data_dir: str) -> set[int]:
     return found
 
 
-def _host_view() -> dict:
-    return {"netns": _netns(), "veths": _veths(), "slots": _slot_leases()}
+def _slot_owner_alive(index: str, mine: int | None) -> bool:
+    """Whether slot `index` is held by a live process other than `mine` (another Wrenn
+    process on this machine: not ours to judge)."""
+    try:
+        with open(os.path.join(SLOT_DIR, f"slot-{index}")) as f:
+            pid, start = (int(x) for x in f.read().split()[:2])
+    except (OSError, ValueError):
+        return False
+    if pid == mine:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rfind(")") + 1:].split()[19]) == start
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _host_view(mine: int | None = None) -> dict:
+    """Network namespaces, veths and slot leases, leaving out those of slots another live
+    process holds."""
+    def ours(name: str, prefix: str) -> bool:
+        return not _slot_owner_alive(name[len(prefix):], mine)
+    return {
+        "netns": {n for n in _netns() if ours(n, NETNS_PREFIX)},
+        "veths": {n for n in _veths() if ours(n, VETH_PREFIX)},
+        "slots": {n for n in _slot_leases() if ours(n, "slot-")},
+    }
 
 
 def _state(data_dir: str, cid: str) -> dict | None:
@@ -379,7 +408,7 @@ class Driver:
         want_veth = {((s or {}).get("slot") or {}).get("host_veth") for cid, s in states.items() if cid in running}
         want_pids = {(s or {}).get("vmm_pid") for cid, s in states.items() if cid in running}
         want_slots = {f"slot-{((s or {}).get('slot') or {}).get('index')}" for cid, s in states.items() if cid in running}
-        now = _host_view()
+        now = _host_view(self.srv.proc.pid if self.srv.proc else None)
         leaks = []
         for what, extra in (
             ("netns", now["netns"] - baseline["netns"] - want_netns),
@@ -527,15 +556,148 @@ def faults(srv: Server, log=print) -> dict:
             problems.append(f"thawed guest does not answer: {resp.status_code} {resp.text}")
         c.delete(f"/v1/capsules/{cid}")
     time.sleep(1)
-    now = _host_view()
+    now = _host_view(srv.proc.pid if srv.proc else None)
     for what in ("netns", "veths", "slots"):
         for x in sorted(now[what] - baseline[what]):
             problems.append(f"faults left {what} {x}")
     for x in _qemus(srv.data_dir):
         problems.append(f"faults left QEMU {x}")
-    for p in problems:
-        log("PROBLEM: " + p)
     return {"fault_problems": problems}
+
+
+def _typed(resp: httpx.Response) -> bool:
+    """An error answer with a JSON body naming its kind."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    err = body.get("error", body) if isinstance(body, dict) else {}
+    return isinstance(err, dict) and bool(err.get("code"))
+
+
+def disk_full(binary: str, log=print) -> list[str]:
+    """The data directory's filesystem (a small loop-mounted ext4) runs full: a pause and
+    an upload are refused with 507 and change nothing; once there is room again the
+    capsule pauses and resumes with its files."""
+    problems = []
+    root = f"/var/lib/wrenn-test/chaos-fs-{os.getpid()}"
+    img, mnt = root + ".img", root
+    os.makedirs(mnt, exist_ok=True)
+    subprocess.run(["truncate", "-s", "3G", img], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", img], check=True)
+    subprocess.run(["mount", "-o", "loop", img, mnt], check=True)
+    srv = None
+    try:
+        data = os.path.join(mnt, "data")
+        os.makedirs(os.path.join(data, "templates"))
+        os.symlink(os.path.join(IMAGES, "images"), os.path.join(data, "images"))
+        # Capsules hard-link their template's files: the template must be on this filesystem.
+        subprocess.run(["cp", "-a", "--sparse=always", os.path.join(IMAGES, "templates", "minimal"),
+                        os.path.join(data, "templates", "minimal")], check=True)
+        srv = Server(binary, data, extra=["--disk-reserve-mb", "64"])
+        srv.start()
+        filler = os.path.join(mnt, "filler")
+        with srv.client() as c:
+            cid = c.post("/v1/capsules", json={"template": "minimal"}).json()["id"]
+            r = c.post(f"/v1/capsules/{cid}/files/write", files={"path": (None, "/tmp/kept"), "file": ("f", b"kept")})
+            if r.status_code != 204:
+                problems.append(f"disk full: write before filling: {r.status_code} {r.text}")
+            st = os.statvfs(mnt)
+            free = st.f_bavail * st.f_frsize
+            subprocess.run(["fallocate", "-l", str(max(0, free - (32 << 20))), filler], check=True)
+            r = c.post(f"/v1/capsules/{cid}/pause")
+            if r.status_code != 507 or not _typed(r):
+                problems.append(f"disk full: pause answered {r.status_code} {r.text}")
+            r = c.post(f"/v1/capsules/{cid}/files/write",
+                       files={"path": (None, "/tmp/big"), "file": ("f", b"x" * (64 << 20))})
+            if r.status_code != 507 or not _typed(r):
+                problems.append(f"disk full: upload answered {r.status_code} {r.text[:200]}")
+            r = c.post(f"/v1/capsules/{cid}/exec", json={"cmd": "/bin/cat", "args": ["/tmp/kept"]})
+            if r.status_code != 200 or r.json().get("stdout") != "kept":
+                problems.append(f"disk full: the capsule stopped working: {r.status_code} {r.text}")
+            os.remove(filler)
+            r = c.post(f"/v1/capsules/{cid}/pause")
+            if r.status_code != 200:
+                problems.append(f"disk full: pause with room again: {r.status_code} {r.text}")
+            r = c.post(f"/v1/capsules/{cid}/resume")
+            got = c.post(f"/v1/capsules/{cid}/files/read", json={"path": "/tmp/kept"})
+            if r.status_code != 200 or got.text != "kept":
+                problems.append(f"disk full: resume after: {r.status_code}, file {got.status_code} {got.text!r}")
+            c.delete(f"/v1/capsules/{cid}")
+        log(f"disk full: {'ok' if not problems else 'problems'}")
+    finally:
+        if srv:
+            srv.stop()
+        subprocess.run(["umount", mnt], check=False)
+        shutil.rmtree(mnt, ignore_errors=True)
+        if os.path.exists(img):
+            os.remove(img)
+    return problems
+
+
+def db_outage(binary: str, log=print, secs: float = 10) -> list[str]:
+    """The database (PostgreSQL) goes away for `secs`: answers meanwhile are typed errors
+    (or successes), never a hang or a crash; afterwards everything works again."""
+    problems = []
+    pg_dir = f"/tmp/wrenn-postgres-chaos-{os.getpid()}"
+    env = dict(os.environ, WRENN_PG_DIR=pg_dir)
+    pg = os.path.join(REPO, "scripts", "postgres.sh")
+    url = subprocess.run([pg], env=env, check=True, capture_output=True, text=True).stdout.strip()
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    data = make_data_dir("chaos-pg")
+    srv = Server(binary, data, database_url=url)
+    try:
+        srv.start()
+        with srv.client(60) as c:
+            cid = c.post("/v1/capsules", json={"template": "minimal"}).json()["id"]
+            subprocess.run([pg, "stop"], env=env, check=True, capture_output=True)
+            t_end = time.monotonic() + secs
+            answers = []
+            while time.monotonic() < t_end:
+                for method, path, body in (
+                    ("GET", "/v1/capsules", None),
+                    ("POST", f"/v1/capsules/{cid}/exec", {"cmd": "/bin/true"}),
+                    ("POST", "/v1/capsules", {"template": "minimal"}),
+                ):
+                    t0 = time.monotonic()
+                    try:
+                        r = c.request(method, path, json=body, timeout=30)
+                    except httpx.HTTPError as e:
+                        problems.append(f"db outage: {method} {path}: {e!r}")
+                        continue
+                    answers.append(r.status_code)
+                    if r.status_code >= 400 and (r.status_code != 503 or not _typed(r)):
+                        problems.append(f"db outage: {method} {path}: {r.status_code} {r.text[:200]} "
+                                        "(wanted success or a typed 503)")
+                    if r.status_code == 201 and path == "/v1/capsules":
+                        c.delete(f"/v1/capsules/{r.json()['id']}")
+                    if time.monotonic() - t0 > 20:
+                        problems.append(f"db outage: {method} {path} took {time.monotonic() - t0:.0f} s")
+                time.sleep(0.5)
+            subprocess.run([pg], env=dict(env, WRENN_PG_PORT=port), check=True, capture_output=True)
+            log(f"db outage: answers while down {sorted(set(answers))}")
+            deadline = time.monotonic() + 30
+            while True:
+                r = c.post("/v1/capsules", json={"template": "minimal"})
+                if r.status_code == 201 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            if r.status_code != 201:
+                problems.append(f"db outage: no create after the database returned: {r.status_code} {r.text}")
+            else:
+                c.delete(f"/v1/capsules/{r.json()['id']}")
+            r = c.post(f"/v1/capsules/{cid}/exec", json={"cmd": "/bin/true"})
+            if r.status_code != 200:
+                problems.append(f"db outage: capsule unusable afterwards: {r.status_code} {r.text}")
+            c.delete(f"/v1/capsules/{cid}")
+            if srv.proc and srv.proc.poll() is not None:
+                problems.append("db outage: the server exited")
+    finally:
+        srv.stop()
+        subprocess.run([pg, "stop"], env=env, check=False, capture_output=True)
+        shutil.rmtree(pg_dir, ignore_errors=True)
+        shutil.rmtree(data, ignore_errors=True)
+    return problems
 
 
 # ---------------------------------------------------------------------------
@@ -555,12 +717,12 @@ def load(srv: Server, clients: int, secs: float, churn: int, log=print) -> dict:
         with srv.client(60) as c:
             n = 0
             while time.monotonic() < stop:
-                path = paths[(i + n) % len(paths)]
                 n += 1
+                path = f"/v1/capsules/{shared}/exec" if n % 10 == 0 else paths[(i + n) % len(paths)]
                 t0 = time.monotonic()
                 try:
                     if n % 10 == 0:
-                        r = c.post(f"/v1/capsules/{shared}/exec", json={"cmd": "/bin/true"})
+                        r = c.post(path, json={"cmd": "/bin/true"})
                     else:
                         r = c.get(path)
                     code = r.status_code
@@ -624,6 +786,9 @@ def run(binary: str, ops: int, kills: int, clients: int, load_secs: float, churn
         d.run_kills(ops, kills)
         kill_secs = time.monotonic() - t0
         f = faults(srv, log)
+        f["fault_problems"] += disk_full(binary, log) + db_outage(binary, log)
+        for p in f["fault_problems"]:
+            log("PROBLEM: " + p)
         lo = load(srv, clients, load_secs, churn, log) if load_secs > 0 else {}
         base = _host_view()
         leftover = _qemus(data_dir)

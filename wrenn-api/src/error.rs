@@ -169,6 +169,14 @@ impl From<DbError> for ApiError {
                 ApiError::conflict("conflict", format!("{what} already exists"))
             }
             DbError::InvalidInput { .. } => ApiError::invalid(e.to_string()),
+            DbError::Unavailable { .. } => {
+                tracing::warn!(error = %wrenn_core::manager::error_chain(&e), "database unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the database is unavailable; retry shortly",
+                )
+            }
             _ => {
                 tracing::error!(error = %wrenn_core::manager::error_chain(&e), "database error");
                 ApiError::new(

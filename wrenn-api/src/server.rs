@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub disk_reserve_mb: u64,
     /// Thin provisioning of capsules' writable disks.
     pub disk_overcommit: wrenn::DiskOvercommit,
+    /// VMs brought up at once (0: one per CPU).
+    pub max_concurrent_starts: usize,
     /// The uids jailed VMMs run as.
     pub jail: wrenn::JailConfig,
     pub config: ApiConfig,
@@ -225,6 +227,7 @@ pub async fn run(
         dns_upstream: opts.dns_upstream,
         disk_reserve_mb: opts.disk_reserve_mb,
         disk_overcommit: opts.disk_overcommit,
+        max_concurrent_starts: opts.max_concurrent_starts,
         jail: Some(opts.jail.clone()),
         ..Default::default()
     })

@@ -15,6 +15,14 @@ pub enum DbError {
     /// The caller passed a value that can never be stored.
     #[error("Invalid {field}: {reason}")]
     InvalidInput { field: &'static str, reason: String },
+    /// The database cannot be reached (connection refused or lost, pool exhausted,
+    /// server shutting down) during `op`: worth retrying.
+    #[error("Database unavailable during {op}")]
+    Unavailable {
+        op: &'static str,
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
     /// The database, the migrations or a blocking task failed during `op`.
     #[error("Database failure during {op}")]
     Backend {
@@ -26,10 +34,14 @@ pub enum DbError {
 
 impl DbError {
     pub(crate) fn backend(op: &'static str, e: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
-        DbError::Backend {
-            op,
-            source: e.into(),
+        let source = e.into();
+        if source
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(unreachable_database)
+        {
+            return DbError::Unavailable { op, source };
         }
+        DbError::Backend { op, source }
     }
 
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
@@ -45,6 +57,27 @@ impl DbError {
 
     pub fn is_conflict(&self) -> bool {
         matches!(self, DbError::Conflict { .. })
+    }
+
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, DbError::Unavailable { .. })
+    }
+}
+
+/// Whether `e` says the database could not be reached, rather than that a statement
+/// failed: connection errors, an exhausted or closed pool, and PostgreSQL's
+/// connection-exception (08xxx) and operator-intervention (57P01-57P03) codes.
+fn unreachable_database(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        _ => false,
     }
 }
 

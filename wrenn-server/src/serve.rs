@@ -50,6 +50,11 @@ pub struct ServeArgs {
     /// snapshots always count in full.
     #[arg(long, env = "WRENN_DISK_OVERCOMMIT", default_value_t = wrenn::DiskOvercommit::NONE)]
     disk_overcommit: wrenn::DiskOvercommit,
+    /// Capsule VMs brought up (booted or restored, until their agent answers) at once;
+    /// more creates and resumes wait their turn, so a burst cannot starve running
+    /// capsules of CPU. 0: one per CPU.
+    #[arg(long, env = "WRENN_MAX_CONCURRENT_STARTS", default_value_t = 0)]
+    max_concurrent_starts: usize,
     /// The uids VMMs run as (FIRST-LAST, one per running VMM; the group is FIRST).
     /// Each VMM is jailed: that uid, no capabilities, its own mount namespace.
     #[arg(long, env = "WRENN_JAIL_UIDS", default_value = "990000-999999", value_parser = parse_jail)]
@@ -193,6 +198,7 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
         dns_upstream: a.dns_upstream,
         disk_reserve_mb: a.disk_reserve_mb,
         disk_overcommit: a.disk_overcommit,
+        max_concurrent_starts: a.max_concurrent_starts,
         jail: a.jail_uids,
         config: ApiConfig {
             domain: a.domain,

@@ -31,6 +31,8 @@ pub struct HostOptions {
     pub disk_reserve_mb: u64,
     /// Thin provisioning of writable disks (see [`DiskOvercommit`]).
     pub disk_overcommit: DiskOvercommit,
+    /// VMs brought up at once (0: one per CPU); see `ManagerConfig::max_concurrent_starts`.
+    pub max_concurrent_starts: usize,
     /// Resolver the capsules' filtering resolvers forward allowed names to
     /// (`None`: the host's first IPv4 nameserver, else 8.8.8.8).
     pub dns_upstream: Option<std::net::SocketAddr>,
@@ -52,6 +54,7 @@ impl Default for HostOptions {
             dns_upstream: None,
             disk_reserve_mb: ManagerConfig::default().disk_reserve_mb,
             disk_overcommit: DiskOvercommit::NONE,
+            max_concurrent_starts: 0,
             jail: Some(wrenn_vmm::jail::JailConfig::default()),
         }
     }
@@ -159,6 +162,7 @@ impl Host {
             pool_memory_budget_mb: opts.pool_memory_budget_mb,
             disk_reserve_mb: opts.disk_reserve_mb,
             disk_overcommit: opts.disk_overcommit,
+            max_concurrent_starts: opts.max_concurrent_starts,
             ..Default::default()
         };
         let capsules = Capsules::new(parts, config);

@@ -59,6 +59,11 @@ impl Ctx {
         start: Start,
         dir: &Path,
     ) -> Result<Arc<dyn GuestAgent>, CapsuleError> {
+        let _start = self
+            .starts
+            .acquire()
+            .await
+            .map_err(|_| CapsuleError::ShuttingDown)?;
         // The caller has saved the record; it is saved again as resources are acquired.
         let parts = &self.parts;
         let slot = parts.net.allocate(&record.spec.network).await?;

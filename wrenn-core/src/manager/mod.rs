@@ -82,6 +82,19 @@ pub struct ManagerConfig {
     /// How far writable disks are thin-provisioned: what capsules' disks may still
     /// grow by counts against the host's free space divided by this.
     pub disk_overcommit: DiskOvercommit,
+    /// VMs brought up (booted or restored, until their agent answers) at once; more
+    /// wait their turn, so a burst of creates cannot starve the capsules already
+    /// running of CPU. 0: one per CPU of the host.
+    pub max_concurrent_starts: usize,
+}
+
+impl ManagerConfig {
+    fn concurrent_starts(&self) -> usize {
+        match self.max_concurrent_starts {
+            0 => std::thread::available_parallelism().map_or(2, usize::from),
+            n => n,
+        }
+    }
 }
 
 impl Default for ManagerConfig {
@@ -94,6 +107,7 @@ impl Default for ManagerConfig {
             pool_memory_budget_mb: 4096,
             disk_reserve_mb: 1024,
             disk_overcommit: DiskOvercommit::NONE,
+            max_concurrent_starts: 0,
         }
     }
 }
@@ -189,6 +203,9 @@ fn now_unix() -> i64 {
 struct Ctx {
     parts: HostParts,
     config: ManagerConfig,
+    /// Permits to bring a VM up (boot or restore and wait for its agent); see
+    /// [`ManagerConfig::max_concurrent_starts`].
+    starts: Arc<tokio::sync::Semaphore>,
 }
 
 fn invalid(rec: &CapsuleRecord, op: &'static str, needed: &'static str) -> CapsuleError {
@@ -215,7 +232,11 @@ impl Capsules {
     pub fn new(parts: HostParts, config: ManagerConfig) -> Arc<Self> {
         Arc::new(Capsules {
             pools: pool::Pools::new(config.pool_memory_budget_mb),
-            ctx: Ctx { parts, config },
+            ctx: Ctx {
+                starts: Arc::new(tokio::sync::Semaphore::new(config.concurrent_starts())),
+                parts,
+                config,
+            },
             table: Mutex::new(HashMap::new()),
             pending_disk: Arc::new(Mutex::new(0)),
         })

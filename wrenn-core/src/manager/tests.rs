@@ -385,3 +385,38 @@ fn illegal_transitions_change_nothing() {
     assert!(rec.transition(CapsuleStatus::Resuming).is_err());
     assert_eq!(rec.status, CapsuleStatus::Running);
 }
+
+#[tokio::test]
+async fn vm_starts_beyond_the_limit_wait_their_turn() {
+    let fakes = Fakes::new();
+    let config = ManagerConfig {
+        pool_memory_budget_mb: 0,
+        max_concurrent_starts: 1,
+        ..ManagerConfig::default()
+    };
+    let (caps, world) = (Capsules::new(fakes.parts(), config), fakes.world);
+    let gate = world.hold(Point::AgentReady);
+    let first = tokio::spawn({
+        let caps = caps.clone();
+        async move { caps.create(minimal()).await }
+    });
+    gate.reached().await;
+    let second = tokio::spawn({
+        let caps = caps.clone();
+        async move { caps.create(minimal()).await }
+    });
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        world.calls(Point::NetAllocate),
+        1,
+        "the second start did not wait"
+    );
+    gate.open();
+    first.await.expect("join").expect("first create");
+    second.await.expect("join").expect("second create");
+    assert_eq!(world.calls(Point::NetAllocate), 2);
+    assert!(caps.destroy_all().await.is_empty());
+    assert_eq!(world.held(), Held::nothing());
+}

@@ -22,6 +22,8 @@ say "cargo test"
 cargo test --workspace
 say "the library's examples (built by cargo test; one runs)"
 cargo run -q --example run_command
+say "fuzzing, bounded (the committed corpora were replayed by cargo test)"
+./scripts/fuzz.sh "${WRENN_FUZZ_SECS:-30}"
 say "wrenn_embed (Python binding) into $venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check ./bindings/python
 say "pytest"

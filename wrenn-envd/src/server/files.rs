@@ -5,6 +5,7 @@
 use super::auth::{check_file_access, http_error, FileQuery, HttpError};
 use super::filesystem::{create_dirs, read_file_metadata, XATTR_PREFIX};
 use super::identity::{as_user, IdentityError};
+use super::upload::Destinations;
 use super::users::User;
 use super::AppState;
 use crate::proto::UploadedEntry;
@@ -15,8 +16,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
@@ -477,7 +477,7 @@ async fn upload_inner(
                 )
             })?;
             let mut mp = multer::Multipart::new(stream, boundary);
-            let mut seen: HashSet<PathBuf> = HashSet::new();
+            let mut dests = Destinations::new(query_path);
             let mut out = Vec::new();
             loop {
                 let field = mp.next_field().await.map_err(|e| {
@@ -490,23 +490,9 @@ async fn upload_inner(
                 if field.name() != Some("file") {
                     continue;
                 }
-                let dest = match (query_path, field.file_name()) {
-                    (Some(p), _) => p.to_string(),
-                    (None, Some(f)) if !f.is_empty() => f.to_string(),
-                    _ => {
-                        return Err(http_error(
-                            StatusCode::BAD_REQUEST,
-                            "a file part needs a filename or the 'path' query parameter",
-                        ))
-                    }
-                };
-                let path = st.resolve_path(&dest, &user);
-                if !seen.insert(path.clone()) {
-                    return Err(http_error(
-                        StatusCode::BAD_REQUEST,
-                        format!("two parts resolve to the same path '{}'", path.display()),
-                    ));
-                }
+                let path = dests
+                    .next(field.file_name(), |dest| st.resolve_path(dest, &user))
+                    .map_err(|e| http_error(StatusCode::BAD_REQUEST, e.to_string()))?;
                 let data = field.map_err(std::io::Error::other);
                 let file = write_file(&path, &user, Box::pin(data)).await?;
                 out.push(finish_entry(&path, &user, file, &meta).await?);

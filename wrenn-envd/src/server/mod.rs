@@ -11,6 +11,7 @@ pub mod process;
 mod rpc;
 #[cfg(test)]
 mod test_support;
+pub mod upload;
 pub mod users;
 
 use crate::connect::ConnectError;

@@ -7,9 +7,10 @@
 //!   snapshot directories no listed capsule owns, after each restart and at the end;
 //! - `lost_paused`: capsules paused before a kill that did not come back with
 //!   their files;
-//! - `load_errors` / `load_p99_ms`: answers other than 2xx or 429, and the p99
-//!   latency, of many concurrent API clients while capsules are created and
-//!   destroyed in a loop.
+//! - `load_errors` / `load_p99_ms`: answers other than 2xx or 429 (clients and
+//!   churn), and the p99 latency of the API clients' requests (GETs and execs in a
+//!   shared capsule), while capsules are created and destroyed in a loop (their
+//!   create + destroy time is shown apart).
 //!
 //! `cargo bench --bench reliability` (repo root, as root, images built, the
 //! project venv in `.venv`). Sizes: `WRENN_RELIABILITY_OPS` (100),
@@ -82,6 +83,7 @@ fn main() -> Result<()> {
         ("load: p50 ms", "load_p50_ms"),
         ("load: p99 ms", "load_p99_ms"),
         ("load: capsules churned", "load_churned_capsules"),
+        ("load: churn create+destroy p50 ms", "churn_create_destroy_p50_ms"),
     ]
     .iter()
     .map(|(label, key)| (label.to_string(), get(key).to_string()))

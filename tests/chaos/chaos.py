@@ -707,6 +707,7 @@ def db_outage(binary: str, log=print, secs: float = 10) -> list[str]:
 def load(srv: Server, clients: int, secs: float, churn: int, log=print) -> dict:
     stop = time.monotonic() + secs
     lat: list[float] = []
+    churn_lat: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
     with srv.client() as c:
@@ -752,7 +753,7 @@ def load(srv: Server, clients: int, secs: float, churn: int, log=print) -> dict:
                 with lock:
                     if not ok and code != 429:
                         errors.append(f"churn create: {code} {getattr(r, 'text', r)}"[:300])
-                    lat.append((time.monotonic() - t0) * 1000)
+                    churn_lat.append((time.monotonic() - t0) * 1000)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     threads += [threading.Thread(target=churner) for _ in range(churn)]
@@ -762,16 +763,17 @@ def load(srv: Server, clients: int, secs: float, churn: int, log=print) -> dict:
         t.join()
     with srv.client() as c:
         c.delete(f"/v1/capsules/{shared}")
-    lat.sort()
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else 0.0
-    p50 = lat[len(lat) // 2] if lat else 0.0
+    def pct(v: list[float], q: float) -> float:
+        v = sorted(v)
+        return v[min(len(v) - 1, int(len(v) * q))] if v else 0.0
     for e in errors[:10]:
         log("PROBLEM: load: " + e)
     return {
         "load_requests": len(lat),
         "load_errors": len(errors),
-        "load_p50_ms": round(p50, 1),
-        "load_p99_ms": round(p99, 1),
+        "load_p50_ms": round(pct(lat, 0.5), 1),
+        "load_p99_ms": round(pct(lat, 0.99), 1),
+        "churn_create_destroy_p50_ms": round(pct(churn_lat, 0.5), 1),
         "load_churned_capsules": created[0],
     }
 

@@ -301,7 +301,7 @@ impl Vmm for FakeVmm {
         &self,
         _spec: &VmSpec,
         _device_state: &Path,
-        _overlay: &dyn PageOverlay,
+        _overlay: Arc<dyn PageOverlay>,
     ) -> Result<Box<dyn VmmHandle>, VmmError> {
         self.0
             .pass(Point::VmmRestore)

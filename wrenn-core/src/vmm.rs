@@ -165,11 +165,13 @@ pub trait Vmm: Send + Sync + Debug {
 
     /// Starts a VM from saved device state: its memory is `spec.memory` with
     /// `overlay` written over it, and it runs only once everything is in place.
+    /// The overlay is shared (forks restore many VMs from one), and writing it is
+    /// blocking work an implementation does off the async workers.
     async fn restore(
         &self,
         spec: &VmSpec,
         device_state: &std::path::Path,
-        overlay: &dyn PageOverlay,
+        overlay: std::sync::Arc<dyn PageOverlay>,
     ) -> Result<Box<dyn VmmHandle>, VmmError> {
         let _ = (spec, device_state, overlay);
         Err(VmmError::Unsupported { op: "restore" })

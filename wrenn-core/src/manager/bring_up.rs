@@ -156,7 +156,7 @@ impl Ctx {
             } => (
                 parts
                     .vmm
-                    .restore(&vm, device_state, overlay.as_ref())
+                    .restore(&vm, device_state, overlay.clone())
                     .await?,
                 Some(old_token.clone()),
                 self.config.restore_ready_timeout,

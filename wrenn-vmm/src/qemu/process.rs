@@ -19,7 +19,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, Mutex};
 use wrenn_core::vmm::{
@@ -248,7 +248,7 @@ impl Vmm for QemuVmm {
         &self,
         spec: &VmSpec,
         device_state: &Path,
-        overlay: &dyn PageOverlay,
+        overlay: Arc<dyn PageOverlay>,
     ) -> Result<Box<dyn VmmHandle>, VmmError> {
         let handle = QemuHandle::start(&self.config, spec, StartMode::Incoming).await?;
         match handle.load(device_state, overlay).await {
@@ -591,25 +591,39 @@ impl QemuHandle {
 
     /// Writes the overlay pages into the RAM of a VM started with
     /// `StartMode::Incoming`, loads its device state, then lets it run.
-    async fn load(&self, device_state: &Path, overlay: &dyn PageOverlay) -> Result<(), QemuError> {
-        // Guest RAM first: loading virtio devices reads their rings from it.
-        let (start, len) =
-            guestmem::find_mapping(self.pid, self.mem_id).map_err(|source| QemuError::QmpIo {
-                path: self.mem_path.clone(),
-                source,
-            })?;
-        let writer = guestmem::MemWriter::open(self.pid, start, len.min(self.mem_bytes)).map_err(
-            |source| QemuError::QmpIo {
-                path: PathBuf::from(format!("/proc/{}/mem", self.pid)),
-                source,
-            },
-        )?;
-        overlay
-            .for_each(&mut |page, data| writer.write_page(page, data))
-            .map_err(|source| QemuError::QmpIo {
-                path: self.mem_path.clone(),
-                source,
-            })?;
+    async fn load(
+        &self,
+        device_state: &Path,
+        overlay: Arc<dyn PageOverlay>,
+    ) -> Result<(), QemuError> {
+        // Guest RAM first: loading virtio devices reads their rings from it. Page by
+        // page through /proc/PID/mem: blocking work, off the async workers.
+        let (pid, id, mem_bytes) = (self.pid, self.mem_id, self.mem_bytes);
+        let mem_path = self.mem_path.clone();
+        tokio::task::spawn_blocking(move || {
+            let (start, len) =
+                guestmem::find_mapping(pid, id).map_err(|source| QemuError::QmpIo {
+                    path: mem_path.clone(),
+                    source,
+                })?;
+            let writer = guestmem::MemWriter::open(pid, start, len.min(mem_bytes)).map_err(
+                |source| QemuError::QmpIo {
+                    path: PathBuf::from(format!("/proc/{pid}/mem")),
+                    source,
+                },
+            )?;
+            overlay
+                .for_each(&mut |page, data| writer.write_page(page, data))
+                .map_err(|source| QemuError::QmpIo {
+                    path: mem_path,
+                    source,
+                })
+        })
+        .await
+        .map_err(|e| QemuError::QmpIo {
+            path: self.mem_path.clone(),
+            source: std::io::Error::other(e),
+        })??;
         // The device state goes through a socket pair whose far end QEMU receives
         // over QMP (it opens no files and may not start a helper process).
         let (ours, theirs) =
@@ -670,17 +684,28 @@ impl QemuHandle {
 
     /// Saves the device state of the stopped VM and collects its changed pages.
     async fn save_state(&self, device_state: &Path) -> Result<ChangedPages, QemuError> {
-        let (start, len) =
-            guestmem::find_mapping(self.pid, self.mem_id).map_err(|source| QemuError::QmpIo {
-                path: self.mem_path.clone(),
-                source,
+        // A page map scan of all guest RAM: blocking work, off the async workers.
+        let (pid, id, mem_bytes) = (self.pid, self.mem_id, self.mem_bytes);
+        let mem_path = self.mem_path.clone();
+        let dirty = tokio::task::spawn_blocking(move || {
+            let (start, len) = guestmem::find_mapping(pid, id).map_err(|source| {
+                QemuError::QmpIo {
+                    path: mem_path,
+                    source,
+                }
             })?;
-        let dirty = guestmem::private_pages(self.pid, start, len.min(self.mem_bytes)).map_err(
-            |source| QemuError::QmpIo {
-                path: PathBuf::from(format!("/proc/{}/pagemap", self.pid)),
-                source,
-            },
-        )?;
+            guestmem::private_pages(pid, start, len.min(mem_bytes)).map_err(|source| {
+                QemuError::QmpIo {
+                    path: PathBuf::from(format!("/proc/{pid}/pagemap")),
+                    source,
+                }
+            })
+        })
+        .await
+        .map_err(|e| QemuError::QmpIo {
+            path: self.mem_path.clone(),
+            source: std::io::Error::other(e),
+        })??;
         let dirty_count = dirty.len();
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(|source| QemuError::QmpIo {

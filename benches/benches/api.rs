@@ -217,7 +217,8 @@ fn make_data_dir(images: &Path) -> Result<PathBuf> {
     std::os::unix::fs::symlink(images.join("images"), dir.join("images"))?;
     for e in std::fs::read_dir(images.join("templates"))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if e.path().join("rootfs.img").is_file() && !name.starts_with("snap-") {
+        let rootfs = wrenn_storage::capsnap::template_files::ROOTFS;
+        if e.path().join(rootfs).is_file() && !name.starts_with("snap-") {
             std::os::unix::fs::symlink(e.path(), dir.join("templates").join(&name))?;
         }
     }

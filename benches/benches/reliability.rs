@@ -83,7 +83,10 @@ fn main() -> Result<()> {
         ("load: p50 ms", "load_p50_ms"),
         ("load: p99 ms", "load_p99_ms"),
         ("load: capsules churned", "load_churned_capsules"),
-        ("load: churn create+destroy p50 ms", "churn_create_destroy_p50_ms"),
+        (
+            "load: churn create+destroy p50 ms",
+            "churn_create_destroy_p50_ms",
+        ),
     ]
     .iter()
     .map(|(label, key)| (label.to_string(), get(key).to_string()))

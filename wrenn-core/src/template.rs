@@ -79,11 +79,38 @@ pub enum TemplateError {
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Finds templates by name.
+/// What a store knows of one template, for listings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    pub name: TemplateName,
+    /// The sizes of its pre-booted snapshot, when it has one (creates restore it).
+    pub snapshot: Option<SnapshotSizes>,
+    /// Bytes the template's files take on disk.
+    pub size_bytes: u64,
+    /// When its root filesystem was written.
+    pub created_at: Option<std::time::SystemTime>,
+}
+
+/// The machine a template's snapshot was taken of (its capsules get the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSizes {
+    pub vcpus: u32,
+    pub memory_mb: u32,
+}
+
+/// Owns the templates: their layout, what they hold, and their removal. Nothing
+/// else knows where a template's files are.
 #[async_trait]
 pub trait TemplateStore: Send + Sync + Debug {
     async fn get(&self, name: &TemplateName) -> Result<Template, TemplateError>;
     async fn list(&self) -> Result<Vec<TemplateName>, TemplateError>;
+
+    /// Describes one template ([`TemplateError::Unknown`] when there is none).
+    async fn describe(&self, name: &TemplateName) -> Result<TemplateInfo, TemplateError>;
+
+    /// Removes a template. Capsules started from it keep their own links to its
+    /// files ([`TemplateStore::pin`]), so they are not affected.
+    async fn delete(&self, name: &TemplateName) -> Result<(), TemplateError>;
 
     /// Gives `dir` its own links to the template's files (`path` → `dir/<link>`), so
     /// a capsule keeps the exact images it started from even when the template is

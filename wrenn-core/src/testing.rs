@@ -17,7 +17,7 @@ use crate::net::{NetError, NetSlot, Network, SlotIndex, TAP_NAME};
 use crate::record::{CapsuleRecord, Owner, StateError, StateStore};
 use crate::snapshot::{PauseReport, Restorable, SnapshotError, SnapshotMeta, SnapshotStore};
 use crate::storage::{CowDisk, CowStore, DiskFormat, StorageError};
-use crate::template::{Template, TemplateError, TemplateName, TemplateStore};
+use crate::template::{Template, TemplateError, TemplateInfo, TemplateName, TemplateStore};
 use crate::vmm::{Accel, ChangedPages, PageOverlay, VmSpec, Vmm, VmmError, VmmHandle};
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
@@ -495,6 +495,22 @@ impl TemplateStore for FakeTemplates {
 
     async fn list(&self) -> Result<Vec<TemplateName>, TemplateError> {
         Ok(TemplateName::parse("minimal").into_iter().collect())
+    }
+
+    async fn describe(&self, name: &TemplateName) -> Result<TemplateInfo, TemplateError> {
+        self.get(name).await?;
+        Ok(TemplateInfo {
+            name: name.clone(),
+            snapshot: None,
+            size_bytes: 0,
+            created_at: None,
+        })
+    }
+
+    async fn delete(&self, name: &TemplateName) -> Result<(), TemplateError> {
+        Err(TemplateError::Backend(
+            format!("the fake store keeps template {name}").into(),
+        ))
     }
 
     async fn pin(&self, _path: &Path, dir: &Path, link: &str) -> Result<PathBuf, TemplateError> {

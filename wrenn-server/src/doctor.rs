@@ -202,7 +202,7 @@ pub async fn run(data: &DataDir) -> Result<u8> {
     }
     let templates = ["minimal", "python", "base"];
     for t in templates {
-        let img = data.template_dir(t).join("rootfs.img");
+        let img = data.template_rootfs(t);
         if img.is_file() {
             let size = std::fs::metadata(&img)
                 .map(|m| m.len() / (1024 * 1024))

@@ -186,10 +186,7 @@ pub async fn build(data: &DataDir, templates: &[String]) -> Result<()> {
         let destroyed = caps.destroy(&info.id).await;
         saved.map_err(|e| anyhow::anyhow!(wrenn::manager::error_chain(&e)))?;
         destroyed.map_err(|e| anyhow::anyhow!(wrenn::manager::error_chain(&e)))?;
-        bar.finish_with_message(format!(
-            "done ({})",
-            data.template_dir(t).join("snapshot").display()
-        ));
+        bar.finish_with_message(format!("done ({})", data.template_snapshot(t).display()));
         if bar.is_hidden() {
             eprintln!("    snapshot {t}: done");
         }

@@ -29,6 +29,22 @@ pub const DEFAULT_GENERATION_CAP: usize = 8;
 /// Disk layers kept before the newest is rebased onto the base image.
 pub const DISK_LAYER_CAP: usize = 8;
 
+/// The files of a template, under `templates/<name>/`: the one place that layout is
+/// spelled out (the template store and the snapshot store use these).
+pub mod template_files {
+    /// The read-only root filesystem image.
+    pub const ROOTFS: &str = "rootfs.img";
+    /// The directory of its pre-booted snapshot (absent when it has none).
+    pub const SNAPSHOT: &str = "snapshot";
+    /// The snapshot's memory image, inside [`SNAPSHOT`].
+    pub const MEMORY: &str = "memory.raw";
+    /// The snapshot's metadata (a `SnapshotMeta`), inside [`SNAPSHOT`].
+    pub const META: &str = super::META;
+}
+use template_files::{
+    MEMORY as TEMPLATE_MEMORY, ROOTFS as TEMPLATE_ROOTFS, SNAPSHOT as TEMPLATE_SNAPSHOT,
+};
+
 const META: &str = "meta.json";
 const DEVICE_STATE: &str = "device.state";
 const MEMORY_BASE: &str = "memory.base";
@@ -545,12 +561,12 @@ impl SnapshotStore for FsSnapshotStore {
         name: &TemplateName,
     ) -> Result<Option<Restorable>, SnapshotError> {
         let dir = self.templates.join(name.as_str());
-        let snap = dir.join("snapshot");
+        let snap = dir.join(TEMPLATE_SNAPSHOT);
         if !snap.join(META).is_file() {
             return Ok(None);
         }
         let mut meta = Self::read_meta(&snap)?;
-        let memory = snap.join("memory.raw");
+        let memory = snap.join(TEMPLATE_MEMORY);
         let device_state = snap.join(DEVICE_STATE);
         for p in [&memory, &device_state] {
             if !p.is_file() {
@@ -564,7 +580,7 @@ impl SnapshotStore for FsSnapshotStore {
             meta,
             device_state,
             overlay: std::sync::Arc::new(wrenn_core::vmm::NoOverlay),
-            disk_base: dir.join("rootfs.img"),
+            disk_base: dir.join(TEMPLATE_ROOTFS),
         }))
     }
 }
@@ -579,14 +595,17 @@ fn write_template_blocking(
     overwrite: bool,
 ) -> Result<(), SnapshotError> {
     let dest = templates.join(name.as_str());
-    if dest.join("rootfs.img").exists() && dest.join("snapshot").join(META).exists() && !overwrite {
+    if dest.join(TEMPLATE_ROOTFS).exists()
+        && dest.join(TEMPLATE_SNAPSHOT).join(META).exists()
+        && !overwrite
+    {
         return Err(SnapshotError::NameTaken {
             name: name.to_string(),
         });
     }
     std::fs::create_dir_all(templates).map_err(io_err("create", templates))?;
     let stage = templates.join(format!(".{}.new-{:08x}", name.as_str(), rand_u32()));
-    let snap = stage.join("snapshot");
+    let snap = stage.join(TEMPLATE_SNAPSHOT);
     std::fs::create_dir_all(&snap).map_err(io_err("create", &snap))?;
     let result = (|| {
         // Memory: base + the changed pages, flattened into one sparse raw image.
@@ -604,7 +623,7 @@ fn write_template_blocking(
         };
         let mem = MemorySnapshot::create(&scratch, meta.mem_bytes, base).map_err(corrupt)?;
         let mem = mem.add_generation(changed.iter()).map_err(corrupt)?;
-        mem.write_raw_image(base_file.as_deref(), &snap.join("memory.raw"))
+        mem.write_raw_image(base_file.as_deref(), &snap.join(TEMPLATE_MEMORY))
             .map_err(corrupt)?;
         drop(mem);
         std::fs::remove_dir_all(&scratch).map_err(io_err("remove", &scratch))?;
@@ -612,7 +631,7 @@ fn write_template_blocking(
             .map_err(io_err("copy", device_state))?;
         sync_file(&snap.join(DEVICE_STATE))?;
         // Disk: flattened to a standalone raw image (the VM is stopped; its image may still be open).
-        let rootfs = stage.join("rootfs.img");
+        let rootfs = stage.join(TEMPLATE_ROOTFS);
         qemu_img(&[
             "convert".as_ref(),
             "-U".as_ref(),
@@ -625,7 +644,7 @@ fn write_template_blocking(
         ])?;
         sync_file(&rootfs)?;
         let mut m = meta.clone();
-        m.memory_base = MemoryBase::File(dest.join("snapshot").join("memory.raw"));
+        m.memory_base = MemoryBase::File(dest.join(TEMPLATE_SNAPSHOT).join(TEMPLATE_MEMORY));
         write_file_atomic(
             &snap.join(META),
             &serde_json::to_vec_pretty(&m).map_err(backend)?,

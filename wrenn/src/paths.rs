@@ -49,6 +49,18 @@ impl DataDir {
         self.templates().join(name)
     }
 
+    /// A template's root filesystem image.
+    pub fn template_rootfs(&self, name: &str) -> PathBuf {
+        self.template_dir(name)
+            .join(wrenn_storage::capsnap::template_files::ROOTFS)
+    }
+
+    /// A template's pre-booted snapshot directory.
+    pub fn template_snapshot(&self, name: &str) -> PathBuf {
+        self.template_dir(name)
+            .join(wrenn_storage::capsnap::template_files::SNAPSHOT)
+    }
+
     pub fn capsules(&self) -> PathBuf {
         self.root.join("capsules")
     }

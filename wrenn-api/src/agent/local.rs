@@ -70,10 +70,6 @@ impl LocalAgent {
     fn capsules(&self) -> &Arc<Capsules> {
         self.host.capsules()
     }
-
-    fn template_dir(&self, name: &str) -> std::path::PathBuf {
-        self.host.data_dir().template_dir(name)
-    }
 }
 
 fn capsule(info: CapsuleInfo) -> HostCapsule {
@@ -126,50 +122,15 @@ pub fn guest_error(e: &AgentError) -> HostError {
     HostError::new(kind, e.to_string())
 }
 
-fn dir_size(dir: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => {
-                use std::os::unix::fs::MetadataExt;
-                m.blocks() * 512
-            }
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-#[derive(serde::Deserialize)]
-struct SnapMeta {
-    spec: SnapSpec,
-}
-
-#[derive(serde::Deserialize)]
-struct SnapSpec {
-    vcpus: u32,
-    memory_mb: u32,
-}
-
-fn read_template(dir: &Path, name: &str) -> Option<HostTemplate> {
-    let meta = std::fs::metadata(dir.join("rootfs.img")).ok()?;
-    let snap: Option<SnapMeta> = std::fs::read(dir.join("snapshot/meta.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let created_at = meta
-        .modified()
-        .ok()
-        .map(chrono::DateTime::<chrono::Utc>::from);
-    Some(HostTemplate {
-        name: name.to_string(),
-        snapshot: snap.is_some(),
-        vcpus: snap.as_ref().map(|s| s.spec.vcpus),
-        memory_mb: snap.as_ref().map(|s| s.spec.memory_mb),
-        size_bytes: dir_size(dir),
-        created_at,
-    })
+fn host_template(t: wrenn_core::template::TemplateInfo) -> HostTemplate {
+    HostTemplate {
+        name: t.name.to_string(),
+        snapshot: t.snapshot.is_some(),
+        vcpus: t.snapshot.map(|s| s.vcpus),
+        memory_mb: t.snapshot.map(|s| s.memory_mb),
+        size_bytes: t.size_bytes,
+        created_at: t.created_at.map(chrono::DateTime::<chrono::Utc>::from),
+    }
 }
 
 #[async_trait]
@@ -275,50 +236,31 @@ impl HostAgent for LocalAgent {
     }
 
     async fn templates(&self) -> Result<Vec<HostTemplate>, HostError> {
-        let root = self.host.data_dir().templates();
-        let rd = std::fs::read_dir(&root).map_err(|e| {
-            HostError::new(
-                HostErrorKind::Internal,
-                format!("cannot list templates: {e}"),
-            )
-        })?;
-        let mut out: Vec<HostTemplate> = rd
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                read_template(&e.path(), &name)
-            })
+        let mut out: Vec<HostTemplate> = self
+            .capsules()
+            .templates()
+            .await
+            .map_err(host_error)?
+            .into_iter()
+            .map(host_template)
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
     async fn template(&self, name: &str) -> Result<HostTemplate, HostError> {
-        wrenn_core::template::TemplateName::parse(name)
-            .map_err(|e| HostError::new(HostErrorKind::InvalidArgument, e.to_string()))?;
-        read_template(&self.template_dir(name), name).ok_or_else(|| {
-            HostError::new(
-                HostErrorKind::NotFound,
-                format!("template {name} not found"),
-            )
-        })
+        self.capsules()
+            .template(name)
+            .await
+            .map(host_template)
+            .map_err(host_error)
     }
 
     async fn delete_template(&self, name: &str) -> Result<(), HostError> {
-        self.template(name).await?;
-        // Its ready capsules are of a template that no longer exists.
         self.capsules()
-            .set_pool(name, 0)
+            .delete_template(name)
             .await
-            .map_err(host_error)?;
-        // Capsules started from it hold their own links to its files.
-        let dir = self.template_dir(name);
-        tokio::fs::remove_dir_all(&dir).await.map_err(|e| {
-            HostError::new(
-                HostErrorKind::Internal,
-                format!("cannot remove template {name}: {e}"),
-            )
-        })
+            .map_err(host_error)
     }
 
     fn guest(&self, id: &CapsuleId) -> Result<Arc<dyn GuestAgent>, HostError> {

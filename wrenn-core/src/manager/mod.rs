@@ -250,6 +250,40 @@ impl Capsules {
         &self.ctx.config.limits
     }
 
+    /// The templates capsules can start from, described.
+    pub async fn templates(&self) -> Result<Vec<crate::template::TemplateInfo>, CapsuleError> {
+        let store = &self.ctx.parts.templates;
+        let mut out = Vec::new();
+        for name in store.list().await? {
+            match store.describe(&name).await {
+                Ok(info) => out.push(info),
+                // Removed meanwhile.
+                Err(crate::template::TemplateError::Unknown { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One template, described.
+    pub async fn template(
+        &self,
+        name: &str,
+    ) -> Result<crate::template::TemplateInfo, CapsuleError> {
+        let name = TemplateName::parse(name).map_err(crate::spec::InvalidSpec::from)?;
+        Ok(self.ctx.parts.templates.describe(&name).await?)
+    }
+
+    /// Removes a template and its warm pool. Capsules started from it keep running
+    /// (they hold their own links to its files).
+    pub async fn delete_template(self: &Arc<Self>, name: &str) -> Result<(), CapsuleError> {
+        let parsed = TemplateName::parse(name).map_err(crate::spec::InvalidSpec::from)?;
+        self.ctx.parts.templates.describe(&parsed).await?;
+        // Its ready capsules are of a template that no longer exists.
+        self.set_pool(name, 0).await?;
+        Ok(self.ctx.parts.templates.delete(&parsed).await?)
+    }
+
     fn new_record(&self, spec: crate::spec::CapsuleSpec) -> CapsuleRecord {
         CapsuleRecord {
             id: CapsuleId::random(),

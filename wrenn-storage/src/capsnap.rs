@@ -101,24 +101,11 @@ fn base_id(path: &Path) -> Result<(Id, u64), SnapshotError> {
     Ok((Id(v.max(1).to_be_bytes()), m.len()))
 }
 
-fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), SnapshotError> {
-    let bin = crate::find_qemu_img().unwrap_or_else(|| PathBuf::from("qemu-img"));
-    let out = std::process::Command::new(&bin)
-        .args(args)
-        .output()
-        .map_err(|e| SnapshotError::Backend(format!("running {}: {e}", bin.display()).into()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(SnapshotError::Backend(
-            format!(
-                "qemu-img {:?} failed: {}",
-                args,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )
-            .into(),
-        ))
-    }
+/// Runs qemu-img (`step` names the call) from a blocking thread.
+fn qemu_img(step: &'static str, args: &[&std::ffi::OsStr]) -> Result<(), SnapshotError> {
+    crate::QemuImg::new()
+        .run_blocking(step, args)
+        .map_err(|e| SnapshotError::Backend(Box::new(e)))
 }
 
 /// Snapshot versions, generations and templates under a data directory.
@@ -327,15 +314,18 @@ impl FsSnapshotStore {
         // The layer was made over a path elsewhere; point it at its sibling (header only).
         let tmp_layer = next.join(format!("disk-{k}.qcow2.rebase"));
         std::fs::copy(&layer, &tmp_layer).map_err(io_err("copy", &layer))?;
-        qemu_img(&[
-            "rebase".as_ref(),
-            "-u".as_ref(),
-            "-F".as_ref(),
-            fmt.as_ref(),
-            "-b".as_ref(),
-            backing.as_os_str(),
-            tmp_layer.as_os_str(),
-        ])?;
+        qemu_img(
+            "rebase",
+            &[
+                "rebase".as_ref(),
+                "-u".as_ref(),
+                "-F".as_ref(),
+                fmt.as_ref(),
+                "-b".as_ref(),
+                backing.as_os_str(),
+                tmp_layer.as_os_str(),
+            ],
+        )?;
         sync_file(&tmp_layer)?;
         std::fs::rename(&tmp_layer, &layer).map_err(io_err("rename", &layer))?;
         if layers.len() + 1 > DISK_LAYER_CAP {
@@ -343,14 +333,17 @@ impl FsSnapshotStore {
             let merged_layer = next.join(format!("disk-{k}.qcow2.fold"));
             std::fs::copy(&layer, &merged_layer).map_err(io_err("copy", &layer))?;
             let base_fmt = crate::image_format(&next.join(DISK_BASE));
-            qemu_img(&[
-                "rebase".as_ref(),
-                "-F".as_ref(),
-                base_fmt.as_ref(),
-                "-b".as_ref(),
-                DISK_BASE.as_ref(),
-                merged_layer.as_os_str(),
-            ])?;
+            qemu_img(
+                "rebase",
+                &[
+                    "rebase".as_ref(),
+                    "-F".as_ref(),
+                    base_fmt.as_ref(),
+                    "-b".as_ref(),
+                    DISK_BASE.as_ref(),
+                    merged_layer.as_os_str(),
+                ],
+            )?;
             sync_file(&merged_layer)?;
             std::fs::rename(&merged_layer, &layer).map_err(io_err("rename", &layer))?;
             for (_, p) in layers {
@@ -632,16 +625,19 @@ fn write_template_blocking(
         sync_file(&snap.join(DEVICE_STATE))?;
         // Disk: flattened to a standalone raw image (the VM is stopped; its image may still be open).
         let rootfs = stage.join(TEMPLATE_ROOTFS);
-        qemu_img(&[
-            "convert".as_ref(),
-            "-U".as_ref(),
-            "-O".as_ref(),
-            "raw".as_ref(),
-            "-S".as_ref(),
-            "4k".as_ref(),
-            disk.path.as_os_str(),
-            rootfs.as_os_str(),
-        ])?;
+        qemu_img(
+            "convert",
+            &[
+                "convert".as_ref(),
+                "-U".as_ref(),
+                "-O".as_ref(),
+                "raw".as_ref(),
+                "-S".as_ref(),
+                "4k".as_ref(),
+                disk.path.as_os_str(),
+                rootfs.as_os_str(),
+            ],
+        )?;
         sync_file(&rootfs)?;
         let mut m = meta.clone();
         m.memory_base = MemoryBase::File(dest.join(TEMPLATE_SNAPSHOT).join(TEMPLATE_MEMORY));

@@ -47,6 +47,12 @@ pub enum DiskError {
         #[source]
         source: io::Error,
     },
+    #[error("qemu-img {step} failed ({status}): {stderr}")]
+    QemuImgFailed {
+        step: &'static str,
+        status: ExitStatus,
+        stderr: String,
+    },
     #[error("qemu-img create of {dest} over {base} failed ({status}): {stderr}")]
     QemuImgCreate {
         base: PathBuf,

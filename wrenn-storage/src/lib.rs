@@ -20,6 +20,7 @@ pub mod capsnap;
 pub mod error;
 pub mod memserver;
 pub mod qcow2;
+pub mod qemu_img;
 pub mod snapshot;
 pub mod sparse;
 
@@ -29,8 +30,9 @@ use std::sync::Arc;
 
 use wrenn_core::storage::{CowStore, DiskFormat};
 
-pub use cow::{find_on_path, find_qemu_img, Qcow2Store, RawCopyStore, QEMU_IMG_ENV, TEMP_MARKER};
+pub use cow::{Qcow2Store, RawCopyStore, TEMP_MARKER};
 pub use error::DiskError;
+pub use qemu_img::{find_on_path, find_qemu_img, QemuImg, QEMU_IMG_ENV};
 pub use sparse::CopyMethod;
 
 /// `"qcow2"` when the file starts with the qcow2 magic, else `"raw"`.

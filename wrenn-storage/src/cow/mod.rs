@@ -4,7 +4,7 @@
 mod qcow2;
 mod raw;
 
-pub use qcow2::{find_on_path, find_qemu_img, Qcow2Store, QEMU_IMG_ENV};
+pub use qcow2::Qcow2Store;
 pub use raw::RawCopyStore;
 
 use std::fs::File;

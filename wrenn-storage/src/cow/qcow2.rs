@@ -1,42 +1,15 @@
 //! qcow2 overlays over raw base images, made and flattened with `qemu-img`.
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 
 use async_trait::async_trait;
-use tokio::process::Command;
 use wrenn_core::storage::{CowDisk, CowStore, DiskFormat, StorageError};
 
 use super::{check_base, ensure_distinct, remove_file, TempPath};
 use crate::error::DiskError;
-
-/// Environment variable naming the `qemu-img` binary; overrides the `PATH` search.
-pub const QEMU_IMG_ENV: &str = "WRENN_QEMU_IMG";
-
-/// How much of qemu-img's stderr an error keeps (the tail, where the reason is).
-const STDERR_LIMIT: usize = 4096;
-
-/// Finds `qemu-img`: `$WRENN_QEMU_IMG` if set and non-empty, else the first executable
-/// `qemu-img` on `PATH`.
-pub fn find_qemu_img() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(QEMU_IMG_ENV).filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    find_on_path("qemu-img")
-}
-
-/// The first executable file `name` in a directory of `PATH`.
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|p| {
-            std::fs::metadata(p)
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
-}
+use crate::qemu_img::QemuImg;
 
 /// Capsule disks as qcow2 overlays whose backing file is the (raw) base image.
 ///
@@ -44,12 +17,12 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
 /// The overlay records the base's canonical absolute path.
 #[derive(Clone, Debug, Default)]
 pub struct Qcow2Store {
-    qemu_img: Option<PathBuf>,
+    qemu_img: QemuImg,
     force_share: bool,
 }
 
 impl Qcow2Store {
-    /// A store that looks `qemu-img` up at each call (see [`find_qemu_img`]).
+    /// A store that looks `qemu-img` up at each call (see [`crate::find_qemu_img`]).
     pub fn new() -> Self {
         Self::default()
     }
@@ -57,7 +30,7 @@ impl Qcow2Store {
     /// A store that runs the given `qemu-img` binary.
     pub fn with_qemu_img(path: impl Into<PathBuf>) -> Self {
         Qcow2Store {
-            qemu_img: Some(path.into()),
+            qemu_img: QemuImg::with_program(path),
             force_share: false,
         }
     }
@@ -70,50 +43,14 @@ impl Qcow2Store {
         self
     }
 
-    fn program(&self) -> Result<PathBuf, DiskError> {
-        self.qemu_img
-            .clone()
-            .or_else(find_qemu_img)
-            .ok_or(DiskError::QemuImgNotFound)
-    }
-
     /// Runs qemu-img with `args`; returns its exit status and the tail of its stderr.
     async fn run(
         &self,
         step: &'static str,
         args: &[&OsStr],
     ) -> Result<(ExitStatus, String), DiskError> {
-        let program = self.program()?;
-        tracing::debug!(program = %program.display(), ?args, "running qemu-img");
-        let out = Command::new(&program)
-            .args(args)
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|source| DiskError::SpawnQemuImg {
-                program,
-                step,
-                source,
-            })?;
-        Ok((out.status, stderr_tail(&out.stderr)))
+        self.qemu_img.run(step, args).await
     }
-}
-
-fn stderr_tail(raw: &[u8]) -> String {
-    let text = String::from_utf8_lossy(raw);
-    let text = text.trim();
-    if text.len() <= STDERR_LIMIT {
-        return text.to_owned();
-    }
-    let mut start = text.len() - STDERR_LIMIT;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("…{}", &text[start..])
 }
 
 #[async_trait]
@@ -209,19 +146,5 @@ impl CowStore for Qcow2Store {
         let dest_owned = dest.to_path_buf();
         super::blocking(move || tmp.commit_replace(&dest_owned)).await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stderr_tail_keeps_the_end() {
-        assert_eq!(stderr_tail(b"  boom\n"), "boom");
-        let long = "é".repeat(STDERR_LIMIT);
-        let tail = stderr_tail(long.as_bytes());
-        assert!(tail.starts_with('…'));
-        assert!(tail.len() <= STDERR_LIMIT + '…'.len_utf8());
     }
 }

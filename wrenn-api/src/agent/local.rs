@@ -102,8 +102,15 @@ pub(crate) fn host_error(e: CapsuleError) -> HostError {
         CapsuleError::Agent(a) => return guest_error(a),
         _ => HostErrorKind::Internal,
     };
-    let message = match kind {
-        HostErrorKind::Internal => {
+    let message = match (&e, kind) {
+        // Its exit status is safe to show, and says what happened.
+        (CapsuleError::Vmm(wrenn_core::vmm::VmmError::Exited { detail }), _) => {
+            tracing::error!(error = %error_chain(&e), "capsule operation failed");
+            format!(
+                "the capsule's VMM exited during the operation ({detail}); the capsule has failed"
+            )
+        }
+        (_, HostErrorKind::Internal) => {
             tracing::error!(error = %error_chain(&e), "capsule operation failed");
             format!("{} ({})", e, e.kind())
         }

@@ -38,8 +38,26 @@ pub enum QemuError {
         class: String,
         desc: String,
     },
+    /// QEMU's QMP answers did not follow the protocol (a bad greeting or message).
     #[error("QMP protocol error: {0}")]
     QmpProtocol(String),
+    #[error("QMP connection {path} closed")]
+    QmpClosed { path: PathBuf },
+    /// The VMM process exited while it was being driven (killed, crashed).
+    #[error("QEMU exited ({status})")]
+    Exited { status: String },
+    #[error("{op} of the VM's state failed in QEMU: {reason}")]
+    MigrationFailed { op: &'static str, reason: String },
+    #[error("the VM is {state:?} after {op}")]
+    UnexpectedRunState { op: &'static str, state: String },
+    #[error("writing the device state file {path}")]
+    DeviceState {
+        path: PathBuf,
+        #[source]
+        source: crate::qemu::migstream::StreamError,
+    },
+    #[error("the migration stream carried {carried} of the {expected} changed guest pages")]
+    MissingPages { carried: usize, expected: usize },
     #[error("{op} of the VM's state did not finish within {secs} s")]
     Timeout { op: &'static str, secs: u64 },
     #[error("QEMU did not stop within {secs} s even after SIGKILL")]
@@ -56,6 +74,7 @@ impl From<QemuError> for VmmError {
             QemuError::EarlyExit { status, log_tail } => VmmError::Exited {
                 detail: format!("{status}: {log_tail}"),
             },
+            QemuError::Exited { status } => VmmError::Exited { detail: status },
             QemuError::QmpTimeout { secs, .. } => VmmError::Timeout { op: "start", secs },
             QemuError::Timeout { op, secs } => VmmError::Timeout { op, secs },
             QemuError::StopTimeout { secs } => VmmError::Timeout {

@@ -606,12 +606,13 @@ impl QemuHandle {
                     path: mem_path.clone(),
                     source,
                 })?;
-            let writer = guestmem::MemWriter::open(pid, start, len.min(mem_bytes)).map_err(
-                |source| QemuError::QmpIo {
-                    path: PathBuf::from(format!("/proc/{pid}/mem")),
-                    source,
-                },
-            )?;
+            let writer =
+                guestmem::MemWriter::open(pid, start, len.min(mem_bytes)).map_err(|source| {
+                    QemuError::QmpIo {
+                        path: PathBuf::from(format!("/proc/{pid}/mem")),
+                        source,
+                    }
+                })?;
             overlay
                 .for_each(&mut |page, data| writer.write_page(page, data))
                 .map_err(|source| QemuError::QmpIo {
@@ -657,9 +658,10 @@ impl QemuHandle {
                 "inmigrate" => {}
                 "paused" | "prelaunch" | "postmigrate" => break,
                 other => {
-                    return Err(QemuError::QmpProtocol(format!(
-                        "VM is {other:?} after loading device state"
-                    )))
+                    return Err(QemuError::UnexpectedRunState {
+                        op: "loading its device state",
+                        state: other.to_string(),
+                    })
                 }
             }
             if let Some(exit) = self.exit.borrow().clone() {
@@ -688,12 +690,11 @@ impl QemuHandle {
         let (pid, id, mem_bytes) = (self.pid, self.mem_id, self.mem_bytes);
         let mem_path = self.mem_path.clone();
         let dirty = tokio::task::spawn_blocking(move || {
-            let (start, len) = guestmem::find_mapping(pid, id).map_err(|source| {
-                QemuError::QmpIo {
+            let (start, len) =
+                guestmem::find_mapping(pid, id).map_err(|source| QemuError::QmpIo {
                     path: mem_path,
                     source,
-                }
-            })?;
+                })?;
             guestmem::private_pages(pid, start, len.min(mem_bytes)).map_err(|source| {
                 QemuError::QmpIo {
                     path: PathBuf::from(format!("/proc/{pid}/pagemap")),
@@ -714,19 +715,26 @@ impl QemuHandle {
             })?;
         let tmp = device_state.with_extension("tmp");
         let out_path = tmp.clone();
-        let reader = tokio::task::spawn_blocking(move || -> Result<migstream::Captured, String> {
-            let stream = ours;
-            let _ = stream.set_read_timeout(Some(MIGRATION_TIMEOUT));
-            let mut input = std::io::BufReader::with_capacity(1 << 20, stream);
-            let file = std::fs::File::create(&out_path)
-                .map_err(|e| format!("{}: {e}", out_path.display()))?;
-            let mut output = std::io::BufWriter::new(file);
-            let captured = migstream::filter(&mut input, &mut output, RAM_BLOCK, &dirty)
-                .map_err(|e| e.to_string())?;
-            let file = output.into_inner().map_err(|e| e.to_string())?;
-            file.sync_all().map_err(|e| e.to_string())?;
-            Ok(captured)
-        });
+        let reader =
+            tokio::task::spawn_blocking(move || -> Result<migstream::Captured, QemuError> {
+                let stream = ours;
+                let _ = stream.set_read_timeout(Some(MIGRATION_TIMEOUT));
+                let mut input = std::io::BufReader::with_capacity(1 << 20, stream);
+                let written = |source: std::io::Error| QemuError::DeviceState {
+                    path: out_path.clone(),
+                    source: source.into(),
+                };
+                let file = std::fs::File::create(&out_path).map_err(written)?;
+                let mut output = std::io::BufWriter::new(file);
+                let captured = migstream::filter(&mut input, &mut output, RAM_BLOCK, &dirty)
+                    .map_err(|source| QemuError::DeviceState {
+                        path: out_path.clone(),
+                        source,
+                    })?;
+                let file = output.into_inner().map_err(|e| written(e.into_error()))?;
+                file.sync_all().map_err(written)?;
+                Ok(captured)
+            });
         // A stopped VM: no reason to throttle the copy.
         self.qmp(&QmpCommand::MigrateSetMaxBandwidth(1 << 40))
             .await?;
@@ -754,12 +762,14 @@ impl QemuHandle {
             match st.get("status").and_then(|v| v.as_str()).unwrap_or("") {
                 "completed" => break Ok(()),
                 "failed" | "cancelled" => {
-                    break Err(QemuError::QmpProtocol(format!(
-                        "saving device state failed: {}",
-                        st.get("error-desc")
+                    break Err(QemuError::MigrationFailed {
+                        op: "save",
+                        reason: st
+                            .get("error-desc")
                             .and_then(|v| v.as_str())
                             .unwrap_or("unknown")
-                    )))
+                            .to_string(),
+                    })
                 }
                 _ => {}
             }
@@ -771,16 +781,17 @@ impl QemuHandle {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
-        let captured = reader
-            .await
-            .map_err(|e| QemuError::QmpProtocol(e.to_string()))?;
+        let captured = reader.await.map_err(|e| QemuError::DeviceState {
+            path: tmp.clone(),
+            source: std::io::Error::other(e).into(),
+        })?;
         outcome?;
-        let mut captured = captured.map_err(QemuError::QmpProtocol)?;
+        let mut captured = captured?;
         if captured.len() != dirty_count {
-            return Err(QemuError::QmpProtocol(format!(
-                "the migration stream carried {} of the {dirty_count} changed guest pages",
-                captured.len()
-            )));
+            return Err(QemuError::MissingPages {
+                carried: captured.len(),
+                expected: dirty_count,
+            });
         }
         std::fs::rename(&tmp, device_state).map_err(|source| QemuError::QmpIo {
             path: device_state.to_path_buf(),
@@ -829,7 +840,17 @@ impl QemuHandle {
             // A broken connection is re-opened on the next call.
             *guard = None;
         }
-        res
+        match res {
+            // The connection broke because QEMU is gone: say that.
+            Err(QemuError::QmpIo { .. } | QemuError::QmpClosed { .. })
+                if self.wait_exited(Duration::from_millis(500)).await =>
+            {
+                Err(QemuError::Exited {
+                    status: self.exit.borrow().clone().unwrap_or_default(),
+                })
+            }
+            other => other,
+        }
     }
 }
 

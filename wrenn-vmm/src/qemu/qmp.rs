@@ -106,7 +106,9 @@ impl Qmp {
                 source,
             })?;
         if n == 0 {
-            return Err(QemuError::QmpProtocol("QMP connection closed".into()));
+            return Err(QemuError::QmpClosed {
+                path: self.path.clone(),
+            });
         }
         serde_json::from_str(&line)
             .map_err(|e| QemuError::QmpProtocol(format!("bad QMP message {line:?}: {e}")))

@@ -51,7 +51,7 @@ async fn jail_overhead(kernel: std::path::PathBuf, accel: Accel) -> Result<(f64,
             run_dir: dir.join(format!("vm{i}")),
             boot: BootSource {
                 kernel: kernel.clone(),
-                cmdline: "console=ttyS0 panic=1".into(),
+                cmdline: String::new(),
             },
             machine: MachineConfig {
                 vcpus: 1,

@@ -443,7 +443,7 @@ async fn a_jailed_kvm_vmm_gets_its_own_dev_kvm() {
             .join(format!("kvm-jail-{}", std::process::id())),
         boot: wrenn::vmm::BootSource {
             kernel,
-            cmdline: "console=ttyS0 panic=1".into(),
+            cmdline: String::new(),
         },
         machine: wrenn::vmm::MachineConfig {
             vcpus: 1,

@@ -37,8 +37,9 @@ pub(super) enum Start {
 
 impl Ctx {
     pub(super) fn kernel_cmdline(&self, template: &Template) -> String {
+        // The VMM adds what its machine needs (console, root drive, panic policy).
         let mut cmdline = format!(
-            "console=ttyS0 reboot=k panic=1 root=/dev/vda rw init={} quiet {}",
+            "init={} quiet {}",
             self.config.guest_init,
             crate::net::guest_ip_kernel_arg()
         );

@@ -87,7 +87,7 @@ pub fn build_argv(
     ]);
     push(&["-sandbox", SANDBOX]);
     push(&["-kernel", &spec.boot.kernel.display().to_string()]);
-    push(&["-append", &spec.boot.cmdline]);
+    push(&["-append", &kernel_cmdline(spec)]);
     push(&[
         "-chardev",
         &format!(
@@ -136,6 +136,25 @@ pub fn build_argv(
     a
 }
 
+/// The kernel command line: what this machine needs (its serial console, reboot
+/// and panic behaviour, the root drive: the first, `vda`, read-write unless marked
+/// read-only), then the caller's (`spec.boot.cmdline`: init, network, template).
+fn kernel_cmdline(spec: &VmSpec) -> String {
+    let mut c = String::from("console=ttyS0 reboot=k panic=1");
+    if let Some(root) = spec.drives.iter().find(|d| d.root) {
+        c.push_str(if root.read_only {
+            " root=/dev/vda ro"
+        } else {
+            " root=/dev/vda rw"
+        });
+    }
+    if !spec.boot.cmdline.is_empty() {
+        c.push(' ');
+        c.push_str(&spec.boot.cmdline);
+    }
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,7 +168,7 @@ mod tests {
             run_dir: PathBuf::from("/run/c1"),
             boot: BootSource {
                 kernel: "/k/vmlinux".into(),
-                cmdline: "console=ttyS0 root=/dev/vda".into(),
+                cmdline: "init=/sbin/init".into(),
             },
             machine: MachineConfig {
                 vcpus: 2,
@@ -190,7 +209,7 @@ mod tests {
              -m 512M -smp 2 -nodefaults -no-user-config -display none -no-reboot \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
              -kernel /k/vmlinux \
-             -append console=ttyS0 root=/dev/vda -chardev file,id=console,path=/run/c1/console.pipe \
+             -append console=ttyS0 reboot=k panic=1 root=/dev/vda rw init=/sbin/init -chardev file,id=console,path=/run/c1/console.pipe \
              -serial chardev:console \
              -drive id=rootfs,file=/d/disk,,1.qcow2,format=qcow2,if=none,discard=unmap \
              -device virtio-blk-device,drive=rootfs \

@@ -47,6 +47,8 @@ ADMIN_KEY = "wrn_" + "c4a05" * 6 + "ab"
 NETNS_PREFIX = "wrenn-ns-"
 VETH_PREFIX = "wrenn-veth-"
 SLOT_DIR = "/run/wrenn/net"
+# Tag of the background process every capsule of the run starts with.
+KEEPER = "chaos-keeper"
 
 
 def _free_port() -> int:
@@ -234,7 +236,8 @@ class Driver:
         self.caps: dict[str, Capsule] = {}
         self.problems: list[str] = []
         self.log = log
-        self.counts = {"ops": 0, "kill_points": 0, "leaks": 0, "lost_paused": 0, "snapshots": 0}
+        self.counts = {"ops": 0, "kill_points": 0, "leaks": 0, "lost_paused": 0, "snapshots": 0,
+                       "paused_checked": 0}
         self.snapshots: list[str] = []
         # Operations that acted (found a capsule in the state they need), by kind.
         self.done: dict[str, int] = {}
@@ -249,11 +252,15 @@ class Driver:
 
     def _create(self, c: httpx.Client) -> None:
         r = c.post("/v1/capsules", json={"template": "minimal", "timeout_sec": 3600})
-        if r.status_code == 201:
-            cid = r.json()["id"]
-            self.caps[cid] = Capsule(cid)
-        else:
+        if r.status_code != 201:
             raise RuntimeError(f"create: {r.status_code} {r.text}")
+        cid = r.json()["id"]
+        self.caps[cid] = Capsule(cid)
+        # A process that must survive every pause, resume and fork of the capsule.
+        r = c.post(f"/v1/capsules/{cid}/exec",
+                   json={"cmd": "/bin/sleep", "args": ["86400"], "background": True, "tag": KEEPER})
+        if r.status_code != 202:
+            raise RuntimeError(f"starting the keeper process: {r.status_code} {r.text}")
 
     def _pick(self, status: str | None = None) -> Capsule | None:
         ids = sorted(self.caps)
@@ -460,6 +467,12 @@ class Driver:
                         want = {p: d for p, d in have.items()}
                     cap.files = dict(want)
                     cap.paused_files = None
+                    self.counts["paused_checked"] += 1
+                    procs = c.get(f"/v1/capsules/{cid}/processes")
+                    tags = [p.get("tag") for p in procs.json().get("processes", [])] if procs.status_code == 200 else []
+                    if KEEPER not in tags:
+                        self.counts["lost_paused"] += 1
+                        self.problem(f"{when}: {cid} resumed without its process {KEEPER} ({procs.status_code} {tags})")
                 elif live[cid]["status"] == "running":
                     r = c.post(f"/v1/capsules/{cid}/exec", json={"cmd": "/bin/true"})
                     if r.status_code != 200:
@@ -801,6 +814,7 @@ def run(binary: str, ops: int, kills: int, clients: int, load_secs: float, churn
             "leaks": d.counts["leaks"] + len(leftover),
             "lost_paused": d.counts["lost_paused"],
             "snapshots": d.counts["snapshots"],
+            "paused_checked": d.counts["paused_checked"],
             "done": d.done,
             "kill_phase_s": round(kill_secs, 1),
             **lo,

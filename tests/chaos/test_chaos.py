@@ -37,5 +37,7 @@ def test_kills_faults_and_load_leave_nothing_behind():
     print(json.dumps({k: v for k, v in out.items() if k != "problems"}))
     assert out["kill_points"] == KILLS
     assert out["load_requests"] > 0 and out["load_churned_capsules"] > 0, out
+    # The kills found paused capsules to bring back (the check is not vacuous).
+    assert out["paused_checked"] > 0, out
     assert out["problems"] == [], "\n".join(out["problems"])
     assert (out["leaks"], out["lost_paused"], out["load_errors"], out["fault_problems"]) == (0, 0, 0, 0), out

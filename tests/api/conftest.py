@@ -245,7 +245,10 @@ def start_server():
     def start(tag: str, listen_host: str = "127.0.0.1", args: tuple = ()) -> Server:
         data_dir = _make_data_dir(tag)
         env = dict(os.environ)
-        for k in ("DATABASE_URL", "WRENN_SIGNUP", "WRENN_DISABLE_SIGNUP"):
+        # Settings come from `args` only (the wrenn_embed suite sets disk ones for its
+        # in-process host, and its environment is this process's).
+        for k in ("DATABASE_URL", "WRENN_SIGNUP", "WRENN_DISABLE_SIGNUP", "WRENN_DISK_OVERCOMMIT",
+                  "WRENN_DISK_RESERVE_MB"):
             env.pop(k, None)
         env["WRENN_BOOTSTRAP_API_KEY"] = ADMIN_KEY
         env["WRENN_BOOTSTRAP_ADMIN_PASSWORD"] = ADMIN_PASSWORD

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -20,6 +21,20 @@ def api(server) -> dict:
 def free_mb(path: str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize >> 20
+
+
+def settled_free_mb(path: str) -> int:
+    """Free space once it stops moving: files other processes just deleted are released
+    when the last process holding them (an exiting VMM) closes them."""
+    last = free_mb(path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        now = free_mb(path)
+        if abs(now - last) < 16:
+            return now
+        last = now
+    return last
 
 
 def test_no_room_means_507_and_nothing_left(start_server):
@@ -39,14 +54,16 @@ def test_no_room_means_507_and_nothing_left(start_server):
 
 
 def test_an_upload_that_does_not_fit_is_refused(start_server):
-    # Room for one capsule's disk (2 GiB) and about 200 MiB more.
-    reserve = free_mb("/var/lib/wrenn-test") - 2048 - 200
-    srv = start_server("disk-tight", args=("--disk-reserve-mb", str(reserve)))
+    # Room for one capsule's disk (2 GiB) and about 100 MiB more; the upload below is
+    # 900 MiB, far beyond that (free space moves while other processes' files are
+    # released) and within the upload limit, so only the disk can refuse it.
+    reserve = settled_free_mb("/var/lib/wrenn-test") - 2048 - 100
+    srv = start_server("disk-tight", args=("--disk-reserve-mb", str(reserve), "--upload-limit-mib", "2048"))
     s = Sandbox.create("minimal", **api(srv))
     try:
         s.files.write("/tmp/small.txt", "fits")
         assert s.files.read("/tmp/small.txt") == "fits"
-        big = b"x" * (600 << 20)
+        big = b"x" * (900 << 20)
         with pytest.raises(Exception) as e:
             s.files.write("/tmp/big.bin", big)
         assert "507" in str(e.value) or "disk space" in str(e.value), e.value
@@ -65,10 +82,9 @@ def test_an_upload_that_does_not_fit_is_refused(start_server):
 
 @pytest.mark.parametrize("ratio", ["0.5", "101", "many"])
 def test_a_disk_overcommit_outside_1_to_100_stops_the_server_by_name(ratio, tmp_path):
-    from conftest import BINARY
-
+    binary = os.path.join(os.path.dirname(__file__), "..", "..", "target", "debug", "wrenn")
     out = subprocess.run(
-        [BINARY, "--data-dir", str(tmp_path), "serve", "--listen", "127.0.0.1:0", "--disk-overcommit", ratio],
+        [binary, "--data-dir", str(tmp_path), "serve", "--listen", "127.0.0.1:0", "--disk-overcommit", ratio],
         capture_output=True,
         text=True,
         timeout=60,

@@ -317,20 +317,14 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if let Some(n) = declared {
-            st.agent.ensure_space(n)?;
+        // A refused upload's body is read (a bounded amount of it) first, so the
+        // client gets to see the answer instead of a broken pipe.
+        if let Some(Err(e)) = declared.map(|n| st.agent.ensure_space(n)) {
+            drain(req.body_mut()).await;
+            return Err(e.into());
         }
         if declared.is_some_and(|n| n > limit.saturating_add(64 * 1024)) {
-            // Read (a bounded amount of) the body first, so the client gets to see
-            // the answer instead of a broken pipe.
-            let mut body = std::mem::take(req.body_mut()).into_data_stream();
-            let mut drained = 0u64;
-            while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut body).await {
-                drained += chunk.len() as u64;
-                if drained > MAX_DRAIN {
-                    break;
-                }
-            }
+            drain(req.body_mut()).await;
             return Ok(upload_too_large(limit));
         }
     }
@@ -381,8 +375,10 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
-/// The most of a refused upload that is read before answering.
-const MAX_DRAIN: u64 = 256 << 20;
+/// The most of a refused upload that is read before answering (as envd does).
+const MAX_DRAIN: u64 = 1 << 30;
+/// The longest a refused upload is read before answering.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// envd's port: its `/files` uploads get the server's upload cap.
 const ENVD_PORT: u16 = 49983;
@@ -461,6 +457,22 @@ async fn proxy_upgrade(
     }
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Reads and drops up to [`MAX_DRAIN`] bytes (for at most [`DRAIN_TIMEOUT`]) of a
+/// request body the answer refuses.
+async fn drain(body: &mut Body) {
+    let mut body = std::mem::take(body).into_data_stream();
+    let read = async {
+        let mut drained = 0u64;
+        while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut body).await {
+            drained += chunk.len() as u64;
+            if drained > MAX_DRAIN {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, read).await;
 }
 
 #[cfg(test)]

@@ -176,15 +176,20 @@ impl NetnsNetwork {
     fn claim(&self, skip: &BTreeSet<u32>) -> Result<Option<SlotIndex>, SlotError> {
         let mut used = self.used();
         for n in 1..=self.config.capacity {
-            if used.contains(&n) || skip.contains(&n) || owner::registered(n) {
+            // Registered first: a sweep by another instance skips it from then on.
+            if used.contains(&n) || skip.contains(&n) || !owner::try_register(n) {
                 continue;
             }
-            let claimed =
-                owner::claim(n).map_err(|source| SlotError::OwnerFile { index: n, source })?;
-            if claimed {
-                used.insert(n);
-                owner::register(n);
-                return Ok(Some(SlotIndex(n)));
+            match owner::claim(n) {
+                Ok(true) => {
+                    used.insert(n);
+                    return Ok(Some(SlotIndex(n)));
+                }
+                Ok(false) => owner::unregister(n),
+                Err(source) => {
+                    owner::unregister(n);
+                    return Err(SlotError::OwnerFile { index: n, source });
+                }
             }
         }
         Ok(None)
@@ -393,22 +398,38 @@ impl NetnsNetwork {
         let mut errors = Vec::new();
         // A slot survives the sweep when something still holds it: a capsule the
         // caller keeps, a live instance of this process, or another live process.
-        let held = |n: u32| {
-            keep.contains(&n)
-                || owner::registered(n)
-                || owner::holder(n) == owner::Holder::OtherLive
+        // Otherwise the sweep takes it, as an allocation would, before removing
+        // anything: an allocation cannot take it meanwhile and lose its parts.
+        let take = |n: u32| -> bool {
+            if keep.contains(&n) || !owner::try_register(n) {
+                return false;
+            }
+            if owner::holder(n) == owner::Holder::Me {
+                // Left by a dropped instance of this process.
+                owner::release(n);
+            }
+            if owner::claim(n).unwrap_or(false) {
+                true
+            } else {
+                owner::unregister(n);
+                false
+            }
+        };
+        let give_back = |n: u32| {
+            owner::unregister(n);
+            owner::release(n);
         };
         for index in netns::list_slots()? {
-            if held(index.0) {
+            if !take(index.0) {
                 continue;
             }
             match self.teardown(&slot_for(index), &ALL_PARTS).await {
                 Ok(()) => {
-                    owner::release(index.0);
                     removed.insert(index.0);
                 }
                 Err(e) => errors.push(e),
             }
+            give_back(index.0);
         }
         let stray = netns::run(None, || {
             rtnl::with_netlink(|h| async move {
@@ -420,7 +441,10 @@ impl NetnsNetwork {
             })
         })
         .await?;
-        for index in stray.into_iter().filter(|i| !held(i.0)) {
+        for index in stray {
+            if !take(index.0) {
+                continue;
+            }
             let name = slot_for(index).host_veth;
             let r = netns::run(None, move || {
                 rtnl::with_netlink(|h| async move { rtnl::delete_link(&h, &name).await })
@@ -432,6 +456,7 @@ impl NetnsNetwork {
                 }
                 Err(e) => errors.push(e),
             }
+            give_back(index.0);
         }
         if let Err(e) = self.host_rules(true).await {
             errors.push(e);

@@ -45,6 +45,13 @@ pub fn register(index: u32) {
     registry().insert(index);
 }
 
+/// Registers slot `index` for a live instance of this process unless one already
+/// holds it; `false` then. Check and registration are one step, so two instances
+/// (an allocation and another's sweep) never both act on a slot.
+pub fn try_register(index: u32) -> bool {
+    registry().insert(index)
+}
+
 pub fn unregister(index: u32) {
     registry().remove(&index);
 }

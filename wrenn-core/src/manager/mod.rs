@@ -559,11 +559,16 @@ impl Capsules {
             self.adopt(id).await?;
         }
         let e = self.entry(id)?;
+        // The actor ends after a destroy: a call that raced it finds no capsule.
+        let gone = || match e.snapshot() {
+            Some(r) if r.status == CapsuleStatus::Stopped => {
+                CapsuleError::NotFound { id: id.to_string() }
+            }
+            _ => CapsuleError::ShuttingDown,
+        };
         let (tx, rx) = oneshot::channel();
-        e.tx.send(make(tx))
-            .await
-            .map_err(|_| CapsuleError::ShuttingDown)?;
-        rx.await.unwrap_or(Err(CapsuleError::ShuttingDown))
+        e.tx.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.unwrap_or_else(|_| Err(gone()))
     }
 
     /// Pauses a running capsule: its memory, devices and disk go to its snapshot,

@@ -589,15 +589,13 @@ impl QemuHandle {
         done
     }
 
-    /// Writes the overlay pages into the RAM of a VM started with
-    /// `StartMode::Incoming`, loads its device state, then lets it run.
-    async fn load(
+    /// Runs `work(pid, start, len, mem_path)` over the guest RAM mapping in QEMU's
+    /// address space (found in its maps, capped at the guest's size) on a blocking
+    /// thread: page work through /proc stays off the async workers.
+    async fn on_guest_ram<T: Send + 'static>(
         &self,
-        device_state: &Path,
-        overlay: Arc<dyn PageOverlay>,
-    ) -> Result<(), QemuError> {
-        // Guest RAM first: loading virtio devices reads their rings from it. Page by
-        // page through /proc/PID/mem: blocking work, off the async workers.
+        work: impl FnOnce(u32, u64, u64, PathBuf) -> Result<T, QemuError> + Send + 'static,
+    ) -> Result<T, QemuError> {
         let (pid, id, mem_bytes) = (self.pid, self.mem_id, self.mem_bytes);
         let mem_path = self.mem_path.clone();
         tokio::task::spawn_blocking(move || {
@@ -606,12 +604,29 @@ impl QemuHandle {
                     path: mem_path.clone(),
                     source,
                 })?;
+            work(pid, start, len.min(mem_bytes), mem_path)
+        })
+        .await
+        .map_err(|e| QemuError::QmpIo {
+            path: self.mem_path.clone(),
+            source: std::io::Error::other(e),
+        })?
+    }
+
+    /// Writes the overlay pages into the RAM of a VM started with
+    /// `StartMode::Incoming`, loads its device state, then lets it run.
+    async fn load(
+        &self,
+        device_state: &Path,
+        overlay: Arc<dyn PageOverlay>,
+    ) -> Result<(), QemuError> {
+        // Guest RAM first: loading virtio devices reads their rings from it. Page by
+        // page through /proc/PID/mem.
+        self.on_guest_ram(move |pid, start, len, mem_path| {
             let writer =
-                guestmem::MemWriter::open(pid, start, len.min(mem_bytes)).map_err(|source| {
-                    QemuError::QmpIo {
-                        path: PathBuf::from(format!("/proc/{pid}/mem")),
-                        source,
-                    }
+                guestmem::MemWriter::open(pid, start, len).map_err(|source| QemuError::QmpIo {
+                    path: PathBuf::from(format!("/proc/{pid}/mem")),
+                    source,
                 })?;
             overlay
                 .for_each(&mut |page, data| writer.write_page(page, data))
@@ -620,11 +635,7 @@ impl QemuHandle {
                     source,
                 })
         })
-        .await
-        .map_err(|e| QemuError::QmpIo {
-            path: self.mem_path.clone(),
-            source: std::io::Error::other(e),
-        })??;
+        .await?;
         // The device state goes through a socket pair whose far end QEMU receives
         // over QMP (it opens no files and may not start a helper process).
         let (ours, theirs) =
@@ -686,27 +697,15 @@ impl QemuHandle {
 
     /// Saves the device state of the stopped VM and collects its changed pages.
     async fn save_state(&self, device_state: &Path) -> Result<ChangedPages, QemuError> {
-        // A page map scan of all guest RAM: blocking work, off the async workers.
-        let (pid, id, mem_bytes) = (self.pid, self.mem_id, self.mem_bytes);
-        let mem_path = self.mem_path.clone();
-        let dirty = tokio::task::spawn_blocking(move || {
-            let (start, len) =
-                guestmem::find_mapping(pid, id).map_err(|source| QemuError::QmpIo {
-                    path: mem_path,
-                    source,
-                })?;
-            guestmem::private_pages(pid, start, len.min(mem_bytes)).map_err(|source| {
-                QemuError::QmpIo {
+        // A page map scan of all guest RAM.
+        let dirty = self
+            .on_guest_ram(|pid, start, len, _| {
+                guestmem::private_pages(pid, start, len).map_err(|source| QemuError::QmpIo {
                     path: PathBuf::from(format!("/proc/{pid}/pagemap")),
                     source,
-                }
+                })
             })
-        })
-        .await
-        .map_err(|e| QemuError::QmpIo {
-            path: self.mem_path.clone(),
-            source: std::io::Error::other(e),
-        })??;
+            .await?;
         let dirty_count = dirty.len();
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(|source| QemuError::QmpIo {

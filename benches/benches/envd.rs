@@ -13,7 +13,8 @@ use wrenn_benches::{
     free_port, median_p99_ms, print_result, print_table, repo_root, round2, rss_kib,
 };
 use wrenn_envd::connect::{encode_envelope, EnvelopeDecoder};
-use wrenn_envd::proto::process::{Event, EventResponse, ProcessConfig, StartRequest};
+use wrenn_envd::proto::process::process_event::Event;
+use wrenn_envd::proto::process::{ProcessConfig, StartRequest, StartResponse};
 
 const EXEC_ITERATIONS: usize = 100;
 
@@ -98,7 +99,7 @@ fn exec_true(agent: &ureq::Agent, base: &str) -> Result<i32> {
         if env.is_end_stream() {
             break;
         }
-        let msg: EventResponse = serde_json::from_slice(&env.data)?;
+        let msg: StartResponse = serde_json::from_slice(&env.data)?;
         if let Some(Event::End(end)) = msg.event.and_then(|e| e.event) {
             return Ok(end.exit_code);
         }

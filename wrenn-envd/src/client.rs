@@ -3,12 +3,16 @@
 
 use crate::connect::{encode_envelope, Code, ConnectError, EndStream, EnvelopeDecoder};
 use crate::proto::filesystem::{
-    EntryInfo, EntryResponse, FileType, ListDirRequest, ListDirResponse, PathRequest,
+    EntryInfo, FileType, ListDirRequest, ListDirResponse, MakeDirRequest, MakeDirResponse,
+    RemoveRequest, StatRequest, StatResponse,
 };
+use crate::proto::process::process_event::{data_event::Output, Event};
+use crate::proto::process::process_input::Input;
+use crate::proto::process::pty::Size as WirePtySize;
 use crate::proto::process::{
-    Event, EventResponse, Input, ListRequest, ListResponse, Output, ProcessConfig, ProcessInput,
-    ProcessRequest, ProcessSelector, Pty, PtySize as WirePtySize, SendInputRequest,
-    SendSignalRequest, Signal, StartRequest, UpdateRequest,
+    CloseStdinRequest, ConnectRequest, ListRequest, ListResponse, ProcessConfig, ProcessInput,
+    ProcessSelector, Pty, SendInputRequest, SendSignalRequest, Signal, StartRequest, StartResponse,
+    UpdateRequest,
 };
 use crate::proto::InitRequest;
 use async_trait::async_trait;
@@ -336,7 +340,8 @@ async fn pump_events(mut body: Incoming, tx: mpsc::Sender<Result<ExecEvent, Agen
                 }
                 return;
             }
-            let msg: EventResponse = match serde_json::from_slice(&env.data) {
+            // `Start` and `Connect` answer with the same message shape.
+            let msg: StartResponse = match serde_json::from_slice(&env.data) {
                 Ok(m) => m,
                 Err(e) => {
                     let _ = tx
@@ -456,7 +461,7 @@ impl GuestAgent for EnvdClient {
     }
 
     async fn connect(&self, pid: u32) -> Result<ExecStream, AgentError> {
-        let msg = serde_json::to_vec(&ProcessRequest {
+        let msg = serde_json::to_vec(&ConnectRequest {
             process: Some(ProcessSelector::pid(pid)),
         })
         .map_err(|e| AgentError::Protocol(e.to_string()))?;
@@ -514,7 +519,7 @@ impl GuestAgent for EnvdClient {
     }
 
     async fn close_stdin(&self, pid: u32) -> Result<(), AgentError> {
-        let req = ProcessRequest {
+        let req = CloseStdinRequest {
             process: Some(ProcessSelector::pid(pid)),
         };
         let _: serde_json::Value = self.unary("process.Process/CloseStdin", &req, None).await?;
@@ -594,10 +599,10 @@ impl GuestAgent for EnvdClient {
     }
 
     async fn stat(&self, path: &str) -> Result<FileEntry, AgentError> {
-        let r: EntryResponse = self
+        let r: StatResponse = self
             .unary(
                 "filesystem.Filesystem/Stat",
-                &PathRequest {
+                &StatRequest {
                     path: path.to_string(),
                 },
                 None,
@@ -609,10 +614,10 @@ impl GuestAgent for EnvdClient {
     }
 
     async fn make_dir(&self, path: &str) -> Result<FileEntry, AgentError> {
-        let r: EntryResponse = self
+        let r: MakeDirResponse = self
             .unary(
                 "filesystem.Filesystem/MakeDir",
-                &PathRequest {
+                &MakeDirRequest {
                     path: path.to_string(),
                 },
                 None,
@@ -627,7 +632,7 @@ impl GuestAgent for EnvdClient {
         let _: serde_json::Value = self
             .unary(
                 "filesystem.Filesystem/Remove",
-                &PathRequest {
+                &RemoveRequest {
                     path: path.to_string(),
                 },
                 None,

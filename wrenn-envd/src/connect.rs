@@ -471,7 +471,7 @@ mod tests {
         let m: crate::proto::process::ListRequest = Codec::Json.decode(b"").unwrap();
         assert_eq!(m, crate::proto::process::ListRequest {});
         let err = Codec::Json
-            .decode::<crate::proto::filesystem::PathRequest>(b"{\"path\":")
+            .decode::<crate::proto::filesystem::StatRequest>(b"{\"path\":")
             .unwrap_err();
         assert_eq!(err.code, Code::InvalidArgument);
     }

@@ -6,7 +6,6 @@
 //! the guest daemon lives behind the `server` feature.
 
 pub mod connect;
-pub mod json;
 pub mod proto;
 
 #[cfg(feature = "server")]

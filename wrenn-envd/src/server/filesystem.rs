@@ -6,6 +6,7 @@ use super::rpc::{open_stream, stream_error_response, Rpc, RpcError};
 use super::users::{Names, User};
 use super::AppState;
 use crate::connect::{Code, ConnectError};
+use crate::proto::filesystem::watch_dir_response::{Event, KeepAlive, StartEvent};
 use crate::proto::filesystem::*;
 use crate::proto::Timestamp;
 use axum::extract::State;
@@ -176,7 +177,7 @@ fn not_found_or(e: std::io::Error, path: &Path) -> ConnectError {
 
 async fn stat(
     State(st): State<Arc<AppState>>,
-    rpc: Rpc<PathRequest>,
+    rpc: Rpc<StatRequest>,
 ) -> Result<Response, RpcError> {
     let user = st.rpc_user(&rpc.headers)?;
     let path = st.resolve_path(&rpc.msg.path, &user);
@@ -184,12 +185,12 @@ async fn stat(
         entry_info(&path, &Names::load()).map_err(|e| not_found_or(e, &path))
     })
     .await?;
-    Ok(rpc.reply(&EntryResponse { entry: Some(entry) }))
+    Ok(rpc.reply(&StatResponse { entry: Some(entry) }))
 }
 
 async fn make_dir(
     State(st): State<Arc<AppState>>,
-    rpc: Rpc<PathRequest>,
+    rpc: Rpc<MakeDirRequest>,
 ) -> Result<Response, RpcError> {
     let user = st.rpc_user(&rpc.headers)?;
     let path = st.resolve_path(&rpc.msg.path, &user);
@@ -213,7 +214,7 @@ async fn make_dir(
         entry_info(&path, &Names::load()).map_err(|e| not_found_or(e, &path))
     })
     .await?;
-    Ok(rpc.reply(&EntryResponse { entry: Some(entry) }))
+    Ok(rpc.reply(&MakeDirResponse { entry: Some(entry) }))
 }
 
 async fn move_entry(
@@ -232,7 +233,7 @@ async fn move_entry(
         entry_info(&dst, &Names::load()).map_err(|e| not_found_or(e, &dst))
     })
     .await?;
-    Ok(rpc.reply(&EntryResponse { entry: Some(entry) }))
+    Ok(rpc.reply(&MoveResponse { entry: Some(entry) }))
 }
 
 fn walk(dir: &Path, depth: u32, names: &Names, out: &mut Vec<EntryInfo>) -> std::io::Result<()> {
@@ -279,7 +280,7 @@ async fn list_dir(
 
 async fn remove(
     State(st): State<Arc<AppState>>,
-    rpc: Rpc<PathRequest>,
+    rpc: Rpc<RemoveRequest>,
 ) -> Result<Response, RpcError> {
     let user = st.rpc_user(&rpc.headers)?;
     let path = st.resolve_path(&rpc.msg.path, &user);
@@ -356,7 +357,7 @@ fn add_tree(
 
 async fn start_watch(
     st: &AppState,
-    req: &WatchRequest,
+    req: &WatchDirRequest,
     user: &User,
 ) -> Result<Watch, ConnectError> {
     let root = st.resolve_path(&req.path, user);
@@ -457,7 +458,7 @@ async fn start_watch(
     Ok(Watch { rx, task })
 }
 
-async fn watch_dir(State(st): State<Arc<AppState>>, rpc: Rpc<WatchRequest>) -> Response {
+async fn watch_dir(State(st): State<Arc<AppState>>, rpc: Rpc<WatchDirRequest>) -> Response {
     let codec = rpc.codec;
     let keepalive = rpc.keepalive_interval();
     let watch = match st.rpc_user(&rpc.headers) {
@@ -472,7 +473,7 @@ async fn watch_dir(State(st): State<Arc<AppState>>, rpc: Rpc<WatchRequest>) -> R
     tokio::spawn(async move {
         let Watch { mut rx, task } = watch;
         let start = WatchDirResponse {
-            event: Some(WatchEvent::Start(WatchStart {})),
+            event: Some(Event::Start(StartEvent {})),
         };
         if sender.send(&start).await.is_ok() {
             loop {
@@ -481,9 +482,9 @@ async fn watch_dir(State(st): State<Arc<AppState>>, rpc: Rpc<WatchRequest>) -> R
                     _ = sender.closed() => break,
                 };
                 let msg = match next {
-                    Ok(Some(ev)) => WatchEvent::Filesystem(ev),
+                    Ok(Some(ev)) => Event::Filesystem(ev),
                     Ok(None) => break,
-                    Err(_idle) => WatchEvent::Keepalive(KeepAlive {}),
+                    Err(_idle) => Event::Keepalive(KeepAlive {}),
                 };
                 if sender
                     .send(&WatchDirResponse { event: Some(msg) })
@@ -526,7 +527,7 @@ pub struct Watchers {
 
 async fn create_watcher(
     State(st): State<Arc<AppState>>,
-    rpc: Rpc<WatchRequest>,
+    rpc: Rpc<CreateWatcherRequest>,
 ) -> Result<Response, RpcError> {
     if st.watchers.map.lock().map(|m| m.len()).unwrap_or(0) >= MAX_WATCHERS {
         return Err(ConnectError::new(
@@ -536,7 +537,7 @@ async fn create_watcher(
         .into());
     }
     let user = st.rpc_user(&rpc.headers)?;
-    let Watch { mut rx, task } = start_watch(&st, &rpc.msg, &user).await?;
+    let Watch { mut rx, task } = start_watch(&st, &rpc.msg.clone().into(), &user).await?;
     let events = Arc::new(Mutex::new(VecDeque::new()));
     let sink = events.clone();
     let collector = tokio::spawn(async move {
@@ -563,12 +564,12 @@ async fn create_watcher(
             },
         );
     }
-    Ok(rpc.reply(&WatcherIdMessage { watcher_id: id }))
+    Ok(rpc.reply(&CreateWatcherResponse { watcher_id: id }))
 }
 
 async fn get_watcher_events(
     State(st): State<Arc<AppState>>,
-    rpc: Rpc<WatcherIdMessage>,
+    rpc: Rpc<GetWatcherEventsRequest>,
 ) -> Result<Response, RpcError> {
     let events = {
         let m = st
@@ -590,7 +591,7 @@ async fn get_watcher_events(
 
 async fn remove_watcher(
     State(st): State<Arc<AppState>>,
-    rpc: Rpc<WatcherIdMessage>,
+    rpc: Rpc<RemoveWatcherRequest>,
 ) -> Result<Response, RpcError> {
     let removed = st
         .watchers
@@ -664,10 +665,6 @@ mod tests {
         }
     }
 
-    fn path_req(path: String) -> PathRequest {
-        PathRequest { path }
-    }
-
     /// The Connect code of a failed call, `None` on success.
     fn code(res: Result<Response, RpcError>) -> Option<Code> {
         match res {
@@ -688,7 +685,8 @@ mod tests {
         }
         let t = Tree::new("stat");
         let st = state();
-        let stat_as = |p: &str, u: &str| stat(State(st.clone()), rpc(path_req(t.s(p)), u));
+        let stat_as =
+            |p: &str, u: &str| stat(State(st.clone()), rpc(StatRequest { path: t.s(p) }, u));
         assert_eq!(code(stat_as("private/file", USER).await), DENIED);
         assert_eq!(code(stat_as("private/file", "root").await), None);
         assert_eq!(
@@ -720,7 +718,8 @@ mod tests {
         }
         let t = Tree::new("mkdir");
         let st = state();
-        let mk = |p: &str, u: &str| make_dir(State(st.clone()), rpc(path_req(t.s(p)), u));
+        let mk =
+            |p: &str, u: &str| make_dir(State(st.clone()), rpc(MakeDirRequest { path: t.s(p) }, u));
         assert_eq!(code(mk("rootonly/d", USER).await), DENIED);
         assert!(!t.p("rootonly/d").exists());
         assert_eq!(code(mk("userdir/link_dir/d", USER).await), DENIED);
@@ -777,7 +776,8 @@ mod tests {
         );
         assert_eq!(owner(&t.p("userdir/sub")), (UID, GID));
 
-        let rm = |p: &str, u: &str| remove(State(st.clone()), rpc(path_req(t.s(p)), u));
+        let rm =
+            |p: &str, u: &str| remove(State(st.clone()), rpc(RemoveRequest { path: t.s(p) }, u));
         assert_eq!(code(rm("secret", USER).await), DENIED);
         assert_eq!(code(rm("rootonly", USER).await), DENIED);
         assert!(t.p("secret").exists() && t.p("rootonly").exists());
@@ -801,7 +801,7 @@ mod tests {
             create_watcher(
                 State(st.clone()),
                 rpc(
-                    WatchRequest {
+                    CreateWatcherRequest {
                         path: t.s(p),
                         ..Default::default()
                     },
@@ -816,7 +816,7 @@ mod tests {
         let resp = watch_dir(
             State(st.clone()),
             rpc(
-                WatchRequest {
+                WatchDirRequest {
                     path: t.s("private"),
                     ..Default::default()
                 },
@@ -845,7 +845,7 @@ mod tests {
         let res = create_watcher(
             State(st.clone()),
             rpc(
-                WatchRequest {
+                CreateWatcherRequest {
                     path: t.s("userdir"),
                     recursive: true,
                     include_entry: true,
@@ -859,7 +859,7 @@ mod tests {
         let body = axum::body::to_bytes(res.into_body(), usize::MAX)
             .await
             .unwrap();
-        let id: WatcherIdMessage = Codec::Json.decode(&body).unwrap();
+        let id: CreateWatcherResponse = Codec::Json.decode(&body).unwrap();
         // Root creates a directory the user cannot read and one it can.
         std::fs::create_dir(t.p("userdir/closed")).unwrap();
         std::fs::set_permissions(
@@ -872,9 +872,17 @@ mod tests {
         std::fs::write(t.p("userdir/closed/hidden"), b"x").unwrap();
         std::fs::write(t.p("userdir/open/seen"), b"x").unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let res = get_watcher_events(State(st.clone()), rpc(id.clone(), USER))
-            .await
-            .unwrap();
+        let res = get_watcher_events(
+            State(st.clone()),
+            rpc(
+                GetWatcherEventsRequest {
+                    watcher_id: id.watcher_id.clone(),
+                },
+                USER,
+            ),
+        )
+        .await
+        .unwrap();
         let body = axum::body::to_bytes(res.into_body(), usize::MAX)
             .await
             .unwrap();
@@ -888,6 +896,15 @@ mod tests {
             "{seen:?}"
         );
         assert!(!names.contains(&"closed/hidden"), "{names:?}");
-        let _ = remove_watcher(State(st.clone()), rpc(id, USER)).await;
+        let _ = remove_watcher(
+            State(st.clone()),
+            rpc(
+                RemoveWatcherRequest {
+                    watcher_id: id.watcher_id,
+                },
+                USER,
+            ),
+        )
+        .await;
     }
 }

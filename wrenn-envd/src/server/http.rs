@@ -32,7 +32,7 @@ fn now_ns() -> i128 {
         .unwrap_or(0)
 }
 
-/// `/init` timestamp: RFC 3339 string or unix seconds (number or numeric string).
+/// `/init` timestamp: RFC 3339 string (any offset) or unix seconds (number or numeric string).
 fn parse_init_timestamp(v: &serde_json::Value) -> Option<i128> {
     match v {
         serde_json::Value::Number(n) => n.as_f64().map(|s| (s * 1e9) as i128),
@@ -40,7 +40,9 @@ fn parse_init_timestamp(v: &serde_json::Value) -> Option<i128> {
             if let Ok(secs) = s.parse::<f64>() {
                 return Some((secs * 1e9) as i128);
             }
-            crate::json::parse_rfc3339(s).map(|(sec, ns)| sec as i128 * 1_000_000_000 + ns as i128)
+            serde_json::from_value::<crate::proto::Timestamp>(v.clone())
+                .ok()
+                .map(|t| i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos))
         }
         _ => None,
     }

@@ -10,6 +10,13 @@ use super::rpc::{open_stream, stream_error_response, Rpc, RpcError, StreamSender
 use super::users::User;
 use super::AppState;
 use crate::connect::{parse_timeout_ms, Codec, ConnectError, EnvelopeDecoder};
+use crate::proto::process::process_event::{
+    data_event::Output, DataEvent, EndEvent, Event, KeepAlive, StartEvent,
+};
+use crate::proto::process::process_input::Input;
+use crate::proto::process::process_selector::Selector;
+use crate::proto::process::pty::Size as PtySize;
+use crate::proto::process::stream_input_request::Event as StreamInputEvent;
 use crate::proto::process::*;
 use axum::body::Body;
 use axum::extract::State;
@@ -381,7 +388,7 @@ fn plan(st: &AppState, req: &StartRequest, headers: &HeaderMap) -> Result<SpawnP
     let pty = req
         .pty
         .as_ref()
-        .map(|p| p.size.clone().unwrap_or(PtySize { cols: 80, rows: 24 }));
+        .map(|p| p.size.unwrap_or(PtySize { cols: 80, rows: 24 }));
     Ok(SpawnPlan {
         user,
         cmd: cfg.cmd.clone(),
@@ -534,7 +541,13 @@ async fn start(State(st): State<Arc<AppState>>, rpc: Rpc<StartRequest>) -> Respo
     let (sender, resp) = open_stream(codec);
     match rx {
         Some(rx) => {
-            tokio::spawn(forward(sender, rx, pid, keepalive, Some(timed_out_rx)));
+            tokio::spawn(forward::<StartResponse>(
+                sender,
+                rx,
+                pid,
+                keepalive,
+                Some(timed_out_rx),
+            ));
         }
         None => sender.finish(None).await,
     }
@@ -737,7 +750,7 @@ async fn supervise(
 }
 
 /// Streams one listener's events to its client, with keepalives while quiet.
-async fn forward(
+async fn forward<R: From<Event> + prost::Message + serde::Serialize>(
     sender: StreamSender,
     mut rx: mpsc::Receiver<Event>,
     pid: u32,
@@ -745,7 +758,7 @@ async fn forward(
     timed_out: Option<watch::Receiver<bool>>,
 ) {
     if sender
-        .send(&EventResponse::new(Event::Start(StartEvent { pid })))
+        .send(&R::from(Event::Start(StartEvent { pid })))
         .await
         .is_err()
     {
@@ -758,14 +771,14 @@ async fn forward(
         };
         match next {
             Ok(Some(ev)) => {
-                if sender.send(&EventResponse::new(ev)).await.is_err() {
+                if sender.send(&R::from(ev)).await.is_err() {
                     return;
                 }
             }
             Ok(None) => break,
             Err(_idle) => {
                 if sender
-                    .send(&EventResponse::new(Event::Keepalive(KeepAlive {})))
+                    .send(&R::from(Event::Keepalive(KeepAlive {})))
                     .await
                     .is_err()
                 {
@@ -797,7 +810,7 @@ async fn connect(State(st): State<Arc<AppState>>, rpc: Rpc<ConnectRequest>) -> R
         );
     };
     let (sender, resp) = open_stream(codec);
-    tokio::spawn(forward(
+    tokio::spawn(forward::<ConnectResponse>(
         sender,
         rx,
         proc.pid,

@@ -9,7 +9,7 @@ use crate::id::CapsuleId;
 use crate::spec::CapsuleSpec;
 use crate::storage::CowDisk;
 use crate::template::TemplateName;
-use crate::vmm::{Accel, ChangedPages, MemoryBase, PageOverlay};
+use crate::vmm::{Accel, MemoryBase, PageOverlay, SavedState};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
@@ -134,19 +134,20 @@ pub enum SnapshotError {
 /// Snapshot persistence.
 #[async_trait]
 pub trait SnapshotStore: Send + Sync + Debug {
-    /// Directory where a VM that will later be paused into `id`'s snapshot writes
-    /// its device state (created empty).
+    /// Directory (created empty) where a VM that will later be paused into `id`'s
+    /// snapshot saves its device state, so that the commit moves rather than copies it.
     async fn begin_pause(&self, id: &CapsuleId) -> Result<PathBuf, SnapshotError>;
 
-    /// Commits a pause: the device state written into the `begin_pause` directory,
-    /// the changed pages (unchanged ones are dropped here), the VM's writable disk
-    /// (moved into the snapshot, the caller no longer owns it). Generations are
-    /// merged at the cap. Atomic: on error or crash the previous version stays.
+    /// Commits a pause: the VM's saved state (its device state file, best saved in
+    /// the `begin_pause` directory, is taken over; its changed pages are kept, the
+    /// ones equal to the snapshot's are dropped here) and its writable disk (moved
+    /// into the snapshot, the caller no longer owns it). Generations are merged at
+    /// the cap. Atomic: on error or crash the previous version stays.
     async fn commit_pause(
         &self,
         id: &CapsuleId,
         meta: &SnapshotMeta,
-        changed: &ChangedPages,
+        saved: &SavedState,
         disk: &CowDisk,
     ) -> Result<PauseReport, SnapshotError>;
 
@@ -178,8 +179,7 @@ pub trait SnapshotStore: Send + Sync + Debug {
         &self,
         name: &TemplateName,
         meta: &SnapshotMeta,
-        device_state: &std::path::Path,
-        changed: &ChangedPages,
+        saved: &SavedState,
         disk: &CowDisk,
         overwrite: bool,
     ) -> Result<(), SnapshotError>;

@@ -52,9 +52,40 @@ pub trait CowStore: Send + Sync + Debug {
     /// Format of the disks this store makes.
     fn format(&self) -> DiskFormat;
 
+    /// Where a capsule's writable disk made by this store lives in its directory `dir`.
+    fn disk_path(&self, dir: &Path) -> std::path::PathBuf {
+        dir.join(format!("disk.{}", self.format().as_str()))
+    }
+
     /// Creates a writable disk at `dest` over `base`, of `size_mb` (at least the base's size).
     async fn create(&self, base: &Path, dest: &Path, size_mb: u64)
         -> Result<CowDisk, StorageError>;
+
+    /// Checks a disk of this store that a VMM has written (its guest could have
+    /// written its metadata) before the host reads or keeps it: it still stands on
+    /// the base it was made over and refers to nothing else.
+    async fn check(&self, disk: &CowDisk) -> Result<(), StorageError> {
+        let _ = disk;
+        Ok(())
+    }
+
+    /// Re-points `layer`, a disk of this store, at `backing`: a file with the same
+    /// content as the image under it now, named relative to the layer's directory
+    /// (so a directory of layers can move as one). Only the reference changes.
+    /// The layer file is replaced, not written: other links to it keep the old one.
+    async fn rebind(&self, layer: &Path, backing: &Path) -> Result<(), StorageError> {
+        let _ = (layer, backing);
+        Err(StorageError::Unsupported { op: "rebind" })
+    }
+
+    /// Makes `layer` stand directly on `backing` (named as for
+    /// [`CowStore::rebind`]), an image lower in its chain, by copying into it what
+    /// the images between hold; they are no longer needed by it afterwards.
+    /// Replaces the layer file as `rebind` does.
+    async fn fold(&self, layer: &Path, backing: &Path) -> Result<(), StorageError> {
+        let _ = (layer, backing);
+        Err(StorageError::Unsupported { op: "fold" })
+    }
 
     /// Deletes a disk made by this store. Idempotent.
     async fn remove(&self, disk: &CowDisk) -> Result<(), StorageError>;

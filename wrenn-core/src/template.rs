@@ -98,6 +98,17 @@ pub struct SnapshotSizes {
     pub memory_mb: u32,
 }
 
+/// A file a capsule starts from, pinned into its directory ([`TemplateStore::pin`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pin {
+    /// The read-only image under its writable disk.
+    RootDisk,
+    /// The memory image its RAM is restored over.
+    Memory,
+    /// The device state it is restored from.
+    DeviceState,
+}
+
 /// Owns the templates: their layout, what they hold, and their removal. Nothing
 /// else knows where a template's files are.
 #[async_trait]
@@ -112,14 +123,15 @@ pub trait TemplateStore: Send + Sync + Debug {
     /// files ([`TemplateStore::pin`]), so they are not affected.
     async fn delete(&self, name: &TemplateName) -> Result<(), TemplateError>;
 
-    /// Gives `dir` its own links to the template's files (`path` → `dir/<link>`), so
-    /// a capsule keeps the exact images it started from even when the template is
-    /// rebuilt. Returns the linked path.
+    /// Gives the capsule directory `dir` its own link to `path`, one of the files a
+    /// capsule starts from (a template's, or a fork's), so it keeps the exact image
+    /// even when the template is rebuilt or removed. `what` says which of the
+    /// capsule's files it is; the store names the link. Returns the linked path.
     async fn pin(
         &self,
         path: &std::path::Path,
         dir: &std::path::Path,
-        link: &str,
+        what: Pin,
     ) -> Result<PathBuf, TemplateError>;
 }
 

@@ -17,8 +17,8 @@ use crate::net::{NetError, NetSlot, Network, SlotIndex, TAP_NAME};
 use crate::record::{CapsuleRecord, Owner, StateError, StateStore};
 use crate::snapshot::{PauseReport, Restorable, SnapshotError, SnapshotMeta, SnapshotStore};
 use crate::storage::{CowDisk, CowStore, DiskFormat, StorageError};
-use crate::template::{Template, TemplateError, TemplateInfo, TemplateName, TemplateStore};
-use crate::vmm::{Accel, ChangedPages, PageOverlay, VmSpec, Vmm, VmmError, VmmHandle};
+use crate::template::{Pin, Template, TemplateError, TemplateInfo, TemplateName, TemplateStore};
+use crate::vmm::{Accel, ChangedPages, PageOverlay, SavedState, VmSpec, Vmm, VmmError, VmmHandle};
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -361,16 +361,19 @@ impl VmmHandle for FakeHandle {
         Ok(())
     }
 
-    async fn save(&self, _device_state: &Path) -> Result<ChangedPages, VmmError> {
+    async fn save(&self, dir: &Path) -> Result<SavedState, VmmError> {
         self.world
             .pass(Point::VmmSave)
             .await
             .map_err(|p| VmmError::Backend(backend(&p)))?;
         self.alive()?;
-        Ok(ChangedPages {
-            page_size: 4096,
-            pages: vec![0],
-            data: vec![7; 4096],
+        Ok(SavedState {
+            device_state: dir.join("fake.state"),
+            changed: Arc::new(ChangedPages {
+                page_size: 4096,
+                pages: vec![0],
+                data: vec![7; 4096],
+            }),
         })
     }
 
@@ -513,8 +516,8 @@ impl TemplateStore for FakeTemplates {
         ))
     }
 
-    async fn pin(&self, _path: &Path, dir: &Path, link: &str) -> Result<PathBuf, TemplateError> {
-        Ok(dir.join(link))
+    async fn pin(&self, _path: &Path, dir: &Path, what: Pin) -> Result<PathBuf, TemplateError> {
+        Ok(dir.join(format!("{what:?}")))
     }
 }
 
@@ -726,7 +729,7 @@ impl SnapshotStore for FakeSnapshots {
         &self,
         id: &CapsuleId,
         meta: &SnapshotMeta,
-        changed: &ChangedPages,
+        saved: &SavedState,
         _disk: &CowDisk,
     ) -> Result<PauseReport, SnapshotError> {
         self.0
@@ -735,8 +738,8 @@ impl SnapshotStore for FakeSnapshots {
             .map_err(snapshot_error)?;
         lock(&self.0.snapshots).insert(id.clone(), meta.clone());
         Ok(PauseReport {
-            memory_bytes_written: changed.data.len() as u64,
-            pages_reported: changed.pages.len() as u64,
+            memory_bytes_written: saved.changed.data.len() as u64,
+            pages_reported: saved.changed.pages.len() as u64,
             device_state_bytes: 0,
             generations: 1,
             merged: false,
@@ -789,8 +792,7 @@ impl SnapshotStore for FakeSnapshots {
         &self,
         name: &TemplateName,
         meta: &SnapshotMeta,
-        _device_state: &Path,
-        _changed: &ChangedPages,
+        _saved: &SavedState,
         _disk: &CowDisk,
         overwrite: bool,
     ) -> Result<(), SnapshotError> {

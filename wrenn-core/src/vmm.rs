@@ -154,6 +154,15 @@ pub enum VmmError {
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// What [`VmmHandle::save`] wrote: the device state file (restored by
+/// [`Vmm::restore`]) and the guest pages to keep with it (shared, never copied:
+/// a fork restores many VMs from them).
+#[derive(Clone, Debug)]
+pub struct SavedState {
+    pub device_state: std::path::PathBuf,
+    pub changed: std::sync::Arc<ChangedPages>,
+}
+
 /// Starts VMs.
 #[async_trait]
 pub trait Vmm: Send + Sync + Debug {
@@ -197,10 +206,11 @@ pub trait VmmHandle: Send + Sync + Debug {
         Err(VmmError::Unsupported { op: "resume" })
     }
 
-    /// Writes the device state of a paused VM to `device_state` and returns the
-    /// guest pages that differ from the VM's memory base.
-    async fn save(&self, device_state: &std::path::Path) -> Result<ChangedPages, VmmError> {
-        let _ = device_state;
+    /// Writes the device state of a paused VM into the directory `dir` (the
+    /// implementation names the file) and returns it with the guest pages that
+    /// differ from the VM's memory base.
+    async fn save(&self, dir: &std::path::Path) -> Result<SavedState, VmmError> {
+        let _ = dir;
         Err(VmmError::Unsupported { op: "save" })
     }
 

@@ -17,12 +17,13 @@
 use crate::snapshot::{BaseRef, Id, MemorySnapshot, PAGE_SIZE};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use wrenn_core::id::CapsuleId;
 use wrenn_core::memory::{PageContent, PageSource};
 use wrenn_core::snapshot::{PauseReport, Restorable, SnapshotError, SnapshotMeta, SnapshotStore};
-use wrenn_core::storage::CowDisk;
+use wrenn_core::storage::{CowDisk, CowStore, StorageError};
 use wrenn_core::template::TemplateName;
-use wrenn_core::vmm::{ChangedPages, MemoryBase};
+use wrenn_core::vmm::{ChangedPages, MemoryBase, SavedState};
 
 /// Generations kept before they are merged into one.
 pub const DEFAULT_GENERATION_CAP: usize = 8;
@@ -101,27 +102,41 @@ fn base_id(path: &Path) -> Result<(Id, u64), SnapshotError> {
     Ok((Id(v.max(1).to_be_bytes()), m.len()))
 }
 
-/// Runs qemu-img (`step` names the call) from a blocking thread.
-fn qemu_img(step: &'static str, args: &[&std::ffi::OsStr]) -> Result<(), SnapshotError> {
-    crate::QemuImg::new()
-        .run_blocking(step, args)
-        .map_err(|e| SnapshotError::Backend(Box::new(e)))
+fn disk_err(e: StorageError) -> SnapshotError {
+    SnapshotError::Backend(Box::new(e))
 }
 
-/// Snapshot versions, generations and templates under a data directory.
+/// Moves a file into place (a copy when it is on another filesystem), synced.
+fn take_file(src: &Path, dest: &Path) -> Result<(), SnapshotError> {
+    if src != dest && std::fs::rename(src, dest).is_err() {
+        std::fs::copy(src, dest).map_err(io_err("copy", src))?;
+    }
+    sync_file(dest)
+}
+
+/// Snapshot versions, generations and templates under a data directory. Disk
+/// layers are chained, folded and flattened by its [`CowStore`].
 #[derive(Clone, Debug)]
 pub struct FsSnapshotStore {
     snapshots: PathBuf,
     templates: PathBuf,
     generation_cap: usize,
+    disks: Arc<dyn CowStore>,
 }
 
 impl FsSnapshotStore {
-    pub fn new(snapshots: impl Into<PathBuf>, templates: impl Into<PathBuf>) -> Self {
+    /// `disks` is the store that made the capsules' writable disks; it must flatten
+    /// a disk a paused VMM still has open (templates are written from paused VMs).
+    pub fn new(
+        snapshots: impl Into<PathBuf>,
+        templates: impl Into<PathBuf>,
+        disks: Arc<dyn CowStore>,
+    ) -> Self {
         FsSnapshotStore {
             snapshots: snapshots.into(),
             templates: templates.into(),
             generation_cap: DEFAULT_GENERATION_CAP,
+            disks,
         }
     }
 
@@ -174,16 +189,15 @@ impl FsSnapshotStore {
         })
     }
 
-    /// Commits `next/` as the new current version. `changed` = `None`: a disk-only
-    /// version (no memory, no device state). `disk` = `None`: the current version's disk
-    /// chain is kept as it is.
-    fn commit_blocking(
+    /// Fills `next/` with what a new version keeps of the current one and the
+    /// memory of `saved` (`None`: a disk-only version, no memory, no device state).
+    /// Returns the pause's report and the current version.
+    fn stage_blocking(
         &self,
         id: &CapsuleId,
         meta: &SnapshotMeta,
-        changed: Option<&ChangedPages>,
-        disk: Option<&CowDisk>,
-    ) -> Result<PauseReport, SnapshotError> {
+        saved: Option<&SavedState>,
+    ) -> Result<(PauseReport, Option<PathBuf>), SnapshotError> {
         let root = self.root(id);
         let next = root.join("next");
         let current = self.current(id);
@@ -200,7 +214,7 @@ impl FsSnapshotStore {
                 let name = e.file_name();
                 let n = name.to_string_lossy();
                 let memory_file = n.starts_with("memory.");
-                if (memory_file && current_memory && changed.is_some())
+                if (memory_file && current_memory && saved.is_some())
                     || n == DISK_BASE
                     || (n.starts_with("disk-") && n.ends_with(".qcow2"))
                 {
@@ -209,23 +223,49 @@ impl FsSnapshotStore {
             }
         }
         let mut report = PauseReport::default();
-        if let Some(changed) = changed {
-            report = Self::add_memory(&next, meta, changed, current_memory, self.generation_cap)?;
+        if let Some(saved) = saved {
+            take_file(&saved.device_state, &next.join(DEVICE_STATE))?;
+            report = Self::add_memory(
+                &next,
+                meta,
+                &saved.changed,
+                current_memory,
+                self.generation_cap,
+            )?;
         }
+        Ok((report, current))
+    }
+
+    /// Commits `next/` as the new current version: the memory of `saved` (`None`: a
+    /// disk-only version), `disk` as the newest layer (`None`: the current version's
+    /// disk chain is kept as it is).
+    async fn commit(
+        &self,
+        id: &CapsuleId,
+        meta: &SnapshotMeta,
+        saved: Option<SavedState>,
+        disk: Option<&CowDisk>,
+    ) -> Result<PauseReport, SnapshotError> {
+        let (me, id2, meta2) = (self.clone(), id.clone(), meta.clone());
+        let (report, current) =
+            blocking(move || me.stage_blocking(&id2, &meta2, saved.as_ref())).await?;
+        let root = self.root(id);
+        let next = root.join("next");
         match disk {
-            Some(disk) => Self::add_disk_layer(&next, disk, current.is_none())?,
+            Some(disk) => self.add_disk_layer(&next, disk, current.is_none()).await?,
             None if current.is_none() => {
                 return Err(SnapshotError::NotFound { id: id.to_string() })
             }
             None => {}
         }
-        Self::switch(&root, &next, current, meta)?;
+        let meta = meta.clone();
+        blocking(move || Self::switch(&root, &next, current, &meta)).await?;
         Ok(report)
     }
 
-    /// The memory part of a full pause: the device state written into `next/`, and the
-    /// changed pages as a new generation over the linked chain (a new chain when there
-    /// is none to continue).
+    /// The memory part of a full pause (the device state is in `next/`): the
+    /// changed pages as a new generation over the linked chain (a new chain when
+    /// there is none to continue).
     fn add_memory(
         next: &Path,
         meta: &SnapshotMeta,
@@ -234,7 +274,6 @@ impl FsSnapshotStore {
         generation_cap: usize,
     ) -> Result<PauseReport, SnapshotError> {
         let device_state = next.join(DEVICE_STATE);
-        sync_file(&device_state)?;
         let device_state_bytes = std::fs::metadata(&device_state)
             .map_err(io_err("stat", &device_state))?
             .len();
@@ -287,68 +326,49 @@ impl FsSnapshotStore {
         })
     }
 
-    /// The VM's writable layer joins the disk chain of `next/`, backed by its sibling.
-    fn add_disk_layer(next: &Path, disk: &CowDisk, first: bool) -> Result<(), SnapshotError> {
-        // The layer's VMM wrote it; qemu-img and later VMMs will read its header.
-        if disk.format == wrenn_core::storage::DiskFormat::Qcow2 {
-            crate::qcow2::check_guest_layer(&disk.path, &disk.base)
-                .map_err(|e| SnapshotError::Backend(Box::new(e)))?;
-        }
-        if first {
-            link(&disk.base, &next.join(DISK_BASE))?;
-        }
-        let layers = Self::disk_layers(next);
-        let k = layers.last().map(|(k, _)| k + 1).unwrap_or(0);
-        let layer = next.join(format!("disk-{k}.qcow2"));
-        link(&disk.path, &layer)?;
-        let (backing, fmt) = match layers.last() {
-            Some((_, p)) => (
-                p.file_name().map(PathBuf::from).unwrap_or_default(),
-                "qcow2",
-            ),
-            None => (
-                PathBuf::from(DISK_BASE),
-                crate::image_format(&next.join(DISK_BASE)),
-            ),
-        };
-        // The layer was made over a path elsewhere; point it at its sibling (header only).
-        let tmp_layer = next.join(format!("disk-{k}.qcow2.rebase"));
-        std::fs::copy(&layer, &tmp_layer).map_err(io_err("copy", &layer))?;
-        qemu_img(
-            "rebase",
-            &[
-                "rebase".as_ref(),
-                "-u".as_ref(),
-                "-F".as_ref(),
-                fmt.as_ref(),
-                "-b".as_ref(),
-                backing.as_os_str(),
-                tmp_layer.as_os_str(),
-            ],
-        )?;
-        sync_file(&tmp_layer)?;
-        std::fs::rename(&tmp_layer, &layer).map_err(io_err("rename", &layer))?;
-        if layers.len() + 1 > DISK_LAYER_CAP {
-            // Fold the chain: the newest layer takes every difference from the base.
-            let merged_layer = next.join(format!("disk-{k}.qcow2.fold"));
-            std::fs::copy(&layer, &merged_layer).map_err(io_err("copy", &layer))?;
-            let base_fmt = crate::image_format(&next.join(DISK_BASE));
-            qemu_img(
-                "rebase",
-                &[
-                    "rebase".as_ref(),
-                    "-F".as_ref(),
-                    base_fmt.as_ref(),
-                    "-b".as_ref(),
-                    DISK_BASE.as_ref(),
-                    merged_layer.as_os_str(),
-                ],
-            )?;
-            sync_file(&merged_layer)?;
-            std::fs::rename(&merged_layer, &layer).map_err(io_err("rename", &layer))?;
-            for (_, p) in layers {
-                std::fs::remove_file(&p).map_err(io_err("remove", &p))?;
+    /// The VM's writable layer joins the disk chain of `next/`, backed by its sibling;
+    /// past [`DISK_LAYER_CAP`] layers the newest takes in the rest and stands on the base.
+    async fn add_disk_layer(
+        &self,
+        next: &Path,
+        disk: &CowDisk,
+        first: bool,
+    ) -> Result<(), SnapshotError> {
+        // The layer's VMM wrote it; the disk store and later VMMs will read it.
+        self.disks.check(disk).await.map_err(disk_err)?;
+        let (dir, d) = (next.to_path_buf(), disk.clone());
+        let (layer, below) = blocking(move || {
+            if first {
+                link(&d.base, &dir.join(DISK_BASE))?;
             }
+            let layers = Self::disk_layers(&dir);
+            let k = layers.last().map(|(k, _)| k + 1).unwrap_or(0);
+            let layer = dir.join(format!("disk-{k}.qcow2"));
+            link(&d.path, &layer)?;
+            Ok((layer, layers))
+        })
+        .await?;
+        // The layer was made over a path elsewhere; its sibling holds the same data.
+        let backing = match below.last() {
+            Some((_, p)) => PathBuf::from(p.file_name().unwrap_or_default()),
+            None => PathBuf::from(DISK_BASE),
+        };
+        self.disks
+            .rebind(&layer, &backing)
+            .await
+            .map_err(disk_err)?;
+        if below.len() + 1 > DISK_LAYER_CAP {
+            self.disks
+                .fold(&layer, Path::new(DISK_BASE))
+                .await
+                .map_err(disk_err)?;
+            blocking(move || {
+                for (_, p) in below {
+                    std::fs::remove_file(&p).map_err(io_err("remove", &p))?;
+                }
+                Ok(())
+            })
+            .await?;
         }
         Ok(())
     }
@@ -450,18 +470,10 @@ impl SnapshotStore for FsSnapshotStore {
         &self,
         id: &CapsuleId,
         meta: &SnapshotMeta,
-        changed: &ChangedPages,
+        saved: &SavedState,
         disk: &CowDisk,
     ) -> Result<PauseReport, SnapshotError> {
-        let (me, id2, meta, changed, disk) = (
-            self.clone(),
-            id.clone(),
-            meta.clone(),
-            changed.clone(),
-            disk.clone(),
-        );
-        let result =
-            blocking(move || me.commit_blocking(&id2, &meta, Some(&changed), Some(&disk))).await;
+        let result = self.commit(id, meta, Some(saved.clone()), Some(disk)).await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(self.root(id).join("next"));
         }
@@ -475,9 +487,9 @@ impl SnapshotStore for FsSnapshotStore {
         disk: Option<&CowDisk>,
     ) -> Result<PauseReport, SnapshotError> {
         let next = self.begin_pause(id).await?;
-        let (me, id2, mut meta, disk) = (self.clone(), id.clone(), meta.clone(), disk.cloned());
+        let mut meta = meta.clone();
         meta.disk_only = true;
-        let result = blocking(move || me.commit_blocking(&id2, &meta, None, disk.as_ref())).await;
+        let result = self.commit(id, &meta, None, disk).await;
         if result.is_err() {
             let _ = std::fs::remove_dir_all(next);
         }
@@ -522,31 +534,34 @@ impl SnapshotStore for FsSnapshotStore {
         &self,
         name: &TemplateName,
         meta: &SnapshotMeta,
-        device_state: &Path,
-        changed: &ChangedPages,
+        saved: &SavedState,
         disk: &CowDisk,
         overwrite: bool,
     ) -> Result<(), SnapshotError> {
-        let (templates, name, meta, device_state, changed, disk) = (
+        let (templates, name2, meta2, saved) = (
             self.templates.clone(),
             name.clone(),
             meta.clone(),
-            device_state.to_path_buf(),
-            changed.clone(),
-            disk.clone(),
+            saved.clone(),
         );
-        blocking(move || {
-            write_template_blocking(
-                &templates,
-                &name,
-                &meta,
-                &device_state,
-                &changed,
-                &disk,
-                overwrite,
-            )
+        let stage = blocking(move || {
+            stage_template_blocking(&templates, &name2, &meta2, &saved, overwrite)
         })
-        .await
+        .await?;
+        let result = async {
+            // Disk: flattened to a standalone raw image (the VM is stopped).
+            self.disks
+                .flatten(disk, &stage.join(TEMPLATE_ROOTFS))
+                .await
+                .map_err(disk_err)?;
+            let (templates, name, stage) = (self.templates.clone(), name.clone(), stage.clone());
+            blocking(move || publish_template_blocking(&templates, &name, &stage)).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&stage);
+        }
+        result
     }
 
     async fn open_template(
@@ -578,15 +593,15 @@ impl SnapshotStore for FsSnapshotStore {
     }
 }
 
-fn write_template_blocking(
+/// Writes a template's snapshot (memory image, device state, meta) into a new
+/// staging directory next to where it will go, and returns that directory.
+fn stage_template_blocking(
     templates: &Path,
     name: &TemplateName,
     meta: &SnapshotMeta,
-    device_state: &Path,
-    changed: &ChangedPages,
-    disk: &CowDisk,
+    saved: &SavedState,
     overwrite: bool,
-) -> Result<(), SnapshotError> {
+) -> Result<PathBuf, SnapshotError> {
     let dest = templates.join(name.as_str());
     if dest.join(TEMPLATE_ROOTFS).exists()
         && dest.join(TEMPLATE_SNAPSHOT).join(META).exists()
@@ -615,60 +630,55 @@ fn write_template_blocking(
             None => BaseRef::Zero,
         };
         let mem = MemorySnapshot::create(&scratch, meta.mem_bytes, base).map_err(corrupt)?;
-        let mem = mem.add_generation(changed.iter()).map_err(corrupt)?;
+        let mem = mem.add_generation(saved.changed.iter()).map_err(corrupt)?;
         mem.write_raw_image(base_file.as_deref(), &snap.join(TEMPLATE_MEMORY))
             .map_err(corrupt)?;
         drop(mem);
         std::fs::remove_dir_all(&scratch).map_err(io_err("remove", &scratch))?;
+        let device_state = &saved.device_state;
         std::fs::copy(device_state, snap.join(DEVICE_STATE))
             .map_err(io_err("copy", device_state))?;
         sync_file(&snap.join(DEVICE_STATE))?;
-        // Disk: flattened to a standalone raw image (the VM is stopped; its image may still be open).
-        let rootfs = stage.join(TEMPLATE_ROOTFS);
-        qemu_img(
-            "convert",
-            &[
-                "convert".as_ref(),
-                "-U".as_ref(),
-                "-O".as_ref(),
-                "raw".as_ref(),
-                "-S".as_ref(),
-                "4k".as_ref(),
-                disk.path.as_os_str(),
-                rootfs.as_os_str(),
-            ],
-        )?;
-        sync_file(&rootfs)?;
         let mut m = meta.clone();
         m.memory_base = MemoryBase::File(dest.join(TEMPLATE_SNAPSHOT).join(TEMPLATE_MEMORY));
         write_file_atomic(
             &snap.join(META),
             &serde_json::to_vec_pretty(&m).map_err(backend)?,
         )?;
-        sync_dir(&snap)?;
-        sync_dir(&stage)?;
-        if dest.exists() {
-            // Atomic swap: running capsules keep the inodes they hold.
-            nix::fcntl::renameat2(
-                None,
-                &stage,
-                None,
-                &dest,
-                nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-            )
-            .map_err(|e| {
-                SnapshotError::Backend(format!("swapping {}: {e}", dest.display()).into())
-            })?;
-            let _ = std::fs::remove_dir_all(&stage);
-        } else {
-            std::fs::rename(&stage, &dest).map_err(io_err("rename", &stage))?;
-        }
-        sync_dir(templates)
+        sync_dir(&snap)
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&stage);
+    match result {
+        Ok(()) => Ok(stage),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&stage);
+            Err(e)
+        }
     }
-    result
+}
+
+/// Puts a staged template (its root image included) in place of `name`'s: a swap
+/// when there is one, so running capsules keep the inodes they hold.
+fn publish_template_blocking(
+    templates: &Path,
+    name: &TemplateName,
+    stage: &Path,
+) -> Result<(), SnapshotError> {
+    sync_dir(stage)?;
+    let dest = templates.join(name.as_str());
+    if dest.exists() {
+        nix::fcntl::renameat2(
+            None,
+            stage,
+            None,
+            &dest,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| SnapshotError::Backend(format!("swapping {}: {e}", dest.display()).into()))?;
+        let _ = std::fs::remove_dir_all(stage);
+    } else {
+        std::fs::rename(stage, &dest).map_err(io_err("rename", stage))?;
+    }
+    sync_dir(templates)
 }
 
 fn rand_u32() -> u32 {

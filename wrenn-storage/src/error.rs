@@ -67,6 +67,13 @@ pub enum DiskError {
         status: ExitStatus,
         stderr: String,
     },
+    #[error("qemu-img rebase of {layer} onto {backing} failed ({status}): {stderr}")]
+    QemuImgRebase {
+        layer: PathBuf,
+        backing: PathBuf,
+        status: ExitStatus,
+        stderr: String,
+    },
     #[error("Could not open {path}")]
     Open {
         path: PathBuf,

@@ -302,3 +302,115 @@ async fn flattens_a_real_ext4_base() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A chain of layers moved into a directory of their own (the snapshot store's
+/// use): `rebind` points each at its sibling without touching other links to the
+/// old file, `fold` makes the newest stand on the base alone, and the content the
+/// guest saw never changes.
+#[tokio::test]
+async fn layers_rebind_to_siblings_and_fold_onto_the_base() {
+    if !have_qemu_utils("layers_rebind_to_siblings_and_fold_onto_the_base") {
+        return;
+    }
+    let s = Scratch::new("qcow2-chain");
+    let base = s.path("base.img");
+    let mut expected = make_base(&base);
+    let store = Qcow2Store::new();
+    let chain = s.path("chain");
+    std::fs::create_dir(&chain).unwrap();
+    std::fs::hard_link(&base, chain.join("disk.base")).unwrap();
+
+    // Layer 0 over the base, moved into the chain and pointed at its sibling.
+    let l0 = store.create(&base, &s.path("l0.qcow2"), 16).await.unwrap();
+    let w0 = [(MIB, 0xab, 64 * 1024), (12 * MIB, 0xef, 4096)];
+    for &(off, byte, len) in &w0 {
+        qemu_io_write(&l0.path, "qcow2", byte, off, len);
+    }
+    apply(&mut expected, 16 * MIB, &w0);
+    std::fs::hard_link(&l0.path, chain.join("disk-0.qcow2")).unwrap();
+    store
+        .rebind(
+            &chain.join("disk-0.qcow2"),
+            std::path::Path::new("disk.base"),
+        )
+        .await
+        .expect("rebind");
+    assert_eq!(
+        qemu_img_info(&chain.join("disk-0.qcow2"))["backing-filename"],
+        "disk.base"
+    );
+    // The capsule's own link still names the base it was made over.
+    assert_eq!(
+        qemu_img_info(&l0.path)["backing-filename"],
+        std::fs::canonicalize(&base).unwrap().to_str().unwrap()
+    );
+
+    // Layer 1 over layer 0, likewise.
+    let l1 = store
+        .create(&chain.join("disk-0.qcow2"), &s.path("l1.qcow2"), 16)
+        .await
+        .unwrap();
+    let w1 = [(MIB, 0x11, 4096), (3 * MIB, 0xcd, 4096)];
+    for &(off, byte, len) in &w1 {
+        qemu_io_write(&l1.path, "qcow2", byte, off, len);
+    }
+    apply(&mut expected, 16 * MIB, &w1);
+    let top = chain.join("disk-1.qcow2");
+    std::fs::hard_link(&l1.path, &top).unwrap();
+    store
+        .rebind(&top, std::path::Path::new("disk-0.qcow2"))
+        .await
+        .expect("rebind");
+
+    // Folded onto the base, the middle layer can go and nothing is lost.
+    store
+        .fold(&top, std::path::Path::new("disk.base"))
+        .await
+        .expect("fold");
+    assert_eq!(qemu_img_info(&top)["backing-filename"], "disk.base");
+    std::fs::remove_file(chain.join("disk-0.qcow2")).unwrap();
+    let folded = wrenn_core::storage::CowDisk {
+        path: top.clone(),
+        format: DiskFormat::Qcow2,
+        base: std::fs::canonicalize(chain.join("disk.base")).unwrap(),
+        size_bytes: 16 * MIB,
+    };
+    let flat = s.path("flat.raw");
+    store.flatten(&folded, &flat).await.expect("flatten");
+    assert_same_bytes(&std::fs::read(&flat).unwrap(), &expected);
+    let mut names = std::fs::read_dir(&chain)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect::<Vec<_>>();
+    names.sort();
+    assert_eq!(
+        names,
+        ["disk-1.qcow2", "disk.base"],
+        "temp file left behind"
+    );
+
+    // A backing that is not there is refused, and the layer is left as it was.
+    let err = store
+        .rebind(&top, std::path::Path::new("missing.base"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StorageError::BaseMissing { path } if path.ends_with("missing.base")),
+        "{err:?}"
+    );
+    assert_eq!(qemu_img_info(&top)["backing-filename"], "disk.base");
+    // A layer that is not an image fails in qemu-img, with its words.
+    std::fs::write(chain.join("junk.qcow2"), b"not an image").unwrap();
+    let err = store
+        .fold(&chain.join("junk.qcow2"), std::path::Path::new("disk.base"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(disk_error(&err), DiskError::QemuImgRebase { .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        std::fs::read(chain.join("junk.qcow2")).unwrap(),
+        b"not an image"
+    );
+}

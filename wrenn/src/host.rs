@@ -152,8 +152,13 @@ impl Host {
             guests: Arc::new(EnvdConnector::default()),
             state: Arc::new(FsStateStore::new(data.clone())),
             snapshots: Arc::new(
-                FsSnapshotStore::new(data.snapshots(), data.templates())
-                    .with_generation_cap(opts.generation_cap),
+                // Templates are flattened from paused VMs, whose QEMU keeps its disk open.
+                FsSnapshotStore::new(
+                    data.snapshots(),
+                    data.templates(),
+                    Arc::new(Qcow2Store::new().force_share(true)),
+                )
+                .with_generation_cap(opts.generation_cap),
             ),
         };
         let config = ManagerConfig {

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use std::path::Path;
 use wrenn_core::snapshot::SnapshotMeta;
 use wrenn_core::template::{
-    SnapshotSizes, Template, TemplateError, TemplateInfo, TemplateName, TemplateStore,
+    Pin, SnapshotSizes, Template, TemplateError, TemplateInfo, TemplateName, TemplateStore,
 };
 use wrenn_storage::capsnap::template_files;
 
@@ -88,9 +88,13 @@ impl TemplateStore for FsTemplates {
         &self,
         path: &std::path::Path,
         dir: &std::path::Path,
-        link: &str,
+        what: Pin,
     ) -> Result<std::path::PathBuf, TemplateError> {
-        let dest = dir.join(link);
+        let dest = dir.join(match what {
+            Pin::RootDisk => "rootfs.base",
+            Pin::Memory => "memory.base",
+            Pin::DeviceState => "device.state",
+        });
         let _ = std::fs::remove_file(&dest);
         std::fs::hard_link(path, &dest).map_err(|e| {
             TemplateError::Backend(

@@ -75,7 +75,7 @@ impl Ctx {
             Start::Boot { template } => {
                 let base = parts
                     .templates
-                    .pin(&template.rootfs, dir, "rootfs.base")
+                    .pin(&template.rootfs, dir, Pin::RootDisk)
                     .await?;
                 let boot = BootSource {
                     kernel: template.kernel.clone(),
@@ -110,10 +110,9 @@ impl Ctx {
                 memory.clone(),
             ),
         };
-        let disk_name = format!("disk.{}", parts.disks.format().as_str());
         let disk = parts
             .disks
-            .create(&disk_base, &dir.join(disk_name), record.spec.disk_mb)
+            .create(&disk_base, &parts.disks.disk_path(dir), record.spec.disk_mb)
             .await?;
         res.disk = Some(disk.clone());
         record.disk = Some(disk.clone());

@@ -22,10 +22,10 @@ use crate::snapshot::{
 use crate::spec::{CreateOptions, Limits};
 use crate::status::CapsuleStatus;
 use crate::storage::{CowDisk, CowStore};
-use crate::template::{Template, TemplateName, TemplateStore};
+use crate::template::{Pin, Template, TemplateName, TemplateStore};
 use crate::vmm::{
     Accel, BootSource, ChangedPages, Drive, MachineConfig, MemoryBase, NetIface, PageOverlay,
-    VmSpec, Vmm, VmmHandle,
+    SavedState, VmSpec, Vmm, VmmHandle,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -680,12 +680,12 @@ impl Capsules {
                     Box::pin(async move {
                         let memory = match &meta.memory_base {
                             MemoryBase::File(p) => {
-                                MemoryBase::File(templates.pin(p, &dir, "memory.base").await?)
+                                MemoryBase::File(templates.pin(p, &dir, Pin::Memory).await?)
                             }
                             MemoryBase::Zero => MemoryBase::Zero,
                         };
-                        let disk_base = templates.pin(&disk, &dir, "fork.base").await?;
-                        let device = templates.pin(&device_state, &dir, "fork.state").await?;
+                        let disk_base = templates.pin(&disk, &dir, Pin::RootDisk).await?;
+                        let device = templates.pin(&device_state, &dir, Pin::DeviceState).await?;
                         Ok(Start::Restore {
                             kernel: meta.kernel.clone(),
                             cmdline: meta.cmdline.clone(),

@@ -23,13 +23,10 @@ impl PageOverlay for ChangedPages {
     }
 }
 
-/// Stops the VM and saves its device state and changed pages into `dir`.
-pub(super) async fn freeze(
-    vmm: &dyn VmmHandle,
-    device_state: &Path,
-) -> Result<ChangedPages, CapsuleError> {
+/// Stops the VM and saves its device state (into `dir`) and changed pages.
+pub(super) async fn freeze(vmm: &dyn VmmHandle, dir: &Path) -> Result<SavedState, CapsuleError> {
     vmm.pause().await?;
-    match vmm.save(device_state).await {
+    match vmm.save(dir).await {
         Ok(c) => Ok(c),
         Err(e) => {
             let _ = vmm.resume().await;
@@ -160,11 +157,11 @@ pub(super) async fn pause(
             tracing::warn!(capsule = %rec.id, error = %error_chain(&e), "guest sync before pause failed");
         }
         let dir = ctx.parts.snapshots.begin_pause(&rec.id).await?;
-        let changed = freeze(vmm.as_ref(), &dir.join("device.state")).await?;
+        let saved = freeze(vmm.as_ref(), &dir).await?;
         match ctx
             .parts
             .snapshots
-            .commit_pause(&rec.id, &ctx.meta(&rec), &changed, &disk)
+            .commit_pause(&rec.id, &ctx.meta(&rec), &saved, &disk)
             .await
         {
             Ok(report) => Ok(report),
@@ -311,12 +308,11 @@ pub(super) async fn snapshot(
     };
     let scratch = scratch_dir(ctx, &rec, "snapshot").await?;
     let result = async {
-        let state = scratch.join("device.state");
-        let changed = freeze(vmm.as_ref(), &state).await?;
+        let saved = freeze(vmm.as_ref(), &scratch).await?;
         let written = ctx
             .parts
             .snapshots
-            .write_template(name, &ctx.meta(&rec), &state, &changed, disk, overwrite)
+            .write_template(name, &ctx.meta(&rec), &saved, disk, overwrite)
             .await;
         vmm.resume().await?;
         written.map_err(CapsuleError::from)
@@ -342,17 +338,16 @@ pub(super) async fn fork_state(
     };
     let scratch = scratch_dir(ctx, &rec, "fork").await?;
     let result = async {
-        let device_state = scratch.join("device.state");
-        let changed = freeze(vmm.as_ref(), &device_state).await?;
-        // The disk at this instant: a standalone copy of the writable layer over the same base.
-        let frozen = scratch.join("disk.qcow2");
+        let saved = freeze(vmm.as_ref(), &scratch).await?;
+        // The disk at this instant: a standalone (raw) copy of the writable layer.
+        let frozen = scratch.join("disk-at-fork.raw");
         let copied = ctx.parts.disks.flatten(disk, &frozen).await;
         vmm.resume().await?;
         copied?;
         Ok(ForkState {
             meta: ctx.meta(&rec),
-            device_state,
-            changed: Arc::new(changed),
+            device_state: saved.device_state,
+            changed: saved.changed,
             disk: frozen,
             scratch: scratch.clone(),
         })

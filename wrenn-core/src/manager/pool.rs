@@ -456,12 +456,12 @@ pub(super) async fn restore_start(
     dir: &Path,
 ) -> Result<Start, CapsuleError> {
     let memory = match &r.meta.memory_base {
-        MemoryBase::File(p) => MemoryBase::File(parts.templates.pin(p, dir, "memory.base").await?),
+        MemoryBase::File(p) => MemoryBase::File(parts.templates.pin(p, dir, Pin::Memory).await?),
         MemoryBase::Zero => MemoryBase::Zero,
     };
     let disk_base = parts
         .templates
-        .pin(&r.disk_base, dir, "rootfs.base")
+        .pin(&r.disk_base, dir, Pin::RootDisk)
         .await?;
     Ok(Start::Restore {
         kernel: r.meta.kernel.clone(),

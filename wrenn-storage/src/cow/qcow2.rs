@@ -51,6 +51,54 @@ impl Qcow2Store {
     ) -> Result<(ExitStatus, String), DiskError> {
         self.qemu_img.run(step, args).await
     }
+
+    /// Rebases a copy of `layer` onto `backing` (relative to the layer's directory)
+    /// and renames it over `layer`. `copy_data`: the copy takes in what the images
+    /// between hold; otherwise only its header changes.
+    async fn rebase(
+        &self,
+        layer: &Path,
+        backing: &Path,
+        copy_data: bool,
+    ) -> Result<(), StorageError> {
+        let dir = layer.parent().unwrap_or(Path::new("."));
+        let backing_path = dir.join(backing);
+        if !backing_path.is_file() {
+            return Err(StorageError::BaseMissing { path: backing_path });
+        }
+        let backing_format = crate::image_format(&backing_path);
+        let tmp = TempPath::for_dest(layer)?;
+        let (src, dest) = (layer.to_path_buf(), tmp.path().to_path_buf());
+        super::blocking(move || {
+            std::fs::copy(&src, &dest)
+                .map(drop)
+                .map_err(|source| DiskError::Copy { src, dest, source })
+        })
+        .await?;
+        let mut args = vec![OsStr::new("rebase")];
+        if !copy_data {
+            args.push(OsStr::new("-u"));
+        }
+        args.extend([
+            OsStr::new("-F"),
+            OsStr::new(backing_format),
+            OsStr::new("-b"),
+            backing.as_os_str(),
+            tmp.path().as_os_str(),
+        ]);
+        let (status, stderr) = self.run("rebase", &args).await?;
+        if !status.success() {
+            return Err(DiskError::QemuImgRebase {
+                layer: layer.to_path_buf(),
+                backing: backing.to_path_buf(),
+                status,
+                stderr,
+            }
+            .into());
+        }
+        let layer = layer.to_path_buf();
+        Ok(super::blocking(move || tmp.commit_replace(&layer)).await?)
+    }
 }
 
 #[async_trait]
@@ -111,14 +159,31 @@ impl CowStore for Qcow2Store {
         remove_file(&disk.path).await
     }
 
+    /// The guest could have rewritten the qcow2 header: it must still name the base
+    /// the overlay was made over, and no data file.
+    async fn check(&self, disk: &CowDisk) -> Result<(), StorageError> {
+        if disk.format != DiskFormat::Qcow2 {
+            return Ok(());
+        }
+        let (path, base) = (disk.path.clone(), disk.base.clone());
+        super::blocking(move || crate::qcow2::check_guest_layer(&path, &base)).await?;
+        Ok(())
+    }
+
+    async fn rebind(&self, layer: &Path, backing: &Path) -> Result<(), StorageError> {
+        self.rebase(layer, backing, false).await
+    }
+
+    async fn fold(&self, layer: &Path, backing: &Path) -> Result<(), StorageError> {
+        self.rebase(layer, backing, true).await
+    }
+
     /// Also flattens raw disks (the input format is always passed explicitly, never probed).
     async fn flatten(&self, disk: &CowDisk, dest: &Path) -> Result<(), StorageError> {
         ensure_distinct(&disk.path, dest).await?;
         // qemu-img follows a qcow2 header, which the VM's VMM could write (a raw
         // disk is read as raw: `-f` below).
-        if disk.format == DiskFormat::Qcow2 {
-            crate::qcow2::check_guest_layer(&disk.path, &disk.base)?;
-        }
+        self.check(disk).await?;
         let tmp = TempPath::for_dest(dest)?;
         let mut args = vec![
             OsStr::new("convert"),

@@ -5,6 +5,9 @@ use wrenn_core::vmm::{Accel, VmSpec};
 
 /// File names inside a VM's run directory.
 pub const QMP_SOCKET: &str = "qmp.sock";
+/// The device state a save writes (the migration stream without guest RAM), in the
+/// directory the caller gives.
+pub const DEVICE_STATE: &str = "device.state";
 pub use super::console::CONSOLE_PIPE;
 
 /// QEMU option values are comma-separated; a literal comma is doubled.

@@ -23,7 +23,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, Mutex};
 use wrenn_core::vmm::{
-    Accel, ChangedPages, MemoryBase, PageOverlay, VmSpec, Vmm, VmmError, VmmHandle,
+    Accel, ChangedPages, MemoryBase, PageOverlay, SavedState, VmSpec, Vmm, VmmError, VmmHandle,
 };
 
 /// How long QEMU may take to open its QMP socket.
@@ -888,8 +888,13 @@ impl VmmHandle for QemuHandle {
         Ok(())
     }
 
-    async fn save(&self, device_state: &Path) -> Result<ChangedPages, VmmError> {
-        Ok(self.save_state(device_state).await?)
+    async fn save(&self, dir: &Path) -> Result<SavedState, VmmError> {
+        let device_state = dir.join(super::argv::DEVICE_STATE);
+        let changed = self.save_state(&device_state).await?;
+        Ok(SavedState {
+            device_state,
+            changed: Arc::new(changed),
+        })
     }
 
     async fn shutdown(&self) -> Result<(), VmmError> {

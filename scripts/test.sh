@@ -11,6 +11,10 @@ WRENN_LOG_TAG=test
 venv="${WRENN_VENV:-$PWD/.venv}"
 
 ./scripts/deps.sh
+# Guest tests refuse work that would take the data directory below its reserve
+# (1 GiB): on a machine short of disk they fail with insufficient_storage.
+free_disk() { df -h --output=avail "$1" | tail -1 | tr -d ' '; }
+say "free disk: $(free_disk .) for the build, $(free_disk /var/lib) for capsule data"
 say "fresh-machine check (scripts/fresh-check.sh)"
 ./scripts/fresh-check.sh
 say "guest binaries and images"
@@ -18,7 +22,7 @@ say "guest binaries and images"
 say "PostgreSQL for the wrenn-db tests"
 export WRENN_TEST_POSTGRES_URL="$(./scripts/postgres.sh)"
 trap './scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT
-say "cargo test"
+say "cargo test (free disk: $(free_disk .))"
 cargo test --workspace
 say "the library's examples (built by cargo test; one runs)"
 cargo run -q --example run_command
@@ -26,5 +30,5 @@ say "fuzzing, bounded (the committed corpora were replayed by cargo test)"
 ./scripts/fuzz.sh "${WRENN_FUZZ_SECS:-30}"
 say "wrenn_embed (Python binding) into $venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check ./bindings/python
-say "pytest"
+say "pytest (free disk: $(free_disk /var/lib))"
 "$venv/bin/python" -m pytest tests

@@ -24,6 +24,8 @@ export WRENN_TEST_POSTGRES_URL="$(./scripts/postgres.sh)"
 trap './scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT
 say "cargo test (free disk: $(free_disk .))"
 cargo test --workspace
+say "the control plane's API suite again, over the host agent's gRPC seam"
+WRENN_TEST_AGENT=grpc cargo test -p wrenn-server --test api
 say "the library's examples (built by cargo test; one runs)"
 cargo run -q --example run_command
 say "fuzzing, bounded (the committed corpora were replayed by cargo test)"

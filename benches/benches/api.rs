@@ -31,11 +31,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wrenn::guest::GuestAgent;
 use wrenn::{CapsuleId, CreateOptions, DataDir, ExecEvent, ExecRequest, Host, HostOptions};
+use wrenn_agent::{LocalAgent, LocalAgentOptions};
 use wrenn_api::agent::{
-    CapsuleSpec, HostAgent, HostCapsule, HostError, HostTemplate, HostVersions, LocalAgent,
-    LocalAgentOptions, MetricPoint, PauseMode, ResumeMode,
+    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostTemplate, HostVersions,
+    MetricPoint, PauseMode, ResumeMode, TierSnapshot,
 };
 use wrenn_api::{ApiConfig, AppState};
 use wrenn_benches::{median_p99_ms, print_result, print_table, round2};
@@ -65,8 +65,8 @@ impl TimedAgent {
 
 #[async_trait::async_trait]
 impl HostAgent for TimedAgent {
-    fn versions(&self) -> HostVersions {
-        self.inner.versions()
+    async fn versions(&self) -> Result<HostVersions, HostError> {
+        self.inner.versions().await
     }
     async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError> {
         let t = Instant::now();
@@ -118,32 +118,37 @@ impl HostAgent for TimedAgent {
     async fn delete_template(&self, name: &str) -> Result<(), HostError> {
         self.inner.delete_template(name).await
     }
-    fn guest(&self, id: &CapsuleId) -> Result<Arc<dyn GuestAgent>, HostError> {
-        self.inner.guest(id)
+    async fn ensure_space(&self, bytes: u64) -> Result<(), HostError> {
+        self.inner.ensure_space(bytes).await
     }
-    fn envd_token(&self, id: &CapsuleId) -> Result<String, HostError> {
-        self.inner.envd_token(id)
+    async fn envd(&self, id: &CapsuleId) -> Result<Endpoint, HostError> {
+        self.inner.envd(id).await
     }
-    fn port_addr(&self, id: &CapsuleId, port: u16) -> Result<SocketAddr, HostError> {
-        self.inner.port_addr(id, port)
+    async fn port(&self, id: &CapsuleId, port: u16) -> Result<Endpoint, HostError> {
+        self.inner.port(id, port).await
     }
-    fn metrics(&self, id: &CapsuleId, range: Duration) -> Vec<MetricPoint> {
-        self.inner.metrics(id, range)
+    async fn metrics(
+        &self,
+        id: &CapsuleId,
+        range: Duration,
+    ) -> Result<Vec<MetricPoint>, HostError> {
+        self.inner.metrics(id, range).await
     }
-    fn latest_metric(&self, id: &CapsuleId, within: Duration) -> Option<MetricPoint> {
-        self.inner.latest_metric(id, within)
+    async fn latest_metric(
+        &self,
+        id: &CapsuleId,
+        within: Duration,
+    ) -> Result<Option<MetricPoint>, HostError> {
+        self.inner.latest_metric(id, within).await
     }
-    fn export_metrics(&self, id: &CapsuleId) -> Option<serde_json::Value> {
-        self.inner.export_metrics(id)
+    async fn export_metrics(&self, id: &CapsuleId) -> Result<Option<TierSnapshot>, HostError> {
+        self.inner.export_metrics(id).await
     }
-    fn import_metrics(&self, id: &CapsuleId, saved: serde_json::Value) {
-        self.inner.import_metrics(id, saved)
+    async fn import_metrics(&self, id: &CapsuleId, saved: TierSnapshot) -> Result<(), HostError> {
+        self.inner.import_metrics(id, saved).await
     }
-    async fn pause_all(&self) -> Vec<(CapsuleId, HostError)> {
-        self.inner.pause_all().await
-    }
-    fn pools(&self) -> Vec<wrenn_api::agent::PoolStats> {
-        self.inner.pools()
+    async fn pools(&self) -> Result<Vec<wrenn_api::agent::PoolStats>, HostError> {
+        self.inner.pools().await
     }
     async fn set_pool(&self, template: &str, size: usize) -> Result<(), HostError> {
         self.inner.set_pool(template, size).await

@@ -1,9 +1,11 @@
 //! Wrenn control plane: the `/v1` REST API, the E2B-compatible API, the proxy into
 //! capsules, background lifecycle jobs and the server's own metrics, over a
-//! [`HostAgent`](agent::HostAgent) (in process: [`agent::LocalAgent`]).
+//! [`HostAgent`](agent::HostAgent) (in process: `wrenn_agent::LocalAgent`). It links
+//! no host stack: no VMM, network or memory code.
 //!
-//! [`router`] builds the whole HTTP surface for an [`AppState`]; [`Server`] wires it
-//! to a database, a host and a listener, as `wrenn serve` does.
+//! [`router`] builds the whole HTTP surface for an [`AppState`];
+//! [`server::ControlPlane`] wires it to a database, a host agent and a listener, as
+//! `wrenn serve` does.
 
 pub mod agent;
 pub mod auth;

@@ -258,10 +258,9 @@ pub async fn pause_all_running(st: &AppState) {
     let rows = match st.db.system_live_capsules().await {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!(error = %e, "shutdown: cannot list capsules; pausing on the host only");
-            for (id, e) in st.agent.pause_all().await {
-                tracing::error!(capsule = %id, error = %e, "shutdown: pause failed");
-            }
+            // The host pauses what still runs on its own shutdown; the next start's
+            // reconciliation records it.
+            tracing::error!(error = %e, "shutdown: cannot list capsules; leaving them to the host");
             return;
         }
     };

@@ -1,7 +1,6 @@
 //! The server's own metrics in Prometheus text format (`GET /metrics`), and reading
 //! the kept sample history of paused capsules.
 
-use crate::agent::MetricPoint;
 use crate::state::AppState;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
@@ -13,6 +12,7 @@ use prometheus::{
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use wrenn_core::metrics::{MetricPoint, TierSnapshot, Tiers};
 
 #[derive(Debug)]
 pub struct ServerMetrics {
@@ -138,7 +138,7 @@ pub async fn serve(State(st): State<Arc<AppState>>) -> Response {
         }
     }
     st.metrics.pools.reset();
-    for p in st.agent.pools() {
+    for p in st.agent.pools().await.unwrap_or_default() {
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for (what, v) in [
             ("target", p.target as u64),
@@ -165,23 +165,14 @@ pub async fn serve(State(st): State<Arc<AppState>>) -> Response {
 
 /// Points of a kept sample history (as exported by the host agent).
 pub fn points_from_saved(saved: &serde_json::Value, range: Duration) -> Vec<MetricPoint> {
-    let Ok(snap) = serde_json::from_value::<wrenn::metrics::TierSnapshot>(saved.clone()) else {
+    let Ok(snap) = serde_json::from_value::<TierSnapshot>(saved.clone()) else {
         return Vec::new();
     };
-    let tiers = wrenn::metrics::Tiers::from_snapshot(snap);
+    let tiers = Tiers::from_snapshot(snap);
     // A paused capsule's history ends when it paused: the range counts back from there.
     let end = tiers
         .latest()
         .map(|p| p.timestamp_unix * 1000)
         .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
-    tiers
-        .points(range, end)
-        .into_iter()
-        .map(|p| MetricPoint {
-            timestamp_unix: p.timestamp_unix,
-            cpu_pct: p.cpu_pct,
-            mem_bytes: p.mem_bytes,
-            disk_bytes: p.disk_bytes,
-        })
-        .collect()
+    tiers.points(range, end)
 }

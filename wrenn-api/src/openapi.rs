@@ -139,7 +139,11 @@ pub async fn health(State(st): State<Arc<AppState>>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        accel: st.agent.versions().accel,
+        accel: st
+            .versions()
+            .await
+            .map(|v| v.accel.clone())
+            .unwrap_or_default(),
     })
 }
 

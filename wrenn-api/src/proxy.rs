@@ -219,7 +219,7 @@ async fn resolve(st: &AppState, t: &Target, headers: &HeaderMap) -> Result<Socke
         }
     }
     crate::service::touch(st, &c).await;
-    st.agent.port_addr(&id, t.port).map_err(ApiError::from)
+    Ok(st.agent.port(&id, t.port).await?.addr)
 }
 
 /// Header carrying a capsule's traffic access token (E2B's name).
@@ -319,9 +319,11 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
             .and_then(|v| v.parse::<u64>().ok());
         // A refused upload's body is read (a bounded amount of it) first, so the
         // client gets to see the answer instead of a broken pipe.
-        if let Some(Err(e)) = declared.map(|n| st.agent.ensure_space(n)) {
-            drain(req.body_mut()).await;
-            return Err(e.into());
+        if let Some(n) = declared {
+            if let Err(e) = st.agent.ensure_space(n).await {
+                drain(req.body_mut()).await;
+                return Err(e.into());
+            }
         }
         if declared.is_some_and(|n| n > limit.saturating_add(64 * 1024)) {
             drain(req.body_mut()).await;

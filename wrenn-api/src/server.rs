@@ -1,6 +1,8 @@
-//! `wrenn serve`: the control plane and an in-process host agent on one machine.
+//! The control plane's life: open its data directory and database ([`ControlPlane::open`]),
+//! then serve the API over a host agent until shutdown ([`ControlPlane::serve`]). The
+//! host agent is the caller's: `wrenn serve` starts one in process.
 
-use crate::agent::{HostAgent, LocalAgent, LocalAgentOptions};
+use crate::agent::HostAgent;
 use crate::state::{ApiConfig, AppState};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,27 +26,11 @@ pub struct ServeOptions {
     /// Start even if the database records another data directory's capsules (or none
     /// while this data directory was served by another database), pairing the two anew.
     pub adopt_data_dir: bool,
-    /// Warm pools: ready capsules kept per template.
-    pub pools: Vec<(String, usize)>,
-    /// Guest memory all warm pools together may hold, in MiB (0 = no cap).
-    pub pool_memory_mb: u64,
-    /// Upstream of the capsules' filtering resolvers (`None`: the host's resolver).
-    pub dns_upstream: Option<SocketAddr>,
-    /// Disk space (MiB) capsules may never take from the host.
-    pub disk_reserve_mb: u64,
-    /// Thin provisioning of capsules' writable disks.
-    pub disk_overcommit: wrenn::DiskOvercommit,
-    /// VMs brought up at once (0: one per CPU).
-    pub max_concurrent_starts: usize,
-    /// The uids jailed VMMs run as.
-    pub jail: wrenn::JailConfig,
     pub config: ApiConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("Host setup failed")]
-    Host(#[source] wrenn::HostError),
     #[error("Database failed")]
     Db(#[source] wrenn_db::DbError),
     #[error("JWT secret: {0}")]
@@ -207,63 +193,82 @@ pub async fn open_db(opts: &ServeOptions) -> Result<(wrenn_db::Db, Option<String
     Ok((db, key))
 }
 
-/// Runs until `shutdown` completes, then pauses running capsules and returns.
-/// `on_ready` gets the bound address and, on a first start, the bootstrap API key.
-pub async fn run(
+/// A control plane whose data directory and database are open and paired, ready to
+/// serve once a host agent is there.
+#[derive(Debug)]
+pub struct ControlPlane {
     opts: ServeOptions,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    on_ready: impl FnOnce(SocketAddr, Option<&str>),
-) -> Result<(), ServeError> {
-    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
-        ServeError::Secret(format!("cannot create {}: {e}", opts.data_dir.display()))
-    })?;
-    let secret = jwt_secret(&opts)?;
-    let (db, key) = open_db(&opts).await?;
-    pair_data_dir(&db, &opts.data_dir, opts.adopt_data_dir).await?;
-    let host = wrenn::Host::local(wrenn::HostOptions {
-        data_dir: wrenn::DataDir::new(&opts.data_dir),
-        pools: opts.pools.clone(),
-        pool_memory_budget_mb: opts.pool_memory_mb,
-        dns_upstream: opts.dns_upstream,
-        disk_reserve_mb: opts.disk_reserve_mb,
-        disk_overcommit: opts.disk_overcommit,
-        max_concurrent_starts: opts.max_concurrent_starts,
-        jail: Some(opts.jail.clone()),
-        ..Default::default()
-    })
-    .await
-    .map_err(ServeError::Host)?;
-    tracing::info!(accel = %host.accel_probe().accel, reason = %host.accel_probe().reason, "host ready");
-    let agent: Arc<dyn HostAgent> = Arc::new(LocalAgent::new(host, LocalAgentOptions::default()));
-    let state = Arc::new(AppState::new(
-        db.clone(),
-        agent,
-        opts.config.clone(),
-        &secret,
-    ));
-    crate::lifecycle::reconcile(&state)
-        .await
-        .map_err(ServeError::Reconcile)?;
-    let reaper = crate::lifecycle::spawn_reaper(state.clone());
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: opts.listen,
-            source,
+    db: wrenn_db::Db,
+    secret: Vec<u8>,
+    bootstrap_key: Option<String>,
+}
+
+impl ControlPlane {
+    /// Opens the data directory and the database and checks they belong together: done
+    /// before a host starts on the data directory.
+    pub async fn open(opts: ServeOptions) -> Result<Self, ServeError> {
+        std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+            ServeError::Secret(format!("cannot create {}: {e}", opts.data_dir.display()))
         })?;
-    let addr = listener.local_addr().map_err(ServeError::Serve)?;
-    tracing::info!(%addr, "wrenn serve listening");
-    on_ready(addr, key.as_deref());
-    let app = crate::router(state.clone());
-    // With the peer address: sign-up and login are throttled per client address.
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await;
-    reaper.abort();
-    crate::lifecycle::pause_all_running(&state).await;
-    db.close().await;
-    served.map_err(ServeError::Serve)
+        let secret = jwt_secret(&opts)?;
+        let (db, bootstrap_key) = open_db(&opts).await?;
+        if let Err(e) = pair_data_dir(&db, &opts.data_dir, opts.adopt_data_dir).await {
+            db.close().await;
+            return Err(e);
+        }
+        Ok(ControlPlane {
+            opts,
+            db,
+            secret,
+            bootstrap_key,
+        })
+    }
+
+    /// Serves the API over `agent` until `shutdown` completes, then pauses the running
+    /// capsules it knows and returns. `on_ready` gets the bound address and, on a first
+    /// start, the bootstrap API key.
+    pub async fn serve(
+        self,
+        agent: Arc<dyn HostAgent>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        on_ready: impl FnOnce(SocketAddr, Option<&str>),
+    ) -> Result<(), ServeError> {
+        let ControlPlane {
+            opts,
+            db,
+            secret,
+            bootstrap_key,
+        } = self;
+        let state = Arc::new(AppState::new(
+            db.clone(),
+            agent,
+            opts.config.clone(),
+            &secret,
+        ));
+        crate::lifecycle::reconcile(&state)
+            .await
+            .map_err(ServeError::Reconcile)?;
+        let reaper = crate::lifecycle::spawn_reaper(state.clone());
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| ServeError::Listen {
+                addr: opts.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(ServeError::Serve)?;
+        tracing::info!(%addr, "wrenn serve listening");
+        on_ready(addr, bootstrap_key.as_deref());
+        let app = crate::router(state.clone());
+        // With the peer address: sign-up and login are throttled per client address.
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
+        reaper.abort();
+        crate::lifecycle::pause_all_running(&state).await;
+        db.close().await;
+        served.map_err(ServeError::Serve)
+    }
 }

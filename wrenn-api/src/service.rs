@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::id::CapsuleId;
+use wrenn_core::metrics::TierSnapshot;
 use wrenn_core::status::CapsuleStatus;
 use wrenn_db::{Actor, Capsule, NewCapsule};
 
@@ -180,14 +181,28 @@ pub fn validate_metadata(m: &Map<String, Value>) -> ApiResult<()> {
     Ok(())
 }
 
-fn system_metadata(state: &AppState) -> Map<String, Value> {
-    let v = state.agent.versions();
+async fn system_metadata(state: &AppState) -> Map<String, Value> {
     let mut m = Map::new();
-    m.insert("envd_version".into(), v.envd_version.into());
-    m.insert("kernel_version".into(), v.kernel_version.into());
-    m.insert("vmm_version".into(), v.vmm_version.into());
-    m.insert("agent_version".into(), v.agent_version.into());
+    match state.versions().await {
+        Ok(v) => {
+            m.insert("envd_version".into(), v.envd_version.clone().into());
+            m.insert("kernel_version".into(), v.kernel_version.clone().into());
+            m.insert("vmm_version".into(), v.vmm_version.clone().into());
+            m.insert("agent_version".into(), v.agent_version.clone().into());
+        }
+        Err(e) => tracing::warn!(error = %e, "host versions unknown"),
+    }
     m
+}
+
+/// The access token of a running capsule's guest agent, as its host gives it.
+async fn envd_access_token(state: &AppState, id: &CapsuleId) -> Option<String> {
+    state
+        .agent
+        .envd(id)
+        .await
+        .ok()
+        .and_then(|ep| ep.access_token)
 }
 
 /// Creates a capsule: the host starts it (ready when this returns), then the row is
@@ -298,11 +313,9 @@ async fn record(
     network: &NetworkParams,
 ) -> ApiResult<Capsule> {
     let mut metadata = user_metadata.clone();
-    metadata.extend(system_metadata(state));
-    let token = state
-        .agent
-        .envd_token(&hc.id)
-        .ok()
+    metadata.extend(system_metadata(state).await);
+    let token = envd_access_token(state, &hc.id)
+        .await
         .map(|t| state.tokens.seal(hc.id.as_str(), &t));
     let traffic_token = network.private_ports.then(|| {
         state
@@ -443,12 +456,27 @@ pub async fn pause_with(
         .streams
         .end(c.id.as_str(), crate::proxy::EndReason::Paused);
     let result = state.agent.pause(&c.id, mode).await;
+    state.guests.forget(&c.id);
     let ok = result.is_ok();
     let row = match result {
         Ok(()) => {
-            if let Some(saved) = state.agent.export_metrics(&c.id) {
-                if let Err(e) = state.db.save_capsule_metrics(c.id.as_str(), &saved).await {
-                    tracing::warn!(capsule = %c.id, error = %e, "metrics history not kept");
+            match state.agent.export_metrics(&c.id).await {
+                Ok(Some(saved)) => {
+                    let kept = match serde_json::to_value(&saved) {
+                        Ok(v) => state
+                            .db
+                            .save_capsule_metrics(c.id.as_str(), &v)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = kept {
+                        tracing::warn!(capsule = %c.id, error = %e, "metrics history not kept");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(capsule = %c.id, error = %e, "metrics history not exported")
                 }
             }
             set_status(state, c, CapsuleStatus::Paused).await
@@ -527,10 +555,20 @@ pub async fn resume_with(
     let row = match result {
         Ok(_) => {
             if let Ok(Some(saved)) = state.db.load_capsule_metrics(c.id.as_str()).await {
-                state.agent.import_metrics(&c.id, saved);
+                let restored = match serde_json::from_value::<TierSnapshot>(saved) {
+                    Ok(history) => state
+                        .agent
+                        .import_metrics(&c.id, history)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("unreadable: {e}")),
+                };
+                if let Err(e) = restored {
+                    tracing::warn!(capsule = %c.id, error = %e, "kept metrics history dropped");
+                }
             }
             // The guest's access token changes on every restore.
-            if let Ok(token) = state.agent.envd_token(&c.id) {
+            if let Some(token) = envd_access_token(state, &c.id).await {
                 if let Err(e) = state
                     .db
                     .set_capsule_envd_token(
@@ -653,6 +691,7 @@ pub async fn destroy(
     state
         .streams
         .end(c.id.as_str(), crate::proxy::EndReason::Killed);
+    state.guests.forget(&c.id);
     let result = match state.agent.destroy(&c.id).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind == HostErrorKind::NotFound => Ok(()),

@@ -1,12 +1,55 @@
 //! What every handler shares.
 
-use crate::agent::HostAgent;
+use crate::agent::{HostAgent, HostError, HostVersions};
 use crate::auth::{JwtKeys, KeyCache, Principal, RateLimiter};
 use crate::metrics::ServerMetrics;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use wrenn_core::guest::{GuestAgent, GuestConnector};
+use wrenn_core::host::Endpoint;
+use wrenn_core::id::CapsuleId;
 use wrenn_db::{AuditResult, Capsule, Db, DbError, NewAuditEntry};
+
+/// Guest agent clients, one per capsule, each with its own connection pool. A client is
+/// replaced when the host hands out another endpoint for the capsule (every restore
+/// gives its guest a new token, a new network slot may give a new address), so no
+/// pooled connection outlives the guest it was opened to.
+#[derive(Debug)]
+pub struct GuestClients {
+    by_capsule: moka::sync::Cache<CapsuleId, (Endpoint, Arc<dyn GuestAgent>)>,
+}
+
+impl Default for GuestClients {
+    fn default() -> Self {
+        GuestClients {
+            by_capsule: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+        }
+    }
+}
+
+impl GuestClients {
+    /// The client of `id`'s guest agent at `ep`.
+    pub fn client(&self, id: &CapsuleId, ep: Endpoint) -> Arc<dyn GuestAgent> {
+        if let Some((known, client)) = self.by_capsule.get(id) {
+            if known == ep {
+                return client;
+            }
+        }
+        let client =
+            wrenn_envd::client::EnvdConnector::default().connect(ep.addr, ep.access_token.clone());
+        self.by_capsule.insert(id.clone(), (ep, client.clone()));
+        client
+    }
+
+    /// Drops the client of a capsule that is gone or paused.
+    pub fn forget(&self, id: &CapsuleId) {
+        self.by_capsule.invalidate(id);
+    }
+}
 
 /// Server settings (command line and environment).
 #[derive(Clone, Debug)]
@@ -72,6 +115,10 @@ impl Default for ApiConfig {
 pub struct AppState {
     pub db: Db,
     pub agent: Arc<dyn HostAgent>,
+    /// Guest agent clients by capsule, for the endpoint the host handed out.
+    pub(crate) guests: GuestClients,
+    /// The host's versions, asked once.
+    versions: tokio::sync::OnceCell<HostVersions>,
     pub config: ApiConfig,
     pub jwt: JwtKeys,
     pub keys: KeyCache,
@@ -114,6 +161,8 @@ impl AppState {
             ),
             db,
             agent,
+            guests: GuestClients::default(),
+            versions: tokio::sync::OnceCell::new(),
             config,
             jwt: JwtKeys::new(jwt_secret),
             tokens: crate::secrets::TokenSealer::new(jwt_secret),
@@ -126,6 +175,20 @@ impl AppState {
             streams: crate::proxy::LiveStreams::default(),
             reaper_backoff: crate::lifecycle::ReaperBackoff::default(),
         }
+    }
+
+    /// A client of the guest agent (envd) of a running capsule, at the endpoint its host
+    /// gives.
+    pub async fn guest(&self, id: &CapsuleId) -> Result<Arc<dyn GuestAgent>, HostError> {
+        let ep = self.agent.envd(id).await?;
+        Ok(self.guests.client(id, ep))
+    }
+
+    /// Versions of what runs capsules on the host.
+    pub async fn versions(&self) -> Result<&HostVersions, HostError> {
+        self.versions
+            .get_or_try_init(|| self.agent.versions())
+            .await
     }
 
     /// Writes an audit row; a failure to write it is logged, never fatal to the action.

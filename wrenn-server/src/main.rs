@@ -1,6 +1,8 @@
 //! `wrenn`: build guest images, run capsules from the command line, check the host.
 
+mod agent;
 mod doctor;
+mod host_args;
 mod images;
 mod serve;
 
@@ -66,6 +68,9 @@ enum Cmd {
     /// Run the control plane (REST API, E2B-compatible API, proxy) with this host's
     /// capsules.
     Serve(Box<serve::ServeArgs>),
+    /// Run this host's capsules behind a gRPC endpoint for a control plane
+    /// (`wrenn serve --agent http://ADDR`).
+    Agent(Box<agent::AgentArgs>),
     /// Check this host: acceleration, QEMU, images, permissions.
     Doctor,
     /// List capsules recorded in the data directory.
@@ -149,7 +154,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(
-                if matches!(cli.command, Cmd::Serve(_)) {
+                if matches!(cli.command, Cmd::Serve(_) | Cmd::Agent(_)) {
                     "info"
                 } else {
                     "warn"
@@ -194,6 +199,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         } => snapshot(data, &id, &name, overwrite).await.map(|_| 0),
         Cmd::Fork { id, count, exec } => fork(data, &id, count, exec).await,
         Cmd::Serve(args) => serve::serve(cli.data_dir.clone(), *args).await,
+        Cmd::Agent(args) => agent::run(&cli.data_dir, *args).await,
         Cmd::Doctor => doctor::run(&data).await,
         Cmd::Ps => ps(&data).await.map(|_| 0),
         Cmd::Rm { ids } => rm(data, ids).await.map(|_| 0),

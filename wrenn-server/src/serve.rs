@@ -1,10 +1,14 @@
 //! `wrenn serve`: the control plane with an in-process host agent.
 
+use crate::host_args::{start_host, HostArgs};
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+use wrenn_agent::LocalAgent;
+use wrenn_api::agent::HostAgent;
 use wrenn_api::quota::TeamLimits;
-use wrenn_api::server::{run, ServeOptions};
+use wrenn_api::server::{ControlPlane, ServeOptions};
 use wrenn_api::ApiConfig;
 
 #[derive(Debug, clap::Args)]
@@ -27,38 +31,12 @@ pub struct ServeArgs {
     /// Largest file upload per request, in MiB.
     #[arg(long, env = "WRENN_UPLOAD_LIMIT_MIB", default_value_t = 100)]
     upload_limit_mib: u64,
-    /// Keep N ready capsules of TEMPLATE (`TEMPLATE=N`; repeat, or comma-separate in the
-    /// environment): creates of it take one instead of restoring.
-    #[arg(long = "pool", env = "WRENN_POOLS", value_delimiter = ',', value_parser = parse_pool)]
-    pools: Vec<(String, usize)>,
-    /// Guest memory all warm pools together may hold, in MiB (0 = no cap).
-    #[arg(long, env = "WRENN_POOL_MEMORY_MB", default_value_t = 4096)]
-    pool_memory_mb: u64,
-    /// DNS server (IP:PORT) that capsules' filtering resolvers forward allowed
-    /// names to, when an egress policy allows domains (default: the host's first
-    /// IPv4 nameserver in /etc/resolv.conf).
-    #[arg(long, env = "WRENN_DNS_UPSTREAM")]
-    dns_upstream: Option<std::net::SocketAddr>,
-    /// Disk space (MiB) of the data directory's filesystem that capsules may never
-    /// take: creates, resumes, forks, pauses, snapshots and uploads that could eat
-    /// into it are refused with 507.
-    #[arg(long, env = "WRENN_DISK_RESERVE_MB", default_value_t = 1024)]
-    disk_reserve_mb: u64,
-    /// Thin provisioning of capsules' writable disks, 1-100: room is kept on the
-    /// host for 1/RATIO of what running capsules' disks may still grow by (1: all
-    /// of it, so no guest can ever find the host disk full). Memory images and
-    /// snapshots always count in full.
-    #[arg(long, env = "WRENN_DISK_OVERCOMMIT", default_value_t = wrenn::DiskOvercommit::NONE)]
-    disk_overcommit: wrenn::DiskOvercommit,
-    /// Capsule VMs brought up (booted or restored, until their agent answers) at once;
-    /// more creates and resumes wait their turn, so a burst cannot starve running
-    /// capsules of CPU. 0: one per CPU.
-    #[arg(long, env = "WRENN_MAX_CONCURRENT_STARTS", default_value_t = 0)]
-    max_concurrent_starts: usize,
-    /// The uids VMMs run as (FIRST-LAST, one per running VMM; the group is FIRST).
-    /// Each VMM is jailed: that uid, no capabilities, its own mount namespace.
-    #[arg(long, env = "WRENN_JAIL_UIDS", default_value = "990000-999999", value_parser = parse_jail)]
-    jail_uids: wrenn::JailConfig,
+    /// Serve capsules of the host agent at this address (`http://HOST:PORT`, a
+    /// `wrenn agent`) instead of starting one in this process.
+    #[arg(long, env = "WRENN_AGENT", conflicts_with = "HostArgs")]
+    agent: Option<String>,
+    #[command(flatten)]
+    host: HostArgs,
     /// Most output a synchronous exec returns, in MiB (more: the command is stopped, 413).
     #[arg(long, env = "WRENN_EXEC_OUTPUT_LIMIT_MIB", default_value_t = 16)]
     exec_output_limit_mib: u64,
@@ -151,23 +129,7 @@ fn signup_open(mode: SignupMode, disabled: bool, listen: SocketAddr) -> bool {
         }
 }
 
-/// `TEMPLATE=N`.
-fn parse_jail(s: &str) -> Result<wrenn::JailConfig, String> {
-    wrenn::JailConfig::parse_range(s).map_err(|e| e.to_string())
-}
-
-fn parse_pool(s: &str) -> Result<(String, usize), String> {
-    let (t, n) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected TEMPLATE=N"))?;
-    let n = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: N must be a number of capsules"))?;
-    Ok((t.trim().to_string(), n))
-}
-
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -187,19 +149,12 @@ async fn shutdown_signal() {
 pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
     let opts = ServeOptions {
         listen: a.listen,
-        data_dir,
+        data_dir: data_dir.clone(),
         database_url: a.database_url,
         bootstrap_key: a.bootstrap_api_key,
         jwt_secret: a.jwt_secret,
         bootstrap_admin_password: a.bootstrap_admin_password,
         adopt_data_dir: a.adopt_data_dir,
-        pools: a.pools,
-        pool_memory_mb: a.pool_memory_mb,
-        dns_upstream: a.dns_upstream,
-        disk_reserve_mb: a.disk_reserve_mb,
-        disk_overcommit: a.disk_overcommit,
-        max_concurrent_starts: a.max_concurrent_starts,
-        jail: a.jail_uids,
         config: ApiConfig {
             domain: a.domain,
             upload_limit: a.upload_limit_mib.saturating_mul(1024 * 1024),
@@ -227,27 +182,48 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
     };
     let admin_password = opts.bootstrap_admin_password.is_some();
     let signup = opts.config.open_signup;
-    run(opts, shutdown_signal(), |addr, key| {
-        if let Some(key) = key {
-            println!(
-                "Created the admin team's API key (shown once): {key}\n  \
-                 (the same key for E2B SDKs that want the e2b_ form: {})",
-                wrenn_api::e2b_spelling(key)
-            );
-            if !admin_password {
+    // The database is checked against the data directory before the host touches it.
+    let control_plane = ControlPlane::open(opts).await.context("wrenn serve")?;
+    let (agent, local): (Arc<dyn HostAgent>, Option<Arc<LocalAgent>>) = match &a.agent {
+        Some(url) => {
+            let remote = wrenn_rpc::RemoteAgent::connect_lazy(url, wrenn_rpc::Timeouts::default())
+                .context("--agent")?;
+            tracing::info!(agent = %url, "serving the capsules of a remote host agent");
+            (Arc::new(remote), None)
+        }
+        None => {
+            let local = Arc::new(start_host(&data_dir, a.host).await?);
+            (local.clone(), Some(local))
+        }
+    };
+    let served = control_plane
+        .serve(agent, shutdown_signal(), |addr, key| {
+            if let Some(key) = key {
                 println!(
+                    "Created the admin team's API key (shown once): {key}\n  \
+                 (the same key for E2B SDKs that want the e2b_ form: {})",
+                    wrenn_api::e2b_spelling(key)
+                );
+                if !admin_password {
+                    println!(
                     "  API keys cannot create keys: set WRENN_BOOTSTRAP_ADMIN_PASSWORD to log in \
                      as admin@wrenn.local and manage the team"
                 );
+                }
             }
+            if !signup {
+                println!("Sign-up is closed (invitations only); --signup open opens it");
+            }
+            println!("wrenn serve listening on http://{addr}");
+        })
+        .await;
+    // The control plane paused what it knows; the host pauses anything else still running.
+    if let Some(local) = local {
+        for (id, e) in local.shutdown().await {
+            tracing::error!(capsule = %id, error = %e, "shutdown: pause failed");
         }
-        if !signup {
-            println!("Sign-up is closed (invitations only); --signup open opens it");
-        }
-        println!("wrenn serve listening on http://{addr}");
-    })
-    .await
-    .context("wrenn serve")?;
+    }
+    served.context("wrenn serve")?;
     Ok(0)
 }
 

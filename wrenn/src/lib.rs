@@ -14,16 +14,16 @@
 //! # Ok(()) }
 //! ```
 
-mod host;
 pub mod metrics;
 pub mod paths;
 mod state;
 mod templates;
+mod wiring;
 
-pub use host::{Host, HostError, HostOptions};
 pub use paths::DataDir;
 pub use state::FsStateStore;
 pub use templates::FsTemplates;
+pub use wiring::{Host, HostError, HostOptions};
 pub use wrenn_core::guest::{ExecEvent, ExecRequest, PtySize};
 pub use wrenn_core::*;
 pub use wrenn_vmm::jail::JailConfig;

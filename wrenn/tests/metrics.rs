@@ -66,11 +66,7 @@ async fn samples_a_capsule_across_pause_resume_and_destroy() {
     caps.pause(&id).await.expect("pause");
     let before = sampler.latest(&id).expect("latest before pause");
     tokio::time::sleep(PERIOD * 5).await;
-    assert_eq!(
-        sampler.latest(&id),
-        Some(before.clone()),
-        "sampled while paused"
-    );
+    assert_eq!(sampler.latest(&id), Some(before), "sampled while paused");
     let json = serde_json::to_string(&sampler.export(&id).expect("export")).expect("json");
     sampler.forget(&id);
     assert!(sampler.latest(&id).is_none());

@@ -51,9 +51,11 @@ fn platform_admin(who: &crate::auth::Principal) -> ApiResult<()> {
     }
 }
 
-fn views(st: &AppState) -> Vec<PoolView> {
-    st.agent
+async fn views(st: &AppState) -> ApiResult<Vec<PoolView>> {
+    Ok(st
+        .agent
         .pools()
+        .await?
         .into_iter()
         .map(|p| PoolView {
             template: p.template,
@@ -65,7 +67,7 @@ fn views(st: &AppState) -> Vec<PoolView> {
             last_refill_ms: p.last_refill_ms,
             memory_mb: p.memory_mb,
         })
-        .collect()
+        .collect())
 }
 
 #[utoipa::path(get, path = "/v1/admin/pools", tag = "admin",
@@ -73,7 +75,7 @@ fn views(st: &AppState) -> Vec<PoolView> {
     security(("bearer" = [])))]
 pub async fn pools(State(st): S, Auth(who): Auth) -> ApiResult<Json<Vec<PoolView>>> {
     platform_admin(&who)?;
-    Ok(Json(views(&st)))
+    Ok(Json(views(&st).await?))
 }
 
 #[utoipa::path(put, path = "/v1/admin/pools/{template}", tag = "admin",
@@ -107,5 +109,5 @@ pub async fn set_pool(
         Some(serde_json::json!({"size": req.size})),
     )
     .await;
-    Ok(Json(views(&st)))
+    Ok(Json(views(&st).await?))
 }

@@ -207,6 +207,9 @@ pub async fn get(
         view.disk_used_mb = st
             .agent
             .latest_metric(&c.id, Duration::from_secs(5))
+            .await
+            .ok()
+            .flatten()
             .map(|p| p.disk_bytes >> 20);
     }
     Ok(Json(view))
@@ -370,7 +373,7 @@ pub async fn exec(
     }
     let c = service::running(&st, &who, &id).await?;
     service::touch(&st, &c).await;
-    let guest = st.agent.guest(&c.id).map_err(service::host_err)?;
+    let guest = st.guest(&c.id).await.map_err(service::host_err)?;
     let timeout = Duration::from_secs(u64::from(req.timeout_sec.unwrap_or(30).clamp(1, 86_400)));
     let tag = req
         .background
@@ -501,7 +504,7 @@ pub async fn processes(
 ) -> ApiResult<Json<ProcessList>> {
     let c = service::running(&st, &who, &id).await?;
     service::touch(&st, &c).await;
-    let guest = st.agent.guest(&c.id).map_err(service::host_err)?;
+    let guest = st.guest(&c.id).await.map_err(service::host_err)?;
     let list = guest.list_processes().await.map_err(service::guest_err)?;
     Ok(Json(ProcessList {
         processes: list
@@ -558,7 +561,7 @@ pub async fn kill_process(
     };
     let c = service::running(&st, &who, &id).await?;
     service::touch(&st, &c).await;
-    let guest = st.agent.guest(&c.id).map_err(service::host_err)?;
+    let guest = st.guest(&c.id).await.map_err(service::host_err)?;
     let pid = select_process(guest.as_ref(), &selector).await?;
     guest.signal(pid, kill).await.map_err(service::guest_err)?;
     st.audit(
@@ -621,7 +624,7 @@ pub async fn metric_points(
 ) -> ApiResult<Vec<crate::agent::MetricPoint>> {
     match c.status {
         CapsuleStatus::Stopped | CapsuleStatus::Error => Err(ApiError::not_found("capsule")),
-        CapsuleStatus::Running => Ok(st.agent.metrics(&c.id, range)),
+        CapsuleStatus::Running => Ok(st.agent.metrics(&c.id, range).await?),
         _ => {
             let saved = st.db.load_capsule_metrics(c.id.as_str()).await?;
             Ok(saved

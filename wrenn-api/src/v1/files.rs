@@ -114,7 +114,7 @@ async fn capsule_guest(
 ) -> ApiResult<(wrenn_db::Capsule, Arc<dyn wrenn_core::guest::GuestAgent>)> {
     let c = service::running(st, who, id).await?;
     service::touch(st, &c).await;
-    let g = st.agent.guest(&c.id).map_err(service::host_err)?;
+    let g = st.guest(&c.id).await.map_err(service::host_err)?;
     Ok((c, g))
 }
 
@@ -344,6 +344,7 @@ pub async fn write(
     if let Some(n) = declared {
         st.agent
             .ensure_space(n)
+            .await
             .map_err(|e| refused(ApiError::from(e)))?;
     }
     let cap = usize::try_from(st.config.upload_limit.saturating_add(MULTIPART_OVERHEAD))

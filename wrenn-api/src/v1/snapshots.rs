@@ -130,7 +130,7 @@ pub async fn list(
                 vcpus: t.vcpus,
                 memory_mb: t.memory_mb,
                 size_bytes: t.size_bytes,
-                created_at: t.created_at.unwrap_or_default(),
+                created_at: t.created_at.map(chrono::DateTime::from).unwrap_or_default(),
                 platform: true,
                 protected: true,
                 metadata: HashMap::new(),

@@ -11,12 +11,10 @@
 //! ```
 
 mod procfs;
-mod tiers;
 
 pub use procfs::{cpu_percent, sample_process, RawSample};
-pub use tiers::{Tier, TierSnapshot, Tiers};
+pub use wrenn_core::metrics::{MetricPoint, Tier, TierSnapshot, Tiers};
 
-use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -26,19 +24,6 @@ use wrenn_core::{CapsuleId, Capsules, VmmProcess};
 
 /// How often [`MetricsSampler`] samples by default (the resolution of [`Tier::Fine`]).
 pub const DEFAULT_PERIOD: Duration = Duration::from_millis(500);
-
-/// A capsule's resource use at one time (or averaged over one window of a coarser tier).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MetricPoint {
-    /// Unix seconds (for windows, their start).
-    pub timestamp_unix: i64,
-    /// CPU time of the VMM process as a percentage of the capsule's vCPUs (0–100).
-    pub cpu_pct: f64,
-    /// Resident memory of the VMM process.
-    pub mem_bytes: u64,
-    /// Space allocated to the capsule's writable disk layer.
-    pub disk_bytes: u64,
-}
 
 type Rings = Mutex<HashMap<CapsuleId, Tiers>>;
 
@@ -268,7 +253,7 @@ mod tests {
             mem_bytes: 1 << 30,
             disk_bytes: 4096,
         };
-        let json = serde_json::to_value(&p).expect("serialise");
+        let json = serde_json::to_value(p).expect("serialise");
         assert_eq!(
             json,
             serde_json::json!({

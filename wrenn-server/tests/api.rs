@@ -1,4 +1,5 @@
-//! The control plane in process on both database backends: accounts, teams, keys,
+//! The control plane over the host agent (in process, or over gRPC with
+//! `WRENN_TEST_AGENT=grpc`), on both database backends: accounts, teams, keys,
 //! audit, validation, rate limiting, OpenAPI, and a real capsule's lifecycle plus
 //! reconciliation with the host. Needs root and the built images.
 
@@ -16,7 +17,8 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
 use tower::ServiceExt;
-use wrenn_api::agent::{CapsuleSpec, HostAgent, LocalAgent, LocalAgentOptions};
+use wrenn_agent::{LocalAgent, LocalAgentOptions};
+use wrenn_api::agent::{CapsuleSpec, HostAgent};
 use wrenn_api::{router, ApiConfig, AppState};
 use wrenn_core::status::CapsuleStatus;
 
@@ -52,7 +54,45 @@ fn populate(root: &Path) {
 struct Api {
     state: Arc<AppState>,
     app: axum::Router,
+    _agent_server: Option<AbortOnDrop>,
     _dir: tempfile::TempDir,
+}
+
+/// Stops the host agent's gRPC server with the test's `Api`.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The host agent the suite runs over: the in-process `LocalAgent`, or with
+/// `WRENN_TEST_AGENT=grpc` the same agent served by `wrenn_rpc` on loopback and reached
+/// through a `RemoteAgent` (the seam a control plane uses for remote hosts).
+async fn agent_over(local: LocalAgent) -> (Arc<dyn HostAgent>, Option<AbortOnDrop>) {
+    match std::env::var("WRENN_TEST_AGENT").as_deref() {
+        Ok("grpc") => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind the agent's port");
+            let addr = listener.local_addr().expect("agent address");
+            let served: Arc<dyn HostAgent> = Arc::new(local);
+            let server = tokio::spawn(async move {
+                if let Err(e) = wrenn_rpc::serve(served, listener, std::future::pending()).await {
+                    eprintln!("agent gRPC server failed: {e}");
+                }
+            });
+            let remote = wrenn_rpc::RemoteAgent::connect_lazy(
+                &format!("http://{addr}"),
+                wrenn_rpc::Timeouts::default(),
+            )
+            .expect("agent client");
+            (Arc::new(remote), Some(AbortOnDrop(server)))
+        }
+        Ok("local") | Err(_) => (Arc::new(local), None),
+        Ok(other) => panic!("WRENN_TEST_AGENT={other}: expected local or grpc"),
+    }
 }
 
 async fn api(t: &TestDb, config: ApiConfig) -> Api {
@@ -66,7 +106,8 @@ async fn api_in(t: &TestDb, config: ApiConfig, dir: tempfile::TempDir) -> Api {
     })
     .await
     .expect("host");
-    let agent: Arc<dyn HostAgent> = Arc::new(LocalAgent::new(host, LocalAgentOptions::default()));
+    let (agent, agent_server) =
+        agent_over(LocalAgent::new(host, LocalAgentOptions::default())).await;
     wrenn_db::ensure_bootstrap(&t.db, Some(KEY))
         .await
         .expect("bootstrap");
@@ -79,8 +120,21 @@ async fn api_in(t: &TestDb, config: ApiConfig, dir: tempfile::TempDir) -> Api {
     Api {
         app: router(state.clone()),
         state,
+        _agent_server: agent_server,
         _dir: dir,
     }
+}
+
+/// The host's warm pool of `template` (empty if it has none).
+async fn pool_of(a: &Api, template: &str) -> wrenn_api::agent::PoolStats {
+    a.state
+        .agent
+        .pools()
+        .await
+        .expect("pools")
+        .into_iter()
+        .find(|p| p.template == template)
+        .unwrap_or_default()
 }
 
 #[derive(Debug)]
@@ -927,7 +981,8 @@ async fn snapshot_overwrite_keeps_old_until_new(t: &TestDb) {
         .post(&format!("/v1/capsules/{id}/resume"), Some(KEY), json!({}))
         .await;
     assert_eq!(r.body["status"], "running", "{}", r.text);
-    exec_out(&a, &id, "echo two > /tmp/v").await;
+    let r = exec_out(&a, &id, "echo two > /tmp/v").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let r = a
         .post(
             "/v1/snapshots?overwrite=true",
@@ -1178,17 +1233,13 @@ async fn pool_admin(t: &TestDb) {
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
     let r = set(&admin, "minimal", json!(1)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let pool = |a: &Api| {
-        a.state
-            .agent
-            .pools()
-            .into_iter()
-            .find(|p| p.template == "minimal")
-            .unwrap_or_default()
-    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while pool(&a).ready < 1 {
-        assert!(std::time::Instant::now() < deadline, "{:?}", pool(&a));
+    while pool_of(&a, "minimal").await.ready < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            pool_of(&a, "minimal").await
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let r = a.get("/v1/capsules", Some(KEY)).await;
@@ -1226,7 +1277,7 @@ async fn pool_admin(t: &TestDb) {
     );
     let r = set(&admin, "minimal", json!(0)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert_eq!(pool(&a).ready, 0);
+    assert_eq!(pool_of(&a, "minimal").await.ready, 0);
 
     // A team snapshot's pool (by its host name) is drained when the snapshot goes.
     let r = a
@@ -1250,23 +1301,19 @@ async fn pool_admin(t: &TestDb) {
         .to_string();
     let r = set(&admin, &host_name, json!(1)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let snap_pool = |a: &Api| {
-        a.state
-            .agent
-            .pools()
-            .into_iter()
-            .find(|p| p.template == host_name)
-            .unwrap_or_default()
-    };
-    while snap_pool(&a).ready < 1 {
-        assert!(std::time::Instant::now() < deadline, "{:?}", snap_pool(&a));
+    while pool_of(&a, &host_name).await.ready < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            pool_of(&a, &host_name).await
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let r = a
         .call(Method::DELETE, "/v1/snapshots/pooled-snap", Some(KEY), None)
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
-    let p = snap_pool(&a);
+    let p = pool_of(&a, &host_name).await;
     assert_eq!((p.target, p.ready), (0, 0), "{p:?}");
     a.call(
         Method::DELETE,

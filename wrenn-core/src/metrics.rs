@@ -1,9 +1,24 @@
-//! One capsule's metric history in three resolutions. Pure data: time is passed in.
+//! Resource metrics of capsules: a sample ([`MetricPoint`]) and one capsule's history
+//! in three resolutions ([`Tiers`]; as plain data, [`TierSnapshot`], which is what a
+//! host hands the control plane to keep while the capsule is paused). Pure data: time
+//! is passed in.
 
-use super::MetricPoint;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::time::Duration;
+
+/// A capsule's resource use at one time (or averaged over one window of a coarser tier).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    /// Unix seconds (for windows, their start).
+    pub timestamp_unix: i64,
+    /// CPU time of the VMM process as a percentage of the capsule's vCPUs (0–100).
+    pub cpu_pct: f64,
+    /// Resident memory of the VMM process.
+    pub mem_bytes: u64,
+    /// Space allocated to the capsule's writable disk layer.
+    pub disk_bytes: u64,
+}
 
 /// One resolution of the history.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -91,13 +106,15 @@ impl Ring {
 
 /// Sums of the samples of one window of a coarser tier, not yet closed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct PendingWindow {
+pub struct PendingWindow {
     /// Window number: start time in ms divided by the window length.
-    index: i64,
-    count: u64,
-    cpu_sum: f64,
-    mem_sum: u64,
-    disk_last: u64,
+    pub index: i64,
+    /// Samples summed so far.
+    pub count: u64,
+    pub cpu_sum: f64,
+    pub mem_sum: u64,
+    /// The newest sample's disk use.
+    pub disk_last: u64,
 }
 
 impl PendingWindow {
@@ -268,12 +285,15 @@ impl Tiers {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TierSnapshot {
-    fine: Vec<MetricPoint>,
-    mid: Vec<MetricPoint>,
-    coarse: Vec<MetricPoint>,
-    mid_open: Option<PendingWindow>,
-    coarse_open: Option<PendingWindow>,
-    last_unix_ms: Option<i64>,
+    /// Each tier's closed points, oldest first.
+    pub fine: Vec<MetricPoint>,
+    pub mid: Vec<MetricPoint>,
+    pub coarse: Vec<MetricPoint>,
+    /// The open windows of the coarser tiers.
+    pub mid_open: Option<PendingWindow>,
+    pub coarse_open: Option<PendingWindow>,
+    /// When the newest sample was taken.
+    pub last_unix_ms: Option<i64>,
 }
 
 impl TierSnapshot {

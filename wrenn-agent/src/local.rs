@@ -1,9 +1,5 @@
 //! The in-process host agent: the capsule manager of this machine.
 
-use super::{
-    CapsuleSpec, EgressPolicy, HostAgent, HostCapsule, HostError, HostErrorKind, HostTemplate,
-    HostVersions, MetricPoint, PauseMode, ResumeMode,
-};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,8 +9,14 @@ use std::time::Duration;
 use wrenn::manager::{error_chain, CapsuleInfo, Capsules};
 use wrenn::metrics::MetricsSampler;
 use wrenn::{CapsuleError, CreateOptions, Host};
-use wrenn_core::guest::{AgentError, GuestAgent};
+use wrenn_core::egress::EgressPolicy;
+use wrenn_core::host::{
+    guest_error, CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostErrorKind,
+    HostTemplate, HostVersions, PoolStats,
+};
 use wrenn_core::id::CapsuleId;
+use wrenn_core::metrics::{MetricPoint, TierSnapshot};
+use wrenn_core::snapshot::{PauseMode, ResumeMode};
 use wrenn_core::status::CapsuleStatus;
 
 #[derive(Clone, Debug)]
@@ -50,7 +52,7 @@ impl LocalAgent {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let versions = HostVersions {
-            envd_version: crate::ENVD_VERSION.to_string(),
+            envd_version: wrenn_envd::ENVD_VERSION.to_string(),
             kernel_version,
             vmm_version: "qemu".to_string(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -70,6 +72,52 @@ impl LocalAgent {
     fn capsules(&self) -> &Arc<Capsules> {
         self.host.capsules()
     }
+
+    /// A running capsule's guest address on this host, at `port`.
+    fn guest_addr(&self, id: &CapsuleId, port: u16) -> Result<SocketAddr, HostError> {
+        let info = self.capsules().get(id).map_err(host_error)?;
+        if info.status != CapsuleStatus::Running {
+            return Err(HostError::new(
+                HostErrorKind::InvalidState,
+                format!("capsule {id} is {}", info.status),
+            ));
+        }
+        let host = info
+            .host_addr
+            .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+            .ok_or_else(|| {
+                HostError::new(
+                    HostErrorKind::InvalidState,
+                    format!("capsule {id} has no network"),
+                )
+            })?;
+        Ok(SocketAddr::from((host, port)))
+    }
+
+    /// The host's side of a graceful shutdown: drains the warm pools and pauses every
+    /// capsule still running (those the control plane did not pause itself); returns
+    /// the ones whose pause failed.
+    pub async fn shutdown(&self) -> Vec<(CapsuleId, HostError)> {
+        // Pool entries are nobody's: they go, not pause.
+        let drained = self.capsules().drain_pools().await;
+        if drained > 0 {
+            tracing::info!(drained, "warm pools drained");
+        }
+        let running: Vec<CapsuleId> = self
+            .capsules()
+            .list()
+            .into_iter()
+            .filter(|c| c.status == CapsuleStatus::Running)
+            .map(|c| c.id)
+            .collect();
+        let mut failed = Vec::new();
+        for id in running {
+            if let Err(e) = self.capsules().pause(&id).await {
+                failed.push((id, host_error(e)));
+            }
+        }
+        failed
+    }
 }
 
 fn capsule(info: CapsuleInfo) -> HostCapsule {
@@ -85,7 +133,7 @@ fn capsule(info: CapsuleInfo) -> HostCapsule {
 }
 
 /// Maps the manager's errors; details of internal failures stay in the log.
-pub(crate) fn host_error(e: CapsuleError) -> HostError {
+pub fn host_error(e: CapsuleError) -> HostError {
     use wrenn_core::template::TemplateError;
     let kind = match &e {
         CapsuleError::NotFound { .. } => HostErrorKind::NotFound,
@@ -119,16 +167,6 @@ pub(crate) fn host_error(e: CapsuleError) -> HostError {
     HostError::new(kind, message)
 }
 
-pub fn guest_error(e: &AgentError) -> HostError {
-    let kind = match e {
-        AgentError::NotFound(_) => HostErrorKind::NotFound,
-        AgentError::InvalidArgument(_) => HostErrorKind::InvalidArgument,
-        AgentError::Timeout(_) => HostErrorKind::Timeout,
-        _ => HostErrorKind::Guest,
-    };
-    HostError::new(kind, e.to_string())
-}
-
 fn host_template(t: wrenn_core::template::TemplateInfo) -> HostTemplate {
     HostTemplate {
         name: t.name.to_string(),
@@ -136,14 +174,14 @@ fn host_template(t: wrenn_core::template::TemplateInfo) -> HostTemplate {
         vcpus: t.snapshot.map(|s| s.vcpus),
         memory_mb: t.snapshot.map(|s| s.memory_mb),
         size_bytes: t.size_bytes,
-        created_at: t.created_at.map(chrono::DateTime::<chrono::Utc>::from),
+        created_at: t.created_at,
     }
 }
 
 #[async_trait]
 impl HostAgent for LocalAgent {
-    fn versions(&self) -> HostVersions {
-        self.versions.clone()
+    async fn versions(&self) -> Result<HostVersions, HostError> {
+        Ok(self.versions.clone())
     }
 
     async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError> {
@@ -208,7 +246,7 @@ impl HostAgent for LocalAgent {
         r
     }
 
-    fn ensure_space(&self, bytes: u64) -> Result<(), HostError> {
+    async fn ensure_space(&self, bytes: u64) -> Result<(), HostError> {
         self.capsules()
             .check_space("take the upload", bytes)
             .map_err(host_error)
@@ -270,78 +308,58 @@ impl HostAgent for LocalAgent {
             .map_err(host_error)
     }
 
-    fn guest(&self, id: &CapsuleId) -> Result<Arc<dyn GuestAgent>, HostError> {
-        self.capsules().agent(id).map_err(host_error)
-    }
-
-    fn envd_token(&self, id: &CapsuleId) -> Result<String, HostError> {
-        self.capsules().access_token(id).map_err(host_error)
-    }
-
-    fn port_addr(&self, id: &CapsuleId, port: u16) -> Result<SocketAddr, HostError> {
-        let info = self.capsules().get(id).map_err(host_error)?;
-        if info.status != CapsuleStatus::Running {
-            return Err(HostError::new(
-                HostErrorKind::InvalidState,
-                format!("capsule {id} is {}", info.status),
-            ));
-        }
-        let host = info
-            .host_addr
-            .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
-            .ok_or_else(|| {
-                HostError::new(
-                    HostErrorKind::InvalidState,
-                    format!("capsule {id} has no network"),
-                )
-            })?;
-        Ok(SocketAddr::from((host, port)))
-    }
-
-    fn metrics(&self, id: &CapsuleId, range: Duration) -> Vec<MetricPoint> {
-        self.sampler
-            .points(id, range)
-            .into_iter()
-            .map(|p| MetricPoint {
-                timestamp_unix: p.timestamp_unix,
-                cpu_pct: p.cpu_pct,
-                mem_bytes: p.mem_bytes,
-                disk_bytes: p.disk_bytes,
-            })
-            .collect()
-    }
-
-    fn latest_metric(&self, id: &CapsuleId, within: Duration) -> Option<MetricPoint> {
-        let p = self.sampler.latest(id)?;
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let from_ms = now_ms.saturating_sub(i64::try_from(within.as_millis()).unwrap_or(i64::MAX));
-        // As `metrics` counts them: a fine point stands for its whole second.
-        let start_ms = p.timestamp_unix.saturating_mul(1000);
-        (start_ms.saturating_add(1000) > from_ms && start_ms <= now_ms).then_some(MetricPoint {
-            timestamp_unix: p.timestamp_unix,
-            cpu_pct: p.cpu_pct,
-            mem_bytes: p.mem_bytes,
-            disk_bytes: p.disk_bytes,
+    async fn envd(&self, id: &CapsuleId) -> Result<Endpoint, HostError> {
+        // Running with a connected guest agent, or the manager's own error for it.
+        self.capsules().agent(id).map_err(host_error)?;
+        let addr = self.guest_addr(id, wrenn_core::ENVD_PORT)?;
+        let access_token = self.capsules().access_token(id).map_err(host_error)?;
+        Ok(Endpoint {
+            addr,
+            access_token: Some(access_token),
         })
     }
 
-    fn export_metrics(&self, id: &CapsuleId) -> Option<serde_json::Value> {
-        self.sampler
-            .export(id)
-            .and_then(|t| serde_json::to_value(t).ok())
+    async fn port(&self, id: &CapsuleId, port: u16) -> Result<Endpoint, HostError> {
+        Ok(Endpoint {
+            addr: self.guest_addr(id, port)?,
+            access_token: None,
+        })
     }
 
-    fn import_metrics(&self, id: &CapsuleId, saved: serde_json::Value) {
-        match serde_json::from_value(saved) {
-            Ok(t) => self.sampler.import(id, t),
-            Err(e) => {
-                tracing::warn!(capsule = %id, error = %e, "saved metrics unreadable; dropped")
-            }
-        }
+    async fn metrics(
+        &self,
+        id: &CapsuleId,
+        range: Duration,
+    ) -> Result<Vec<MetricPoint>, HostError> {
+        Ok(self.sampler.points(id, range))
     }
 
-    fn pools(&self) -> Vec<super::PoolStats> {
-        self.capsules().pool_stats()
+    async fn latest_metric(
+        &self,
+        id: &CapsuleId,
+        within: Duration,
+    ) -> Result<Option<MetricPoint>, HostError> {
+        let Some(p) = self.sampler.latest(id) else {
+            return Ok(None);
+        };
+        let now_ms = unix_ms_now();
+        let from_ms = now_ms.saturating_sub(i64::try_from(within.as_millis()).unwrap_or(i64::MAX));
+        // As `metrics` counts them: a fine point stands for its whole second.
+        let start_ms = p.timestamp_unix.saturating_mul(1000);
+        Ok((start_ms.saturating_add(1000) > from_ms && start_ms <= now_ms).then_some(p))
+    }
+
+    async fn export_metrics(&self, id: &CapsuleId) -> Result<Option<TierSnapshot>, HostError> {
+        Ok(self.sampler.export(id))
+    }
+
+    async fn import_metrics(&self, id: &CapsuleId, saved: TierSnapshot) -> Result<(), HostError> {
+        self.sampler.import(id, saved);
+        Ok(())
+    }
+
+    async fn pools(&self) -> Result<Vec<PoolStats>, HostError> {
+        Ok(self.capsules().pool_stats())
     }
 
     async fn set_pool(&self, template: &str, size: usize) -> Result<(), HostError> {
@@ -350,26 +368,10 @@ impl HostAgent for LocalAgent {
             .await
             .map_err(host_error)
     }
+}
 
-    async fn pause_all(&self) -> Vec<(CapsuleId, HostError)> {
-        // Pool entries are nobody's: they go, not pause.
-        let drained = self.capsules().drain_pools().await;
-        if drained > 0 {
-            tracing::info!(drained, "warm pools drained");
-        }
-        let running: Vec<CapsuleId> = self
-            .capsules()
-            .list()
-            .into_iter()
-            .filter(|c| c.status == CapsuleStatus::Running)
-            .map(|c| c.id)
-            .collect();
-        let mut failed = Vec::new();
-        for id in running {
-            if let Err(e) = self.capsules().pause(&id).await {
-                failed.push((id, host_error(e)));
-            }
-        }
-        failed
-    }
+fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -1,0 +1,147 @@
+"""The control plane and the host agent as two processes: `wrenn agent` serves this
+machine's capsules over gRPC and `wrenn serve --agent` drives it. The unmodified `e2b`
+and `wrenn` SDKs work through the control plane, the capsules live in the agent's data
+directory (not the control plane's), and an agent that is gone is a clear 503, not a
+hang. Runs on loopback only (the agent's endpoint refuses other addresses).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+from e2b import Sandbox
+
+from conftest import BINARY, _free_port, _make_data_dir
+
+
+class Agent:
+    def __init__(self, tag: str):
+        self.data_dir = _make_data_dir(tag)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(self.data_dir, "agent.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        for k in ("WRENN_DISK_OVERCOMMIT", "WRENN_DISK_RESERVE_MB", "WRENN_POOLS"):
+            env.pop(k, None)
+        env.setdefault("WRENN_LOG", "info")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [BINARY, "--data-dir", self.data_dir, "agent", "--listen", f"127.0.0.1:{self.port}",
+             "--disk-overcommit", "4"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"wrenn agent exited: {self.tail()}"
+            if "wrenn agent listening" in self.tail():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"wrenn agent did not come up: {self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def deployment(start_server):
+    agent = Agent("agent")
+    agent.start()
+    srv = start_server("cp", args=("--agent", agent.url, "--min-idle-timeout", "1",
+                                   "--rate-limit", "0"))
+    yield agent, srv
+    with srv.admin() as c:
+        for cap in c.get("/v1/capsules").json():
+            c.delete(f"/v1/capsules/{cap['id']}")
+    agent.stop()
+    shutil.rmtree(agent.data_dir, ignore_errors=True)
+
+
+def test_the_agent_refuses_addresses_beyond_loopback():
+    r = subprocess.run([BINARY, "--data-dir", "/tmp/wrenn-agent-refused", "agent", "--listen",
+                        "0.0.0.0:7070"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "loopback" in r.stderr, r.stderr
+
+
+def test_host_settings_are_refused_with_a_remote_agent():
+    r = subprocess.run([BINARY, "serve", "--agent", "http://127.0.0.1:1", "--pool", "minimal=1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "--agent" in r.stderr and "--pool" in r.stderr, r.stderr
+
+
+def test_sdks_drive_capsules_of_a_remote_agent(deployment, monkeypatch):
+    agent, srv = deployment
+    monkeypatch.setenv("E2B_API_URL", srv.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", srv.url)
+    monkeypatch.setenv("E2B_API_KEY", srv.admin_key)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    s = Sandbox.create(template="minimal", timeout=300)
+    try:
+        # The capsule is the agent's: its directory is in the agent's data directory.
+        assert os.path.isdir(os.path.join(agent.data_dir, "capsules", s.sandbox_id))
+        assert not os.path.exists(os.path.join(srv.data_dir, "capsules", s.sandbox_id))
+        assert s.commands.run("echo hi from $(hostname)").stdout.startswith("hi from")
+        s.files.write("/home/user/kept.txt", "across a pause")
+        assert s.pause() is True
+        same = s.connect(timeout=120)
+        assert same.files.read("/home/user/kept.txt") == "across a pause"
+        # Metrics and the host's versions come over the seam too.
+        with srv.admin() as c:
+            r = c.get(f"/v1/capsules/{s.sandbox_id}")
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "running"
+            assert c.get("/health").json()["accel"] in ("kvm", "tcg")
+    finally:
+        s.kill()
+    assert not os.path.exists(os.path.join(agent.data_dir, "capsules", s.sandbox_id))
+
+    from wrenn import Capsule  # the reference SDK, through the same control plane
+
+    monkeypatch.setenv("WRENN_BASE_URL", srv.url)
+    monkeypatch.setenv("WRENN_API_KEY", srv.admin_key)
+    with Capsule.create(wait=True) as cap:
+        assert cap.get_info().metadata.get("envd_version")
+        assert cap.commands.run("echo wrenn").stdout == "wrenn\n"
+
+
+def test_a_stopped_agent_is_a_clear_503(deployment):
+    agent, srv = deployment
+    with srv.admin() as c:
+        r = c.post("/v1/capsules", json={"template": "minimal"})
+        assert r.status_code == 201, r.text
+        cid = r.json()["id"]
+        agent.stop()
+        try:
+            r = c.post(f"/v1/capsules/{cid}/exec", json={"cmd": "true"})
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "host_unavailable", r.text
+            r = c.post("/v1/capsules", json={"template": "minimal"})
+            assert r.status_code == 503, r.text
+        finally:
+            agent.start()
+        # The agent paused its capsule when it stopped; the control plane still has it.
+        r = c.get(f"/v1/capsules/{cid}")
+        assert r.status_code == 200, r.text

@@ -1,0 +1,222 @@
+//! The seam between a control plane and a host: everything the API needs from the
+//! machine that runs capsules, as [`HostAgent`].
+//!
+//! The seam is network-shaped: every method is async, every argument and answer is
+//! plain serialisable data, and a capsule's services are reached through an
+//! [`Endpoint`] the agent hands out rather than through objects that only exist in
+//! its process. The in-process agent (`wrenn_agent::LocalAgent`) implements it over
+//! the capsule manager of this machine; a remote agent's client implements the same
+//! trait.
+
+use crate::egress::EgressPolicy;
+use crate::guest::AgentError;
+use crate::id::CapsuleId;
+use crate::metrics::{MetricPoint, TierSnapshot};
+use crate::snapshot::{PauseMode, ResumeMode};
+use crate::status::CapsuleStatus;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+pub use crate::manager::PoolStats;
+
+/// What went wrong, as the API maps it to a status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostErrorKind {
+    NotFound,
+    InvalidArgument,
+    /// The capsule is not in the state the operation needs.
+    InvalidState,
+    Conflict,
+    /// The host cannot take the work (capacity, shutting down, unreachable).
+    Unavailable,
+    /// The host's disk cannot take what the operation would write.
+    InsufficientStorage,
+    Timeout,
+    /// The guest agent failed or answered an error.
+    Guest,
+    Internal,
+}
+
+/// A host operation's failure: a kind the API maps to a status, and a message that is
+/// safe to show the caller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct HostError {
+    pub kind: HostErrorKind,
+    pub message: String,
+}
+
+impl HostError {
+    pub fn new(kind: HostErrorKind, message: impl Into<String>) -> Self {
+        HostError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(id: &CapsuleId) -> Self {
+        Self::new(HostErrorKind::NotFound, format!("capsule {id} not found"))
+    }
+}
+
+/// A guest agent's failure as a host error: missing things, bad arguments and
+/// timeouts keep their kind, anything else is the guest's.
+pub fn guest_error(e: &AgentError) -> HostError {
+    let kind = match e {
+        AgentError::NotFound(_) => HostErrorKind::NotFound,
+        AgentError::InvalidArgument(_) => HostErrorKind::InvalidArgument,
+        AgentError::Timeout(_) => HostErrorKind::Timeout,
+        _ => HostErrorKind::Guest,
+    };
+    HostError::new(kind, e.to_string())
+}
+
+/// What to start: sizes are `None` for the host's defaults (snapshot templates impose
+/// their own).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CapsuleSpec {
+    /// The template's name on the host.
+    pub template: String,
+    pub vcpus: Option<u32>,
+    pub memory_mb: Option<u32>,
+    pub envs: HashMap<String, String>,
+    /// Labels kept with the capsule on the host (the owning team is one of them).
+    pub labels: HashMap<String, String>,
+    /// Boot the template's kernel even when it has a pre-booted snapshot (whose sizes
+    /// differ from the requested ones).
+    pub cold_boot: bool,
+    /// Egress policy, in force before the guest runs.
+    pub network: EgressPolicy,
+}
+
+/// A capsule as the host sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCapsule {
+    pub id: CapsuleId,
+    pub status: CapsuleStatus,
+    pub template: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_mb: u64,
+    pub labels: HashMap<String, String>,
+}
+
+/// A template the host can start capsules from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostTemplate {
+    pub name: String,
+    /// Has a pre-booted memory snapshot.
+    pub snapshot: bool,
+    pub vcpus: Option<u32>,
+    pub memory_mb: Option<u32>,
+    pub size_bytes: u64,
+    pub created_at: Option<SystemTime>,
+}
+
+/// Versions of what runs capsules on a host (shown in capsule metadata).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostVersions {
+    pub envd_version: String,
+    pub kernel_version: String,
+    pub vmm_version: String,
+    pub agent_version: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+}
+
+/// Where the control plane reaches a service of a capsule (its guest agent, or one of
+/// its TCP ports), and the credentials it presents there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// The guest agent's access token, for envd endpoints of capsules that have one.
+    pub access_token: Option<String>,
+}
+
+#[async_trait]
+pub trait HostAgent: Send + Sync + Debug {
+    async fn versions(&self) -> Result<HostVersions, HostError>;
+
+    /// Creates a capsule; returns once its guest agent is ready.
+    async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError>;
+
+    async fn get(&self, id: &CapsuleId) -> Result<HostCapsule, HostError>;
+
+    /// Every capsule the host runs or holds paused.
+    async fn list(&self) -> Result<Vec<HostCapsule>, HostError>;
+
+    /// Pauses a running capsule, keeping what `mode` says (memory and disk, or the
+    /// disk only).
+    async fn pause(&self, id: &CapsuleId, mode: PauseMode) -> Result<(), HostError>;
+
+    /// Resumes a paused capsule: restores its memory, or boots afresh from its disk
+    /// (`ResumeMode::Reboot`, or when only the disk was kept).
+    async fn resume(&self, id: &CapsuleId, mode: ResumeMode) -> Result<HostCapsule, HostError>;
+
+    async fn destroy(&self, id: &CapsuleId) -> Result<(), HostError>;
+
+    /// Checks that `bytes` more (an upload) fit on the host's disk above its reserve.
+    async fn ensure_space(&self, bytes: u64) -> Result<(), HostError> {
+        let _ = bytes;
+        Ok(())
+    }
+
+    /// Replaces the egress policy of a running capsule (in force when this returns)
+    /// or a paused one (in force when it resumes).
+    async fn set_network(&self, id: &CapsuleId, policy: EgressPolicy) -> Result<(), HostError>;
+
+    /// Forks a running capsule into `count` new ones.
+    async fn fork(
+        &self,
+        id: &CapsuleId,
+        count: usize,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<HostCapsule>, HostError>;
+
+    /// Saves a running capsule as snapshot template `name`; the capsule keeps running.
+    async fn snapshot(&self, id: &CapsuleId, name: &str) -> Result<HostTemplate, HostError>;
+
+    async fn templates(&self) -> Result<Vec<HostTemplate>, HostError>;
+
+    async fn template(&self, name: &str) -> Result<HostTemplate, HostError>;
+
+    async fn delete_template(&self, name: &str) -> Result<(), HostError>;
+
+    /// Where the guest agent (envd) of a running capsule is reached, with its token.
+    async fn envd(&self, id: &CapsuleId) -> Result<Endpoint, HostError>;
+
+    /// Where a TCP port of a running capsule is reached.
+    async fn port(&self, id: &CapsuleId, port: u16) -> Result<Endpoint, HostError>;
+
+    /// Samples of the last `range`, oldest first.
+    async fn metrics(&self, id: &CapsuleId, range: Duration)
+        -> Result<Vec<MetricPoint>, HostError>;
+
+    /// The last of [`HostAgent::metrics`] over `within`: the newest sample, if recent.
+    /// Implementations answer it without copying the history (it is on `GET` paths).
+    async fn latest_metric(
+        &self,
+        id: &CapsuleId,
+        within: Duration,
+    ) -> Result<Option<MetricPoint>, HostError> {
+        Ok(self.metrics(id, within).await?.last().copied())
+    }
+
+    /// The sample history of a capsule, for the control plane to keep while it is
+    /// paused.
+    async fn export_metrics(&self, id: &CapsuleId) -> Result<Option<TierSnapshot>, HostError>;
+
+    /// Gives a resumed capsule back the history kept while it was paused.
+    async fn import_metrics(&self, id: &CapsuleId, saved: TierSnapshot) -> Result<(), HostError>;
+
+    /// The warm pools: ready capsules kept per template.
+    async fn pools(&self) -> Result<Vec<PoolStats>, HostError>;
+
+    /// Keeps `size` ready capsules of `template` (0 = none).
+    async fn set_pool(&self, template: &str, size: usize) -> Result<(), HostError>;
+}

@@ -1,0 +1,11 @@
+//! Generates the host agent's gRPC messages, client and server from
+//! `proto/agent.proto`, compiled by protox (no system `protoc`).
+
+const PROTO: &str = "proto/agent.proto";
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed={PROTO}");
+    let descriptors = protox::compile([PROTO], ["proto"])?;
+    tonic_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! Serves any [`HostAgent`] over gRPC: what `wrenn agent` runs in front of its host.
+
+use crate::convert::{self as cv, capsule_id, status};
+use crate::proto as pb;
+use crate::proto::host_agent_server::{HostAgent as Rpc, HostAgentServer};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+use wrenn_core::host::HostAgent;
+
+/// The gRPC service over one host agent.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    agent: Arc<dyn HostAgent>,
+}
+
+impl AgentService {
+    pub fn new(agent: Arc<dyn HostAgent>) -> Self {
+        AgentService { agent }
+    }
+
+    /// The tonic service, to add to a server.
+    pub fn into_server(self) -> HostAgentServer<AgentService> {
+        HostAgentServer::new(self)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server failed")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// Serves `agent` on `listener` until `shutdown` completes.
+pub async fn serve(
+    agent: Arc<dyn HostAgent>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(AgentService::new(agent).into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(ServeError::Transport)
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+// The tonic service trait fixes this result type.
+#[allow(clippy::result_large_err)]
+fn ok<T>(v: T) -> Reply<T> {
+    Ok(Response::new(v))
+}
+
+#[tonic::async_trait]
+impl Rpc for AgentService {
+    async fn versions(&self, _: Request<pb::Empty>) -> Reply<pb::Versions> {
+        ok(cv::versions_to(
+            self.agent.versions().await.map_err(status)?,
+        ))
+    }
+
+    async fn create(&self, req: Request<pb::CapsuleSpec>) -> Reply<pb::Capsule> {
+        let spec = cv::spec_from(req.into_inner()).map_err(status)?;
+        ok(cv::capsule_to(
+            self.agent.create(spec).await.map_err(status)?,
+        ))
+    }
+
+    async fn get(&self, req: Request<pb::CapsuleRef>) -> Reply<pb::Capsule> {
+        let id = capsule_id(&req.into_inner().id).map_err(status)?;
+        ok(cv::capsule_to(self.agent.get(&id).await.map_err(status)?))
+    }
+
+    async fn list(&self, _: Request<pb::Empty>) -> Reply<pb::CapsuleList> {
+        let list = self.agent.list().await.map_err(status)?;
+        ok(pb::CapsuleList {
+            capsules: list.into_iter().map(cv::capsule_to).collect(),
+        })
+    }
+
+    async fn pause(&self, req: Request<pb::PauseRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        let id = capsule_id(&r.id).map_err(status)?;
+        let mode = cv::pause_mode_from(r.mode).map_err(status)?;
+        self.agent.pause(&id, mode).await.map_err(status)?;
+        ok(pb::Empty {})
+    }
+
+    async fn resume(&self, req: Request<pb::ResumeRequest>) -> Reply<pb::Capsule> {
+        let r = req.into_inner();
+        let id = capsule_id(&r.id).map_err(status)?;
+        let mode = cv::resume_mode_from(r.mode).map_err(status)?;
+        ok(cv::capsule_to(
+            self.agent.resume(&id, mode).await.map_err(status)?,
+        ))
+    }
+
+    async fn destroy(&self, req: Request<pb::CapsuleRef>) -> Reply<pb::Empty> {
+        let id = capsule_id(&req.into_inner().id).map_err(status)?;
+        self.agent.destroy(&id).await.map_err(status)?;
+        ok(pb::Empty {})
+    }
+
+    async fn ensure_space(&self, req: Request<pb::SpaceRequest>) -> Reply<pb::Empty> {
+        let bytes = req.into_inner().bytes;
+        self.agent.ensure_space(bytes).await.map_err(status)?;
+        ok(pb::Empty {})
+    }
+
+    async fn set_network(&self, req: Request<pb::NetworkRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        let id = capsule_id(&r.id).map_err(status)?;
+        let policy = cv::policy_from(r.policy).map_err(status)?;
+        self.agent.set_network(&id, policy).await.map_err(status)?;
+        ok(pb::Empty {})
+    }
+
+    async fn fork(&self, req: Request<pb::ForkRequest>) -> Reply<pb::CapsuleList> {
+        let r = req.into_inner();
+        let id = capsule_id(&r.id).map_err(status)?;
+        let count = usize::try_from(r.count).unwrap_or(usize::MAX);
+        let forks = self
+            .agent
+            .fork(&id, count, r.labels)
+            .await
+            .map_err(status)?;
+        ok(pb::CapsuleList {
+            capsules: forks.into_iter().map(cv::capsule_to).collect(),
+        })
+    }
+
+    async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Reply<pb::Template> {
+        let r = req.into_inner();
+        let id = capsule_id(&r.id).map_err(status)?;
+        ok(cv::template_to(
+            self.agent.snapshot(&id, &r.name).await.map_err(status)?,
+        ))
+    }
+
+    async fn templates(&self, _: Request<pb::Empty>) -> Reply<pb::TemplateList> {
+        let list = self.agent.templates().await.map_err(status)?;
+        ok(pb::TemplateList {
+            templates: list.into_iter().map(cv::template_to).collect(),
+        })
+    }
+
+    async fn template(&self, req: Request<pb::TemplateRef>) -> Reply<pb::Template> {
+        let name = req.into_inner().name;
+        ok(cv::template_to(
+            self.agent.template(&name).await.map_err(status)?,
+        ))
+    }
+
+    async fn delete_template(&self, req: Request<pb::TemplateRef>) -> Reply<pb::Empty> {
+        let name = req.into_inner().name;
+        self.agent.delete_template(&name).await.map_err(status)?;
+        ok(pb::Empty {})
+    }
+
+    async fn envd(&self, req: Request<pb::CapsuleRef>) -> Reply<pb::Endpoint> {
+        let id = capsule_id(&req.into_inner().id).map_err(status)?;
+        ok(cv::endpoint_to(self.agent.envd(&id).await.map_err(status)?))
+    }
+
+    async fn port(&self, req: Request<pb::PortRequest>) -> Reply<pb::Endpoint> {
+        let r = req.into_inner();
+        let id = capsule_id(&r.id).map_err(status)?;
+        let port = u16::try_from(r.port).map_err(|_| {
+            status(wrenn_core::host::HostError::new(
+                wrenn_core::host::HostErrorKind::InvalidArgument,
+                format!("port {} is not a TCP port", r.port),
+            ))
+        })?;
+        ok(cv::endpoint_to(
+            self.agent.port(&id, port).await.map_err(status)?,
+        ))
+    }
+
+    async fn metrics(&self, req: Request<pb::MetricsRequest>) -> Reply<pb::MetricPoints> {
+        let r = req.into_inner();
+        let id = capsule_id(&r.id).map_err(status)?;
+        let range = Duration::from_millis(r.range_ms);
+        ok(cv::points_msg(
+            self.agent.metrics(&id, range).await.map_err(status)?,
+        ))
+    }
+
+    async fn latest_metric(&self, req: Request<pb::MetricsRequest>) -> Reply<pb::LatestMetric> {
+        let r = req.into_inner();
+        let id = capsule_id(&r.id).map_err(status)?;
+        let within = Duration::from_millis(r.range_ms);
+        let point = self
+            .agent
+            .latest_metric(&id, within)
+            .await
+            .map_err(status)?;
+        ok(pb::LatestMetric {
+            point: point.map(cv::point_to),
+        })
+    }
+
+    async fn export_metrics(&self, req: Request<pb::CapsuleRef>) -> Reply<pb::ExportedMetrics> {
+        let id = capsule_id(&req.into_inner().id).map_err(status)?;
+        let history = self.agent.export_metrics(&id).await.map_err(status)?;
+        ok(pb::ExportedMetrics {
+            history: history.map(cv::history_to),
+        })
+    }
+
+    async fn import_metrics(&self, req: Request<pb::ImportMetricsRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        let id = capsule_id(&r.id).map_err(status)?;
+        let history = cv::history_from(r.history.unwrap_or_default());
+        self.agent
+            .import_metrics(&id, history)
+            .await
+            .map_err(status)?;
+        ok(pb::Empty {})
+    }
+
+    async fn pools(&self, _: Request<pb::Empty>) -> Reply<pb::PoolList> {
+        let pools = self.agent.pools().await.map_err(status)?;
+        ok(pb::PoolList {
+            pools: pools.into_iter().map(cv::pool_to).collect(),
+        })
+    }
+
+    async fn set_pool(&self, req: Request<pb::SetPoolRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        let size = usize::try_from(r.size).unwrap_or(usize::MAX);
+        self.agent
+            .set_pool(&r.template, size)
+            .await
+            .map_err(status)?;
+        ok(pb::Empty {})
+    }
+}

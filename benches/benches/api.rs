@@ -33,12 +33,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wrenn::{CapsuleId, CreateOptions, DataDir, ExecEvent, ExecRequest, Host, HostOptions};
 use wrenn_agent::{LocalAgent, LocalAgentOptions};
-use wrenn_api::agent::{
-    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostTemplate, HostVersions,
-    MetricPoint, PauseMode, ResumeMode, TierSnapshot,
-};
 use wrenn_api::{ApiConfig, AppState};
-use wrenn_benches::{median_p99_ms, print_result, print_table, round2};
+use wrenn_benches::{median_p99_ms, print_result, print_table, round2, TimedAgent};
 
 const TEMPLATE: &str = "minimal";
 const GET_CLIENTS: usize = 64;
@@ -47,113 +43,6 @@ const GET_CLIENTS: usize = 64;
 const EXEC_ROUNDS: usize = 300;
 const RPC_ROUNDS: usize = 200;
 const ENVD_PORT: u16 = 49983;
-
-/// The server's host agent: the `LocalAgent`, with the time each create spends in it
-/// (in `Capsules::create`) recorded, so that an API create's own overhead is its round
-/// trip minus that.
-#[derive(Debug)]
-struct TimedAgent {
-    inner: LocalAgent,
-    creates: std::sync::Mutex<Vec<Duration>>,
-}
-
-impl TimedAgent {
-    fn take_create(&self) -> Option<Duration> {
-        self.creates.lock().ok()?.pop()
-    }
-}
-
-#[async_trait::async_trait]
-impl HostAgent for TimedAgent {
-    async fn versions(&self) -> Result<HostVersions, HostError> {
-        self.inner.versions().await
-    }
-    async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError> {
-        let t = Instant::now();
-        let r = self.inner.create(spec).await;
-        if let Ok(mut v) = self.creates.lock() {
-            v.push(t.elapsed());
-        }
-        r
-    }
-    async fn get(&self, id: &CapsuleId) -> Result<HostCapsule, HostError> {
-        self.inner.get(id).await
-    }
-    async fn list(&self) -> Result<Vec<HostCapsule>, HostError> {
-        self.inner.list().await
-    }
-    async fn pause(&self, id: &CapsuleId, mode: PauseMode) -> Result<(), HostError> {
-        self.inner.pause(id, mode).await
-    }
-    async fn resume(&self, id: &CapsuleId, mode: ResumeMode) -> Result<HostCapsule, HostError> {
-        self.inner.resume(id, mode).await
-    }
-    async fn destroy(&self, id: &CapsuleId) -> Result<(), HostError> {
-        self.inner.destroy(id).await
-    }
-    async fn set_network(
-        &self,
-        id: &CapsuleId,
-        policy: wrenn_api::agent::EgressPolicy,
-    ) -> Result<(), HostError> {
-        self.inner.set_network(id, policy).await
-    }
-    async fn fork(
-        &self,
-        id: &CapsuleId,
-        count: usize,
-        labels: std::collections::HashMap<String, String>,
-    ) -> Result<Vec<HostCapsule>, HostError> {
-        self.inner.fork(id, count, labels).await
-    }
-    async fn snapshot(&self, id: &CapsuleId, name: &str) -> Result<HostTemplate, HostError> {
-        self.inner.snapshot(id, name).await
-    }
-    async fn templates(&self) -> Result<Vec<HostTemplate>, HostError> {
-        self.inner.templates().await
-    }
-    async fn template(&self, name: &str) -> Result<HostTemplate, HostError> {
-        self.inner.template(name).await
-    }
-    async fn delete_template(&self, name: &str) -> Result<(), HostError> {
-        self.inner.delete_template(name).await
-    }
-    async fn ensure_space(&self, bytes: u64) -> Result<(), HostError> {
-        self.inner.ensure_space(bytes).await
-    }
-    async fn envd(&self, id: &CapsuleId) -> Result<Endpoint, HostError> {
-        self.inner.envd(id).await
-    }
-    async fn port(&self, id: &CapsuleId, port: u16) -> Result<Endpoint, HostError> {
-        self.inner.port(id, port).await
-    }
-    async fn metrics(
-        &self,
-        id: &CapsuleId,
-        range: Duration,
-    ) -> Result<Vec<MetricPoint>, HostError> {
-        self.inner.metrics(id, range).await
-    }
-    async fn latest_metric(
-        &self,
-        id: &CapsuleId,
-        within: Duration,
-    ) -> Result<Option<MetricPoint>, HostError> {
-        self.inner.latest_metric(id, within).await
-    }
-    async fn export_metrics(&self, id: &CapsuleId) -> Result<Option<TierSnapshot>, HostError> {
-        self.inner.export_metrics(id).await
-    }
-    async fn import_metrics(&self, id: &CapsuleId, saved: TierSnapshot) -> Result<(), HostError> {
-        self.inner.import_metrics(id, saved).await
-    }
-    async fn pools(&self) -> Result<Vec<wrenn_api::agent::PoolStats>, HostError> {
-        self.inner.pools().await
-    }
-    async fn set_pool(&self, template: &str, size: usize) -> Result<(), HostError> {
-        self.inner.set_pool(template, size).await
-    }
-}
 
 /// One keep-alive HTTP/1.1 connection.
 struct Conn {
@@ -535,10 +424,10 @@ async fn run(data: &Path, rounds: usize, get_secs: u64, load_before: &str) -> Re
     .await
     .context("local host (run as root after `wrenn image build`)")?;
     let accel = host.accel_probe().accel;
-    let agent = Arc::new(TimedAgent {
-        inner: LocalAgent::new(host.clone(), LocalAgentOptions::default()),
-        creates: Default::default(),
-    });
+    let agent = Arc::new(TimedAgent::new(Arc::new(LocalAgent::new(
+        host.clone(),
+        LocalAgentOptions::default(),
+    ))));
     let db = wrenn_db::Db::open(&wrenn_db::Db::sqlite_url(&data.join("wrenn.db"))).await?;
     let key = wrenn_db::ensure_bootstrap(&db, None)
         .await?

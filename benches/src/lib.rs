@@ -1,6 +1,10 @@
 //! Helpers shared by Wrenn's benchmarks: locating binaries, reading process
 //! memory, and printing the table and the final `RESULT {json}` line.
 
+mod timed_agent;
+
+pub use timed_agent::TimedAgent;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -245,6 +245,9 @@ impl ControlPlane {
             opts.config.clone(),
             &secret,
         ));
+        db.system_host_online(&state.host_id, None)
+            .await
+            .map_err(ServeError::Db)?;
         crate::lifecycle::reconcile(&state)
             .await
             .map_err(ServeError::Reconcile)?;

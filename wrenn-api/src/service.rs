@@ -339,6 +339,7 @@ async fn record(
         network: network.egress.clone(),
         public_traffic: !network.private_ports,
         traffic_access_token: traffic_token,
+        host_id: state.host_id.clone(),
     };
     match state.db.insert_capsule(&who.team_id, new).await {
         Ok(row) => Ok(row),
@@ -790,6 +791,8 @@ pub async fn snapshot_with(
         memory_mb: ht.memory_mb.or(Some(c.memory_mb)),
         size_bytes: ht.size_bytes,
         metadata,
+        // The capsule's host holds the snapshot's files.
+        host_id: Some(c.host_id.clone()),
     };
     let stored = if replaces {
         state

@@ -9,6 +9,7 @@ use std::time::Duration;
 use wrenn_core::guest::{GuestAgent, GuestConnector};
 use wrenn_core::host::Endpoint;
 use wrenn_core::id::CapsuleId;
+use wrenn_core::scheduler::HostId;
 use wrenn_db::{AuditResult, Capsule, Db, DbError, NewAuditEntry};
 
 /// Guest agent clients, one per capsule, each with its own connection pool. A client is
@@ -115,6 +116,9 @@ impl Default for ApiConfig {
 pub struct AppState {
     pub db: Db,
     pub agent: Arc<dyn HostAgent>,
+    /// The id of `agent`'s host in the `hosts` table (the one host this control plane
+    /// drives, for now).
+    pub host_id: HostId,
     /// Guest agent clients by capsule, for the endpoint the host handed out.
     pub(crate) guests: GuestClients,
     /// The host's versions, asked once.
@@ -161,6 +165,7 @@ impl AppState {
             ),
             db,
             agent,
+            host_id: HostId(wrenn_db::LOCAL_HOST.into()),
             guests: GuestClients::default(),
             versions: tokio::sync::OnceCell::new(),
             config,
@@ -431,6 +436,7 @@ mod tests {
             network: Default::default(),
             public_traffic: true,
             traffic_access_token: None,
+            host_id: wrenn_core::scheduler::HostId(wrenn_db::LOCAL_HOST.into()),
         };
         db.insert_capsule(team_id, new).await.expect("row");
         let cache = CapsuleCache::default();

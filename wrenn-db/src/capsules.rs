@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use sqlx::any::AnyRow;
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::id::CapsuleId;
+use wrenn_core::scheduler::HostId;
 use wrenn_core::status::CapsuleStatus;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +44,8 @@ pub struct Capsule {
     pub network: EgressPolicy,
     /// Ports are reachable through the proxy without the traffic access token.
     pub public_traffic: bool,
+    /// The host that runs or holds it.
+    pub host_id: HostId,
 }
 
 /// What creating a capsule record needs; the id comes from the capsule manager.
@@ -69,6 +72,8 @@ pub struct NewCapsule {
     pub public_traffic: bool,
     /// Sealed; set when `public_traffic` is off.
     pub traffic_access_token: Option<String>,
+    /// The host that runs it.
+    pub host_id: HostId,
 }
 
 impl std::fmt::Debug for NewCapsule {
@@ -96,6 +101,7 @@ impl std::fmt::Debug for NewCapsule {
                 "traffic_access_token",
                 &self.traffic_access_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("host_id", &self.host_id)
             .finish()
     }
 }
@@ -104,7 +110,7 @@ impl std::fmt::Debug for NewCapsule {
 pub(crate) const COLS: &str = "id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
                                created_at, started_at, last_active_at, last_updated, metadata, \
                                on_timeout, disk_mb, timeout_kind, timeout_pause, auto_resume, \
-                               network, public_traffic";
+                               network, public_traffic, host_id";
 
 /// Statuses that `list_capsules` leaves out unless asked: the capsule is gone.
 pub(crate) const ENDED: &str = "('stopped', 'error')";
@@ -148,6 +154,7 @@ pub(crate) fn capsule(row: &AnyRow) -> R<Capsule> {
         network: serde_json::from_str(&text(row, "network")?)
             .map_err(|e| crate::row::decode("network", e))?,
         public_traffic: text(row, "public_traffic")? != "off",
+        host_id: HostId(text(row, "host_id")?),
     })
 }
 
@@ -176,9 +183,9 @@ impl Db {
             "INSERT INTO capsules (id, team_id, status, template, vcpus, memory_mb, timeout_sec, \
              created_at, started_at, last_active_at, last_updated, metadata, envd_access_token, \
              on_timeout, disk_mb, timeout_kind, timeout_pause, auto_resume, network, \
-             public_traffic, traffic_access_token) \
+             public_traffic, traffic_access_token, host_id) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $8, $10, $11, $12, $13, $14, $15, $16, \
-             $17, $18, $19) \
+             $17, $18, $19, $20) \
              RETURNING {COLS}"
         ))
         .bind(new.id.as_str())
@@ -208,6 +215,7 @@ impl Db {
         .bind(policy_json(&new.network))
         .bind(if new.public_traffic { "on" } else { "off" })
         .bind(new.traffic_access_token)
+        .bind(new.host_id.0)
         .fetch_optional(self.pool())
         .await
         .map_err(|e| {

@@ -23,6 +23,7 @@ mod audit;
 mod bootstrap;
 mod capsules;
 mod error;
+mod hosts;
 mod id;
 mod migrate;
 mod password;
@@ -46,6 +47,7 @@ pub use bootstrap::{
 };
 pub use capsules::{Capsule, NewCapsule, TeamUsage, DEFAULT_DISK_MB};
 pub use error::DbError;
+pub use hosts::{Host, HostSpecs, HostStatus, LOCAL_HOST};
 pub use id::{new_id, prefix};
 pub use teams::{
     CreatedInvitation, Invitation, Member, MemberError, MemberRule, Membership, Role, Team,

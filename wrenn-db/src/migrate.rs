@@ -50,6 +50,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0007_network.sql"),
         include_str!("../migrations/postgres/0007_network.sql"),
     ),
+    (
+        8,
+        "hosts",
+        include_str!("../migrations/sqlite/0008_hosts.sql"),
+        include_str!("../migrations/postgres/0008_hosts.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

@@ -7,6 +7,7 @@ use crate::time::{now, to_db, Timestamp};
 use crate::{Db, DbError};
 use serde_json::{Map, Value};
 use sqlx::any::AnyRow;
+use wrenn_core::scheduler::HostId;
 use wrenn_core::template::TemplateName;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -46,6 +47,8 @@ pub struct Template {
     pub size_bytes: u64,
     pub metadata: Map<String, Value>,
     pub created_at: Timestamp,
+    /// The host holding a snapshot's files.
+    pub host_id: Option<HostId>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -57,10 +60,12 @@ pub struct NewTemplate {
     pub memory_mb: Option<u32>,
     pub size_bytes: u64,
     pub metadata: Map<String, Value>,
+    pub host_id: Option<HostId>,
 }
 
 const COLS: &str =
-    "id, team_id, name, kind, source_capsule, vcpus, memory_mb, size_bytes, metadata, created_at";
+    "id, team_id, name, kind, source_capsule, vcpus, memory_mb, size_bytes, metadata, created_at, \
+     host_id";
 
 fn template(row: &AnyRow) -> R<Template> {
     let name = text(row, "name")?;
@@ -78,6 +83,7 @@ fn template(row: &AnyRow) -> R<Template> {
             .map_err(|e| crate::row::decode("size_bytes", e))?,
         metadata: json_map(row, "metadata")?,
         created_at: ts(row, "created_at")?,
+        host_id: opt_text(row, "host_id")?.map(HostId),
     })
 }
 
@@ -98,7 +104,8 @@ impl Db {
             .map_err(|_| DbError::invalid("size_bytes", "too large"))?;
         let row = sqlx::query(&format!(
             "INSERT INTO templates (id, team_id, name, kind, source_capsule, vcpus, memory_mb, \
-             size_bytes, metadata, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             size_bytes, metadata, created_at, host_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              RETURNING {COLS}"
         ))
         .bind(new_id(prefix::TEMPLATE))
@@ -111,6 +118,7 @@ impl Db {
         .bind(size)
         .bind(Value::Object(new.metadata).to_string())
         .bind(to_db(now()))
+        .bind(new.host_id.map(|h| h.0))
         .fetch_optional(self.pool())
         .await
         .map_err(|e| {
@@ -181,7 +189,8 @@ impl Db {
         let old = one("replace template", old)?;
         let row = sqlx::query(&format!(
             "UPDATE templates SET kind = $1, source_capsule = $2, vcpus = $3, memory_mb = $4, \
-             size_bytes = $5, metadata = $6, created_at = $7 WHERE team_id = $8 AND name = $9 \
+             size_bytes = $5, metadata = $6, created_at = $7, host_id = $10 \
+             WHERE team_id = $8 AND name = $9 \
              RETURNING {COLS}"
         ))
         .bind(new.kind.as_str())
@@ -193,6 +202,7 @@ impl Db {
         .bind(to_db(now()))
         .bind(team_id)
         .bind(new.name.as_str())
+        .bind(new.host_id.map(|h| h.0))
         .fetch_optional(&mut *tx)
         .await
         .map_err(|e| Ctx::op("replace template").err(e))?;

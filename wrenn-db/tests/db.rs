@@ -8,6 +8,7 @@ use harness::TestDb;
 use serde_json::{json, Map};
 use std::collections::HashSet;
 use wrenn_core::id::CapsuleId;
+use wrenn_core::scheduler::HostId;
 use wrenn_core::status::CapsuleStatus;
 use wrenn_core::template::TemplateName;
 use wrenn_db::*;
@@ -24,7 +25,101 @@ on_both_backends!(
     audit_keyset_pagination,
     bootstrap_is_idempotent,
     bootstrap_with_random_key,
+    hosts_and_where_things_live,
 );
+
+/// Hosts are recorded (specs kept when a start reports none), and capsule and snapshot
+/// rows name the host that holds them.
+async fn hosts_and_where_things_live(t: &TestDb) {
+    let db = &t.db;
+    assert!(db.system_hosts().await.unwrap().is_empty());
+    let local = HostId(LOCAL_HOST.into());
+    let specs = HostSpecs {
+        arch: "x86_64".into(),
+        cpu_cores: 2,
+        memory_mb: 24_576,
+        disk_gb: 250,
+    };
+    let h = db.system_host_online(&local, Some(&specs)).await.unwrap();
+    assert_eq!(
+        (
+            h.id.clone(),
+            h.status,
+            h.arch.as_deref(),
+            h.cpu_cores,
+            h.memory_mb,
+            h.disk_gb
+        ),
+        (
+            local.clone(),
+            HostStatus::Online,
+            Some("x86_64"),
+            Some(2),
+            Some(24_576),
+            Some(250)
+        )
+    );
+    assert!(h.last_heartbeat_at.is_some() && h.address.is_none() && h.team_id.is_none());
+    // A restart that does not report specs keeps the known ones.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let again = db.system_host_online(&local, None).await.unwrap();
+    assert_eq!((again.arch, again.memory_mb), (h.arch.clone(), h.memory_mb));
+    assert!(again.updated_at > h.updated_at);
+    assert_eq!(again.created_at, h.created_at);
+    let other = HostId("host-b".into());
+    db.system_host_online(&other, None).await.unwrap();
+    let ids: Vec<HostId> = db
+        .system_hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.id)
+        .collect();
+    assert_eq!(ids, vec![other.clone(), local.clone()]);
+
+    let (_, team) = team_of(db, "hosts@example.com").await;
+    let on_b = db
+        .insert_capsule(
+            &team.id,
+            NewCapsule {
+                host_id: other.clone(),
+                ..new_capsule(CapsuleStatus::Running)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(on_b.host_id, other);
+    let read = db.get_capsule(&team.id, on_b.id.as_str()).await.unwrap();
+    assert_eq!(read.host_id, other);
+    let listed = db.system_live_capsules().await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .find(|c| c.id == on_b.id)
+            .map(|c| c.host_id.clone()),
+        Some(other)
+    );
+
+    let snap = db
+        .insert_template(&team.id, new_template("snap-one"))
+        .await
+        .unwrap();
+    assert_eq!(snap.host_id, Some(HostId("host-a".into())));
+    let (old, new) = db
+        .replace_template(
+            &team.id,
+            NewTemplate {
+                host_id: Some(local.clone()),
+                ..new_template("snap-one")
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (old.host_id, new.host_id),
+        (Some(HostId("host-a".into())), Some(local))
+    );
+}
 
 async fn user(db: &Db, email: &str) -> User {
     db.create_user(email, "Someone", None, false).await.unwrap()
@@ -56,6 +151,7 @@ fn new_capsule(status: CapsuleStatus) -> NewCapsule {
         network: Default::default(),
         public_traffic: true,
         traffic_access_token: None,
+        host_id: HostId(wrenn_db::LOCAL_HOST.into()),
     }
 }
 
@@ -68,6 +164,7 @@ fn new_template(name: &str) -> NewTemplate {
         memory_mb: Some(512),
         size_bytes: 5 << 30,
         metadata: Map::new(),
+        host_id: Some(HostId("host-a".into())),
     }
 }
 

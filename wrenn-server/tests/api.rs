@@ -689,6 +689,7 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
                 network: Default::default(),
                 public_traffic: true,
                 traffic_access_token: None,
+                host_id: wrenn_core::scheduler::HostId(wrenn_db::LOCAL_HOST.into()),
             },
         )
         .await
@@ -951,6 +952,24 @@ async fn snapshot_overwrite_keeps_old_until_new(t: &TestDb) {
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    // The rows name the host that holds the capsule and the snapshot's files.
+    let team = a
+        .state
+        .db
+        .api_key_by_hash(&wrenn_db::hash_api_key(KEY))
+        .await
+        .expect("key")
+        .team_id;
+    let local = wrenn_core::scheduler::HostId(wrenn_db::LOCAL_HOST.into());
+    let row = a.state.db.get_capsule(&team, &id).await.expect("row");
+    assert_eq!(row.host_id, local);
+    let tpl = a
+        .state
+        .db
+        .get_template(&team, "keep")
+        .await
+        .expect("template");
+    assert_eq!(tpl.host_id, Some(local));
 
     // A paused capsule cannot be snapshotted: the overwrite fails, "keep" stays.
     let r = a

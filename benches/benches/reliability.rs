@@ -1,8 +1,10 @@
 //! Reliability under kills, faults and load: runs the chaos driver
 //! (`tests/chaos/chaos.py`) in its long form against a real `wrenn serve` and
 //! reports what it found:
-//! - `kill_points`: times the server was killed with SIGKILL during an operation
-//!   (of `ops` mixed lifecycle operations) and restarted;
+//! - `kill_points`: times a process was killed with SIGKILL during an operation
+//!   (of `ops` mixed lifecycle operations) and restarted: `wrenn serve`, then, with
+//!   the control plane and the host agent as two processes, `wrenn serve --agent` and
+//!   `wrenn agent` in turn (`agent_kill_points` of them the agent);
 //! - `leaks`: QEMU processes, network namespaces, veths, slot leases, capsule or
 //!   snapshot directories no listed capsule owns, after each restart and at the end;
 //! - `lost_paused`: capsules paused before a kill that did not come back with
@@ -14,7 +16,8 @@
 //!
 //! `cargo bench --bench reliability` (repo root, as root, images built, the
 //! project venv in `.venv`). Sizes: `WRENN_RELIABILITY_OPS` (100),
-//! `_KILLS` (10), `_CLIENTS` (200), `_LOAD_SECS` (60), `_CHURN` (20), `_SEED` (7).
+//! `_KILLS` (10), `_CLIENTS` (200), `_LOAD_SECS` (60), `_CHURN` (20), `_SEED` (7),
+//! `_SPLIT_OPS` (50), `_SPLIT_KILLS` (6).
 
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
@@ -52,6 +55,8 @@ fn main() -> Result<()> {
         ("--load-secs", env_or("LOAD_SECS", "60")),
         ("--churn", env_or("CHURN", "20")),
         ("--seed", env_or("SEED", "7")),
+        ("--split-ops", env_or("SPLIT_OPS", "50")),
+        ("--split-kills", env_or("SPLIT_KILLS", "6")),
     ];
     let mut cmd = Command::new(&python);
     cmd.args(["-m", "tests.chaos.chaos"]).current_dir(&repo);
@@ -75,6 +80,7 @@ fn main() -> Result<()> {
     let rows: Vec<(String, String)> = [
         ("operations", "ops"),
         ("kill -9 points (restarts)", "kill_points"),
+        ("  of them wrenn agent", "agent_kill_points"),
         ("leaks found", "leaks"),
         ("paused capsules brought back and checked", "paused_checked"),
         ("paused capsules lost", "lost_paused"),
@@ -101,6 +107,7 @@ fn main() -> Result<()> {
     print_result(&serde_json::json!({
         "ops": get("ops"),
         "kill_points": get("kill_points"),
+        "agent_kill_points": get("agent_kill_points"),
         "leaks": get("leaks"),
         "lost_paused": get("lost_paused"),
         "paused_checked": get("paused_checked"),

@@ -26,6 +26,7 @@ class Agent:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(self.data_dir, "agent.log")
         self.proc: subprocess.Popen | None = None
+        self.starts = 0
 
     def start(self) -> None:
         env = dict(os.environ)
@@ -41,10 +42,17 @@ class Agent:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"wrenn agent exited: {self.tail()}"
-            if "wrenn agent listening" in self.tail():
+            if self.log_text().count("wrenn agent listening") > self.starts:
+                self.starts += 1
                 return
             time.sleep(0.2)
         raise AssertionError(f"wrenn agent did not come up: {self.tail()}")
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -55,6 +63,13 @@ class Agent:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def tail(self, n: int = 40) -> str:
         try:
@@ -142,6 +157,48 @@ def test_a_stopped_agent_is_a_clear_503(deployment):
             assert r.status_code == 503, r.text
         finally:
             agent.start()
-        # The agent paused its capsule when it stopped; the control plane still has it.
-        r = c.get(f"/v1/capsules/{cid}")
+        # The agent paused its capsule when it stopped; the control plane sees the new
+        # agent instance and takes the host's word for it.
+        wait_for_status(c, cid, "paused")
+        r = c.post(f"/v1/capsules/{cid}/resume")
         assert r.status_code == 200, r.text
+        r = c.post(f"/v1/capsules/{cid}/exec", json={"cmd": "true"})
+        assert r.status_code == 200, r.text
+
+
+def test_capsules_an_agent_lost_to_kill_9_are_stopped(deployment):
+    agent, srv = deployment
+    with srv.admin() as c:
+        r = c.post("/v1/capsules", json={"template": "minimal"})
+        assert r.status_code == 201, r.text
+        running = r.json()["id"]
+        r = c.post("/v1/capsules", json={"template": "minimal"})
+        assert r.status_code == 201, r.text
+        paused = r.json()["id"]
+        r = c.post(f"/v1/capsules/{paused}/files/write",
+                   files={"path": (None, "/tmp/kept"), "file": ("f", b"yes")})
+        assert r.status_code == 204, r.text
+        r = c.post(f"/v1/capsules/{paused}/pause")
+        assert r.status_code == 200, r.text
+        agent.kill9()
+        agent.start()
+        # Its VMMs died with it: the running capsule is gone, the paused one is kept.
+        wait_for_status(c, running, "stopped")
+        assert c.get(f"/v1/capsules/{paused}").json()["status"] == "paused"
+        r = c.post(f"/v1/capsules/{paused}/resume")
+        assert r.status_code == 200, r.text
+        r = c.post(f"/v1/capsules/{paused}/files/read", json={"path": "/tmp/kept"})
+        assert (r.status_code, r.text) == (200, "yes"), r.text
+        c.delete(f"/v1/capsules/{paused}")
+    assert not os.path.exists(os.path.join(agent.data_dir, "capsules", running))
+
+
+def wait_for_status(c, cid: str, status: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = c.get(f"/v1/capsules/{cid}").json().get("status")
+        if last == status:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{cid} is {last}, not {status}, after {timeout}s")

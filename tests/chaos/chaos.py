@@ -9,7 +9,10 @@ Three phases, each against one server (SQLite, its own data directory):
    every QEMU of the data directory belongs to such a capsule, every network namespace,
    host veth, slot lease and capsule directory created since the start belongs to a
    listed capsule, and every capsule that was paused before the kill resumes with its
-   files. At the end everything is destroyed and nothing may be left.
+   files. At the end everything is destroyed and nothing may be left. Then the same with
+   the control plane and the host agent as two processes (`wrenn serve --agent` and
+   `wrenn agent`), kills alternating between them; after an agent restart the
+   control plane must catch up by itself (it sees the new agent instance).
 2. **Faults.** A VMM killed in the middle of a pause (typed error, the capsule is
    marked failed and its resources released), and a frozen guest (its VMM stopped with
    SIGSTOP: exec times out with a typed error, the capsule works again once thawed).
@@ -74,6 +77,8 @@ class Server:
     binary: str
     data_dir: str
     extra: list = field(default_factory=list)
+    # What the host is started with; `--agent URL` to drive a `wrenn agent` instead.
+    host_args: list = field(default_factory=lambda: ["--disk-overcommit", "4"])
     database_url: str | None = None
     port: int = field(default_factory=_free_port)
     proc: subprocess.Popen | None = None
@@ -98,7 +103,7 @@ class Server:
                 "--rate-limit", "0", "--auth-rate-limit", "0", "--auth-account-rate-limit", "0",
                 "--team-max-capsules", "0", "--team-max-vcpus", "0", "--team-max-memory-mb", "0",
                 "--team-max-disk-mb", "0", "--team-max-snapshots", "0",
-                "--disk-overcommit", "4",
+                *self.host_args,
                 *self.extra,
             ],
             env=env, stdout=log, stderr=log,
@@ -138,6 +143,65 @@ class Server:
 
     def client(self, timeout: float = 180) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"X-API-Key": ADMIN_KEY}, timeout=timeout)
+
+
+@dataclass
+class Agent:
+    """A `wrenn agent` (this machine's capsules behind gRPC) for `wrenn serve --agent`."""
+
+    binary: str
+    data_dir: str
+    extra: list = field(default_factory=lambda: ["--disk-overcommit", "4"])
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _log(self) -> str:
+        try:
+            with open(os.path.join(self.data_dir, "agent.log"), errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env.setdefault("WRENN_LOG", "info")
+        log = open(os.path.join(self.data_dir, "agent.log"), "ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "--data-dir", self.data_dir, "agent", "--listen",
+             f"127.0.0.1:{self.port}", *self.extra],
+            env=env, stdout=log, stderr=log,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"wrenn agent exited with {self.proc.returncode}:\n{self.tail()}")
+            if self._log().count("wrenn agent listening") > self.starts:
+                self.starts += 1
+                return
+            time.sleep(0.2)
+        raise RuntimeError("wrenn agent did not come up:\n" + self.tail())
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def tail(self, n: int = 30) -> str:
+        return "".join(self._log().splitlines(keepends=True)[-n:])
 
 
 # ---------------------------------------------------------------------------
@@ -230,19 +294,44 @@ class Capsule:
 
 
 class Driver:
-    def __init__(self, srv: Server, seed: int, log=print):
+    def __init__(self, srv: Server, seed: int, log=print, agent: Agent | None = None):
         self.srv = srv
+        # With an agent, the capsules live in its process and data directory, and a
+        # kill hits either process.
+        self.agent = agent
         self.rng = random.Random(seed)
         self.caps: dict[str, Capsule] = {}
         self.problems: list[str] = []
         self.log = log
-        self.counts = {"ops": 0, "kill_points": 0, "leaks": 0, "lost_paused": 0, "snapshots": 0,
-                       "paused_checked": 0}
+        self.counts = {"ops": 0, "kill_points": 0, "agent_kills": 0, "leaks": 0, "lost_paused": 0,
+                       "snapshots": 0, "paused_checked": 0}
         self.snapshots: list[str] = []
         # Operations that acted (found a capsule in the state they need), by kind.
         self.done: dict[str, int] = {}
         # The operation in flight and the capsule it acts on (for a kill's check).
         self.inflight: tuple[str, str | None] = ("", None)
+
+    @property
+    def host_dir(self) -> str:
+        return self.agent.data_dir if self.agent else self.srv.data_dir
+
+    def host_pid(self) -> int | None:
+        proc = (self.agent or self.srv).proc
+        return proc.pid if proc else None
+
+    def _settled(self) -> bool:
+        """The control plane has caught up with a restarted agent: no row mid-operation,
+        every capsule listed running has a live VMM."""
+        with self.srv.client(30) as c:
+            listed = c.get("/v1/capsules").json()
+        for x in listed:
+            if x["status"] in ("starting", "pausing", "resuming", "stopping"):
+                return False
+            if x["status"] == "running":
+                pid = (_state(self.host_dir, x["id"]) or {}).get("vmm_pid")
+                if not pid or not os.path.exists(f"/proc/{pid}"):
+                    return False
+        return True
 
     def problem(self, what: str) -> None:
         self.log("PROBLEM: " + what)
@@ -385,14 +474,25 @@ class Driver:
                 errors.append(e)
 
         self.inflight = (kind, None)
+        # With an agent, kills alternate between it (first) and the control plane.
+        victim = self.agent if self.agent and self.counts["kill_points"] % 2 == 0 else self.srv
         t = threading.Thread(target=run)
         t.start()
         time.sleep(self.rng.uniform(0.0, 1.2))
-        self.srv.kill9()
+        victim.kill9()
         t.join(timeout=120)
         self.counts["kill_points"] += 1
-        self.log(f"killed during {kind} ({'cut short' if errors else 'it had finished'})")
-        self.srv.start()
+        name = "wrenn agent" if victim is self.agent else "wrenn serve"
+        self.log(f"killed {name} during {kind} ({'cut short' if errors else 'it had finished'})")
+        victim.start()
+        if self.agent:
+            if victim is self.agent:
+                self.counts["agent_kills"] += 1
+            # The control plane catches up by itself: with a restarted agent when it sees
+            # the new instance, after its own restart with what the agent finished meanwhile.
+            deadline = time.monotonic() + 60
+            while not self._settled() and time.monotonic() < deadline:
+                time.sleep(0.25)
 
     def check(self, baseline: dict, when: str) -> None:
         """The host and the API agree; nothing is held that no capsule owns."""
@@ -410,26 +510,26 @@ class Driver:
         for cid in live:
             if cid not in self.caps:
                 self.caps[cid] = Capsule(cid)
-        states = {cid: _state(self.srv.data_dir, cid) for cid in live}
+        states = {cid: _state(self.host_dir, cid) for cid in live}
         want_netns = {((s or {}).get("slot") or {}).get("netns") for cid, s in states.items() if cid in running}
         want_veth = {((s or {}).get("slot") or {}).get("host_veth") for cid, s in states.items() if cid in running}
         want_pids = {(s or {}).get("vmm_pid") for cid, s in states.items() if cid in running}
         want_slots = {f"slot-{((s or {}).get('slot') or {}).get('index')}" for cid, s in states.items() if cid in running}
-        now = _host_view(self.srv.proc.pid if self.srv.proc else None)
+        now = _host_view(self.host_pid())
         leaks = []
         for what, extra in (
             ("netns", now["netns"] - baseline["netns"] - want_netns),
             ("veth", now["veths"] - baseline["veths"] - want_veth),
             ("slot lease", now["slots"] - baseline["slots"] - want_slots),
-            ("QEMU", _qemus(self.srv.data_dir) - want_pids),
+            ("QEMU", _qemus(self.host_dir) - want_pids),
         ):
             for x in sorted(map(str, extra)):
                 leaks.append(f"{what} {x}")
-        cap_dir = os.path.join(self.srv.data_dir, "capsules")
+        cap_dir = os.path.join(self.host_dir, "capsules")
         for d in sorted(os.listdir(cap_dir)) if os.path.isdir(cap_dir) else []:
             if d not in live:
                 leaks.append(f"capsule directory {d}")
-        snap_dir = os.path.join(self.srv.data_dir, "snapshots")
+        snap_dir = os.path.join(self.host_dir, "snapshots")
         for d in sorted(os.listdir(snap_dir)) if os.path.isdir(snap_dir) else []:
             if d not in live:
                 leaks.append(f"snapshot directory {d}")
@@ -791,7 +891,28 @@ def load(srv: Server, clients: int, secs: float, churn: int, log=print) -> dict:
     }
 
 
-def run(binary: str, ops: int, kills: int, clients: int, load_secs: float, churn: int, seed: int, log=print) -> dict:
+def run_split(binary: str, ops: int, kills: int, seed: int, log=print) -> dict:
+    """The kill phase with the control plane and the host agent as two processes
+    (`wrenn serve --agent` + `wrenn agent`): kills alternate between them."""
+    agent = Agent(binary, make_data_dir("chaos-agent"))
+    srv = Server(binary, make_data_dir("chaos-cp"), host_args=["--agent", agent.url])
+    try:
+        agent.start()
+        srv.start()
+        d = Driver(srv, seed, log, agent=agent)
+        d.run_kills(ops, kills)
+        leftover = _qemus(agent.data_dir)
+        return {**d.counts, "leaks": d.counts["leaks"] + len(leftover), "problems": d.problems,
+                "done": d.done}
+    finally:
+        srv.stop()
+        agent.stop()
+        shutil.rmtree(srv.data_dir, ignore_errors=True)
+        shutil.rmtree(agent.data_dir, ignore_errors=True)
+
+
+def run(binary: str, ops: int, kills: int, clients: int, load_secs: float, churn: int, seed: int,
+        log=print, split_ops: int = 0, split_kills: int = 0) -> dict:
     data_dir = make_data_dir("chaos")
     srv = Server(binary, data_dir)
     srv.start()
@@ -805,21 +926,29 @@ def run(binary: str, ops: int, kills: int, clients: int, load_secs: float, churn
         for p in f["fault_problems"]:
             log("PROBLEM: " + p)
         lo = load(srv, clients, load_secs, churn, log) if load_secs > 0 else {}
+        split = {"ops": 0, "kill_points": 0, "agent_kills": 0, "leaks": 0, "lost_paused": 0,
+                 "paused_checked": 0, "problems": [], "done": {}}
+        if split_ops > 0:
+            t1 = time.monotonic()
+            split = run_split(binary, split_ops, split_kills, seed, log)
+            log(f"two-process kill phase: {time.monotonic() - t1:.0f} s")
         base = _host_view()
         leftover = _qemus(data_dir)
         out = {
             "seed": seed,
-            "ops": d.counts["ops"],
-            "kill_points": d.counts["kill_points"],
-            "leaks": d.counts["leaks"] + len(leftover),
-            "lost_paused": d.counts["lost_paused"],
+            "ops": d.counts["ops"] + split["ops"],
+            "kill_points": d.counts["kill_points"] + split["kill_points"],
+            "agent_kill_points": split["agent_kills"],
+            "leaks": d.counts["leaks"] + len(leftover) + split["leaks"],
+            "lost_paused": d.counts["lost_paused"] + split["lost_paused"],
             "snapshots": d.counts["snapshots"],
-            "paused_checked": d.counts["paused_checked"],
+            "paused_checked": d.counts["paused_checked"] + split["paused_checked"],
             "done": d.done,
+            "split_done": split["done"],
             "kill_phase_s": round(kill_secs, 1),
             **lo,
             "fault_problems": len(f["fault_problems"]),
-            "problems": d.problems + f["fault_problems"],
+            "problems": d.problems + f["fault_problems"] + split["problems"],
             "host_after": {k: sorted(v) for k, v in base.items()},
         }
         return out
@@ -837,12 +966,17 @@ def main() -> None:
     ap.add_argument("--load-secs", type=float, default=60)
     ap.add_argument("--churn", type=int, default=20)
     ap.add_argument("--seed", type=int, default=int(os.environ.get("WRENN_CHAOS_SEED", "7")))
+    ap.add_argument("--split-ops", type=int, default=50,
+                    help="operations with `wrenn serve --agent` + `wrenn agent` (0: none)")
+    ap.add_argument("--split-kills", type=int, default=6,
+                    help="kills among them, each of one of the two processes")
     a = ap.parse_args()
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    out = run(a.binary, a.ops, a.kills, a.clients, a.load_secs, a.churn, a.seed, log)
+    out = run(a.binary, a.ops, a.kills, a.clients, a.load_secs, a.churn, a.seed, log,
+              split_ops=a.split_ops, split_kills=a.split_kills)
     print(json.dumps(out), flush=True)
 
 

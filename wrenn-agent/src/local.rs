@@ -57,6 +57,7 @@ impl LocalAgent {
             vmm_version: "qemu".to_string(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             accel: host.accel_probe().accel.to_string(),
+            instance: wrenn_core::id::random_token(),
         };
         LocalAgent {
             host,

@@ -23,11 +23,80 @@ pub struct ReconcileReport {
     pub quarantined: Vec<String>,
 }
 
-/// Makes the database and the host agree: every live row gets the host's status (or
-/// `stopped` when the host has no such capsule); running capsules no live row owns are
-/// destroyed, paused ones are quarantined (kept, reported, unreachable through the API).
+/// Makes the database and the host agree at start-up: every live row gets the host's
+/// status (or `stopped` when the host has no such capsule); running capsules no live
+/// row owns are destroyed, paused ones are quarantined (kept, reported, unreachable
+/// through the API).
 pub async fn reconcile(st: &AppState) -> Result<ReconcileReport, String> {
-    let host = st.agent.list().await.map_err(|e| e.message)?;
+    reconcile_with(st, Reconcile::Startup).await
+}
+
+/// How long a start-up reconciliation waits for the host's capsules that are
+/// mid-operation to settle.
+pub const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn in_motion(s: CapsuleStatus) -> bool {
+    matches!(
+        s,
+        CapsuleStatus::Starting
+            | CapsuleStatus::Pausing
+            | CapsuleStatus::Resuming
+            | CapsuleStatus::Stopping
+    )
+}
+
+/// `host` once its capsules that were mid-operation have settled (or after
+/// [`SETTLE_WAIT`]): rows must not take a status no operation of this process will end.
+async fn settled(
+    st: &AppState,
+    mut host: Vec<crate::agent::HostCapsule>,
+) -> Vec<crate::agent::HostCapsule> {
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    loop {
+        let moving: Vec<_> = host
+            .iter()
+            .filter(|c| in_motion(c.status))
+            .map(|c| c.id.clone())
+            .collect();
+        if moving.is_empty() {
+            return host;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(capsules = ?moving, "capsules still mid-operation on the host");
+            return host;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        for id in moving {
+            match st.agent.get(&id).await {
+                Ok(now) => {
+                    if let Some(c) = host.iter_mut().find(|c| c.id == id) {
+                        *c = now;
+                    }
+                }
+                Err(e) if e.kind == HostErrorKind::NotFound => host.retain(|c| c.id != id),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// When a reconciliation runs, which says what it may touch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reconcile {
+    /// Before the server takes requests: everything.
+    Startup,
+    /// While serving, after the host agent restarted: rows of capsules the host lost
+    /// become `stopped` and settled rows take the host's settled status, but rows
+    /// mid-operation and capsules without a row (a create in flight) are left alone.
+    HostRestarted,
+}
+
+pub async fn reconcile_with(st: &AppState, mode: Reconcile) -> Result<ReconcileReport, String> {
+    let mut host = st.agent.list().await.map_err(|e| e.message)?;
+    if mode == Reconcile::Startup {
+        // A host agent that outlived the control plane finishes what it was doing.
+        host = settled(st, host).await;
+    }
     let mut on_host: HashMap<String, CapsuleStatus> =
         host.iter().map(|c| (c.id.to_string(), c.status)).collect();
     let rows = st
@@ -38,8 +107,12 @@ pub async fn reconcile(st: &AppState) -> Result<ReconcileReport, String> {
     let mut report = ReconcileReport::default();
     for row in rows {
         let id = row.id.to_string();
+        let settled =
+            |s: CapsuleStatus| matches!(s, CapsuleStatus::Running | CapsuleStatus::Paused);
         match on_host.remove(&id) {
             Some(s) if s == row.status => {}
+            Some(s) if mode == Reconcile::HostRestarted && !(settled(s) && settled(row.status)) => {
+            }
             Some(s) => {
                 let settled = match s {
                     CapsuleStatus::Running | CapsuleStatus::Paused => s,
@@ -77,6 +150,10 @@ pub async fn reconcile(st: &AppState) -> Result<ReconcileReport, String> {
         }
     }
     for (id, status) in on_host {
+        if mode == Reconcile::HostRestarted {
+            // A create in flight has its capsule on the host before its row.
+            continue;
+        }
         let Ok(cid) = wrenn_core::id::CapsuleId::parse(&id) else {
             continue;
         };
@@ -240,6 +317,32 @@ pub async fn follow_host_failures(st: &AppState) -> usize {
     changed
 }
 
+/// Reconciles with the host when its agent restarted (its instance changed): the
+/// capsules it was running when it died are gone, its paused ones are still there.
+/// Returns whether it reconciled.
+pub async fn follow_host_restarts(st: &AppState) -> bool {
+    let Ok(v) = st.agent.versions().await else {
+        // Unreachable: nothing to compare until it answers again.
+        return false;
+    };
+    if !st.host_instance_changed(&v.instance) {
+        return false;
+    }
+    tracing::warn!(instance = %v.instance, "the host agent restarted; reconciling with it");
+    match reconcile_with(st, Reconcile::HostRestarted).await {
+        Ok(report) => {
+            tracing::info!(?report, "reconciled with the restarted host agent");
+            true
+        }
+        Err(e) => {
+            // Tried again on the next tick.
+            st.forget_host_instance();
+            tracing::warn!(error = %e, "reconciling with the restarted host agent failed");
+            false
+        }
+    }
+}
+
 /// Runs the reaper until the task is aborted.
 pub fn spawn_reaper(st: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -247,6 +350,7 @@ pub fn spawn_reaper(st: Arc<AppState>) -> tokio::task::JoinHandle<()> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            follow_host_restarts(&st).await;
             follow_host_failures(&st).await;
             reap_once(&st).await;
         }

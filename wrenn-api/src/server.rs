@@ -248,6 +248,10 @@ impl ControlPlane {
         db.system_host_online(&state.host_id, None)
             .await
             .map_err(ServeError::Db)?;
+        // The agent instance this reconciliation sees: a later one means it restarted.
+        if let Ok(v) = state.agent.versions().await {
+            state.host_instance_changed(&v.instance);
+        }
         crate::lifecycle::reconcile(&state)
             .await
             .map_err(ServeError::Reconcile)?;

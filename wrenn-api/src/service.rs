@@ -503,12 +503,19 @@ pub async fn pause_with(
     row
 }
 
-/// After a failed operation: sets the row to what the host says the capsule is.
+/// After a failed operation: sets the row to what the host says the capsule is, or,
+/// when the host cannot say (its agent is gone), back to what it was before the
+/// operation (`c`, the row as claimed from), so that no row is left mid-operation; the
+/// reconciliation with a restarted agent corrects it if the operation did complete.
 async fn settle(state: &AppState, c: &Capsule) -> Option<Capsule> {
     let status = match state.agent.get(&c.id).await {
         Ok(hc) => hc.status,
         Err(e) if e.kind == HostErrorKind::NotFound => CapsuleStatus::Error,
-        Err(_) => return None,
+        Err(e) => {
+            tracing::warn!(capsule = %c.id, error = %e, was = %c.status,
+                "the host cannot say how the operation ended; the row goes back to what it was");
+            c.status
+        }
     };
     set_status(state, c, status).await.ok()
 }

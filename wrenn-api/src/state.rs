@@ -123,6 +123,8 @@ pub struct AppState {
     pub(crate) guests: GuestClients,
     /// The host's versions, asked once.
     versions: tokio::sync::OnceCell<HostVersions>,
+    /// The host agent instance last seen (a new one means the agent restarted).
+    host_instance: Mutex<Option<String>>,
     pub config: ApiConfig,
     pub jwt: JwtKeys,
     pub keys: KeyCache,
@@ -168,6 +170,7 @@ impl AppState {
             host_id: HostId(wrenn_db::LOCAL_HOST.into()),
             guests: GuestClients::default(),
             versions: tokio::sync::OnceCell::new(),
+            host_instance: Mutex::new(None),
             config,
             jwt: JwtKeys::new(jwt_secret),
             tokens: crate::secrets::TokenSealer::new(jwt_secret),
@@ -187,6 +190,21 @@ impl AppState {
     pub async fn guest(&self, id: &CapsuleId) -> Result<Arc<dyn GuestAgent>, HostError> {
         let ep = self.agent.envd(id).await?;
         Ok(self.guests.client(id, ep))
+    }
+
+    /// Records the host agent instance seen now; true when an earlier one was seen and
+    /// this one differs (the agent restarted since).
+    pub fn host_instance_changed(&self, instance: &str) -> bool {
+        let mut seen = self.host_instance.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = seen.as_deref().is_some_and(|s| s != instance);
+        *seen = Some(instance.to_string());
+        changed
+    }
+
+    /// Forgets the instance seen, so that the next one seen counts as a restart.
+    pub fn forget_host_instance(&self) {
+        let mut seen = self.host_instance.lock().unwrap_or_else(|p| p.into_inner());
+        *seen = Some(String::new());
     }
 
     /// Versions of what runs capsules on the host.

@@ -127,6 +127,9 @@ pub struct HostVersions {
     pub agent_version: String,
     /// `kvm` or `tcg`.
     pub accel: String,
+    /// Differs for every start of the agent: a control plane that sees it change knows
+    /// the host restarted (and lost the capsules it was running).
+    pub instance: String,
 }
 
 /// Where the control plane reaches a service of a capsule (its guest agent, or one of

@@ -121,6 +121,7 @@ pub fn versions_to(v: HostVersions) -> pb::Versions {
         vmm_version: v.vmm_version,
         agent_version: v.agent_version,
         accel: v.accel,
+        instance: v.instance,
     }
 }
 
@@ -131,6 +132,7 @@ pub fn versions_from(v: pb::Versions) -> HostVersions {
         vmm_version: v.vmm_version,
         agent_version: v.agent_version,
         accel: v.accel,
+        instance: v.instance,
     }
 }
 

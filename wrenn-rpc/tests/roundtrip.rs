@@ -105,6 +105,7 @@ impl HostAgent for Echo {
             vmm_version: "qemu".into(),
             agent_version: "0.1.0".into(),
             accel: "tcg".into(),
+            instance: "i-1".into(),
         })
     }
     async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError> {

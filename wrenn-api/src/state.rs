@@ -35,13 +35,19 @@ impl Default for GuestClients {
 impl GuestClients {
     /// The client of `id`'s guest agent at `ep`.
     pub fn client(&self, id: &CapsuleId, ep: Endpoint) -> Arc<dyn GuestAgent> {
-        if let Some((known, client)) = self.by_capsule.get(id) {
-            if known == ep {
-                return client;
-            }
+        let connect = |ep: &Endpoint| {
+            wrenn_envd::client::EnvdConnector::default().connect(ep.addr, ep.access_token.clone())
+        };
+        // Concurrent first requests share one client (and its connections).
+        let (known, client) = self
+            .by_capsule
+            .entry(id.clone())
+            .or_insert_with(|| (ep.clone(), connect(&ep)))
+            .into_value();
+        if known == ep {
+            return client;
         }
-        let client =
-            wrenn_envd::client::EnvdConnector::default().connect(ep.addr, ep.access_token.clone());
+        let client = connect(&ep);
         self.by_capsule.insert(id.clone(), (ep, client.clone()));
         client
     }

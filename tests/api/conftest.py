@@ -28,6 +28,9 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 IMAGES = os.environ.get("WRENN_DATA_DIR", "/var/lib/wrenn")
 BINARY = os.path.join(REPO, "target", "debug", "wrenn")
 ADMIN_KEY = "wrn_" + "0123456789abcdef" * 2
+# Settings of the host (not the control plane), which some suites' servers take from
+# their arguments only: another suite of the run may have set them in the environment.
+HOST_SETTINGS_ENV = ("WRENN_DISK_OVERCOMMIT", "WRENN_DISK_RESERVE_MB", "WRENN_POOLS", "WRENN_POOL_MEMORY_MB", "WRENN_DNS_UPSTREAM", "WRENN_MAX_CONCURRENT_STARTS", "WRENN_JAIL_UIDS", "WRENN_AGENT")
 PASSWORD = "correct horse battery"
 # The bootstrap admin (owner of the admin team): API keys cannot create or delete keys,
 # so the suites that do log in as this user.
@@ -247,8 +250,7 @@ def start_server():
         env = dict(os.environ)
         # Settings come from `args` only (the wrenn_embed suite sets disk ones for its
         # in-process host, and its environment is this process's).
-        for k in ("DATABASE_URL", "WRENN_SIGNUP", "WRENN_DISABLE_SIGNUP", "WRENN_DISK_OVERCOMMIT",
-                  "WRENN_DISK_RESERVE_MB"):
+        for k in ("DATABASE_URL", "WRENN_SIGNUP", "WRENN_DISABLE_SIGNUP", *HOST_SETTINGS_ENV):
             env.pop(k, None)
         env["WRENN_BOOTSTRAP_API_KEY"] = ADMIN_KEY
         env["WRENN_BOOTSTRAP_ADMIN_PASSWORD"] = ADMIN_PASSWORD

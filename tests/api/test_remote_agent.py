@@ -16,7 +16,7 @@ import time
 import pytest
 from e2b import Sandbox
 
-from conftest import BINARY, _free_port, _make_data_dir
+from conftest import BINARY, HOST_SETTINGS_ENV, _free_port, _make_data_dir
 
 
 class Agent:
@@ -29,9 +29,7 @@ class Agent:
         self.starts = 0
 
     def start(self) -> None:
-        env = dict(os.environ)
-        for k in ("WRENN_DISK_OVERCOMMIT", "WRENN_DISK_RESERVE_MB", "WRENN_POOLS"):
-            env.pop(k, None)
+        env = {k: v for k, v in os.environ.items() if k not in HOST_SETTINGS_ENV}
         env.setdefault("WRENN_LOG", "info")
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -113,6 +111,7 @@ def test_sdks_drive_capsules_of_a_remote_agent(deployment, monkeypatch):
     monkeypatch.setenv("E2B_SANDBOX_URL", srv.url)
     monkeypatch.setenv("E2B_API_KEY", srv.admin_key)
     monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
     s = Sandbox.create(template="minimal", timeout=300)
     try:
         # The capsule is the agent's: its directory is in the agent's data directory.

@@ -48,6 +48,9 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 IMAGES = os.environ.get("WRENN_DATA_DIR", "/var/lib/wrenn")
 ADMIN_KEY = "wrn_" + "c4a05" * 6 + "ab"
 NETNS_PREFIX = "wrenn-ns-"
+# Host settings come from the driver's arguments only (another suite of the same pytest
+# run may have set some in this process's environment; `serve --agent` refuses them).
+HOST_SETTINGS_ENV = ("WRENN_DISK_OVERCOMMIT", "WRENN_DISK_RESERVE_MB", "WRENN_POOLS", "WRENN_POOL_MEMORY_MB", "WRENN_DNS_UPSTREAM", "WRENN_MAX_CONCURRENT_STARTS", "WRENN_JAIL_UIDS", "WRENN_AGENT")
 VETH_PREFIX = "wrenn-veth-"
 SLOT_DIR = "/run/wrenn/net"
 # Tag of the background process every capsule of the run starts with.
@@ -88,7 +91,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in HOST_SETTINGS_ENV}
         env.pop("DATABASE_URL", None)
         if self.database_url:
             env["DATABASE_URL"] = self.database_url
@@ -168,7 +171,7 @@ class Agent:
             return ""
 
     def start(self) -> None:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in HOST_SETTINGS_ENV}
         env.setdefault("WRENN_LOG", "info")
         log = open(os.path.join(self.data_dir, "agent.log"), "ab")
         self.proc = subprocess.Popen(

@@ -438,7 +438,19 @@ async fn run(data: &Path, rounds: usize, get_secs: u64, load_before: &str) -> Re
     };
     // Only API keys are used here; user tokens are never issued.
     let secret = b"wrenn-bench-api-unused-jwt-secret";
-    let state = Arc::new(AppState::new(db.clone(), agent.clone(), config, secret));
+    let state = Arc::new(AppState::new(
+        db.clone(),
+        Default::default(),
+        config,
+        secret,
+    ));
+    let conn = wrenn_api::hosts::HostConn::connect(agent.clone(), None)
+        .await
+        .map_err(|e| anyhow::anyhow!("host agent: {e}"))?;
+    state
+        .hosts
+        .add(conn)
+        .map_err(|e| anyhow::anyhow!("host agent: {e}"))?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let api = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

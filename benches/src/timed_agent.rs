@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
-    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostTemplate, HostVersions, PoolStats,
+    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostInfo, HostTemplate, HostVersions,
+    PoolStats,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, TierSnapshot};
@@ -38,6 +39,9 @@ impl TimedAgent {
 impl HostAgent for TimedAgent {
     async fn versions(&self) -> Result<HostVersions, HostError> {
         self.inner.versions().await
+    }
+    async fn info(&self) -> Result<HostInfo, HostError> {
+        self.inner.info().await
     }
     async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError> {
         let t = Instant::now();

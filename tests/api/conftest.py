@@ -30,7 +30,7 @@ BINARY = os.path.join(REPO, "target", "debug", "wrenn")
 ADMIN_KEY = "wrn_" + "0123456789abcdef" * 2
 # Settings of the host (not the control plane), which some suites' servers take from
 # their arguments only: another suite of the run may have set them in the environment.
-HOST_SETTINGS_ENV = ("WRENN_DISK_OVERCOMMIT", "WRENN_DISK_RESERVE_MB", "WRENN_POOLS", "WRENN_POOL_MEMORY_MB", "WRENN_DNS_UPSTREAM", "WRENN_MAX_CONCURRENT_STARTS", "WRENN_JAIL_UIDS", "WRENN_AGENT")
+HOST_SETTINGS_ENV = ("WRENN_DISK_OVERCOMMIT", "WRENN_DISK_RESERVE_MB", "WRENN_POOLS", "WRENN_POOL_MEMORY_MB", "WRENN_DNS_UPSTREAM", "WRENN_MAX_CONCURRENT_STARTS", "WRENN_JAIL_UIDS", "WRENN_AGENT", "WRENN_AGENTS")
 PASSWORD = "correct horse battery"
 # The bootstrap admin (owner of the admin team): API keys cannot create or delete keys,
 # so the suites that do log in as this user.
@@ -152,6 +152,67 @@ def _make_data_dir(tag: str) -> str:
         if os.path.isfile(os.path.join(src, "rootfs.img")) and not t.startswith("snap-"):
             os.symlink(src, os.path.join(d, "templates", t))
     return d
+
+
+class Agent:
+    """A `wrenn agent` on loopback with its own data directory (and host id, if given)."""
+
+    def __init__(self, tag: str, host_id: str | None = None):
+        self.data_dir = _make_data_dir(tag)
+        self.host_id = host_id
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(self.data_dir, "agent.log")
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in HOST_SETTINGS_ENV and k != "WRENN_HOST_ID"}
+        env.setdefault("WRENN_LOG", "info")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [BINARY, "--data-dir", self.data_dir, "agent", "--listen", f"127.0.0.1:{self.port}",
+             "--disk-overcommit", "4", *(["--host-id", self.host_id] if self.host_id else [])],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"wrenn agent exited: {self.tail()}"
+            if self.log_text().count("wrenn agent listening") > self.starts:
+                self.starts += 1
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"wrenn agent did not come up: {self.tail()}")
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+        except OSError:
+            return ""
 
 
 def _second_team(srv: Server) -> None:

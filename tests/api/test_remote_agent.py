@@ -9,72 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 
 import pytest
 from e2b import Sandbox
 
-from conftest import BINARY, HOST_SETTINGS_ENV, _free_port, _make_data_dir
-
-
-class Agent:
-    def __init__(self, tag: str):
-        self.data_dir = _make_data_dir(tag)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(self.data_dir, "agent.log")
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in HOST_SETTINGS_ENV}
-        env.setdefault("WRENN_LOG", "info")
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [BINARY, "--data-dir", self.data_dir, "agent", "--listen", f"127.0.0.1:{self.port}",
-             "--disk-overcommit", "4"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"wrenn agent exited: {self.tail()}"
-            if self.log_text().count("wrenn agent listening") > self.starts:
-                self.starts += 1
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"wrenn agent did not come up: {self.tail()}")
-
-    def kill9(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log_text(self) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
-        except OSError:
-            return ""
+from conftest import BINARY, Agent
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ ADMIN_KEY = "wrn_" + "c4a05" * 6 + "ab"
 NETNS_PREFIX = "wrenn-ns-"
 # Host settings come from the driver's arguments only (another suite of the same pytest
 # run may have set some in this process's environment; `serve --agent` refuses them).
-HOST_SETTINGS_ENV = ("WRENN_DISK_OVERCOMMIT", "WRENN_DISK_RESERVE_MB", "WRENN_POOLS", "WRENN_POOL_MEMORY_MB", "WRENN_DNS_UPSTREAM", "WRENN_MAX_CONCURRENT_STARTS", "WRENN_JAIL_UIDS", "WRENN_AGENT")
+HOST_SETTINGS_ENV = ("WRENN_DISK_OVERCOMMIT", "WRENN_DISK_RESERVE_MB", "WRENN_POOLS", "WRENN_POOL_MEMORY_MB", "WRENN_DNS_UPSTREAM", "WRENN_MAX_CONCURRENT_STARTS", "WRENN_JAIL_UIDS", "WRENN_AGENT", "WRENN_AGENTS", "WRENN_HOST_ID")
 VETH_PREFIX = "wrenn-veth-"
 SLOT_DIR = "/run/wrenn/net"
 # Tag of the background process every capsule of the run starts with.

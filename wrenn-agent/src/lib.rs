@@ -4,4 +4,4 @@
 
 mod local;
 
-pub use local::{host_error, LocalAgent, LocalAgentOptions};
+pub use local::{host_error, LocalAgent, LocalAgentOptions, LOCAL_HOST};

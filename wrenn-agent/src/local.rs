@@ -11,11 +11,12 @@ use wrenn::metrics::MetricsSampler;
 use wrenn::{CapsuleError, CreateOptions, Host};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
-    guest_error, CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostErrorKind,
+    guest_error, CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostErrorKind, HostInfo,
     HostTemplate, HostVersions, PoolStats,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, TierSnapshot};
+use wrenn_core::scheduler::HostId;
 use wrenn_core::snapshot::{PauseMode, ResumeMode};
 use wrenn_core::status::CapsuleStatus;
 
@@ -23,21 +24,28 @@ use wrenn_core::status::CapsuleStatus;
 pub struct LocalAgentOptions {
     /// How often each running capsule's CPU, memory and disk are sampled.
     pub sample_period: Duration,
+    /// The host's id in the control plane's `hosts` table.
+    pub host_id: HostId,
 }
 
 impl Default for LocalAgentOptions {
     fn default() -> Self {
         LocalAgentOptions {
             sample_period: Duration::from_millis(500),
+            host_id: HostId(LOCAL_HOST.to_string()),
         }
     }
 }
+
+/// The id of the host `wrenn serve` runs in its own process.
+pub const LOCAL_HOST: &str = "local";
 
 #[derive(Debug)]
 pub struct LocalAgent {
     host: Host,
     sampler: MetricsSampler,
     versions: HostVersions,
+    id: HostId,
 }
 
 impl LocalAgent {
@@ -63,6 +71,7 @@ impl LocalAgent {
             host,
             sampler,
             versions,
+            id: opts.host_id,
         }
     }
 
@@ -183,6 +192,50 @@ fn host_template(t: wrenn_core::template::TemplateInfo) -> HostTemplate {
 impl HostAgent for LocalAgent {
     async fn versions(&self) -> Result<HostVersions, HostError> {
         Ok(self.versions.clone())
+    }
+
+    async fn info(&self) -> Result<HostInfo, HostError> {
+        let mut info = HostInfo {
+            id: self.id.clone(),
+            arch: std::env::consts::ARCH.to_string(),
+            cpu_cores: std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+            memory_mb: memory_total_mb().unwrap_or(0),
+            disk_mb: nix::sys::statvfs::statvfs(self.host.data_dir().root())
+                .map_or(0, |st| st.blocks().saturating_mul(st.fragment_size()) >> 20),
+            disk_room_mb: self.capsules().disk_room().map_or(0, |b| b >> 20),
+            ..Default::default()
+        };
+        for c in self.capsules().list() {
+            match c.status {
+                CapsuleStatus::Paused => {
+                    info.paused += 1;
+                    info.used.paused_memory_mb += u64::from(c.memory_mb);
+                }
+                CapsuleStatus::Stopped | CapsuleStatus::Error => continue,
+                _ => {
+                    info.running += 1;
+                    info.used.running_vcpus += u64::from(c.vcpus);
+                    info.used.running_memory_mb += u64::from(c.memory_mb);
+                }
+            }
+            info.used.disk_mb += c.disk_mb;
+        }
+        for p in self.capsules().pool_stats() {
+            info.used.running_memory_mb += p.memory_mb;
+            info.pool_ready
+                .insert(p.template, u32::try_from(p.ready).unwrap_or(u32::MAX));
+        }
+        info.snapshot_templates = self
+            .capsules()
+            .templates()
+            .await
+            .map_err(host_error)?
+            .into_iter()
+            .filter(|t| t.snapshot.is_some())
+            .map(|t| t.name.to_string())
+            .collect();
+        Ok(info)
     }
 
     async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError> {
@@ -369,6 +422,14 @@ impl HostAgent for LocalAgent {
             .await
             .map_err(host_error)
     }
+}
+
+/// The machine's memory (`MemTotal` of /proc/meminfo), in MiB.
+fn memory_total_mb() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib >> 10)
 }
 
 fn unix_ms_now() -> i64 {

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod cache;
 pub mod e2b;
 pub mod error;
+pub mod hosts;
 pub mod lifecycle;
 pub mod metrics;
 pub mod openapi;
@@ -121,6 +122,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(snapshots::list).post(snapshots::create),
         )
         .route("/v1/snapshots/{name}", delete(snapshots::delete))
+        .route("/v1/hosts", get(v1::hosts::list))
+        .route("/v1/hosts/{id}", get(v1::hosts::get))
+        .route(
+            "/v1/hosts/{id}/delete-preview",
+            get(v1::hosts::delete_preview),
+        )
         .route("/v1/admin/pools", get(v1::admin::pools))
         .route("/v1/admin/pools/{template}", put(v1::admin::set_pool))
         .merge(uploads)

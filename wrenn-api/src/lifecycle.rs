@@ -3,6 +3,7 @@
 //! (running capsules are paused, so nothing is lost across restarts).
 
 use crate::agent::{HostAgent, HostErrorKind, PauseMode};
+use crate::hosts::HostConn;
 use crate::service;
 use crate::state::AppState;
 use std::collections::HashMap;
@@ -23,12 +24,31 @@ pub struct ReconcileReport {
     pub quarantined: Vec<String>,
 }
 
-/// Makes the database and the host agree at start-up: every live row gets the host's
+/// Makes the database and every host agree at start-up: every live row gets its host's
 /// status (or `stopped` when the host has no such capsule); running capsules no live
 /// row owns are destroyed, paused ones are quarantined (kept, reported, unreachable
-/// through the API).
+/// through the API). With one host, a host that cannot answer is an error; with
+/// several, it is reconciled when it answers (its rows are left as they are).
 pub async fn reconcile(st: &AppState) -> Result<ReconcileReport, String> {
-    reconcile_with(st, Reconcile::Startup).await
+    let hosts = st.hosts.all();
+    let mut total = ReconcileReport::default();
+    for host in &hosts {
+        match reconcile_with(st, host, Reconcile::Startup).await {
+            Ok(r) => {
+                total.updated += r.updated;
+                total.lost += r.lost;
+                total.orphans_destroyed += r.orphans_destroyed;
+                total.quarantined.extend(r.quarantined);
+            }
+            Err(e) if hosts.len() > 1 => {
+                tracing::warn!(host = %host.id, error = %e,
+                    "host not reconciled at start-up; it will be when it answers");
+                host.forget_instance();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
 }
 
 /// How long a start-up reconciliation waits for the host's capsules that are
@@ -48,7 +68,7 @@ fn in_motion(s: CapsuleStatus) -> bool {
 /// `host` once its capsules that were mid-operation have settled (or after
 /// [`SETTLE_WAIT`]): rows must not take a status no operation of this process will end.
 async fn settled(
-    st: &AppState,
+    agent: &dyn HostAgent,
     mut host: Vec<crate::agent::HostCapsule>,
 ) -> Vec<crate::agent::HostCapsule> {
     let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
@@ -67,7 +87,7 @@ async fn settled(
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         for id in moving {
-            match st.agent.get(&id).await {
+            match agent.get(&id).await {
                 Ok(now) => {
                     if let Some(c) = host.iter_mut().find(|c| c.id == id) {
                         *c = now;
@@ -91,11 +111,17 @@ pub enum Reconcile {
     HostRestarted,
 }
 
-pub async fn reconcile_with(st: &AppState, mode: Reconcile) -> Result<ReconcileReport, String> {
-    let mut host = st.agent.list().await.map_err(|e| e.message)?;
+/// Reconciles the rows of one host's capsules with what that host has.
+pub async fn reconcile_with(
+    st: &AppState,
+    conn: &HostConn,
+    mode: Reconcile,
+) -> Result<ReconcileReport, String> {
+    let agent = conn.agent.as_ref();
+    let mut host = agent.list().await.map_err(|e| e.message)?;
     if mode == Reconcile::Startup {
         // A host agent that outlived the control plane finishes what it was doing.
-        host = settled(st, host).await;
+        host = settled(agent, host).await;
     }
     let mut on_host: HashMap<String, CapsuleStatus> =
         host.iter().map(|c| (c.id.to_string(), c.status)).collect();
@@ -105,7 +131,7 @@ pub async fn reconcile_with(st: &AppState, mode: Reconcile) -> Result<ReconcileR
         .await
         .map_err(|e| wrenn_core::manager::error_chain(&e))?;
     let mut report = ReconcileReport::default();
-    for row in rows {
+    for row in rows.into_iter().filter(|r| r.host_id == conn.id) {
         let id = row.id.to_string();
         let settled =
             |s: CapsuleStatus| matches!(s, CapsuleStatus::Running | CapsuleStatus::Paused);
@@ -165,14 +191,38 @@ pub async fn reconcile_with(st: &AppState, mode: Reconcile) -> Result<ReconcileR
             continue;
         }
         tracing::warn!(capsule = %id, %status, "running capsule unknown to the database; destroying it");
-        match st.agent.destroy(&cid).await {
+        match agent.destroy(&cid).await {
             Ok(()) => report.orphans_destroyed += 1,
             Err(e) if e.kind == HostErrorKind::NotFound => {}
             Err(e) => tracing::error!(capsule = %id, error = %e, "orphan capsule not destroyed"),
         }
     }
-    tracing::info!(?report, "reconciled database with host");
+    tracing::info!(host = %conn.id, ?report, "reconciled database with host");
     Ok(report)
+}
+
+/// Runs `check` on every host at once, each bounded by the monitor's timeout: a slow or
+/// dead agent delays no other host's checks.
+async fn each_host<F, Fut>(st: &AppState, check: F)
+where
+    F: Fn(Arc<HostConn>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let limit = st
+        .hosts
+        .config
+        .timeout
+        .max(std::time::Duration::from_secs(1));
+    futures_util::future::join_all(st.hosts.all().into_iter().map(|h| {
+        let id = h.id.clone();
+        let run = check(h);
+        async move {
+            if tokio::time::timeout(limit, run).await.is_err() {
+                tracing::debug!(host = %id, "host check timed out");
+            }
+        }
+    }))
+    .await;
 }
 
 /// Capsules whose timeout action (pause or destroy) failed: each is retried after a
@@ -262,18 +312,25 @@ pub async fn reap_once(st: &AppState) {
     }
 }
 
-/// Capsules that failed on the host by themselves (their VMM died): rows the database
+/// Capsules that failed on their host by themselves (their VMM died): rows the database
 /// still holds as live become `error`, so the API stops offering them as running.
-/// Returns how many rows changed.
-pub async fn follow_host_failures(st: &AppState) -> usize {
-    let failed: std::collections::HashSet<String> = match st.agent.list().await {
+pub async fn follow_host_failures(st: &AppState) {
+    each_host(st, |h| async move {
+        follow_failures(st, &h).await;
+    })
+    .await;
+}
+
+/// [`follow_host_failures`] for one host; returns how many rows changed.
+pub async fn follow_failures(st: &AppState, conn: &HostConn) -> usize {
+    let failed: std::collections::HashSet<String> = match conn.agent.list().await {
         Ok(host) => host
             .iter()
             .filter(|c| c.status == CapsuleStatus::Error)
             .map(|c| c.id.to_string())
             .collect(),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot list the host's capsules");
+            tracing::warn!(host = %conn.id, error = %e, "cannot list the host's capsules");
             return 0;
         }
     };
@@ -288,7 +345,7 @@ pub async fn follow_host_failures(st: &AppState) -> usize {
         }
     };
     let mut changed = 0;
-    for row in rows {
+    for row in rows.into_iter().filter(|r| r.host_id == conn.id) {
         let id = row.id.to_string();
         if row.status == CapsuleStatus::Error || !failed.contains(&id) {
             continue;
@@ -317,30 +374,109 @@ pub async fn follow_host_failures(st: &AppState) -> usize {
     changed
 }
 
-/// Reconciles with the host when its agent restarted (its instance changed): the
+/// Reconciles with each host whose agent restarted (its instance changed): the
 /// capsules it was running when it died are gone, its paused ones are still there.
-/// Returns whether it reconciled.
-pub async fn follow_host_restarts(st: &AppState) -> bool {
-    let Ok(v) = st.agent.versions().await else {
+pub async fn follow_host_restarts(st: &AppState) {
+    each_host(st, |h| async move {
+        follow_restart(st, &h).await;
+    })
+    .await;
+}
+
+/// [`follow_host_restarts`] for one host; returns whether it reconciled.
+pub async fn follow_restart(st: &AppState, conn: &HostConn) -> bool {
+    let Ok(v) = conn.agent.versions().await else {
         // Unreachable: nothing to compare until it answers again.
         return false;
     };
-    if !st.host_instance_changed(&v.instance) {
+    if !conn.instance_changed(&v.instance) {
         return false;
     }
-    tracing::warn!(instance = %v.instance, "the host agent restarted; reconciling with it");
-    match reconcile_with(st, Reconcile::HostRestarted).await {
+    tracing::warn!(host = %conn.id, instance = %v.instance, "the host agent restarted; reconciling with it");
+    match reconcile_with(st, conn, Reconcile::HostRestarted).await {
         Ok(report) => {
             tracing::info!(?report, "reconciled with the restarted host agent");
             true
         }
         Err(e) => {
             // Tried again on the next tick.
-            st.forget_host_instance();
+            conn.forget_instance();
             tracing::warn!(error = %e, "reconciling with the restarted host agent failed");
             false
         }
     }
+}
+
+/// What a host's report says of its size, for the `hosts` table.
+pub fn specs_of(i: &crate::agent::HostInfo) -> wrenn_db::HostSpecs {
+    wrenn_db::HostSpecs {
+        arch: i.arch.clone(),
+        cpu_cores: i.cpu_cores,
+        memory_mb: i.memory_mb,
+        disk_gb: i.disk_mb / 1024,
+    }
+}
+
+/// One round of the host monitor: takes the `hosts` table's word on each host
+/// (draining, team-owned), asks every host for its report at once, records those that
+/// answered as online and marks those silent past the timeout `unreachable` (they take
+/// no new capsules; their capsules keep their rows and are reconciled when the host
+/// answers again). Agents that never answered are asked again.
+pub async fn monitor_once(st: &AppState) {
+    match st.db.system_hosts().await {
+        Ok(rows) => {
+            for h in rows {
+                st.hosts
+                    .set_policy(&h.id, h.status == wrenn_db::HostStatus::Draining, h.team_id);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "host monitor: cannot read the hosts table"),
+    }
+    for conn in st.hosts.resolve().await {
+        let specs = conn.info().map(|i| specs_of(&i));
+        if let Err(e) = st
+            .db
+            .system_host_online(&conn.id, conn.address.as_deref(), specs.as_ref())
+            .await
+        {
+            tracing::warn!(host = %conn.id, error = %e, "host not recorded");
+        }
+    }
+    futures_util::future::join_all(st.hosts.all().into_iter().map(|conn| async move {
+        let was_unreachable = conn.unreachable();
+        if st.hosts.probe(&conn).await {
+            let specs = conn.info().map(|i| specs_of(&i));
+            if let Err(e) = st
+                .db
+                .system_host_online(&conn.id, conn.address.as_deref(), specs.as_ref())
+                .await
+            {
+                tracing::warn!(host = %conn.id, error = %e, "host heartbeat not recorded");
+            }
+            if was_unreachable {
+                tracing::info!(host = %conn.id, "host answers again; it takes new capsules");
+            }
+        } else if st.hosts.silent(&conn) {
+            tracing::warn!(host = %conn.id, silent_s = st.hosts.config.timeout.as_secs_f64(),
+                "host silent: unreachable, it takes no new capsules until it answers");
+            if let Err(e) = st.db.system_host_unreachable(&conn.id).await {
+                tracing::warn!(host = %conn.id, error = %e, "host status not recorded");
+            }
+        }
+    }))
+    .await;
+}
+
+/// Runs the host monitor until the task is aborted.
+pub fn spawn_monitor(st: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(st.hosts.config.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            monitor_once(&st).await;
+        }
+    })
 }
 
 /// Runs the reaper until the task is aborted.

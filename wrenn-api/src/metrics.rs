@@ -138,7 +138,11 @@ pub async fn serve(State(st): State<Arc<AppState>>) -> Response {
         }
     }
     st.metrics.pools.reset();
-    for p in st.agent.pools().await.unwrap_or_default() {
+    let mut pools = Vec::new();
+    for host in st.hosts.all() {
+        pools.extend(host.agent.pools().await.unwrap_or_default());
+    }
+    for p in pools {
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for (what, v) in [
             ("target", p.target as u64),

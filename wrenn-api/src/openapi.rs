@@ -111,6 +111,7 @@ impl Modify for CommonErrors {
         v1::files::list, v1::files::mkdir, v1::files::remove,
         v1::snapshots::create, v1::snapshots::list, v1::snapshots::delete,
         v1::admin::pools, v1::admin::set_pool,
+        v1::hosts::list, v1::hosts::get, v1::hosts::delete_preview,
         e2b::create, e2b::create_v2, e2b::connect, e2b::connect_v2, e2b::resume, e2b::get, e2b::kill, e2b::set_timeout,
         e2b::pause, e2b::list_v2, e2b::list_v1, e2b::metrics, e2b::fork, e2b::update_network,
         e2b::create_snapshot, e2b::list_snapshots, e2b::delete_template,
@@ -121,6 +122,7 @@ impl Modify for CommonErrors {
         (name = "exec", description = "Commands and processes (WebSockets: GET /v1/capsules/{id}/exec/stream, /processes/{selector}/stream, /pty)"),
         (name = "files", description = "Files inside a capsule"),
         (name = "snapshots", description = "Snapshot templates"),
+        (name = "hosts", description = "Hosts that run capsules (platform admins)"),
         (name = "e2b", description = "E2B-compatible API (errors as {code, message})"),
     )
 )]
@@ -139,11 +141,14 @@ pub async fn health(State(st): State<Arc<AppState>>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        accel: st
-            .versions()
-            .await
-            .map(|v| v.accel.clone())
-            .unwrap_or_default(),
+        accel: match st.hosts.any() {
+            Ok(h) => h
+                .versions()
+                .await
+                .map(|v| v.accel.clone())
+                .unwrap_or_default(),
+            Err(_) => String::new(),
+        },
     })
 }
 

@@ -7,6 +7,7 @@
 //! `e2b-traffic-access-token`. Killing or pausing a
 //! capsule ends everything in flight to it at once ([`LiveStreams`]).
 
+use crate::agent::HostAgent;
 use crate::error::{ApiError, E2bError};
 use crate::state::AppState;
 use axum::body::Body;
@@ -185,7 +186,12 @@ fn strip_hop_headers(h: &mut HeaderMap) {
     h.remove("e2b-sandbox-port");
 }
 
-async fn resolve(st: &AppState, t: &Target, headers: &HeaderMap) -> Result<SocketAddr, ApiError> {
+/// The address of a capsule's port, and the agent of its host.
+async fn resolve(
+    st: &AppState,
+    t: &Target,
+    headers: &HeaderMap,
+) -> Result<(SocketAddr, Arc<dyn HostAgent>), ApiError> {
     let not_found = || ApiError::not_found(&format!("capsule {}", t.capsule));
     let id = CapsuleId::parse(&t.capsule).map_err(|_| not_found())?;
     let mut c = st
@@ -219,7 +225,9 @@ async fn resolve(st: &AppState, t: &Target, headers: &HeaderMap) -> Result<Socke
         }
     }
     crate::service::touch(st, &c).await;
-    Ok(st.agent.port(&id, t.port).await?.addr)
+    let agent = st.agent_of(&c)?;
+    let addr = agent.port(&id, t.port).await?.addr;
+    Ok((addr, agent))
 }
 
 /// Header carrying a capsule's traffic access token (E2B's name).
@@ -289,7 +297,7 @@ fn strip_wrenn_credentials(st: &AppState, h: &mut HeaderMap) {
 
 async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, ApiError> {
     strip_wrenn_credentials(st, req.headers_mut());
-    let addr = resolve(st, &t, req.headers()).await?;
+    let (addr, agent) = resolve(st, &t, req.headers()).await?;
     req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
     st.metrics.proxied();
     let path = req
@@ -320,7 +328,7 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
         // A refused upload's body is read (a bounded amount of it) first, so the
         // client gets to see the answer instead of a broken pipe.
         if let Some(n) = declared {
-            if let Err(e) = st.agent.ensure_space(n).await {
+            if let Err(e) = agent.ensure_space(n).await {
                 drain(req.body_mut()).await;
                 return Err(e.into());
             }

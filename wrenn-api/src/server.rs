@@ -1,8 +1,10 @@
 //! The control plane's life: open its data directory and database ([`ControlPlane::open`]),
-//! then serve the API over a host agent until shutdown ([`ControlPlane::serve`]). The
-//! host agent is the caller's: `wrenn serve` starts one in process.
+//! then serve the API over host agents until shutdown ([`ControlPlane::serve`]). The
+//! host agents are the caller's: `wrenn serve` starts one in process, or drives the
+//! `wrenn agent`s it is given.
 
 use crate::agent::HostAgent;
+use crate::hosts::{HostConn, MonitorConfig};
 use crate::state::{ApiConfig, AppState};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,6 +29,8 @@ pub struct ServeOptions {
     /// while this data directory was served by another database), pairing the two anew.
     pub adopt_data_dir: bool,
     pub config: ApiConfig,
+    /// How the host monitor watches the host agents, and placement among them.
+    pub monitor: MonitorConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +47,8 @@ pub enum ServeError {
     },
     #[error("Reconciliation with the host failed: {0}")]
     Reconcile(String),
+    #[error("Host agent: {0}")]
+    Host(String),
     #[error("{0}")]
     DataDirMismatch(String),
     #[error("Server failed")]
@@ -224,12 +230,14 @@ impl ControlPlane {
         })
     }
 
-    /// Serves the API over `agent` until `shutdown` completes, then pauses the running
-    /// capsules it knows and returns. `on_ready` gets the bound address and, on a first
-    /// start, the bootstrap API key.
+    /// Serves the API over the host agents `agents` (each with the address it was
+    /// reached at, if remote) until `shutdown` completes, then pauses the running
+    /// capsules it knows and returns. `on_ready` gets the bound address and, on a
+    /// first start, the bootstrap API key. With one agent, it must answer now; with
+    /// several, those that do not are taken when they answer.
     pub async fn serve(
         self,
-        agent: Arc<dyn HostAgent>,
+        agents: Vec<(Arc<dyn HostAgent>, Option<String>)>,
         shutdown: impl Future<Output = ()> + Send + 'static,
         on_ready: impl FnOnce(SocketAddr, Option<&str>),
     ) -> Result<(), ServeError> {
@@ -241,20 +249,39 @@ impl ControlPlane {
         } = self;
         let state = Arc::new(AppState::new(
             db.clone(),
-            agent,
+            opts.monitor.clone(),
             opts.config.clone(),
             &secret,
         ));
-        db.system_host_online(&state.host_id, None)
-            .await
-            .map_err(ServeError::Db)?;
-        // The agent instance this reconciliation sees: a later one means it restarted.
-        if let Ok(v) = state.agent.versions().await {
-            state.host_instance_changed(&v.instance);
+        let single = agents.len() == 1;
+        for (agent, address) in agents {
+            let conn = match HostConn::connect(agent.clone(), address.clone()).await {
+                Ok(conn) => conn,
+                Err(e) if !single => {
+                    tracing::warn!(address = ?address, error = %e,
+                        "host agent not answering; it takes capsules once it does");
+                    state.hosts.add_unresolved(agent, address);
+                    continue;
+                }
+                Err(e) => return Err(ServeError::Host(e.to_string())),
+            };
+            let conn = state
+                .hosts
+                .add(conn)
+                .map_err(|e| ServeError::Host(e.to_string()))?;
+            let specs = conn.info().map(|i| crate::lifecycle::specs_of(&i));
+            db.system_host_online(&conn.id, conn.address.as_deref(), specs.as_ref())
+                .await
+                .map_err(ServeError::Db)?;
+            // The agent instance this reconciliation sees: a later one means it restarted.
+            if let Ok(v) = conn.agent.versions().await {
+                conn.instance_changed(&v.instance);
+            }
         }
         crate::lifecycle::reconcile(&state)
             .await
             .map_err(ServeError::Reconcile)?;
+        let monitor = crate::lifecycle::spawn_monitor(state.clone());
         let reaper = crate::lifecycle::spawn_reaper(state.clone());
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
@@ -274,6 +301,7 @@ impl ControlPlane {
         .with_graceful_shutdown(shutdown)
         .await;
         reaper.abort();
+        monitor.abort();
         crate::lifecycle::pause_all_running(&state).await;
         db.close().await;
         served.map_err(ServeError::Serve)

@@ -4,6 +4,7 @@
 use crate::agent::{CapsuleSpec, HostCapsule, HostError, HostErrorKind, PauseMode, ResumeMode};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
+use crate::hosts::HostConn;
 use crate::state::AppState;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -104,13 +105,24 @@ pub async fn running(state: &AppState, who: &Principal, id: &str) -> ApiResult<C
     Ok(c)
 }
 
-/// Validates a template name and finds it on the host: a snapshot of the caller's team
-/// first, then a platform template.
+/// A template as a create finds it.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// As the caller named it.
+    pub name: String,
+    /// Its name on the hosts.
+    pub host_name: String,
+    /// The host holding it, for a team snapshot (platform templates are on every host).
+    pub holder: Option<wrenn_core::scheduler::HostId>,
+}
+
+/// Validates a template name and finds it: a snapshot of the caller's team first, then a
+/// platform template.
 pub async fn resolve_template(
     state: &AppState,
     who: &Principal,
     name: Option<&str>,
-) -> ApiResult<(String, String)> {
+) -> ApiResult<Resolved> {
     let name = name.filter(|n| !n.is_empty()).unwrap_or(DEFAULT_TEMPLATE);
     let parsed = wrenn_core::template::TemplateName::parse(name)
         .map_err(|e| ApiError::invalid(format!("template: {e}")))?;
@@ -121,13 +133,17 @@ pub async fn resolve_template(
                 .get(HOST_TEMPLATE_KEY)
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::internal("snapshot has no host template"))?;
-            return Ok((name.to_string(), host.to_string()));
+            return Ok(Resolved {
+                name: name.to_string(),
+                host_name: host.to_string(),
+                holder: t.host_id,
+            });
         }
         Err(e) if e.is_not_found() => {}
         Err(e) => return Err(e.into()),
     }
-    let host_name = if DEFAULT_ALIASES.contains(&name) && state.agent.template(name).await.is_err()
-    {
+    let any = state.hosts.any()?.agent.clone();
+    let host_name = if DEFAULT_ALIASES.contains(&name) && any.template(name).await.is_err() {
         DEFAULT_TEMPLATE
     } else {
         name
@@ -135,8 +151,12 @@ pub async fn resolve_template(
     if is_team_snapshot_name(host_name) {
         return Err(ApiError::not_found(&format!("template {name}")));
     }
-    match state.agent.template(host_name).await {
-        Ok(_) => Ok((name.to_string(), host_name.to_string())),
+    match any.template(host_name).await {
+        Ok(_) => Ok(Resolved {
+            name: name.to_string(),
+            host_name: host_name.to_string(),
+            holder: None,
+        }),
         Err(e) if e.kind == HostErrorKind::NotFound => {
             Err(ApiError::not_found(&format!("template {name}")))
         }
@@ -181,9 +201,9 @@ pub fn validate_metadata(m: &Map<String, Value>) -> ApiResult<()> {
     Ok(())
 }
 
-async fn system_metadata(state: &AppState) -> Map<String, Value> {
+async fn system_metadata(host: &HostConn) -> Map<String, Value> {
     let mut m = Map::new();
-    match state.versions().await {
+    match host.versions().await {
         Ok(v) => {
             m.insert("envd_version".into(), v.envd_version.clone().into());
             m.insert("kernel_version".into(), v.kernel_version.clone().into());
@@ -196,9 +216,8 @@ async fn system_metadata(state: &AppState) -> Map<String, Value> {
 }
 
 /// The access token of a running capsule's guest agent, as its host gives it.
-async fn envd_access_token(state: &AppState, id: &CapsuleId) -> Option<String> {
-    state
-        .agent
+async fn envd_access_token(host: &HostConn, id: &CapsuleId) -> Option<String> {
+    host.agent
         .envd(id)
         .await
         .ok()
@@ -209,19 +228,35 @@ async fn envd_access_token(state: &AppState, id: &CapsuleId) -> Option<String> {
 /// written; if the row cannot be written the capsule is destroyed again.
 pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiResult<Capsule> {
     let started = std::time::Instant::now();
-    let (template, host_template) = resolve_template(state, who, p.template.as_deref()).await?;
+    let resolved = resolve_template(state, who, p.template.as_deref()).await?;
+    let (template, host_template) = (resolved.name.clone(), resolved.host_name.clone());
     let mut labels = HashMap::new();
     labels.insert(TEAM_LABEL.to_string(), who.team_id.clone());
     // A pre-booted template restores with the sizes it was saved with: other sizes
     // of a platform template boot it instead; a team snapshot always keeps its own.
     let (mut vcpus, mut memory_mb, mut cold_boot) = (p.vcpus, p.memory_mb, false);
-    let host_tpl = state.agent.template(&host_template).await.ok();
+    let probe = match &resolved.holder {
+        Some(h) => state.hosts.get(h)?,
+        None => state.hosts.any()?,
+    };
+    let host_tpl = probe.agent.template(&host_template).await.ok();
     if is_team_snapshot_name(&host_template) {
         (vcpus, memory_mb) = (None, None);
     } else if let Some(t) = &host_tpl {
         let differs = |want: Option<u32>, have: Option<u32>| want.is_some() && want != have;
         cold_boot = t.snapshot && (differs(vcpus, t.vcpus) || differs(memory_mb, t.memory_mb));
     }
+    let want_vcpus = vcpus
+        .or(host_tpl.as_ref().and_then(|t| t.vcpus))
+        .unwrap_or(1);
+    let want_memory = memory_mb
+        .or(host_tpl.as_ref().and_then(|t| t.memory_mb))
+        .unwrap_or(512);
+    let want_disk = host_tpl
+        .as_ref()
+        .map(|t| t.size_bytes.div_ceil(1 << 20))
+        .filter(|mb| *mb > 0)
+        .unwrap_or(wrenn_db::DEFAULT_DISK_MB);
     let _reserved = state
         .quotas
         .reserve(
@@ -229,22 +264,28 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
             &who.team_id,
             crate::quota::Ask::capsules(
                 1,
-                u64::from(
-                    vcpus
-                        .or(host_tpl.as_ref().and_then(|t| t.vcpus))
-                        .unwrap_or(1),
-                ),
-                u64::from(
-                    memory_mb
-                        .or(host_tpl.as_ref().and_then(|t| t.memory_mb))
-                        .unwrap_or(512),
-                ),
-                host_tpl
-                    .as_ref()
-                    .map(|t| t.size_bytes.div_ceil(1 << 20))
-                    .filter(|mb| *mb > 0)
-                    .unwrap_or(wrenn_db::DEFAULT_DISK_MB),
+                u64::from(want_vcpus),
+                u64::from(want_memory),
+                want_disk,
             ),
+        )
+        .await?;
+    // A team snapshot is used on the host that holds it.
+    let holders = resolved.holder.clone().map(|h| vec![h]);
+    let host = state
+        .hosts
+        .place(
+            &wrenn_core::scheduler::PlacementRequest {
+                team: who.team_id.clone(),
+                template: host_template.clone(),
+                vcpus: u64::from(want_vcpus),
+                memory_mb: u64::from(want_memory),
+                // The host checks its disk itself (it knows its overcommit); placement
+                // weighs how full each host's disk is.
+                disk_mb: 0,
+                tags: Default::default(),
+            },
+            holders.as_deref(),
         )
         .await?;
     let spec = CapsuleSpec {
@@ -256,7 +297,7 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
         cold_boot,
         network: p.network.egress.clone(),
     };
-    let hc = match state.agent.create(spec).await {
+    let hc = match host.agent.create(spec).await {
         Ok(c) => c,
         Err(e) => {
             let err = ApiError::from(e);
@@ -276,6 +317,7 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
     let row = record(
         state,
         who,
+        &host,
         &hc,
         &template,
         &p.metadata,
@@ -303,9 +345,11 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
     Ok(row)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn record(
     state: &AppState,
     who: &Principal,
+    host: &HostConn,
     hc: &HostCapsule,
     template: &str,
     user_metadata: &Map<String, Value>,
@@ -313,8 +357,8 @@ async fn record(
     network: &NetworkParams,
 ) -> ApiResult<Capsule> {
     let mut metadata = user_metadata.clone();
-    metadata.extend(system_metadata(state).await);
-    let token = envd_access_token(state, &hc.id)
+    metadata.extend(system_metadata(host).await);
+    let token = envd_access_token(host, &hc.id)
         .await
         .map(|t| state.tokens.seal(hc.id.as_str(), &t));
     let traffic_token = network.private_ports.then(|| {
@@ -339,13 +383,13 @@ async fn record(
         network: network.egress.clone(),
         public_traffic: !network.private_ports,
         traffic_access_token: traffic_token,
-        host_id: state.host_id.clone(),
+        host_id: host.id.clone(),
     };
     match state.db.insert_capsule(&who.team_id, new).await {
         Ok(row) => Ok(row),
         Err(e) => {
             tracing::error!(capsule = %hc.id, error = %e, "capsule row not written; destroying the capsule");
-            if let Err(d) = state.agent.destroy(&hc.id).await {
+            if let Err(d) = host.agent.destroy(&hc.id).await {
                 tracing::error!(capsule = %hc.id, error = %d, "destroying the unrecorded capsule failed");
             }
             Err(e.into())
@@ -445,6 +489,7 @@ pub async fn pause_with(
             c.id, c.status
         )));
     }
+    state.host_of(c)?;
     claim(
         state,
         c,
@@ -456,12 +501,13 @@ pub async fn pause_with(
     state
         .streams
         .end(c.id.as_str(), crate::proxy::EndReason::Paused);
-    let result = state.agent.pause(&c.id, mode).await;
+    let agent = state.agent_of(c)?;
+    let result = agent.pause(&c.id, mode).await;
     state.guests.forget(&c.id);
     let ok = result.is_ok();
     let row = match result {
         Ok(()) => {
-            match state.agent.export_metrics(&c.id).await {
+            match agent.export_metrics(&c.id).await {
                 Ok(Some(saved)) => {
                     let kept = match serde_json::to_value(&saved) {
                         Ok(v) => state
@@ -508,7 +554,11 @@ pub async fn pause_with(
 /// operation (`c`, the row as claimed from), so that no row is left mid-operation; the
 /// reconciliation with a restarted agent corrects it if the operation did complete.
 async fn settle(state: &AppState, c: &Capsule) -> Option<Capsule> {
-    let status = match state.agent.get(&c.id).await {
+    let asked = match state.agent_of(c) {
+        Ok(agent) => agent.get(&c.id).await,
+        Err(e) => Err(e),
+    };
+    let status = match asked {
         Ok(hc) => hc.status,
         Err(e) if e.kind == HostErrorKind::NotFound => CapsuleStatus::Error,
         Err(e) => {
@@ -537,6 +587,8 @@ pub async fn resume_with(
             c.id, c.status
         )));
     }
+    // Its host holds its snapshot: resumed there or not at all.
+    let host = state.host_of(c)?;
     // A paused capsule holds disk only; running again, it takes vCPUs and memory.
     let _reserved = state
         .quotas
@@ -558,13 +610,13 @@ pub async fn resume_with(
         "resume",
     )
     .await?;
-    let result = state.agent.resume(&c.id, mode).await;
+    let result = host.agent.resume(&c.id, mode).await;
     let ok = result.is_ok();
     let row = match result {
         Ok(_) => {
             if let Ok(Some(saved)) = state.db.load_capsule_metrics(c.id.as_str()).await {
                 let restored = match serde_json::from_value::<TierSnapshot>(saved) {
-                    Ok(history) => state
+                    Ok(history) => host
                         .agent
                         .import_metrics(&c.id, history)
                         .await
@@ -576,7 +628,7 @@ pub async fn resume_with(
                 }
             }
             // The guest's access token changes on every restore.
-            if let Some(token) = envd_access_token(state, &c.id).await {
+            if let Some(token) = envd_access_token(&host, &c.id).await {
                 if let Err(e) = state
                     .db
                     .set_capsule_envd_token(
@@ -699,8 +751,9 @@ pub async fn destroy(
     state
         .streams
         .end(c.id.as_str(), crate::proxy::EndReason::Killed);
+    let agent = state.agent_of(c)?;
     state.guests.forget(&c.id);
-    let result = match state.agent.destroy(&c.id).await {
+    let result = match agent.destroy(&c.id).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind == HostErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
@@ -753,7 +806,8 @@ pub async fn snapshot_with(
     }
     let parsed = wrenn_core::template::TemplateName::parse(name)
         .map_err(|e| ApiError::invalid(format!("name: {e}")))?;
-    if state.agent.template(name).await.is_ok() && !is_team_snapshot_name(name) {
+    let agent = state.agent_of(c)?;
+    if agent.template(name).await.is_ok() && !is_team_snapshot_name(name) {
         return Err(ApiError::conflict(
             "name_reserved",
             format!("{name} is a platform template"),
@@ -778,7 +832,7 @@ pub async fn snapshot_with(
         )
         .await?;
     let host_name = format!("snap-{}", wrenn_core::id::base36(rand::random::<u128>()));
-    let result = state.agent.snapshot(&c.id, &host_name).await;
+    let result = agent.snapshot(&c.id, &host_name).await;
     let ht = match result {
         Ok(t) => t,
         Err(e) => {
@@ -817,17 +871,20 @@ pub async fn snapshot_with(
     let (old, row) = match stored {
         Ok(t) => t,
         Err(e) => {
-            let _ = state.agent.delete_template(&host_name).await;
+            let _ = agent.delete_template(&host_name).await;
             return Err(ApiError::from(e));
         }
     };
     // The old snapshot's files go only once the new one is in place.
-    if let Some(old_host) = old
-        .as_ref()
-        .and_then(|t| t.metadata.get(HOST_TEMPLATE_KEY))
-        .and_then(Value::as_str)
-    {
-        match state.agent.delete_template(old_host).await {
+    if let Some((old_host, holder)) = old.as_ref().and_then(|t| {
+        let name = t.metadata.get(HOST_TEMPLATE_KEY).and_then(Value::as_str)?;
+        Some((name, holder_of(state, t)))
+    }) {
+        let removed = match holder {
+            Ok(h) => h.agent.delete_template(old_host).await,
+            Err(e) => Err(e),
+        };
+        match removed {
             Ok(()) => {}
             Err(e) if e.kind == HostErrorKind::NotFound => {}
             Err(e) => {
@@ -849,10 +906,22 @@ pub async fn snapshot_with(
     Ok(row)
 }
 
+/// The host holding a snapshot template's files (rows from before hosts were recorded
+/// name none: the only host there was).
+fn holder_of(
+    state: &AppState,
+    t: &wrenn_db::Template,
+) -> Result<std::sync::Arc<HostConn>, HostError> {
+    match &t.host_id {
+        Some(id) => state.hosts.get(id),
+        None => state.hosts.any(),
+    }
+}
+
 pub async fn delete_snapshot(state: &AppState, who: &Principal, name: &str) -> ApiResult<()> {
     let t = state.db.get_template(&who.team_id, name).await?;
     if let Some(host) = t.metadata.get(HOST_TEMPLATE_KEY).and_then(Value::as_str) {
-        match state.agent.delete_template(host).await {
+        match holder_of(state, &t)?.agent.delete_template(host).await {
             Ok(()) => {}
             Err(e) if e.kind == HostErrorKind::NotFound => {}
             Err(e) => {
@@ -899,9 +968,10 @@ pub async fn fork(
             ),
         )
         .await?;
+    let host = state.host_of(c)?;
     let mut labels = HashMap::new();
     labels.insert(TEAM_LABEL.to_string(), who.team_id.clone());
-    let forks = state
+    let forks = host
         .agent
         .fork(&c.id, count, labels)
         .await
@@ -932,6 +1002,7 @@ pub async fn fork(
             record(
                 state,
                 who,
+                &host,
                 &hc,
                 &c.template,
                 &user_meta,
@@ -989,7 +1060,7 @@ pub async fn set_network(
     c: &Capsule,
     policy: EgressPolicy,
 ) -> ApiResult<Capsule> {
-    let r = state.agent.set_network(&c.id, policy.clone()).await;
+    let r = state.agent_of(c)?.set_network(&c.id, policy.clone()).await;
     let ok = r.is_ok();
     state
         .audit(

@@ -1,6 +1,6 @@
 //! What every handler shares.
 
-use crate::agent::{HostAgent, HostError, HostVersions};
+use crate::agent::{HostAgent, HostError};
 use crate::auth::{JwtKeys, KeyCache, Principal, RateLimiter};
 use crate::metrics::ServerMetrics;
 use std::collections::HashMap;
@@ -9,7 +9,6 @@ use std::time::Duration;
 use wrenn_core::guest::{GuestAgent, GuestConnector};
 use wrenn_core::host::Endpoint;
 use wrenn_core::id::CapsuleId;
-use wrenn_core::scheduler::HostId;
 use wrenn_db::{AuditResult, Capsule, Db, DbError, NewAuditEntry};
 
 /// Guest agent clients, one per capsule, each with its own connection pool. A client is
@@ -121,16 +120,10 @@ impl Default for ApiConfig {
 #[derive(Debug)]
 pub struct AppState {
     pub db: Db,
-    pub agent: Arc<dyn HostAgent>,
-    /// The id of `agent`'s host in the `hosts` table (the one host this control plane
-    /// drives, for now).
-    pub host_id: HostId,
+    /// The host agents this control plane drives; capsule rows name theirs.
+    pub hosts: crate::hosts::Hosts,
     /// Guest agent clients by capsule, for the endpoint the host handed out.
     pub(crate) guests: GuestClients,
-    /// The host's versions, asked once.
-    versions: tokio::sync::OnceCell<HostVersions>,
-    /// The host agent instance last seen (a new one means the agent restarted).
-    host_instance: Mutex<Option<String>>,
     pub config: ApiConfig,
     pub jwt: JwtKeys,
     pub keys: KeyCache,
@@ -159,7 +152,14 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(db: Db, agent: Arc<dyn HostAgent>, config: ApiConfig, jwt_secret: &[u8]) -> Self {
+    /// A control plane state with no host yet: hosts are added to
+    /// [`AppState::hosts`] as they are found.
+    pub fn new(
+        db: Db,
+        monitor: crate::hosts::MonitorConfig,
+        config: ApiConfig,
+        jwt_secret: &[u8],
+    ) -> Self {
         AppState {
             quotas: crate::quota::Quotas::new(config.team_limits),
             resumes: crate::service::Resumes::default(),
@@ -172,11 +172,8 @@ impl AppState {
                 config.hash_queue,
             ),
             db,
-            agent,
-            host_id: HostId(wrenn_db::LOCAL_HOST.into()),
+            hosts: crate::hosts::Hosts::new(monitor),
             guests: GuestClients::default(),
-            versions: tokio::sync::OnceCell::new(),
-            host_instance: Mutex::new(None),
             config,
             jwt: JwtKeys::new(jwt_secret),
             tokens: crate::secrets::TokenSealer::new(jwt_secret),
@@ -191,33 +188,21 @@ impl AppState {
         }
     }
 
-    /// A client of the guest agent (envd) of a running capsule, at the endpoint its host
-    /// gives.
-    pub async fn guest(&self, id: &CapsuleId) -> Result<Arc<dyn GuestAgent>, HostError> {
-        let ep = self.agent.envd(id).await?;
-        Ok(self.guests.client(id, ep))
+    /// The host that runs or holds capsule `c`.
+    pub fn host_of(&self, c: &Capsule) -> Result<Arc<crate::hosts::HostConn>, HostError> {
+        self.hosts.get(&c.host_id)
     }
 
-    /// Records the host agent instance seen now; true when an earlier one was seen and
-    /// this one differs (the agent restarted since).
-    pub fn host_instance_changed(&self, instance: &str) -> bool {
-        let mut seen = self.host_instance.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = seen.as_deref().is_some_and(|s| s != instance);
-        *seen = Some(instance.to_string());
-        changed
+    /// The agent of the host that runs or holds capsule `c`.
+    pub fn agent_of(&self, c: &Capsule) -> Result<Arc<dyn HostAgent>, HostError> {
+        Ok(self.host_of(c)?.agent.clone())
     }
 
-    /// Forgets the instance seen, so that the next one seen counts as a restart.
-    pub fn forget_host_instance(&self) {
-        let mut seen = self.host_instance.lock().unwrap_or_else(|p| p.into_inner());
-        *seen = Some(String::new());
-    }
-
-    /// Versions of what runs capsules on the host.
-    pub async fn versions(&self) -> Result<&HostVersions, HostError> {
-        self.versions
-            .get_or_try_init(|| self.agent.versions())
-            .await
+    /// A client of the guest agent (envd) of running capsule `c`, at the endpoint its
+    /// host gives.
+    pub async fn guest(&self, c: &Capsule) -> Result<Arc<dyn GuestAgent>, HostError> {
+        let ep = self.agent_of(c)?.envd(&c.id).await?;
+        Ok(self.guests.client(&c.id, ep))
     }
 
     /// Writes an audit row; a failure to write it is logged, never fatal to the action.

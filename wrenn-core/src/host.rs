@@ -12,11 +12,12 @@ use crate::egress::EgressPolicy;
 use crate::guest::AgentError;
 use crate::id::CapsuleId;
 use crate::metrics::{MetricPoint, TierSnapshot};
+use crate::scheduler::{HostId, Usage};
 use crate::snapshot::{PauseMode, ResumeMode};
 use crate::status::CapsuleStatus;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
@@ -132,6 +133,31 @@ pub struct HostVersions {
     pub instance: String,
 }
 
+/// What a host is, has and holds, as its agent reports it: the control plane places
+/// capsules by it and its host monitor takes it as the host's sign of life.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// The host's id, stable across restarts of its agent.
+    pub id: HostId,
+    /// CPU architecture (`x86_64`, `aarch64`).
+    pub arch: String,
+    pub cpu_cores: u32,
+    pub memory_mb: u64,
+    /// Size of the filesystem holding the host's data directory.
+    pub disk_mb: u64,
+    /// What capsules may still write there (above the host's reserve, after what
+    /// running capsules' disks may grow by).
+    pub disk_room_mb: u64,
+    /// What the host's capsules use (its warm pools' ready entries included).
+    pub used: Usage,
+    pub running: u32,
+    pub paused: u32,
+    /// Templates with a pre-booted snapshot.
+    pub snapshot_templates: Vec<String>,
+    /// Ready warm-pool entries per template.
+    pub pool_ready: BTreeMap<String, u32>,
+}
+
 /// Where the control plane reaches a service of a capsule (its guest agent, or one of
 /// its TCP ports), and the credentials it presents there.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +170,9 @@ pub struct Endpoint {
 #[async_trait]
 pub trait HostAgent: Send + Sync + Debug {
     async fn versions(&self) -> Result<HostVersions, HostError>;
+
+    /// The host's identity, size and load (cheap: asked every few seconds).
+    async fn info(&self) -> Result<HostInfo, HostError>;
 
     /// Creates a capsule; returns once its guest agent is ready.
     async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError>;

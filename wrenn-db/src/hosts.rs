@@ -110,22 +110,27 @@ fn as_i64(v: u64) -> i64 {
 }
 
 impl Db {
-    /// Records host `id` as online (created if new), with `specs` when it reported them
-    /// (known ones are kept otherwise): the in-process host at every start of `wrenn serve`.
+    /// Records host `id` as online and heard from now (created if new), with its
+    /// agent's `address` and `specs` when known (known ones are kept otherwise): the
+    /// in-process host at every start of `wrenn serve`, each host agent whenever its
+    /// report arrives.
     pub async fn system_host_online(
         &self,
         id: &HostId,
+        address: Option<&str>,
         specs: Option<&HostSpecs>,
     ) -> Result<Host, DbError> {
         let t = to_db(now());
         let row = sqlx::query(&format!(
             "INSERT INTO hosts (id, arch, cpu_cores, memory_mb, disk_gb, status, \
-             last_heartbeat_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 'online', $6, $6, $6) \
+             last_heartbeat_at, created_at, updated_at, address) \
+             VALUES ($1, $2, $3, $4, $5, 'online', $6, $6, $6, $7) \
              ON CONFLICT (id) DO UPDATE SET arch = COALESCE(excluded.arch, hosts.arch), \
              cpu_cores = COALESCE(excluded.cpu_cores, hosts.cpu_cores), \
              memory_mb = COALESCE(excluded.memory_mb, hosts.memory_mb), \
-             disk_gb = COALESCE(excluded.disk_gb, hosts.disk_gb), status = 'online', \
+             disk_gb = COALESCE(excluded.disk_gb, hosts.disk_gb), \
+             address = COALESCE(excluded.address, hosts.address), \
+             status = CASE WHEN hosts.status = 'draining' THEN 'draining' ELSE 'online' END, \
              last_heartbeat_at = excluded.last_heartbeat_at, updated_at = excluded.updated_at \
              RETURNING {COLS}"
         ))
@@ -135,10 +140,52 @@ impl Db {
         .bind(specs.map(|s| as_i64(s.memory_mb)))
         .bind(specs.map(|s| as_i64(s.disk_gb)))
         .bind(t)
+        .bind(address)
         .fetch_one(self.pool())
         .await
         .map_err(|e| Ctx::op("record host").err(e))?;
         host(&row).map_err(|e| DbError::backend("record host", e))
+    }
+
+    /// Marks host `id` unreachable (silent past the monitor's timeout); a draining host
+    /// stays draining. Returns whether a row changed.
+    pub async fn system_host_unreachable(&self, id: &HostId) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE hosts SET status = 'unreachable', updated_at = $2 \
+             WHERE id = $1 AND status IN ('online', 'pending', 'offline')",
+        )
+        .bind(id.0.as_str())
+        .bind(to_db(now()))
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("mark host unreachable").err(e))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// One host.
+    pub async fn system_host(&self, id: &str) -> Result<Host, DbError> {
+        let row = sqlx::query(&format!("SELECT {COLS} FROM hosts WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(|e| Ctx::op("get host").err(e))?
+            .ok_or(DbError::NotFound { what: "host" })?;
+        host(&row).map_err(|e| DbError::backend("get host", e))
+    }
+
+    /// The ids of the live (not stopped) capsules a host runs or holds.
+    pub async fn system_host_capsules(&self, id: &str) -> Result<Vec<String>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id FROM capsules WHERE host_id = $1 AND status <> 'stopped' ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| Ctx::op("list host capsules").err(e))?;
+        rows.iter()
+            .map(|r| text(r, "id"))
+            .collect::<R<Vec<_>>>()
+            .map_err(|e| DbError::backend("list host capsules", e))
     }
 
     /// Every host, by id.

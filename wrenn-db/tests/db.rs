@@ -40,7 +40,10 @@ async fn hosts_and_where_things_live(t: &TestDb) {
         memory_mb: 24_576,
         disk_gb: 250,
     };
-    let h = db.system_host_online(&local, Some(&specs)).await.unwrap();
+    let h = db
+        .system_host_online(&local, None, Some(&specs))
+        .await
+        .unwrap();
     assert_eq!(
         (
             h.id.clone(),
@@ -62,12 +65,32 @@ async fn hosts_and_where_things_live(t: &TestDb) {
     assert!(h.last_heartbeat_at.is_some() && h.address.is_none() && h.team_id.is_none());
     // A restart that does not report specs keeps the known ones.
     std::thread::sleep(std::time::Duration::from_millis(5));
-    let again = db.system_host_online(&local, None).await.unwrap();
+    let again = db.system_host_online(&local, None, None).await.unwrap();
     assert_eq!((again.arch, again.memory_mb), (h.arch.clone(), h.memory_mb));
     assert!(again.updated_at > h.updated_at);
     assert_eq!(again.created_at, h.created_at);
     let other = HostId("host-b".into());
-    db.system_host_online(&other, None).await.unwrap();
+    db.system_host_online(&other, Some("http://10.0.0.2:50051"), None)
+        .await
+        .unwrap();
+    // Silent: unreachable (once); heard from again: online, address kept.
+    assert!(db.system_host_unreachable(&other).await.unwrap());
+    assert!(!db.system_host_unreachable(&other).await.unwrap());
+    let b = db.system_host("host-b").await.unwrap();
+    assert_eq!(
+        (b.status, b.address.as_deref()),
+        (HostStatus::Unreachable, Some("http://10.0.0.2:50051"))
+    );
+    let back = db.system_host_online(&other, None, None).await.unwrap();
+    assert_eq!(
+        (back.status, back.address.as_deref()),
+        (HostStatus::Online, Some("http://10.0.0.2:50051"))
+    );
+    assert!(db
+        .system_host("host-nope")
+        .await
+        .expect_err("unknown host")
+        .is_not_found());
     let ids: Vec<HostId> = db
         .system_hosts()
         .await
@@ -91,6 +114,11 @@ async fn hosts_and_where_things_live(t: &TestDb) {
     assert_eq!(on_b.host_id, other);
     let read = db.get_capsule(&team.id, on_b.id.as_str()).await.unwrap();
     assert_eq!(read.host_id, other);
+    assert_eq!(
+        db.system_host_capsules("host-b").await.unwrap(),
+        vec![on_b.id.to_string()]
+    );
+    assert!(db.system_host_capsules("local").await.unwrap().is_empty());
     let listed = db.system_live_capsules().await.unwrap();
     assert_eq!(
         listed

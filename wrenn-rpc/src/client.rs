@@ -10,7 +10,8 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
-    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostTemplate, HostVersions, PoolStats,
+    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostInfo, HostTemplate, HostVersions,
+    PoolStats,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, TierSnapshot};
@@ -100,6 +101,11 @@ impl HostAgent for RemoteAgent {
     async fn versions(&self) -> Result<HostVersions, HostError> {
         let r = self.client.clone().versions(self.quick(pb::Empty {})).await;
         Ok(cv::versions_from(r.map_err(err)?.into_inner()))
+    }
+
+    async fn info(&self) -> Result<HostInfo, HostError> {
+        let r = self.client.clone().info(self.quick(pb::Empty {})).await;
+        Ok(cv::info_from(r.map_err(err)?.into_inner()))
     }
 
     async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError> {

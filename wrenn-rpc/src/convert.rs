@@ -6,11 +6,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::{Code, Status};
 use wrenn_core::egress::{EgressPolicy, EgressPolicyWire};
 use wrenn_core::host::{
-    CapsuleSpec, Endpoint, HostCapsule, HostError, HostErrorKind, HostTemplate, HostVersions,
-    PoolStats,
+    CapsuleSpec, Endpoint, HostCapsule, HostError, HostErrorKind, HostInfo, HostTemplate,
+    HostVersions, PoolStats,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, PendingWindow, TierSnapshot};
+use wrenn_core::scheduler::{HostId, Usage};
 use wrenn_core::snapshot::{PauseMode, ResumeMode};
 use wrenn_core::status::CapsuleStatus;
 
@@ -133,6 +134,46 @@ pub fn versions_from(v: pb::Versions) -> HostVersions {
         agent_version: v.agent_version,
         accel: v.accel,
         instance: v.instance,
+    }
+}
+
+pub fn info_to(i: HostInfo) -> pb::HostInfo {
+    pb::HostInfo {
+        id: i.id.0,
+        arch: i.arch,
+        cpu_cores: i.cpu_cores,
+        memory_mb: i.memory_mb,
+        disk_mb: i.disk_mb,
+        disk_room_mb: i.disk_room_mb,
+        running_vcpus: i.used.running_vcpus,
+        running_memory_mb: i.used.running_memory_mb,
+        paused_memory_mb: i.used.paused_memory_mb,
+        used_disk_mb: i.used.disk_mb,
+        running: i.running,
+        paused: i.paused,
+        snapshot_templates: i.snapshot_templates,
+        pool_ready: i.pool_ready.into_iter().collect(),
+    }
+}
+
+pub fn info_from(i: pb::HostInfo) -> HostInfo {
+    HostInfo {
+        id: HostId(i.id),
+        arch: i.arch,
+        cpu_cores: i.cpu_cores,
+        memory_mb: i.memory_mb,
+        disk_mb: i.disk_mb,
+        disk_room_mb: i.disk_room_mb,
+        used: Usage {
+            running_vcpus: i.running_vcpus,
+            running_memory_mb: i.running_memory_mb,
+            paused_memory_mb: i.paused_memory_mb,
+            disk_mb: i.used_disk_mb,
+        },
+        running: i.running,
+        paused: i.paused,
+        snapshot_templates: i.snapshot_templates,
+        pool_ready: i.pool_ready.into_iter().collect(),
     }
 }
 

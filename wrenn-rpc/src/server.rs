@@ -63,6 +63,10 @@ impl Rpc for AgentService {
         ))
     }
 
+    async fn info(&self, _: Request<pb::Empty>) -> Reply<pb::HostInfo> {
+        ok(cv::info_to(self.agent.info().await.map_err(status)?))
+    }
+
     async fn create(&self, req: Request<pb::CapsuleSpec>) -> Reply<pb::Capsule> {
         let spec = cv::spec_from(req.into_inner()).map_err(status)?;
         ok(cv::capsule_to(

@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
-    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostErrorKind, HostTemplate,
-    HostVersions, PoolStats,
+    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostErrorKind, HostInfo,
+    HostTemplate, HostVersions, PoolStats,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, PendingWindow, TierSnapshot};
+use wrenn_core::scheduler::{HostId, Usage};
 use wrenn_core::snapshot::{PauseMode, ResumeMode};
 use wrenn_core::status::CapsuleStatus;
 use wrenn_rpc::{RemoteAgent, Timeouts};
@@ -106,6 +107,26 @@ impl HostAgent for Echo {
             agent_version: "0.1.0".into(),
             accel: "tcg".into(),
             instance: "i-1".into(),
+        })
+    }
+    async fn info(&self) -> Result<HostInfo, HostError> {
+        Ok(HostInfo {
+            id: HostId("host-a".into()),
+            arch: "x86_64".into(),
+            cpu_cores: 64,
+            memory_mb: 256 * 1024,
+            disk_mb: 2_000_000,
+            disk_room_mb: 1_500_000,
+            used: Usage {
+                running_vcpus: 12,
+                running_memory_mb: 6144,
+                paused_memory_mb: 2048,
+                disk_mb: 40_000,
+            },
+            running: 6,
+            paused: 2,
+            snapshot_templates: vec!["python".into(), "team-x-snap".into()],
+            pool_ready: [("python".to_string(), 3)].into_iter().collect(),
         })
     }
     async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError> {
@@ -277,6 +298,10 @@ async fn every_operation_crosses_unchanged() {
     assert_eq!(
         remote.versions().await.expect("versions"),
         echo.versions().await.expect("versions")
+    );
+    assert_eq!(
+        remote.info().await.expect("info"),
+        echo.info().await.expect("info")
     );
     let policy = EgressPolicy::new(
         &["10.0.0.0/8", "*.example.com"],

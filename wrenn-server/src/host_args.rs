@@ -56,13 +56,20 @@ impl HostArgs {
     }
 }
 
-/// Starts this machine's host on `data_dir` (probe, sweep, pools) as an agent.
-pub async fn start_host(data_dir: &Path, args: HostArgs) -> Result<LocalAgent> {
+/// Starts this machine's host on `data_dir` (probe, sweep, pools) as an agent whose
+/// host is `host_id`.
+pub async fn start_host(data_dir: &Path, args: HostArgs, host_id: &str) -> Result<LocalAgent> {
     let host = wrenn::Host::local(args.options(data_dir))
         .await
         .context("host setup failed")?;
     tracing::info!(accel = %host.accel_probe().accel, reason = %host.accel_probe().reason, "host ready");
-    Ok(LocalAgent::new(host, LocalAgentOptions::default()))
+    Ok(LocalAgent::new(
+        host,
+        LocalAgentOptions {
+            host_id: wrenn::scheduler::HostId(host_id.to_string()),
+            ..Default::default()
+        },
+    ))
 }
 
 fn parse_jail(s: &str) -> Result<wrenn::JailConfig, String> {

@@ -5,8 +5,9 @@ use anyhow::{Context, Result};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use wrenn_agent::LocalAgent;
+use wrenn_agent::LOCAL_HOST;
 use wrenn_api::agent::HostAgent;
+use wrenn_api::hosts::MonitorConfig;
 use wrenn_api::quota::TeamLimits;
 use wrenn_api::server::{ControlPlane, ServeOptions};
 use wrenn_api::ApiConfig;
@@ -31,10 +32,27 @@ pub struct ServeArgs {
     /// Largest file upload per request, in MiB.
     #[arg(long, env = "WRENN_UPLOAD_LIMIT_MIB", default_value_t = 100)]
     upload_limit_mib: u64,
-    /// Serve capsules of the host agent at this address (`http://HOST:PORT`, a
-    /// `wrenn agent`) instead of starting one in this process.
-    #[arg(long, env = "WRENN_AGENT", conflicts_with = "HostArgs")]
-    agent: Option<String>,
+    /// Serve the capsules of the host agent at this address (`http://HOST:PORT`, a
+    /// `wrenn agent`) instead of starting one in this process. Repeat it (or
+    /// comma-separate in the environment) for several hosts: new capsules go to the
+    /// least loaded reachable one.
+    #[arg(
+        long = "agent",
+        env = "WRENN_AGENTS",
+        value_delimiter = ',',
+        conflicts_with = "HostArgs"
+    )]
+    agents: Vec<String>,
+    /// Seconds between the host monitor's checks of each host agent.
+    #[arg(long, env = "WRENN_HOST_CHECK_INTERVAL", default_value_t = 2.0, value_parser = positive_secs)]
+    host_check_interval: f64,
+    /// Seconds a host agent may stay silent before its host is `unreachable` and takes
+    /// no new capsules (default: three check intervals).
+    #[arg(long, env = "WRENN_HOST_TIMEOUT", value_parser = positive_secs)]
+    host_timeout: Option<f64>,
+    /// vCPUs placed per physical core of a host, when choosing among several hosts.
+    #[arg(long, env = "WRENN_CPU_OVERCOMMIT", default_value_t = 1.5, value_parser = overcommit)]
+    cpu_overcommit: f64,
     #[command(flatten)]
     host: HostArgs,
     /// Most output a synchronous exec returns, in MiB (more: the command is stopped, 413).
@@ -129,6 +147,20 @@ fn signup_open(mode: SignupMode, disabled: bool, listen: SocketAddr) -> bool {
         }
 }
 
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.05..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: expected seconds between 0.05 and 3600")),
+    }
+}
+
+fn overcommit(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.1..=100.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: expected a ratio between 0.1 and 100")),
+    }
+}
+
 pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let term = async {
@@ -179,25 +211,31 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
             trusted_proxies: a.trusted_proxies,
             ..Default::default()
         },
+        monitor: MonitorConfig {
+            interval: Duration::from_secs_f64(a.host_check_interval),
+            timeout: Duration::from_secs_f64(a.host_timeout.unwrap_or(a.host_check_interval * 3.0)),
+            cpu_overcommit: a.cpu_overcommit,
+        },
     };
     let admin_password = opts.bootstrap_admin_password.is_some();
     let signup = opts.config.open_signup;
     // The database is checked against the data directory before the host touches it.
     let control_plane = ControlPlane::open(opts).await.context("wrenn serve")?;
-    let (agent, local): (Arc<dyn HostAgent>, Option<Arc<LocalAgent>>) = match &a.agent {
-        Some(url) => {
-            let remote = wrenn_rpc::RemoteAgent::connect_lazy(url, wrenn_rpc::Timeouts::default())
-                .context("--agent")?;
-            tracing::info!(agent = %url, "serving the capsules of a remote host agent");
-            (Arc::new(remote), None)
-        }
-        None => {
-            let local = Arc::new(start_host(&data_dir, a.host).await?);
-            (local.clone(), Some(local))
-        }
-    };
+    let mut agents: Vec<(Arc<dyn HostAgent>, Option<String>)> = Vec::new();
+    let mut local = None;
+    if a.agents.is_empty() {
+        let host = Arc::new(start_host(&data_dir, a.host, LOCAL_HOST).await?);
+        agents.push((host.clone(), None));
+        local = Some(host);
+    }
+    for url in &a.agents {
+        let remote = wrenn_rpc::RemoteAgent::connect_lazy(url, wrenn_rpc::Timeouts::default())
+            .with_context(|| format!("--agent {url}"))?;
+        tracing::info!(agent = %url, "serving the capsules of a remote host agent");
+        agents.push((Arc::new(remote), Some(url.clone())));
+    }
     let served = control_plane
-        .serve(agent, shutdown_signal(), |addr, key| {
+        .serve(agents, shutdown_signal(), |addr, key| {
             if let Some(key) = key {
                 println!(
                     "Created the admin team's API key (shown once): {key}\n  \

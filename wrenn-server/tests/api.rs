@@ -19,6 +19,7 @@ use std::sync::Arc;
 use tower::ServiceExt;
 use wrenn_agent::{LocalAgent, LocalAgentOptions};
 use wrenn_api::agent::{CapsuleSpec, HostAgent};
+use wrenn_api::hosts::HostConn;
 use wrenn_api::{router, ApiConfig, AppState};
 use wrenn_core::status::CapsuleStatus;
 
@@ -113,10 +114,12 @@ async fn api_in(t: &TestDb, config: ApiConfig, dir: tempfile::TempDir) -> Api {
         .expect("bootstrap");
     let state = Arc::new(AppState::new(
         t.db.clone(),
-        agent,
+        Default::default(),
         config,
         b"test-secret-test-secret-test-secret!",
     ));
+    let conn = HostConn::connect(agent, None).await.expect("host agent");
+    state.hosts.add(conn).expect("host");
     Api {
         app: router(state.clone()),
         state,
@@ -125,10 +128,14 @@ async fn api_in(t: &TestDb, config: ApiConfig, dir: tempfile::TempDir) -> Api {
     }
 }
 
+/// The agent of the suite's one host.
+fn agent(a: &Api) -> Arc<dyn HostAgent> {
+    a.state.hosts.any().expect("the host").agent.clone()
+}
+
 /// The host's warm pool of `template` (empty if it has none).
 async fn pool_of(a: &Api, template: &str) -> wrenn_api::agent::PoolStats {
-    a.state
-        .agent
+    agent(a)
         .pools()
         .await
         .expect("pools")
@@ -694,9 +701,7 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
         )
         .await
         .expect("ghost row");
-    let orphan = a
-        .state
-        .agent
+    let orphan = agent(&a)
         .create(CapsuleSpec {
             template: "minimal".into(),
             ..Default::default()
@@ -704,17 +709,14 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
         .await
         .expect("orphan capsule");
     // A paused capsule no row knows (e.g. `wrenn run --keep` in this data dir).
-    let kept = a
-        .state
-        .agent
+    let kept = agent(&a)
         .create(CapsuleSpec {
             template: "minimal".into(),
             ..Default::default()
         })
         .await
         .expect("kept capsule");
-    a.state
-        .agent
+    agent(&a)
         .pause(&kept.id, wrenn_api::agent::PauseMode::Full)
         .await
         .expect("pause kept capsule");
@@ -722,9 +724,9 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
         .await
         .expect("reconcile");
     assert_eq!(report.quarantined, [kept.id.to_string()], "{report:?}");
-    let host = a.state.agent.get(&kept.id).await.expect("kept on the host");
+    let host = agent(&a).get(&kept.id).await.expect("kept on the host");
     assert_eq!(host.status, CapsuleStatus::Paused);
-    a.state.agent.destroy(&kept.id).await.expect("destroy kept");
+    agent(&a).destroy(&kept.id).await.expect("destroy kept");
     assert_eq!(
         (report.lost, report.orphans_destroyed),
         (1, 1),
@@ -733,7 +735,7 @@ async fn capsule_lifecycle_and_reconcile(t: &TestDb) {
     let r = a.get(&format!("/v1/capsules/{ghost}"), Some(KEY)).await;
     assert_eq!(r.body["status"], "stopped");
     assert!(
-        a.state.agent.get(&orphan.id).await.is_err(),
+        agent(&a).get(&orphan.id).await.is_err(),
         "orphan still on the host"
     );
     let r = a.get(&format!("/v1/capsules/{id}"), Some(KEY)).await;

@@ -41,7 +41,7 @@ pub struct SetPool {
 /// Most ready capsules one pool may keep.
 const MAX_POOL: usize = 64;
 
-fn platform_admin(who: &crate::auth::Principal) -> ApiResult<()> {
+pub(crate) fn platform_admin(who: &crate::auth::Principal) -> ApiResult<()> {
     if who.user()?.is_admin {
         Ok(())
     } else {
@@ -51,23 +51,33 @@ fn platform_admin(who: &crate::auth::Principal) -> ApiResult<()> {
     }
 }
 
+/// The warm pools of every host, summed per template.
 async fn views(st: &AppState) -> ApiResult<Vec<PoolView>> {
-    Ok(st
-        .agent
-        .pools()
-        .await?
-        .into_iter()
-        .map(|p| PoolView {
-            template: p.template,
-            target: p.target,
-            ready: p.ready,
-            filling: p.filling,
-            hits: p.hits,
-            misses: p.misses,
-            last_refill_ms: p.last_refill_ms,
-            memory_mb: p.memory_mb,
-        })
-        .collect())
+    let mut by_template: std::collections::BTreeMap<String, PoolView> = Default::default();
+    for host in st.hosts.all() {
+        for p in host.agent.pools().await? {
+            let v = by_template
+                .entry(p.template.clone())
+                .or_insert_with(|| PoolView {
+                    template: p.template.clone(),
+                    target: 0,
+                    ready: 0,
+                    filling: 0,
+                    hits: 0,
+                    misses: 0,
+                    last_refill_ms: None,
+                    memory_mb: 0,
+                });
+            v.target += p.target;
+            v.ready += p.ready;
+            v.filling += p.filling;
+            v.hits += p.hits;
+            v.misses += p.misses;
+            v.last_refill_ms = v.last_refill_ms.max(p.last_refill_ms);
+            v.memory_mb += p.memory_mb;
+        }
+    }
+    Ok(by_template.into_values().collect())
 }
 
 #[utoipa::path(get, path = "/v1/admin/pools", tag = "admin",
@@ -96,10 +106,13 @@ pub async fn set_pool(
             "size: at most {MAX_POOL} ready capsules per template"
         )));
     }
-    st.agent
-        .set_pool(&template, req.size)
-        .await
-        .map_err(service::host_err)?;
+    // Every host keeps the pool (each places its own capsules from it).
+    for host in st.hosts.all() {
+        host.agent
+            .set_pool(&template, req.size)
+            .await
+            .map_err(service::host_err)?;
+    }
     st.audit(
         &who,
         "pool.set",

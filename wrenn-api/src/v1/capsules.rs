@@ -204,13 +204,15 @@ pub async fn get(
     let c = service::get(&st, &who, &id).await?;
     let mut view = CapsuleView::from_row(&c);
     if c.status == CapsuleStatus::Running {
-        view.disk_used_mb = st
-            .agent
-            .latest_metric(&c.id, Duration::from_secs(5))
-            .await
-            .ok()
-            .flatten()
-            .map(|p| p.disk_bytes >> 20);
+        view.disk_used_mb = match st.agent_of(&c) {
+            Ok(agent) => agent
+                .latest_metric(&c.id, Duration::from_secs(5))
+                .await
+                .ok()
+                .flatten(),
+            Err(_) => None,
+        }
+        .map(|p| p.disk_bytes >> 20);
     }
     Ok(Json(view))
 }
@@ -373,7 +375,7 @@ pub async fn exec(
     }
     let c = service::running(&st, &who, &id).await?;
     service::touch(&st, &c).await;
-    let guest = st.guest(&c.id).await.map_err(service::host_err)?;
+    let guest = st.guest(&c).await.map_err(service::host_err)?;
     let timeout = Duration::from_secs(u64::from(req.timeout_sec.unwrap_or(30).clamp(1, 86_400)));
     let tag = req
         .background
@@ -504,7 +506,7 @@ pub async fn processes(
 ) -> ApiResult<Json<ProcessList>> {
     let c = service::running(&st, &who, &id).await?;
     service::touch(&st, &c).await;
-    let guest = st.guest(&c.id).await.map_err(service::host_err)?;
+    let guest = st.guest(&c).await.map_err(service::host_err)?;
     let list = guest.list_processes().await.map_err(service::guest_err)?;
     Ok(Json(ProcessList {
         processes: list
@@ -561,7 +563,7 @@ pub async fn kill_process(
     };
     let c = service::running(&st, &who, &id).await?;
     service::touch(&st, &c).await;
-    let guest = st.guest(&c.id).await.map_err(service::host_err)?;
+    let guest = st.guest(&c).await.map_err(service::host_err)?;
     let pid = select_process(guest.as_ref(), &selector).await?;
     guest.signal(pid, kill).await.map_err(service::guest_err)?;
     st.audit(
@@ -624,7 +626,7 @@ pub async fn metric_points(
 ) -> ApiResult<Vec<crate::agent::MetricPoint>> {
     match c.status {
         CapsuleStatus::Stopped | CapsuleStatus::Error => Err(ApiError::not_found("capsule")),
-        CapsuleStatus::Running => Ok(st.agent.metrics(&c.id, range).await?),
+        CapsuleStatus::Running => Ok(st.agent_of(c)?.metrics(&c.id, range).await?),
         _ => {
             let saved = st.db.load_capsule_metrics(c.id.as_str()).await?;
             Ok(saved

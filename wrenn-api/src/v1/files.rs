@@ -114,7 +114,7 @@ async fn capsule_guest(
 ) -> ApiResult<(wrenn_db::Capsule, Arc<dyn wrenn_core::guest::GuestAgent>)> {
     let c = service::running(st, who, id).await?;
     service::touch(st, &c).await;
-    let g = st.guest(&c.id).await.map_err(service::host_err)?;
+    let g = st.guest(&c).await.map_err(service::host_err)?;
     Ok((c, g))
 }
 
@@ -342,10 +342,17 @@ pub async fn write(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(n) = declared {
-        st.agent
-            .ensure_space(n)
+        // The capsule's host takes the upload (an unknown capsule is reported below).
+        if let Some(agent) = service::get(&st, &who, &id)
             .await
-            .map_err(|e| refused(ApiError::from(e)))?;
+            .ok()
+            .and_then(|c| st.agent_of(&c).ok())
+        {
+            agent
+                .ensure_space(n)
+                .await
+                .map_err(|e| refused(ApiError::from(e)))?;
+        }
     }
     let cap = usize::try_from(st.config.upload_limit.saturating_add(MULTIPART_OVERHEAD))
         .unwrap_or(usize::MAX);

@@ -4,6 +4,7 @@ pub mod account;
 pub mod admin;
 pub mod capsules;
 pub mod files;
+pub mod hosts;
 pub mod snapshots;
 pub mod stats;
 pub mod ws;

@@ -120,7 +120,8 @@ pub async fn list(
         };
     let mut out = Vec::new();
     if kind != Some(wrenn_db::TemplateKind::Snapshot) {
-        for t in st.agent.templates().await.map_err(service::host_err)? {
+        let any = st.hosts.any().map_err(service::host_err)?;
+        for t in any.agent.templates().await.map_err(service::host_err)? {
             if service::is_team_snapshot_name(&t.name) {
                 continue;
             }
@@ -157,7 +158,11 @@ pub async fn delete(
     match st.db.get_template(&who.team_id, &name).await {
         Ok(_) => {}
         Err(e) if e.is_not_found() => {
-            if st.agent.template(&name).await.is_ok() && !service::is_team_snapshot_name(&name) {
+            let platform = match st.hosts.any() {
+                Ok(h) => h.agent.template(&name).await.is_ok(),
+                Err(_) => false,
+            };
+            if platform && !service::is_team_snapshot_name(&name) {
                 return Err(ApiError::forbidden(format!(
                     "{name} is a protected platform template"
                 )));

@@ -102,7 +102,7 @@ async fn socket_guest(
         .await
         .map_err(|e| e.message)?;
     service::touch(st, &c).await;
-    let g = st.guest(&c.id).await.map_err(|e| e.message)?;
+    let g = st.guest(&c).await.map_err(|e| e.message)?;
     Ok((who, c, g))
 }
 

@@ -63,30 +63,21 @@ impl Capsules {
         self.ctx.config.disk_overcommit.provisioned(disk_mb << 20)
     }
 
-    /// Checks that `bytes` more can be written to the host's disk (an upload)
-    /// without taking it below the reserve.
-    pub fn check_space(&self, op: &'static str, bytes: u64) -> Result<(), CapsuleError> {
-        self.reserve_space(op, bytes).map(drop)
+    /// What operations may still write to the data directory's disk, in bytes (`None`
+    /// when its filesystem cannot say): free space less the reserve, what running
+    /// capsules' disks may still grow by and what operations in flight were promised.
+    pub fn disk_room(&self) -> Option<u64> {
+        let room = self.unpromised_room()?;
+        let pending = self.pending_disk.lock().map(|p| *p).unwrap_or(u64::MAX);
+        Some(room.saturating_sub(pending))
     }
 
-    /// Promises `need` bytes of the data directory's disk to operation `op`, or
-    /// refuses it when that could take the host below the configured reserve:
-    /// what running capsules' writable disks may still grow by (their size minus
-    /// what they hold now, divided by the disk overcommit) and what other
-    /// operations in flight were promised count as used.
-    pub(super) fn reserve_space(
-        &self,
-        op: &'static str,
-        need: u64,
-    ) -> Result<SpaceClaim, CapsuleError> {
+    /// Free space above the reserve before what operations in flight were promised:
+    /// what running capsules' writable disks may still grow by (their size minus what
+    /// they hold now, divided by the disk overcommit) counts as used.
+    fn unpromised_room(&self) -> Option<u64> {
         let state = &self.ctx.parts.state;
-        let claim = |bytes| SpaceClaim {
-            pending: self.pending_disk.clone(),
-            bytes,
-        };
-        let Some(avail) = state.available_bytes() else {
-            return Ok(claim(0));
-        };
+        let avail = state.available_bytes()?;
         let entries: Vec<Arc<Entry>> = self
             .table
             .lock()
@@ -107,14 +98,37 @@ impl Capsules {
             .map(|bytes| self.ctx.config.disk_overcommit.provisioned(bytes))
             .sum();
         let reserve = self.ctx.config.disk_reserve_mb << 20;
+        Some(avail.saturating_sub(growth).saturating_sub(reserve))
+    }
+
+    /// Checks that `bytes` more can be written to the host's disk (an upload)
+    /// without taking it below the reserve.
+    pub fn check_space(&self, op: &'static str, bytes: u64) -> Result<(), CapsuleError> {
+        self.reserve_space(op, bytes).map(drop)
+    }
+
+    /// Promises `need` bytes of the data directory's disk to operation `op`, or
+    /// refuses it when that could take the host below the configured reserve:
+    /// what running capsules' writable disks may still grow by (their size minus
+    /// what they hold now, divided by the disk overcommit) and what other
+    /// operations in flight were promised count as used.
+    pub(super) fn reserve_space(
+        &self,
+        op: &'static str,
+        need: u64,
+    ) -> Result<SpaceClaim, CapsuleError> {
+        let claim = |bytes| SpaceClaim {
+            pending: self.pending_disk.clone(),
+            bytes,
+        };
+        let Some(room) = self.unpromised_room() else {
+            return Ok(claim(0));
+        };
         let mut pending = self
             .pending_disk
             .lock()
             .map_err(|_| CapsuleError::ShuttingDown)?;
-        let free = avail
-            .saturating_sub(growth)
-            .saturating_sub(*pending)
-            .saturating_sub(reserve);
+        let free = room.saturating_sub(*pending);
         if need > free {
             tracing::warn!(
                 op,

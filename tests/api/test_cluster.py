@@ -1,0 +1,224 @@
+"""One control plane, three host agents: `wrenn serve --agent A --agent B --agent C` on
+PostgreSQL places capsules on the least loaded reachable host, routes every operation
+on a capsule to its host, and its host monitor marks a killed agent's host
+`unreachable` (no new capsules go there) until it answers again. The unmodified `e2b`
+and `wrenn` SDKs run through it. Agents listen on loopback (their endpoint does not
+authenticate callers yet), each with its own data directory and host id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+from e2b import Sandbox
+
+from conftest import Agent, _postgres_url
+
+HOSTS = ("host-a", "host-b", "host-c")
+CHECK_INTERVAL_S = 0.5
+HOST_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def cluster(start_server):
+    agents = {h: Agent(f"cluster-{h}", host_id=h) for h in HOSTS}
+    for a in agents.values():
+        a.start()
+    db_url, db_name = _postgres_url()
+    args = ["--database-url", db_url, "--rate-limit", "0",
+            "--host-check-interval", str(CHECK_INTERVAL_S), "--host-timeout", str(HOST_TIMEOUT_S),
+            # Two cores per host here: room for the suite's capsules on each.
+            "--cpu-overcommit", "8"]
+    for a in agents.values():
+        args += ["--agent", a.url]
+    srv = start_server("cluster-cp", args=tuple(args))
+    yield agents, srv
+    with srv.admin() as c:
+        for cap in c.get("/v1/capsules").json():
+            c.delete(f"/v1/capsules/{cap['id']}")
+    srv.stop()
+    for a in agents.values():
+        a.stop()
+        shutil.rmtree(a.data_dir, ignore_errors=True)
+    base = os.environ["WRENN_TEST_POSTGRES_URL"]
+    subprocess.run(["psql", base, "-qc", f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"], check=False)
+
+
+def host_of(agents: dict, cid: str) -> str:
+    """The host whose data directory holds capsule `cid` (exactly one does)."""
+    holders = [h for h, a in agents.items() if os.path.isdir(os.path.join(a.data_dir, "capsules", cid))]
+    assert len(holders) == 1, f"{cid} is in {holders}"
+    return holders[0]
+
+
+def capsules_on(srv, host: str) -> set[str]:
+    with srv.admin_user() as c:
+        r = c.get(f"/v1/hosts/{host}/delete-preview")
+        assert r.status_code == 200, r.text
+        return set(r.json()["sandbox_ids"])
+
+
+def host_status(srv, host: str) -> str:
+    with srv.admin_user() as c:
+        r = c.get(f"/v1/hosts/{host}")
+        assert r.status_code == 200, r.text
+        return r.json()["status"]
+
+
+def wait_host_status(srv, host: str, status: str, timeout: float) -> float:
+    start = time.monotonic()
+    last = None
+    while time.monotonic() - start < timeout:
+        last = host_status(srv, host)
+        if last == status:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError(f"{host} is {last}, not {status}, after {timeout}s")
+
+
+def test_hosts_are_listed_for_platform_admins_only(cluster):
+    agents, srv = cluster
+    with srv.admin_user() as c:
+        r = c.get("/v1/hosts")
+        assert r.status_code == 200, r.text
+        listed = {h["id"]: h for h in r.json()}
+    assert set(HOSTS) <= set(listed), listed
+    for h in HOSTS:
+        assert listed[h]["status"] == "online"
+        assert listed[h]["address"] == agents[h].url
+        assert listed[h]["cpu_cores"] >= 1 and listed[h]["memory_mb"] > 0, listed[h]
+        assert listed[h]["type"] == "regular"
+    # An API key (not a platform admin's user token) is refused; unknown hosts are 404.
+    with srv.admin() as c:
+        r = c.get("/v1/hosts")
+        assert r.status_code == 401 and "user token" in r.json()["error"]["message"], r.text
+    with srv.admin_user() as c:
+        r = c.get("/v1/hosts/host-nope")
+        assert r.status_code == 404, r.text
+
+
+def test_sdks_spread_capsules_over_every_host(cluster, monkeypatch):
+    agents, srv = cluster
+    monkeypatch.setenv("E2B_API_URL", srv.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", srv.url)
+    monkeypatch.setenv("E2B_API_KEY", srv.admin_key)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    monkeypatch.setenv("WRENN_BASE_URL", srv.url)
+    monkeypatch.setenv("WRENN_API_KEY", srv.admin_key)
+    from wrenn import Capsule  # the reference SDK
+
+    sandboxes = [Sandbox.create(template="minimal", timeout=300) for _ in range(3)]
+    capsules = [Capsule.create(template="minimal", wait=True) for _ in range(3)]
+    try:
+        placed = {}
+        for s in sandboxes:
+            placed[s.sandbox_id] = host_of(agents, s.sandbox_id)
+            assert s.commands.run("echo e2b").stdout == "e2b\n"
+        for cap in capsules:
+            placed[cap.capsule_id] = host_of(agents, cap.capsule_id)
+            assert cap.commands.run("echo wrenn").stdout == "wrenn\n"
+        # Every host took some: six equal capsules over three equal hosts.
+        assert set(placed.values()) == set(HOSTS), placed
+        for h in HOSTS:
+            assert {c for c, p in placed.items() if p == h} <= capsules_on(srv, h)
+        # Files, pause and resume go to the capsule's own host.
+        s = sandboxes[0]
+        s.files.write("/home/user/kept.txt", "on " + placed[s.sandbox_id])
+        assert s.pause() is True
+        back = s.connect(timeout=120)
+        assert back.files.read("/home/user/kept.txt") == "on " + placed[s.sandbox_id]
+        assert host_of(agents, s.sandbox_id) == placed[s.sandbox_id]
+    finally:
+        for s in sandboxes:
+            s.kill()
+        for cap in capsules:
+            cap.destroy()
+    for cid in placed:
+        for a in agents.values():
+            assert not os.path.exists(os.path.join(a.data_dir, "capsules", cid)), cid
+
+
+def test_a_killed_agent_is_unreachable_and_skipped_until_it_is_back(cluster):
+    agents, srv = cluster
+    with srv.admin() as c:
+        made = []
+        for _ in range(3):
+            r = c.post("/v1/capsules", json={"template": "minimal"})
+            assert r.status_code == 201, r.text
+            made.append(r.json()["id"])
+        by_host = {cid: host_of(agents, cid) for cid in made}
+        assert set(by_host.values()) == set(HOSTS), by_host
+        victim = by_host[made[0]]
+        # Its paused capsule outlives the agent; its running ones die with its VMMs.
+        paused = made[0]
+        r = c.post(f"/v1/capsules/{paused}/files/write",
+                   files={"path": (None, "/tmp/kept"), "file": ("f", b"kept")})
+        assert r.status_code == 204, r.text
+        r = c.post(f"/v1/capsules/{paused}/pause")
+        assert r.status_code == 200, r.text
+
+        agents[victim].kill9()
+        took = wait_host_status(srv, victim, "unreachable", timeout=HOST_TIMEOUT_S + 10)
+        print(f"kill -9 → {victim} unreachable in {took:.2f}s "
+              f"(timeout {HOST_TIMEOUT_S}s, checks every {CHECK_INTERVAL_S}s)")
+        # The other hosts keep serving, and new capsules avoid the silent one.
+        for cid, h in by_host.items():
+            if h != victim:
+                r = c.post(f"/v1/capsules/{cid}/exec", json={"cmd": "true"})
+                assert r.status_code == 200, r.text
+        fresh = []
+        for _ in range(3):
+            r = c.post("/v1/capsules", json={"template": "minimal"})
+            assert r.status_code == 201, r.text
+            fresh.append(r.json()["id"])
+            assert host_of(agents, fresh[-1]) != victim
+        # Its capsules say where they are: a clear error, not a hang.
+        r = c.post(f"/v1/capsules/{paused}/resume")
+        assert r.status_code == 503, r.text
+
+        agents[victim].start()
+        wait_host_status(srv, victim, "online", timeout=30)
+        r = c.post(f"/v1/capsules/{paused}/resume")
+        assert r.status_code == 200, r.text
+        r = c.post(f"/v1/capsules/{paused}/files/read", json={"path": "/tmp/kept"})
+        assert (r.status_code, r.text) == (200, "kept"), r.text
+        assert host_of(agents, paused) == victim
+        # And it takes new capsules again.
+        r = c.post("/v1/capsules", json={"template": "minimal"})
+        assert r.status_code == 201, r.text
+        fresh.append(r.json()["id"])
+        for cid in made + fresh:
+            c.delete(f"/v1/capsules/{cid}")
+
+
+def test_a_team_snapshot_is_used_on_the_host_that_holds_it(cluster):
+    agents, srv = cluster
+    with srv.admin() as c:
+        r = c.post("/v1/capsules", json={"template": "minimal"})
+        assert r.status_code == 201, r.text
+        src = r.json()["id"]
+        holder = host_of(agents, src)
+        r = c.post(f"/v1/capsules/{src}/files/write",
+                   files={"path": (None, "/home/user/mark"), "file": ("f", b"snap")})
+        assert r.status_code == 204, r.text
+        r = c.post("/v1/snapshots", json={"sandbox_id": src, "name": "cluster-snap"})
+        assert r.status_code == 201, r.text
+        made = []
+        try:
+            for _ in range(2):
+                r = c.post("/v1/capsules", json={"template": "cluster-snap"})
+                assert r.status_code == 201, r.text
+                made.append(r.json()["id"])
+                assert host_of(agents, made[-1]) == holder
+                r = c.post(f"/v1/capsules/{made[-1]}/files/read", json={"path": "/home/user/mark"})
+                assert (r.status_code, r.text) == (200, "snap"), r.text
+        finally:
+            for cid in [src, *made]:
+                c.delete(f"/v1/capsules/{cid}")
+            r = c.delete("/v1/snapshots/cluster-snap")
+            assert r.status_code == 204, r.text

@@ -1,0 +1,625 @@
+//! The hosts this control plane drives: one connection per host agent, what each last
+//! reported of itself, where a new capsule goes, and the host monitor that notices a
+//! host going silent or coming back.
+//!
+//! Capsule rows name their host; every operation on a capsule goes to that host's
+//! agent, so a slow or dead agent holds up only the requests for its own capsules.
+//! With one host (the default single-machine mode) every capsule goes to it and its own
+//! admission control decides, as before; with several, a [`Scheduler`] picks among the
+//! reachable ones by what they reported.
+
+use crate::agent::{HostAgent, HostError, HostErrorKind, HostInfo, HostVersions};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+use wrenn_core::scheduler::{
+    Amounts, HostId, HostView, LeastLoaded, PlacementError, PlacementRequest, Scheduler, Usage,
+};
+
+/// How the control plane watches its hosts.
+#[derive(Clone, Debug)]
+pub struct MonitorConfig {
+    /// How often each host is asked for its report.
+    pub interval: Duration,
+    /// A host that has not answered for this long is `unreachable`: it takes no new
+    /// capsules until it answers again.
+    pub timeout: Duration,
+    /// vCPUs handed out per physical core when placing among several hosts.
+    pub cpu_overcommit: f64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(10),
+            cpu_overcommit: 1.5,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    info: Option<HostInfo>,
+    /// When the host last answered.
+    last_ok: Option<Instant>,
+    /// Silent past the monitor's timeout.
+    unreachable: bool,
+    /// Placed here since the last report (not in it yet).
+    placed: Usage,
+    /// From the `hosts` table: draining hosts take no new capsules, team-owned ones
+    /// only their team's.
+    draining: bool,
+    team: Option<String>,
+}
+
+/// One host agent and what the control plane knows of it.
+#[derive(Debug)]
+pub struct HostConn {
+    pub id: HostId,
+    pub agent: Arc<dyn HostAgent>,
+    /// Where the agent was reached (`None` for the in-process host).
+    pub address: Option<String>,
+    versions: tokio::sync::OnceCell<HostVersions>,
+    /// The agent instance last seen (a new one means the agent restarted).
+    instance: Mutex<Option<String>>,
+    seen: Mutex<Seen>,
+}
+
+impl HostConn {
+    pub fn new(id: HostId, agent: Arc<dyn HostAgent>, address: Option<String>) -> Self {
+        HostConn {
+            id,
+            agent,
+            address,
+            versions: tokio::sync::OnceCell::new(),
+            instance: Mutex::new(None),
+            seen: Mutex::new(Seen::default()),
+        }
+    }
+
+    /// A connection to `agent`, named by the id it reports (asked now).
+    pub async fn connect(
+        agent: Arc<dyn HostAgent>,
+        address: Option<String>,
+    ) -> Result<Self, HostError> {
+        let info = agent.info().await?;
+        let conn = HostConn::new(info.id.clone(), agent, address);
+        conn.answered(info);
+        Ok(conn)
+    }
+
+    fn seen(&self) -> MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Versions of what runs capsules on the host, asked once.
+    pub async fn versions(&self) -> Result<&HostVersions, HostError> {
+        self.versions
+            .get_or_try_init(|| self.agent.versions())
+            .await
+    }
+
+    /// Records the host agent instance seen now; true when an earlier one was seen and
+    /// this one differs (the agent restarted since).
+    pub fn instance_changed(&self, instance: &str) -> bool {
+        let mut seen = self.instance.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = seen.as_deref().is_some_and(|s| s != instance);
+        *seen = Some(instance.to_string());
+        changed
+    }
+
+    /// Forgets the instance seen, so that the next one seen counts as a restart.
+    pub fn forget_instance(&self) {
+        let mut seen = self.instance.lock().unwrap_or_else(|p| p.into_inner());
+        *seen = Some(String::new());
+    }
+
+    /// The last report, if the host ever answered.
+    pub fn info(&self) -> Option<HostInfo> {
+        self.seen().info.clone()
+    }
+
+    pub fn unreachable(&self) -> bool {
+        self.seen().unreachable
+    }
+
+    /// Takes a report: the host answered.
+    fn answered(&self, info: HostInfo) {
+        let mut seen = self.seen();
+        seen.info = Some(info);
+        seen.last_ok = Some(Instant::now());
+        seen.unreachable = false;
+        seen.placed = Usage::default();
+    }
+
+    /// The host did not answer; returns true when that makes it unreachable now
+    /// (silent for `timeout`, or never heard from since `since`).
+    fn silent(&self, timeout: Duration, since: Instant) -> bool {
+        let mut seen = self.seen();
+        let last = seen.last_ok.unwrap_or(since);
+        if !seen.unreachable && last.elapsed() >= timeout {
+            seen.unreachable = true;
+            return true;
+        }
+        false
+    }
+
+    fn view(&self) -> Option<HostView> {
+        let seen = self.seen();
+        let info = seen.info.as_ref()?;
+        let mut used = info.used;
+        used.running_vcpus += seen.placed.running_vcpus;
+        used.running_memory_mb += seen.placed.running_memory_mb;
+        Some(HostView {
+            id: self.id.clone(),
+            schedulable: !seen.unreachable && !seen.draining,
+            tags: Default::default(),
+            team: seen.team.clone(),
+            // Disk as allocated to capsules against what capsules could have (what they
+            // hold plus the room left above the host's reserve): the rest of the
+            // filesystem is not theirs to weigh.
+            capacity: Amounts {
+                vcpus: u64::from(info.cpu_cores),
+                memory_mb: info.memory_mb,
+                disk_mb: info.used.disk_mb.saturating_add(info.disk_room_mb),
+            },
+            reserved: Amounts::default(),
+            used,
+            templates: info.snapshot_templates.iter().cloned().collect(),
+            pool_ready: info
+                .pool_ready
+                .iter()
+                .map(|(t, n)| (t.clone(), *n as usize))
+                .collect(),
+        })
+    }
+}
+
+/// An agent that did not answer when the control plane started: asked again by the
+/// host monitor until it does.
+type Unresolved = (Arc<dyn HostAgent>, Option<String>);
+
+/// Every host agent this control plane drives.
+#[derive(Debug)]
+pub struct Hosts {
+    by_id: RwLock<BTreeMap<HostId, Arc<HostConn>>>,
+    unresolved: Mutex<Vec<Unresolved>>,
+    scheduler: Box<dyn Scheduler>,
+    pub config: MonitorConfig,
+    started: Instant,
+}
+
+fn unavailable(message: impl Into<String>) -> HostError {
+    HostError::new(HostErrorKind::Unavailable, message)
+}
+
+impl Hosts {
+    pub fn new(config: MonitorConfig) -> Self {
+        Hosts {
+            by_id: RwLock::new(BTreeMap::new()),
+            unresolved: Mutex::new(Vec::new()),
+            scheduler: Box::new(LeastLoaded {
+                cpu_overcommit: config.cpu_overcommit,
+                ..LeastLoaded::default()
+            }),
+            config,
+            started: Instant::now(),
+        }
+    }
+
+    /// Adds a host; refuses a second host with the same id.
+    pub fn add(&self, conn: HostConn) -> Result<Arc<HostConn>, HostError> {
+        let mut map = self.by_id.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = map.get(&conn.id) {
+            return Err(HostError::new(
+                HostErrorKind::Conflict,
+                format!(
+                    "host id {} is already taken by the agent at {}",
+                    conn.id,
+                    known.address.as_deref().unwrap_or("this process")
+                ),
+            ));
+        }
+        let conn = Arc::new(conn);
+        map.insert(conn.id.clone(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Keeps an agent that did not answer yet, to be asked again by
+    /// [`Hosts::resolve`].
+    pub fn add_unresolved(&self, agent: Arc<dyn HostAgent>, address: Option<String>) {
+        self.unresolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((agent, address));
+    }
+
+    /// Asks the agents that have not answered yet; adds those that do (their rows are
+    /// reconciled at the next check of host restarts). Returns the hosts added.
+    pub async fn resolve(&self) -> Vec<Arc<HostConn>> {
+        let waiting: Vec<Unresolved> =
+            std::mem::take(&mut *self.unresolved.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut added = Vec::new();
+        for (agent, address) in waiting {
+            let asked = tokio::time::timeout(
+                self.config.timeout,
+                HostConn::connect(agent.clone(), address.clone()),
+            )
+            .await;
+            match asked {
+                Ok(Ok(conn)) => {
+                    // Its rows were not reconciled at start-up: the first restart check
+                    // does it.
+                    conn.forget_instance();
+                    match self.add(conn) {
+                        Ok(conn) => {
+                            tracing::info!(host = %conn.id, address = ?address, "host agent answered; it takes capsules");
+                            added.push(conn);
+                        }
+                        Err(e) => {
+                            tracing::error!(address = ?address, error = %e, "host agent refused")
+                        }
+                    }
+                }
+                _ => self.add_unresolved(agent, address),
+            }
+        }
+        added
+    }
+
+    /// The host with id `id`.
+    pub fn get(&self, id: &HostId) -> Result<Arc<HostConn>, HostError> {
+        self.by_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| unavailable(format!("host {id} is not connected to this control plane")))
+    }
+
+    /// Every host, by id.
+    pub fn all(&self) -> Vec<Arc<HostConn>> {
+        self.by_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// A host to ask about what every host has (the platform templates): the first
+    /// that is not known to be unreachable.
+    pub fn any(&self) -> Result<Arc<HostConn>, HostError> {
+        let all = self.all();
+        all.iter()
+            .find(|c| !c.unreachable())
+            .or(all.first())
+            .cloned()
+            .ok_or_else(|| unavailable("no host is connected to this control plane"))
+    }
+
+    /// Picks the host for a new capsule, among `only` when given (the hosts holding
+    /// the template), and counts the capsule against it until its next report.
+    pub async fn place(
+        &self,
+        req: &PlacementRequest,
+        only: Option<&[HostId]>,
+    ) -> Result<Arc<HostConn>, HostError> {
+        let candidates: Vec<Arc<HostConn>> = self
+            .all()
+            .into_iter()
+            .filter(|c| only.is_none_or(|ids| ids.contains(&c.id)))
+            .collect();
+        let conn = match candidates.as_slice() {
+            [] if only.is_some() => {
+                return Err(unavailable(format!(
+                    "no host that holds template {} is connected",
+                    req.template
+                )))
+            }
+            [] => return Err(unavailable("no host is connected to this control plane")),
+            // One host: its own admission control decides (single-machine mode).
+            [one] if self.by_id.read().map_or(0, |m| m.len()) == 1 || only.is_some() => one.clone(),
+            _ => {
+                // Hosts not heard from yet are asked now.
+                for c in candidates.iter().filter(|c| c.info().is_none()) {
+                    self.probe(c).await;
+                }
+                let views: Vec<HostView> = candidates.iter().filter_map(|c| c.view()).collect();
+                let id = self.scheduler.place(req, &views).map_err(|e| match e {
+                    PlacementError::NoHosts => {
+                        unavailable("no host is reachable and taking new capsules")
+                    }
+                    other => unavailable(other.to_string()),
+                })?;
+                candidates
+                    .into_iter()
+                    .find(|c| c.id == id)
+                    .ok_or_else(|| unavailable(format!("host {id} is gone")))?
+            }
+        };
+        {
+            let mut seen = conn.seen();
+            seen.placed.running_vcpus += req.vcpus;
+            seen.placed.running_memory_mb += req.memory_mb;
+        }
+        Ok(conn)
+    }
+
+    /// Asks one host for its report; returns whether it answered.
+    pub async fn probe(&self, conn: &HostConn) -> bool {
+        let wait = self.config.timeout.max(Duration::from_secs(1));
+        match tokio::time::timeout(wait, conn.agent.info()).await {
+            Ok(Ok(info)) if info.id == conn.id => {
+                conn.answered(info);
+                true
+            }
+            Ok(Ok(info)) => {
+                tracing::error!(host = %conn.id, answered_as = %info.id,
+                    "the agent at this host's address now reports another host id");
+                false
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(host = %conn.id, error = %e, "host did not answer");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Marks a host silent; true when it just became unreachable.
+    pub fn silent(&self, conn: &HostConn) -> bool {
+        conn.silent(self.config.timeout, self.started)
+    }
+
+    /// Takes what the `hosts` table says of a host (draining, team-owned).
+    pub fn set_policy(&self, id: &HostId, draining: bool, team: Option<String>) {
+        if let Ok(conn) = self.get(id) {
+            let mut seen = conn.seen();
+            seen.draining = draining;
+            seen.team = team;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::{
+        CapsuleSpec, Endpoint, HostCapsule, HostTemplate, MetricPoint, PauseMode, PoolStats,
+        ResumeMode, TierSnapshot,
+    };
+    use async_trait::async_trait;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use wrenn_core::egress::EgressPolicy;
+    use wrenn_core::id::CapsuleId;
+
+    /// A host that only reports itself (placement asks nothing else), and can go silent.
+    #[derive(Debug)]
+    struct Reporting {
+        info: HostInfo,
+        down: AtomicBool,
+    }
+
+    fn host(id: &str, cores: u32, memory_mb: u64, running_memory_mb: u64) -> Arc<Reporting> {
+        Arc::new(Reporting {
+            info: HostInfo {
+                id: HostId(id.into()),
+                arch: "x86_64".into(),
+                cpu_cores: cores,
+                memory_mb,
+                disk_mb: 100_000,
+                disk_room_mb: 90_000,
+                used: Usage {
+                    running_memory_mb,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            down: AtomicBool::new(false),
+        })
+    }
+
+    fn no<T>() -> Result<T, HostError> {
+        Err(unavailable("not part of this test"))
+    }
+
+    #[async_trait]
+    impl HostAgent for Reporting {
+        async fn versions(&self) -> Result<HostVersions, HostError> {
+            no()
+        }
+        async fn info(&self) -> Result<HostInfo, HostError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(unavailable("down"));
+            }
+            Ok(self.info.clone())
+        }
+        async fn create(&self, _: CapsuleSpec) -> Result<HostCapsule, HostError> {
+            no()
+        }
+        async fn get(&self, _: &CapsuleId) -> Result<HostCapsule, HostError> {
+            no()
+        }
+        async fn list(&self) -> Result<Vec<HostCapsule>, HostError> {
+            no()
+        }
+        async fn pause(&self, _: &CapsuleId, _: PauseMode) -> Result<(), HostError> {
+            no()
+        }
+        async fn resume(&self, _: &CapsuleId, _: ResumeMode) -> Result<HostCapsule, HostError> {
+            no()
+        }
+        async fn destroy(&self, _: &CapsuleId) -> Result<(), HostError> {
+            no()
+        }
+        async fn set_network(&self, _: &CapsuleId, _: EgressPolicy) -> Result<(), HostError> {
+            no()
+        }
+        async fn fork(
+            &self,
+            _: &CapsuleId,
+            _: usize,
+            _: HashMap<String, String>,
+        ) -> Result<Vec<HostCapsule>, HostError> {
+            no()
+        }
+        async fn snapshot(&self, _: &CapsuleId, _: &str) -> Result<HostTemplate, HostError> {
+            no()
+        }
+        async fn templates(&self) -> Result<Vec<HostTemplate>, HostError> {
+            no()
+        }
+        async fn template(&self, _: &str) -> Result<HostTemplate, HostError> {
+            no()
+        }
+        async fn delete_template(&self, _: &str) -> Result<(), HostError> {
+            no()
+        }
+        async fn envd(&self, _: &CapsuleId) -> Result<Endpoint, HostError> {
+            no()
+        }
+        async fn port(&self, _: &CapsuleId, _: u16) -> Result<Endpoint, HostError> {
+            no()
+        }
+        async fn metrics(&self, _: &CapsuleId, _: Duration) -> Result<Vec<MetricPoint>, HostError> {
+            no()
+        }
+        async fn export_metrics(&self, _: &CapsuleId) -> Result<Option<TierSnapshot>, HostError> {
+            no()
+        }
+        async fn import_metrics(&self, _: &CapsuleId, _: TierSnapshot) -> Result<(), HostError> {
+            no()
+        }
+        async fn pools(&self) -> Result<Vec<PoolStats>, HostError> {
+            no()
+        }
+        async fn set_pool(&self, _: &str, _: usize) -> Result<(), HostError> {
+            no()
+        }
+    }
+
+    fn request(memory_mb: u64) -> PlacementRequest {
+        PlacementRequest {
+            team: "team-a".into(),
+            template: "python".into(),
+            vcpus: 1,
+            memory_mb,
+            disk_mb: 0,
+            tags: Default::default(),
+        }
+    }
+
+    async fn hosts_of(agents: &[Arc<Reporting>], config: MonitorConfig) -> Hosts {
+        let hosts = Hosts::new(config);
+        for a in agents {
+            let agent: Arc<dyn HostAgent> = a.clone();
+            let conn = HostConn::connect(agent, Some(format!("agent-{}", a.info.id)))
+                .await
+                .expect("connect");
+            hosts.add(conn).expect("add");
+        }
+        hosts
+    }
+
+    fn ids(placed: &[Arc<HostConn>]) -> Vec<&str> {
+        placed.iter().map(|c| c.id.0.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn places_on_the_least_loaded_and_counts_what_it_placed() {
+        // b is emptier: it takes capsules until what was placed there (not yet in its
+        // report) makes a the lighter one.
+        let (a, b) = (host("a", 8, 16_384, 4096), host("b", 8, 16_384, 0));
+        let hosts = hosts_of(&[a, b], MonitorConfig::default()).await;
+        let mut placed = Vec::new();
+        for _ in 0..4 {
+            placed.push(hosts.place(&request(2048), None).await.expect("placed"));
+        }
+        assert_eq!(ids(&placed), ["b", "b", "a", "b"]);
+        // A report resets what was counted in advance.
+        let b = hosts.get(&HostId("b".into())).expect("b");
+        assert!(hosts.probe(&b).await);
+        assert_eq!(
+            ids(&[hosts.place(&request(2048), None).await.expect("placed")]),
+            ["b"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_host_becomes_unreachable_and_takes_nothing_until_it_answers() {
+        let (a, b) = (host("a", 8, 16_384, 8192), host("b", 8, 16_384, 0));
+        let hosts = hosts_of(
+            &[a, b.clone()],
+            MonitorConfig {
+                timeout: Duration::from_millis(50),
+                ..MonitorConfig::default()
+            },
+        )
+        .await;
+        let conn_b = hosts.get(&HostId("b".into())).expect("b");
+        b.down.store(true, Ordering::SeqCst);
+        assert!(!hosts.probe(&conn_b).await);
+        // Silent, but not for the timeout yet: still placed on.
+        assert!(!hosts.silent(&conn_b));
+        assert_eq!(
+            ids(&[hosts.place(&request(512), None).await.expect("placed")]),
+            ["b"]
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(hosts.silent(&conn_b), "silent past the timeout");
+        assert!(!hosts.silent(&conn_b), "reported once");
+        for _ in 0..3 {
+            let c = hosts.place(&request(512), None).await.expect("placed");
+            assert_eq!(c.id.0, "a");
+        }
+        b.down.store(false, Ordering::SeqCst);
+        assert!(hosts.probe(&conn_b).await);
+        assert!(!conn_b.unreachable());
+        assert_eq!(
+            ids(&[hosts.place(&request(512), None).await.expect("placed")]),
+            ["b"]
+        );
+    }
+
+    #[tokio::test]
+    async fn templates_held_by_one_host_go_there_and_a_single_host_takes_everything() {
+        let (a, b) = (host("a", 8, 16_384, 0), host("b", 8, 16_384, 8192));
+        let hosts = hosts_of(&[a, b.clone()], MonitorConfig::default()).await;
+        let only_b = [HostId("b".into())];
+        let c = hosts
+            .place(&request(512), Some(&only_b))
+            .await
+            .expect("placed");
+        assert_eq!(c.id.0, "b");
+        let gone = [HostId("c".into())];
+        let e = hosts
+            .place(&request(512), Some(&gone))
+            .await
+            .expect_err("no holder");
+        assert_eq!(e.kind, HostErrorKind::Unavailable);
+        assert!(e.message.contains("holds template python"), "{}", e.message);
+
+        // Nothing fits on two hosts: refused, naming the need.
+        let e = hosts
+            .place(&request(64 * 1024), None)
+            .await
+            .expect_err("too big");
+        assert_eq!(e.kind, HostErrorKind::Unavailable);
+        assert!(e.message.contains("no host has room"), "{}", e.message);
+
+        // One host: its own admission control decides, whatever its report says.
+        let one = hosts_of(&[host("solo", 1, 1024, 1024)], MonitorConfig::default()).await;
+        let c = one.place(&request(64 * 1024), None).await.expect("placed");
+        assert_eq!(c.id.0, "solo");
+
+        // Two agents claiming one id: the second is refused.
+        let twin: Arc<dyn HostAgent> = b;
+        let e = hosts
+            .add(HostConn::connect(twin, None).await.expect("connect"))
+            .expect_err("same id");
+        assert_eq!(e.kind, HostErrorKind::Conflict);
+    }
+}

@@ -7,8 +7,16 @@
 //!   the rounds; beside it the same for the in-process call (trait object, no network).
 //! - `schedule_us_1000_hosts`: one `LeastLoaded` placement among 1,000 simulated hosts
 //!   (varied sizes, load, tags, team-owned hosts, held snapshots), mean over many.
-//! - `heartbeats_per_s`, `failover_detect_s`, `template_fetch_mib_s`: `null` — agents do
-//!   not register, heartbeat or fetch templates from each other yet.
+//! - `heartbeats_per_s`: host reports one control plane takes in per second on one
+//!   core: its host monitor, pinned to one CPU, asks 200 simulated agents (hosts that
+//!   only report themselves, served over gRPC on loopback by a runtime pinned to the
+//!   other CPU) round after round, and records them in its SQLite database as it does
+//!   (a status change at once, a heartbeat every few seconds).
+//! - `failover_detect_s`: from the moment a simulated agent's runtime is dropped (its
+//!   sockets close, as at `kill -9`) until the host monitor has marked its host
+//!   unreachable, with `wrenn serve`'s default timeout of two check intervals, at a
+//!   1 s interval; median of 3 (goal ≤ 3 intervals).
+//! - `template_fetch_mib_s`: `null` — agents do not fetch templates from each other yet.
 //!
 //! `WRENN_BENCH_ROUNDS` (default 20) sets the create rounds.
 
@@ -22,11 +30,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wrenn::{DataDir, Host, HostOptions};
 use wrenn_agent::{LocalAgent, LocalAgentOptions};
+use wrenn_api::hosts::{HostConn, MonitorConfig};
+use wrenn_api::AppState;
 use wrenn_benches::{median_p99_ms, print_result, print_table, round2, TimedAgent};
 use wrenn_core::host::{CapsuleSpec, HostAgent};
 use wrenn_core::scheduler::{
     Amounts, HostId, HostView, LeastLoaded, PlacementRequest, Scheduler, Usage,
 };
+use wrenn_core::testing::ReportingHost;
 
 const HOSTS: usize = 1000;
 const PLACEMENTS: usize = 20_000;
@@ -180,8 +191,196 @@ fn schedule_us() -> Result<f64> {
     Ok(per)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+/// Simulated agents (hosts that only report themselves) served over gRPC on loopback
+/// by a runtime of their own; dropping the runtime closes their sockets, as a killed
+/// agent's would.
+struct Agents {
+    runtime: tokio::runtime::Runtime,
+    urls: Vec<String>,
+}
+
+fn agents(first: usize, n: usize, cpu: Option<usize>) -> Result<Agents> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .on_thread_start(move || {
+            if let Some(cpu) = cpu {
+                pin(cpu);
+            }
+        })
+        .build()?;
+    let urls = runtime.block_on(async {
+        let mut urls = Vec::with_capacity(n);
+        for i in first..first + n {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let agent: Arc<dyn HostAgent> = Arc::new(ReportingHost::new(
+                &format!("sim-{i:04}"),
+                32,
+                128 * 1024,
+                (i as u64 % 64) * 1024,
+            ));
+            tokio::spawn(wrenn_rpc::serve(agent, listener, std::future::pending()));
+            urls.push(format!("http://{addr}"));
+        }
+        Ok::<_, anyhow::Error>(urls)
+    })?;
+    Ok(Agents { runtime, urls })
+}
+
+/// Keeps the calling thread on one CPU (best effort: the figure is per core).
+fn pin(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// A control plane with no API listener: its state over a fresh SQLite database, with
+/// the agents at `urls` as its hosts.
+async fn control_plane(
+    dir: &Path,
+    monitor: MonitorConfig,
+    urls: &[String],
+) -> Result<Arc<AppState>> {
+    std::fs::create_dir_all(dir)?;
+    let db = wrenn_db::Db::open(&wrenn_db::Db::sqlite_url(&dir.join("wrenn.db"))).await?;
+    let st = Arc::new(AppState::new(
+        db,
+        monitor,
+        Default::default(),
+        b"wrenn-bench-cluster-unused-jwt-secret",
+    ));
+    for url in urls {
+        let agent = wrenn_rpc::RemoteAgent::connect_lazy(url, Default::default())?;
+        let conn = HostConn::connect(Arc::new(agent), Some(url.clone()))
+            .await
+            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+        st.hosts
+            .add(conn)
+            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    }
+    Ok(st)
+}
+
+const SIMULATED: usize = 200;
+
+/// Host reports the monitor takes in per second, on one core.
+fn heartbeats_per_s(dir: &Path) -> Result<(f64, usize)> {
+    let sim = agents(0, SIMULATED, Some(1))?;
+    let urls = sim.urls.clone();
+    let dir = dir.to_path_buf();
+    let measured = std::thread::spawn(move || -> Result<(f64, usize)> {
+        pin(0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let st = control_plane(&dir, MonitorConfig::default(), &urls).await?;
+            // Warm up (connections, the first writes of every host).
+            wrenn_api::lifecycle::monitor_once(&st).await;
+            let t = Instant::now();
+            let mut rounds = 0usize;
+            while t.elapsed() < Duration::from_secs(6) {
+                wrenn_api::lifecycle::monitor_once(&st).await;
+                rounds += 1;
+            }
+            let answered = st.hosts.all().iter().filter(|h| !h.unreachable()).count();
+            anyhow::ensure!(answered == urls.len(), "only {answered} hosts answered");
+            Ok((
+                (rounds * urls.len()) as f64 / t.elapsed().as_secs_f64(),
+                rounds,
+            ))
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("heartbeat measurement panicked"))?;
+    drop(sim);
+    measured
+}
+
+/// Seconds from an agent's death to its host being unreachable, median of `trials`.
+fn failover_detect_s(dir: &Path, interval: Duration, trials: usize) -> Result<f64> {
+    let mut took = Vec::new();
+    for trial in 0..trials {
+        let live = agents(trial * 2, 1, None)?;
+        let doomed = agents(trial * 2 + 1, 1, None)?;
+        let urls = [live.urls.clone(), doomed.urls.clone()].concat();
+        let dir = dir.join(format!("failover-{trial}"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let monitor = MonitorConfig {
+            interval,
+            timeout: interval * 2,
+            ..Default::default()
+        };
+        let st = rt.block_on(control_plane(&dir, monitor, &urls))?;
+        let task = {
+            let _in = rt.enter();
+            wrenn_api::lifecycle::spawn_monitor(st.clone())
+        };
+        // Let the monitor settle into its rhythm, then kill at a point of its cycle
+        // that differs per trial.
+        let settle = interval * 2 + interval.mul_f64(trial as f64 / trials as f64);
+        rt.block_on(async { tokio::time::sleep(settle).await });
+        let victim = st
+            .hosts
+            .get(&HostId(format!("sim-{:04}", trial * 2 + 1)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(!victim.unreachable(), "unreachable before the kill");
+        doomed.runtime.shutdown_background();
+        let t = Instant::now();
+        rt.block_on(async {
+            while !victim.unreachable() {
+                anyhow::ensure!(t.elapsed() < interval * 10, "never detected");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
+        })?;
+        took.push(t.elapsed());
+        let survivor = st
+            .hosts
+            .get(&HostId(format!("sim-{:04}", trial * 2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(!survivor.unreachable(), "the live host was marked too");
+        task.abort();
+        drop(live);
+    }
+    took.sort();
+    Ok(took[took.len() / 2].as_secs_f64())
+}
+
+fn main() -> Result<()> {
+    let scratch = PathBuf::from(format!(
+        "/var/lib/wrenn-test/bench-cluster-cp-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let heartbeats = heartbeats_per_s(&scratch.join("heartbeats"));
+    let interval = Duration::from_secs(1);
+    let failover = failover_detect_s(&scratch, interval, 3);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (heartbeats, monitor_rounds) = heartbeats?;
+    let failover = failover?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(creates_and_placement(
+            heartbeats,
+            monitor_rounds,
+            failover,
+            interval,
+        ))
+}
+
+async fn creates_and_placement(
+    heartbeats: f64,
+    monitor_rounds: usize,
+    failover: f64,
+    interval: Duration,
+) -> Result<()> {
     let rounds = env_num("WRENN_BENCH_ROUNDS", 20) as usize;
     let schedule = schedule_us()?;
 
@@ -207,7 +406,24 @@ async fn main() -> Result<()> {
                 format!("{schedule:.1} µs (goal ≤ 100)"),
             ),
             (
-                "heartbeats, failover, template transfer".into(),
+                format!(
+                    "host reports taken in, one core ({SIMULATED} agents, {monitor_rounds} rounds)"
+                ),
+                format!("{heartbeats:.0} /s (goal ≥ 5000)"),
+            ),
+            (
+                format!(
+                    "agent killed → host unreachable ({}s checks, {}s timeout), median of 3",
+                    interval.as_secs_f64(),
+                    interval.as_secs_f64() * 2.0
+                ),
+                format!(
+                    "{failover:.2} s = {:.2} intervals (goal ≤ 3)",
+                    failover / interval.as_secs_f64()
+                ),
+            ),
+            (
+                "template transfer between agents".into(),
                 "not measured: not built yet".into(),
             ),
         ],
@@ -216,8 +432,9 @@ async fn main() -> Result<()> {
         "grpc_create_overhead_ms": round2(grpc_ms),
         "local_create_overhead_ms": round2(local_ms),
         "schedule_us_1000_hosts": round2(schedule),
-        "heartbeats_per_s": null,
-        "failover_detect_s": null,
+        "heartbeats_per_s": heartbeats.round(),
+        "failover_detect_s": round2(failover),
+        "failover_check_interval_s": interval.as_secs_f64(),
         "template_fetch_mib_s": null,
         "accel": accel,
     }));

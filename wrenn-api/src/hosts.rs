@@ -32,7 +32,7 @@ impl Default for MonitorConfig {
     fn default() -> Self {
         MonitorConfig {
             interval: Duration::from_secs(2),
-            timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(4),
             cpu_overcommit: 1.5,
         }
     }
@@ -51,6 +51,8 @@ struct Seen {
     /// only their team's.
     draining: bool,
     team: Option<String>,
+    /// When its report was last written to the `hosts` table.
+    recorded: Option<Instant>,
 }
 
 /// One host agent and what the control plane knows of it.
@@ -122,6 +124,17 @@ impl HostConn {
 
     pub fn unreachable(&self) -> bool {
         self.seen().unreachable
+    }
+
+    /// Whether its report is due to be written to the `hosts` table (once per
+    /// `every`); counts it as written.
+    pub fn record_due(&self, every: Duration) -> bool {
+        let mut seen = self.seen();
+        if seen.recorded.is_some_and(|t| t.elapsed() < every) {
+            return false;
+        }
+        seen.recorded = Some(Instant::now());
+        true
     }
 
     /// Takes a report: the host answered.
@@ -386,119 +399,10 @@ impl Hosts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::{
-        CapsuleSpec, Endpoint, HostCapsule, HostTemplate, MetricPoint, PauseMode, PoolStats,
-        ResumeMode, TierSnapshot,
-    };
-    use async_trait::async_trait;
-    use std::collections::HashMap;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use wrenn_core::egress::EgressPolicy;
-    use wrenn_core::id::CapsuleId;
+    use wrenn_core::testing::ReportingHost;
 
-    /// A host that only reports itself (placement asks nothing else), and can go silent.
-    #[derive(Debug)]
-    struct Reporting {
-        info: HostInfo,
-        down: AtomicBool,
-    }
-
-    fn host(id: &str, cores: u32, memory_mb: u64, running_memory_mb: u64) -> Arc<Reporting> {
-        Arc::new(Reporting {
-            info: HostInfo {
-                id: HostId(id.into()),
-                arch: "x86_64".into(),
-                cpu_cores: cores,
-                memory_mb,
-                disk_mb: 100_000,
-                disk_room_mb: 90_000,
-                used: Usage {
-                    running_memory_mb,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            down: AtomicBool::new(false),
-        })
-    }
-
-    fn no<T>() -> Result<T, HostError> {
-        Err(unavailable("not part of this test"))
-    }
-
-    #[async_trait]
-    impl HostAgent for Reporting {
-        async fn versions(&self) -> Result<HostVersions, HostError> {
-            no()
-        }
-        async fn info(&self) -> Result<HostInfo, HostError> {
-            if self.down.load(Ordering::SeqCst) {
-                return Err(unavailable("down"));
-            }
-            Ok(self.info.clone())
-        }
-        async fn create(&self, _: CapsuleSpec) -> Result<HostCapsule, HostError> {
-            no()
-        }
-        async fn get(&self, _: &CapsuleId) -> Result<HostCapsule, HostError> {
-            no()
-        }
-        async fn list(&self) -> Result<Vec<HostCapsule>, HostError> {
-            no()
-        }
-        async fn pause(&self, _: &CapsuleId, _: PauseMode) -> Result<(), HostError> {
-            no()
-        }
-        async fn resume(&self, _: &CapsuleId, _: ResumeMode) -> Result<HostCapsule, HostError> {
-            no()
-        }
-        async fn destroy(&self, _: &CapsuleId) -> Result<(), HostError> {
-            no()
-        }
-        async fn set_network(&self, _: &CapsuleId, _: EgressPolicy) -> Result<(), HostError> {
-            no()
-        }
-        async fn fork(
-            &self,
-            _: &CapsuleId,
-            _: usize,
-            _: HashMap<String, String>,
-        ) -> Result<Vec<HostCapsule>, HostError> {
-            no()
-        }
-        async fn snapshot(&self, _: &CapsuleId, _: &str) -> Result<HostTemplate, HostError> {
-            no()
-        }
-        async fn templates(&self) -> Result<Vec<HostTemplate>, HostError> {
-            no()
-        }
-        async fn template(&self, _: &str) -> Result<HostTemplate, HostError> {
-            no()
-        }
-        async fn delete_template(&self, _: &str) -> Result<(), HostError> {
-            no()
-        }
-        async fn envd(&self, _: &CapsuleId) -> Result<Endpoint, HostError> {
-            no()
-        }
-        async fn port(&self, _: &CapsuleId, _: u16) -> Result<Endpoint, HostError> {
-            no()
-        }
-        async fn metrics(&self, _: &CapsuleId, _: Duration) -> Result<Vec<MetricPoint>, HostError> {
-            no()
-        }
-        async fn export_metrics(&self, _: &CapsuleId) -> Result<Option<TierSnapshot>, HostError> {
-            no()
-        }
-        async fn import_metrics(&self, _: &CapsuleId, _: TierSnapshot) -> Result<(), HostError> {
-            no()
-        }
-        async fn pools(&self) -> Result<Vec<PoolStats>, HostError> {
-            no()
-        }
-        async fn set_pool(&self, _: &str, _: usize) -> Result<(), HostError> {
-            no()
-        }
+    fn host(id: &str, cores: u32, memory_mb: u64, running_memory_mb: u64) -> Arc<ReportingHost> {
+        Arc::new(ReportingHost::new(id, cores, memory_mb, running_memory_mb))
     }
 
     fn request(memory_mb: u64) -> PlacementRequest {
@@ -512,7 +416,7 @@ mod tests {
         }
     }
 
-    async fn hosts_of(agents: &[Arc<Reporting>], config: MonitorConfig) -> Hosts {
+    async fn hosts_of(agents: &[Arc<ReportingHost>], config: MonitorConfig) -> Hosts {
         let hosts = Hosts::new(config);
         for a in agents {
             let agent: Arc<dyn HostAgent> = a.clone();
@@ -560,7 +464,7 @@ mod tests {
         )
         .await;
         let conn_b = hosts.get(&HostId("b".into())).expect("b");
-        b.down.store(true, Ordering::SeqCst);
+        b.set_down(true);
         assert!(!hosts.probe(&conn_b).await);
         // Silent, but not for the timeout yet: still placed on.
         assert!(!hosts.silent(&conn_b));
@@ -575,7 +479,7 @@ mod tests {
             let c = hosts.place(&request(512), None).await.expect("placed");
             assert_eq!(c.id.0, "a");
         }
-        b.down.store(false, Ordering::SeqCst);
+        b.set_down(false);
         assert!(hosts.probe(&conn_b).await);
         assert!(!conn_b.unreachable());
         assert_eq!(

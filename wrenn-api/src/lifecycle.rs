@@ -417,6 +417,10 @@ pub fn specs_of(i: &crate::agent::HostInfo) -> wrenn_db::HostSpecs {
     }
 }
 
+/// How often a host that keeps answering has its heartbeat written to the `hosts`
+/// table (a change of status is written at once).
+pub const HEARTBEAT_RECORD_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One round of the host monitor: takes the `hosts` table's word on each host
 /// (draining, team-owned), asks every host for its report at once, records those that
 /// answered as online and marks those silent past the timeout `unreachable` (they take
@@ -445,13 +449,15 @@ pub async fn monitor_once(st: &AppState) {
     futures_util::future::join_all(st.hosts.all().into_iter().map(|conn| async move {
         let was_unreachable = conn.unreachable();
         if st.hosts.probe(&conn).await {
-            let specs = conn.info().map(|i| specs_of(&i));
-            if let Err(e) = st
-                .db
-                .system_host_online(&conn.id, conn.address.as_deref(), specs.as_ref())
-                .await
-            {
-                tracing::warn!(host = %conn.id, error = %e, "host heartbeat not recorded");
+            if was_unreachable || conn.record_due(HEARTBEAT_RECORD_PERIOD) {
+                let specs = conn.info().map(|i| specs_of(&i));
+                if let Err(e) = st
+                    .db
+                    .system_host_online(&conn.id, conn.address.as_deref(), specs.as_ref())
+                    .await
+                {
+                    tracing::warn!(host = %conn.id, error = %e, "host heartbeat not recorded");
+                }
             }
             if was_unreachable {
                 tracing::info!(host = %conn.id, "host answers again; it takes new capsules");

@@ -6,6 +6,9 @@
 //!
 //! Enabled by the `testing` feature (and in this crate's own tests).
 
+mod reporting;
+pub use reporting::ReportingHost;
+
 use crate::error::CapsuleError;
 use crate::guest::{
     AgentError, ByteStream, ExecEvent, ExecRequest, ExecStream, ExitStatus, FileEntry, GuestAgent,

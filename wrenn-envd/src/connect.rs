@@ -137,9 +137,12 @@ impl ConnectError {
             K::NotFound => Code::NotFound,
             K::PermissionDenied => Code::PermissionDenied,
             K::AlreadyExists => Code::AlreadyExists,
-            K::InvalidInput | K::InvalidData | K::NotADirectory | K::IsADirectory => {
-                Code::InvalidArgument
-            }
+            // A name longer than the filesystem takes (ENAMETOOLONG) is the caller's.
+            K::InvalidInput
+            | K::InvalidData
+            | K::InvalidFilename
+            | K::NotADirectory
+            | K::IsADirectory => Code::InvalidArgument,
             K::StorageFull => Code::ResourceExhausted,
             _ => Code::Internal,
         };
@@ -344,6 +347,27 @@ pub fn parse_timeout_ms(v: &str) -> Result<u64, ConnectError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filesystem_errors_the_caller_caused_are_invalid_arguments() {
+        // What the kernel says of a path with a 300-byte component, and of others.
+        let long = std::path::Path::new("/tmp").join("x".repeat(300));
+        let err = std::fs::metadata(&long).expect_err("name too long");
+        assert_eq!(err.raw_os_error(), Some(36), "ENAMETOOLONG");
+        assert_eq!(ConnectError::from_io(&err, "p").code, Code::InvalidArgument);
+        for (errno, code) in [
+            (2, Code::NotFound),
+            (13, Code::PermissionDenied),
+            (17, Code::AlreadyExists),
+            (20, Code::InvalidArgument),
+            (21, Code::InvalidArgument),
+            (28, Code::ResourceExhausted),
+            (5, Code::Internal),
+        ] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert_eq!(ConnectError::from_io(&e, "p").code, code, "errno {errno}");
+        }
+    }
 
     #[test]
     fn envelope_round_trip_across_chunk_boundaries() {

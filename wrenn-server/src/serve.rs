@@ -47,7 +47,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WRENN_HOST_CHECK_INTERVAL", default_value_t = 2.0, value_parser = positive_secs)]
     host_check_interval: f64,
     /// Seconds a host agent may stay silent before its host is `unreachable` and takes
-    /// no new capsules (default: three check intervals).
+    /// no new capsules (default: two check intervals, so a dead agent is noticed within
+    /// three).
     #[arg(long, env = "WRENN_HOST_TIMEOUT", value_parser = positive_secs)]
     host_timeout: Option<f64>,
     /// vCPUs placed per physical core of a host, when choosing among several hosts.

@@ -201,28 +201,32 @@ pub async fn reconcile_with(
     Ok(report)
 }
 
-/// Runs `check` on every host at once, each bounded by the monitor's timeout: a slow or
-/// dead agent delays no other host's checks.
+/// Runs `check` on every host at once, so a slow or dead agent delays no other host's
+/// checks (the checks bound their own calls to the agent).
 async fn each_host<F, Fut>(st: &AppState, check: F)
 where
     F: Fn(Arc<HostConn>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    futures_util::future::join_all(st.hosts.all().into_iter().map(check)).await;
+}
+
+/// `call` to a host's agent, bounded by the host monitor's timeout.
+async fn asked<T>(
+    st: &AppState,
+    call: impl std::future::Future<Output = Result<T, crate::agent::HostError>>,
+) -> Result<T, crate::agent::HostError> {
     let limit = st
         .hosts
         .config
         .timeout
         .max(std::time::Duration::from_secs(1));
-    futures_util::future::join_all(st.hosts.all().into_iter().map(|h| {
-        let id = h.id.clone();
-        let run = check(h);
-        async move {
-            if tokio::time::timeout(limit, run).await.is_err() {
-                tracing::debug!(host = %id, "host check timed out");
-            }
-        }
-    }))
-    .await;
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(crate::agent::HostError::new(
+            HostErrorKind::Timeout,
+            "the host agent did not answer in time",
+        ))
+    })
 }
 
 /// Capsules whose timeout action (pause or destroy) failed: each is retried after a
@@ -323,7 +327,7 @@ pub async fn follow_host_failures(st: &AppState) {
 
 /// [`follow_host_failures`] for one host; returns how many rows changed.
 pub async fn follow_failures(st: &AppState, conn: &HostConn) -> usize {
-    let failed: std::collections::HashSet<String> = match conn.agent.list().await {
+    let failed: std::collections::HashSet<String> = match asked(st, conn.agent.list()).await {
         Ok(host) => host
             .iter()
             .filter(|c| c.status == CapsuleStatus::Error)
@@ -385,7 +389,7 @@ pub async fn follow_host_restarts(st: &AppState) {
 
 /// [`follow_host_restarts`] for one host; returns whether it reconciled.
 pub async fn follow_restart(st: &AppState, conn: &HostConn) -> bool {
-    let Ok(v) = conn.agent.versions().await else {
+    let Ok(v) = asked(st, conn.agent.versions()).await else {
         // Unreachable: nothing to compare until it answers again.
         return false;
     };

@@ -215,6 +215,18 @@ class Agent:
             return ""
 
 
+def point_sdks_at(srv: Server, monkeypatch) -> None:
+    """Points the unmodified `e2b` and `wrenn` SDKs at `srv` with its admin key."""
+    monkeypatch.setenv("E2B_API_URL", srv.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", srv.url)
+    monkeypatch.setenv("E2B_API_KEY", srv.admin_key)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    # The envd suite's conftest turns E2B's debug mode on for the whole run.
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    monkeypatch.setenv("WRENN_BASE_URL", srv.url)
+    monkeypatch.setenv("WRENN_API_KEY", srv.admin_key)
+
+
 def _second_team(srv: Server) -> None:
     email = f"other-{uuid.uuid4().hex[:8]}@example.com"
     with srv.client() as c:

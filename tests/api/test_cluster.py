@@ -16,11 +16,11 @@ import time
 import pytest
 from e2b import Sandbox
 
-from conftest import Agent, _postgres_url
+from conftest import Agent, _postgres_url, point_sdks_at
 
 HOSTS = ("host-a", "host-b", "host-c")
 CHECK_INTERVAL_S = 0.5
-HOST_TIMEOUT_S = 2.0
+HOST_TIMEOUT_S = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +103,7 @@ def test_hosts_are_listed_for_platform_admins_only(cluster):
 
 def test_sdks_spread_capsules_over_every_host(cluster, monkeypatch):
     agents, srv = cluster
-    monkeypatch.setenv("E2B_API_URL", srv.url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", srv.url)
-    monkeypatch.setenv("E2B_API_KEY", srv.admin_key)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
-    monkeypatch.setenv("WRENN_BASE_URL", srv.url)
-    monkeypatch.setenv("WRENN_API_KEY", srv.admin_key)
+    point_sdks_at(srv, monkeypatch)
     from wrenn import Capsule  # the reference SDK
 
     sandboxes = [Sandbox.create(template="minimal", timeout=300) for _ in range(3)]

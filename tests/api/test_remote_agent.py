@@ -15,7 +15,7 @@ import time
 import pytest
 from e2b import Sandbox
 
-from conftest import BINARY, Agent
+from conftest import BINARY, Agent, point_sdks_at
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +48,7 @@ def test_host_settings_are_refused_with_a_remote_agent():
 
 def test_sdks_drive_capsules_of_a_remote_agent(deployment, monkeypatch):
     agent, srv = deployment
-    monkeypatch.setenv("E2B_API_URL", srv.url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", srv.url)
-    monkeypatch.setenv("E2B_API_KEY", srv.admin_key)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    point_sdks_at(srv, monkeypatch)
     s = Sandbox.create(template="minimal", timeout=300)
     try:
         # The capsule is the agent's: its directory is in the agent's data directory.
@@ -75,8 +71,6 @@ def test_sdks_drive_capsules_of_a_remote_agent(deployment, monkeypatch):
 
     from wrenn import Capsule  # the reference SDK, through the same control plane
 
-    monkeypatch.setenv("WRENN_BASE_URL", srv.url)
-    monkeypatch.setenv("WRENN_API_KEY", srv.admin_key)
     with Capsule.create(wait=True) as cap:
         assert cap.get_info().metadata.get("envd_version")
         assert cap.commands.run("echo wrenn").stdout == "wrenn\n"

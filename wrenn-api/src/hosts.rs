@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use wrenn_core::scheduler::{
-    Amounts, HostId, HostView, LeastLoaded, PlacementError, PlacementRequest, Scheduler, Usage,
+    Amounts, HostId, HostView, LeastLoaded, PlacementError, PlacementRequest, Scheduler,
 };
 
 /// How the control plane watches its hosts.
@@ -45,14 +45,24 @@ struct Seen {
     last_ok: Option<Instant>,
     /// Silent past the monitor's timeout.
     unreachable: bool,
-    /// Placed here since the last report (not in it yet).
-    placed: Usage,
+    /// Capsules placed here that its last report may not include yet, by ticket.
+    placed: BTreeMap<u64, Pending>,
+    next_ticket: u64,
     /// From the `hosts` table: draining hosts take no new capsules, team-owned ones
     /// only their team's.
     draining: bool,
     team: Option<String>,
     /// When its report was last written to the `hosts` table.
     recorded: Option<Instant>,
+}
+
+/// A placed capsule, counted against its host until a report asked after its create
+/// ended (and so including it, or its failure) arrives.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    vcpus: u64,
+    memory_mb: u64,
+    ended: Option<Instant>,
 }
 
 /// One host agent and what the control plane knows of it.
@@ -85,9 +95,10 @@ impl HostConn {
         agent: Arc<dyn HostAgent>,
         address: Option<String>,
     ) -> Result<Self, HostError> {
+        let asked = Instant::now();
         let info = agent.info().await?;
         let conn = HostConn::new(info.id.clone(), agent, address);
-        conn.answered(info);
+        conn.answered(info, asked);
         Ok(conn)
     }
 
@@ -137,13 +148,21 @@ impl HostConn {
         true
     }
 
-    /// Takes a report: the host answered.
-    fn answered(&self, info: HostInfo) {
+    /// Takes a report asked for at `asked`: the host answered. Placements that ended
+    /// before it was asked are in it.
+    fn answered(&self, info: HostInfo, asked: Instant) {
         let mut seen = self.seen();
         seen.info = Some(info);
         seen.last_ok = Some(Instant::now());
         seen.unreachable = false;
-        seen.placed = Usage::default();
+        seen.placed
+            .retain(|_, p| p.ended.is_none_or(|ended| ended >= asked));
+    }
+
+    fn placement_ended(&self, ticket: u64) {
+        if let Some(p) = self.seen().placed.get_mut(&ticket) {
+            p.ended = Some(Instant::now());
+        }
     }
 
     /// The host did not answer; returns true when that makes it unreachable now
@@ -162,8 +181,10 @@ impl HostConn {
         let seen = self.seen();
         let info = seen.info.as_ref()?;
         let mut used = info.used;
-        used.running_vcpus += seen.placed.running_vcpus;
-        used.running_memory_mb += seen.placed.running_memory_mb;
+        for p in seen.placed.values() {
+            used.running_vcpus += p.vcpus;
+            used.running_memory_mb += p.memory_mb;
+        }
         Some(HostView {
             id: self.id.clone(),
             schedulable: !seen.unreachable && !seen.draining,
@@ -192,6 +213,35 @@ impl HostConn {
 /// An agent that did not answer when the control plane started: asked again by the
 /// host monitor until it does.
 type Unresolved = (Arc<dyn HostAgent>, Option<String>);
+
+/// A capsule's place: its host, which counts the capsule in advance until the host's
+/// own report can include it (a report asked after this is dropped, i.e. after the
+/// create ended one way or the other).
+#[derive(Debug)]
+pub struct Placement {
+    conn: Arc<HostConn>,
+    ticket: u64,
+}
+
+impl Placement {
+    pub fn host(&self) -> &Arc<HostConn> {
+        &self.conn
+    }
+}
+
+impl std::ops::Deref for Placement {
+    type Target = HostConn;
+
+    fn deref(&self) -> &HostConn {
+        &self.conn
+    }
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        self.conn.placement_ended(self.ticket);
+    }
+}
 
 /// Every host agent this control plane drives.
 #[derive(Debug)]
@@ -318,7 +368,7 @@ impl Hosts {
         &self,
         req: &PlacementRequest,
         only: Option<&[HostId]>,
-    ) -> Result<Arc<HostConn>, HostError> {
+    ) -> Result<Placement, HostError> {
         let candidates: Vec<Arc<HostConn>> = self
             .all()
             .into_iter()
@@ -352,20 +402,30 @@ impl Hosts {
                     .ok_or_else(|| unavailable(format!("host {id} is gone")))?
             }
         };
-        {
+        let ticket = {
             let mut seen = conn.seen();
-            seen.placed.running_vcpus += req.vcpus;
-            seen.placed.running_memory_mb += req.memory_mb;
-        }
-        Ok(conn)
+            let ticket = seen.next_ticket;
+            seen.next_ticket += 1;
+            seen.placed.insert(
+                ticket,
+                Pending {
+                    vcpus: req.vcpus,
+                    memory_mb: req.memory_mb,
+                    ended: None,
+                },
+            );
+            ticket
+        };
+        Ok(Placement { conn, ticket })
     }
 
     /// Asks one host for its report; returns whether it answered.
     pub async fn probe(&self, conn: &HostConn) -> bool {
         let wait = self.config.timeout.max(Duration::from_secs(1));
+        let asked = Instant::now();
         match tokio::time::timeout(wait, conn.agent.info()).await {
             Ok(Ok(info)) if info.id == conn.id => {
-                conn.answered(info);
+                conn.answered(info, asked);
                 true
             }
             Ok(Ok(info)) => {
@@ -428,7 +488,7 @@ mod tests {
         hosts
     }
 
-    fn ids(placed: &[Arc<HostConn>]) -> Vec<&str> {
+    fn ids(placed: &[Placement]) -> Vec<&str> {
         placed.iter().map(|c| c.id.0.as_str()).collect()
     }
 
@@ -443,8 +503,22 @@ mod tests {
             placed.push(hosts.place(&request(2048), None).await.expect("placed"));
         }
         assert_eq!(ids(&placed), ["b", "b", "a", "b"]);
-        // A report resets what was counted in advance.
+        // Creates that ended are in the reports asked after them.
+        drop(placed);
         let b = hosts.get(&HostId("b".into())).expect("b");
+        let a = hosts.get(&HostId("a".into())).expect("a");
+        assert!(hosts.probe(&a).await && hosts.probe(&b).await);
+        let held = hosts.place(&request(8192), None).await.expect("placed");
+        assert_eq!(held.id.0, "b");
+        // A report asked while that create is in flight may not include it: it still
+        // counts (b: 8 + 2 GiB against a: 4 + 2).
+        assert!(hosts.probe(&b).await);
+        assert_eq!(
+            ids(&[hosts.place(&request(2048), None).await.expect("placed")]),
+            ["a"]
+        );
+        // Once it ended, the next report of b is taken as including it.
+        drop(held);
         assert!(hosts.probe(&b).await);
         assert_eq!(
             ids(&[hosts.place(&request(2048), None).await.expect("placed")]),

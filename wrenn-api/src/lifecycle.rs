@@ -411,14 +411,18 @@ pub async fn follow_restart(st: &AppState, conn: &HostConn) -> bool {
     }
 }
 
-/// What a host's report says of its size, for the `hosts` table.
-pub fn specs_of(i: &crate::agent::HostInfo) -> wrenn_db::HostSpecs {
-    wrenn_db::HostSpecs {
-        arch: i.arch.clone(),
+/// Records a host that answered as online in the `hosts` table, with its address and
+/// the size its last report gave.
+pub async fn record_online(db: &wrenn_db::Db, conn: &HostConn) -> Result<(), wrenn_db::DbError> {
+    let specs = conn.info().map(|i| wrenn_db::HostSpecs {
+        arch: i.arch,
         cpu_cores: i.cpu_cores,
         memory_mb: i.memory_mb,
         disk_gb: i.disk_mb / 1024,
-    }
+    });
+    db.system_host_online(&conn.id, conn.address.as_deref(), specs.as_ref())
+        .await
+        .map(drop)
 }
 
 /// How often a host that keeps answering has its heartbeat written to the `hosts`
@@ -441,12 +445,7 @@ pub async fn monitor_once(st: &AppState) {
         Err(e) => tracing::warn!(error = %e, "host monitor: cannot read the hosts table"),
     }
     for conn in st.hosts.resolve().await {
-        let specs = conn.info().map(|i| specs_of(&i));
-        if let Err(e) = st
-            .db
-            .system_host_online(&conn.id, conn.address.as_deref(), specs.as_ref())
-            .await
-        {
+        if let Err(e) = record_online(&st.db, &conn).await {
             tracing::warn!(host = %conn.id, error = %e, "host not recorded");
         }
     }
@@ -454,12 +453,7 @@ pub async fn monitor_once(st: &AppState) {
         let was_unreachable = conn.unreachable();
         if st.hosts.probe(&conn).await {
             if was_unreachable || conn.record_due(HEARTBEAT_RECORD_PERIOD) {
-                let specs = conn.info().map(|i| specs_of(&i));
-                if let Err(e) = st
-                    .db
-                    .system_host_online(&conn.id, conn.address.as_deref(), specs.as_ref())
-                    .await
-                {
+                if let Err(e) = record_online(&st.db, &conn).await {
                     tracing::warn!(host = %conn.id, error = %e, "host heartbeat not recorded");
                 }
             }

@@ -269,8 +269,7 @@ impl ControlPlane {
                 .hosts
                 .add(conn)
                 .map_err(|e| ServeError::Host(e.to_string()))?;
-            let specs = conn.info().map(|i| crate::lifecycle::specs_of(&i));
-            db.system_host_online(&conn.id, conn.address.as_deref(), specs.as_ref())
+            crate::lifecycle::record_online(&db, &conn)
                 .await
                 .map_err(ServeError::Db)?;
             // The agent instance this reconciliation sees: a later one means it restarted.

@@ -56,6 +56,9 @@ struct Seen {
     recorded: Option<Instant>,
 }
 
+/// How long an ended placement is counted at most when no report comes.
+const FORGET_ENDED: Duration = Duration::from_secs(600);
+
 /// A placed capsule, counted against its host until a report asked after its create
 /// ended (and so including it, or its failure) arrives.
 #[derive(Debug, Clone, Copy)]
@@ -363,7 +366,8 @@ impl Hosts {
     }
 
     /// Picks the host for a new capsule, among `only` when given (the hosts holding
-    /// the template), and counts the capsule against it until its next report.
+    /// the template), and counts the capsule against it until a report asked after
+    /// the returned [`Placement`] is dropped arrives.
     pub async fn place(
         &self,
         req: &PlacementRequest,
@@ -404,6 +408,9 @@ impl Hosts {
         };
         let ticket = {
             let mut seen = conn.seen();
+            // A host that never answers again keeps no count of what ended long ago.
+            seen.placed
+                .retain(|_, p| p.ended.is_none_or(|e| e.elapsed() < FORGET_ENDED));
             let ticket = seen.next_ticket;
             seen.next_ticket += 1;
             seen.placed.insert(

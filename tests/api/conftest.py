@@ -38,6 +38,26 @@ ADMIN_EMAIL = "admin@wrenn.local"
 ADMIN_PASSWORD = "bootstrap admin password"
 
 
+def _stop(proc: subprocess.Popen | None, sig: int) -> None:
+    """Sends `sig` to a process that still runs and waits for it (killing it after 120 s)."""
+    if proc and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _tail(path: str, n: int) -> str:
+    """The last `n` lines of a log file ("" if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,13 +120,7 @@ class Server:
         raise RuntimeError(f"wrenn serve did not come up: {self.tail()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc, sig)
         self.proc = None
 
     def restart(self, sig: int = signal.SIGTERM) -> None:
@@ -114,11 +128,7 @@ class Server:
         self.start()
 
     def tail(self, n: int = 40) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
-        except OSError:
-            return ""
+        return _tail(self.log_path, n)
 
     def client(self, key: str | None = None, **headers) -> httpx.Client:
         h = dict(headers)
@@ -185,19 +195,11 @@ class Agent:
         raise AssertionError(f"wrenn agent did not come up: {self.tail()}")
 
     def kill9(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        _stop(self.proc, signal.SIGKILL)
         self.proc = None
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc, signal.SIGTERM)
         self.proc = None
 
     def log_text(self) -> str:
@@ -208,11 +210,7 @@ class Agent:
             return ""
 
     def tail(self, n: int = 40) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
-        except OSError:
-            return ""
+        return _tail(self.log_path, n)
 
 
 def point_sdks_at(srv: Server, monkeypatch) -> None:

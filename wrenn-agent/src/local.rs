@@ -37,8 +37,7 @@ impl Default for LocalAgentOptions {
     }
 }
 
-/// The id of the host `wrenn serve` runs in its own process.
-pub const LOCAL_HOST: &str = "local";
+pub use wrenn_core::scheduler::LOCAL_HOST;
 
 #[derive(Debug)]
 pub struct LocalAgent {

@@ -10,6 +10,10 @@
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The id of the host `wrenn serve` runs in its own process (and the host of rows
+/// written before hosts were recorded).
+pub const LOCAL_HOST: &str = "local";
+
 /// A host agent's identity.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct HostId(pub String);

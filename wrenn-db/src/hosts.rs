@@ -9,8 +9,7 @@ use serde_json::{Map, Value};
 use sqlx::any::AnyRow;
 use wrenn_core::scheduler::HostId;
 
-/// The id of the host `wrenn serve` runs in its own process.
-pub const LOCAL_HOST: &str = "local";
+pub use wrenn_core::scheduler::LOCAL_HOST;
 
 /// Where a host is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -139,6 +139,9 @@ def test_sdks_spread_capsules_over_every_host(cluster, monkeypatch):
 
 def test_a_killed_agent_is_unreachable_and_skipped_until_it_is_back(cluster):
     agents, srv = cluster
+    # Placement weighs each host's last report: let the reports catch up with the
+    # previous test's destroys (one round of checks; three, for slow answers).
+    time.sleep(3 * CHECK_INTERVAL_S)
     with srv.admin() as c:
         made = []
         for _ in range(3):

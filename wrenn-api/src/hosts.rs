@@ -394,7 +394,13 @@ impl Hosts {
                     self.probe(c).await;
                 }
                 let views: Vec<HostView> = candidates.iter().filter_map(|c| c.view()).collect();
-                let id = self.scheduler.place(req, &views).map_err(|e| match e {
+                let result = self.scheduler.place(req, &views);
+                tracing::debug!(
+                    placed = ?result,
+                    views = ?views.iter().map(|v| (&v.id.0, v.schedulable, v.used)).collect::<Vec<_>>(),
+                    "placement"
+                );
+                let id = result.map_err(|e| match e {
                     PlacementError::NoHosts => {
                         unavailable("no host is reachable and taking new capsules")
                     }

@@ -6,6 +6,9 @@ const PROTO: &str = "proto/agent.proto";
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO}");
     let descriptors = protox::compile([PROTO], ["proto"])?;
-    tonic_build::configure().compile_fds(descriptors)?;
+    tonic_build::configure()
+        // Tunnel bytes are passed on without copies.
+        .bytes([".wrenn.agent.v1.TunnelFrame"])
+        .compile_fds(descriptors)?;
     Ok(())
 }

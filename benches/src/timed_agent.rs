@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
-    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostInfo, HostTemplate, HostVersions,
-    PoolStats,
+    CapsuleSpec, Endpoint, GuestStream, HostAgent, HostCapsule, HostError, HostInfo, HostTemplate,
+    HostVersions, PoolStats,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, TierSnapshot};
@@ -97,6 +97,9 @@ impl HostAgent for TimedAgent {
     }
     async fn port(&self, id: &CapsuleId, port: u16) -> Result<Endpoint, HostError> {
         self.inner.port(id, port).await
+    }
+    async fn open(&self, id: &CapsuleId, port: u16) -> Result<GuestStream, HostError> {
+        self.inner.open(id, port).await
     }
     async fn metrics(
         &self,

@@ -11,14 +11,17 @@ use wrenn::metrics::MetricsSampler;
 use wrenn::{CapsuleError, CreateOptions, Host};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
-    guest_error, CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostErrorKind, HostInfo,
-    HostTemplate, HostVersions, PoolStats,
+    guest_error, CapsuleSpec, Endpoint, GuestStream, HostAgent, HostCapsule, HostError,
+    HostErrorKind, HostInfo, HostTemplate, HostVersions, PoolStats,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, TierSnapshot};
 use wrenn_core::scheduler::HostId;
 use wrenn_core::snapshot::{PauseMode, ResumeMode};
 use wrenn_core::status::CapsuleStatus;
+
+/// Longest wait for a capsule port to accept a connection the control plane asked for.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct LocalAgentOptions {
@@ -377,6 +380,23 @@ impl HostAgent for LocalAgent {
             addr: self.guest_addr(id, port)?,
             access_token: None,
         })
+    }
+
+    async fn open(&self, id: &CapsuleId, port: u16) -> Result<GuestStream, HostError> {
+        let addr = self.guest_addr(id, port)?;
+        let unanswered = |e: &dyn std::fmt::Display| {
+            HostError::new(
+                HostErrorKind::Guest,
+                format!("capsule {id} port {port} did not answer: {e}"),
+            )
+        };
+        let stream = tokio::time::timeout(OPEN_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|e| unanswered(&e))?
+            .map_err(|e| unanswered(&e))?;
+        // Small writes (keystrokes, RPC frames) go out at once.
+        let _ = stream.set_nodelay(true);
+        Ok(Box::new(stream))
     }
 
     async fn metrics(

@@ -15,15 +15,16 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::client::legacy::connect::HttpConnector;
+use futures_util::future::BoxFuture;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use wrenn_core::host::{GuestStream, HostErrorKind};
 use wrenn_core::id::CapsuleId;
 use wrenn_core::status::CapsuleStatus;
+use wrenn_envd::dial::{Dial, DialConnector};
 
 mod ending;
 pub use ending::{LiveStreams, Reason as EndReason};
@@ -66,48 +67,65 @@ fn target_from_headers(h: &HeaderMap) -> Option<Result<Target, ApiError>> {
 }
 
 /// The pooled HTTP client of the proxy.
-pub type ProxyClient = Client<HttpConnector<CapsuleResolver>, Body>;
+pub type ProxyClient = Client<DialConnector, Body>;
 
-/// Resolves the proxy's connection names, `{capsule id}-{epoch}.{IPv4 address}`.
-/// Pooled connections are keyed by name, so they are never reused for a later capsule
-/// that was given the same address, nor for the same capsule after a pause (its guest
-/// would reset them: a spurious 502).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CapsuleResolver;
+/// Where the proxy's connections go. A connection's name is
+/// `{capsule id}-{epoch}.capsule` and pooled connections are keyed by name, so they
+/// are never reused for the same capsule after a pause (its guest would reset them: a
+/// spurious 502); each name leads to its capsule, opened by the capsule's host agent.
+#[derive(Clone, Debug)]
+pub struct ProxyRoutes(moka::sync::Cache<String, (Arc<dyn HostAgent>, CapsuleId)>);
 
-impl tower::Service<Name> for CapsuleResolver {
-    type Response = std::iter::Once<SocketAddr>;
-    type Error = std::io::Error;
-    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let ip = name
-            .as_str()
-            .split_once('.')
-            .and_then(|(_, ip)| ip.parse::<std::net::Ipv4Addr>().ok());
-        std::future::ready(
-            ip.map(|ip| std::iter::once(SocketAddr::from((ip, 0))))
-                .ok_or_else(|| {
-                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a capsule address")
-                }),
+impl Default for ProxyRoutes {
+    fn default() -> Self {
+        ProxyRoutes(
+            moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
         )
     }
 }
 
-pub fn client() -> ProxyClient {
-    let mut http = HttpConnector::new_with_resolver(CapsuleResolver);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
-    http.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
+impl ProxyRoutes {
+    /// The name of connections to `capsule` in its `epoch`, routed to `agent`.
+    fn route(&self, capsule: &CapsuleId, epoch: u64, agent: &Arc<dyn HostAgent>) -> String {
+        let name = format!("{capsule}-{epoch}.capsule");
+        self.0
+            .entry(name.clone())
+            .or_insert_with(|| (agent.clone(), capsule.clone()));
+        name
+    }
+}
+
+impl Dial for ProxyRoutes {
+    fn dial(&self, uri: &Uri) -> BoxFuture<'static, std::io::Result<GuestStream>> {
+        let route = uri.host().and_then(|h| self.0.get(h));
+        let port = uri.port_u16();
+        Box::pin(async move {
+            let ((agent, id), Some(port)) = (
+                route.ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no route to that capsule")
+                })?,
+                port,
+            ) else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "no port in the URI",
+                ));
+            };
+            agent.open(&id, port).await.map_err(std::io::Error::other)
+        })
+    }
+}
+
+/// The proxy's client and the routes its connections take.
+pub fn client() -> (ProxyClient, ProxyRoutes) {
+    let routes = ProxyRoutes::default();
+    let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .build(http)
+        .build(DialConnector::new(Arc::new(routes.clone())));
+    (client, routes)
 }
 
 /// Middleware: proxies requests addressed to a capsule, passes the rest on.
@@ -186,12 +204,12 @@ fn strip_hop_headers(h: &mut HeaderMap) {
     h.remove("e2b-sandbox-port");
 }
 
-/// The address of a capsule's port, and the agent of its host.
+/// The capsule, the address of its port (on its host), and the agent of its host.
 async fn resolve(
     st: &AppState,
     t: &Target,
     headers: &HeaderMap,
-) -> Result<(SocketAddr, Arc<dyn HostAgent>), ApiError> {
+) -> Result<(CapsuleId, SocketAddr, Arc<dyn HostAgent>), ApiError> {
     let not_found = || ApiError::not_found(&format!("capsule {}", t.capsule));
     let id = CapsuleId::parse(&t.capsule).map_err(|_| not_found())?;
     let mut c = st
@@ -227,7 +245,7 @@ async fn resolve(
     crate::service::touch(st, &c).await;
     let agent = st.agent_of(&c)?;
     let addr = agent.port(&id, t.port).await?.addr;
-    Ok((addr, agent))
+    Ok((id, addr, agent))
 }
 
 /// Header carrying a capsule's traffic access token (E2B's name).
@@ -297,7 +315,7 @@ fn strip_wrenn_credentials(st: &AppState, h: &mut HeaderMap) {
 
 async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, ApiError> {
     strip_wrenn_credentials(st, req.headers_mut());
-    let (addr, agent) = resolve(st, &t, req.headers()).await?;
+    let (id, addr, agent) = resolve(st, &t, req.headers()).await?;
     req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
     st.metrics.proxied();
     let path = req
@@ -307,13 +325,19 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
         .unwrap_or_else(|| "/".into());
     // The pool key names the capsule's epoch: no connection survives a pause.
     let epoch = st.streams.epoch(&t.capsule);
-    let uri: Uri = format!("http://{}-{epoch}.{addr}{path}", t.capsule)
+    let name = st.proxy_routes.route(&id, epoch, &agent);
+    let uri: Uri = format!("http://{name}:{}{path}", t.port)
         .parse()
         .map_err(|_| ApiError::invalid("bad request path"))?;
     let upgrade = req.headers().contains_key(header::UPGRADE);
     if upgrade {
         let ended = st.streams.watch(&t.capsule);
-        return proxy_upgrade(addr, uri, req, ended).await;
+        let conn = Upstream {
+            agent: &agent,
+            capsule: &id,
+            addr,
+        };
+        return proxy_upgrade(conn, uri, req, ended).await;
     }
     let capped = t.port == ENVD_PORT
         && matches!(*req.method(), Method::POST | Method::PUT)
@@ -408,13 +432,22 @@ fn upload_too_large(limit: u64) -> Response {
     resp
 }
 
+/// The capsule port an upgraded request goes to.
+struct Upstream<'a> {
+    agent: &'a Arc<dyn HostAgent>,
+    capsule: &'a CapsuleId,
+    /// Its address on the host (the request's `Host` when it has none).
+    addr: SocketAddr,
+}
+
 /// Upgrades (WebSocket and the like): one dedicated connection, then raw bytes both ways.
 async fn proxy_upgrade(
-    addr: SocketAddr,
+    up: Upstream<'_>,
     uri: Uri,
     mut req: Request,
     mut ended: ending::Ended,
 ) -> Result<Response, ApiError> {
+    let addr = up.addr;
     let bad_gateway = |e: &dyn std::fmt::Display| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -422,10 +455,16 @@ async fn proxy_upgrade(
             format!("capsule port {} did not answer: {e}", addr.port()),
         )
     };
-    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+    let stream = up
+        .agent
+        .open(up.capsule, addr.port())
         .await
-        .map_err(|e| bad_gateway(&e))?
-        .map_err(|e| bad_gateway(&e))?;
+        .map_err(|e| match e.kind {
+            HostErrorKind::Guest => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "agent_error", e.message)
+            }
+            _ => e.into(),
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| bad_gateway(&e))?;
@@ -503,16 +542,5 @@ mod tests {
         assert_eq!(target_from_host("80-xyz.example.com"), None);
         assert_eq!(target_from_host("99999-cl-a.example.com"), None);
         assert_eq!(target_from_host("8080-cl-abc"), None);
-    }
-
-    #[tokio::test]
-    async fn resolver_reads_the_address_after_the_capsule() {
-        use std::str::FromStr;
-        use tower::ServiceExt;
-        let name = Name::from_str("cl-abc-2.169.254.128.6").unwrap();
-        let addrs: Vec<_> = CapsuleResolver.oneshot(name).await.unwrap().collect();
-        assert_eq!(addrs, vec![SocketAddr::from(([169, 254, 128, 6], 0))]);
-        let name = Name::from_str("example.com").unwrap();
-        assert!(CapsuleResolver.oneshot(name).await.is_err());
     }
 }

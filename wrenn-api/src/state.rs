@@ -31,11 +31,44 @@ impl Default for GuestClients {
     }
 }
 
+/// Opens connections to ports of one capsule through its host's agent.
+#[derive(Debug)]
+pub struct CapsuleDial {
+    pub agent: Arc<dyn HostAgent>,
+    pub id: CapsuleId,
+}
+
+impl wrenn_envd::dial::Dial for CapsuleDial {
+    fn dial(
+        &self,
+        uri: &hyper::Uri,
+    ) -> futures_util::future::BoxFuture<'static, std::io::Result<wrenn_core::host::GuestStream>>
+    {
+        let (agent, id, port) = (self.agent.clone(), self.id.clone(), uri.port_u16());
+        Box::pin(async move {
+            let port = port.ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "no port in the URI")
+            })?;
+            agent.open(&id, port).await.map_err(std::io::Error::other)
+        })
+    }
+}
+
 impl GuestClients {
-    /// The client of `id`'s guest agent at `ep`.
-    pub fn client(&self, id: &CapsuleId, ep: Endpoint) -> Arc<dyn GuestAgent> {
+    /// The client of `id`'s guest agent at `ep`, connected through `agent`.
+    pub fn client(
+        &self,
+        id: &CapsuleId,
+        ep: Endpoint,
+        agent: &Arc<dyn HostAgent>,
+    ) -> Arc<dyn GuestAgent> {
         let connect = |ep: &Endpoint| {
-            wrenn_envd::client::EnvdConnector::default().connect(ep.addr, ep.access_token.clone())
+            let dial = CapsuleDial {
+                agent: agent.clone(),
+                id: id.clone(),
+            };
+            wrenn_envd::client::EnvdConnector::dialing(Arc::new(dial))
+                .connect(ep.addr, ep.access_token.clone())
         };
         // Concurrent first requests share one client (and its connections).
         let (known, client) = self
@@ -135,6 +168,8 @@ pub struct AppState {
     pub capsule_cache: CapsuleCache,
     /// Pooled client of the proxy into capsules.
     pub proxy: crate::proxy::ProxyClient,
+    /// Where the proxy's connections go.
+    pub proxy_routes: crate::proxy::ProxyRoutes,
     /// What is in flight through the proxy, per capsule: ended on kill and pause.
     pub streams: crate::proxy::LiveStreams,
     /// Auto-resumes in progress, one per capsule.
@@ -160,6 +195,7 @@ impl AppState {
         config: ApiConfig,
         jwt_secret: &[u8],
     ) -> Self {
+        let (proxy, proxy_routes) = crate::proxy::client();
         AppState {
             quotas: crate::quota::Quotas::new(config.team_limits),
             resumes: crate::service::Resumes::default(),
@@ -182,7 +218,8 @@ impl AppState {
             activity: Activity::default(),
             idempotency: Idempotency::default(),
             capsule_cache: CapsuleCache::default(),
-            proxy: crate::proxy::client(),
+            proxy,
+            proxy_routes,
             streams: crate::proxy::LiveStreams::default(),
             reaper_backoff: crate::lifecycle::ReaperBackoff::default(),
         }
@@ -201,8 +238,9 @@ impl AppState {
     /// A client of the guest agent (envd) of running capsule `c`, at the endpoint its
     /// host gives.
     pub async fn guest(&self, c: &Capsule) -> Result<Arc<dyn GuestAgent>, HostError> {
-        let ep = self.agent_of(c)?.envd(&c.id).await?;
-        Ok(self.guests.client(&c.id, ep))
+        let agent = self.agent_of(c)?;
+        let ep = agent.envd(&c.id).await?;
+        Ok(self.guests.client(&c.id, ep, &agent))
     }
 
     /// Writes an audit row; a failure to write it is logged, never fatal to the action.

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use crate::manager::PoolStats;
 
@@ -167,6 +168,14 @@ pub struct Endpoint {
     pub access_token: Option<String>,
 }
 
+/// A byte stream both ways (a TCP connection, or one carried by an agent's protocol).
+pub trait GuestIo: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> GuestIo for T {}
+
+/// A connection to a port of a capsule, opened by its host ([`HostAgent::open`]).
+pub type GuestStream = Box<dyn GuestIo>;
+
 #[async_trait]
 pub trait HostAgent: Send + Sync + Debug {
     async fn versions(&self) -> Result<HostVersions, HostError>;
@@ -224,6 +233,11 @@ pub trait HostAgent: Send + Sync + Debug {
 
     /// Where a TCP port of a running capsule is reached.
     async fn port(&self, id: &CapsuleId, port: u16) -> Result<Endpoint, HostError>;
+
+    /// Opens a connection to TCP `port` of running capsule `id` (its guest agent's
+    /// port included), made by the host: the control plane reaches capsules only
+    /// through their host's agent, wherever that host is.
+    async fn open(&self, id: &CapsuleId, port: u16) -> Result<GuestStream, HostError>;
 
     /// Samples of the last `range`, oldest first.
     async fn metrics(&self, id: &CapsuleId, range: Duration)

@@ -2,6 +2,7 @@
 //! with the Connect JSON codec, sharing the wire types with the guest daemon.
 
 use crate::connect::{encode_envelope, Code, ConnectError, EndStream, EnvelopeDecoder};
+use crate::dial::{Dial, DialConnector, TcpDial};
 use crate::proto::filesystem::{
     EntryInfo, FileType, ListDirRequest, ListDirResponse, MakeDirRequest, MakeDirResponse,
     RemoveRequest, StatRequest, StatResponse,
@@ -22,7 +23,7 @@ use futures_util::StreamExt;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::{de::DeserializeOwned, Serialize};
 use std::net::SocketAddr;
@@ -60,23 +61,30 @@ fn full(b: impl Into<Bytes>) -> Body {
 pub struct EnvdClient {
     base: String,
     token: Option<String>,
-    http: Client<HttpConnector, Body>,
+    http: Client<DialConnector, Body>,
 }
 
 /// Makes [`EnvdClient`]s; shares one connection pool.
 #[derive(Clone, Debug)]
 pub struct EnvdConnector {
-    http: Client<HttpConnector, Body>,
+    http: Client<DialConnector, Body>,
 }
 
 impl Default for EnvdConnector {
+    /// Connects over TCP to the address given to [`GuestConnector::connect`].
     fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Self::dialing(Arc::new(TcpDial {
+            timeout: Duration::from_secs(2),
+        }))
+    }
+}
+
+impl EnvdConnector {
+    /// Opens its connections with `dial` (given `http://address:port` URIs).
+    pub fn dialing(dial: Arc<dyn Dial>) -> Self {
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+            .build(DialConnector::new(dial));
         EnvdConnector { http }
     }
 }

@@ -14,6 +14,9 @@ pub mod server;
 #[cfg(feature = "client")]
 pub mod client;
 
+#[cfg(feature = "client")]
+pub mod dial;
+
 /// The envd version reported to SDKs: the highest E2B version gate whose features
 /// are all implemented here (metadata xattrs, entry info in watch events,
 /// network-mount watch guard included).

@@ -10,8 +10,8 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
-    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostInfo, HostTemplate, HostVersions,
-    PoolStats,
+    CapsuleSpec, Endpoint, GuestStream, HostAgent, HostCapsule, HostError, HostErrorKind, HostInfo,
+    HostTemplate, HostVersions, PoolStats,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, TierSnapshot};
@@ -250,6 +250,25 @@ impl HostAgent for RemoteAgent {
         };
         let r = self.client.clone().port(self.quick(msg)).await;
         cv::endpoint_from(r.map_err(err)?.into_inner())
+    }
+
+    async fn open(&self, id: &CapsuleId, port: u16) -> Result<GuestStream, HostError> {
+        let mut client = self.client.clone();
+        let wait = self.timeouts.quick;
+        crate::tunnel::open(id, port, |frames| async move {
+            // The deadline covers the opening only: the connection lives as long as
+            // its users keep it.
+            let r = tokio::time::timeout(wait, client.open(Request::new(frames)))
+                .await
+                .map_err(|_| {
+                    HostError::new(
+                        HostErrorKind::Timeout,
+                        format!("the host agent did not connect to port {port} in {wait:?}"),
+                    )
+                })?;
+            Ok(r.map_err(err)?.into_inner())
+        })
+        .await
     }
 
     async fn metrics(

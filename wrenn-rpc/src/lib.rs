@@ -6,6 +6,7 @@
 mod client;
 mod convert;
 mod server;
+mod tunnel;
 
 /// The generated messages, client and server.
 #[allow(clippy::all, missing_debug_implementations)]

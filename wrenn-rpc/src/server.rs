@@ -170,6 +170,15 @@ impl Rpc for AgentService {
         ok(cv::endpoint_to(self.agent.envd(&id).await.map_err(status)?))
     }
 
+    type OpenStream = crate::tunnel::FrameStream;
+
+    async fn open(
+        &self,
+        req: Request<tonic::Streaming<pb::TunnelFrame>>,
+    ) -> Reply<Self::OpenStream> {
+        ok(crate::tunnel::serve(self.agent.as_ref(), req.into_inner()).await?)
+    }
+
     async fn port(&self, req: Request<pb::PortRequest>) -> Reply<pb::Endpoint> {
         let r = req.into_inner();
         let id = capsule_id(&r.id).map_err(status)?;

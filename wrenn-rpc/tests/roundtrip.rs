@@ -11,9 +11,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
-    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostErrorKind, HostInfo,
+    CapsuleSpec, Endpoint, GuestStream, HostAgent, HostCapsule, HostError, HostErrorKind, HostInfo,
     HostTemplate, HostVersions, PoolStats,
 };
 use wrenn_core::id::CapsuleId;
@@ -237,6 +238,34 @@ impl HostAgent for Echo {
             addr: SocketAddr::from(([10, 11, 0, 2], port)),
             access_token: None,
         })
+    }
+    /// Port 7 is an echo service (upper-casing what it reads, to tell the two
+    /// directions apart); every other port refuses.
+    async fn open(&self, id: &CapsuleId, port: u16) -> Result<GuestStream, HostError> {
+        if port != 7 {
+            return Err(HostError::new(
+                HostErrorKind::Guest,
+                format!("capsule {id} port {port} did not answer: connection refused"),
+            ));
+        }
+        let (near, mut far) = tokio::io::duplex(1024);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            loop {
+                match far.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let up = buf[..n].to_ascii_uppercase();
+                        if far.write_all(&up).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            // End of input: answer once more, then close.
+            let _ = far.write_all(b"<eof>").await;
+        });
+        Ok(Box::new(near))
     }
     async fn metrics(&self, _: &CapsuleId, range: Duration) -> Result<Vec<MetricPoint>, HostError> {
         Ok(history()
@@ -474,4 +503,38 @@ async fn a_slow_agent_times_out_its_own_calls_only() {
     assert!(!hung.is_finished(), "the hung call ended before the others");
     let e = hung.await.expect("join").expect_err("times out");
     assert_eq!(e.kind, HostErrorKind::Timeout, "{e}");
+}
+
+#[tokio::test]
+async fn a_capsule_connection_carries_bytes_both_ways_and_ends() {
+    let remote = over_grpc(Arc::new(Echo::default()), Timeouts::default()).await;
+    let id = CapsuleId::random();
+    let mut conn = remote.open(&id, 7).await.expect("open");
+    // More than one frame each way.
+    let big = vec![b'a'; 300 * 1024];
+    let (mut rd, mut wr) = tokio::io::split(&mut conn);
+    let writer = async {
+        wr.write_all(b"hello ").await.expect("write");
+        wr.write_all(&big).await.expect("write");
+        wr.shutdown().await.expect("end of input");
+    };
+    let mut got = Vec::new();
+    let reader = rd.read_to_end(&mut got);
+    let ((), n) = tokio::join!(writer, reader);
+    n.expect("read to the end");
+    let mut want = b"HELLO ".to_vec();
+    want.extend(std::iter::repeat_n(b'A', big.len()));
+    want.extend_from_slice(b"<eof>");
+    assert_eq!(got.len(), want.len());
+    assert!(
+        got == want,
+        "the bytes came back in order and changed as the service does"
+    );
+
+    let e = match remote.open(&id, 8).await {
+        Ok(_) => panic!("port 8 refuses"),
+        Err(e) => e,
+    };
+    assert_eq!(e.kind, HostErrorKind::Guest, "{e}");
+    assert!(e.message.contains("port 8"), "{e}");
 }

@@ -4,7 +4,7 @@
 
 use crate::egress::EgressPolicy;
 use crate::host::{
-    CapsuleSpec, Endpoint, HostAgent, HostCapsule, HostError, HostErrorKind, HostInfo,
+    CapsuleSpec, Endpoint, GuestStream, HostAgent, HostCapsule, HostError, HostErrorKind, HostInfo,
     HostTemplate, HostVersions, PoolStats,
 };
 use crate::id::CapsuleId;
@@ -116,6 +116,9 @@ impl HostAgent for ReportingHost {
         no()
     }
     async fn port(&self, _: &CapsuleId, _: u16) -> Result<Endpoint, HostError> {
+        no()
+    }
+    async fn open(&self, _: &CapsuleId, _: u16) -> Result<GuestStream, HostError> {
         no()
     }
     async fn metrics(&self, _: &CapsuleId, _: Duration) -> Result<Vec<MetricPoint>, HostError> {

@@ -47,6 +47,10 @@ pub enum ConnectError {
         #[source]
         source: tonic::codegen::http::uri::InvalidUri,
     },
+    #[error("Invalid host id {0:?} (not a DNS label)")]
+    HostName(String),
+    #[error("TLS settings")]
+    Tls(#[source] wrenn_pki::PkiError),
 }
 
 /// A host agent reached over gRPC (`wrenn agent`, or [`crate::serve`] of any agent).
@@ -69,6 +73,33 @@ impl RemoteAgent {
             .tcp_nodelay(true);
         Ok(RemoteAgent {
             client: HostAgentClient::new(endpoint.connect_lazy()),
+            timeouts,
+        })
+    }
+
+    /// Host `host_id`'s agent at `address` (`host:port`), over mutual TLS with the
+    /// control plane's `identity`: the agent must present a host certificate for
+    /// `host_id`. The connection opens on first use and reopens after failures.
+    pub fn connect_tls(
+        address: &str,
+        host_id: &str,
+        identity: &wrenn_pki::ControlPlaneIdentity,
+        timeouts: Timeouts,
+    ) -> Result<Self, ConnectError> {
+        let url = format!("http://{address}");
+        let endpoint = Channel::from_shared(url.clone())
+            .map_err(|source| ConnectError::Address { url, source })?;
+        let name =
+            tokio_rustls::rustls::pki_types::ServerName::try_from(wrenn_pki::host_name(host_id))
+                .map_err(|_| ConnectError::HostName(host_id.to_string()))?;
+        let tls = identity.client_config().map_err(ConnectError::Tls)?;
+        let connector = crate::tls::TlsConnector {
+            tls: std::sync::Arc::new(tls),
+            name,
+            timeout: timeouts.connect,
+        };
+        Ok(RemoteAgent {
+            client: HostAgentClient::new(endpoint.connect_with_connector_lazy(connector)),
             timeouts,
         })
     }

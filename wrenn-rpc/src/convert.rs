@@ -76,7 +76,9 @@ pub fn host_error(s: &Status) -> HostError {
         Code::ResourceExhausted => HostErrorKind::InsufficientStorage,
         // tonic ends a call past its deadline as cancelled ("Timeout expired").
         Code::DeadlineExceeded | Code::Cancelled => HostErrorKind::Timeout,
-        Code::Unavailable => HostErrorKind::Unavailable,
+        // Without a kind the status did not come from the agent's handlers: the
+        // connection failed (refused, reset, TLS refused after the handshake).
+        Code::Unavailable | Code::Unknown => HostErrorKind::Unavailable,
         _ => HostErrorKind::Internal,
     });
     let message = if named.is_some() {

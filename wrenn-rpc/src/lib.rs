@@ -6,6 +6,7 @@
 mod client;
 mod convert;
 mod server;
+mod tls;
 mod tunnel;
 
 /// The generated messages, client and server.
@@ -17,3 +18,4 @@ pub mod proto {
 pub use client::{ConnectError, RemoteAgent, Timeouts};
 pub use convert::ERROR_KIND;
 pub use server::{serve, AgentService, ServeError};
+pub use tls::serve_tls;

@@ -538,3 +538,72 @@ async fn a_capsule_connection_carries_bytes_both_ways_and_ends() {
     assert_eq!(e.kind, HostErrorKind::Guest, "{e}");
     assert!(e.message.contains("port 8"), "{e}");
 }
+
+#[tokio::test]
+async fn over_mutual_tls_only_the_control_plane_reaches_only_the_host_it_means() {
+    use wrenn_pki::{AgentIdentity, Ca, CaKind, ControlPlaneIdentity};
+    let day = Duration::from_secs(86_400);
+    let hosts = Ca::generate(CaKind::Hosts).expect("host CA");
+    let cps = Ca::generate(CaKind::ControlPlane).expect("control-plane CA");
+    let host_a = hosts.issue_host("host-a", day).expect("host cert");
+    let agent_tls = AgentIdentity {
+        cert_pem: host_a.cert_pem.clone(),
+        key_pem: host_a.key_pem.clone(),
+        client_ca_pem: cps.cert_pem().into(),
+    }
+    .server_config()
+    .expect("server settings");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(wrenn_rpc::serve_tls(
+        Arc::new(Echo::default()),
+        listener,
+        Arc::new(agent_tls),
+        std::future::pending(),
+    ));
+    let client = cps.issue_control_plane(day).expect("client cert");
+    let cp = ControlPlaneIdentity {
+        host_ca_pem: hosts.cert_pem().into(),
+        cert_pem: client.cert_pem,
+        key_pem: client.key_pem,
+    };
+    let quick = Timeouts {
+        connect: Duration::from_secs(3),
+        quick: Duration::from_secs(5),
+        ..Timeouts::default()
+    };
+
+    // The control plane, expecting host-a: served, tunnels included.
+    let remote = RemoteAgent::connect_tls(&addr, "host-a", &cp, quick).expect("client");
+    remote.versions().await.expect("versions over mTLS");
+    let mut conn = remote.open(&CapsuleId::random(), 7).await.expect("open");
+    conn.write_all(b"tls").await.expect("write");
+    let mut got = [0u8; 3];
+    conn.read_exact(&mut got).await.expect("read");
+    assert_eq!(&got, b"TLS");
+
+    // Expecting another host at that address: host-a's certificate does not pass.
+    let wrong = RemoteAgent::connect_tls(&addr, "host-b", &cp, quick).expect("client");
+    let e = wrong.versions().await.expect_err("not host-b");
+    assert_eq!(e.kind, HostErrorKind::Unavailable, "{e}");
+
+    // A host's certificate is not the control plane's: the agent refuses it.
+    let host_b = hosts.issue_host("host-b", day).expect("host cert");
+    let posing = ControlPlaneIdentity {
+        host_ca_pem: hosts.cert_pem().into(),
+        cert_pem: host_b.cert_pem,
+        key_pem: host_b.key_pem,
+    };
+    let e = RemoteAgent::connect_tls(&addr, "host-a", &posing, quick)
+        .expect("client")
+        .versions()
+        .await
+        .expect_err("a host certificate is no control plane");
+    assert_eq!(e.kind, HostErrorKind::Unavailable, "{e}");
+
+    // No TLS at all: refused.
+    let plain = RemoteAgent::connect_lazy(&format!("http://{addr}"), quick).expect("client");
+    assert!(plain.versions().await.is_err(), "plaintext is refused");
+}

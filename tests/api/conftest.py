@@ -165,11 +165,13 @@ def _make_data_dir(tag: str) -> str:
 
 
 class Agent:
-    """A `wrenn agent` on loopback with its own data directory (and host id, if given)."""
+    """A `wrenn agent` on loopback with its own data directory (and host id, if given).
+    With `register=(control plane URL, token)` it registers and serves mutual TLS."""
 
-    def __init__(self, tag: str, host_id: str | None = None):
+    def __init__(self, tag: str, host_id: str | None = None, register: tuple[str, str] | None = None):
         self.data_dir = _make_data_dir(tag)
         self.host_id = host_id
+        self.register = register
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(self.data_dir, "agent.log")
@@ -180,8 +182,13 @@ class Agent:
         env = {k: v for k, v in os.environ.items() if k not in HOST_SETTINGS_ENV and k != "WRENN_HOST_ID"}
         env.setdefault("WRENN_LOG", "info")
         log = open(self.log_path, "ab")
+        if self.register:
+            cp, token = self.register
+            where = ["--control-plane", cp, "--register", token, "--advertise", f"127.0.0.1:{self.port}"]
+        else:
+            where = ["--listen", f"127.0.0.1:{self.port}"]
         self.proc = subprocess.Popen(
-            [BINARY, "--data-dir", self.data_dir, "agent", "--listen", f"127.0.0.1:{self.port}",
+            [BINARY, "--data-dir", self.data_dir, "agent", *where,
              "--disk-overcommit", "4", *(["--host-id", self.host_id] if self.host_id else [])],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )

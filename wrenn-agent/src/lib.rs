@@ -4,4 +4,6 @@
 
 mod local;
 
-pub use local::{host_error, LocalAgent, LocalAgentOptions, LOCAL_HOST};
+pub use local::{
+    host_error, machine_specs, LocalAgent, LocalAgentOptions, MachineSpecs, LOCAL_HOST,
+};

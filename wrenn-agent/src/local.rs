@@ -197,14 +197,13 @@ impl HostAgent for LocalAgent {
     }
 
     async fn info(&self) -> Result<HostInfo, HostError> {
+        let m = machine_specs(self.host.data_dir().root());
         let mut info = HostInfo {
             id: self.id.clone(),
-            arch: std::env::consts::ARCH.to_string(),
-            cpu_cores: std::thread::available_parallelism()
-                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
-            memory_mb: memory_total_mb().unwrap_or(0),
-            disk_mb: nix::sys::statvfs::statvfs(self.host.data_dir().root())
-                .map_or(0, |st| st.blocks().saturating_mul(st.fragment_size()) >> 20),
+            arch: m.arch,
+            cpu_cores: m.cpu_cores,
+            memory_mb: m.memory_mb,
+            disk_mb: m.disk_mb,
             disk_room_mb: self.capsules().disk_room().map_or(0, |b| b >> 20),
             ..Default::default()
         };
@@ -440,6 +439,27 @@ impl HostAgent for LocalAgent {
             .set_pool(template, size)
             .await
             .map_err(host_error)
+    }
+}
+
+/// What this machine is, as a host reports it: architecture, CPUs, memory, and the
+/// size of the filesystem holding `data_dir`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineSpecs {
+    pub arch: String,
+    pub cpu_cores: u32,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+}
+
+pub fn machine_specs(data_dir: &Path) -> MachineSpecs {
+    MachineSpecs {
+        arch: std::env::consts::ARCH.to_string(),
+        cpu_cores: std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+        memory_mb: memory_total_mb().unwrap_or(0),
+        disk_mb: nix::sys::statvfs::statvfs(data_dir)
+            .map_or(0, |st| st.blocks().saturating_mul(st.fragment_size()) >> 20),
     }
 }
 

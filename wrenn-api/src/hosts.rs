@@ -9,7 +9,7 @@
 //! reachable ones by what they reported.
 
 use crate::agent::{HostAgent, HostError, HostErrorKind, HostInfo, HostVersions};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use wrenn_core::scheduler::{
@@ -213,9 +213,15 @@ impl HostConn {
     }
 }
 
-/// An agent that did not answer when the control plane started: asked again by the
-/// host monitor until it does.
-type Unresolved = (Arc<dyn HostAgent>, Option<String>);
+/// An agent that did not answer yet (when the control plane started, or a registered
+/// host just found): asked again by the host monitor until it does.
+#[derive(Debug)]
+struct Unresolved {
+    agent: Arc<dyn HostAgent>,
+    address: Option<String>,
+    /// The id of the registered host it is the agent of.
+    registered: Option<HostId>,
+}
 
 /// A capsule's place: its host, which counts the capsule in advance until the host's
 /// own report can include it (a report asked after this is dropped, i.e. after the
@@ -251,6 +257,8 @@ impl Drop for Placement {
 pub struct Hosts {
     by_id: RwLock<BTreeMap<HostId, Arc<HostConn>>>,
     unresolved: Mutex<Vec<Unresolved>>,
+    /// Hosts found registered in the database (not given on the command line).
+    registered: Mutex<BTreeSet<HostId>>,
     scheduler: Box<dyn Scheduler>,
     pub config: MonitorConfig,
     started: Instant,
@@ -265,6 +273,7 @@ impl Hosts {
         Hosts {
             by_id: RwLock::new(BTreeMap::new()),
             unresolved: Mutex::new(Vec::new()),
+            registered: Mutex::new(BTreeSet::new()),
             scheduler: Box::new(LeastLoaded {
                 cpu_overcommit: config.cpu_overcommit,
                 ..LeastLoaded::default()
@@ -298,7 +307,68 @@ impl Hosts {
         self.unresolved
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((agent, address));
+            .push(Unresolved {
+                agent,
+                address,
+                registered: None,
+            });
+    }
+
+    /// Adds the agent of registered host `id`, to join when it answers.
+    pub fn add_registered(&self, id: HostId, agent: Arc<dyn HostAgent>, address: String) {
+        self.registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone());
+        self.unresolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Unresolved {
+                agent,
+                address: Some(address),
+                registered: Some(id),
+            });
+    }
+
+    /// Whether host `id` is driven here, or its agent is waited for.
+    pub fn knows(&self, id: &HostId) -> bool {
+        self.by_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+            || self
+                .unresolved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|u| u.registered.as_ref() == Some(id))
+    }
+
+    /// The registered hosts driven or waited for.
+    pub fn registered_ids(&self) -> Vec<HostId> {
+        self.registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Stops driving host `id` (deleted): no capsule is placed there or reached
+    /// through it any more.
+    pub fn remove(&self, id: &HostId) -> Option<Arc<HostConn>> {
+        self.registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.unresolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|u| u.registered.as_ref() != Some(id));
+        self.by_id
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
     }
 
     /// Asks the agents that have not answered yet; adds those that do (their rows are
@@ -307,13 +377,20 @@ impl Hosts {
         let waiting: Vec<Unresolved> =
             std::mem::take(&mut *self.unresolved.lock().unwrap_or_else(|p| p.into_inner()));
         let mut added = Vec::new();
-        for (agent, address) in waiting {
+        for u in waiting {
+            let (agent, address) = (u.agent.clone(), u.address.clone());
             let asked = tokio::time::timeout(
                 self.config.timeout,
                 HostConn::connect(agent.clone(), address.clone()),
             )
             .await;
             match asked {
+                Ok(Ok(conn)) if u.registered.as_ref().is_some_and(|r| *r != conn.id) => {
+                    tracing::error!(address = ?address, expected = ?u.registered, reported = %conn.id,
+                        "a registered host's agent reports another id; not used");
+                }
+                // Deleted while it was being asked.
+                Ok(Ok(conn)) if u.registered.is_some() && !self.is_registered(&conn.id) => {}
                 Ok(Ok(conn)) => {
                     // Its rows were not reconciled at start-up: the first restart check
                     // does it.
@@ -328,10 +405,21 @@ impl Hosts {
                         }
                     }
                 }
-                _ => self.add_unresolved(agent, address),
+                _ => self
+                    .unresolved
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(u),
             }
         }
         added
+    }
+
+    fn is_registered(&self, id: &HostId) -> bool {
+        self.registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
     }
 
     /// The host with id `id`.

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod auth;
 pub mod cache;
+pub mod cluster;
 pub mod e2b;
 pub mod error;
 pub mod hosts;
@@ -122,8 +123,18 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(snapshots::list).post(snapshots::create),
         )
         .route("/v1/snapshots/{name}", delete(snapshots::delete))
-        .route("/v1/hosts", get(v1::hosts::list))
-        .route("/v1/hosts/{id}", get(v1::hosts::get))
+        .route("/v1/hosts", get(v1::hosts::list).post(v1::hosts::create))
+        .route("/v1/hosts/register", post(v1::hosts::register))
+        .route(
+            "/v1/hosts/{id}",
+            get(v1::hosts::get).delete(v1::hosts::delete),
+        )
+        .route("/v1/hosts/{id}/token", post(v1::hosts::new_token))
+        .route(
+            "/v1/hosts/{id}/tags",
+            get(v1::hosts::tags).post(v1::hosts::add_tag),
+        )
+        .route("/v1/hosts/{id}/tags/{tag}", delete(v1::hosts::remove_tag))
         .route(
             "/v1/hosts/{id}/delete-preview",
             get(v1::hosts::delete_preview),

@@ -437,6 +437,7 @@ pub const HEARTBEAT_RECORD_PERIOD: std::time::Duration = std::time::Duration::fr
 pub async fn monitor_once(st: &AppState) {
     match st.db.system_hosts().await {
         Ok(rows) => {
+            crate::cluster::discover(st, &rows);
             for h in rows {
                 st.hosts
                     .set_policy(&h.id, h.status == wrenn_db::HostStatus::Draining, h.team_id);

@@ -31,6 +31,9 @@ pub struct ServeOptions {
     pub config: ApiConfig,
     /// How the host monitor watches the host agents, and placement among them.
     pub monitor: MonitorConfig,
+    /// Reaches the agents of hosts registered in the database (`None`: hosts can
+    /// register, but this control plane does not drive them).
+    pub host_dialer: Option<Arc<dyn crate::cluster::HostDialer>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,8 @@ pub enum ServeError {
     Reconcile(String),
     #[error("Host agent: {0}")]
     Host(String),
+    #[error("Cluster certificates")]
+    Cluster(#[source] crate::cluster::ClusterError),
     #[error("{0}")]
     DataDirMismatch(String),
     #[error("Server failed")]
@@ -253,6 +258,13 @@ impl ControlPlane {
             opts.config.clone(),
             &secret,
         ));
+        let pki = crate::cluster::ClusterPki::load(&db, &state.tokens)
+            .await
+            .map_err(ServeError::Cluster)?;
+        let _ = state.cluster.set(crate::cluster::Cluster {
+            pki,
+            dialer: opts.host_dialer.clone(),
+        });
         let single = agents.len() == 1;
         for (agent, address) in agents {
             let conn = match HostConn::connect(agent.clone(), address.clone()).await {

@@ -412,7 +412,11 @@ pub async fn touch(state: &AppState, c: &Capsule) {
     }
 }
 
-async fn set_status(state: &AppState, c: &Capsule, s: CapsuleStatus) -> ApiResult<Capsule> {
+pub(crate) async fn set_status(
+    state: &AppState,
+    c: &Capsule,
+    s: CapsuleStatus,
+) -> ApiResult<Capsule> {
     let row = state
         .db
         .set_capsule_status(&c.team_id, c.id.as_str(), s)

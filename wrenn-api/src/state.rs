@@ -170,6 +170,9 @@ pub struct AppState {
     pub proxy: crate::proxy::ProxyClient,
     /// Where the proxy's connections go.
     pub proxy_routes: crate::proxy::ProxyRoutes,
+    /// Registered hosts: the cluster's certificates and how their agents are reached
+    /// (set once the database is open).
+    pub cluster: std::sync::OnceLock<crate::cluster::Cluster>,
     /// What is in flight through the proxy, per capsule: ended on kill and pause.
     pub streams: crate::proxy::LiveStreams,
     /// Auto-resumes in progress, one per capsule.
@@ -220,6 +223,7 @@ impl AppState {
             capsule_cache: CapsuleCache::default(),
             proxy,
             proxy_routes,
+            cluster: std::sync::OnceLock::new(),
             streams: crate::proxy::LiveStreams::default(),
             reaper_backoff: crate::lifecycle::ReaperBackoff::default(),
         }

@@ -59,8 +59,37 @@ pub struct Host {
     pub status: HostStatus,
     pub last_heartbeat_at: Option<Timestamp>,
     pub metadata: Map<String, Value>,
+    pub provider: Option<String>,
+    pub availability_zone: Option<String>,
+    /// The admin who created it (hosts found otherwise have none).
+    pub created_by: Option<String>,
+    /// When the certificate the host last received expires.
+    pub cert_expires_at: Option<Timestamp>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// A host an admin creates (to be registered by its agent).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewHost {
+    /// Owning team: a team-owned (BYOC) host takes only that team's capsules.
+    pub team_id: Option<String>,
+    pub provider: Option<String>,
+    pub availability_zone: Option<String>,
+    pub created_by: Option<String>,
+}
+
+/// How long a host registration token is valid.
+pub const HOST_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A registration token that does not register: unknown, already used or expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the host registration token is unknown, used or expired")]
+pub struct BadHostToken;
+
+fn hash_host_token(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    crate::id::hex(&Sha256::digest(token.trim().as_bytes()))
 }
 
 /// What a host reports of itself.
@@ -73,7 +102,8 @@ pub struct HostSpecs {
 }
 
 const COLS: &str = "id, team_id, address, arch, cpu_cores, memory_mb, disk_gb, status, \
-                    last_heartbeat_at, metadata, created_at, updated_at";
+                    last_heartbeat_at, metadata, provider, availability_zone, created_by, \
+                    cert_expires_at, created_at, updated_at";
 
 fn opt_u64(row: &AnyRow, col: &str) -> R<Option<u64>> {
     opt_int(row, col)?
@@ -99,6 +129,10 @@ fn host(row: &AnyRow) -> R<Host> {
             .ok_or_else(|| decode("status", format!("unknown host status {status:?}")))?,
         last_heartbeat_at: opt_ts(row, "last_heartbeat_at")?,
         metadata: json_map(row, "metadata")?,
+        provider: opt_text(row, "provider")?,
+        availability_zone: opt_text(row, "availability_zone")?,
+        created_by: opt_text(row, "created_by")?,
+        cert_expires_at: opt_ts(row, "cert_expires_at")?,
         created_at: ts(row, "created_at")?,
         updated_at: ts(row, "updated_at")?,
     })
@@ -198,4 +232,246 @@ impl Db {
             .collect::<R<Vec<_>>>()
             .map_err(|e| DbError::backend("list hosts", e))
     }
+
+    /// Creates a host (pending until its agent registers) and its first registration
+    /// token; returns both (the token in clear, once).
+    pub async fn create_host(&self, new: &NewHost) -> Result<(Host, String), DbError> {
+        let id = crate::id::new_id(crate::id::prefix::HOST);
+        let t = to_db(now());
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| Ctx::op("begin").err(e))?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO hosts (id, type, team_id, provider, availability_zone, created_by, \
+             status, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7) RETURNING {COLS}"
+        ))
+        .bind(id.as_str())
+        .bind(if new.team_id.is_some() {
+            "byoc"
+        } else {
+            "regular"
+        })
+        .bind(new.team_id.clone())
+        .bind(new.provider.clone())
+        .bind(new.availability_zone.clone())
+        .bind(new.created_by.clone())
+        .bind(t)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| Ctx::op("create host").err(e))?;
+        let token = insert_host_token(&mut tx, &id, new.created_by.as_deref()).await?;
+        tx.commit()
+            .await
+            .map_err(|e| Ctx::op("create host").err(e))?;
+        Ok((
+            host(&row).map_err(|e| DbError::backend("create host", e))?,
+            token,
+        ))
+    }
+
+    /// A new registration token for host `id`; its unused earlier tokens stop working.
+    pub async fn new_host_token(&self, id: &str, by: Option<&str>) -> Result<String, DbError> {
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| Ctx::op("begin").err(e))?;
+        let found = sqlx::query("SELECT id FROM hosts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| Ctx::op("new host token").err(e))?;
+        if found.is_none() {
+            return Err(DbError::NotFound { what: "host" });
+        }
+        sqlx::query("DELETE FROM host_tokens WHERE host_id = $1 AND used_at IS NULL")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| Ctx::op("new host token").err(e))?;
+        let token = insert_host_token(&mut tx, id, by).await?;
+        tx.commit()
+            .await
+            .map_err(|e| Ctx::op("new host token").err(e))?;
+        Ok(token)
+    }
+
+    /// Uses registration token `token` (once: of racing registrations exactly one
+    /// gets it) and records what the agent reports; returns the host.
+    pub async fn redeem_host_token(
+        &self,
+        token: &str,
+        address: &str,
+        specs: &HostSpecs,
+    ) -> Result<Result<Host, BadHostToken>, DbError> {
+        let t = to_db(now());
+        let used = sqlx::query(
+            "UPDATE host_tokens SET used_at = $2 \
+             WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2 RETURNING host_id",
+        )
+        .bind(hash_host_token(token))
+        .bind(t)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| Ctx::op("redeem host token").err(e))?;
+        let Some(used) = used else {
+            return Ok(Err(BadHostToken));
+        };
+        let id = text(&used, "host_id").map_err(|e| DbError::backend("redeem host token", e))?;
+        let row = sqlx::query(&format!(
+            "UPDATE hosts SET address = $2, arch = $3, cpu_cores = $4, memory_mb = $5, \
+             disk_gb = $6, updated_at = $7 WHERE id = $1 RETURNING {COLS}"
+        ))
+        .bind(id.as_str())
+        .bind(address)
+        .bind(specs.arch.as_str())
+        .bind(i64::from(specs.cpu_cores))
+        .bind(as_i64(specs.memory_mb))
+        .bind(as_i64(specs.disk_gb))
+        .bind(t)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| Ctx::op("register host").err(e))?;
+        match row {
+            Some(row) => Ok(Ok(
+                host(&row).map_err(|e| DbError::backend("register host", e))?
+            )),
+            // Deleted meanwhile.
+            None => Ok(Err(BadHostToken)),
+        }
+    }
+
+    /// Records the certificate host `id` was given.
+    pub async fn set_host_certificate(
+        &self,
+        id: &str,
+        fingerprint: &str,
+        expires_at: Timestamp,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE hosts SET cert_fingerprint = $2, cert_expires_at = $3, updated_at = $4 \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(fingerprint)
+        .bind(to_db(expires_at))
+        .bind(to_db(now()))
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("record host certificate").err(e))?;
+        Ok(())
+    }
+
+    /// Removes host `id` (its tokens and tags with it); false if there was none.
+    pub async fn delete_host(&self, id: &str) -> Result<bool, DbError> {
+        let r = sqlx::query("DELETE FROM hosts WHERE id = $1")
+            .bind(id)
+            .execute(self.pool())
+            .await
+            .map_err(|e| Ctx::op("delete host").err(e))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Host `id`'s tags, sorted.
+    pub async fn host_tags(&self, id: &str) -> Result<Vec<String>, DbError> {
+        let rows = sqlx::query("SELECT tag FROM host_tags WHERE host_id = $1 ORDER BY tag")
+            .bind(id)
+            .fetch_all(self.pool())
+            .await
+            .map_err(|e| Ctx::op("list host tags").err(e))?;
+        rows.iter()
+            .map(|r| text(r, "tag"))
+            .collect::<R<Vec<_>>>()
+            .map_err(|e| DbError::backend("list host tags", e))
+    }
+
+    /// Tags host `id` with `tag` (no change if it has it).
+    pub async fn add_host_tag(&self, id: &str, tag: &str) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO host_tags (host_id, tag) VALUES ($1, $2) \
+             ON CONFLICT (host_id, tag) DO NOTHING",
+        )
+        .bind(id)
+        .bind(tag)
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("tag host").err(e))?;
+        Ok(())
+    }
+
+    /// Removes `tag` from host `id`; false if it did not have it.
+    pub async fn remove_host_tag(&self, id: &str, tag: &str) -> Result<bool, DbError> {
+        let r = sqlx::query("DELETE FROM host_tags WHERE host_id = $1 AND tag = $2")
+            .bind(id)
+            .bind(tag)
+            .execute(self.pool())
+            .await
+            .map_err(|e| Ctx::op("untag host").err(e))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// The stored CA `name` (certificate PEM, sealed key), if one was made.
+    pub async fn cluster_ca(&self, name: &str) -> Result<Option<(String, String)>, DbError> {
+        let row = sqlx::query("SELECT cert_pem, key_sealed FROM cluster_cas WHERE name = $1")
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(|e| Ctx::op("get cluster CA").err(e))?;
+        row.map(|r| Ok((text(&r, "cert_pem")?, text(&r, "key_sealed")?)))
+            .transpose()
+            .map_err(|e: sqlx::Error| DbError::backend("get cluster CA", e))
+    }
+
+    /// Stores CA `name` unless one exists (control planes starting together agree on
+    /// the first).
+    pub async fn insert_cluster_ca(
+        &self,
+        name: &str,
+        cert_pem: &str,
+        key_sealed: &str,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO cluster_cas (name, cert_pem, key_sealed, created_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(cert_pem)
+        .bind(key_sealed)
+        .bind(to_db(now()))
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("store cluster CA").err(e))?;
+        Ok(())
+    }
+}
+
+async fn insert_host_token(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    host_id: &str,
+    by: Option<&str>,
+) -> Result<String, DbError> {
+    let token = format!(
+        "{}{}",
+        crate::id::prefix::HOST_TOKEN,
+        crate::id::random_hex(32)
+    );
+    let created = now();
+    let expires = created + chrono::Duration::from_std(HOST_TOKEN_TTL).unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO host_tokens (id, host_id, token_hash, created_by, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(crate::id::new_id(crate::id::prefix::HOST_TOKEN))
+    .bind(host_id)
+    .bind(hash_host_token(&token))
+    .bind(by)
+    .bind(to_db(created))
+    .bind(to_db(expires))
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| Ctx::op("create host token").err(e))?;
+    Ok(token)
 }

@@ -9,6 +9,8 @@ pub mod prefix {
     pub const API_KEY: &str = "key-";
     pub const TEMPLATE: &str = "tpl-";
     pub const AUDIT_LOG: &str = "log-";
+    pub const HOST: &str = "host-";
+    pub const HOST_TOKEN: &str = "htok-";
 }
 
 /// A new random id with `prefix`, e.g. `new_id(prefix::USER)` → `usr-0k3…`.

@@ -47,7 +47,7 @@ pub use bootstrap::{
 };
 pub use capsules::{Capsule, NewCapsule, TeamUsage, DEFAULT_DISK_MB};
 pub use error::DbError;
-pub use hosts::{Host, HostSpecs, HostStatus, LOCAL_HOST};
+pub use hosts::{BadHostToken, Host, HostSpecs, HostStatus, NewHost, HOST_TOKEN_TTL, LOCAL_HOST};
 pub use id::{new_id, prefix};
 pub use teams::{
     CreatedInvitation, Invitation, Member, MemberError, MemberRule, Membership, Role, Team,

@@ -56,6 +56,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0008_hosts.sql"),
         include_str!("../migrations/postgres/0008_hosts.sql"),
     ),
+    (
+        9,
+        "host credentials",
+        include_str!("../migrations/sqlite/0009_host_credentials.sql"),
+        include_str!("../migrations/postgres/0009_host_credentials.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

@@ -179,6 +179,28 @@ pub(crate) async fn shutdown_signal() {
     tracing::info!("shutting down: finishing requests, then pausing running capsules");
 }
 
+/// Reaches registered hosts' agents over gRPC with mutual TLS.
+#[derive(Debug)]
+struct RpcDialer;
+
+impl wrenn_api::cluster::HostDialer for RpcDialer {
+    fn dial(
+        &self,
+        id: &wrenn::scheduler::HostId,
+        address: &str,
+        identity: &wrenn_pki::ControlPlaneIdentity,
+    ) -> Result<Arc<dyn HostAgent>, String> {
+        wrenn_rpc::RemoteAgent::connect_tls(
+            address,
+            &id.0,
+            identity,
+            wrenn_rpc::Timeouts::default(),
+        )
+        .map(|a| Arc::new(a) as Arc<dyn HostAgent>)
+        .map_err(|e| e.to_string())
+    }
+}
+
 pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
     let opts = ServeOptions {
         listen: a.listen,
@@ -217,6 +239,7 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
             timeout: Duration::from_secs_f64(a.host_timeout.unwrap_or(a.host_check_interval * 3.0)),
             cpu_overcommit: a.cpu_overcommit,
         },
+        host_dialer: Some(Arc::new(RpcDialer)),
     };
     let admin_password = opts.bootstrap_admin_password.is_some();
     let signup = opts.config.open_signup;

@@ -1,15 +1,21 @@
 //! `/v1/hosts`: the hosts that run capsules, for platform admins — what each is, its
-//! status as the host monitor last saw it, and the capsules it runs or holds.
+//! status as the host monitor last saw it, and the capsules it runs or holds; creating
+//! hosts (with a one-time registration token), their tags, and deleting them. And
+//! `POST /v1/hosts/register`, where an agent trades its token for its certificate.
 
 use crate::auth::Auth;
-use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::error::{json_rejection, ApiError, ApiResult, ErrorBody};
 use crate::state::AppState;
 use crate::v1::admin::platform_admin;
-use axum::extract::{Path, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
+use wrenn_core::scheduler::HostId;
 
 type S = State<Arc<AppState>>;
 
@@ -37,6 +43,16 @@ pub struct HostView {
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub availability_zone: Option<String>,
+    /// The admin who created it (absent for hosts given on the command line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    /// When its certificate expires (registered hosts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_expires_at: Option<chrono::DateTime<chrono::Utc>>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
@@ -59,6 +75,10 @@ impl From<wrenn_db::Host> for HostView {
             address: h.address,
             status: h.status.as_str().into(),
             last_heartbeat_at: h.last_heartbeat_at,
+            provider: h.provider,
+            availability_zone: h.availability_zone,
+            created_by: h.created_by,
+            cert_expires_at: h.cert_expires_at,
             created_at: h.created_at,
             updated_at: h.updated_at,
         }
@@ -123,4 +143,433 @@ pub async fn delete_preview(
         host: h.into(),
         sandbox_ids,
     }))
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+    b.map(|Json(v)| v).map_err(json_rejection)
+}
+
+/// A host to create.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateHost {
+    /// `regular` (default) or `byoc` (owned by `team_id`, which only that team's
+    /// capsules use).
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    pub team_id: Option<String>,
+    pub provider: Option<String>,
+    pub availability_zone: Option<String>,
+}
+
+/// A host and the token its agent registers with (valid one hour, once; shown once).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HostWithToken {
+    pub host: HostView,
+    pub registration_token: String,
+}
+
+fn short_text(what: &str, v: &Option<String>) -> ApiResult<()> {
+    match v {
+        Some(s) if s.is_empty() || s.len() > 64 || s.chars().any(char::is_control) => Err(
+            ApiError::invalid(format!("{what} must be 1 to 64 printable characters")),
+        ),
+        _ => Ok(()),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/hosts", tag = "hosts", request_body = CreateHost,
+    responses((status = 201, body = HostWithToken), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(st): S,
+    Auth(who): Auth,
+    req: Result<Json<CreateHost>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<HostWithToken>)> {
+    platform_admin(&who)?;
+    let req = body(req)?;
+    let byoc = match req.kind.as_deref() {
+        None | Some("regular") => false,
+        Some("byoc") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "type {other:?}: expected \"regular\" or \"byoc\""
+            )))
+        }
+    };
+    match (byoc, &req.team_id) {
+        (true, None) => {
+            return Err(ApiError::invalid(
+                "a byoc host needs the team_id that owns it",
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "team_id is for byoc hosts (set \"type\": \"byoc\")",
+            ))
+        }
+        (true, Some(team)) => {
+            st.db.get_team(team).await.map_err(|e| {
+                if e.is_not_found() {
+                    ApiError::invalid(format!("team {team} does not exist"))
+                } else {
+                    e.into()
+                }
+            })?;
+        }
+        (false, None) => {}
+    }
+    short_text("provider", &req.provider)?;
+    short_text("availability_zone", &req.availability_zone)?;
+    let (host, token) = st
+        .db
+        .create_host(&wrenn_db::NewHost {
+            team_id: req.team_id,
+            provider: req.provider,
+            availability_zone: req.availability_zone,
+            created_by: Some(who.user()?.sub.clone()),
+        })
+        .await?;
+    st.audit(&who, "host.create", "host", Some(&host.id.0), true, None)
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(HostWithToken {
+            host: host.into(),
+            registration_token: token,
+        }),
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{id}/token", tag = "hosts",
+    params(("id" = String, Path)),
+    responses((status = 201, body = HostWithToken), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn new_token(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<HostWithToken>)> {
+    platform_admin(&who)?;
+    let h = host(&st, &id).await?;
+    if h.address.is_none() && h.status != wrenn_db::HostStatus::Pending {
+        return Err(ApiError::invalid_state(format!(
+            "host {id} is not a registered host (it was given on the command line)"
+        )));
+    }
+    let token = st
+        .db
+        .new_host_token(&id, Some(&who.user()?.sub))
+        .await
+        .map_err(|e| {
+            if e.is_not_found() {
+                ApiError::not_found(&format!("host {id}"))
+            } else {
+                e.into()
+            }
+        })?;
+    st.audit(&who, "host.token", "host", Some(&id), true, None)
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(HostWithToken {
+            host: h.into(),
+            registration_token: token,
+        }),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+pub struct DeleteQuery {
+    /// Destroy the host's capsules (running and paused) with it.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// 409 naming the capsules that keep a host from being deleted (ids also at the top
+/// level, where the reference SDK reads them).
+fn has_capsules(id: &str, ids: Vec<String>) -> Response {
+    let message = format!(
+        "host {id} runs or holds {} capsule(s); destroy them or delete with ?force=true",
+        ids.len()
+    );
+    (
+        StatusCode::CONFLICT,
+        Json(serde_json::json!({
+            "error": {"code": "host_has_capsules", "message": message, "sandbox_ids": ids},
+            "capsule_ids": ids,
+            "sandbox_ids": ids,
+        })),
+    )
+        .into_response()
+}
+
+#[utoipa::path(delete, path = "/v1/hosts/{id}", tag = "hosts",
+    params(("id" = String, Path), DeleteQuery),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> ApiResult<Response> {
+    platform_admin(&who)?;
+    let h = host(&st, &id).await?;
+    if h.address.is_none() && h.status != wrenn_db::HostStatus::Pending {
+        return Err(ApiError::invalid_state(format!(
+            "host {id} is not a registered host: stop its agent or the server instead"
+        )));
+    }
+    let ids = st.db.system_host_capsules(&id).await?;
+    if !ids.is_empty() && !q.force {
+        return Ok(has_capsules(&id, ids));
+    }
+    for cid in &ids {
+        let c = match st.capsule_cache.get(&st.db, None, cid).await {
+            Ok(c) => c,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        // An unreachable host's capsules go with it: their rows end stopped.
+        if let Err(e) = crate::service::destroy(&st, &who.actor, who.actor_name.clone(), &c).await {
+            tracing::warn!(capsule = %cid, host = %id, error = %e,
+                "host delete: capsule not destroyed on its host; recorded stopped");
+            crate::service::set_status(&st, &c, wrenn_core::status::CapsuleStatus::Stopped).await?;
+        }
+    }
+    st.db.delete_host(&id).await?;
+    st.hosts.remove(&HostId(id.clone()));
+    st.audit(
+        &who,
+        "host.delete",
+        "host",
+        Some(&id),
+        true,
+        Some(serde_json::json!({ "capsules": ids.len() })),
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{id}/tags", tag = "hosts",
+    params(("id" = String, Path)),
+    responses((status = 200, body = Vec<String>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn tags(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<String>>> {
+    platform_admin(&who)?;
+    host(&st, &id).await?;
+    Ok(Json(st.db.host_tags(&id).await?))
+}
+
+/// A tag to add.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddTag {
+    pub tag: String,
+}
+
+fn valid_tag(tag: &str) -> ApiResult<()> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 63
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:=/".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "a tag is 1 to 63 letters, digits or - _ . : = /",
+        ))
+    }
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{id}/tags", tag = "hosts", request_body = AddTag,
+    params(("id" = String, Path)),
+    responses((status = 201, body = Vec<String>), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn add_tag(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    req: Result<Json<AddTag>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Vec<String>>)> {
+    platform_admin(&who)?;
+    let req = body(req)?;
+    valid_tag(&req.tag)?;
+    host(&st, &id).await?;
+    st.db.add_host_tag(&id, &req.tag).await?;
+    st.audit(
+        &who,
+        "host.tag",
+        "host",
+        Some(&id),
+        true,
+        Some(serde_json::json!({"tag": req.tag})),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(st.db.host_tags(&id).await?)))
+}
+
+#[utoipa::path(delete, path = "/v1/hosts/{id}/tags/{tag}", tag = "hosts",
+    params(("id" = String, Path), ("tag" = String, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn remove_tag(
+    State(st): S,
+    Auth(who): Auth,
+    Path((id, tag)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    platform_admin(&who)?;
+    host(&st, &id).await?;
+    if !st.db.remove_host_tag(&id, &tag).await? {
+        return Err(ApiError::not_found(&format!("tag {tag:?} of host {id}")));
+    }
+    st.audit(
+        &who,
+        "host.untag",
+        "host",
+        Some(&id),
+        true,
+        Some(serde_json::json!({"tag": tag})),
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// An agent's registration: its one-time token and what it detected of its machine.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Register {
+    pub token: String,
+    pub arch: String,
+    pub cpu_cores: u32,
+    pub memory_mb: u64,
+    pub disk_gb: u64,
+    /// Where the control plane reaches the agent (`host:port`).
+    pub address: String,
+}
+
+/// What a registered agent serves with: its host certificate and key, and the CA of
+/// the control plane's certificates (the only clients it accepts).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Registered {
+    pub host: HostView,
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// The CA the control plane's client certificates come from.
+    pub ca_cert_pem: String,
+    pub cert_expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+fn valid_address(a: &str) -> ApiResult<()> {
+    let (host, port) = a
+        .rsplit_once(':')
+        .ok_or_else(|| ApiError::invalid(format!("address {a:?}: expected host:port")))?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok()
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+    if port_ok && host_ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "address {a:?}: expected host:port"
+        )))
+    }
+}
+
+#[utoipa::path(post, path = "/v1/hosts/register", tag = "hosts", request_body = Register,
+    responses((status = 201, body = Registered), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn register(
+    State(st): S,
+    req: Result<Json<Register>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Registered>)> {
+    let req = body(req)?;
+    valid_address(&req.address)?;
+    if req.arch.is_empty() || req.arch.len() > 32 || req.cpu_cores == 0 || req.memory_mb == 0 {
+        return Err(ApiError::invalid(
+            "arch, cpu_cores and memory_mb describe the machine (non-empty, above zero)",
+        ));
+    }
+    let cluster = st.cluster.get().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this control plane is starting; register again shortly",
+        )
+    })?;
+    let specs = wrenn_db::HostSpecs {
+        arch: req.arch.clone(),
+        cpu_cores: req.cpu_cores,
+        memory_mb: req.memory_mb,
+        disk_gb: req.disk_gb,
+    };
+    let h = match st
+        .db
+        .redeem_host_token(&req.token, &req.address, &specs)
+        .await?
+    {
+        Ok(h) => h,
+        Err(bad) => {
+            // Audited where an operator looks for refused credentials.
+            tracing::warn!(target: "wrenn::audit", address = %req.address,
+                "host registration refused: {bad}");
+            return Err(ApiError::unauthorized(bad.to_string()));
+        }
+    };
+    let issued = cluster
+        .pki
+        .issue_host(&h.id.0)
+        .map_err(|e| ApiError::internal(format!("cannot issue the host certificate: {e}")))?;
+    let expires: chrono::DateTime<chrono::Utc> = issued.not_after.into();
+    st.db
+        .set_host_certificate(&h.id.0, &issued.fingerprint, expires)
+        .await?;
+    if let Some(team) = &h.team_id {
+        st.audit_team(
+            team,
+            wrenn_db::Actor::System,
+            None,
+            "host.register",
+            "host",
+            Some(&h.id.0),
+            true,
+            Some(serde_json::json!({"address": req.address})),
+        )
+        .await;
+    }
+    tracing::info!(target: "wrenn::audit", host = %h.id, address = %req.address, "host registered");
+    let h = host(&st, &h.id.0).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered {
+            host: h.into(),
+            cert_pem: issued.cert_pem,
+            key_pem: issued.key_pem,
+            ca_cert_pem: cluster.pki.control_plane_ca_pem().to_string(),
+            cert_expires_at: expires,
+        }),
+    ))
 }

@@ -168,12 +168,15 @@ class Agent:
     """A `wrenn agent` on loopback with its own data directory (and host id, if given).
     With `register=(control plane URL, token)` it registers and serves mutual TLS."""
 
-    def __init__(self, tag: str, host_id: str | None = None, register: tuple[str, str] | None = None):
+    def __init__(self, tag: str, host_id: str | None = None, register: tuple[str, str] | None = None,
+                 netns: "HostNetns | None" = None):
         self.data_dir = _make_data_dir(tag)
         self.host_id = host_id
         self.register = register
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.netns = netns
+        self.port = 7070 if netns else _free_port()
+        self.ip = netns.host_ip if netns else "127.0.0.1"
+        self.url = f"http://{self.ip}:{self.port}"
         self.log_path = os.path.join(self.data_dir, "agent.log")
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -184,11 +187,14 @@ class Agent:
         log = open(self.log_path, "ab")
         if self.register:
             cp, token = self.register
-            where = ["--control-plane", cp, "--register", token, "--advertise", f"127.0.0.1:{self.port}"]
+            where = ["--control-plane", cp, "--register", token, "--advertise", f"{self.ip}:{self.port}"]
         else:
-            where = ["--listen", f"127.0.0.1:{self.port}"]
+            where = [] if self.netns else ["--listen", f"127.0.0.1:{self.port}"]
+        # nsenter joins the network namespace only (`ip netns exec` would also remount
+        # /sys, hiding the cgroup hierarchies the agent confines its VMMs with).
+        inside = ["nsenter", f"--net=/run/netns/{self.netns.name}"] if self.netns else []
         self.proc = subprocess.Popen(
-            [BINARY, "--data-dir", self.data_dir, "agent", *where,
+            [*inside, BINARY, "--data-dir", self.data_dir, "agent", *where,
              "--disk-overcommit", "4", *(["--host-id", self.host_id] if self.host_id else [])],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )
@@ -205,6 +211,15 @@ class Agent:
         _stop(self.proc, signal.SIGKILL)
         self.proc = None
 
+    def freeze(self) -> None:
+        """SIGSTOP: the agent stops answering; its VMMs (and guests) keep running."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         _stop(self.proc, signal.SIGTERM)
         self.proc = None
@@ -218,6 +233,36 @@ class Agent:
 
     def tail(self, n: int = 40) -> str:
         return _tail(self.log_path, n)
+
+
+class HostNetns:
+    """A network namespace standing for another machine: a veth pair to the root
+    namespace, `10.213.<n>.1` on the root side, `10.213.<n>.2` inside."""
+
+    def __init__(self, n: int):
+        tag = f"{os.getpid() % 10000}{n}"
+        self.name = f"wrenn-tc{tag}"
+        self.root_if, self.peer_if = f"wtc{tag}r", f"wtc{tag}p"
+        self.gateway, self.host_ip = f"10.213.{n}.1", f"10.213.{n}.2"
+
+    def create(self) -> None:
+        self.delete()
+        for cmd in (["ip", "netns", "add", self.name],
+                    ["ip", "link", "add", self.root_if, "type", "veth", "peer", "name", self.peer_if],
+                    ["ip", "link", "set", self.peer_if, "netns", self.name],
+                    ["ip", "addr", "add", f"{self.gateway}/24", "dev", self.root_if],
+                    ["ip", "link", "set", self.root_if, "up"],
+                    ["ip", "-n", self.name, "addr", "add", f"{self.host_ip}/24", "dev", self.peer_if],
+                    ["ip", "-n", self.name, "link", "set", self.peer_if, "up"],
+                    ["ip", "-n", self.name, "link", "set", "lo", "up"]):
+            subprocess.run(cmd, check=True, capture_output=True)
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.root_if], capture_output=True)
+
+    def exists(self) -> bool:
+        return os.path.exists(f"/run/netns/{self.name}")
 
 
 def point_sdks_at(srv: Server, monkeypatch) -> None:

@@ -422,6 +422,11 @@ impl Hosts {
             .contains(id)
     }
 
+    /// Whether host `id` is connected and answering.
+    pub fn reachable(&self, id: &HostId) -> bool {
+        self.get(id).is_ok_and(|c| !c.unreachable())
+    }
+
     /// The host with id `id`.
     pub fn get(&self, id: &HostId) -> Result<Arc<HostConn>, HostError> {
         self.by_id

@@ -43,6 +43,10 @@ pub struct ServeArgs {
         conflicts_with = "HostArgs"
     )]
     agents: Vec<String>,
+    /// Run no host in this process: capsules go only to host agents (`--agent`, or
+    /// hosts registered in the database).
+    #[arg(long, env = "WRENN_NO_LOCAL_HOST", conflicts_with = "HostArgs")]
+    no_local_host: bool,
     /// Seconds between the host monitor's checks of each host agent.
     #[arg(long, env = "WRENN_HOST_CHECK_INTERVAL", default_value_t = 2.0, value_parser = positive_secs)]
     host_check_interval: f64,
@@ -247,7 +251,7 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
     let control_plane = ControlPlane::open(opts).await.context("wrenn serve")?;
     let mut agents: Vec<(Arc<dyn HostAgent>, Option<String>)> = Vec::new();
     let mut local = None;
-    if a.agents.is_empty() {
+    if a.agents.is_empty() && !a.no_local_host {
         let host = Arc::new(start_host(&data_dir, a.host, LOCAL_HOST).await?);
         agents.push((host.clone(), None));
         local = Some(host);

@@ -87,6 +87,23 @@ impl CapsuleNetwork {
 }
 
 impl CapsuleView {
+    /// The row as shown now: a live capsule whose host is unreachable (or not
+    /// connected) is `missing` until its host answers again.
+    pub fn of(st: &AppState, c: &wrenn_db::Capsule) -> Self {
+        let mut v = Self::from_row(c);
+        let live = matches!(
+            c.status,
+            CapsuleStatus::Starting
+                | CapsuleStatus::Running
+                | CapsuleStatus::Pausing
+                | CapsuleStatus::Resuming
+        );
+        if live && !st.hosts.reachable(&c.host_id) {
+            v.status = "missing".into();
+        }
+        v
+    }
+
     pub fn from_row(c: &wrenn_db::Capsule) -> Self {
         CapsuleView {
             id: c.id.to_string(),
@@ -189,7 +206,7 @@ pub async fn create(
     security(("api_key" = []), ("bearer" = [])))]
 pub async fn list(State(st): S, Auth(who): Auth) -> ApiResult<Json<Vec<CapsuleView>>> {
     let rows = st.db.list_capsules(&who.team_id, false).await?;
-    Ok(Json(rows.iter().map(CapsuleView::from_row).collect()))
+    Ok(Json(rows.iter().map(|c| CapsuleView::of(&st, c)).collect()))
 }
 
 #[utoipa::path(get, path = "/v1/capsules/{id}", tag = "capsules",
@@ -202,8 +219,8 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<CapsuleView>> {
     let c = service::get(&st, &who, &id).await?;
-    let mut view = CapsuleView::from_row(&c);
-    if c.status == CapsuleStatus::Running {
+    let mut view = CapsuleView::of(&st, &c);
+    if view.status == "running" {
         view.disk_used_mb = match st.agent_of(&c) {
             Ok(agent) => agent
                 .latest_metric(&c.id, Duration::from_secs(5))

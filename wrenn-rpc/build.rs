@@ -8,7 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile([PROTO], ["proto"])?;
     tonic_build::configure()
         // Tunnel bytes are passed on without copies.
-        .bytes([".wrenn.agent.v1.TunnelFrame"])
+        .bytes([
+            ".wrenn.agent.v1.TunnelFrame",
+            ".wrenn.agent.v1.TemplateChunk",
+        ])
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -299,7 +299,11 @@ def test_a_killed_agent_is_unreachable_and_skipped_until_it_is_back(cluster):
             c.delete(f"/v1/capsules/{cid}")
 
 
-def test_a_team_snapshot_is_used_on_the_host_that_holds_it(cluster):
+def snapshot_dirs(agent: Agent) -> set[str]:
+    return {d for d in os.listdir(os.path.join(agent.data_dir, "templates")) if d.startswith("snap-")}
+
+
+def test_a_team_snapshot_is_used_on_the_host_that_holds_it_and_copied_to_others(cluster):
     agents, srv = cluster
     with srv.admin() as c:
         r = c.post("/v1/capsules", json={"template": "minimal"})
@@ -320,8 +324,30 @@ def test_a_team_snapshot_is_used_on_the_host_that_holds_it(cluster):
                 assert host_of(agents, made[-1]) == holder
                 r = c.post(f"/v1/capsules/{made[-1]}/files/read", json={"path": "/home/user/mark"})
                 assert (r.status_code, r.text) == (200, "snap"), r.text
+            (snap,) = snapshot_dirs(agents[holder])
+            # The holder drained, the snapshot is copied to the host that takes the
+            # capsule (checksummed, installed whole) and used there.
+            with srv.admin_user() as u:
+                assert u.post(f"/v1/hosts/{holder}/drain").json()["status"] == "draining"
+            try:
+                r = c.post("/v1/capsules", json={"template": "cluster-snap"})
+                assert r.status_code == 201, r.text
+                made.append(r.json()["id"])
+                elsewhere = host_of(agents, made[-1])
+                assert elsewhere != holder
+                assert snap in snapshot_dirs(agents[elsewhere])
+                assert not [d for d in os.listdir(os.path.join(agents[elsewhere].data_dir, "templates"))
+                            if d.startswith(".import-")], "no staging left"
+                r = c.post(f"/v1/capsules/{made[-1]}/files/read", json={"path": "/home/user/mark"})
+                assert (r.status_code, r.text) == (200, "snap"), r.text
+            finally:
+                with srv.admin_user() as u:
+                    assert u.delete(f"/v1/hosts/{holder}/drain").json()["status"] == "online"
         finally:
             for cid in [src, *made]:
                 c.delete(f"/v1/capsules/{cid}")
             r = c.delete("/v1/snapshots/cluster-snap")
             assert r.status_code == 204, r.text
+        # Deleted on every host holding it.
+        for a in agents.values():
+            assert snapshot_dirs(a) == set(), a.data_dir

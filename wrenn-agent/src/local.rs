@@ -1,7 +1,8 @@
 //! The in-process host agent: the capsule manager of this machine.
 
 use async_trait::async_trait;
-use std::collections::HashMap;
+use futures_util::StreamExt;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -12,13 +13,14 @@ use wrenn::{CapsuleError, CreateOptions, Host};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
     guest_error, CapsuleSpec, Endpoint, GuestStream, HostAgent, HostCapsule, HostError,
-    HostErrorKind, HostInfo, HostTemplate, HostVersions, PoolStats,
+    HostErrorKind, HostInfo, HostTemplate, HostVersions, PoolStats, TemplateChunks,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, TierSnapshot};
 use wrenn_core::scheduler::HostId;
 use wrenn_core::snapshot::{PauseMode, ResumeMode};
 use wrenn_core::status::CapsuleStatus;
+use wrenn_core::template::{TemplateManifest, TemplateName};
 
 /// Longest wait for a capsule port to accept a connection the control plane asked for.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -86,6 +88,11 @@ impl LocalAgent {
     }
 
     /// A running capsule's guest address on this host, at `port`.
+    /// The store of this host's templates (it owns their files).
+    fn templates(&self) -> wrenn::FsTemplates {
+        wrenn::FsTemplates::new(self.host.data_dir().clone())
+    }
+
     fn guest_addr(&self, id: &CapsuleId, port: u16) -> Result<SocketAddr, HostError> {
         let info = self.capsules().get(id).map_err(host_error)?;
         if info.status != CapsuleStatus::Running {
@@ -363,6 +370,72 @@ impl HostAgent for LocalAgent {
             .map_err(host_error)
     }
 
+    async fn template_manifest(&self, name: &str) -> Result<TemplateManifest, HostError> {
+        let (store, name) = (self.templates(), template_name(name)?);
+        blocking(move || store.manifest(&name)).await
+    }
+
+    async fn export_template(
+        &self,
+        name: &str,
+        from: BTreeMap<String, u64>,
+    ) -> Result<TemplateChunks, HostError> {
+        let (store, name) = (self.templates(), template_name(name)?);
+        let manifest = {
+            let (store, name) = (store.clone(), name.clone());
+            blocking(move || store.manifest(&name)).await?
+        };
+        // A few chunks ahead of the reader; the reading thread stops when the
+        // receiver is gone.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let sent = store.export(&name, &manifest, &from, |chunk| {
+                tx.blocking_send(Ok(chunk)).is_ok()
+            });
+            if let Err(e) = sent {
+                let _ = tx.blocking_send(Err(template_error(&e)));
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn import_state(
+        &self,
+        manifest: &TemplateManifest,
+    ) -> Result<BTreeMap<String, u64>, HostError> {
+        let (store, manifest) = (self.templates(), manifest.clone());
+        blocking(move || Ok(store.import_state(&manifest))).await
+    }
+
+    async fn import_template(
+        &self,
+        manifest: TemplateManifest,
+        mut chunks: TemplateChunks,
+    ) -> Result<HostTemplate, HostError> {
+        manifest
+            .validate()
+            .map_err(|m| HostError::new(HostErrorKind::InvalidArgument, m))?;
+        let name = manifest.name.to_string();
+        let store = self.templates();
+        let mut import = blocking(move || store.import(manifest)).await?;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    // Kept for a retry to resume.
+                    let _ = blocking(move || import.suspend()).await;
+                    return Err(e);
+                }
+            };
+            import = tokio::task::spawn_blocking(move || import.write(&chunk).map(|()| import))
+                .await
+                .map_err(|e| HostError::new(HostErrorKind::Internal, e.to_string()))?
+                .map_err(|e| template_error(&e))?;
+        }
+        blocking(move || import.finish()).await?;
+        self.template(&name).await
+    }
+
     async fn envd(&self, id: &CapsuleId) -> Result<Endpoint, HostError> {
         // Running with a connected guest agent, or the manager's own error for it.
         self.capsules().agent(id).map_err(host_error)?;
@@ -440,6 +513,29 @@ impl HostAgent for LocalAgent {
             .await
             .map_err(host_error)
     }
+}
+
+fn template_name(name: &str) -> Result<TemplateName, HostError> {
+    TemplateName::parse(name)
+        .map_err(|e| HostError::new(HostErrorKind::InvalidArgument, e.to_string()))
+}
+
+fn template_error(e: &wrenn_core::template::TemplateError) -> HostError {
+    let kind = match e {
+        wrenn_core::template::TemplateError::Unknown { .. } => HostErrorKind::NotFound,
+        _ => HostErrorKind::Internal,
+    };
+    HostError::new(kind, error_chain(e))
+}
+
+/// Runs template file work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, wrenn_core::template::TemplateError> + Send + 'static,
+) -> Result<T, HostError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| HostError::new(HostErrorKind::Internal, e.to_string()))?
+        .map_err(|e| template_error(&e))
 }
 
 /// What this machine is, as a host reports it: architecture, CPUs, memory, and the

@@ -480,7 +480,7 @@ impl Hosts {
             }
             [] => return Err(unavailable("no host is connected to this control plane")),
             // One host: its own admission control decides (single-machine mode).
-            [one] if self.by_id.read().map_or(0, |m| m.len()) == 1 || only.is_some() => one.clone(),
+            [one] if self.by_id.read().map_or(0, |m| m.len()) == 1 => one.clone(),
             _ => {
                 // Hosts not heard from yet are asked now.
                 for c in candidates.iter().filter(|c| c.info().is_none()) {

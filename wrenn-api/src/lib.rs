@@ -131,6 +131,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/hosts/{id}/token", post(v1::hosts::new_token))
         .route(
+            "/v1/hosts/{id}/drain",
+            post(v1::hosts::drain).delete(v1::hosts::undrain),
+        )
+        .route(
             "/v1/hosts/{id}/tags",
             get(v1::hosts::tags).post(v1::hosts::add_tag),
         )

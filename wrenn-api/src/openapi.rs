@@ -113,7 +113,7 @@ impl Modify for CommonErrors {
         v1::admin::pools, v1::admin::set_pool,
         v1::hosts::list, v1::hosts::get, v1::hosts::delete_preview, v1::hosts::create,
         v1::hosts::new_token, v1::hosts::delete, v1::hosts::tags, v1::hosts::add_tag,
-        v1::hosts::remove_tag, v1::hosts::register,
+        v1::hosts::remove_tag, v1::hosts::register, v1::hosts::drain, v1::hosts::undrain,
         e2b::create, e2b::create_v2, e2b::connect, e2b::connect_v2, e2b::resume, e2b::get, e2b::kill, e2b::set_timeout,
         e2b::pause, e2b::list_v2, e2b::list_v1, e2b::metrics, e2b::fork, e2b::update_network,
         e2b::create_snapshot, e2b::list_snapshots, e2b::delete_template,

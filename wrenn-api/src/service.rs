@@ -8,6 +8,7 @@ use crate::hosts::HostConn;
 use crate::state::AppState;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
+use std::sync::Arc;
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::TierSnapshot;
@@ -114,6 +115,8 @@ pub struct Resolved {
     pub host_name: String,
     /// The host holding it, for a team snapshot (platform templates are on every host).
     pub holder: Option<wrenn_core::scheduler::HostId>,
+    /// A team snapshot's row id and the other hosts holding a copy of it.
+    pub snapshot: Option<(String, Vec<wrenn_core::scheduler::HostId>)>,
 }
 
 /// Validates a template name and finds it: a snapshot of the caller's team first, then a
@@ -133,10 +136,12 @@ pub async fn resolve_template(
                 .get(HOST_TEMPLATE_KEY)
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::internal("snapshot has no host template"))?;
+            let copies = state.db.template_copies(&t.id).await?;
             return Ok(Resolved {
                 name: name.to_string(),
                 host_name: host.to_string(),
                 holder: t.host_id,
+                snapshot: Some((t.id, copies)),
             });
         }
         Err(e) if e.is_not_found() => {}
@@ -156,6 +161,7 @@ pub async fn resolve_template(
             name: name.to_string(),
             host_name: host_name.to_string(),
             holder: None,
+            snapshot: None,
         }),
         Err(e) if e.kind == HostErrorKind::NotFound => {
             Err(ApiError::not_found(&format!("template {name}")))
@@ -270,24 +276,43 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
             ),
         )
         .await?;
-    // A team snapshot is used on the host that holds it.
-    let holders = resolved.holder.clone().map(|h| vec![h]);
-    let host = state
-        .hosts
-        .place(
-            &wrenn_core::scheduler::PlacementRequest {
-                team: who.team_id.clone(),
-                template: host_template.clone(),
-                vcpus: u64::from(want_vcpus),
-                memory_mb: u64::from(want_memory),
-                // The host checks its disk itself (it knows its overcommit); placement
-                // weighs how full each host's disk is.
-                disk_mb: 0,
-                tags: Default::default(),
-            },
-            holders.as_deref(),
-        )
-        .await?;
+    // A team snapshot goes anywhere while a host holding it answers (placement
+    // prefers those; another host gets a copy first), else only where it is.
+    let holders: Option<Vec<wrenn_core::scheduler::HostId>> = resolved.holder.clone().map(|h| {
+        let mut all = vec![h];
+        if let Some((_, copies)) = &resolved.snapshot {
+            all.extend(copies.iter().cloned());
+        }
+        all
+    });
+    let source = holders.as_ref().and_then(|hs| {
+        hs.iter()
+            .find_map(|h| state.hosts.get(h).ok().filter(|c| !c.unreachable()))
+    });
+    let req = wrenn_core::scheduler::PlacementRequest {
+        team: who.team_id.clone(),
+        template: host_template.clone(),
+        vcpus: u64::from(want_vcpus),
+        memory_mb: u64::from(want_memory),
+        // The host checks its disk itself (it knows its overcommit); placement weighs
+        // how full each host's disk is.
+        disk_mb: 0,
+        tags: Default::default(),
+    };
+    let host = match (&holders, &source) {
+        // A host holding it if one can take the capsule, else any (with a copy).
+        (Some(hs), Some(_)) => match state.hosts.place(&req, Some(hs)).await {
+            Ok(h) => h,
+            Err(_) => state.hosts.place(&req, None).await?,
+        },
+        (Some(hs), None) => state.hosts.place(&req, Some(hs)).await?,
+        (None, _) => state.hosts.place(&req, None).await?,
+    };
+    if let (Some(hs), Some(src), Some((template_id, _))) = (&holders, &source, &resolved.snapshot) {
+        if !hs.contains(&host.id) {
+            copy_template(state, template_id, &host_template, src, host.host()).await?;
+        }
+    }
     let spec = CapsuleSpec {
         template: host_template,
         vcpus,
@@ -395,6 +420,89 @@ async fn record(
             Err(e.into())
         }
     }
+}
+
+/// A template (by its name on the hosts) and the host it is copied to.
+type CopyKey = (String, wrenn_core::scheduler::HostId);
+
+/// One copy of a template to one host at a time.
+#[derive(Debug, Default)]
+pub struct CopyLocks(std::sync::Mutex<HashMap<CopyKey, Arc<tokio::sync::Mutex<()>>>>);
+
+impl CopyLocks {
+    fn of(&self, name: &str, host: &wrenn_core::scheduler::HostId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((name.to_string(), host.clone()))
+            .or_default()
+            .clone()
+    }
+}
+
+/// Copies snapshot template `host_name` (row `template_id`) from host `from` to host
+/// `to`, relayed through this control plane: `to` resumes an interrupted copy, checks
+/// every file's checksum and installs it whole. The copy is recorded first, so a
+/// delete reaches it even if this stops midway.
+pub async fn copy_template(
+    state: &AppState,
+    template_id: &str,
+    host_name: &str,
+    from: &HostConn,
+    to: &HostConn,
+) -> ApiResult<()> {
+    let lock = state.copy_locks.of(host_name, &to.id);
+    let _one = lock.lock().await;
+    if to.agent.template(host_name).await.is_ok() {
+        return Ok(());
+    }
+    state.db.add_template_copy(template_id, &to.id).await?;
+    let started = std::time::Instant::now();
+    let manifest = from.agent.template_manifest(host_name).await?;
+    let have = to.agent.import_state(&manifest).await?;
+    let resumed: u64 = have.values().sum();
+    let chunks = from.agent.export_template(host_name, have).await?;
+    to.agent.import_template(manifest.clone(), chunks).await?;
+    tracing::info!(template = host_name, from = %from.id, to = %to.id,
+        bytes = manifest.files.iter().map(|f| f.size).sum::<u64>(), resumed,
+        took_ms = started.elapsed().as_millis() as u64, "template copied");
+    Ok(())
+}
+
+/// Removes template `host_name`'s files from `holder` and from every host in `copies`
+/// (absent files count as removed); forgets the copies removed. Fails (keeping what
+/// could not be removed recorded) when a host holding one does not answer.
+async fn remove_everywhere(
+    state: &AppState,
+    template_id: &str,
+    host_name: &str,
+    holder: Result<Arc<HostConn>, HostError>,
+    copies: &[wrenn_core::scheduler::HostId],
+) -> Result<(), HostError> {
+    let gone = |r: Result<(), HostError>| match r {
+        Err(e) if e.kind == HostErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    let mut failed = None;
+    if let Err(e) = gone(match holder {
+        Ok(h) => h.agent.delete_template(host_name).await,
+        Err(e) => Err(e),
+    }) {
+        failed = Some(e);
+    }
+    for id in copies {
+        let removed = match state.hosts.get(id) {
+            Ok(h) => gone(h.agent.delete_template(host_name).await),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(()) => {
+                if let Err(e) = state.db.remove_template_copy(template_id, id).await {
+                    tracing::warn!(template = host_name, host = %id, error = %e, "copy not forgotten");
+                }
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 /// Records activity on a capsule (resets its inactivity timer). A capsule whose
@@ -879,22 +987,16 @@ pub async fn snapshot_with(
             return Err(ApiError::from(e));
         }
     };
-    // The old snapshot's files go only once the new one is in place.
-    if let Some((old_host, holder)) = old.as_ref().and_then(|t| {
+    // The old snapshot's files (and their copies) go only once the new one is in
+    // place.
+    if let Some((old_host, holder, t)) = old.as_ref().and_then(|t| {
         let name = t.metadata.get(HOST_TEMPLATE_KEY).and_then(Value::as_str)?;
-        Some((name, holder_of(state, t)))
+        Some((name, holder_of(state, t), t))
     }) {
-        let removed = match holder {
-            Ok(h) => h.agent.delete_template(old_host).await,
-            Err(e) => Err(e),
-        };
-        match removed {
-            Ok(()) => {}
-            Err(e) if e.kind == HostErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(template = name, host = old_host, error = %e,
-                    "replaced snapshot's files not removed");
-            }
+        let copies = state.db.template_copies(&t.id).await.unwrap_or_default();
+        if let Err(e) = remove_everywhere(state, &t.id, old_host, holder, &copies).await {
+            tracing::warn!(template = name, host = old_host, error = %e,
+                "replaced snapshot's files not removed everywhere");
         }
     }
     state
@@ -925,15 +1027,13 @@ fn holder_of(
 pub async fn delete_snapshot(state: &AppState, who: &Principal, name: &str) -> ApiResult<()> {
     let t = state.db.get_template(&who.team_id, name).await?;
     if let Some(host) = t.metadata.get(HOST_TEMPLATE_KEY).and_then(Value::as_str) {
-        match holder_of(state, &t)?.agent.delete_template(host).await {
-            Ok(()) => {}
-            Err(e) if e.kind == HostErrorKind::NotFound => {}
-            Err(e) => {
-                state
-                    .audit(who, "snapshot.delete", "snapshot", Some(name), false, None)
-                    .await;
-                return Err(e.into());
-            }
+        // Every host holding it removes its files; the row goes only then.
+        let copies = state.db.template_copies(&t.id).await?;
+        if let Err(e) = remove_everywhere(state, &t.id, host, holder_of(state, &t), &copies).await {
+            state
+                .audit(who, "snapshot.delete", "snapshot", Some(name), false, None)
+                .await;
+            return Err(e.into());
         }
     }
     state.db.delete_template(&who.team_id, name).await?;

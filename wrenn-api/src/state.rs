@@ -173,6 +173,8 @@ pub struct AppState {
     /// Registered hosts: the cluster's certificates and how their agents are reached
     /// (set once the database is open).
     pub cluster: std::sync::OnceLock<crate::cluster::Cluster>,
+    /// Template copies between hosts in progress (one per template and host).
+    pub copy_locks: crate::service::CopyLocks,
     /// What is in flight through the proxy, per capsule: ended on kill and pause.
     pub streams: crate::proxy::LiveStreams,
     /// Auto-resumes in progress, one per capsule.
@@ -224,6 +226,7 @@ impl AppState {
             proxy,
             proxy_routes,
             cluster: std::sync::OnceLock::new(),
+            copy_locks: Default::default(),
             streams: crate::proxy::LiveStreams::default(),
             reaper_backoff: crate::lifecycle::ReaperBackoff::default(),
         }

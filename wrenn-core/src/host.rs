@@ -15,6 +15,7 @@ use crate::metrics::{MetricPoint, TierSnapshot};
 use crate::scheduler::{HostId, Usage};
 use crate::snapshot::{PauseMode, ResumeMode};
 use crate::status::CapsuleStatus;
+use crate::template::{TemplateChunk, TemplateManifest};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -176,6 +177,17 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> GuestIo for T {}
 /// A connection to a port of a capsule, opened by its host ([`HostAgent::open`]).
 pub type GuestStream = Box<dyn GuestIo>;
 
+/// A template's content as a host sends it ([`HostAgent::export_template`]).
+pub type TemplateChunks =
+    std::pin::Pin<Box<dyn futures_core::Stream<Item = Result<TemplateChunk, HostError>> + Send>>;
+
+fn no_template_copies() -> HostError {
+    HostError::new(
+        HostErrorKind::Unavailable,
+        "this host does not copy templates",
+    )
+}
+
 #[async_trait]
 pub trait HostAgent: Send + Sync + Debug {
     async fn versions(&self) -> Result<HostVersions, HostError>;
@@ -227,6 +239,44 @@ pub trait HostAgent: Send + Sync + Debug {
     async fn template(&self, name: &str) -> Result<HostTemplate, HostError>;
 
     async fn delete_template(&self, name: &str) -> Result<(), HostError>;
+
+    /// The files of template `name` with their checksums, to copy it to another host.
+    async fn template_manifest(&self, name: &str) -> Result<TemplateManifest, HostError> {
+        let _ = name;
+        Err(no_template_copies())
+    }
+
+    /// Template `name`'s content from the offsets in `from` (per file; 0 for the
+    /// others), as chunks; ranges not sent are zeros.
+    async fn export_template(
+        &self,
+        name: &str,
+        from: BTreeMap<String, u64>,
+    ) -> Result<TemplateChunks, HostError> {
+        let _ = (name, from);
+        Err(no_template_copies())
+    }
+
+    /// What an interrupted copy of `manifest` left on this host (per file, bytes
+    /// written), for the copy to resume from.
+    async fn import_state(
+        &self,
+        manifest: &TemplateManifest,
+    ) -> Result<BTreeMap<String, u64>, HostError> {
+        let _ = manifest;
+        Err(no_template_copies())
+    }
+
+    /// Writes a copy of a template from `chunks`, checks every file against
+    /// `manifest`'s checksums and installs it (all or nothing).
+    async fn import_template(
+        &self,
+        manifest: TemplateManifest,
+        chunks: TemplateChunks,
+    ) -> Result<HostTemplate, HostError> {
+        let _ = (manifest, chunks);
+        Err(no_template_copies())
+    }
 
     /// Where the guest agent (envd) of a running capsule is reached, with its token.
     async fn envd(&self, id: &CapsuleId) -> Result<Endpoint, HostError>;

@@ -79,6 +79,80 @@ pub enum TemplateError {
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// One file of a template, as a copy to another host lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateFile {
+    /// Relative to the template's directory, `/`-separated (`rootfs.img`,
+    /// `snapshot/memory.raw`).
+    pub path: String,
+    pub size: u64,
+    /// CRC-32 (IEEE) of the whole content.
+    pub crc32: u32,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+/// What a template consists of: the files a copy must reproduce exactly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateManifest {
+    pub name: TemplateName,
+    pub files: Vec<TemplateFile>,
+}
+
+/// Largest file a template copy takes.
+pub const MAX_TEMPLATE_FILE: u64 = 1 << 40;
+
+impl TemplateManifest {
+    /// Checks what a copy would write: relative paths of plain names (at most two
+    /// levels), each once, sizes within [`MAX_TEMPLATE_FILE`].
+    pub fn validate(&self) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        if self.files.is_empty() {
+            return Err("a template has files".into());
+        }
+        for f in &self.files {
+            let parts: Vec<&str> = f.path.split('/').collect();
+            let plain = |p: &&str| {
+                !p.is_empty()
+                    && !p.starts_with('.')
+                    && p.len() <= 64
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            };
+            if parts.len() > 2 || !parts.iter().all(plain) {
+                return Err(format!("file {:?}: not a plain relative path", f.path));
+            }
+            if !seen.insert(f.path.as_str()) {
+                return Err(format!("file {:?} is listed twice", f.path));
+            }
+            if parts.len() == 1
+                && self
+                    .files
+                    .iter()
+                    .any(|o| o.path.starts_with(&format!("{}/", f.path)))
+            {
+                return Err(format!("{:?} is both a file and a directory", f.path));
+            }
+            if f.size > MAX_TEMPLATE_FILE {
+                return Err(format!("file {:?} is too large ({} bytes)", f.path, f.size));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn file(&self, path: &str) -> Option<&TemplateFile> {
+        self.files.iter().find(|f| f.path == path)
+    }
+}
+
+/// A piece of one file of a template being copied (ranges not sent are zeros).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TemplateChunk {
+    pub file: String,
+    pub offset: u64,
+    pub data: bytes::Bytes,
+}
+
 /// What a store knows of one template, for listings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TemplateInfo {

@@ -365,6 +365,23 @@ impl Db {
         Ok(())
     }
 
+    /// Sets host `id` draining (it takes no new capsules) or back to taking them;
+    /// false if there is no such host.
+    pub async fn set_host_draining(&self, id: &str, draining: bool) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE hosts SET status = CASE WHEN $2 = 1 THEN 'draining' \
+             WHEN status = 'draining' THEN 'online' ELSE status END, updated_at = $3 \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(i64::from(draining))
+        .bind(to_db(now()))
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("drain host").err(e))?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Removes host `id` (its tokens and tags with it); false if there was none.
     pub async fn delete_host(&self, id: &str) -> Result<bool, DbError> {
         let r = sqlx::query("DELETE FROM hosts WHERE id = $1")

@@ -93,6 +93,50 @@ fn one(op: &'static str, row: Option<AnyRow>) -> Result<Template, DbError> {
 }
 
 impl Db {
+    /// Hosts holding a copy of template `template_id` (besides its own host).
+    pub async fn template_copies(&self, template_id: &str) -> Result<Vec<HostId>, DbError> {
+        let rows = sqlx::query(
+            "SELECT host_id FROM template_copies WHERE template_id = $1 ORDER BY host_id",
+        )
+        .bind(template_id)
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| Ctx::op("list template copies").err(e))?;
+        rows.iter()
+            .map(|r| text(r, "host_id").map(HostId))
+            .collect::<R<Vec<_>>>()
+            .map_err(|e| DbError::backend("list template copies", e))
+    }
+
+    /// Records that host `host` holds a copy of template `template_id`.
+    pub async fn add_template_copy(&self, template_id: &str, host: &HostId) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO template_copies (template_id, host_id) VALUES ($1, $2) \
+             ON CONFLICT (template_id, host_id) DO NOTHING",
+        )
+        .bind(template_id)
+        .bind(host.0.as_str())
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("record template copy").err(e))?;
+        Ok(())
+    }
+
+    /// Forgets host `host`'s copy of template `template_id` (its files are gone).
+    pub async fn remove_template_copy(
+        &self,
+        template_id: &str,
+        host: &HostId,
+    ) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM template_copies WHERE template_id = $1 AND host_id = $2")
+            .bind(template_id)
+            .bind(host.0.as_str())
+            .execute(self.pool())
+            .await
+            .map_err(|e| Ctx::op("forget template copy").err(e))?;
+        Ok(())
+    }
+
     /// Records a template of the team. Conflict "template name" if the team has one
     /// by that name.
     pub async fn insert_template(

@@ -113,6 +113,30 @@ impl RemoteAgent {
     }
 }
 
+/// Sends a template's chunks as import frames; a failed source ends the upload with an
+/// abort frame (the receiver keeps what it has) and nothing after it.
+async fn forward_chunks(
+    mut chunks: wrenn_core::host::TemplateChunks,
+    tx: tokio::sync::mpsc::Sender<pb::ImportFrame>,
+) {
+    use futures_util::StreamExt;
+    use pb::import_frame::Frame;
+    while let Some(c) = chunks.next().await {
+        let (frame, last) = match c {
+            Ok(c) => (Frame::Chunk(cv::chunk_to(c)), false),
+            Err(e) => (Frame::Abort(e.message), true),
+        };
+        if tx
+            .send(pb::ImportFrame { frame: Some(frame) })
+            .await
+            .is_err()
+            || last
+        {
+            return;
+        }
+    }
+}
+
 fn with_timeout<T>(msg: T, timeout: Duration) -> Request<T> {
     let mut r = Request::new(msg);
     r.set_timeout(timeout);
@@ -281,6 +305,74 @@ impl HostAgent for RemoteAgent {
         };
         let r = self.client.clone().port(self.quick(msg)).await;
         cv::endpoint_from(r.map_err(err)?.into_inner())
+    }
+
+    async fn template_manifest(
+        &self,
+        name: &str,
+    ) -> Result<wrenn_core::template::TemplateManifest, HostError> {
+        let msg = pb::TemplateRef { name: name.into() };
+        // Reading the files for their checksums takes a while on large templates.
+        let r = self
+            .client
+            .clone()
+            .template_manifest(self.lifecycle(msg))
+            .await;
+        cv::manifest_from(r.map_err(err)?.into_inner())
+    }
+
+    async fn export_template(
+        &self,
+        name: &str,
+        from: std::collections::BTreeMap<String, u64>,
+    ) -> Result<wrenn_core::host::TemplateChunks, HostError> {
+        use futures_util::StreamExt;
+        let msg = pb::ExportRequest {
+            name: name.into(),
+            from: from.into_iter().collect(),
+        };
+        let r = self
+            .client
+            .clone()
+            .export_template(self.lifecycle(msg))
+            .await;
+        let chunks = r.map_err(err)?.into_inner();
+        Ok(Box::pin(chunks.map(|c| c.map(cv::chunk_from).map_err(err))))
+    }
+
+    async fn import_state(
+        &self,
+        manifest: &wrenn_core::template::TemplateManifest,
+    ) -> Result<std::collections::BTreeMap<String, u64>, HostError> {
+        let r = self
+            .client
+            .clone()
+            .import_state(self.lifecycle(cv::manifest_to(manifest)))
+            .await;
+        Ok(r.map_err(err)?.into_inner().have.into_iter().collect())
+    }
+
+    async fn import_template(
+        &self,
+        manifest: wrenn_core::template::TemplateManifest,
+        chunks: wrenn_core::host::TemplateChunks,
+    ) -> Result<HostTemplate, HostError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let first = pb::ImportFrame {
+            frame: Some(pb::import_frame::Frame::Manifest(cv::manifest_to(
+                &manifest,
+            ))),
+        };
+        // The channel is new and has room.
+        let _ = tx.try_send(first);
+        tokio::spawn(forward_chunks(chunks, tx));
+        let frames = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let r = self
+            .client
+            .clone()
+            .import_template(self.lifecycle(frames))
+            .await;
+        Ok(cv::template_from(r.map_err(err)?.into_inner()))
     }
 
     async fn open(&self, id: &CapsuleId, port: u16) -> Result<GuestStream, HostError> {

@@ -457,3 +457,53 @@ pub fn pool_from(p: pb::PoolStats) -> PoolStats {
         memory_mb: p.memory_mb,
     }
 }
+
+pub fn manifest_to(m: &wrenn_core::template::TemplateManifest) -> pb::Manifest {
+    pb::Manifest {
+        name: m.name.to_string(),
+        files: m
+            .files
+            .iter()
+            .map(|f| pb::TemplateFile {
+                path: f.path.clone(),
+                size: f.size,
+                crc32: f.crc32,
+                mode: f.mode,
+            })
+            .collect(),
+    }
+}
+
+pub fn manifest_from(m: pb::Manifest) -> Result<wrenn_core::template::TemplateManifest, HostError> {
+    let name = wrenn_core::template::TemplateName::parse(&m.name)
+        .map_err(|e| invalid("template name", e))?;
+    Ok(wrenn_core::template::TemplateManifest {
+        name,
+        files: m
+            .files
+            .into_iter()
+            .map(|f| wrenn_core::template::TemplateFile {
+                path: f.path,
+                size: f.size,
+                crc32: f.crc32,
+                mode: f.mode,
+            })
+            .collect(),
+    })
+}
+
+pub fn chunk_to(c: wrenn_core::template::TemplateChunk) -> pb::TemplateChunk {
+    pb::TemplateChunk {
+        file: c.file,
+        offset: c.offset,
+        data: c.data,
+    }
+}
+
+pub fn chunk_from(c: pb::TemplateChunk) -> wrenn_core::template::TemplateChunk {
+    wrenn_core::template::TemplateChunk {
+        file: c.file,
+        offset: c.offset,
+        data: c.data,
+    }
+}

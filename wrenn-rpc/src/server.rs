@@ -13,11 +13,28 @@ use wrenn_core::host::HostAgent;
 #[derive(Debug, Clone)]
 pub struct AgentService {
     agent: Arc<dyn HostAgent>,
+    /// Turns true when the server shuts down: open capsule connections end then
+    /// (they would otherwise hold a graceful shutdown for as long as they last).
+    closing: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl AgentService {
     pub fn new(agent: Arc<dyn HostAgent>) -> Self {
-        AgentService { agent }
+        AgentService {
+            agent,
+            closing: None,
+        }
+    }
+
+    /// A service whose capsule connections end when `closing` turns true.
+    pub fn closing_on(
+        agent: Arc<dyn HostAgent>,
+        closing: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        AgentService {
+            agent,
+            closing: Some(closing),
+        }
     }
 
     /// The tonic service, to add to a server.
@@ -39,12 +56,26 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let (service, shutdown) = closing_with(agent, shutdown);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(AgentService::new(agent).into_server())
+        .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(ServeError::Transport)
+}
+
+/// The service over `agent`, and a shutdown that first ends its capsule connections.
+pub(crate) fn closing_with(
+    agent: Arc<dyn HostAgent>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> (AgentService, impl Future<Output = ()> + Send) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    };
+    (AgentService::closing_on(agent, rx), shutdown)
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -170,13 +201,100 @@ impl Rpc for AgentService {
         ok(cv::endpoint_to(self.agent.envd(&id).await.map_err(status)?))
     }
 
+    type ExportTemplateStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<pb::TemplateChunk, Status>> + Send>,
+    >;
+
+    async fn template_manifest(&self, req: Request<pb::TemplateRef>) -> Reply<pb::Manifest> {
+        let m = self
+            .agent
+            .template_manifest(&req.into_inner().name)
+            .await
+            .map_err(status)?;
+        ok(cv::manifest_to(&m))
+    }
+
+    async fn export_template(
+        &self,
+        req: Request<pb::ExportRequest>,
+    ) -> Reply<Self::ExportTemplateStream> {
+        use futures_util::StreamExt;
+        let r = req.into_inner();
+        let from = r.from.into_iter().collect();
+        let chunks = self
+            .agent
+            .export_template(&r.name, from)
+            .await
+            .map_err(status)?;
+        // The stream's item type is tonic's.
+        #[allow(clippy::result_large_err)]
+        let to_wire = |c: Result<
+            wrenn_core::template::TemplateChunk,
+            wrenn_core::host::HostError,
+        >| { c.map(cv::chunk_to).map_err(status) };
+        ok(Box::pin(chunks.map(to_wire)))
+    }
+
+    async fn import_state(&self, req: Request<pb::Manifest>) -> Reply<pb::ImportProgress> {
+        let m = cv::manifest_from(req.into_inner()).map_err(status)?;
+        let have = self.agent.import_state(&m).await.map_err(status)?;
+        ok(pb::ImportProgress {
+            have: have.into_iter().collect(),
+        })
+    }
+
+    async fn import_template(
+        &self,
+        req: Request<tonic::Streaming<pb::ImportFrame>>,
+    ) -> Reply<pb::Template> {
+        use futures_util::StreamExt;
+        use pb::import_frame::Frame;
+        let mut inbound = req.into_inner();
+        let manifest = match inbound.message().await? {
+            Some(pb::ImportFrame {
+                frame: Some(Frame::Manifest(m)),
+            }) => cv::manifest_from(m).map_err(status)?,
+            _ => {
+                return Err(status(wrenn_core::host::HostError::new(
+                    wrenn_core::host::HostErrorKind::InvalidArgument,
+                    "a template import starts with its manifest",
+                )))
+            }
+        };
+        let chunks = inbound.map(|f| match f {
+            Ok(pb::ImportFrame {
+                frame: Some(Frame::Chunk(c)),
+            }) => Ok(cv::chunk_from(c)),
+            Ok(pb::ImportFrame {
+                frame: Some(Frame::Abort(why)),
+            }) => Err(wrenn_core::host::HostError::new(
+                wrenn_core::host::HostErrorKind::Unavailable,
+                format!("the copy's source failed: {why}"),
+            )),
+            Ok(_) => Err(wrenn_core::host::HostError::new(
+                wrenn_core::host::HostErrorKind::InvalidArgument,
+                "only chunks follow a template import's manifest",
+            )),
+            Err(s) => Err(cv::host_error(&s)),
+        });
+        let t = self
+            .agent
+            .import_template(manifest, Box::pin(chunks))
+            .await
+            .map_err(status)?;
+        ok(cv::template_to(t))
+    }
+
     type OpenStream = crate::tunnel::FrameStream;
 
     async fn open(
         &self,
         req: Request<tonic::Streaming<pb::TunnelFrame>>,
     ) -> Reply<Self::OpenStream> {
-        ok(crate::tunnel::serve(self.agent.as_ref(), req.into_inner()).await?)
+        ok(
+            crate::tunnel::serve(self.agent.as_ref(), req.into_inner(), self.closing.clone())
+                .await?,
+        )
     }
 
     async fn port(&self, req: Request<pb::PortRequest>) -> Reply<pb::Endpoint> {

@@ -93,8 +93,9 @@ pub async fn serve_tls(
             });
         }
     });
+    let (service, shutdown) = crate::server::closing_with(agent, shutdown);
     let served = tonic::transport::Server::builder()
-        .add_service(crate::AgentService::new(agent).into_server())
+        .add_service(service.into_server())
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
         .await
         .map_err(crate::ServeError::Transport);

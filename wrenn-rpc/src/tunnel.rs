@@ -37,6 +37,7 @@ fn data(b: Bytes) -> pb::TunnelFrame {
 pub(crate) async fn serve(
     agent: &dyn HostAgent,
     mut inbound: Streaming<pb::TunnelFrame>,
+    closing: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<FrameStream, Status> {
     let open = match inbound.message().await? {
         Some(pb::TunnelFrame {
@@ -49,9 +50,27 @@ pub(crate) async fn serve(
         .map_err(|_| invalid(format!("port {} is not a TCP port", open.port)))?;
     let conn = agent.open(&id, port).await.map_err(status)?;
     let (rd, mut wr) = tokio::io::split(conn);
+    let closed = move || {
+        let mut closing = closing.clone();
+        async move {
+            match closing.as_mut() {
+                Some(c) => {
+                    let _ = c.wait_for(|v| *v).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+    };
+    let until_closed = closed();
     tokio::spawn(async move {
+        let closed = closed();
+        tokio::pin!(closed);
         loop {
-            match inbound.message().await {
+            let next = tokio::select! {
+                m = inbound.message() => m,
+                _ = &mut closed => return,
+            };
+            match next {
                 Ok(Some(pb::TunnelFrame {
                     frame: Some(Frame::Data(b)),
                 })) => {
@@ -87,7 +106,8 @@ pub(crate) async fn serve(
         let next = if *failed { None } else { Some(item) };
         *failed = matches!(next, Some(Err(_)));
         std::future::ready(next)
-    });
+    })
+    .take_until(until_closed);
     Ok(Box::pin(out))
 }
 

@@ -17,6 +17,7 @@
 pub mod metrics;
 pub mod paths;
 mod state;
+pub mod template_copy;
 mod templates;
 mod wiring;
 

@@ -19,6 +19,10 @@ impl FsTemplates {
     pub fn new(data: DataDir) -> Self {
         FsTemplates { data }
     }
+
+    pub fn data(&self) -> &DataDir {
+        &self.data
+    }
 }
 
 #[async_trait]

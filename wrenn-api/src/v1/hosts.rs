@@ -573,3 +573,50 @@ pub async fn register(
         }),
     ))
 }
+
+async fn set_draining(
+    st: &AppState,
+    who: &crate::auth::Principal,
+    id: &str,
+    draining: bool,
+) -> ApiResult<Json<HostView>> {
+    platform_admin(who)?;
+    let h = host(st, id).await?;
+    st.db.set_host_draining(id, draining).await?;
+    st.hosts.set_policy(&h.id, draining, h.team_id.clone());
+    let action = if draining {
+        "host.drain"
+    } else {
+        "host.undrain"
+    };
+    st.audit(who, action, "host", Some(id), true, None).await;
+    Ok(Json(host(st, id).await?.into()))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{id}/drain", tag = "hosts",
+    params(("id" = String, Path)),
+    responses((status = 200, body = HostView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Drains a host: it keeps its capsules and takes no new ones.
+pub async fn drain(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
+    set_draining(&st, &who, &id, true).await
+}
+
+#[utoipa::path(delete, path = "/v1/hosts/{id}/drain", tag = "hosts",
+    params(("id" = String, Path)),
+    responses((status = 200, body = HostView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Ends a drain: the host takes new capsules again.
+pub async fn undrain(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
+    set_draining(&st, &who, &id, false).await
+}

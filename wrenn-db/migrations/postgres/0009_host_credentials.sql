@@ -24,3 +24,10 @@ CREATE TABLE cluster_cas (
     key_sealed  TEXT NOT NULL,
     created_at  BIGINT NOT NULL
 );
+-- Hosts holding a copy of a team's snapshot template (besides the host it was taken
+-- on, templates.host_id): a delete removes every copy.
+CREATE TABLE template_copies (
+    template_id TEXT COLLATE "C" NOT NULL REFERENCES templates (id) ON DELETE CASCADE,
+    host_id     TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (template_id, host_id)
+);

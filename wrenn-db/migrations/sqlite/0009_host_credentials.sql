@@ -24,3 +24,10 @@ CREATE TABLE cluster_cas (
     key_sealed  TEXT NOT NULL,
     created_at  INTEGER NOT NULL
 );
+-- Hosts holding a copy of a team's snapshot template (besides the host it was taken
+-- on, templates.host_id): a delete removes every copy.
+CREATE TABLE template_copies (
+    template_id TEXT NOT NULL REFERENCES templates (id) ON DELETE CASCADE,
+    host_id     TEXT NOT NULL,
+    PRIMARY KEY (template_id, host_id)
+);

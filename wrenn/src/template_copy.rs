@@ -1,0 +1,296 @@
+//! Copying a template between hosts, the store's side: listing its files with their
+//! checksums, reading them as chunks (zero ranges skipped: sparse images stay sparse),
+//! and writing a copy into a staging directory that survives an interrupted transfer
+//! (a retry resumes where the last recorded progress was), is checked file by file
+//! against the checksums, and becomes the template by one rename.
+
+use crate::templates::FsTemplates;
+use bytes::BytesMut;
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use wrenn_core::template::{
+    TemplateChunk, TemplateError, TemplateFile, TemplateManifest, TemplateName,
+};
+
+/// Chunk size read and sent (all-zero chunks are not sent).
+pub const CHUNK: usize = 1 << 20;
+/// How often (bytes written) an import records its progress.
+const PROGRESS_EVERY: u64 = 64 << 20;
+const MANIFEST: &str = "manifest.json";
+const PROGRESS: &str = "progress.json";
+
+fn backend(what: String) -> TemplateError {
+    TemplateError::Backend(what.into())
+}
+
+fn io(step: &str, path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError {
+    let what = format!("{step} {}", path.display());
+    move |e| backend(format!("{what}: {e}"))
+}
+
+/// CRC-32 of a file's whole content.
+fn crc_of(path: &Path) -> Result<u32, TemplateError> {
+    let mut f = File::open(path).map_err(io("opening", path))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = f.read(&mut buf).map_err(io("reading", path))?;
+        if n == 0 {
+            return Ok(h.finalize());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+fn files_under(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let rel = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
+        let t = e.file_type()?;
+        if t.is_dir() {
+            files_under(&e.path(), &rel, out)?;
+        } else if t.is_file() {
+            out.push((rel, e.path()));
+        }
+    }
+    Ok(())
+}
+
+impl FsTemplates {
+    fn staging(&self, name: &TemplateName) -> PathBuf {
+        self.data()
+            .templates()
+            .join(format!(".import-{}", name.as_str()))
+    }
+
+    /// The files of template `name` with their checksums (reads them all: blocking).
+    pub fn manifest(&self, name: &TemplateName) -> Result<TemplateManifest, TemplateError> {
+        let dir = self.data().template_dir(name.as_str());
+        if !dir.is_dir() {
+            return Err(TemplateError::Unknown {
+                name: name.to_string(),
+            });
+        }
+        let mut found = Vec::new();
+        files_under(&dir, "", &mut found).map_err(io("listing", &dir))?;
+        let mut files = Vec::new();
+        for (rel, path) in found {
+            let meta = std::fs::metadata(&path).map_err(io("reading", &path))?;
+            files.push(TemplateFile {
+                path: rel,
+                size: meta.len(),
+                crc32: crc_of(&path)?,
+                mode: meta.permissions().mode() & 0o777,
+            });
+        }
+        Ok(TemplateManifest {
+            name: name.clone(),
+            files,
+        })
+    }
+
+    /// Reads template `name`'s files from the offsets in `from` (0 for others) and
+    /// hands each non-zero chunk to `send`; stops early when `send` says so (blocking).
+    pub fn export(
+        &self,
+        name: &TemplateName,
+        manifest: &TemplateManifest,
+        from: &BTreeMap<String, u64>,
+        mut send: impl FnMut(TemplateChunk) -> bool,
+    ) -> Result<(), TemplateError> {
+        let dir = self.data().template_dir(name.as_str());
+        for f in &manifest.files {
+            let path = dir.join(&f.path);
+            let mut file = File::open(&path).map_err(io("opening", &path))?;
+            let mut offset = from.get(&f.path).copied().unwrap_or(0).min(f.size);
+            file.seek(SeekFrom::Start(offset))
+                .map_err(io("seeking", &path))?;
+            while offset < f.size {
+                let want = usize::try_from((f.size - offset).min(CHUNK as u64)).unwrap_or(CHUNK);
+                let mut buf = BytesMut::zeroed(want);
+                file.read_exact(&mut buf).map_err(io("reading", &path))?;
+                if buf.iter().any(|b| *b != 0) {
+                    let chunk = TemplateChunk {
+                        file: f.path.clone(),
+                        offset,
+                        data: buf.freeze(),
+                    };
+                    if !send(chunk) {
+                        return Ok(());
+                    }
+                }
+                offset += want as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// What an interrupted import of `manifest` left (per file, bytes known written);
+    /// empty when there is none or it was of other content.
+    pub fn import_state(&self, manifest: &TemplateManifest) -> BTreeMap<String, u64> {
+        let dir = self.staging(&manifest.name);
+        let same = std::fs::read(dir.join(MANIFEST))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<TemplateManifest>(&b).ok())
+            .is_some_and(|m| m == *manifest);
+        if !same {
+            return BTreeMap::new();
+        }
+        std::fs::read(dir.join(PROGRESS))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Starts (or resumes) an import of `manifest` (blocking).
+    pub fn import(&self, manifest: TemplateManifest) -> Result<Import, TemplateError> {
+        manifest.validate().map_err(backend)?;
+        let target = self.data().template_dir(manifest.name.as_str());
+        if target.exists() {
+            return Err(backend(format!(
+                "template {} is already on this host",
+                manifest.name
+            )));
+        }
+        let progress = self.import_state(&manifest);
+        let dir = self.staging(&manifest.name);
+        if progress.is_empty() {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+            let m = serde_json::to_vec(&manifest).map_err(|e| backend(e.to_string()))?;
+            wrenn_core::fsutil::write_atomic(&dir.join(MANIFEST), &m)
+                .map_err(io("writing", &dir))?;
+        }
+        let mut files = BTreeMap::new();
+        for f in &manifest.files {
+            let path = dir.join("files").join(&f.path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
+            }
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .read(true)
+                .open(&path)
+                .map_err(io("creating", &path))?;
+            // Past the recorded progress anything may have been written: zero it (a
+            // resumed export skips zero ranges), keeping the file's size.
+            let done = progress.get(&f.path).copied().unwrap_or(0).min(f.size);
+            file.set_len(done).map_err(io("sizing", &path))?;
+            file.set_len(f.size).map_err(io("sizing", &path))?;
+            files.insert(f.path.clone(), file);
+        }
+        Ok(Import {
+            store: self.clone(),
+            dir,
+            manifest,
+            files,
+            progress,
+            unsaved: 0,
+        })
+    }
+}
+
+/// A template copy being written (staged until [`Import::finish`]).
+pub struct Import {
+    store: FsTemplates,
+    dir: PathBuf,
+    manifest: TemplateManifest,
+    files: BTreeMap<String, File>,
+    progress: BTreeMap<String, u64>,
+    unsaved: u64,
+}
+
+impl std::fmt::Debug for Import {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Import")
+            .field("template", &self.manifest.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Import {
+    /// Writes one chunk (blocking).
+    pub fn write(&mut self, chunk: &TemplateChunk) -> Result<(), TemplateError> {
+        let f = self
+            .manifest
+            .file(&chunk.file)
+            .ok_or_else(|| backend(format!("chunk of unknown file {:?}", chunk.file)))?;
+        let end = chunk
+            .offset
+            .checked_add(chunk.data.len() as u64)
+            .filter(|end| *end <= f.size)
+            .ok_or_else(|| backend(format!("chunk past the end of {:?}", chunk.file)))?;
+        let file = self
+            .files
+            .get_mut(&chunk.file)
+            .ok_or_else(|| backend(format!("chunk of unknown file {:?}", chunk.file)))?;
+        file.seek(SeekFrom::Start(chunk.offset))
+            .and_then(|_| file.write_all(&chunk.data))
+            .map_err(|e| backend(format!("writing {}: {e}", chunk.file)))?;
+        self.progress.insert(chunk.file.clone(), end);
+        self.unsaved += chunk.data.len() as u64;
+        if self.unsaved >= PROGRESS_EVERY {
+            self.save_progress()?;
+        }
+        Ok(())
+    }
+
+    /// Records what is durably written, for a retry to resume from.
+    fn save_progress(&mut self) -> Result<(), TemplateError> {
+        for (path, file) in &self.files {
+            file.sync_data()
+                .map_err(|e| backend(format!("syncing {path}: {e}")))?;
+        }
+        let p = serde_json::to_vec(&self.progress).map_err(|e| backend(e.to_string()))?;
+        wrenn_core::fsutil::write_atomic(&self.dir.join(PROGRESS), &p)
+            .map_err(io("writing", &self.dir))?;
+        self.unsaved = 0;
+        Ok(())
+    }
+
+    /// Saves the progress of an import that stops here (for a retry).
+    pub fn suspend(mut self) -> Result<(), TemplateError> {
+        self.save_progress()
+    }
+
+    /// Checks every file against its checksum and installs the template (blocking). A
+    /// copy that does not match is dropped (the next attempt starts afresh).
+    pub fn finish(mut self) -> Result<(), TemplateError> {
+        self.save_progress()?;
+        self.files.clear();
+        let staged = self.dir.join("files");
+        for f in &self.manifest.files {
+            let path = staged.join(&f.path);
+            let crc = crc_of(&path)?;
+            if crc != f.crc32 {
+                let _ = std::fs::remove_dir_all(&self.dir);
+                return Err(backend(format!(
+                    "copy of {} does not match its checksum ({crc:08x}, expected {:08x})",
+                    f.path, f.crc32
+                )));
+            }
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode & 0o777))
+                .map_err(io("setting the mode of", &path))?;
+        }
+        let target = self.store.data().template_dir(self.manifest.name.as_str());
+        std::fs::rename(&staged, &target).map_err(io("installing", &target))?;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(parent) = target.parent() {
+            if let Ok(d) = File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}

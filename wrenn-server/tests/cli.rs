@@ -124,7 +124,9 @@ fn crash_and_sweep(kill_when_running: bool) {
         .spawn()
         .expect("spawn wrenn run");
     let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Generous: the other tests of this file boot their guests at the same time, all
+    // under TCG on few cores here.
+    let deadline = Instant::now() + Duration::from_secs(180);
     let (id, state) = loop {
         let found = capsules_of(pid);
         let ready = found

@@ -381,17 +381,18 @@ impl HostAgent for LocalAgent {
         from: BTreeMap<String, u64>,
     ) -> Result<TemplateChunks, HostError> {
         let (store, name) = (self.templates(), template_name(name)?);
-        let manifest = {
-            let (store, name) = (store.clone(), name.clone());
-            blocking(move || store.manifest(&name)).await?
-        };
+        if !store.data().template_dir(name.as_str()).is_dir() {
+            return Err(template_error(
+                &wrenn_core::template::TemplateError::Unknown {
+                    name: name.to_string(),
+                },
+            ));
+        }
         // A few chunks ahead of the reader; the reading thread stops when the
         // receiver is gone.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            let sent = store.export(&name, &manifest, &from, |chunk| {
-                tx.blocking_send(Ok(chunk)).is_ok()
-            });
+            let sent = store.export(&name, &from, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
             if let Err(e) = sent {
                 let _ = tx.blocking_send(Err(template_error(&e)));
             }

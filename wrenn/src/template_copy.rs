@@ -74,17 +74,8 @@ impl FsTemplates {
 
     /// The files of template `name` with their checksums (reads them all: blocking).
     pub fn manifest(&self, name: &TemplateName) -> Result<TemplateManifest, TemplateError> {
-        let dir = self.data().template_dir(name.as_str());
-        if !dir.is_dir() {
-            return Err(TemplateError::Unknown {
-                name: name.to_string(),
-            });
-        }
-        let mut found = Vec::new();
-        files_under(&dir, "", &mut found).map_err(io("listing", &dir))?;
         let mut files = Vec::new();
-        for (rel, path) in found {
-            let meta = std::fs::metadata(&path).map_err(io("reading", &path))?;
+        for (rel, path, meta) in self.listing(name)? {
             files.push(TemplateFile {
                 path: rel,
                 size: meta.len(),
@@ -98,29 +89,50 @@ impl FsTemplates {
         })
     }
 
+    /// Template `name`'s files in manifest order: relative path, path, metadata.
+    fn listing(
+        &self,
+        name: &TemplateName,
+    ) -> Result<Vec<(String, PathBuf, std::fs::Metadata)>, TemplateError> {
+        let dir = self.data().template_dir(name.as_str());
+        if !dir.is_dir() {
+            return Err(TemplateError::Unknown {
+                name: name.to_string(),
+            });
+        }
+        let mut found = Vec::new();
+        files_under(&dir, "", &mut found).map_err(io("listing", &dir))?;
+        found
+            .into_iter()
+            .map(|(rel, path)| {
+                let meta = std::fs::metadata(&path).map_err(io("reading", &path))?;
+                Ok((rel, path, meta))
+            })
+            .collect()
+    }
+
     /// Reads template `name`'s files from the offsets in `from` (0 for others) and
     /// hands each non-zero chunk to `send`; stops early when `send` says so (blocking).
+    /// Checksums are the manifest's business: only the chunks' bytes are read.
     pub fn export(
         &self,
         name: &TemplateName,
-        manifest: &TemplateManifest,
         from: &BTreeMap<String, u64>,
         mut send: impl FnMut(TemplateChunk) -> bool,
     ) -> Result<(), TemplateError> {
-        let dir = self.data().template_dir(name.as_str());
-        for f in &manifest.files {
-            let path = dir.join(&f.path);
+        for (rel, path, meta) in self.listing(name)? {
+            let size = meta.len();
             let mut file = File::open(&path).map_err(io("opening", &path))?;
-            let mut offset = from.get(&f.path).copied().unwrap_or(0).min(f.size);
+            let mut offset = from.get(&rel).copied().unwrap_or(0).min(size);
             file.seek(SeekFrom::Start(offset))
                 .map_err(io("seeking", &path))?;
-            while offset < f.size {
-                let want = usize::try_from((f.size - offset).min(CHUNK as u64)).unwrap_or(CHUNK);
+            while offset < size {
+                let want = usize::try_from((size - offset).min(CHUNK as u64)).unwrap_or(CHUNK);
                 let mut buf = BytesMut::zeroed(want);
                 file.read_exact(&mut buf).map_err(io("reading", &path))?;
                 if buf.iter().any(|b| *b != 0) {
                     let chunk = TemplateChunk {
-                        file: f.path.clone(),
+                        file: rel.clone(),
                         offset,
                         data: buf.freeze(),
                     };

@@ -30,7 +30,9 @@ SPECS = {"arch": "x86_64", "cpu_cores": 2, "memory_mb": 4096, "disk_gb": 20}
 def control_plane(start_server):
     db_url, db_name = _postgres_url()
     srv = start_server("register-cp", args=("--database-url", db_url, "--rate-limit", "0",
-                                            "--host-check-interval", "0.5", "--host-timeout", "4"))
+                                            "--host-check-interval", "0.5", "--host-timeout", "4",
+                                            # Agents renew at 40 s: renewals happen during these tests.
+                                            "--host-cert-lifetime", "60"))
     yield srv
     with srv.admin() as c:
         for cap in c.get("/v1/capsules").json():
@@ -195,3 +197,74 @@ def test_an_agent_with_a_used_token_says_so(control_plane):
         shutil.rmtree(agent.data_dir, ignore_errors=True)
         with srv.admin_user() as c:
             c.delete(f"/v1/hosts/{host['id']}")
+
+
+def platform_audit(srv, action: str) -> list[dict]:
+    with srv.admin_user() as c:
+        r = c.get("/v1/admin/audit-logs", params={"action": action, "limit": 200})
+        assert r.status_code == 200, r.text
+        return [e for e in r.json()["items"] if e["scope"] == "platform"]
+
+
+@pytest.mark.timeout(400)
+def test_an_agent_renews_its_certificate_and_refused_credentials_are_audited(control_plane, monkeypatch):
+    srv = control_plane
+    # Refused credentials leave platform audit rows (platform admins read them).
+    assert register(srv, "htok-not-a-token", "10.9.9.9:7070").status_code == 401
+    refused = platform_audit(srv, "host.register")
+    assert any(e["status"] == "failure" and e["metadata"]["address"] == "10.9.9.9:7070"
+               for e in refused), refused
+    with srv.client() as c:
+        r = c.post("/v1/hosts/auth/refresh", json={"refresh_token": "hrt-nope"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", r.text
+    with srv.admin() as c:  # a team's API key is no platform admin
+        assert c.get("/v1/admin/audit-logs").status_code in (401, 403)
+
+    host, token = create_host(srv, type="byoc", team_id=admin_team(srv))
+    agent = Agent("renewing", register=(srv.url, token))
+    creds_path = os.path.join(agent.data_dir, "agent-credentials.json")
+    try:
+        agent.start()
+        with open(creds_path) as f:
+            first = json.load(f)
+        wait_status(srv, host["id"], "online")
+        # Renewed when a third of its 60 s is left, while the agent serves.
+        deadline = time.monotonic() + 90
+        while True:
+            with open(creds_path) as f:
+                now = json.load(f)
+            if now["cert_pem"] != first["cert_pem"]:
+                break
+            assert time.monotonic() < deadline, agent.log_text()[-3000:]
+            time.sleep(1)
+        assert now["refresh_token"] != first["refresh_token"]
+        assert now["cert_expires_at"] > first["cert_expires_at"]
+        assert "host certificate renewed" in agent.log_text()
+        renewals = [e for e in platform_audit(srv, "host.refresh") if e.get("resource_id") == host["id"]]
+        assert renewals and all(e["status"] == "success" for e in renewals), renewals
+        # A refresh token works once.
+        with srv.client() as c:
+            r = c.post("/v1/hosts/auth/refresh", json={"refresh_token": first["refresh_token"]})
+            assert r.status_code == 401, r.text
+        assert any(e["status"] == "failure" for e in platform_audit(srv, "host.refresh"))
+
+        # Once the first certificate has expired, a restarted agent is reached with the
+        # renewed one: its team's capsule runs there.
+        expired = time.mktime(time.strptime(first["cert_expires_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        time.sleep(max(0.0, expired - time.time() + 1))
+        agent.stop()
+        agent.register = None
+        agent.start()
+        wait_status(srv, host["id"], "online")
+        point_sdks_at(srv, monkeypatch)
+        sbx = Sandbox.create(template="minimal", timeout=120)
+        try:
+            assert os.path.isdir(os.path.join(agent.data_dir, "capsules", sbx.sandbox_id))
+            assert sbx.commands.run("echo renewed").stdout == "renewed\n"
+        finally:
+            sbx.kill()
+    finally:
+        agent.stop()
+        shutil.rmtree(agent.data_dir, ignore_errors=True)
+        with srv.admin_user() as c:
+            c.delete(f"/v1/hosts/{host['id']}?force=true")

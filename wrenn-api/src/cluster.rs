@@ -8,17 +8,27 @@ use crate::state::AppState;
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use wrenn_core::scheduler::HostId;
 use wrenn_db::{Db, DbError};
 
 use wrenn_pki::{Ca, CaKind, ControlPlaneIdentity, Issued, PkiError};
 
-/// How long a host's certificate is valid.
+/// How long a host's certificate is valid by default (`wrenn serve
+/// --host-cert-lifetime`); agents renew theirs when a third of it is left.
 pub const HOST_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
-/// How long the control plane's client certificate is valid (one is issued at every
-/// start).
+/// How long the control plane's client certificate is valid; it is renewed when a
+/// third of that is left.
 pub const CONTROL_PLANE_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+
+/// Whether a certificate valid until `not_after`, for `lifetime`, is due for renewal
+/// (a third of its lifetime or less left).
+pub fn renewal_due(not_after: SystemTime, lifetime: Duration) -> bool {
+    match not_after.duration_since(SystemTime::now()) {
+        Ok(left) => left <= lifetime / 3,
+        Err(_) => true,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -33,10 +43,13 @@ pub enum ClusterError {
 /// The cluster's certificates as this control plane uses them.
 pub struct ClusterPki {
     hosts: Ca,
-    /// The CA agents check the control plane's certificate against.
-    control_plane_ca_pem: String,
+    control_planes: Ca,
+    /// How long the host certificates it issues are valid.
+    host_cert_lifetime: Duration,
     /// This control plane's TLS towards agents.
     pub identity: ControlPlaneIdentity,
+    /// When the client certificate in `identity` expires.
+    client_not_after: std::sync::Mutex<SystemTime>,
 }
 
 impl Debug for ClusterPki {
@@ -74,30 +87,58 @@ async fn load_ca(db: &Db, sealer: &TokenSealer, kind: CaKind) -> Result<Ca, Clus
 }
 
 impl ClusterPki {
-    /// The stored CAs (made on first use) and a new client certificate.
-    pub async fn load(db: &Db, sealer: &TokenSealer) -> Result<Self, ClusterError> {
+    /// The stored CAs (made on first use) and a new client certificate; host
+    /// certificates it issues are valid for `host_cert_lifetime`.
+    pub async fn load(
+        db: &Db,
+        sealer: &TokenSealer,
+        host_cert_lifetime: Duration,
+    ) -> Result<Self, ClusterError> {
         let hosts = load_ca(db, sealer, CaKind::Hosts).await?;
-        let cps = load_ca(db, sealer, CaKind::ControlPlane).await?;
-        let client = cps.issue_control_plane(CONTROL_PLANE_CERT_VALIDITY)?;
+        let control_planes = load_ca(db, sealer, CaKind::ControlPlane).await?;
+        let client = control_planes.issue_control_plane(CONTROL_PLANE_CERT_VALIDITY)?;
         Ok(ClusterPki {
-            identity: ControlPlaneIdentity {
-                host_ca_pem: hosts.cert_pem().to_string(),
-                cert_pem: client.cert_pem,
-                key_pem: client.key_pem,
-            },
-            control_plane_ca_pem: cps.cert_pem().to_string(),
+            identity: ControlPlaneIdentity::new(
+                hosts.cert_pem(),
+                &client.cert_pem,
+                &client.key_pem,
+            )?,
+            client_not_after: std::sync::Mutex::new(client.not_after),
             hosts,
+            control_planes,
+            host_cert_lifetime,
         })
     }
 
     /// A certificate for host `id`.
     pub fn issue_host(&self, id: &str) -> Result<Issued, PkiError> {
-        self.hosts.issue_host(id, HOST_CERT_VALIDITY)
+        self.hosts.issue_host(id, self.host_cert_lifetime)
     }
 
     /// The CA of the control plane's certificates (what agents trust).
     pub fn control_plane_ca_pem(&self) -> &str {
-        &self.control_plane_ca_pem
+        self.control_planes.cert_pem()
+    }
+
+    /// Renews this control plane's client certificate when a third of its life is
+    /// left (connections made from then on present the new one).
+    pub fn renew_client_if_due(&self) -> Result<bool, PkiError> {
+        let mut not_after = self
+            .client_not_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !renewal_due(*not_after, CONTROL_PLANE_CERT_VALIDITY) {
+            return Ok(false);
+        }
+        let client = self
+            .control_planes
+            .issue_control_plane(CONTROL_PLANE_CERT_VALIDITY)?;
+        self.identity
+            .cert
+            .replace(&client.cert_pem, &client.key_pem)?;
+        *not_after = client.not_after;
+        tracing::info!(fingerprint = %client.fingerprint, "control-plane certificate renewed");
+        Ok(true)
     }
 }
 
@@ -132,6 +173,9 @@ pub fn discover(st: &AppState, rows: &[wrenn_db::Host]) {
     else {
         return;
     };
+    if let Err(e) = pki.renew_client_if_due() {
+        tracing::warn!(error = %e, "cannot renew the control-plane certificate");
+    }
     let mut registered = BTreeSet::new();
     for h in rows {
         let (Some(address), Some(_)) = (h.address.as_deref(), h.cert_expires_at) else {

@@ -125,6 +125,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/snapshots/{name}", delete(snapshots::delete))
         .route("/v1/hosts", get(v1::hosts::list).post(v1::hosts::create))
         .route("/v1/hosts/register", post(v1::hosts::register))
+        .route("/v1/hosts/auth/refresh", post(v1::hosts::refresh))
         .route(
             "/v1/hosts/{id}",
             get(v1::hosts::get).delete(v1::hosts::delete),
@@ -144,6 +145,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(v1::hosts::delete_preview),
         )
         .route("/v1/admin/pools", get(v1::admin::pools))
+        .route("/v1/admin/audit-logs", get(v1::admin::audit_logs))
         .route("/v1/admin/pools/{template}", put(v1::admin::set_pool))
         .merge(uploads)
         .method_not_allowed_fallback(openapi::method_not_allowed);

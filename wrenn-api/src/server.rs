@@ -34,6 +34,9 @@ pub struct ServeOptions {
     /// Reaches the agents of hosts registered in the database (`None`: hosts can
     /// register, but this control plane does not drive them).
     pub host_dialer: Option<Arc<dyn crate::cluster::HostDialer>>,
+    /// How long the certificates of registered hosts are valid (they are renewed when
+    /// a third of it is left).
+    pub host_cert_lifetime: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +261,7 @@ impl ControlPlane {
             opts.config.clone(),
             &secret,
         ));
-        let pki = crate::cluster::ClusterPki::load(&db, &state.tokens)
+        let pki = crate::cluster::ClusterPki::load(&db, &state.tokens, opts.host_cert_lifetime)
             .await
             .map_err(ServeError::Cluster)?;
         let _ = state.cluster.set(crate::cluster::Cluster {

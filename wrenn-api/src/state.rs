@@ -303,6 +303,39 @@ impl AppState {
             tracing::error!(error = %wrenn_core::manager::error_chain(&e), action, "audit row not written");
         }
     }
+
+    /// Records an event of the platform (hosts and their credentials), by the system
+    /// itself; also logged under the `wrenn::audit` target.
+    pub async fn audit_platform(
+        &self,
+        action: &str,
+        resource_id: Option<&str>,
+        ok: bool,
+        metadata: serde_json::Value,
+    ) {
+        if ok {
+            tracing::info!(target: "wrenn::audit", action, host = resource_id, %metadata);
+        } else {
+            tracing::warn!(target: "wrenn::audit", action, host = resource_id, %metadata, "refused");
+        }
+        let entry = NewAuditEntry {
+            actor: wrenn_db::Actor::System,
+            actor_name: None,
+            action: action.to_string(),
+            resource_type: "host".to_string(),
+            resource_id: resource_id.map(str::to_string),
+            result: if ok {
+                AuditResult::Success
+            } else {
+                AuditResult::Failure
+            },
+            metadata: Some(metadata),
+            created_at: None,
+        };
+        if let Err(e) = self.db.insert_platform_audit(entry).await {
+            tracing::error!(error = %wrenn_core::manager::error_chain(&e), action, "audit row not written");
+        }
+    }
 }
 
 /// Capsule activity (exec, files, ping, proxied traffic) resets the inactivity timer;

@@ -62,7 +62,8 @@ impl AuditResult {
 #[derive(Clone, Debug, PartialEq)]
 pub struct AuditEntry {
     pub id: String,
-    pub team_id: String,
+    /// `None` for an event of the platform (see [`Db::insert_platform_audit`]).
+    pub team_id: Option<String>,
     pub actor: Actor,
     /// Display name of the actor when it was recorded (user e-mail, key name).
     pub actor_name: Option<String>,
@@ -116,6 +117,21 @@ pub struct AuditPage {
 const COLS: &str = "id, team_id, actor_type, actor_id, actor_name, action, resource_type, \
                     resource_id, result, metadata, created_at";
 
+/// The platform log's columns, shaped as [`COLS`].
+const PLATFORM_COLS: &str = "id, NULL AS team_id, actor_type, actor_id, actor_name, action, \
+                             resource_type, resource_id, result, metadata, created_at";
+
+/// Whose audit log to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditScope<'a> {
+    /// One team's.
+    Team(&'a str),
+    /// The platform's own events (hosts, refused host credentials).
+    Platform,
+    /// Every team's and the platform's.
+    All,
+}
+
 fn entry(row: &AnyRow) -> R<AuditEntry> {
     let kind = text(row, "actor_type")?;
     let actor_id = opt_text(row, "actor_id")?;
@@ -146,7 +162,7 @@ fn entry(row: &AnyRow) -> R<AuditEntry> {
         .map_err(|e| crate::row::decode("metadata", e))?;
     Ok(AuditEntry {
         id: text(row, "id")?,
-        team_id: text(row, "team_id")?,
+        team_id: opt_text(row, "team_id")?,
         actor,
         actor_name: opt_text(row, "actor_name")?,
         action: text(row, "action")?,
@@ -164,31 +180,51 @@ impl Db {
         team_id: &str,
         new: NewAuditEntry,
     ) -> Result<AuditEntry, DbError> {
+        self.insert_audit_in(Some(team_id), new).await
+    }
+
+    /// Records an event of the platform rather than of a team (a host registering,
+    /// a host credential refused); platform admins read them.
+    pub async fn insert_platform_audit(&self, new: NewAuditEntry) -> Result<AuditEntry, DbError> {
+        self.insert_audit_in(None, new).await
+    }
+
+    async fn insert_audit_in(
+        &self,
+        team_id: Option<&str>,
+        new: NewAuditEntry,
+    ) -> Result<AuditEntry, DbError> {
         if new.action.is_empty() || new.resource_type.is_empty() {
             return Err(DbError::invalid(
                 "audit entry",
                 "action and resource type are required",
             ));
         }
-        let row = sqlx::query(&format!(
-            "INSERT INTO audit_logs (id, team_id, actor_type, actor_id, actor_name, action, \
-             resource_type, resource_id, result, metadata, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {COLS}"
-        ))
-        .bind(new_id(prefix::AUDIT_LOG))
-        .bind(team_id)
-        .bind(new.actor.kind())
-        .bind(new.actor.id().map(str::to_owned))
-        .bind(new.actor_name)
-        .bind(new.action)
-        .bind(new.resource_type)
-        .bind(new.resource_id)
-        .bind(new.result.as_str())
-        .bind(new.metadata.map(|m| m.to_string()))
-        .bind(to_db(new.created_at.unwrap_or_else(now)))
-        .fetch_one(self.pool())
-        .await
-        .map_err(|e| {
+        // The team, when there is one, is the last column and bind.
+        let (table, team_col, team_val, returning) = match team_id {
+            Some(_) => ("audit_logs", ", team_id", ", $11", COLS),
+            None => ("platform_audit_logs", "", "", PLATFORM_COLS),
+        };
+        let sql = format!(
+            "INSERT INTO {table} (id, actor_type, actor_id, actor_name, action, resource_type, \
+             resource_id, result, metadata, created_at{team_col}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10{team_val}) RETURNING {returning}"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(new_id(prefix::AUDIT_LOG))
+            .bind(new.actor.kind())
+            .bind(new.actor.id().map(str::to_owned))
+            .bind(new.actor_name)
+            .bind(new.action)
+            .bind(new.resource_type)
+            .bind(new.resource_id)
+            .bind(new.result.as_str())
+            .bind(new.metadata.map(|m| m.to_string()))
+            .bind(to_db(new.created_at.unwrap_or_else(now)));
+        if let Some(team) = team_id {
+            q = q.bind(team);
+        }
+        let row = q.fetch_one(self.pool()).await.map_err(|e| {
             Ctx::op("insert audit entry")
                 .unique("audit entry")
                 .missing("team")
@@ -203,19 +239,42 @@ impl Db {
         team_id: &str,
         query: &AuditQuery,
     ) -> Result<AuditPage, DbError> {
+        self.list_audit_in(AuditScope::Team(team_id), query).await
+    }
+
+    /// One page of the audit log of `scope`, newest first.
+    pub async fn list_audit_in(
+        &self,
+        scope: AuditScope<'_>,
+        query: &AuditQuery,
+    ) -> Result<AuditPage, DbError> {
         let limit = query
             .limit
             .unwrap_or(AUDIT_DEFAULT_LIMIT)
             .clamp(1, AUDIT_MAX_LIMIT);
         // One row more than asked tells whether another page follows.
         let fetch = i64::from(limit) + 1;
-        let filters =
-            "team_id = $1 AND ($2 IS NULL OR resource_type = $2) AND ($3 IS NULL OR action = $3)";
+        let (source, team_id) = match scope {
+            AuditScope::Team(team) => ("audit_logs".to_string(), Some(team)),
+            AuditScope::Platform => (
+                format!("(SELECT {PLATFORM_COLS} FROM platform_audit_logs) AS a"),
+                None,
+            ),
+            AuditScope::All => (
+                format!(
+                    "(SELECT {COLS} FROM audit_logs UNION ALL \
+                     SELECT {PLATFORM_COLS} FROM platform_audit_logs) AS a"
+                ),
+                None,
+            ),
+        };
+        let filters = "($1 IS NULL OR team_id = $1) AND ($2 IS NULL OR resource_type = $2) \
+                       AND ($3 IS NULL OR action = $3)";
         let order = "ORDER BY created_at DESC, id DESC LIMIT $4";
         let sql = match &query.before {
-            None => format!("SELECT {COLS} FROM audit_logs WHERE {filters} {order}"),
+            None => format!("SELECT {COLS} FROM {source} WHERE {filters} {order}"),
             Some(_) => format!(
-                "SELECT {COLS} FROM audit_logs WHERE {filters} \
+                "SELECT {COLS} FROM {source} WHERE {filters} \
                  AND (created_at < $5 OR (created_at = $5 AND id < $6)) {order}"
             ),
         };

@@ -82,6 +82,15 @@ pub struct NewHost {
 /// How long a host registration token is valid.
 pub const HOST_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// How long a host's refresh token works (each use replaces it).
+pub const HOST_REFRESH_TTL: std::time::Duration = std::time::Duration::from_secs(60 * 86_400);
+
+/// A refresh token that does not refresh: unknown, replaced, expired, or its host
+/// was deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the host refresh token is unknown, replaced or expired")]
+pub struct BadRefreshToken;
+
 /// A registration token that does not register: unknown, already used or expired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the host registration token is unknown, used or expired")]
@@ -365,6 +374,53 @@ impl Db {
         Ok(())
     }
 
+    /// Gives host `id` a new refresh token (the one it had stops working); returns it
+    /// in clear, once.
+    pub async fn new_host_refresh_token(&self, id: &str) -> Result<String, DbError> {
+        let (token, hash, expires) = refresh_token();
+        let done = sqlx::query(
+            "UPDATE hosts SET refresh_token_hash = $2, refresh_expires_at = $3 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(hash)
+        .bind(to_db(expires))
+        .execute(self.pool())
+        .await
+        .map_err(|e| Ctx::op("new host refresh token").err(e))?;
+        if done.rows_affected() == 0 {
+            return Err(DbError::NotFound { what: "host" });
+        }
+        Ok(token)
+    }
+
+    /// Trades refresh token `token` for a new one (once: of racing uses exactly one
+    /// gets it); returns the host and the new token.
+    pub async fn redeem_host_refresh_token(
+        &self,
+        token: &str,
+    ) -> Result<Result<(Host, String), BadRefreshToken>, DbError> {
+        let (new, hash, expires) = refresh_token();
+        let t = now();
+        let row = sqlx::query(&format!(
+            "UPDATE hosts SET refresh_token_hash = $2, refresh_expires_at = $3, updated_at = $4 \
+             WHERE refresh_token_hash = $1 AND refresh_expires_at > $4 RETURNING {COLS}"
+        ))
+        .bind(hash_host_token(token))
+        .bind(hash)
+        .bind(to_db(expires))
+        .bind(to_db(t))
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| Ctx::op("refresh host credentials").err(e))?;
+        match row {
+            Some(row) => Ok(Ok((
+                host(&row).map_err(|e| DbError::backend("refresh host credentials", e))?,
+                new,
+            ))),
+            None => Ok(Err(BadRefreshToken)),
+        }
+    }
+
     /// Sets host `id` draining (it takes no new capsules) or back to taking them;
     /// false if there is no such host.
     pub async fn set_host_draining(&self, id: &str, draining: bool) -> Result<bool, DbError> {
@@ -491,4 +547,16 @@ async fn insert_host_token(
     .await
     .map_err(|e| Ctx::op("create host token").err(e))?;
     Ok(token)
+}
+
+/// A new refresh token: in clear, hashed, and when it expires.
+fn refresh_token() -> (String, String, Timestamp) {
+    let token = format!(
+        "{}{}",
+        crate::id::prefix::HOST_REFRESH,
+        crate::id::random_hex(32)
+    );
+    let hash = hash_host_token(&token);
+    let expires = now() + chrono::Duration::from_std(HOST_REFRESH_TTL).unwrap_or_default();
+    (token, hash, expires)
 }

@@ -11,6 +11,7 @@ pub mod prefix {
     pub const AUDIT_LOG: &str = "log-";
     pub const HOST: &str = "host-";
     pub const HOST_TOKEN: &str = "htok-";
+    pub const HOST_REFRESH: &str = "hrt-";
 }
 
 /// A new random id with `prefix`, e.g. `new_id(prefix::USER)` → `usr-0k3…`.

@@ -39,7 +39,7 @@ pub use api_keys::{
     CreatedApiKey, API_KEY_PREFIX, E2B_KEY_PREFIX, LAST_USED_GRANULARITY,
 };
 pub use audit::{
-    Actor, AuditCursor, AuditEntry, AuditPage, AuditQuery, AuditResult, NewAuditEntry,
+    Actor, AuditCursor, AuditEntry, AuditPage, AuditQuery, AuditResult, AuditScope, NewAuditEntry,
     AUDIT_DEFAULT_LIMIT, AUDIT_MAX_LIMIT,
 };
 pub use bootstrap::{
@@ -47,7 +47,10 @@ pub use bootstrap::{
 };
 pub use capsules::{Capsule, NewCapsule, TeamUsage, DEFAULT_DISK_MB};
 pub use error::DbError;
-pub use hosts::{BadHostToken, Host, HostSpecs, HostStatus, NewHost, HOST_TOKEN_TTL, LOCAL_HOST};
+pub use hosts::{
+    BadHostToken, BadRefreshToken, Host, HostSpecs, HostStatus, NewHost, HOST_REFRESH_TTL,
+    HOST_TOKEN_TTL, LOCAL_HOST,
+};
 pub use id::{new_id, prefix};
 pub use teams::{
     CreatedInvitation, Invitation, Member, MemberError, MemberRule, Membership, Role, Team,

@@ -62,6 +62,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0009_host_credentials.sql"),
         include_str!("../migrations/postgres/0009_host_credentials.sql"),
     ),
+    (
+        10,
+        "host refresh tokens, platform audit log",
+        include_str!("../migrations/sqlite/0010_host_refresh.sql"),
+        include_str!("../migrations/postgres/0010_host_refresh.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

@@ -26,7 +26,101 @@ on_both_backends!(
     bootstrap_is_idempotent,
     bootstrap_with_random_key,
     hosts_and_where_things_live,
+    platform_audit_is_apart_from_teams,
+    host_refresh_tokens_are_single_use,
 );
+
+/// Platform events are read by scope: never in a team's log, all of them with the
+/// teams' in the global one.
+async fn platform_audit_is_apart_from_teams(t: &TestDb) {
+    let db = &t.db;
+    let (_, a) = team_of(db, "paudit@example.com").await;
+    let at = now();
+    let team_row = db
+        .insert_audit(&a.id, audit("capsule.create", Some(at)))
+        .await
+        .unwrap();
+    let platform_row = db
+        .insert_platform_audit(NewAuditEntry {
+            actor: Actor::System,
+            actor_name: None,
+            result: AuditResult::Failure,
+            resource_type: "host".into(),
+            metadata: Some(json!({"address": "10.0.0.1:7070"})),
+            ..audit(
+                "host.register",
+                Some(at + chrono::Duration::microseconds(1)),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(platform_row.team_id, None);
+    assert_eq!(platform_row.result, AuditResult::Failure);
+    let q = AuditQuery::default();
+    let team = db.list_audit(&a.id, &q).await.unwrap().items;
+    assert_eq!(team, vec![team_row.clone()]);
+    let platform = db.list_audit_in(AuditScope::Platform, &q).await.unwrap();
+    assert_eq!(platform.items, vec![platform_row.clone()]);
+    let all = db.list_audit_in(AuditScope::All, &q).await.unwrap().items;
+    assert_eq!(
+        all,
+        vec![platform_row, team_row],
+        "newest first across both"
+    );
+    let by_action = AuditQuery {
+        action: Some("host.register".into()),
+        ..AuditQuery::default()
+    };
+    assert_eq!(
+        db.list_audit_in(AuditScope::All, &by_action)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+}
+
+/// A refresh token works once (racing uses: one wins) and its successor works next.
+async fn host_refresh_tokens_are_single_use(t: &TestDb) {
+    let db = &t.db;
+    let (h, _) = db
+        .create_host(&NewHost {
+            team_id: None,
+            provider: None,
+            availability_zone: None,
+            created_by: None,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        db.new_host_refresh_token("host-none").await,
+        Err(DbError::NotFound { .. })
+    ));
+    let first = db.new_host_refresh_token(&h.id.0).await.unwrap();
+    let (a, b) = tokio::join!(
+        db.redeem_host_refresh_token(&first),
+        db.redeem_host_refresh_token(&first)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(
+        a.is_ok() != b.is_ok(),
+        "exactly one of two racing uses wins"
+    );
+    let (host, second) = a.or(b).unwrap();
+    assert_eq!(host.id, h.id);
+    assert_ne!(second, first);
+    assert_eq!(
+        db.redeem_host_refresh_token(&first).await.unwrap(),
+        Err(BadRefreshToken)
+    );
+    assert!(db.redeem_host_refresh_token(&second).await.unwrap().is_ok());
+    assert_eq!(
+        db.redeem_host_refresh_token("hrt-unknown").await.unwrap(),
+        Err(BadRefreshToken)
+    );
+    assert!(db.delete_host(&h.id.0).await.unwrap());
+}
 
 /// Hosts are recorded (specs kept when a start reports none), and capsule and snapshot
 /// rows name the host that holds them.
@@ -863,7 +957,9 @@ async fn audit_keyset_pagination(t: &TestDb) {
         "pages are newest first, with no gap or repeat"
     );
     assert_eq!(seen.iter().map(|e| &e.id).collect::<HashSet<_>>().len(), 25);
-    assert!(seen.iter().all(|e| e.team_id == a.id));
+    assert!(seen
+        .iter()
+        .all(|e| e.team_id.as_deref() == Some(a.id.as_str())));
 
     // Exactly one full page: no cursor pointing at an empty page.
     let q = AuditQuery {

@@ -15,9 +15,10 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +258,13 @@ impl std::fmt::Debug for AgentIdentity {
 impl AgentIdentity {
     /// The agent's server settings (HTTP/2 only: gRPC).
     pub fn server_config(&self) -> Result<ServerConfig, PkiError> {
+        Ok(self.rotating_server_config()?.0)
+    }
+
+    /// The agent's server settings and the slot its certificate is in: what is put
+    /// in the slot later (a renewed certificate) is what new connections see.
+    pub fn rotating_server_config(&self) -> Result<(ServerConfig, CertSlot), PkiError> {
+        let slot = CertSlot::new(&self.cert_pem, &self.key_pem)?;
         let verifier = WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots(&self.client_ca_pem, "control-plane CA")?),
             provider(),
@@ -265,22 +273,81 @@ impl AgentIdentity {
         let mut c = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(
-                parse_certs(&self.cert_pem, "host certificate")?,
-                parse_key(&self.key_pem, "host key")?,
-            )?;
+            .with_cert_resolver(Arc::new(slot.clone()));
         c.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(c)
+        Ok((c, slot))
+    }
+}
+
+/// A certificate and key that can be replaced while connections are made with it:
+/// each TLS handshake takes the one in the slot at that moment (certificate
+/// rotation without a restart).
+#[derive(Clone)]
+pub struct CertSlot(Arc<RwLock<Arc<CertifiedKey>>>);
+
+impl std::fmt::Debug for CertSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertSlot(<redacted>)")
+    }
+}
+
+fn certified(cert_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, PkiError> {
+    let certs = parse_certs(cert_pem, "certificate")?;
+    let key = parse_key(key_pem, "key")?;
+    let signer = provider().key_provider.load_private_key(key)?;
+    let ck = CertifiedKey::new(certs, signer);
+    // The key must be the certificate's.
+    ck.keys_match()?;
+    Ok(Arc::new(ck))
+}
+
+impl CertSlot {
+    pub fn new(cert_pem: &str, key_pem: &str) -> Result<CertSlot, PkiError> {
+        Ok(CertSlot(Arc::new(RwLock::new(certified(
+            cert_pem, key_pem,
+        )?))))
+    }
+
+    /// Puts a new certificate and key in the slot (checked first: on error the slot
+    /// keeps what it had).
+    pub fn replace(&self, cert_pem: &str, key_pem: &str) -> Result<(), PkiError> {
+        let ck = certified(cert_pem, key_pem)?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = ck;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertSlot {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertSlot {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
 /// The control plane's TLS towards agents: the CA its agents' certificates come from,
-/// and its own client certificate.
-#[derive(Clone, PartialEq, Eq)]
+/// and its own client certificate (in a slot: renewing it reaches the connections
+/// made with this identity).
+#[derive(Clone)]
 pub struct ControlPlaneIdentity {
     pub host_ca_pem: String,
-    pub cert_pem: String,
-    pub key_pem: String,
+    pub cert: CertSlot,
 }
 
 impl std::fmt::Debug for ControlPlaneIdentity {
@@ -290,15 +357,24 @@ impl std::fmt::Debug for ControlPlaneIdentity {
 }
 
 impl ControlPlaneIdentity {
+    pub fn new(
+        host_ca_pem: &str,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<ControlPlaneIdentity, PkiError> {
+        roots(host_ca_pem, "host CA")?;
+        Ok(ControlPlaneIdentity {
+            host_ca_pem: host_ca_pem.to_string(),
+            cert: CertSlot::new(cert_pem, key_pem)?,
+        })
+    }
+
     /// The client settings (HTTP/2 only: gRPC); the caller checks the server's name.
     pub fn client_config(&self) -> Result<ClientConfig, PkiError> {
         let mut c = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots(&self.host_ca_pem, "host CA")?)
-            .with_client_auth_cert(
-                parse_certs(&self.cert_pem, "control-plane certificate")?,
-                parse_key(&self.key_pem, "control-plane key")?,
-            )?;
+            .with_client_cert_resolver(Arc::new(self.cert.clone()));
         c.alpn_protocols = vec![b"h2".to_vec()];
         Ok(c)
     }
@@ -328,13 +404,22 @@ mod tests {
         }
         .server_config()
         .expect("server settings");
-        ControlPlaneIdentity {
-            host_ca_pem: hosts.cert_pem().into(),
-            cert_pem: client.cert_pem,
-            key_pem: client.key_pem,
-        }
-        .client_config()
-        .expect("client settings");
+        let cp_identity =
+            ControlPlaneIdentity::new(hosts.cert_pem(), &client.cert_pem, &client.key_pem)
+                .expect("identity");
+        cp_identity.client_config().expect("client settings");
+        // A slot takes only a matching pair, and keeps what it had otherwise.
+        let other = stored
+            .issue_host("host-b", Duration::from_secs(3600))
+            .expect("issue");
+        assert!(cp_identity
+            .cert
+            .replace(&other.cert_pem, &client.key_pem)
+            .is_err());
+        cp_identity
+            .cert
+            .replace(&other.cert_pem, &other.key_pem)
+            .expect("a matching pair");
         assert!(Ca::from_pem(CaKind::Hosts, "junk", &hosts.key_pem()).is_err());
     }
 }

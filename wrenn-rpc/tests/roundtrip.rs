@@ -546,12 +546,12 @@ async fn over_mutual_tls_only_the_control_plane_reaches_only_the_host_it_means()
     let hosts = Ca::generate(CaKind::Hosts).expect("host CA");
     let cps = Ca::generate(CaKind::ControlPlane).expect("control-plane CA");
     let host_a = hosts.issue_host("host-a", day).expect("host cert");
-    let agent_tls = AgentIdentity {
+    let (agent_tls, agent_slot) = AgentIdentity {
         cert_pem: host_a.cert_pem.clone(),
         key_pem: host_a.key_pem.clone(),
         client_ca_pem: cps.cert_pem().into(),
     }
-    .server_config()
+    .rotating_server_config()
     .expect("server settings");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -564,11 +564,8 @@ async fn over_mutual_tls_only_the_control_plane_reaches_only_the_host_it_means()
         std::future::pending(),
     ));
     let client = cps.issue_control_plane(day).expect("client cert");
-    let cp = ControlPlaneIdentity {
-        host_ca_pem: hosts.cert_pem().into(),
-        cert_pem: client.cert_pem,
-        key_pem: client.key_pem,
-    };
+    let cp = ControlPlaneIdentity::new(hosts.cert_pem(), &client.cert_pem, &client.key_pem)
+        .expect("identity");
     let quick = Timeouts {
         connect: Duration::from_secs(3),
         quick: Duration::from_secs(5),
@@ -591,11 +588,8 @@ async fn over_mutual_tls_only_the_control_plane_reaches_only_the_host_it_means()
 
     // A host's certificate is not the control plane's: the agent refuses it.
     let host_b = hosts.issue_host("host-b", day).expect("host cert");
-    let posing = ControlPlaneIdentity {
-        host_ca_pem: hosts.cert_pem().into(),
-        cert_pem: host_b.cert_pem,
-        key_pem: host_b.key_pem,
-    };
+    let posing = ControlPlaneIdentity::new(hosts.cert_pem(), &host_b.cert_pem, &host_b.key_pem)
+        .expect("identity");
     let e = RemoteAgent::connect_tls(&addr, "host-a", &posing, quick)
         .expect("client")
         .versions()
@@ -606,4 +600,45 @@ async fn over_mutual_tls_only_the_control_plane_reaches_only_the_host_it_means()
     // No TLS at all: refused.
     let plain = RemoteAgent::connect_lazy(&format!("http://{addr}"), quick).expect("client");
     assert!(plain.versions().await.is_err(), "plaintext is refused");
+
+    // Rotation: what is in the slots is what new handshakes present. The agent
+    // renewed: reached, also by the connection made before.
+    let renewed = hosts.issue_host("host-a", day).expect("host cert");
+    agent_slot
+        .replace(&renewed.cert_pem, &renewed.key_pem)
+        .expect("renewed");
+    let after = RemoteAgent::connect_tls(&addr, "host-a", &cp, quick).expect("client");
+    after.versions().await.expect("renewed host certificate");
+    remote.versions().await.expect("the earlier connection");
+    // The slot, not the certificate at start, is what the agent presents.
+    agent_slot
+        .replace(&host_b.cert_pem, &host_b.key_pem)
+        .expect("replaced");
+    let e = RemoteAgent::connect_tls(&addr, "host-a", &cp, quick)
+        .expect("client")
+        .versions()
+        .await
+        .expect_err("now presenting host-b's certificate");
+    assert_eq!(e.kind, HostErrorKind::Unavailable, "{e}");
+    agent_slot
+        .replace(&renewed.cert_pem, &renewed.key_pem)
+        .expect("back");
+    // Likewise the control plane's client certificate.
+    cp.cert
+        .replace(&host_b.cert_pem, &host_b.key_pem)
+        .expect("replaced");
+    assert!(RemoteAgent::connect_tls(&addr, "host-a", &cp, quick)
+        .expect("client")
+        .versions()
+        .await
+        .is_err());
+    let next = cps.issue_control_plane(day).expect("client cert");
+    cp.cert
+        .replace(&next.cert_pem, &next.key_pem)
+        .expect("renewed");
+    RemoteAgent::connect_tls(&addr, "host-a", &cp, quick)
+        .expect("client")
+        .versions()
+        .await
+        .expect("renewed control-plane certificate");
 }

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
@@ -65,7 +66,7 @@ fn kept_host_id(data_dir: &Path) -> Result<String> {
 }
 
 /// What a registered agent keeps (0600 in its data directory).
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Credentials {
     host_id: String,
     address: String,
@@ -73,6 +74,17 @@ struct Credentials {
     key_pem: String,
     /// The CA of the control plane's client certificates.
     ca_cert_pem: String,
+    /// The control plane that renews the certificate, with `refresh_token`.
+    #[serde(default)]
+    control_plane: Option<String>,
+    #[serde(default)]
+    refresh_token: Option<String>,
+    /// When the certificate was received and when it expires (renewed when a third
+    /// of that time is left).
+    #[serde(default)]
+    cert_received_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default)]
+    cert_expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 const CREDENTIALS: &str = "agent-credentials.json";
@@ -88,27 +100,35 @@ fn load_credentials(data_dir: &Path) -> Result<Option<Credentials>> {
     }
 }
 
-/// Trades the one-time `token` for this host's certificate.
-async fn register(
-    control_plane: &str,
-    token: &str,
-    advertise: &str,
-    data_dir: &Path,
-) -> Result<Credentials> {
-    let m = wrenn_agent::machine_specs(data_dir);
-    let url = format!("{}/v1/hosts/register", control_plane.trim_end_matches('/'));
-    let body = serde_json::json!({
-        "token": token, "arch": m.arch, "cpu_cores": m.cpu_cores,
-        "memory_mb": m.memory_mb, "disk_gb": m.disk_mb >> 10, "address": advertise,
-    });
-    let answer = tokio::task::spawn_blocking(move || {
+fn save_credentials(data_dir: &Path, c: &Credentials) -> Result<()> {
+    let path = data_dir.join(CREDENTIALS);
+    wrenn::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(c)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// How the control plane answered a registration or refresh.
+enum Answer {
+    Ok(serde_json::Value),
+    /// The credential was refused (401): retrying will not help.
+    Refused(String),
+}
+
+/// POSTs `body` to the control plane's `path`.
+async fn post(control_plane: &str, path: &str, body: serde_json::Value) -> Result<Answer> {
+    let url = format!("{}{path}", control_plane.trim_end_matches('/'));
+    tokio::task::spawn_blocking(move || {
         let r = ureq::post(&url)
             .timeout(std::time::Duration::from_secs(30))
             .send_json(body);
         match r {
             Ok(r) => r
                 .into_json::<serde_json::Value>()
+                .map(Answer::Ok)
                 .map_err(|e| anyhow::anyhow!("{url}: {e}")),
+            Err(ureq::Error::Status(401, r)) => Ok(Answer::Refused(format!(
+                "{url}: refused (401): {}",
+                r.into_string().unwrap_or_default()
+            ))),
             Err(ureq::Error::Status(code, r)) => {
                 let text = r.into_string().unwrap_or_default();
                 Err(anyhow::anyhow!("{url}: refused ({code}): {text}"))
@@ -117,7 +137,15 @@ async fn register(
         }
     })
     .await
-    .context("registration")??;
+    .context("request to the control plane")?
+}
+
+/// The credentials in a registration or refresh answer.
+fn credentials_of(
+    answer: &serde_json::Value,
+    address: &str,
+    control_plane: &str,
+) -> Result<Credentials> {
     let field = |k: &str| -> Result<String> {
         answer
             .pointer(k)
@@ -125,13 +153,105 @@ async fn register(
             .map(str::to_string)
             .with_context(|| format!("the control plane's answer has no {k}"))
     };
+    let expires = chrono::DateTime::parse_from_rfc3339(&field("/cert_expires_at")?)
+        .context("the control plane's answer: cert_expires_at")?
+        .with_timezone(&chrono::Utc);
     Ok(Credentials {
         host_id: field("/host/id")?,
-        address: advertise.to_string(),
+        address: address.to_string(),
         cert_pem: field("/cert_pem")?,
         key_pem: field("/key_pem")?,
         ca_cert_pem: field("/ca_cert_pem")?,
+        control_plane: Some(control_plane.to_string()),
+        refresh_token: Some(field("/refresh_token")?),
+        cert_received_at: Some(chrono::Utc::now()),
+        cert_expires_at: Some(expires),
     })
+}
+
+/// Trades the one-time `token` for this host's certificate.
+async fn register(
+    control_plane: &str,
+    token: &str,
+    advertise: &str,
+    data_dir: &Path,
+) -> Result<Credentials> {
+    let m = wrenn_agent::machine_specs(data_dir);
+    let body = serde_json::json!({
+        "token": token, "arch": m.arch, "cpu_cores": m.cpu_cores,
+        "memory_mb": m.memory_mb, "disk_gb": m.disk_mb >> 10, "address": advertise,
+    });
+    match post(control_plane, "/v1/hosts/register", body).await? {
+        Answer::Ok(a) => credentials_of(&a, advertise, control_plane),
+        Answer::Refused(why) => bail!("{why}"),
+    }
+}
+
+/// When `c`'s certificate is due for renewal: once two thirds of its life have passed.
+fn renewal_time(c: &Credentials) -> Option<chrono::DateTime<chrono::Utc>> {
+    let (from, until) = (c.cert_received_at?, c.cert_expires_at?);
+    Some(from + (until - from) * 2 / 3)
+}
+
+/// Renews the agent's certificate before it expires, for as long as the agent runs:
+/// new connections present the new certificate (`slot`), and it is kept on disk for
+/// the next start. A refused refresh token ends the renewals (the host must be
+/// registered again); other failures are retried.
+async fn renew_certificates(
+    data_dir: std::path::PathBuf,
+    mut c: Credentials,
+    slot: wrenn_pki::CertSlot,
+) {
+    let (Some(control_plane), Some(_)) = (c.control_plane.clone(), c.refresh_token.as_ref()) else {
+        tracing::warn!("these credentials have no refresh token: the certificate is not renewed");
+        return;
+    };
+    let Some(mut due) = renewal_time(&c) else {
+        return;
+    };
+    loop {
+        let wait = (due - chrono::Utc::now()).to_std().unwrap_or_default();
+        tokio::time::sleep(wait).await;
+        let body = serde_json::json!({ "refresh_token": c.refresh_token });
+        let outcome = match post(&control_plane, "/v1/hosts/auth/refresh", body).await {
+            Ok(Answer::Ok(a)) => credentials_of(&a, &c.address, &control_plane),
+            Ok(Answer::Refused(why)) => {
+                tracing::error!(%why, "the control plane refused this host's refresh token: \
+                    the certificate will not be renewed (register the host again)");
+                return;
+            }
+            Err(e) => Err(e),
+        };
+        let renewed = outcome.and_then(|n| {
+            slot.replace(&n.cert_pem, &n.key_pem)
+                .context("the renewed certificate")?;
+            save_credentials(&data_dir, &n)?;
+            Ok(n)
+        });
+        match renewed {
+            Ok(n) => {
+                tracing::info!(expires = ?n.cert_expires_at, "host certificate renewed");
+                c = n;
+                let Some(next) = renewal_time(&c) else {
+                    return;
+                };
+                due = next;
+            }
+            Err(e) => {
+                // Retried at a tenth of the time left, between 1 s and a minute.
+                let left = c
+                    .cert_expires_at
+                    .and_then(|t| (t - chrono::Utc::now()).to_std().ok())
+                    .unwrap_or_default();
+                let retry = (left / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                tracing::warn!(error = %format!("{e:#}"), retry_s = retry.as_secs(),
+                    "cannot renew the host certificate yet");
+                due = chrono::Utc::now()
+                    + chrono::Duration::from_std(retry)
+                        .unwrap_or_else(|_| chrono::Duration::seconds(60));
+            }
+        }
+    }
 }
 
 pub async fn run(data_dir: &Path, a: AgentArgs) -> Result<u8> {
@@ -142,9 +262,7 @@ pub async fn run(data_dir: &Path, a: AgentArgs) -> Result<u8> {
         (&creds, &a.control_plane, &a.register, &a.advertise)
     {
         let c = register(cp, token, advertise, data_dir).await?;
-        let path = data_dir.join(CREDENTIALS);
-        wrenn::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(&c)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        save_credentials(data_dir, &c)?;
         println!("registered with {cp} as host {}", c.host_id);
         creds = Some(c);
     }
@@ -166,13 +284,14 @@ pub async fn run(data_dir: &Path, a: AgentArgs) -> Result<u8> {
                     )
                 })?,
             };
-            let tls = wrenn_pki::AgentIdentity {
+            let (tls, slot) = wrenn_pki::AgentIdentity {
                 cert_pem: c.cert_pem.clone(),
                 key_pem: c.key_pem.clone(),
                 client_ca_pem: c.ca_cert_pem.clone(),
             }
-            .server_config()
+            .rotating_server_config()
             .context("the agent's certificate")?;
+            tokio::spawn(renew_certificates(data_dir.to_path_buf(), c.clone(), slot));
             (c.host_id.clone(), listen, Some(Arc::new(tls)))
         }
         None => {

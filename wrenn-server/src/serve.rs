@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// three).
     #[arg(long, env = "WRENN_HOST_TIMEOUT", value_parser = positive_secs)]
     host_timeout: Option<f64>,
+    /// Seconds a registered host's certificate is valid (default 30 days); its agent
+    /// renews it when a third of that is left.
+    #[arg(long, env = "WRENN_HOST_CERT_LIFETIME", value_parser = cert_lifetime)]
+    host_cert_lifetime: Option<f64>,
     /// vCPUs placed per physical core of a host, when choosing among several hosts.
     #[arg(long, env = "WRENN_CPU_OVERCOMMIT", default_value_t = 1.5, value_parser = overcommit)]
     cpu_overcommit: f64,
@@ -152,6 +156,15 @@ fn signup_open(mode: SignupMode, disabled: bool, listen: SocketAddr) -> bool {
         }
 }
 
+/// A certificate lifetime in seconds: at least a minute (renewal happens when a third
+/// is left, and clocks of different machines differ a little).
+fn cert_lifetime(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (60.0..=10.0 * 365.0 * 86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: expected seconds from 60 to 315360000")),
+    }
+}
+
 fn positive_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && (0.05..=3600.0).contains(&v) => Ok(v),
@@ -244,6 +257,10 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
             cpu_overcommit: a.cpu_overcommit,
         },
         host_dialer: Some(Arc::new(RpcDialer)),
+        host_cert_lifetime: a
+            .host_cert_lifetime
+            .map(Duration::from_secs_f64)
+            .unwrap_or(wrenn_api::cluster::HOST_CERT_VALIDITY),
     };
     let admin_password = opts.bootstrap_admin_password.is_some();
     let signup = opts.config.open_signup;

@@ -1002,7 +1002,11 @@ pub struct AuditItem {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resource_id: Option<String>,
     pub action: String,
+    /// `team`, or `platform` for events of the platform (hosts and their credentials).
     pub scope: String,
+    /// The team, where the row is a team's (in the platform-wide log).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
     /// success or failure.
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1027,6 +1031,15 @@ pub async fn audit_logs(
     Auth(who): Auth,
     q: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<AuditPageView>> {
+    let query = audit_query(q)?;
+    let page = st.db.list_audit(&who.team_id, &query).await?;
+    Ok(Json(AuditPageView::from(page)))
+}
+
+/// The audit query a request's parameters ask for.
+pub(crate) fn audit_query(
+    q: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<wrenn_db::AuditQuery> {
     let Query(q) = q.map_err(crate::error::query_rejection)?;
     let before = match (q.before, q.before_id) {
         (None, None) => None,
@@ -1043,40 +1056,45 @@ pub async fn audit_logs(
     if q.limit == Some(0) || q.limit.is_some_and(|l| l > 200) {
         return Err(ApiError::invalid("limit must be 1 to 200"));
     }
-    let page = st
-        .db
-        .list_audit(
-            &who.team_id,
-            &wrenn_db::AuditQuery {
-                before,
-                limit: q.limit,
-                resource_type: q.resource_type,
-                action: q.action,
-            },
-        )
-        .await?;
-    Ok(Json(AuditPageView {
-        items: page
-            .items
-            .into_iter()
-            .map(|e| AuditItem {
-                id: e.id,
-                actor_type: e.actor.kind().to_string(),
-                actor_id: e.actor.id().map(str::to_string),
-                actor_name: e.actor_name,
-                resource_type: e.resource_type,
-                resource_id: e.resource_id,
-                action: e.action,
-                scope: "team".into(),
-                status: e.result.as_str().to_string(),
-                metadata: e.metadata,
-                created_at: e.created_at,
-            })
-            .collect(),
-        next_before: page.next.as_ref().map(|c| {
-            c.created_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-        }),
-        next_before_id: page.next.map(|c| c.id),
-    }))
+    Ok(wrenn_db::AuditQuery {
+        before,
+        limit: q.limit,
+        resource_type: q.resource_type,
+        action: q.action,
+    })
+}
+
+impl From<wrenn_db::AuditPage> for AuditPageView {
+    fn from(page: wrenn_db::AuditPage) -> Self {
+        AuditPageView {
+            items: page
+                .items
+                .into_iter()
+                .map(|e| AuditItem {
+                    id: e.id,
+                    actor_type: e.actor.kind().to_string(),
+                    actor_id: e.actor.id().map(str::to_string),
+                    actor_name: e.actor_name,
+                    resource_type: e.resource_type,
+                    resource_id: e.resource_id,
+                    action: e.action,
+                    scope: if e.team_id.is_some() {
+                        "team"
+                    } else {
+                        "platform"
+                    }
+                    .into(),
+                    team_id: e.team_id,
+                    status: e.result.as_str().to_string(),
+                    metadata: e.metadata,
+                    created_at: e.created_at,
+                })
+                .collect(),
+            next_before: page.next.as_ref().map(|c| {
+                c.created_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            }),
+            next_before_id: page.next.map(|c| c.id),
+        }
+    }
 }

@@ -124,3 +124,28 @@ pub async fn set_pool(
     .await;
     Ok(Json(views(&st).await?))
 }
+
+#[utoipa::path(get, path = "/v1/admin/audit-logs", tag = "admin",
+    params(super::account::AuditParams),
+    responses((status = 200, body = super::account::AuditPageView),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// The platform-wide audit log (platform admins): every team's rows and the
+/// platform's own (host registrations and renewals, refused host credentials).
+pub async fn audit_logs(
+    State(st): State<Arc<AppState>>,
+    Auth(who): Auth,
+    q: Result<
+        axum::extract::Query<super::account::AuditParams>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> ApiResult<Json<super::account::AuditPageView>> {
+    platform_admin(&who)?;
+    let query = super::account::audit_query(q)?;
+    let page = st
+        .db
+        .list_audit_in(wrenn_db::AuditScope::All, &query)
+        .await?;
+    Ok(Json(page.into()))
+}

@@ -472,6 +472,16 @@ pub struct Registered {
     /// The CA the control plane's client certificates come from.
     pub ca_cert_pem: String,
     pub cert_expires_at: chrono::DateTime<chrono::Utc>,
+    /// Trades for a renewed certificate (`POST /v1/hosts/auth/refresh`), once: each
+    /// use gives the next one. Valid 60 days.
+    pub refresh_token: String,
+}
+
+/// A registered agent's refresh token.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Refresh {
+    pub refresh_token: String,
 }
 
 fn valid_address(a: &str) -> ApiResult<()> {
@@ -533,20 +543,18 @@ pub async fn register(
     {
         Ok(h) => h,
         Err(bad) => {
-            // Audited where an operator looks for refused credentials.
-            tracing::warn!(target: "wrenn::audit", address = %req.address,
-                "host registration refused: {bad}");
+            st.audit_platform(
+                "host.register",
+                None,
+                false,
+                serde_json::json!({"address": req.address, "reason": bad.to_string()}),
+            )
+            .await;
             return Err(ApiError::unauthorized(bad.to_string()));
         }
     };
-    let issued = cluster
-        .pki
-        .issue_host(&h.id.0)
-        .map_err(|e| ApiError::internal(format!("cannot issue the host certificate: {e}")))?;
-    let expires: chrono::DateTime<chrono::Utc> = issued.not_after.into();
-    st.db
-        .set_host_certificate(&h.id.0, &issued.fingerprint, expires)
-        .await?;
+    let refresh_token = st.db.new_host_refresh_token(&h.id.0).await?;
+    let creds = credentials(&st, cluster, &h.id.0, refresh_token).await?;
     if let Some(team) = &h.team_id {
         st.audit_team(
             team,
@@ -560,18 +568,81 @@ pub async fn register(
         )
         .await;
     }
-    tracing::info!(target: "wrenn::audit", host = %h.id, address = %req.address, "host registered");
-    let h = host(&st, &h.id.0).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(Registered {
-            host: h.into(),
-            cert_pem: issued.cert_pem,
-            key_pem: issued.key_pem,
-            ca_cert_pem: cluster.pki.control_plane_ca_pem().to_string(),
-            cert_expires_at: expires,
-        }),
-    ))
+    st.audit_platform(
+        "host.register",
+        Some(&h.id.0),
+        true,
+        serde_json::json!({"address": req.address, "cert_expires_at": creds.cert_expires_at}),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(creds)))
+}
+
+/// Issues host `id` a certificate and records it; the registration answer.
+async fn credentials(
+    st: &AppState,
+    cluster: &crate::cluster::Cluster,
+    id: &str,
+    refresh_token: String,
+) -> ApiResult<Registered> {
+    let issued = cluster
+        .pki
+        .issue_host(id)
+        .map_err(|e| ApiError::internal(format!("cannot issue the host certificate: {e}")))?;
+    let expires: chrono::DateTime<chrono::Utc> = issued.not_after.into();
+    st.db
+        .set_host_certificate(id, &issued.fingerprint, expires)
+        .await?;
+    let h = host(st, id).await?;
+    Ok(Registered {
+        host: h.into(),
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
+        ca_cert_pem: cluster.pki.control_plane_ca_pem().to_string(),
+        cert_expires_at: expires,
+        refresh_token,
+    })
+}
+
+#[utoipa::path(post, path = "/v1/hosts/auth/refresh", tag = "hosts", request_body = Refresh,
+    responses((status = 200, body = Registered), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+/// Renews a registered agent's certificate: its refresh token (used once) gives a new
+/// certificate and key, and the next refresh token.
+pub async fn refresh(
+    State(st): S,
+    req: Result<Json<Refresh>, JsonRejection>,
+) -> ApiResult<Json<Registered>> {
+    let req = body(req)?;
+    let cluster = st.cluster.get().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this control plane is starting; try again shortly",
+        )
+    })?;
+    let (h, next) = match st.db.redeem_host_refresh_token(&req.refresh_token).await? {
+        Ok(found) => found,
+        Err(bad) => {
+            st.audit_platform(
+                "host.refresh",
+                None,
+                false,
+                serde_json::json!({"reason": bad.to_string()}),
+            )
+            .await;
+            return Err(ApiError::unauthorized(bad.to_string()));
+        }
+    };
+    let creds = credentials(&st, cluster, &h.id.0, next).await?;
+    st.audit_platform(
+        "host.refresh",
+        Some(&h.id.0),
+        true,
+        serde_json::json!({"cert_expires_at": creds.cert_expires_at}),
+    )
+    .await;
+    Ok(Json(creds))
 }
 
 async fn set_draining(

@@ -329,6 +329,8 @@ def test_a_team_snapshot_is_used_on_the_host_that_holds_it_and_copied_to_others(
             # capsule (checksummed, installed whole) and used there.
             with srv.admin_user() as u:
                 assert u.post(f"/v1/hosts/{holder}/drain").json()["status"] == "draining"
+            # The agent itself is told: it refuses new capsules too.
+            assert "drain changed" in agents[holder].log_text()
             try:
                 r = c.post("/v1/capsules", json={"template": "cluster-snap"})
                 assert r.status_code == 201, r.text

@@ -50,6 +50,8 @@ pub struct LocalAgent {
     sampler: MetricsSampler,
     versions: HostVersions,
     id: HostId,
+    /// Set by [`HostAgent::drain`]: new capsules are refused.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl LocalAgent {
@@ -76,6 +78,19 @@ impl LocalAgent {
             sampler,
             versions,
             id: opts.host_id,
+            draining: Default::default(),
+        }
+    }
+
+    /// Refuses new capsules while the host drains.
+    fn taking_new(&self) -> Result<(), HostError> {
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            Err(HostError::new(
+                HostErrorKind::Unavailable,
+                format!("host {} is draining: it takes no new capsules", self.id),
+            ))
+        } else {
+            Ok(())
         }
     }
 
@@ -212,6 +227,7 @@ impl HostAgent for LocalAgent {
             memory_mb: m.memory_mb,
             disk_mb: m.disk_mb,
             disk_room_mb: self.capsules().disk_room().map_or(0, |b| b >> 20),
+            draining: self.draining.load(std::sync::atomic::Ordering::Relaxed),
             ..Default::default()
         };
         for c in self.capsules().list() {
@@ -247,6 +263,7 @@ impl HostAgent for LocalAgent {
     }
 
     async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError> {
+        self.taking_new()?;
         let opts = CreateOptions {
             template: Some(spec.template),
             vcpus: spec.vcpus,
@@ -329,6 +346,7 @@ impl HostAgent for LocalAgent {
         count: usize,
         labels: HashMap<String, String>,
     ) -> Result<Vec<HostCapsule>, HostError> {
+        self.taking_new()?;
         let forks = self.capsules().fork(id, count).await.map_err(host_error)?;
         let _ = labels;
         Ok(forks.into_iter().map(capsule).collect())
@@ -513,6 +531,16 @@ impl HostAgent for LocalAgent {
             .set_pool(template, size)
             .await
             .map_err(host_error)
+    }
+
+    async fn drain(&self, draining: bool) -> Result<(), HostError> {
+        let was = self
+            .draining
+            .swap(draining, std::sync::atomic::Ordering::Relaxed);
+        if was != draining {
+            tracing::info!(host = %self.id, draining, "drain changed");
+        }
+        Ok(())
     }
 }
 

@@ -531,7 +531,16 @@ impl Hosts {
         let asked = Instant::now();
         match tokio::time::timeout(wait, conn.agent.info()).await {
             Ok(Ok(info)) if info.id == conn.id => {
+                // The agent drains as the `hosts` table says (it may have restarted,
+                // or missed the drain while unreachable).
+                let want = conn.seen().draining;
+                let differs = info.draining != want;
                 conn.answered(info, asked);
+                if differs {
+                    if let Err(e) = conn.agent.drain(want).await {
+                        tracing::debug!(host = %conn.id, error = %e, "drain not passed on");
+                    }
+                }
                 true
             }
             Ok(Ok(info)) => {
@@ -630,6 +639,25 @@ mod tests {
             ids(&[hosts.place(&request(2048), None).await.expect("placed")]),
             ["b"]
         );
+    }
+
+    #[tokio::test]
+    async fn the_monitor_tells_an_agent_to_drain_as_the_table_says() {
+        let b = host("b", 8, 16_384, 0);
+        let hosts = hosts_of(std::slice::from_ref(&b), MonitorConfig::default()).await;
+        let conn = hosts.get(&HostId("b".into())).expect("b");
+        assert!(hosts.probe(&conn).await);
+        assert!(!b.draining());
+        hosts.set_policy(&conn.id, true, None);
+        assert!(hosts.probe(&conn).await);
+        assert!(b.draining(), "told at the next report");
+        // A restarted agent (no drain) is told again; an ended drain is passed on.
+        b.drain(false).await.expect("drain");
+        assert!(hosts.probe(&conn).await);
+        assert!(b.draining());
+        hosts.set_policy(&conn.id, false, None);
+        assert!(hosts.probe(&conn).await);
+        assert!(!b.draining());
     }
 
     #[tokio::test]

@@ -158,6 +158,9 @@ pub struct HostInfo {
     pub snapshot_templates: Vec<String>,
     /// Ready warm-pool entries per template.
     pub pool_ready: BTreeMap<String, u32>,
+    /// The host takes no new capsules ([`HostAgent::drain`]).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Where the control plane reaches a service of a capsule (its guest agent, or one of
@@ -315,4 +318,14 @@ pub trait HostAgent: Send + Sync + Debug {
 
     /// Keeps `size` ready capsules of `template` (0 = none).
     async fn set_pool(&self, template: &str, size: usize) -> Result<(), HostError>;
+
+    /// Drains the host (`true`): it keeps its capsules (they pause, resume, fork and
+    /// are destroyed as before) and refuses new ones; `false` ends the drain.
+    async fn drain(&self, draining: bool) -> Result<(), HostError> {
+        let _ = draining;
+        Err(HostError::new(
+            HostErrorKind::Unavailable,
+            "this host does not drain",
+        ))
+    }
 }

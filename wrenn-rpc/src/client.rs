@@ -464,4 +464,14 @@ impl HostAgent for RemoteAgent {
             .map_err(err)?;
         Ok(())
     }
+
+    async fn drain(&self, draining: bool) -> Result<(), HostError> {
+        let msg = pb::DrainRequest { draining };
+        self.client
+            .clone()
+            .drain(self.quick(msg))
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
 }

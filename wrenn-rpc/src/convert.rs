@@ -155,6 +155,7 @@ pub fn info_to(i: HostInfo) -> pb::HostInfo {
         paused: i.paused,
         snapshot_templates: i.snapshot_templates,
         pool_ready: i.pool_ready.into_iter().collect(),
+        draining: i.draining,
     }
 }
 
@@ -176,6 +177,7 @@ pub fn info_from(i: pb::HostInfo) -> HostInfo {
         paused: i.paused,
         snapshot_templates: i.snapshot_templates,
         pool_ready: i.pool_ready.into_iter().collect(),
+        draining: i.draining,
     }
 }
 

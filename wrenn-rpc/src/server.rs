@@ -369,4 +369,12 @@ impl Rpc for AgentService {
             .map_err(status)?;
         ok(pb::Empty {})
     }
+
+    async fn drain(&self, req: Request<pb::DrainRequest>) -> Reply<pb::Empty> {
+        self.agent
+            .drain(req.into_inner().draining)
+            .await
+            .map_err(status)?;
+        ok(pb::Empty {})
+    }
 }

@@ -128,6 +128,7 @@ impl HostAgent for Echo {
             paused: 2,
             snapshot_templates: vec!["python".into(), "team-x-snap".into()],
             pool_ready: [("python".to_string(), 3)].into_iter().collect(),
+            draining: true,
         })
     }
     async fn create(&self, spec: CapsuleSpec) -> Result<HostCapsule, HostError> {
@@ -306,6 +307,10 @@ impl HostAgent for Echo {
         self.call(format!("set_pool {template} {size}"));
         Ok(())
     }
+    async fn drain(&self, draining: bool) -> Result<(), HostError> {
+        self.call(format!("drain {draining}"));
+        Ok(())
+    }
 }
 
 /// `agent` served on loopback, and a client of it.
@@ -392,6 +397,7 @@ async fn every_operation_crosses_unchanged() {
     );
     assert_eq!(remote.template("x").await.expect("template"), template("x"));
     remote.set_pool("minimal", 4).await.expect("set pool");
+    remote.drain(true).await.expect("drain");
     remote.destroy(&id).await.expect("destroy");
     let calls = echo.calls.lock().expect("lock").clone();
     assert_eq!(
@@ -404,6 +410,7 @@ async fn every_operation_crosses_unchanged() {
             format!("fork {id} 3 Some(\"v\")"),
             format!("snapshot {id} snap"),
             "set_pool minimal 4".to_string(),
+            "drain true".to_string(),
             format!("destroy {id}"),
         ]
     );

@@ -1336,13 +1336,40 @@ async fn pool_admin(t: &TestDb) {
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
     let p = pool_of(&a, &host_name).await;
     assert_eq!((p.target, p.ready), (0, 0), "{p:?}");
-    a.call(
-        Method::DELETE,
-        &format!("/v1/capsules/{id}"),
-        Some(KEY),
-        None,
-    )
-    .await;
+
+    // A drained host keeps its capsules and refuses new ones itself (here it is the
+    // only host, so nothing else could take them): forks too. The drain ends.
+    // Recorded in the hosts table as `wrenn serve` does at start.
+    let conn = a.state.hosts.any().expect("the host");
+    wrenn_api::lifecycle::record_online(&a.state.db, &conn)
+        .await
+        .expect("host row");
+    let drain = format!("/v1/hosts/{}/drain", conn.id);
+    let r = a.post(&drain, Some(&admin), json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = a
+        .post("/v1/capsules", Some(KEY), json!({"template": "minimal"}))
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+    assert!(r.text.contains("draining"), "{}", r.text);
+    let out = exec_out(&a, &id, "echo still-here").await;
+    assert_eq!(out.body["stdout"], "still-here\n", "{}", out.text);
+    let r = a.call(Method::DELETE, &drain, Some(&admin), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = a
+        .post("/v1/capsules", Some(KEY), json!({"template": "minimal"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let second = r.body["id"].as_str().expect("id").to_string();
+    for c in [&id, &second] {
+        a.call(
+            Method::DELETE,
+            &format!("/v1/capsules/{c}"),
+            Some(KEY),
+            None,
+        )
+        .await;
+    }
 }
 
 async fn team_of_key(a: &Api) -> String {

@@ -655,6 +655,13 @@ async fn set_draining(
     let h = host(st, id).await?;
     st.db.set_host_draining(id, draining).await?;
     st.hosts.set_policy(&h.id, draining, h.team_id.clone());
+    // The agent refuses new capsules itself too; one that does not answer now is told
+    // by the host monitor when it does.
+    if let Ok(conn) = st.hosts.get(&h.id) {
+        if let Err(e) = conn.agent.drain(draining).await {
+            tracing::warn!(host = %h.id, error = %e, "the agent was not told of the drain yet");
+        }
+    }
     let action = if draining {
         "host.drain"
     } else {

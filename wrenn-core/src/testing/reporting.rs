@@ -20,6 +20,7 @@ use std::time::Duration;
 pub struct ReportingHost {
     pub info: HostInfo,
     down: AtomicBool,
+    draining: AtomicBool,
 }
 
 impl ReportingHost {
@@ -41,7 +42,13 @@ impl ReportingHost {
                 ..Default::default()
             },
             down: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// Whether it was told to drain.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Stops (or resumes) answering its reports.
@@ -69,7 +76,14 @@ impl HostAgent for ReportingHost {
         if self.down.load(Ordering::SeqCst) {
             return Err(HostError::new(HostErrorKind::Unavailable, "down"));
         }
-        Ok(self.info.clone())
+        Ok(HostInfo {
+            draining: self.draining(),
+            ..self.info.clone()
+        })
+    }
+    async fn drain(&self, draining: bool) -> Result<(), HostError> {
+        self.draining.store(draining, Ordering::SeqCst);
+        Ok(())
     }
     async fn create(&self, _: CapsuleSpec) -> Result<HostCapsule, HostError> {
         no()

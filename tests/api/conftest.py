@@ -180,6 +180,8 @@ class Agent:
         self.log_path = os.path.join(self.data_dir, "agent.log")
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        # More `wrenn agent` arguments (e.g. `--listen`).
+        self.extra: list[str] = []
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if k not in HOST_SETTINGS_ENV and k != "WRENN_HOST_ID"}
@@ -195,7 +197,8 @@ class Agent:
         inside = ["nsenter", f"--net=/run/netns/{self.netns.name}"] if self.netns else []
         self.proc = subprocess.Popen(
             [*inside, BINARY, "--data-dir", self.data_dir, "agent", *where,
-             "--disk-overcommit", "4", *(["--host-id", self.host_id] if self.host_id else [])],
+             "--disk-overcommit", "4", *(["--host-id", self.host_id] if self.host_id else []),
+             *self.extra],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 120

@@ -160,15 +160,80 @@ pub struct Cluster {
     /// `None`: hosts register, but this control plane does not reach them (a build
     /// without the agent transport).
     pub dialer: Option<Arc<dyn HostDialer>>,
+    /// Where the agents of registered hosts are.
+    pub discovery: Arc<dyn HostDiscovery>,
 }
 
-/// Finds the hosts registered in the database: connects to those it does not drive yet
-/// (they join once they answer) and lets go of those deleted since. Hosts given on the
-/// command line and the in-process host are not in its charge.
-pub fn discover(st: &AppState, rows: &[wrenn_db::Host]) {
+/// A registered host's agent, and where it is now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub id: HostId,
+    /// `host:port` of its gRPC endpoint.
+    pub address: String,
+}
+
+/// Finds the agents of registered hosts: which hosts the control plane drives, and at
+/// which address. Only registered hosts (they hold a certificate of the cluster) are
+/// driven, whatever a discovery finds: discovery says where, registration says who.
+#[async_trait::async_trait]
+pub trait HostDiscovery: Send + Sync + Debug {
+    /// `rows` is the `hosts` table. An error keeps the hosts driven as they are.
+    async fn find(&self, rows: &[wrenn_db::Host]) -> Result<Vec<Found>, String>;
+}
+
+/// The registered hosts of the `hosts` table, at the addresses they registered with
+/// (the default).
+#[derive(Debug, Default)]
+pub struct RegisteredHosts;
+
+/// Whether host row `h` holds a certificate of the cluster.
+fn is_registered(h: &wrenn_db::Host) -> bool {
+    h.cert_expires_at.is_some()
+}
+
+#[async_trait::async_trait]
+impl HostDiscovery for RegisteredHosts {
+    async fn find(&self, rows: &[wrenn_db::Host]) -> Result<Vec<Found>, String> {
+        Ok(rows
+            .iter()
+            .filter(|h| is_registered(h))
+            .filter_map(|h| {
+                Some(Found {
+                    id: h.id.clone(),
+                    address: h.address.clone()?,
+                })
+            })
+            .collect())
+    }
+}
+
+/// Registered hosts at addresses given in the configuration (`wrenn serve
+/// --discovery static --static-host ID=ADDR`): only those are driven.
+#[derive(Debug, Default)]
+pub struct StaticHosts(pub Vec<Found>);
+
+#[async_trait::async_trait]
+impl HostDiscovery for StaticHosts {
+    async fn find(&self, rows: &[wrenn_db::Host]) -> Result<Vec<Found>, String> {
+        Ok(self
+            .0
+            .iter()
+            .filter(|f| rows.iter().any(|h| h.id == f.id && is_registered(h)))
+            .cloned()
+            .collect())
+    }
+}
+
+/// Finds the agents of registered hosts (each monitor tick): connects to those it
+/// does not drive yet (they join once they answer), follows those that moved, and lets
+/// go of those deleted or no longer found (their hosts are `unreachable`, their
+/// capsules `missing`, until they are found again). Hosts given on the command line
+/// (`--agent`) are not touched.
+pub async fn discover(st: &AppState, rows: &[wrenn_db::Host]) {
     let Some(Cluster {
         pki,
         dialer: Some(dialer),
+        discovery,
     }) = st.cluster.get()
     else {
         return;
@@ -176,30 +241,116 @@ pub fn discover(st: &AppState, rows: &[wrenn_db::Host]) {
     if let Err(e) = pki.renew_client_if_due() {
         tracing::warn!(error = %e, "cannot renew the control-plane certificate");
     }
-    let mut registered = BTreeSet::new();
-    for h in rows {
-        let (Some(address), Some(_)) = (h.address.as_deref(), h.cert_expires_at) else {
-            continue;
-        };
-        registered.insert(h.id.clone());
-        if st.hosts.knows(&h.id) {
+    let found = match discovery.find(rows).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "host discovery failed; the hosts driven stay as they are");
+            return;
+        }
+    };
+    let mut driven = BTreeSet::new();
+    for Found { id, address } in found {
+        if !driven.insert(id.clone()) {
             continue;
         }
-        match dialer.dial(&h.id, address, &pki.identity) {
+        match st.hosts.address_of(&id) {
+            Some(now) if now == address => continue,
+            Some(now) => {
+                tracing::info!(host = %id, from = %now, to = %address, "host agent moved");
+                st.hosts.remove(&id);
+            }
+            None => {}
+        }
+        match dialer.dial(&id, &address, &pki.identity) {
             Ok(agent) => {
-                tracing::info!(host = %h.id, %address, "registered host found; connecting");
-                st.hosts
-                    .add_registered(h.id.clone(), agent, address.to_string());
+                tracing::info!(host = %id, %address, "registered host found; connecting");
+                st.hosts.add_registered(id, agent, address);
             }
             Err(e) => {
-                tracing::warn!(host = %h.id, %address, error = %e, "cannot reach registered host")
+                tracing::warn!(host = %id, %address, error = %e, "cannot reach registered host")
             }
         }
     }
     for id in st.hosts.registered_ids() {
-        if !registered.contains(&id) {
-            tracing::info!(host = %id, "host deleted; no longer driven");
-            st.hosts.remove(&id);
+        if driven.contains(&id) {
+            continue;
         }
+        st.hosts.remove(&id);
+        if rows.iter().any(|h| h.id == id) {
+            tracing::warn!(host = %id, "host agent no longer found; its host is unreachable");
+            if let Err(e) = st.db.system_host_unreachable(&id).await {
+                tracing::warn!(host = %id, error = %e, "host not recorded unreachable");
+            }
+        } else {
+            tracing::info!(host = %id, "host deleted; no longer driven");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, address: Option<&str>, registered: bool) -> wrenn_db::Host {
+        let now = chrono::Utc::now();
+        wrenn_db::Host {
+            id: HostId(id.into()),
+            team_id: None,
+            address: address.map(str::to_string),
+            arch: None,
+            cpu_cores: None,
+            memory_mb: None,
+            disk_gb: None,
+            status: wrenn_db::HostStatus::Online,
+            last_heartbeat_at: None,
+            metadata: Default::default(),
+            provider: None,
+            availability_zone: None,
+            created_by: None,
+            cert_expires_at: registered.then_some(now),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    fn found(id: &str, address: &str) -> Found {
+        Found {
+            id: HostId(id.into()),
+            address: address.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn discoveries_drive_only_registered_hosts() {
+        let rows = [
+            row("a", Some("10.0.0.1:7070"), true),
+            // Created, not registered yet: no certificate.
+            row("b", Some("10.0.0.2:7070"), false),
+            // Given on the command line (`--agent`): no certificate either.
+            row("local", None, false),
+        ];
+        assert_eq!(
+            RegisteredHosts.find(&rows).await.expect("found"),
+            [found("a", "10.0.0.1:7070")]
+        );
+        let fixed = StaticHosts(vec![
+            found("a", "10.9.0.1:7070"),
+            found("b", "10.9.0.2:7070"),
+            found("gone", "10.9.0.3:7070"),
+        ]);
+        assert_eq!(
+            fixed.find(&rows).await.expect("found"),
+            [found("a", "10.9.0.1:7070")],
+            "the list says where, registration who"
+        );
+    }
+
+    #[test]
+    fn renewal_is_due_with_a_third_of_the_lifetime_left() {
+        let life = Duration::from_secs(3000);
+        let now = SystemTime::now();
+        assert!(!renewal_due(now + Duration::from_secs(1500), life));
+        assert!(renewal_due(now + Duration::from_secs(900), life));
+        assert!(renewal_due(now - Duration::from_secs(1), life), "expired");
     }
 }

@@ -344,6 +344,19 @@ impl Hosts {
                 .any(|u| u.registered.as_ref() == Some(id))
     }
 
+    /// The address host `id`'s agent is reached at (driven or waited for).
+    pub fn address_of(&self, id: &HostId) -> Option<String> {
+        if let Some(conn) = self.by_id.read().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return conn.address.clone();
+        }
+        self.unresolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|u| u.registered.as_ref() == Some(id))
+            .and_then(|u| u.address.clone())
+    }
+
     /// The registered hosts driven or waited for.
     pub fn registered_ids(&self) -> Vec<HostId> {
         self.registered

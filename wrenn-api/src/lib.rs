@@ -127,6 +127,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/hosts/register", post(v1::hosts::register))
         .route("/v1/hosts/auth/refresh", post(v1::hosts::refresh))
         .route(
+            "/v1/hosts/join-tokens",
+            get(v1::hosts::join_tokens).post(v1::hosts::create_join_token),
+        )
+        .route(
+            "/v1/hosts/join-tokens/{id}",
+            delete(v1::hosts::delete_join_token),
+        )
+        .route(
             "/v1/hosts/{id}",
             get(v1::hosts::get).delete(v1::hosts::delete),
         )

@@ -437,7 +437,7 @@ pub const HEARTBEAT_RECORD_PERIOD: std::time::Duration = std::time::Duration::fr
 pub async fn monitor_once(st: &AppState) {
     match st.db.system_hosts().await {
         Ok(rows) => {
-            crate::cluster::discover(st, &rows);
+            crate::cluster::discover(st, &rows).await;
             for h in rows {
                 st.hosts
                     .set_policy(&h.id, h.status == wrenn_db::HostStatus::Draining, h.team_id);
@@ -509,9 +509,18 @@ pub async fn pause_all_running(st: &AppState) {
             return;
         }
     };
+    // Only this process's hosts: an agent pauses its own capsules when it stops, and
+    // keeps them running while a control plane restarts.
+    let here: std::collections::BTreeSet<_> = st
+        .hosts
+        .all()
+        .into_iter()
+        .filter(|h| h.address.is_none())
+        .map(|h| h.id.clone())
+        .collect();
     let running: Vec<_> = rows
         .into_iter()
-        .filter(|c| c.status == CapsuleStatus::Running)
+        .filter(|c| c.status == CapsuleStatus::Running && here.contains(&c.host_id))
         .collect();
     if !running.is_empty() {
         tracing::info!(

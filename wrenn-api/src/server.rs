@@ -28,6 +28,9 @@ pub struct ServeOptions {
     /// Start even if the database records another data directory's capsules (or none
     /// while this data directory was served by another database), pairing the two anew.
     pub adopt_data_dir: bool,
+    /// This process runs a host on the data directory (its capsule rows must match
+    /// it); a control plane without one has nothing to pair.
+    pub local_host: bool,
     pub config: ApiConfig,
     /// How the host monitor watches the host agents, and placement among them.
     pub monitor: MonitorConfig,
@@ -37,6 +40,8 @@ pub struct ServeOptions {
     /// How long the certificates of registered hosts are valid (they are renewed when
     /// a third of it is left).
     pub host_cert_lifetime: std::time::Duration,
+    /// Where registered hosts' agents are (`None`: at the addresses they registered).
+    pub discovery: Option<Arc<dyn crate::cluster::HostDiscovery>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,9 +231,11 @@ impl ControlPlane {
         })?;
         let secret = jwt_secret(&opts)?;
         let (db, bootstrap_key) = open_db(&opts).await?;
-        if let Err(e) = pair_data_dir(&db, &opts.data_dir, opts.adopt_data_dir).await {
-            db.close().await;
-            return Err(e);
+        if opts.local_host {
+            if let Err(e) = pair_data_dir(&db, &opts.data_dir, opts.adopt_data_dir).await {
+                db.close().await;
+                return Err(e);
+            }
         }
         Ok(ControlPlane {
             opts,
@@ -267,6 +274,10 @@ impl ControlPlane {
         let _ = state.cluster.set(crate::cluster::Cluster {
             pki,
             dialer: opts.host_dialer.clone(),
+            discovery: opts
+                .discovery
+                .clone()
+                .unwrap_or_else(|| Arc::new(crate::cluster::RegisteredHosts)),
         });
         let single = agents.len() == 1;
         for (agent, address) in agents {

@@ -91,6 +91,37 @@ pub const HOST_REFRESH_TTL: std::time::Duration = std::time::Duration::from_secs
 #[error("the host refresh token is unknown, replaced or expired")]
 pub struct BadRefreshToken;
 
+/// A join token (its value is shown once, at creation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinToken {
+    pub id: String,
+    pub created_by: Option<String>,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub max_hosts: Option<u32>,
+    /// Hosts registered with it.
+    pub used: u32,
+}
+
+const JOIN_COLS: &str = "id, created_by, created_at, expires_at, max_hosts, used";
+
+fn join_token(row: &AnyRow) -> R<JoinToken> {
+    let small = |col: &str, v: i64| u32::try_from(v).map_err(|e| decode(col, e));
+    Ok(JoinToken {
+        id: text(row, "id")?,
+        created_by: opt_text(row, "created_by")?,
+        created_at: ts(row, "created_at")?,
+        expires_at: ts(row, "expires_at")?,
+        max_hosts: opt_int(row, "max_hosts")?
+            .map(|v| small("max_hosts", v))
+            .transpose()?,
+        used: small(
+            "used",
+            opt_int(row, "used")?.ok_or_else(|| decode("used", "missing"))?,
+        )?,
+    })
+}
+
 /// A registration token that does not register: unknown, already used or expired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the host registration token is unknown, used or expired")]
@@ -419,6 +450,113 @@ impl Db {
             ))),
             None => Ok(Err(BadRefreshToken)),
         }
+    }
+
+    /// A join token: each registration with it creates a host, up to `max_hosts`
+    /// (`None`: any number), for `ttl`. Returns its row and the token in clear, once.
+    pub async fn create_join_token(
+        &self,
+        max_hosts: Option<u32>,
+        ttl: std::time::Duration,
+        by: Option<&str>,
+    ) -> Result<(JoinToken, String), DbError> {
+        let token = format!(
+            "{}{}",
+            crate::id::prefix::HOST_JOIN,
+            crate::id::random_hex(32)
+        );
+        let created = now();
+        let expires = created + chrono::Duration::from_std(ttl).unwrap_or_default();
+        let row = sqlx::query(&format!(
+            "INSERT INTO host_join_tokens (id, token_hash, created_by, created_at, expires_at, \
+             max_hosts) VALUES ($1, $2, $3, $4, $5, $6) RETURNING {JOIN_COLS}"
+        ))
+        .bind(crate::id::new_id(crate::id::prefix::HOST_JOIN))
+        .bind(hash_host_token(&token))
+        .bind(by)
+        .bind(to_db(created))
+        .bind(to_db(expires))
+        .bind(max_hosts.map(i64::from))
+        .fetch_one(self.pool())
+        .await
+        .map_err(|e| Ctx::op("create join token").err(e))?;
+        Ok((
+            join_token(&row).map_err(|e| DbError::backend("create join token", e))?,
+            token,
+        ))
+    }
+
+    /// Every join token, newest first.
+    pub async fn join_tokens(&self) -> Result<Vec<JoinToken>, DbError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOIN_COLS} FROM host_join_tokens ORDER BY created_at DESC, id"
+        ))
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| Ctx::op("list join tokens").err(e))?;
+        rows.iter()
+            .map(join_token)
+            .collect::<R<Vec<_>>>()
+            .map_err(|e| DbError::backend("list join tokens", e))
+    }
+
+    /// Revokes join token `id`; false if there is none.
+    pub async fn delete_join_token(&self, id: &str) -> Result<bool, DbError> {
+        let done = sqlx::query("DELETE FROM host_join_tokens WHERE id = $1")
+            .bind(id)
+            .execute(self.pool())
+            .await
+            .map_err(|e| Ctx::op("delete join token").err(e))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Registers a new host `host_id` with join token `token` (counted against its
+    /// limit in the same transaction: racing registrations never exceed it). A host
+    /// with that id already existing is a conflict.
+    pub async fn join_host(
+        &self,
+        token: &str,
+        host_id: &str,
+        address: &str,
+        specs: &HostSpecs,
+    ) -> Result<Result<Host, BadHostToken>, DbError> {
+        let t = to_db(now());
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| Ctx::op("begin").err(e))?;
+        let used = sqlx::query(
+            "UPDATE host_join_tokens SET used = used + 1 WHERE token_hash = $1 \
+             AND expires_at > $2 AND (max_hosts IS NULL OR used < max_hosts) RETURNING created_by",
+        )
+        .bind(hash_host_token(token))
+        .bind(t)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| Ctx::op("redeem join token").err(e))?;
+        let Some(used) = used else {
+            return Ok(Err(BadHostToken));
+        };
+        let by = opt_text(&used, "created_by").map_err(|e| DbError::backend("join host", e))?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO hosts (id, type, address, arch, cpu_cores, memory_mb, disk_gb, \
+             created_by, status, created_at, updated_at) \
+             VALUES ($1, 'regular', $2, $3, $4, $5, $6, $7, 'pending', $8, $8) RETURNING {COLS}"
+        ))
+        .bind(host_id)
+        .bind(address)
+        .bind(specs.arch.as_str())
+        .bind(i64::from(specs.cpu_cores))
+        .bind(as_i64(specs.memory_mb))
+        .bind(as_i64(specs.disk_gb))
+        .bind(by)
+        .bind(t)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| Ctx::op("join host").unique("host").err(e))?;
+        tx.commit().await.map_err(|e| Ctx::op("join host").err(e))?;
+        Ok(Ok(host(&row).map_err(|e| DbError::backend("join host", e))?))
     }
 
     /// Sets host `id` draining (it takes no new capsules) or back to taking them;

@@ -48,8 +48,8 @@ pub use bootstrap::{
 pub use capsules::{Capsule, NewCapsule, TeamUsage, DEFAULT_DISK_MB};
 pub use error::DbError;
 pub use hosts::{
-    BadHostToken, BadRefreshToken, Host, HostSpecs, HostStatus, NewHost, HOST_REFRESH_TTL,
-    HOST_TOKEN_TTL, LOCAL_HOST,
+    BadHostToken, BadRefreshToken, Host, HostSpecs, HostStatus, JoinToken, NewHost,
+    HOST_REFRESH_TTL, HOST_TOKEN_TTL, LOCAL_HOST,
 };
 pub use id::{new_id, prefix};
 pub use teams::{

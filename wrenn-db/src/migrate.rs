@@ -64,7 +64,7 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
     ),
     (
         10,
-        "host refresh tokens, platform audit log",
+        "host refresh and join tokens, platform audit log",
         include_str!("../migrations/sqlite/0010_host_refresh.sql"),
         include_str!("../migrations/postgres/0010_host_refresh.sql"),
     ),

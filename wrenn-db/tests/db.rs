@@ -28,7 +28,71 @@ on_both_backends!(
     hosts_and_where_things_live,
     platform_audit_is_apart_from_teams,
     host_refresh_tokens_are_single_use,
+    join_tokens_register_up_to_their_limit,
 );
+
+/// A join token creates hosts up to its limit (racing registrations included), a taken
+/// host id is a conflict that uses nothing up, and revoked or expired tokens fail.
+async fn join_tokens_register_up_to_their_limit(t: &TestDb) {
+    let db = &t.db;
+    let specs = HostSpecs {
+        arch: "x86_64".into(),
+        cpu_cores: 4,
+        memory_mb: 8192,
+        disk_gb: 50,
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    let (row, token) = db.create_join_token(Some(2), hour, None).await.unwrap();
+    assert!(token.starts_with("hjoin-") && row.used == 0 && row.max_hosts == Some(2));
+    let first = db
+        .join_host(&token, "node-a", "10.0.0.1:7070", &specs)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.id.0, "node-a");
+    assert!(matches!(
+        db.join_host(&token, "node-a", "10.0.0.9:7070", &specs)
+            .await,
+        Err(DbError::Conflict { .. })
+    ));
+    let (b, c) = tokio::join!(
+        db.join_host(&token, "node-b", "10.0.0.2:7070", &specs),
+        db.join_host(&token, "node-c", "10.0.0.3:7070", &specs)
+    );
+    let (b, c) = (b.unwrap(), c.unwrap());
+    assert!(
+        b.is_ok() != c.is_ok(),
+        "the limit holds under a race: {b:?} {c:?}"
+    );
+    let listed = db.join_tokens().await.unwrap();
+    assert_eq!(
+        listed.iter().find(|j| j.id == row.id).map(|j| j.used),
+        Some(2)
+    );
+
+    let (other, other_token) = db.create_join_token(None, hour, None).await.unwrap();
+    assert!(db.delete_join_token(&other.id).await.unwrap());
+    assert!(!db.delete_join_token(&other.id).await.unwrap());
+    assert_eq!(
+        db.join_host(&other_token, "node-d", "10.0.0.4:7070", &specs)
+            .await
+            .unwrap(),
+        Err(BadHostToken)
+    );
+    let (_, expired) = db
+        .create_join_token(None, std::time::Duration::ZERO, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.join_host(&expired, "node-e", "10.0.0.5:7070", &specs)
+            .await
+            .unwrap(),
+        Err(BadHostToken)
+    );
+    for id in ["node-a", "node-b", "node-c"] {
+        let _ = db.delete_host(id).await;
+    }
+}
 
 /// Platform events are read by scope: never in a team's log, all of them with the
 /// teams' in the global one.

@@ -279,6 +279,15 @@ impl AgentIdentity {
     }
 }
 
+/// Client settings that trust only the CA(s) in `ca_pem` (e.g. a Kubernetes API
+/// server's), without a client certificate.
+pub fn client_config_trusting(ca_pem: &str) -> Result<ClientConfig, PkiError> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(ca_pem, "CA certificate")?)
+        .with_no_client_auth())
+}
+
 /// A certificate and key that can be replaced while connections are made with it:
 /// each TLS handshake takes the one in the slot at that moment (certificate
 /// rotation without a restart).

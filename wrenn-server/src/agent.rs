@@ -15,17 +15,20 @@ pub struct AgentArgs {
     #[arg(long, env = "WRENN_AGENT_LISTEN")]
     listen: Option<SocketAddr>,
     /// The control plane to register with (`http://host:port`), with `--register`.
-    #[arg(long, env = "WRENN_CONTROL_PLANE", requires = "register")]
+    #[arg(long, env = "WRENN_CONTROL_PLANE")]
     control_plane: Option<String>,
-    /// One-time registration token (`POST /v1/hosts` gives it). Once registered, the
-    /// agent keeps its certificate in the data directory and starts without it.
+    /// Registration token: a host's one-time token (`POST /v1/hosts`), or a join token
+    /// (`POST /v1/hosts/join-tokens`) that registers this machine as a new host named
+    /// by `--host-id`. Once registered, the agent keeps its certificate in the data
+    /// directory and starts without it (a token given then is not used).
     #[arg(long, env = "WRENN_REGISTER_TOKEN", requires = "advertise")]
     register: Option<String>,
     /// Where the control plane reaches this agent (`host:port`).
     #[arg(long, env = "WRENN_ADVERTISE")]
     advertise: Option<String>,
-    /// This host's id in the control plane (lowercase letters, digits and `-`, at most
-    /// 63). Default: generated once and kept in the data directory (`host-id`).
+    /// This host's id in the control plane (a lowercase DNS name, e.g. the Kubernetes
+    /// node's). Default: generated once and kept in the data directory (`host-id`); a
+    /// host created with `POST /v1/hosts` has the id the control plane gave it.
     #[arg(long, env = "WRENN_HOST_ID", value_parser = parse_host_id)]
     host_id: Option<String>,
     #[command(flatten)]
@@ -33,18 +36,7 @@ pub struct AgentArgs {
 }
 
 fn parse_host_id(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-');
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
-            "{s:?}: expected lowercase letters, digits and '-' (at most 63, not starting with '-')"
-        ))
-    }
+    wrenn::scheduler::HostId::parse(s).map(|h| h.0)
 }
 
 /// The host id kept in the data directory, made on first use.
@@ -175,12 +167,16 @@ async fn register(
     token: &str,
     advertise: &str,
     data_dir: &Path,
+    host_id: Option<String>,
 ) -> Result<Credentials> {
     let m = wrenn_agent::machine_specs(data_dir);
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "token": token, "arch": m.arch, "cpu_cores": m.cpu_cores,
         "memory_mb": m.memory_mb, "disk_gb": m.disk_mb >> 10, "address": advertise,
     });
+    if let Some(id) = host_id {
+        body["host_id"] = id.into();
+    }
     match post(control_plane, "/v1/hosts/register", body).await? {
         Answer::Ok(a) => credentials_of(&a, advertise, control_plane),
         Answer::Refused(why) => bail!("{why}"),
@@ -261,7 +257,13 @@ pub async fn run(data_dir: &Path, a: AgentArgs) -> Result<u8> {
     if let (None, Some(cp), Some(token), Some(advertise)) =
         (&creds, &a.control_plane, &a.register, &a.advertise)
     {
-        let c = register(cp, token, advertise, data_dir).await?;
+        // A join token makes a new host of this machine, under its own id.
+        let host_id = match (token.trim().starts_with("hjoin-"), &a.host_id) {
+            (false, _) => None,
+            (true, Some(id)) => Some(id.clone()),
+            (true, None) => Some(kept_host_id(data_dir)?),
+        };
+        let c = register(cp, token, advertise, data_dir, host_id).await?;
         save_credentials(data_dir, &c)?;
         println!("registered with {cp} as host {}", c.host_id);
         creds = Some(c);

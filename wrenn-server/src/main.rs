@@ -1,6 +1,7 @@
 //! `wrenn`: build guest images, run capsules from the command line, check the host.
 
 mod agent;
+mod discovery;
 mod doctor;
 mod host_args;
 mod images;

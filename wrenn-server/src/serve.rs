@@ -63,6 +63,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WRENN_CPU_OVERCOMMIT", default_value_t = 1.5, value_parser = overcommit)]
     cpu_overcommit: f64,
     #[command(flatten)]
+    discovery: crate::discovery::DiscoveryArgs,
+    #[command(flatten)]
     host: HostArgs,
     /// Most output a synchronous exec returns, in MiB (more: the command is stopped, 413).
     #[arg(long, env = "WRENN_EXEC_OUTPUT_LIMIT_MIB", default_value_t = 16)]
@@ -227,6 +229,7 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
         jwt_secret: a.jwt_secret,
         bootstrap_admin_password: a.bootstrap_admin_password,
         adopt_data_dir: a.adopt_data_dir,
+        local_host: a.agents.is_empty() && !a.no_local_host,
         config: ApiConfig {
             domain: a.domain,
             upload_limit: a.upload_limit_mib.saturating_mul(1024 * 1024),
@@ -261,6 +264,7 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
             .host_cert_lifetime
             .map(Duration::from_secs_f64)
             .unwrap_or(wrenn_api::cluster::HOST_CERT_VALIDITY),
+        discovery: Some(a.discovery.build()?),
     };
     let admin_password = opts.bootstrap_admin_password.is_some();
     let signup = opts.config.open_signup;

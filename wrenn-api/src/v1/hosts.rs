@@ -460,6 +460,10 @@ pub struct Register {
     pub disk_gb: u64,
     /// Where the control plane reaches the agent (`host:port`).
     pub address: String,
+    /// With a join token: the id the new host gets (a lowercase DNS name, e.g. the
+    /// Kubernetes node's name); default generated. A one-time token's host has its id.
+    #[serde(default)]
+    pub host_id: Option<String>,
 }
 
 /// What a registered agent serves with: its host certificate and key, and the CA of
@@ -536,11 +540,20 @@ pub async fn register(
         memory_mb: req.memory_mb,
         disk_gb: req.disk_gb,
     };
-    let h = match st
-        .db
-        .redeem_host_token(&req.token, &req.address, &specs)
-        .await?
-    {
+    let redeemed = if req.token.trim().starts_with(JOIN_TOKEN_PREFIX) {
+        let id = match &req.host_id {
+            Some(id) => HostId::parse(id).map_err(ApiError::invalid)?,
+            None => HostId(wrenn_db::new_id(wrenn_db::prefix::HOST)),
+        };
+        st.db
+            .join_host(req.token.trim(), &id.0, &req.address, &specs)
+            .await?
+    } else {
+        st.db
+            .redeem_host_token(&req.token, &req.address, &specs)
+            .await?
+    };
+    let h = match redeemed {
         Ok(h) => h,
         Err(bad) => {
             st.audit_platform(
@@ -697,4 +710,139 @@ pub async fn undrain(
     Path(id): Path<String>,
 ) -> ApiResult<Json<HostView>> {
     set_draining(&st, &who, &id, false).await
+}
+
+/// What join tokens start with (one-time host tokens do not).
+const JOIN_TOKEN_PREFIX: &str = wrenn_db::prefix::HOST_JOIN;
+
+/// A join token to create: it registers hosts until it expires, is revoked or has
+/// registered `max_hosts`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewJoinToken {
+    /// Most hosts it registers (default: no limit).
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub max_hosts: Option<u32>,
+    /// Hours it works (1 to 720, default 24).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 720)]
+    pub ttl_hours: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JoinTokenView {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_hosts: Option<u32>,
+    /// Hosts registered with it.
+    pub used: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// The token itself: only in the answer that created it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl From<wrenn_db::JoinToken> for JoinTokenView {
+    fn from(j: wrenn_db::JoinToken) -> Self {
+        JoinTokenView {
+            id: j.id,
+            max_hosts: j.max_hosts,
+            used: j.used,
+            created_by: j.created_by,
+            created_at: j.created_at,
+            expires_at: j.expires_at,
+            token: None,
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/v1/hosts/join-tokens", tag = "hosts", request_body = NewJoinToken,
+    responses((status = 201, body = JoinTokenView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Creates a join token (platform admins): agents register with it as new regular
+/// hosts (`wrenn agent --register TOKEN --host-id ID`), e.g. a Kubernetes DaemonSet's.
+pub async fn create_join_token(
+    State(st): S,
+    Auth(who): Auth,
+    req: Result<Json<NewJoinToken>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<JoinTokenView>)> {
+    platform_admin(&who)?;
+    let req = body(req)?;
+    if req.max_hosts == Some(0) {
+        return Err(ApiError::invalid("max_hosts must be at least 1"));
+    }
+    let hours = req.ttl_hours.unwrap_or(24);
+    if !(1..=720).contains(&hours) {
+        return Err(ApiError::invalid("ttl_hours must be 1 to 720"));
+    }
+    let by = who.user()?.sub.clone();
+    let (row, token) = st
+        .db
+        .create_join_token(
+            req.max_hosts,
+            std::time::Duration::from_secs(u64::from(hours) * 3600),
+            Some(&by),
+        )
+        .await?;
+    st.audit(
+        &who,
+        "host.join_token",
+        "host",
+        None,
+        true,
+        Some(serde_json::json!({"join_token": row.id, "max_hosts": row.max_hosts})),
+    )
+    .await;
+    let mut view = JoinTokenView::from(row);
+    view.token = Some(token);
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[utoipa::path(get, path = "/v1/hosts/join-tokens", tag = "hosts",
+    responses((status = 200, body = Vec<JoinTokenView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// The join tokens (without their values).
+pub async fn join_tokens(State(st): S, Auth(who): Auth) -> ApiResult<Json<Vec<JoinTokenView>>> {
+    platform_admin(&who)?;
+    Ok(Json(
+        st.db
+            .join_tokens()
+            .await?
+            .into_iter()
+            .map(JoinTokenView::from)
+            .collect(),
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/hosts/join-tokens/{id}", tag = "hosts",
+    params(("id" = String, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+/// Revokes a join token (hosts registered with it stay).
+pub async fn delete_join_token(
+    State(st): S,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    platform_admin(&who)?;
+    if !st.db.delete_join_token(&id).await? {
+        return Err(ApiError::not_found(&format!("join token {id}")));
+    }
+    st.audit(
+        &who,
+        "host.join_token.delete",
+        "host",
+        None,
+        true,
+        Some(serde_json::json!({"join_token": id})),
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -17,3 +17,15 @@ CREATE TABLE platform_audit_logs (
     created_at    BIGINT  NOT NULL
 );
 CREATE INDEX platform_audit_logs_created ON platform_audit_logs (created_at DESC, id DESC);
+-- Join tokens register many hosts (the agents of a Kubernetes DaemonSet, an image
+-- baked for a fleet): each registration creates a host, up to max_hosts, until the
+-- token expires or is revoked (deleted).
+CREATE TABLE host_join_tokens (
+    id          TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    token_hash  TEXT    NOT NULL UNIQUE,
+    created_by  TEXT,
+    created_at  BIGINT  NOT NULL,
+    expires_at  BIGINT  NOT NULL,
+    max_hosts   BIGINT,
+    used        BIGINT  NOT NULL DEFAULT 0
+);

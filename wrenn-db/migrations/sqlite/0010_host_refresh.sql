@@ -17,3 +17,15 @@ CREATE TABLE platform_audit_logs (
     created_at    INTEGER NOT NULL
 );
 CREATE INDEX platform_audit_logs_created ON platform_audit_logs (created_at DESC, id DESC);
+-- Join tokens register many hosts (the agents of a Kubernetes DaemonSet, an image
+-- baked for a fleet): each registration creates a host, up to max_hosts, until the
+-- token expires or is revoked (deleted).
+CREATE TABLE host_join_tokens (
+    id          TEXT    NOT NULL PRIMARY KEY,
+    token_hash  TEXT    NOT NULL UNIQUE,
+    created_by  TEXT,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    max_hosts   INTEGER,
+    used        INTEGER NOT NULL DEFAULT 0
+);

@@ -204,7 +204,7 @@ class Agent:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"wrenn agent exited: {self.tail()}"
-            if self.log_text().count("wrenn agent listening") > self.starts:
+            if self.log_text().count("wrenn agent listening on ") > self.starts:
                 self.starts += 1
                 return
             time.sleep(0.2)

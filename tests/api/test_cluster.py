@@ -241,7 +241,8 @@ def test_a_killed_agent_is_unreachable_and_skipped_until_it_is_back(cluster):
         by_host = {cid: host_of(agents, cid) for cid in made}
         assert set(by_host.values()) == set(agents), by_host
         victim = by_host[made[0]]
-        # Its paused capsule outlives the agent; its running ones die with its VMMs.
+        # Its capsules outlive the agent: the paused one on disk, the running one in
+        # its VMM, which the restarted agent takes over.
         paused = made[0]
         r = c.post(f"/v1/capsules/{paused}/files/write",
                    files={"path": (None, "/tmp/kept"), "file": ("f", b"kept")})
@@ -256,6 +257,9 @@ def test_a_killed_agent_is_unreachable_and_skipped_until_it_is_back(cluster):
         running = r.json()["id"]
         made.append(running)
         assert host_of(agents, running) == victim
+        r = c.post(f"/v1/capsules/{running}/exec", json={"cmd": "sh", "args": [
+            "-c", "echo in-memory > /dev/shm/mark; sleep 10000 >/dev/null 2>&1 & echo $! > /dev/shm/pid"]})
+        assert r.status_code == 200, r.text
 
         agents[victim].kill9()
         took = wait_host_status(srv, victim, "unreachable", timeout=HOST_TIMEOUT_S + 10)
@@ -280,12 +284,16 @@ def test_a_killed_agent_is_unreachable_and_skipped_until_it_is_back(cluster):
 
         agents[victim].start()
         wait_host_status(srv, victim, "online", timeout=30)
-        # Its running capsule died with its VMM (killed with its owner): the restarted
-        # host's reconciliation records it stopped.
+        # Its running capsule is back and running: the same VM (its memory and
+        # processes), taken over by the restarted agent.
         deadline = time.monotonic() + 30
-        while capsule_status(c, running) != "stopped" and time.monotonic() < deadline:
+        while capsule_status(c, running) != "running" and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert capsule_status(c, running) == "stopped"
+        assert capsule_status(c, running) == "running"
+        r = c.post(f"/v1/capsules/{running}/exec", json={"cmd": "sh", "args": [
+            "-c", "cat /dev/shm/mark; kill -0 $(cat /dev/shm/pid) && echo sleeping"]})
+        assert (r.status_code, r.json().get("stdout")) == (200, "in-memory\nsleeping\n"), \
+            r.text + agents[victim].tail(80)
         r = c.post(f"/v1/capsules/{paused}/resume")
         assert r.status_code == 200, r.text
         r = c.post(f"/v1/capsules/{paused}/files/read", json={"path": "/tmp/kept"})

@@ -7,6 +7,7 @@ hang. Runs on loopback only (the agent's endpoint refuses other addresses).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -100,12 +101,17 @@ def test_a_stopped_agent_is_a_clear_503(deployment):
         assert r.status_code == 200, r.text
 
 
-def test_capsules_an_agent_lost_to_kill_9_are_stopped(deployment):
+def test_capsules_outlive_an_agent_killed_with_kill_9(deployment):
     agent, srv = deployment
     with srv.admin() as c:
         r = c.post("/v1/capsules", json={"template": "minimal"})
         assert r.status_code == 201, r.text
         running = r.json()["id"]
+        # State that only a VM that kept running has: a file in tmpfs and a process.
+        r = c.post(f"/v1/capsules/{running}/exec",
+                   json={"cmd": "sh", "args": ["-c", "echo alive > /dev/shm/mark; sleep 10000 >/dev/null 2>&1 & echo $! > /dev/shm/pid"]})
+        assert r.status_code == 200, r.text
+        vmm_pid = json.load(open(os.path.join(agent.data_dir, "capsules", running, "state.json")))["vmm_pid"]
         r = c.post("/v1/capsules", json={"template": "minimal"})
         assert r.status_code == 201, r.text
         paused = r.json()["id"]
@@ -115,9 +121,27 @@ def test_capsules_an_agent_lost_to_kill_9_are_stopped(deployment):
         r = c.post(f"/v1/capsules/{paused}/pause")
         assert r.status_code == 200, r.text
         agent.kill9()
+        # The VMM outlives its agent ...
+        assert os.path.exists(f"/proc/{vmm_pid}"), "the VMM died with its agent"
         agent.start()
-        # Its VMMs died with it: the running capsule is gone, the paused one is kept.
-        wait_for_status(c, running, "stopped")
+        # ... and the restarted agent takes it over: the same VM, still running.
+        assert "took over running capsule" in agent.log_text(), agent.tail(60)
+        wait_for_status(c, running, "running")
+        r = c.post(f"/v1/capsules/{running}/exec",
+                   json={"cmd": "sh", "args": ["-c", "cat /dev/shm/mark; kill -0 $(cat /dev/shm/pid) && echo sleeping"]})
+        assert r.status_code == 200, r.text
+        assert r.json()["stdout"] == "alive\nsleeping\n", r.text
+        # Pause and resume work on the VMM taken over.
+        assert c.post(f"/v1/capsules/{running}/pause").status_code == 200
+        assert c.post(f"/v1/capsules/{running}/resume").status_code == 200
+        r = c.post(f"/v1/capsules/{running}/exec", json={"cmd": "cat", "args": ["/dev/shm/mark"]})
+        assert (r.status_code, r.json().get("stdout")) == (200, "alive\n"), r.text
+        assert c.delete(f"/v1/capsules/{running}").status_code == 204
+        # Gone (its parent is init now, which reaps it a moment later).
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{vmm_pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{vmm_pid}")
         assert c.get(f"/v1/capsules/{paused}").json()["status"] == "paused"
         r = c.post(f"/v1/capsules/{paused}/resume")
         assert r.status_code == 200, r.text

@@ -183,7 +183,7 @@ class Agent:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"wrenn agent exited with {self.proc.returncode}:\n{self.tail()}")
-            if self._log().count("wrenn agent listening") > self.starts:
+            if self._log().count("wrenn agent listening on ") > self.starts:
                 self.starts += 1
                 return
             time.sleep(0.2)

@@ -18,6 +18,30 @@ pub const LOCAL_HOST: &str = "local";
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct HostId(pub String);
 
+impl HostId {
+    /// A host id as a person or an agent chose it: a DNS name in lowercase (letters,
+    /// digits, `-`, labels separated by `.`), at most 253 characters — a Kubernetes
+    /// node name is one. It names the host's certificate (`<id>.hosts.wrenn.internal`).
+    pub fn parse(s: &str) -> Result<HostId, String> {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        if s.len() <= 253 && s.split('.').all(label_ok) {
+            Ok(HostId(s.to_string()))
+        } else {
+            Err(format!(
+                "{s:?}: a host id is a lowercase DNS name (letters, digits and '-', \
+                 labels of at most 63 separated by '.')"
+            ))
+        }
+    }
+}
+
 impl std::fmt::Display for HostId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)

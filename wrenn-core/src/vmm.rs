@@ -185,6 +185,14 @@ pub trait Vmm: Send + Sync + Debug {
         let _ = (spec, device_state, overlay);
         Err(VmmError::Unsupported { op: "restore" })
     }
+
+    /// Takes over VMM process `pid`, running `spec`, that an earlier process of this
+    /// host started and left running when it died (only VMMs set to outlive their
+    /// owner do).
+    async fn attach(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn VmmHandle>, VmmError> {
+        let _ = (spec, pid);
+        Err(VmmError::Unsupported { op: "attach" })
+    }
 }
 
 /// One running VM. Dropping it kills the VMM process (backstop only).

@@ -315,7 +315,8 @@ pub async fn run(data_dir: &Path, a: AgentArgs) -> Result<u8> {
             (id, listen, None)
         }
     };
-    let local = Arc::new(start_host(data_dir, a.host, &host_id).await?);
+    // Its capsules outlive a crash of the agent: a restart takes them over.
+    let local = Arc::new(start_host(data_dir, a.host, &host_id, true).await?);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -41,8 +41,9 @@ pub struct HostArgs {
 }
 
 impl HostArgs {
-    fn options(self, data_dir: &Path) -> wrenn::HostOptions {
+    fn options(self, data_dir: &Path, vmms_outlive_host: bool) -> wrenn::HostOptions {
         wrenn::HostOptions {
+            vmms_outlive_host,
             data_dir: wrenn::DataDir::new(data_dir),
             pools: self.pools,
             pool_memory_budget_mb: self.pool_memory_mb,
@@ -57,9 +58,15 @@ impl HostArgs {
 }
 
 /// Starts this machine's host on `data_dir` (probe, sweep, pools) as an agent whose
-/// host is `host_id`.
-pub async fn start_host(data_dir: &Path, args: HostArgs, host_id: &str) -> Result<LocalAgent> {
-    let host = wrenn::Host::local(args.options(data_dir))
+/// host is `host_id`. With `vmms_outlive_host` (`wrenn agent`) its VMMs keep running
+/// if this process dies, and the next start takes them over.
+pub async fn start_host(
+    data_dir: &Path,
+    args: HostArgs,
+    host_id: &str,
+    vmms_outlive_host: bool,
+) -> Result<LocalAgent> {
+    let host = wrenn::Host::local(args.options(data_dir, vmms_outlive_host))
         .await
         .context("host setup failed")?;
     tracing::info!(accel = %host.accel_probe().accel, reason = %host.accel_probe().reason, "host ready");

@@ -273,7 +273,7 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
     let mut agents: Vec<(Arc<dyn HostAgent>, Option<String>)> = Vec::new();
     let mut local = None;
     if a.agents.is_empty() && !a.no_local_host {
-        let host = Arc::new(start_host(&data_dir, a.host, LOCAL_HOST).await?);
+        let host = Arc::new(start_host(&data_dir, a.host, LOCAL_HOST, false).await?);
         agents.push((host.clone(), None));
         local = Some(host);
     }

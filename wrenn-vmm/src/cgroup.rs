@@ -320,6 +320,28 @@ impl Pool {
         Ok(group)
     }
 
+    /// The existing group `name` (of a VMM started by an earlier process of this host,
+    /// taken over by this one).
+    pub fn adopt(&self, name: &str) -> Result<Cgroup, CgroupError> {
+        let dirs: Vec<PathBuf> = self
+            .layout
+            .roots()
+            .into_iter()
+            .map(|root| root.join(PARENT).join(name))
+            .collect();
+        if let Some(missing) = dirs.iter().find(|d| !d.is_dir()) {
+            return Err(CgroupError::Io {
+                path: missing.clone(),
+                step: "adopt",
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        Ok(Cgroup {
+            dirs,
+            layout: self.layout.clone(),
+        })
+    }
+
     /// Makes spares up to [`SPARES`], on a thread of its own.
     fn refill(self: &std::sync::Arc<Self>) {
         use std::sync::atomic::Ordering;

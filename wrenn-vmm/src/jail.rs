@@ -156,43 +156,70 @@ impl Jail {
     /// leases, each uid is locked (`flock`) in [`LOCK_DIR`] for as long as its VMM
     /// lives, so several Wrenn processes on one machine never share one.
     pub fn lease(self: &Arc<Self>) -> Result<UidLease, JailError> {
-        let dir = Path::new(LOCK_DIR);
-        std::fs::create_dir_all(dir).map_err(prepare(dir))?;
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         let first = self.config.first_uid;
+        // A VMM that outlived the process that leased its uid (a host agent killed
+        // and not restarted yet) holds no lock any more, but still runs as that uid.
+        let running = uids_running();
         for uid in first..first + self.config.uids {
-            if used.contains(&uid) {
+            if running.contains(&uid) {
                 continue;
             }
-            let path = dir.join(uid.to_string());
-            let lock = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(prepare(&path))?;
-            match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => {
-                    used.insert(uid);
-                    return Ok(UidLease {
-                        jail: self.clone(),
-                        uid,
-                        _lock: lock,
-                    });
-                }
-                Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
-                Err((_, e)) => {
-                    return Err(JailError::Prepare {
-                        path,
-                        source: e.into(),
-                    })
-                }
+            if let Some(lease) = self.try_lease(uid)? {
+                return Ok(lease);
             }
         }
         Err(JailError::Exhausted {
             first,
             count: self.config.uids,
         })
+    }
+
+    /// Leases `uid` itself: the uid a running VMM taken over from an earlier process
+    /// of this host runs as (that process's lock went with it; [`Jail::lease`] skips
+    /// uids that processes run as, so no other VMM got it meanwhile).
+    pub fn lease_uid(self: &Arc<Self>, uid: u32) -> Result<UidLease, JailError> {
+        let first = self.config.first_uid;
+        let held = |why: &str| JailError::Prepare {
+            path: Path::new(LOCK_DIR).join(uid.to_string()),
+            source: std::io::Error::other(format!("uid {uid} {why}")),
+        };
+        if !(first..first + self.config.uids).contains(&uid) {
+            return Err(held("is not one of this jail's"));
+        }
+        self.try_lease(uid)?
+            .ok_or_else(|| held("is held by another VMM"))
+    }
+
+    /// Locks `uid` for a VMM; `None` when it is taken.
+    fn try_lease(self: &Arc<Self>, uid: u32) -> Result<Option<UidLease>, JailError> {
+        let dir = Path::new(LOCK_DIR);
+        std::fs::create_dir_all(dir).map_err(prepare(dir))?;
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if used.contains(&uid) {
+            return Ok(None);
+        }
+        let path = dir.join(uid.to_string());
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(prepare(&path))?;
+        match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => {
+                used.insert(uid);
+                Ok(Some(UidLease {
+                    jail: self.clone(),
+                    uid,
+                    _lock: lock,
+                }))
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(JailError::Prepare {
+                path,
+                source: e.into(),
+            }),
+        }
     }
 
     pub fn images(&self) -> &SealedImages {
@@ -237,6 +264,35 @@ impl Jail {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(prepare(path))
     }
+}
+
+/// The real uids of the processes running on this machine.
+fn uids_running() -> BTreeSet<u32> {
+    let mut uids = BTreeSet::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return uids;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        if !name
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        if let Some(uid) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+        {
+            uids.insert(uid);
+        }
+    }
+    uids
 }
 
 /// A uid held by one VMM until it exits.
@@ -788,6 +844,46 @@ mod tests {
         let freed = a.uid();
         drop(a);
         assert_eq!(other.lease().expect("freed").uid(), freed);
+    }
+
+    #[test]
+    fn a_uid_a_process_runs_as_is_not_leased_without_its_lock() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED a_uid_a_process_runs_as_is_not_leased_without_its_lock: needs root");
+            return;
+        }
+        let first = 970_000 + std::process::id() % 10_000 * 2;
+        let jail = Jail::new(
+            JailConfig {
+                first_uid: first,
+                uids: 2,
+                gid: 970_000,
+            },
+            &[],
+        )
+        .expect("jail");
+        // A process runs as the first uid with no lock held (a VMM whose agent died).
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sleep");
+        child.arg("30").uid(first);
+        let mut child = child.spawn().expect("sleep as the uid");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !uids_running().contains(&first) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the process never ran as {first}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let lease = jail.lease().expect("lease");
+        assert_eq!(lease.uid(), first + 1, "the running uid is skipped");
+        assert!(matches!(jail.lease(), Err(JailError::Exhausted { .. })));
+        // Taking the VMM over leases that very uid.
+        let taken = jail.lease_uid(first).expect("taken over");
+        assert_eq!(taken.uid(), first);
+        assert!(jail.lease_uid(first).is_err(), "held now");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::templates::FsTemplates;
 use bytes::BytesMut;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use wrenn_core::template::{
@@ -31,18 +31,61 @@ fn io(step: &str, path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError {
     move |e| backend(format!("{what}: {e}"))
 }
 
-/// CRC-32 of a file's whole content.
+/// The first range of data of `file` at or after `at` and before `size` (start, end),
+/// or `None` when only holes remain. A filesystem that cannot tell reports all data.
+fn data_after(file: &File, at: u64, size: u64) -> Option<(u64, u64)> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let Ok(pos) = i64::try_from(at) else {
+        return Some((at, size));
+    };
+    let found = match lseek(fd, pos, Whence::SeekData) {
+        Ok(s) => s.max(pos),
+        Err(nix::errno::Errno::ENXIO) => return None,
+        Err(_) => return Some((at, size)),
+    };
+    let start = u64::try_from(found).unwrap_or(at);
+    if start >= size {
+        return None;
+    }
+    let end = lseek(fd, found, Whence::SeekHole)
+        .ok()
+        .and_then(|e| u64::try_from(e).ok())
+        .map_or(size, |e| e.clamp(start + 1, size));
+    Some((start, end))
+}
+
+/// CRC-32 of a file's whole content (holes are hashed as the zeros they read as,
+/// without reading them).
 fn crc_of(path: &Path) -> Result<u32, TemplateError> {
-    let mut f = File::open(path).map_err(io("opening", path))?;
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(io("opening", path))?;
+    let size = f.metadata().map_err(io("reading", path))?.len();
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = f.read(&mut buf).map_err(io("reading", path))?;
-        if n == 0 {
-            return Ok(h.finalize());
+    let zeros = vec![0u8; CHUNK];
+    let mut at = 0;
+    while at < size {
+        let (start, end) = data_after(&f, at, size).unwrap_or((size, size));
+        while at < start {
+            let n = usize::try_from(start - at).map_or(CHUNK, |n| n.min(CHUNK));
+            h.update(&zeros[..n]);
+            at += n as u64;
         }
-        h.update(&buf[..n]);
+        while at < end {
+            let want = usize::try_from(end - at).map_or(CHUNK, |n| n.min(CHUNK));
+            let n = f
+                .read_at(&mut buf[..want], at)
+                .map_err(io("reading", path))?;
+            if n == 0 {
+                return Err(backend(format!("{} shrank while read", path.display())));
+            }
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
     }
+    Ok(h.finalize())
 }
 
 fn files_under(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
@@ -113,23 +156,34 @@ impl FsTemplates {
 
     /// Reads template `name`'s files from the offsets in `from` (0 for others) and
     /// hands each non-zero chunk to `send`; stops early when `send` says so (blocking).
-    /// Checksums are the manifest's business: only the chunks' bytes are read.
+    /// Checksums are the manifest's business: only the chunks' bytes are read (holes,
+    /// which read as zeros, are skipped unread).
     pub fn export(
         &self,
         name: &TemplateName,
         from: &BTreeMap<String, u64>,
         mut send: impl FnMut(TemplateChunk) -> bool,
     ) -> Result<(), TemplateError> {
+        use std::os::unix::fs::FileExt;
         for (rel, path, meta) in self.listing(name)? {
             let size = meta.len();
-            let mut file = File::open(&path).map_err(io("opening", &path))?;
+            let file = File::open(&path).map_err(io("opening", &path))?;
             let mut offset = from.get(&rel).copied().unwrap_or(0).min(size);
-            file.seek(SeekFrom::Start(offset))
-                .map_err(io("seeking", &path))?;
+            // The end of the range of data `offset` is in; holes (which read as zeros,
+            // so would not be sent) are skipped a whole chunk at a time, unread.
+            let mut data_end = offset;
             while offset < size {
+                if offset >= data_end {
+                    let Some((start, end)) = data_after(&file, offset, size) else {
+                        break;
+                    };
+                    offset += (start - offset) / CHUNK as u64 * CHUNK as u64;
+                    data_end = end;
+                }
                 let want = usize::try_from((size - offset).min(CHUNK as u64)).unwrap_or(CHUNK);
                 let mut buf = BytesMut::zeroed(want);
-                file.read_exact(&mut buf).map_err(io("reading", &path))?;
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(io("reading", &path))?;
                 if buf.iter().any(|b| *b != 0) {
                     let chunk = TemplateChunk {
                         file: rel.clone(),
@@ -304,5 +358,58 @@ impl Import {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paths::DataDir;
+    use std::os::unix::fs::FileExt;
+
+    /// A sparse file (data ranges across chunk edges, whole chunks of hole) has the
+    /// checksum of its content and copies exactly, its all-hole chunks not sent.
+    #[test]
+    fn sparse_files_copy_exactly() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let from = FsTemplates::new(DataDir::new(a.path()));
+        let to = FsTemplates::new(DataDir::new(b.path()));
+        let snap = a.path().join("templates/t/snapshot");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(b.path().join("templates")).unwrap();
+        std::fs::write(a.path().join("templates/t/rootfs.img"), b"root").unwrap();
+        let path = snap.join("memory.raw");
+        let f = File::create(&path).unwrap();
+        let (chunk, size) = (CHUNK as u64, 5 * CHUNK as u64 + 4097);
+        for (at, len) in [
+            (10, 100),
+            (chunk - 5, 10),
+            (3 * chunk + 8192, 8192),
+            (size - 3, 3),
+        ] {
+            f.write_all_at(&vec![0xa5; len], at).unwrap();
+        }
+        f.set_len(size).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(crc_of(&path).unwrap(), crc32fast::hash(&bytes));
+
+        let name = TemplateName::parse("t").unwrap();
+        let mut import = to.import(from.manifest(&name).unwrap()).unwrap();
+        let mut sent = Vec::new();
+        from.export(&name, &BTreeMap::new(), |c| {
+            sent.push((c.file.clone(), c.offset));
+            import.write(&c).unwrap();
+            true
+        })
+        .unwrap();
+        import.finish().unwrap();
+        let copy = b.path().join("templates/t/snapshot/memory.raw");
+        assert_eq!(std::fs::read(copy).unwrap(), bytes);
+        let memory: Vec<u64> = sent
+            .iter()
+            .filter(|(f, _)| f == "snapshot/memory.raw")
+            .map(|(_, o)| *o)
+            .collect();
+        assert_eq!(memory, [0, chunk, 3 * chunk, 5 * chunk]);
     }
 }

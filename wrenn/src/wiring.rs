@@ -39,6 +39,10 @@ pub struct HostOptions {
     /// Run every VMM jailed: a uid of this range, its own mount namespace (see
     /// `wrenn_vmm::jail`). Needs root.
     pub jail: Option<wrenn_vmm::jail::JailConfig>,
+    /// VMMs keep running when this process dies, and the next start takes them over
+    /// (a host agent: its crash or restart does not stop its capsules). Otherwise they
+    /// die with it and the next start cleans up.
+    pub vmms_outlive_host: bool,
 }
 
 impl Default for HostOptions {
@@ -56,6 +60,7 @@ impl Default for HostOptions {
             disk_overcommit: DiskOvercommit::NONE,
             max_concurrent_starts: 0,
             jail: Some(wrenn_vmm::jail::JailConfig::default()),
+            vmms_outlive_host: false,
         }
     }
 }
@@ -128,6 +133,7 @@ impl Host {
         let cgroups = wrenn_vmm::cgroup::Layout::detect().map_err(HostError::Cgroups)?;
         tracing::info!(layout = %cgroups.describe(), "VMM cgroups");
         let mut qemu = QemuConfig::new(probe.accel);
+        qemu.outlive_owner = opts.vmms_outlive_host;
         qemu.cgroups = Some(wrenn_vmm::cgroup::Pool::new(cgroups.clone()));
         if let Some(config) = &opts.jail {
             let jail = wrenn_vmm::jail::Jail::new(config.clone(), &data.vmm_input_roots())

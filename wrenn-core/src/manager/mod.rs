@@ -177,6 +177,9 @@ pub struct SweepReport {
     pub removed_capsules: usize,
     pub killed_vmms: usize,
     pub removed_slots: usize,
+    /// Running capsules of dead processes whose VMMs outlived them, taken over by
+    /// this process (they keep running).
+    pub taken_over: usize,
 }
 
 /// `error: cause: cause…` on one line.

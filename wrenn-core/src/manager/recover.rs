@@ -1,11 +1,13 @@
-//! Startup recovery and adoption of paused capsules left by dead processes.
+//! Startup recovery: takes over running capsules whose VMMs outlived their process,
+//! adopts paused capsules left by dead processes, and removes the rest.
 
 use super::*;
 
 impl Capsules {
-    /// Startup sweep: removes what crashed processes left behind (VMMs, network
-    /// slots, disks, records), adopts paused capsules (their snapshots survive),
-    /// and leaves capsules of live processes alone.
+    /// Startup sweep: takes over running capsules whose VMM outlived its dead owner
+    /// (a host agent killed and restarted: they keep running), removes what crashed
+    /// processes left behind (VMMs, network slots, disks, records), adopts paused
+    /// capsules (their snapshots survive), and leaves capsules of live processes alone.
     pub async fn recover(self: &Arc<Self>) -> Result<SweepReport, CapsuleError> {
         let parts = &self.ctx.parts;
         let mut report = SweepReport::default();
@@ -15,6 +17,7 @@ impl Capsules {
         let mut keep_slots = Vec::new();
         let mut dead = Vec::new();
         let mut adopt = Vec::new();
+        let mut take_over = Vec::new();
         for (id, rec) in records {
             match rec {
                 Some(r) if parts.state.owner_alive(&r.owner) => {
@@ -24,6 +27,21 @@ impl Capsules {
                     }
                     keep_ids.push(id);
                     report.kept += 1;
+                }
+                // The owner died but the capsule's VMM runs on (set to outlive it):
+                // taken over below, with its slot and disk.
+                Some(r)
+                    if r.status == CapsuleStatus::Running
+                        && r.slot.is_some()
+                        && r.disk.is_some()
+                        && r.vmm_pid.is_some_and(process_runs) =>
+                {
+                    if let Some(slot) = &r.slot {
+                        parts.net.adopt(slot);
+                        keep_slots.push(slot.index);
+                    }
+                    keep_ids.push(id);
+                    take_over.push(r);
                 }
                 // The owner died. A capsule with a committed snapshot is kept, as of
                 // its last completed pause (a pause or resume cut short loses nothing
@@ -64,6 +82,43 @@ impl Capsules {
             // Left on disk for whichever process operates on it next (see `adopt`).
             report.paused += 1;
         }
+        let mut failed = Vec::new();
+        for rec in take_over {
+            match self.take_over(rec.clone()).await {
+                Ok(()) => report.taken_over += 1,
+                Err(e) => {
+                    tracing::warn!(capsule = %rec.id, error = %error_chain(&e),
+                        "cannot take over the capsule's running VMM: stopping it");
+                    failed.push(rec);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            keep_ids.retain(|id| !failed.iter().any(|r| &r.id == id));
+            report.killed_vmms += parts.state.kill_orphan_vmms(&keep_ids).await;
+        }
+        for mut rec in failed {
+            if let Some(slot) = rec.slot.take() {
+                keep_slots.retain(|i| *i != slot.index);
+                if let Err(e) = parts.net.release(&slot).await {
+                    tracing::warn!(capsule = %rec.id, error = %error_chain(&e), "releasing its slot");
+                }
+            }
+            if let Some(disk) = rec.disk.take() {
+                if let Err(e) = parts.disks.remove(&disk).await {
+                    tracing::warn!(capsule = %rec.id, error = %error_chain(&e), "removing its disk");
+                }
+            }
+            if with_snapshot.contains(&rec.id) {
+                // As of its last pause, as when its VMM dies with its owner.
+                rec.restate_paused();
+                parts.state.save(&rec).await?;
+                report.paused += 1;
+            } else {
+                parts.state.remove_dir(&rec.id).await?;
+                report.removed_capsules += 1;
+            }
+        }
         report.removed_slots = parts.net.sweep(&keep_slots).await?;
         let known: Vec<CapsuleId> = parts
             .state
@@ -81,9 +136,67 @@ impl Capsules {
             removed_capsules = report.removed_capsules,
             killed_vmms = report.killed_vmms,
             removed_slots = report.removed_slots,
+            taken_over = report.taken_over,
             "startup sweep done"
         );
         Ok(report)
+    }
+
+    /// Takes over running capsule `rec` whose VMM outlived its owner: the VMM, its
+    /// guest agent (reachable again), its egress rules (the DNS filter restarted) and
+    /// an actor of this process. On error nothing is started; the caller cleans up.
+    async fn take_over(self: &Arc<Self>, mut rec: CapsuleRecord) -> Result<(), CapsuleError> {
+        let parts = &self.ctx.parts;
+        let (Some(pid), Some(slot), Some(disk)) = (rec.vmm_pid, rec.slot.clone(), rec.disk.clone())
+        else {
+            return Err(CapsuleError::NotFound {
+                id: rec.id.to_string(),
+            });
+        };
+        let dir = parts.state.create_dir(&rec.id).await?;
+        let vm = VmSpec {
+            name: rec.id.vmm_tag(),
+            run_dir: dir,
+            boot: BootSource {
+                kernel: rec.kernel.clone(),
+                cmdline: rec.cmdline.clone(),
+            },
+            machine: MachineConfig {
+                vcpus: u8::try_from(rec.spec.vcpus).unwrap_or(1),
+                memory_mb: rec.spec.memory_mb,
+            },
+            drives: vec![Drive {
+                id: "rootfs".into(),
+                path: disk.path.clone(),
+                format: disk.format,
+                read_only: false,
+                root: true,
+            }],
+            nets: vec![NetIface {
+                id: "eth0".into(),
+                tap: TAP_NAME.into(),
+                mac: GUEST_MAC.into(),
+                netns_path: slot.netns_path.clone(),
+            }],
+            memory: rec.memory_base.clone(),
+        };
+        let handle = parts.vmm.attach(&vm, pid).await?;
+        parts.net.set_egress(&slot, &rec.spec.network).await?;
+        let addr = SocketAddr::new(slot.host_addr.into(), crate::ENVD_PORT);
+        let agent = parts.guests.connect(addr, Some(rec.access_token.clone()));
+        agent
+            .wait_ready(self.ctx.config.restore_ready_timeout)
+            .await?;
+        rec.owner = parts.state.current_owner();
+        parts.state.save(&rec).await?;
+        tracing::info!(capsule = %rec.id, pid, "took over running capsule");
+        let res = Resources {
+            slot: Some(slot),
+            disk: Some(disk),
+            vmm: Some(handle),
+        };
+        self.start_actor(rec, res, Some(agent));
+        Ok(())
     }
 
     /// Takes over a paused capsule found on disk whose owner process is gone.
@@ -124,4 +237,14 @@ impl Capsules {
         }
         Ok(out)
     }
+}
+
+/// Whether process `pid` runs (exists and is not a zombie).
+fn process_runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the parenthesised command name.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }

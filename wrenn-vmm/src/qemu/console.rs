@@ -60,6 +60,22 @@ impl ConsoleLog {
         ))
     }
 
+    /// Drains the FIFO of a running QEMU again (its earlier drain went with the process
+    /// that started it; meanwhile QEMU's writes were refused, not queued).
+    pub fn reattach(run_dir: &Path, cap: u64) -> std::io::Result<ConsoleLog> {
+        let fifo = run_dir.join(CONSOLE_PIPE);
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)?;
+        set_blocking(&reader)?;
+        let log = run_dir.join(CONSOLE_LOG);
+        std::thread::Builder::new()
+            .name("wrenn-vmm-console".into())
+            .spawn(move || drain(reader, &log, cap.max(4096)))?;
+        Ok(ConsoleLog { keepalive: None })
+    }
+
     /// QEMU has opened the FIFO (it is running): from now on the drain ends with it.
     pub fn writer_attached(&mut self) {
         self.keepalive = None;

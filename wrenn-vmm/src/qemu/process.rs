@@ -14,7 +14,7 @@ use super::QemuError;
 use async_trait::async_trait;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -46,6 +46,9 @@ pub struct QemuConfig {
     pub cgroups: Option<std::sync::Arc<crate::cgroup::Pool>>,
     /// Run every VMM jailed (own uid, mount namespace; see [`crate::jail`]).
     pub jail: Option<std::sync::Arc<crate::jail::Jail>>,
+    /// VMMs keep running when the process that started them dies (a host agent that
+    /// takes them over when it restarts, [`Vmm::attach`]); otherwise they die with it.
+    pub outlive_owner: bool,
 }
 
 /// Memory a VMM may use beyond its guest's RAM: QEMU's own heap, thread stacks,
@@ -81,6 +84,7 @@ impl QemuConfig {
             console_log_cap: super::console::DEFAULT_CONSOLE_CAP,
             cgroups: None,
             jail: None,
+            outlive_owner: false,
         }
     }
 }
@@ -259,6 +263,60 @@ impl Vmm for QemuVmm {
             }
         }
     }
+
+    async fn attach(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn VmmHandle>, VmmError> {
+        Ok(Box::new(QemuHandle::attach(&self.config, spec, pid).await?))
+    }
+}
+
+/// Blocks until process `pid`, which is not a child of this process, has exited.
+fn wait_foreign_exit(pid: u32) -> std::io::Result<()> {
+    let Ok(raw_pid) = libc::pid_t::try_from(pid) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new descriptor
+    // or -1; it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ESRCH) => Ok(()),
+            _ => Err(e),
+        };
+    }
+    let Ok(fd) = i32::try_from(fd) else {
+        return Err(std::io::Error::other(
+            "pidfd_open returned an invalid descriptor",
+        ));
+    };
+    // SAFETY: `fd` was just returned by pidfd_open; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `poll` is one valid pollfd that lives across the call.
+        if unsafe { libc::poll(&mut poll, 1, -1) } >= 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// The real uid process `pid` runs as.
+fn uid_of(pid: u32) -> std::io::Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no Uid in /proc/<pid>/status"))
 }
 
 /// One running QEMU.
@@ -428,13 +486,14 @@ impl QemuHandle {
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
         let parent = std::process::id();
+        let outlive = config.outlive_owner;
         let plan = jailed.as_ref().map(|j| j.plan.clone());
         // SAFETY: runs in the forked child before exec and only makes system calls
         // (setpgid, prctl, setns, open, ioctl, fcntl, dup2, mount, mknod, pivot_root,
         // set*id) on values prepared before the fork, without allocating.
         unsafe {
             cmd.pre_exec(move || {
-                own_group_dying_with(parent)?;
+                own_group(parent, outlive)?;
                 if let Some(fd) = &netns {
                     nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
                         .map_err(std::io::Error::from)?;
@@ -460,7 +519,7 @@ impl QemuHandle {
                 if let Some(plan) = &plan {
                     plan.enter_user()?;
                     // A change of user clears the parent-death signal: arm it again.
-                    own_group_dying_with(parent)?;
+                    own_group(parent, outlive)?;
                 }
                 Ok(())
             });
@@ -572,6 +631,87 @@ impl QemuHandle {
 
     fn exited(&self) -> bool {
         self.exit.borrow().is_some()
+    }
+
+    /// Takes over QEMU `pid`, running `spec`, that an earlier process of this host
+    /// started (with [`QemuConfig::outlive_owner`]): its uid lease, cgroup, console
+    /// drain and QMP connection are this process's from now on.
+    pub async fn attach(config: &QemuConfig, spec: &VmSpec, pid: u32) -> Result<Self, QemuError> {
+        let io = |path: PathBuf| move |source| QemuError::RunDir { path, source };
+        // Ours: the process's command line names this VM's run directory.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map_err(io(PathBuf::from(format!("/proc/{pid}/cmdline"))))?;
+        let dir = spec.run_dir.as_os_str().as_encoded_bytes();
+        if !cmdline.windows(dir.len()).any(|w| w == dir) {
+            return Err(QemuError::RunDir {
+                path: spec.run_dir.clone(),
+                source: std::io::Error::other(format!("process {pid} is not this VM's QEMU")),
+            });
+        }
+        let lease = match &config.jail {
+            Some(jail) => {
+                let uid = uid_of(pid).map_err(io(PathBuf::from(format!("/proc/{pid}/status"))))?;
+                Some(jail.lease_uid(uid).map_err(QemuError::Jail)?)
+            }
+            None => None,
+        };
+        let cgroup = match &config.cgroups {
+            Some(pool) => Some(std::sync::Arc::new(
+                pool.adopt(&spec.name).map_err(QemuError::Cgroup)?,
+            )),
+            None => None,
+        };
+        let mem_bytes = u64::from(spec.machine.memory_mb) * 1024 * 1024;
+        let mem_path = match &spec.memory {
+            MemoryBase::File(p) => p.clone(),
+            MemoryBase::Zero => spec.run_dir.join("memory.zero"),
+        };
+        // A jailed VMM maps a sealed copy it holds as a descriptor.
+        let sealed = PathBuf::from(format!("/proc/{pid}/fd/{MEM_FD}"));
+        let mem_id = match FileId::of_path(&sealed) {
+            Ok(id) if config.jail.is_some() => id,
+            _ => FileId::of_path(&mem_path).map_err(io(mem_path.clone()))?,
+        };
+        let console = super::console::ConsoleLog::reattach(&spec.run_dir, config.console_log_cap)
+            .map_err(io(spec.run_dir.join(super::console::CONSOLE_PIPE)))?;
+        let (tx, rx) = watch::channel(None);
+        let group = cgroup.clone();
+        std::thread::Builder::new()
+            .name(format!("wrenn-vmm-wait-{pid}"))
+            .spawn(move || {
+                let how = match wait_foreign_exit(pid) {
+                    Ok(()) => "exited".to_string(),
+                    Err(e) => format!("wait failed: {e}"),
+                };
+                if let Some(g) = group {
+                    if let Err(e) = g.remove() {
+                        tracing::warn!(pid, error = %e, "cannot remove the VMM's cgroup");
+                    }
+                }
+                drop(lease);
+                let _ = tx.send(Some(how));
+            })
+            .map_err(io(spec.run_dir.clone()))?;
+        let qmp_path = spec.run_dir.join(QMP_SOCKET);
+        let qmp = tokio::time::timeout(START_TIMEOUT, Qmp::connect(&qmp_path))
+            .await
+            .map_err(|_| QemuError::QmpTimeout {
+                path: qmp_path.clone(),
+                secs: START_TIMEOUT.as_secs(),
+            })??;
+        tracing::info!(pid, name = %spec.name, "took over a running VMM");
+        Ok(QemuHandle {
+            pid,
+            exit: rx,
+            qmp: Mutex::new(Some(qmp)),
+            qmp_path,
+            run_dir: spec.run_dir.clone(),
+            mem_path,
+            mem_id,
+            mem_bytes,
+            console,
+            cgroup,
+        })
     }
 
     fn kill_group(&self) {
@@ -1047,6 +1187,17 @@ fn drop_capabilities() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// For a forked VMM before exec: its own process group, and unless it is to
+/// `outlive` its owner, SIGKILL when `parent` dies. Makes only async-signal-safe
+/// syscalls and does not allocate.
+fn own_group(parent: u32, outlive: bool) -> std::io::Result<()> {
+    if outlive {
+        nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0)).map_err(std::io::Error::from)?;
+        return Ok(());
+    }
+    own_group_dying_with(parent)
 }
 
 /// For a forked child before exec: its own process group (so it is killed as a

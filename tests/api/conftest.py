@@ -417,3 +417,16 @@ def e2b_env(server, monkeypatch):
     monkeypatch.delenv("E2B_DOMAIN", raising=False)
     monkeypatch.delenv("E2B_DEBUG", raising=False)
     return server
+
+
+def wait_host_status(srv: Server, host_id: str, want: str, timeout: float = 60) -> float:
+    """Waits until `GET /v1/hosts/{id}` says `want`; returns how long that took."""
+    start = time.monotonic()
+    last = None
+    while time.monotonic() - start < timeout:
+        with srv.admin_user() as c:
+            last = c.get(f"/v1/hosts/{host_id}").json().get("status")
+        if last == want:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError(f"host {host_id} is {last}, not {want}, after {timeout}s")

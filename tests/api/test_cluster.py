@@ -18,7 +18,7 @@ import time
 import pytest
 from e2b import Sandbox
 
-from conftest import Agent, HostNetns, _postgres_url, point_sdks_at
+from conftest import Agent, HostNetns, _postgres_url, point_sdks_at, wait_host_status
 
 NAMES = ("a", "b", "c")
 CHECK_INTERVAL_S = 0.5
@@ -102,24 +102,6 @@ def capsules_on(srv, host: str) -> set[str]:
         r = c.get(f"/v1/hosts/{host}/delete-preview")
         assert r.status_code == 200, r.text
         return set(r.json()["sandbox_ids"])
-
-
-def host_status(srv, host: str) -> str:
-    with srv.admin_user() as c:
-        r = c.get(f"/v1/hosts/{host}")
-        assert r.status_code == 200, r.text
-        return r.json()["status"]
-
-
-def wait_host_status(srv, host: str, status: str, timeout: float) -> float:
-    start = time.monotonic()
-    last = None
-    while time.monotonic() - start < timeout:
-        last = host_status(srv, host)
-        if last == status:
-            return time.monotonic() - start
-        time.sleep(0.1)
-    raise AssertionError(f"{host} is {last}, not {status}, after {timeout}s")
 
 
 def test_hosts_are_listed_for_platform_admins_only(cluster):

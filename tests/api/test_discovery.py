@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from e2b import Sandbox
 
-from conftest import Agent, _free_port, _postgres_url, point_sdks_at
+from conftest import Agent, _free_port, _postgres_url, point_sdks_at, wait_host_status
 
 SELECTOR = "app.kubernetes.io/name=wrenn-agent"
 
@@ -68,18 +68,6 @@ class FakeKubeApi:
 
     def close(self) -> None:
         self.server.shutdown()
-
-
-def wait_status(srv, host_id: str, want: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        with srv.admin_user() as c:
-            last = c.get(f"/v1/hosts/{host_id}").json().get("status")
-        if last == want:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"host {host_id} is {last}, not {want}")
 
 
 @pytest.mark.timeout(600)
@@ -132,8 +120,8 @@ def test_kubernetes_discovery_drives_the_daemonsets_registered_agents(start_serv
             assert c.get("/v1/hosts/node-a.wrenn.test").json()["status"] == "pending"
         # Their pods appear: both driven, through the API's pod list (by selector).
         kube.set_pods({"node-a.wrenn.test": "127.0.0.2", "node-b.wrenn.test": "127.0.0.3"})
-        wait_status(srv, "node-a.wrenn.test", "online")
-        wait_status(srv, "node-b.wrenn.test", "online")
+        wait_host_status(srv, "node-a.wrenn.test", "online")
+        wait_host_status(srv, "node-b.wrenn.test", "online")
         assert SELECTOR in kube.selectors
 
         # A capsule runs on a discovered host.
@@ -148,10 +136,10 @@ def test_kubernetes_discovery_drives_the_daemonsets_registered_agents(start_serv
         # The other node's pod goes away: its host is unreachable although its agent
         # still runs; back in the list, it is driven again.
         kube.set_pods({on.host_id: on.ip})
-        wait_status(srv, other_id, "unreachable", timeout=30)
+        wait_host_status(srv, other_id, "unreachable", timeout=30)
         assert sbx.commands.run("echo still").stdout == "still\n"
         kube.set_pods({on.host_id: on.ip, other_id: other.ip})
-        wait_status(srv, other_id, "online")
+        wait_host_status(srv, other_id, "online")
 
         # The other node's agent comes back at another address (a new pod IP): the
         # control plane follows the pod list, not the address it registered with.
@@ -163,7 +151,7 @@ def test_kubernetes_discovery_drives_the_daemonsets_registered_agents(start_serv
         while "host agent moved" not in open(srv.log_path, errors="replace").read():
             assert time.monotonic() < deadline, srv.tail()
             time.sleep(0.2)
-        wait_status(srv, other_id, "online")
+        wait_host_status(srv, other_id, "online")
         with srv.admin_user() as c:
             # Revoking the join token leaves its hosts registered.
             assert c.delete(f"/v1/hosts/join-tokens/{join['id']}").status_code == 204

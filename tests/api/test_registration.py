@@ -21,7 +21,7 @@ import httpx
 import pytest
 from e2b import Sandbox
 
-from conftest import Agent, _postgres_url, point_sdks_at
+from conftest import Agent, _postgres_url, point_sdks_at, wait_host_status
 
 SPECS = {"arch": "x86_64", "cpu_cores": 2, "memory_mb": 4096, "disk_gb": 20}
 
@@ -119,18 +119,6 @@ def test_hosts_are_created_by_platform_admins_with_a_one_time_token(control_plan
         assert r.status_code == 409 and "not a registered host" in r.json()["error"]["message"], r.text
 
 
-def wait_status(srv, host_id: str, want: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        with srv.admin_user() as c:
-            last = c.get(f"/v1/hosts/{host_id}").json().get("status")
-        if last == want:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"host {host_id} is {last}, not {want}")
-
-
 @pytest.mark.timeout(300)
 def test_a_registered_agent_serves_mutual_tls_and_runs_its_teams_capsules(control_plane, monkeypatch):
     srv = control_plane
@@ -142,7 +130,7 @@ def test_a_registered_agent_serves_mutual_tls_and_runs_its_teams_capsules(contro
         assert "with mutual TLS" in agent.log_text()
         creds = os.path.join(agent.data_dir, "agent-credentials.json")
         assert stat.S_IMODE(os.stat(creds).st_mode) == 0o600
-        wait_status(srv, host["id"], "online")
+        wait_host_status(srv, host["id"], "online")
         with srv.admin_user() as c:
             h = c.get(f"/v1/hosts/{host['id']}").json()
         assert h["type"] == "byoc" and h["address"] == f"127.0.0.1:{agent.port}" and "cert_expires_at" in h, h
@@ -152,7 +140,7 @@ def test_a_registered_agent_serves_mutual_tls_and_runs_its_teams_capsules(contro
         agent.register = None
         agent.start()
         assert agent.log_text().count("registered with") == 1
-        wait_status(srv, host["id"], "online")
+        wait_host_status(srv, host["id"], "online")
 
         # Plaintext to the agent's endpoint is refused: only the control plane's
         # certificate gets in.
@@ -227,7 +215,7 @@ def test_an_agent_renews_its_certificate_and_refused_credentials_are_audited(con
         agent.start()
         with open(creds_path) as f:
             first = json.load(f)
-        wait_status(srv, host["id"], "online")
+        wait_host_status(srv, host["id"], "online")
         # Renewed when a third of its 60 s is left, while the agent serves.
         deadline = time.monotonic() + 90
         while True:
@@ -255,7 +243,7 @@ def test_an_agent_renews_its_certificate_and_refused_credentials_are_audited(con
         agent.stop()
         agent.register = None
         agent.start()
-        wait_status(srv, host["id"], "online")
+        wait_host_status(srv, host["id"], "online")
         point_sdks_at(srv, monkeypatch)
         sbx = Sandbox.create(template="minimal", timeout=120)
         try:

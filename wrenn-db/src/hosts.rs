@@ -460,13 +460,9 @@ impl Db {
         ttl: std::time::Duration,
         by: Option<&str>,
     ) -> Result<(JoinToken, String), DbError> {
-        let token = format!(
-            "{}{}",
-            crate::id::prefix::HOST_JOIN,
-            crate::id::random_hex(32)
-        );
+        let token = secret_token(crate::id::prefix::HOST_JOIN);
         let created = now();
-        let expires = created + chrono::Duration::from_std(ttl).unwrap_or_default();
+        let expires = after(created, ttl);
         let row = sqlx::query(&format!(
             "INSERT INTO host_join_tokens (id, token_hash, created_by, created_at, expires_at, \
              max_hosts) VALUES ($1, $2, $3, $4, $5, $6) RETURNING {JOIN_COLS}"
@@ -664,13 +660,9 @@ async fn insert_host_token(
     host_id: &str,
     by: Option<&str>,
 ) -> Result<String, DbError> {
-    let token = format!(
-        "{}{}",
-        crate::id::prefix::HOST_TOKEN,
-        crate::id::random_hex(32)
-    );
+    let token = secret_token(crate::id::prefix::HOST_TOKEN);
     let created = now();
-    let expires = created + chrono::Duration::from_std(HOST_TOKEN_TTL).unwrap_or_default();
+    let expires = after(created, HOST_TOKEN_TTL);
     sqlx::query(
         "INSERT INTO host_tokens (id, host_id, token_hash, created_by, created_at, expires_at) \
          VALUES ($1, $2, $3, $4, $5, $6)",
@@ -689,12 +681,17 @@ async fn insert_host_token(
 
 /// A new refresh token: in clear, hashed, and when it expires.
 fn refresh_token() -> (String, String, Timestamp) {
-    let token = format!(
-        "{}{}",
-        crate::id::prefix::HOST_REFRESH,
-        crate::id::random_hex(32)
-    );
+    let token = secret_token(crate::id::prefix::HOST_REFRESH);
     let hash = hash_host_token(&token);
-    let expires = now() + chrono::Duration::from_std(HOST_REFRESH_TTL).unwrap_or_default();
-    (token, hash, expires)
+    (token, hash, after(now(), HOST_REFRESH_TTL))
+}
+
+/// A new secret: `prefix` and 32 random bytes in hex (stored hashed).
+fn secret_token(prefix: &str) -> String {
+    format!("{prefix}{}", crate::id::random_hex(32))
+}
+
+/// `ttl` after `t`.
+fn after(t: Timestamp, ttl: std::time::Duration) -> Timestamp {
+    t + chrono::Duration::from_std(ttl).unwrap_or_default()
 }

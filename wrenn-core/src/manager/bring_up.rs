@@ -121,29 +121,7 @@ impl Ctx {
         record.cmdline = boot.cmdline.clone();
         parts.state.save(record).await?;
 
-        let vm = VmSpec {
-            name: record.id.vmm_tag(),
-            run_dir: dir.to_path_buf(),
-            boot,
-            machine: MachineConfig {
-                vcpus: u8::try_from(record.spec.vcpus).unwrap_or(1),
-                memory_mb: record.spec.memory_mb,
-            },
-            drives: vec![Drive {
-                id: "rootfs".into(),
-                path: disk.path.clone(),
-                format: disk.format,
-                read_only: false,
-                root: true,
-            }],
-            nets: vec![NetIface {
-                id: "eth0".into(),
-                tap: TAP_NAME.into(),
-                mac: GUEST_MAC.into(),
-                netns_path: slot.netns_path.clone(),
-            }],
-            memory,
-        };
+        let vm = vm_spec(record, dir, &slot, &disk);
         let (handle, old_token, ready_timeout) = match &start {
             Start::Boot { .. } | Start::Reboot { .. } => {
                 (parts.vmm.spawn(&vm).await?, None, self.config.ready_timeout)
@@ -208,5 +186,41 @@ impl Ctx {
             created_at: now_unix(),
             disk_only: false,
         }
+    }
+}
+
+/// The VM of capsule `record` as it was brought up (kernel, command line and memory
+/// base as recorded), in run directory `dir`, with its network slot and disk.
+pub(super) fn vm_spec(
+    record: &CapsuleRecord,
+    dir: &Path,
+    slot: &NetSlot,
+    disk: &CowDisk,
+) -> VmSpec {
+    VmSpec {
+        name: record.id.vmm_tag(),
+        run_dir: dir.to_path_buf(),
+        boot: BootSource {
+            kernel: record.kernel.clone(),
+            cmdline: record.cmdline.clone(),
+        },
+        machine: MachineConfig {
+            vcpus: u8::try_from(record.spec.vcpus).unwrap_or(1),
+            memory_mb: record.spec.memory_mb,
+        },
+        drives: vec![Drive {
+            id: "rootfs".into(),
+            path: disk.path.clone(),
+            format: disk.format,
+            read_only: false,
+            root: true,
+        }],
+        nets: vec![NetIface {
+            id: "eth0".into(),
+            tap: TAP_NAME.into(),
+            mac: GUEST_MAC.into(),
+            netns_path: slot.netns_path.clone(),
+        }],
+        memory: record.memory_base.clone(),
     }
 }

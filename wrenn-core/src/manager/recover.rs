@@ -154,32 +154,7 @@ impl Capsules {
             });
         };
         let dir = parts.state.create_dir(&rec.id).await?;
-        let vm = VmSpec {
-            name: rec.id.vmm_tag(),
-            run_dir: dir,
-            boot: BootSource {
-                kernel: rec.kernel.clone(),
-                cmdline: rec.cmdline.clone(),
-            },
-            machine: MachineConfig {
-                vcpus: u8::try_from(rec.spec.vcpus).unwrap_or(1),
-                memory_mb: rec.spec.memory_mb,
-            },
-            drives: vec![Drive {
-                id: "rootfs".into(),
-                path: disk.path.clone(),
-                format: disk.format,
-                read_only: false,
-                root: true,
-            }],
-            nets: vec![NetIface {
-                id: "eth0".into(),
-                tap: TAP_NAME.into(),
-                mac: GUEST_MAC.into(),
-                netns_path: slot.netns_path.clone(),
-            }],
-            memory: rec.memory_base.clone(),
-        };
+        let vm = super::bring_up::vm_spec(&rec, &dir, &slot, &disk);
         let handle = parts.vmm.attach(&vm, pid).await?;
         parts.net.set_egress(&slot, &rec.spec.network).await?;
         let addr = SocketAddr::new(slot.host_addr.into(), crate::ENVD_PORT);

@@ -55,10 +55,20 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small frames (replies, tunnel bytes, streamed chunks) go out at once: tonic's
+    // own `tcp_nodelay` applies only to sockets it accepts itself, not to a stream of
+    // connections given to it, where Nagle's algorithm held each chunk of a template
+    // copy for a delayed ACK (~40 ms).
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            conn.inspect(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            })
+        },
+    );
     let (service, shutdown) = closing_with(agent, shutdown);
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -254,6 +254,9 @@ pub async fn run(data_dir: &Path, a: AgentArgs) -> Result<u8> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let mut creds = load_credentials(data_dir)?;
+    if creds.is_none() && a.register.is_some() && a.control_plane.is_none() {
+        bail!("--register: give the control plane to register with (--control-plane URL)");
+    }
     if let (None, Some(cp), Some(token), Some(advertise)) =
         (&creds, &a.control_plane, &a.register, &a.advertise)
     {

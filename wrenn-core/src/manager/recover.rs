@@ -29,9 +29,11 @@ impl Capsules {
                     report.kept += 1;
                 }
                 // The owner died but the capsule's VMM runs on (set to outlive it):
-                // taken over below, with its slot and disk.
+                // taken over below, with its slot and disk. (A warm-pool entry is
+                // not: the pool it belonged to went with its owner.)
                 Some(r)
                     if r.status == CapsuleStatus::Running
+                        && !r.pooled
                         && r.slot.is_some()
                         && r.disk.is_some()
                         && r.vmm_pid.is_some_and(process_runs) =>

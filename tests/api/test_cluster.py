@@ -161,6 +161,21 @@ def test_sdks_spread_capsules_over_every_host(cluster, monkeypatch):
             assert not os.path.exists(os.path.join(a.data_dir, "capsules", cid)), cid
 
 
+def one_on_each_host(c, agents: dict) -> tuple[list[str], dict[str, str]]:
+    """Three new capsules, which land one on each host; their ids and hosts."""
+    # Placement weighs each host's last report: let the reports catch up with the
+    # previous test's destroys (one round of checks; three, for slow answers).
+    time.sleep(3 * CHECK_INTERVAL_S)
+    made = []
+    for _ in range(3):
+        r = c.post("/v1/capsules", json={"template": "minimal"})
+        assert r.status_code == 201, r.text
+        made.append(r.json()["id"])
+    by_host = {cid: host_of(agents, cid) for cid in made}
+    assert set(by_host.values()) == set(agents), by_host
+    return made, by_host
+
+
 def capsule_status(c, cid: str) -> str:
     r = c.get(f"/v1/capsules/{cid}")
     assert r.status_code == 200, r.text
@@ -172,15 +187,8 @@ def test_a_silent_agents_capsules_are_missing_until_it_answers_again(cluster):
     unreachable and its capsules `missing`; answering again, they are running as
     they were."""
     agents, srv = cluster
-    time.sleep(3 * CHECK_INTERVAL_S)
     with srv.admin() as c:
-        made = []
-        for _ in range(3):
-            r = c.post("/v1/capsules", json={"template": "minimal"})
-            assert r.status_code == 201, r.text
-            made.append(r.json()["id"])
-        by_host = {cid: host_of(agents, cid) for cid in made}
-        assert set(by_host.values()) == set(agents), by_host
+        made, by_host = one_on_each_host(c, agents)
         lost = made[0]
         victim = by_host[lost]
         r = c.post(f"/v1/capsules/{lost}/exec", json={"cmd": "sh", "args": ["-c", "echo before > /tmp/state"]})
@@ -211,17 +219,8 @@ def test_a_silent_agents_capsules_are_missing_until_it_answers_again(cluster):
 
 def test_a_killed_agent_is_unreachable_and_skipped_until_it_is_back(cluster):
     agents, srv = cluster
-    # Placement weighs each host's last report: let the reports catch up with the
-    # previous test's destroys (one round of checks; three, for slow answers).
-    time.sleep(3 * CHECK_INTERVAL_S)
     with srv.admin() as c:
-        made = []
-        for _ in range(3):
-            r = c.post("/v1/capsules", json={"template": "minimal"})
-            assert r.status_code == 201, r.text
-            made.append(r.json()["id"])
-        by_host = {cid: host_of(agents, cid) for cid in made}
-        assert set(by_host.values()) == set(agents), by_host
+        made, by_host = one_on_each_host(c, agents)
         victim = by_host[made[0]]
         # Its capsules outlive the agent: the paused one on disk, the running one in
         # its VMM, which the restarted agent takes over.

@@ -37,21 +37,13 @@ impl ConsoleLog {
             Err(e) => return Err(e),
         }
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
-        // Opening the read end first (non-blocking, so it does not wait for a writer)
-        // lets the write ends open at once.
-        let reader = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&fifo)?;
+        // Opening the read end first lets the write ends open at once.
+        let reader = open_reader(&fifo)?;
         let keepalive = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(&fifo)?;
-        set_blocking(&reader)?;
-        let log = run_dir.join(CONSOLE_LOG);
-        std::thread::Builder::new()
-            .name("wrenn-vmm-console".into())
-            .spawn(move || drain(reader, &log, cap.max(4096)))?;
+        spawn_drain(reader, run_dir, cap)?;
         Ok((
             ConsoleLog {
                 keepalive: Some(keepalive),
@@ -63,16 +55,8 @@ impl ConsoleLog {
     /// Drains the FIFO of a running QEMU again (its earlier drain went with the process
     /// that started it; meanwhile QEMU's writes were refused, not queued).
     pub fn reattach(run_dir: &Path, cap: u64) -> std::io::Result<ConsoleLog> {
-        let fifo = run_dir.join(CONSOLE_PIPE);
-        let reader = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&fifo)?;
-        set_blocking(&reader)?;
-        let log = run_dir.join(CONSOLE_LOG);
-        std::thread::Builder::new()
-            .name("wrenn-vmm-console".into())
-            .spawn(move || drain(reader, &log, cap.max(4096)))?;
+        let reader = open_reader(&run_dir.join(CONSOLE_PIPE))?;
+        spawn_drain(reader, run_dir, cap)?;
         Ok(ConsoleLog { keepalive: None })
     }
 
@@ -80,6 +64,25 @@ impl ConsoleLog {
     pub fn writer_attached(&mut self) {
         self.keepalive = None;
     }
+}
+
+/// The FIFO's read end: opened without waiting for a writer, then blocking.
+fn open_reader(fifo: &Path) -> std::io::Result<File> {
+    let reader = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)?;
+    set_blocking(&reader)?;
+    Ok(reader)
+}
+
+/// Drains `reader` into `run_dir`'s capped console log on a thread of its own.
+fn spawn_drain(reader: File, run_dir: &Path, cap: u64) -> std::io::Result<()> {
+    let log = run_dir.join(CONSOLE_LOG);
+    std::thread::Builder::new()
+        .name("wrenn-vmm-console".into())
+        .spawn(move || drain(reader, &log, cap.max(4096)))?;
+    Ok(())
 }
 
 fn set_blocking(f: &File) -> std::io::Result<()> {

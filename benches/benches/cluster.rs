@@ -390,6 +390,13 @@ struct TemplateHost {
     store: FsTemplates,
 }
 
+impl TemplateHost {
+    /// Its side of template copies, as a `wrenn agent` does them.
+    fn copies(&self) -> wrenn_agent::TemplateCopies {
+        wrenn_agent::TemplateCopies(self.store.clone())
+    }
+}
+
 fn template_name(name: &str) -> Result<TemplateName, HostError> {
     TemplateName::parse(name)
         .map_err(|e| HostError::new(HostErrorKind::InvalidArgument, e.to_string()))
@@ -401,16 +408,6 @@ fn template_error(e: &TemplateError) -> HostError {
         _ => HostErrorKind::Internal,
     };
     HostError::new(kind, wrenn_core::manager::error_chain(e))
-}
-
-/// Runs template file work on a blocking thread.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, TemplateError> + Send + 'static,
-) -> Result<T, HostError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| HostError::new(HostErrorKind::Internal, e.to_string()))?
-        .map_err(|e| template_error(&e))
 }
 
 #[async_trait::async_trait]
@@ -484,8 +481,7 @@ impl HostAgent for TemplateHost {
     }
 
     async fn template_manifest(&self, name: &str) -> Result<TemplateManifest, HostError> {
-        let (store, name) = (self.store.clone(), template_name(name)?);
-        blocking(move || store.manifest(&name)).await
+        self.copies().manifest(name).await
     }
 
     async fn export_template(
@@ -493,58 +489,22 @@ impl HostAgent for TemplateHost {
         name: &str,
         from: BTreeMap<String, u64>,
     ) -> Result<TemplateChunks, HostError> {
-        let (store, name) = (self.store.clone(), template_name(name)?);
-        if !store.data().template_dir(name.as_str()).is_dir() {
-            return Err(template_error(&TemplateError::Unknown {
-                name: name.to_string(),
-            }));
-        }
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
-            let sent = store.export(&name, &from, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
-            if let Err(e) = sent {
-                let _ = tx.blocking_send(Err(template_error(&e)));
-            }
-        });
-        Ok(Box::pin(futures_util::stream::unfold(rx, |mut rx| async {
-            rx.recv().await.map(|c| (c, rx))
-        })))
+        self.copies().export(name, from).await
     }
 
     async fn import_state(
         &self,
         manifest: &TemplateManifest,
     ) -> Result<BTreeMap<String, u64>, HostError> {
-        let (store, manifest) = (self.store.clone(), manifest.clone());
-        blocking(move || Ok(store.import_state(&manifest))).await
+        self.copies().import_state(manifest).await
     }
 
     async fn import_template(
         &self,
         manifest: TemplateManifest,
-        mut chunks: TemplateChunks,
+        chunks: TemplateChunks,
     ) -> Result<HostTemplate, HostError> {
-        use futures_util::StreamExt;
-        manifest
-            .validate()
-            .map_err(|m| HostError::new(HostErrorKind::InvalidArgument, m))?;
-        let name = manifest.name.to_string();
-        let store = self.store.clone();
-        let mut import = blocking(move || store.import(manifest)).await?;
-        while let Some(chunk) = chunks.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = blocking(move || import.suspend()).await;
-                    return Err(e);
-                }
-            };
-            import = tokio::task::spawn_blocking(move || import.write(&chunk).map(|()| import))
-                .await
-                .map_err(|e| HostError::new(HostErrorKind::Internal, e.to_string()))?
-                .map_err(|e| template_error(&e))?;
-        }
-        blocking(move || import.finish()).await?;
+        let name = self.copies().import(manifest, chunks).await?;
         self.template(&name).await
     }
 

@@ -5,5 +5,6 @@
 mod local;
 
 pub use local::{
-    host_error, machine_specs, LocalAgent, LocalAgentOptions, MachineSpecs, LOCAL_HOST,
+    host_error, machine_specs, LocalAgent, LocalAgentOptions, MachineSpecs, TemplateCopies,
+    LOCAL_HOST,
 };

@@ -389,8 +389,7 @@ impl HostAgent for LocalAgent {
     }
 
     async fn template_manifest(&self, name: &str) -> Result<TemplateManifest, HostError> {
-        let (store, name) = (self.templates(), template_name(name)?);
-        blocking(move || store.manifest(&name)).await
+        TemplateCopies(self.templates()).manifest(name).await
     }
 
     async fn export_template(
@@ -398,60 +397,26 @@ impl HostAgent for LocalAgent {
         name: &str,
         from: BTreeMap<String, u64>,
     ) -> Result<TemplateChunks, HostError> {
-        let (store, name) = (self.templates(), template_name(name)?);
-        if !store.data().template_dir(name.as_str()).is_dir() {
-            return Err(template_error(
-                &wrenn_core::template::TemplateError::Unknown {
-                    name: name.to_string(),
-                },
-            ));
-        }
-        // A few chunks ahead of the reader; the reading thread stops when the
-        // receiver is gone.
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
-            let sent = store.export(&name, &from, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
-            if let Err(e) = sent {
-                let _ = tx.blocking_send(Err(template_error(&e)));
-            }
-        });
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        TemplateCopies(self.templates()).export(name, from).await
     }
 
     async fn import_state(
         &self,
         manifest: &TemplateManifest,
     ) -> Result<BTreeMap<String, u64>, HostError> {
-        let (store, manifest) = (self.templates(), manifest.clone());
-        blocking(move || Ok(store.import_state(&manifest))).await
+        TemplateCopies(self.templates())
+            .import_state(manifest)
+            .await
     }
 
     async fn import_template(
         &self,
         manifest: TemplateManifest,
-        mut chunks: TemplateChunks,
+        chunks: TemplateChunks,
     ) -> Result<HostTemplate, HostError> {
-        manifest
-            .validate()
-            .map_err(|m| HostError::new(HostErrorKind::InvalidArgument, m))?;
-        let name = manifest.name.to_string();
-        let store = self.templates();
-        let mut import = blocking(move || store.import(manifest)).await?;
-        while let Some(chunk) = chunks.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    // Kept for a retry to resume.
-                    let _ = blocking(move || import.suspend()).await;
-                    return Err(e);
-                }
-            };
-            import = tokio::task::spawn_blocking(move || import.write(&chunk).map(|()| import))
-                .await
-                .map_err(|e| HostError::new(HostErrorKind::Internal, e.to_string()))?
-                .map_err(|e| template_error(&e))?;
-        }
-        blocking(move || import.finish()).await?;
+        let name = TemplateCopies(self.templates())
+            .import(manifest, chunks)
+            .await?;
         self.template(&name).await
     }
 
@@ -600,4 +565,82 @@ fn unix_ms_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A host's side of copying templates between hosts ([`HostAgent::template_manifest`],
+/// `export_template`, `import_state`, `import_template`) over its template store, with
+/// the file work on blocking threads.
+#[derive(Clone, Debug)]
+pub struct TemplateCopies(pub wrenn::FsTemplates);
+
+impl TemplateCopies {
+    pub async fn manifest(&self, name: &str) -> Result<TemplateManifest, HostError> {
+        let (store, name) = (self.0.clone(), template_name(name)?);
+        blocking(move || store.manifest(&name)).await
+    }
+
+    /// Template `name`'s chunks from the offsets in `from` on.
+    pub async fn export(
+        &self,
+        name: &str,
+        from: BTreeMap<String, u64>,
+    ) -> Result<TemplateChunks, HostError> {
+        let (store, name) = (self.0.clone(), template_name(name)?);
+        if !store.data().template_dir(name.as_str()).is_dir() {
+            return Err(template_error(
+                &wrenn_core::template::TemplateError::Unknown {
+                    name: name.to_string(),
+                },
+            ));
+        }
+        // A few chunks ahead of the reader; the reading thread stops when the
+        // receiver is gone.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let sent = store.export(&name, &from, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
+            if let Err(e) = sent {
+                let _ = tx.blocking_send(Err(template_error(&e)));
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    pub async fn import_state(
+        &self,
+        manifest: &TemplateManifest,
+    ) -> Result<BTreeMap<String, u64>, HostError> {
+        let (store, manifest) = (self.0.clone(), manifest.clone());
+        blocking(move || Ok(store.import_state(&manifest))).await
+    }
+
+    /// Writes the template `manifest` describes from `chunks` and installs it; returns
+    /// its name.
+    pub async fn import(
+        &self,
+        manifest: TemplateManifest,
+        mut chunks: TemplateChunks,
+    ) -> Result<String, HostError> {
+        manifest
+            .validate()
+            .map_err(|m| HostError::new(HostErrorKind::InvalidArgument, m))?;
+        let name = manifest.name.to_string();
+        let store = self.0.clone();
+        let mut import = blocking(move || store.import(manifest)).await?;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    // Kept for a retry to resume.
+                    let _ = blocking(move || import.suspend()).await;
+                    return Err(e);
+                }
+            };
+            import = tokio::task::spawn_blocking(move || import.write(&chunk).map(|()| import))
+                .await
+                .map_err(|e| HostError::new(HostErrorKind::Internal, e.to_string()))?
+                .map_err(|e| template_error(&e))?;
+        }
+        blocking(move || import.finish()).await?;
+        Ok(name)
+    }
 }

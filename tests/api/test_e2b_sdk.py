@@ -78,6 +78,17 @@ def sbx(server, run_tag):
 
 # --- create, info, envs, metadata ---------------------------------------------------------
 
+IDENTITY = 'echo "$WRENN_CAPSULE_ID|$WRENN_TEMPLATE_ID|$E2B_SANDBOX|$E2B_SANDBOX_ID|$E2B_SANDBOX_TEMPLATE_ID"'
+
+
+def identity(s: Sandbox) -> str:
+    """What every process in the sandbox is told about who it is."""
+    return s.commands.run(IDENTITY).stdout.strip()
+
+
+def expected_identity(sandbox_id: str, template: str = "base") -> str:
+    return f"{sandbox_id}|{template}|true|{sandbox_id}|{template}"
+
 
 def test_create_default_template(e2b_env):
     before = now()
@@ -109,6 +120,8 @@ def test_envs_and_metadata(sbx, run_tag):
     assert r.stdout == "hello env|two|3\n"
     info = sbx.get_info()
     assert info.metadata == {"suite": "e2b-sdk", "run": run_tag}
+    # The guest knows who it is, in Wrenn's names and E2B's.
+    assert identity(sbx) == expected_identity(sbx.sandbox_id)
 
 
 def test_get_info_end_at_follows_timeout(e2b_env):
@@ -329,6 +342,7 @@ def test_pause_connect_preserves_state(e2b_env, server):
         assert same.files.read("/home/user/state.txt") == "before pause"
         assert same.files.read("/dev/shm/mem.txt") == "in memory\n"
         assert h.pid in [p.pid for p in same.commands.list()]
+        assert identity(same) == expected_identity(s.sandbox_id)
 
         # The wire statuses: 201 when connect resumed, 200 when it was already running.
         assert Sandbox.pause(s.sandbox_id) is True
@@ -466,6 +480,8 @@ def test_fork(e2b_env):
                 f.files.write("/home/user/fork.txt", f"fork {i}")
                 info = f.get_info()
                 assert info.metadata == {"forked": "yes"}
+                # Each fork is told its own id, not its parent's.
+                assert identity(f) == expected_identity(f.sandbox_id)
                 assert abs((info.end_at - now()).total_seconds() - 120) < 15
             assert [f.files.read("/home/user/fork.txt") for f in forks] == ["fork 0", "fork 1"]
             assert src.files.read("/home/user/fork.txt") == "parent state"

@@ -190,9 +190,15 @@ def test_run_timeout(cap):
         time.sleep(0.3)
 
 
+IDENTITY = 'echo "$WRENN_CAPSULE_ID|$WRENN_TEMPLATE_ID|${E2B_SANDBOX_ID-unset}"'
+
+
 def test_envs_and_cwd(cap):
     r = cap.commands.run("echo $FOO-$BAR; pwd", envs={"FOO": "foo", "BAR": "b a r"}, cwd="/tmp")
     assert r.stdout == "foo-b a r\n/tmp\n"
+    # The guest knows who it is; E2B's names are only for capsules E2B's API made.
+    template = cap.get_info().template
+    assert cap.commands.run(IDENTITY).stdout == f"{cap.capsule_id}|{template}|unset\n"
     h = cap.commands.run(
         "echo $BG_VAR > /tmp/bgenv.txt; pwd >> /tmp/bgenv.txt",
         background=True,
@@ -418,6 +424,7 @@ def test_pause_resume_keeps_state(wrenn_env):
             assert again.get_info().status == Status.running
             assert again.files.read("/home/user/state.txt") == "before pause"
             assert again.commands.run("echo back").stdout == "back\n"
+            assert again.commands.run(IDENTITY).stdout.startswith(f"{c.capsule_id}|")
             assert bg.pid in {p.pid for p in again.commands.list()}
         finally:
             again._client.close()
@@ -481,6 +488,8 @@ def test_snapshot_create_use_list_delete(wrenn_env):
         with Capsule.create(template=name, wait=True) as clone:
             assert clone.get_info().template == name
             assert clone.files.read("/home/user/snap.txt") == "in the snapshot"
+            # Restored from the snapshot, it is told its own id and the snapshot's name.
+            assert clone.commands.run(IDENTITY).stdout == f"{clone.capsule_id}|{name}|unset\n"
 
         client.snapshots.delete(name)
         assert name not in {t.name for t in client.snapshots.list()}

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::TierSnapshot;
+use wrenn_core::spec;
 use wrenn_core::status::CapsuleStatus;
 use wrenn_db::{Actor, Capsule, NewCapsule};
 
@@ -48,6 +49,8 @@ pub struct CreateParams {
     pub metadata: Map<String, Value>,
     pub envs: HashMap<String, String>,
     pub network: NetworkParams,
+    /// Made through E2B's API: the guest also sees E2B's identity variables.
+    pub e2b: bool,
 }
 
 /// A capsule's network settings as the API sets them.
@@ -238,6 +241,10 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
     let (template, host_template) = (resolved.name.clone(), resolved.host_name.clone());
     let mut labels = HashMap::new();
     labels.insert(TEAM_LABEL.to_string(), who.team_id.clone());
+    labels.insert(spec::TEMPLATE_ID_LABEL.to_string(), template.clone());
+    if p.e2b {
+        labels.insert(spec::E2B_LABEL.to_string(), "1".to_string());
+    }
     // A pre-booted template restores with the sizes it was saved with: other sizes
     // of a platform template boot it instead; a team snapshot always keeps its own.
     let (mut vcpus, mut memory_mb, mut cold_boot) = (p.vcpus, p.memory_mb, false);

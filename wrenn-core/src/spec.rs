@@ -1,6 +1,7 @@
 //! What a caller asks for when creating a capsule, and the checks on it.
 
 use crate::egress::EgressPolicy;
+use crate::id::CapsuleId;
 use crate::template::{InvalidTemplateName, TemplateName};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -129,9 +130,58 @@ impl CreateOptions {
     }
 }
 
+/// Label naming the template as the capsule's creator knows it (a platform's template
+/// id or alias), for the guest's `WRENN_TEMPLATE_ID`; without it the host's template
+/// name is used.
+pub const TEMPLATE_ID_LABEL: &str = "wrenn.template_id";
+/// Label set on capsules made through E2B's API: their guests also see E2B's names.
+pub const E2B_LABEL: &str = "wrenn.e2b";
+
+impl CapsuleSpec {
+    /// The environment every process in capsule `id` starts with: the caller's
+    /// variables, and the capsule's identity, which they cannot override.
+    pub fn guest_env(&self, id: &CapsuleId) -> HashMap<String, String> {
+        let mut env = self.envs.clone();
+        let template = self
+            .metadata
+            .get(TEMPLATE_ID_LABEL)
+            .cloned()
+            .unwrap_or_else(|| self.template.as_str().to_string());
+        if self.metadata.contains_key(E2B_LABEL) {
+            env.insert("E2B_SANDBOX".into(), "true".into());
+            env.insert("E2B_SANDBOX_ID".into(), id.to_string());
+            env.insert("E2B_SANDBOX_TEMPLATE_ID".into(), template.clone());
+        }
+        env.insert("WRENN_CAPSULE_ID".into(), id.to_string());
+        env.insert("WRENN_TEMPLATE_ID".into(), template);
+        env
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_env_names_the_capsule_and_its_template() {
+        let l = Limits::default();
+        let id = CapsuleId::random();
+        let mut o = CreateOptions::default();
+        o.envs.insert("A".into(), "1".into());
+        o.envs.insert("WRENN_CAPSULE_ID".into(), "spoofed".into());
+        let env = o.validate(&l).unwrap().guest_env(&id);
+        assert_eq!(env["A"], "1");
+        assert_eq!(env["WRENN_CAPSULE_ID"], id.to_string());
+        assert_eq!(env["WRENN_TEMPLATE_ID"], "minimal");
+        assert!(!env.contains_key("E2B_SANDBOX_ID"));
+
+        o.metadata.insert(TEMPLATE_ID_LABEL.into(), "my-tpl".into());
+        o.metadata.insert(E2B_LABEL.into(), "1".into());
+        let env = o.validate(&l).unwrap().guest_env(&id);
+        assert_eq!(env["WRENN_TEMPLATE_ID"], "my-tpl");
+        assert_eq!(env["E2B_SANDBOX_ID"], id.to_string());
+        assert_eq!(env["E2B_SANDBOX_TEMPLATE_ID"], "my-tpl");
+    }
 
     #[test]
     fn defaults_and_bounds() {

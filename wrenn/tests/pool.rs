@@ -62,12 +62,18 @@ async fn a_pooled_capsule_is_a_fresh_capsule() {
         &host,
         &first.id,
         "echo $POOLED; whoami; date +%s; echo secret > /tmp/left-behind; \
-         echo secret > /home/user/left-behind",
+         echo secret > /home/user/left-behind; echo $WRENN_CAPSULE_ID $WRENN_TEMPLATE_ID",
     )
     .await;
     assert_eq!(code, 0);
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("first"), "env given at create: {out}");
+    // The guest knows the id it was claimed as, not the pool entry's old one.
+    assert_eq!(
+        out.lines().last(),
+        Some(format!("{} minimal", first.id).as_str()),
+        "{out}"
+    );
     assert_eq!(lines.next(), Some("user"), "the default user: {out}");
     let guest_now: i64 = lines.next().and_then(|l| l.parse().ok()).expect("date");
     let host_now = std::time::SystemTime::now()

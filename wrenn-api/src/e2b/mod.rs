@@ -465,6 +465,7 @@ pub async fn create(
             metadata,
             envs: req.env_vars.unwrap_or_default(),
             network,
+            e2b: true,
         },
     )
     .await

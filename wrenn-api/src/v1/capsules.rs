@@ -195,6 +195,7 @@ pub async fn create(
                 egress,
                 private_ports: false,
             },
+            e2b: false,
         },
     )
     .await?;

@@ -162,7 +162,7 @@ impl Ctx {
         init_agent
             .init(&GuestInit {
                 access_token: Some(record.access_token.clone()),
-                env_vars: record.spec.envs.clone(),
+                env_vars: record.spec.guest_env(&record.id),
                 default_user: None,
                 default_workdir: None,
                 timestamp: Some(SystemTime::now()),

@@ -382,7 +382,7 @@ impl Capsules {
             agent
                 .init(&GuestInit {
                     access_token: Some(token.clone()),
-                    env_vars: spec.envs.clone(),
+                    env_vars: spec.guest_env(&record.id),
                     default_user: None,
                     default_workdir: None,
                     timestamp: Some(SystemTime::now()),

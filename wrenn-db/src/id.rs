@@ -13,6 +13,7 @@ pub mod prefix {
     pub const HOST_TOKEN: &str = "htok-";
     pub const HOST_REFRESH: &str = "hrt-";
     pub const HOST_JOIN: &str = "hjoin-";
+    pub const BUILD: &str = "bld-";
 }
 
 /// A new random id with `prefix`, e.g. `new_id(prefix::USER)` → `usr-0k3…`.

@@ -21,6 +21,7 @@
 mod api_keys;
 mod audit;
 mod bootstrap;
+mod builds;
 mod capsules;
 mod error;
 mod hosts;
@@ -45,6 +46,7 @@ pub use audit::{
 pub use bootstrap::{
     ensure_bootstrap, ensure_bootstrap_admin_password, BOOTSTRAP_ADMIN_EMAIL, BOOTSTRAP_TEAM_NAME,
 };
+pub use builds::{Build, BuildEnd, BuildFile, BuildLog, BuildStatus, LogStream, NewBuild};
 pub use capsules::{Capsule, NewCapsule, TeamUsage, DEFAULT_DISK_MB};
 pub use error::DbError;
 pub use hosts::{

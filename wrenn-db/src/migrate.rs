@@ -68,6 +68,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0010_host_refresh.sql"),
         include_str!("../migrations/postgres/0010_host_refresh.sql"),
     ),
+    (
+        11,
+        "template builds",
+        include_str!("../migrations/sqlite/0011_template_builds.sql"),
+        include_str!("../migrations/postgres/0011_template_builds.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

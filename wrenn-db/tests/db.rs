@@ -29,7 +29,124 @@ on_both_backends!(
     platform_audit_is_apart_from_teams,
     host_refresh_tokens_are_single_use,
     join_tokens_register_up_to_their_limit,
+    template_builds_queue_log_and_end,
 );
+
+/// Builds: queued with their files, claimed by exactly one of racing workers, logged
+/// in order, cancelled, ended once, seen only by their team.
+async fn template_builds_queue_log_and_end(t: &TestDb) {
+    let db = &t.db;
+    let (_, a) = team_of(db, "ba@example.com").await;
+    let (_, b) = team_of(db, "bb@example.com").await;
+    let new = |name: &str| NewBuild {
+        name: name.into(),
+        base_template: "minimal".into(),
+        recipe: vec!["RUN true".into(), "COPY a.txt /a.txt".into()],
+        healthcheck: None,
+        vcpus: 1,
+        memory_mb: 512,
+        skip_pre_post: true,
+        timeout_sec: 600,
+        metadata: Map::new(),
+        created_by: None,
+    };
+    let file = BuildFile {
+        path: "a.txt".into(),
+        mode: 0o640,
+        data: vec![0, 1, 2, 255],
+    };
+    let first = db
+        .insert_build(&a.id, new("one"), vec![file.clone()])
+        .await
+        .unwrap();
+    assert!(first.id.starts_with("bld-"));
+    assert_eq!(first.status, BuildStatus::Pending);
+    assert_eq!((first.current_step, first.total_steps), (0, 2));
+    assert_eq!(first.recipe[1], "COPY a.txt /a.txt");
+    let second = db.insert_build(&a.id, new("two"), vec![]).await.unwrap();
+    assert!(db
+        .get_build(Some(&b.id), &first.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db.list_builds(Some(&b.id), 10).await.unwrap().is_empty());
+    assert_eq!(db.list_builds(None, 10).await.unwrap().len(), 2);
+    assert_eq!(db.build_files(&first.id).await.unwrap(), vec![file]);
+
+    // Three racing workers: each build goes to one of them, the oldest first.
+    let (x, y, z) = tokio::join!(db.claim_build(), db.claim_build(), db.claim_build());
+    let mut got: Vec<String> = [x, y, z]
+        .into_iter()
+        .filter_map(|r| r.unwrap().map(|b| b.id))
+        .collect();
+    got.sort();
+    let mut want = vec![first.id.clone(), second.id.clone()];
+    want.sort();
+    assert_eq!(got, want);
+    assert!(db.claim_build().await.unwrap().is_none());
+
+    db.build_progress(&first.id, 1, Some(("cl-x", "local")))
+        .await
+        .unwrap();
+    let lines: Vec<_> = (0..5)
+        .map(|i| (1, LogStream::Stdout, format!("line {i}")))
+        .collect();
+    db.append_build_logs(&first.id, 0, &lines[..3])
+        .await
+        .unwrap();
+    db.append_build_logs(&first.id, 3, &lines[3..])
+        .await
+        .unwrap();
+    let tail = db.build_logs(&first.id, 2, 100).await.unwrap();
+    assert_eq!(
+        tail.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(),
+        ["line 2", "line 3", "line 4"]
+    );
+    assert_eq!(tail[0].seq, 2);
+
+    // A running build is cancelled by asking its worker; an ended one stays ended.
+    let asked = db.cancel_build(Some(&a.id), &second.id).await.unwrap();
+    assert!(asked.cancel_requested);
+    assert_eq!(asked.status, BuildStatus::Running);
+    let end = |status| BuildEnd {
+        status,
+        error: None,
+        template_id: Some("tpl-x".into()),
+        default_user: Some("user".into()),
+        default_env: json!({"A": "1"}).as_object().cloned().unwrap(),
+    };
+    assert!(db
+        .finish_build(&first.id, end(BuildStatus::Success))
+        .await
+        .unwrap());
+    assert!(!db
+        .finish_build(&first.id, end(BuildStatus::Failed))
+        .await
+        .unwrap());
+    let done = db.get_build(Some(&a.id), &first.id).await.unwrap();
+    assert_eq!(done.status, BuildStatus::Success);
+    assert_eq!(done.capsule_id, None);
+    assert_eq!(done.host_id.as_deref(), Some("local"));
+    assert_eq!(done.default_env["A"], "1");
+    assert!(db.build_files(&first.id).await.unwrap().is_empty());
+
+    // A worker that went silent: its running build is stale.
+    let later = now() + std::time::Duration::from_secs(120);
+    let stale: Vec<_> = db
+        .stale_builds(later)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(stale, vec![second.id.clone()]);
+
+    // A queued build is cancelled at once.
+    let third = db.insert_build(&a.id, new("three"), vec![]).await.unwrap();
+    let c = db.cancel_build(None, &third.id).await.unwrap();
+    assert_eq!(c.status, BuildStatus::Cancelled);
+    assert!(db.claim_build().await.unwrap().is_none());
+}
 
 /// A join token creates hosts up to its limit (racing registrations included), a taken
 /// host id is a conflict that uses nothing up, and revoked or expired tokens fail.

@@ -341,6 +341,10 @@ def server(request) -> Server:
             # little: keep room for a quarter of their disks (test_host_disk checks
             # the default, fully reserved, on servers of its own).
             "--disk-overcommit", "4",
+            # Template builds' phases: the default pre-build phase updates the package
+            # index over the network, which the tests never reach.
+            "--build-pre-command", "echo pre-build phase",
+            "--build-post-command", "echo post-build phase",
         ],
         env=env,
         log_path=os.path.join(data_dir, "serve.log"),

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod builds;
 pub mod cache;
 pub mod cluster;
 pub mod e2b;
@@ -123,6 +124,23 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(snapshots::list).post(snapshots::create),
         )
         .route("/v1/snapshots/{name}", delete(snapshots::delete))
+        .route(
+            "/v1/builds",
+            get(v1::builds::list).post(v1::builds::create).layer(
+                axum::extract::DefaultBodyLimit::max(
+                    usize::try_from(state.config.upload_limit).unwrap_or(usize::MAX) + (1 << 20),
+                ),
+            ),
+        )
+        .route("/v1/builds/{id}", get(v1::builds::get))
+        .route("/v1/builds/{id}/logs", get(v1::builds::logs))
+        .route("/v1/builds/{id}/cancel", post(v1::builds::cancel))
+        .route("/v1/admin/builds", get(v1::builds::admin_list))
+        .route("/v1/admin/builds/{id}", get(v1::builds::admin_get))
+        .route(
+            "/v1/admin/builds/{id}/cancel",
+            post(v1::builds::admin_cancel),
+        )
         .route("/v1/hosts", get(v1::hosts::list).post(v1::hosts::create))
         .route("/v1/hosts/register", post(v1::hosts::register))
         .route("/v1/hosts/auth/refresh", post(v1::hosts::refresh))

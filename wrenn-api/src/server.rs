@@ -308,6 +308,7 @@ impl ControlPlane {
             .map_err(ServeError::Reconcile)?;
         let monitor = crate::lifecycle::spawn_monitor(state.clone());
         let reaper = crate::lifecycle::spawn_reaper(state.clone());
+        let builders = crate::builds::spawn_builders(state.clone());
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
             .map_err(|source| ServeError::Listen {
@@ -325,6 +326,7 @@ impl ControlPlane {
         )
         .with_graceful_shutdown(shutdown)
         .await;
+        builders.abort();
         reaper.abort();
         monitor.abort();
         crate::lifecycle::pause_all_running(&state).await;

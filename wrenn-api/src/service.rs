@@ -120,6 +120,8 @@ pub struct Resolved {
     pub holder: Option<wrenn_core::scheduler::HostId>,
     /// A team snapshot's row id and the other hosts holding a copy of it.
     pub snapshot: Option<(String, Vec<wrenn_core::scheduler::HostId>)>,
+    /// Environment a built template gives its capsules (theirs override it).
+    pub default_env: HashMap<String, String>,
 }
 
 /// Validates a template name and finds it: a snapshot of the caller's team first, then a
@@ -140,11 +142,22 @@ pub async fn resolve_template(
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::internal("snapshot has no host template"))?;
             let copies = state.db.template_copies(&t.id).await?;
+            let default_env = t
+                .metadata
+                .get(crate::builds::DEFAULT_ENV_KEY)
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
             return Ok(Resolved {
                 name: name.to_string(),
                 host_name: host.to_string(),
                 holder: t.host_id,
                 snapshot: Some((t.id, copies)),
+                default_env,
             });
         }
         Err(e) if e.is_not_found() => {}
@@ -165,6 +178,7 @@ pub async fn resolve_template(
             host_name: host_name.to_string(),
             holder: None,
             snapshot: None,
+            default_env: HashMap::new(),
         }),
         Err(e) if e.kind == HostErrorKind::NotFound => {
             Err(ApiError::not_found(&format!("template {name}")))
@@ -324,7 +338,11 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
         template: host_template,
         vcpus,
         memory_mb,
-        envs: p.envs,
+        envs: {
+            let mut envs = resolved.default_env.clone();
+            envs.extend(p.envs);
+            envs
+        },
         labels,
         cold_boot,
         network: p.network.egress.clone(),
@@ -917,6 +935,19 @@ pub async fn snapshot_with(
     name: &str,
     overwrite: bool,
 ) -> ApiResult<wrenn_db::Template> {
+    snapshot_as(state, who, c, name, overwrite, Map::new()).await
+}
+
+/// [`snapshot_with`], the template row also carrying `extra` metadata (a built
+/// template's defaults).
+pub async fn snapshot_as(
+    state: &AppState,
+    who: &Principal,
+    c: &Capsule,
+    name: &str,
+    overwrite: bool,
+    extra: Map<String, Value>,
+) -> ApiResult<wrenn_db::Template> {
     if c.status != CapsuleStatus::Running {
         return Err(ApiError::invalid_state(format!(
             "capsule {} is {}; snapshot needs it running",
@@ -961,7 +992,7 @@ pub async fn snapshot_with(
             return Err(e.into());
         }
     };
-    let mut metadata = Map::new();
+    let mut metadata = extra;
     metadata.insert(HOST_TEMPLATE_KEY.into(), host_name.clone().into());
     let new = wrenn_db::NewTemplate {
         name: parsed,

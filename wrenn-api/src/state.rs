@@ -126,6 +126,8 @@ pub struct ApiConfig {
     /// Reverse proxies whose `X-Forwarded-For` names the client (for sign-in throttling);
     /// anyone else's header is ignored.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Template build workers.
+    pub builds: crate::builds::BuildConfig,
 }
 
 impl Default for ApiConfig {
@@ -146,6 +148,7 @@ impl Default for ApiConfig {
             hash_concurrency: 0,
             hash_queue: 32,
             trusted_proxies: Vec::new(),
+            builds: crate::builds::BuildConfig::default(),
         }
     }
 }
@@ -189,6 +192,8 @@ pub struct AppState {
     pub members: crate::auth::MemberCache,
     /// Sign-up and login throttling and the bound on concurrent password hashes.
     pub auth_throttle: crate::auth::AuthThrottle,
+    /// Template build workers.
+    pub builders: crate::builds::Builders,
 }
 
 impl AppState {
@@ -229,6 +234,7 @@ impl AppState {
             copy_locks: Default::default(),
             streams: crate::proxy::LiveStreams::default(),
             reaper_backoff: crate::lifecycle::ReaperBackoff::default(),
+            builders: crate::builds::Builders::default(),
         }
     }
 

@@ -351,6 +351,17 @@ impl Db {
         Ok(())
     }
 
+    /// Records that a running build's worker is alive.
+    pub async fn touch_build(&self, id: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE template_builds SET heartbeat_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(to_db(now()))
+            .execute(self.pool())
+            .await
+            .map_err(|e| Ctx::op("touch build").err(e))?;
+        Ok(())
+    }
+
     /// Ends a running (or queued) build; its uploaded files go. False if it had
     /// already ended.
     pub async fn finish_build(&self, id: &str, end: BuildEnd) -> Result<bool, DbError> {

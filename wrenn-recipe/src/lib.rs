@@ -122,7 +122,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Splits a leading `--name=value` option off `rest`.
-fn take_option<'a>(rest: &'a str) -> Option<(&'a str, &'a str, &'a str)> {
+fn take_option(rest: &str) -> Option<(&str, &str, &str)> {
     let rest = rest.trim_start();
     let opt = rest.strip_prefix("--")?;
     let end = opt.find(char::is_whitespace).unwrap_or(opt.len());

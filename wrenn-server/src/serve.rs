@@ -99,6 +99,20 @@ pub struct ServeArgs {
     /// Seconds between inactivity checks.
     #[arg(long, env = "WRENN_REAPER_PERIOD", default_value_t = 2)]
     reaper_period: u64,
+    /// Template builds this server runs at once.
+    #[arg(long, env = "WRENN_BUILD_WORKERS", default_value_t = 2)]
+    build_workers: usize,
+    /// Pre-build phase of template builds, run as root in the build's capsule (a failure
+    /// is logged, not fatal). Default: a package index update where apt is.
+    #[arg(long, env = "WRENN_BUILD_PRE_COMMAND")]
+    build_pre_command: Option<String>,
+    /// Post-build phase of template builds (default: package caches cleaned).
+    #[arg(long, env = "WRENN_BUILD_POST_COMMAND")]
+    build_post_command: Option<String>,
+    /// Seconds after which a running build whose server went silent is failed and its
+    /// capsule destroyed.
+    #[arg(long, env = "WRENN_BUILD_HEARTBEAT_TIMEOUT", default_value_t = 60)]
+    build_heartbeat_timeout: u64,
     /// Start even if the database and the data directory were not used together before
     /// (a fresh database for a data directory with capsules, or the database of another
     /// data directory), and pair them from now on.
@@ -252,6 +266,15 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
             hash_concurrency: a.password_hash_concurrency,
             hash_queue: a.password_hash_queue,
             trusted_proxies: a.trusted_proxies,
+            builds: {
+                let d = wrenn_api::builds::BuildConfig::default();
+                wrenn_api::builds::BuildConfig {
+                    workers: a.build_workers.max(1),
+                    pre_build: a.build_pre_command.unwrap_or(d.pre_build),
+                    post_build: a.build_post_command.unwrap_or(d.post_build),
+                    stale_after: Duration::from_secs(a.build_heartbeat_timeout.max(3)),
+                }
+            },
             ..Default::default()
         },
         monitor: MonitorConfig {

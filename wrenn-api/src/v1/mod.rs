@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod admin;
+pub mod builds;
 pub mod capsules;
 pub mod files;
 pub mod hosts;

@@ -3,7 +3,8 @@
 Keeps the capsules the fuzzer creates bounded: at most ``KEEP`` of them live at once,
 the oldest destroyed first (recent ones stay, so a follow-up request of the stateful
 phase still finds what it just created). Each is destroyed with the credentials that
-created it. The test's teardown sweeps the rest.
+created it. Template builds the fuzzer queues are cancelled at once (a build runs in a
+capsule of its own). The test's teardown sweeps the rest.
 """
 
 from __future__ import annotations
@@ -39,10 +40,18 @@ def _created_capsules(response) -> list[str]:
 
 @schemathesis.hook
 def after_call(context, case, response):
-    if case.method.upper() != "POST" or response.status_code not in (200, 201):
+    if case.method.upper() != "POST" or response.status_code not in (200, 201, 202):
         return
     sent = response.request.headers
     auth = {k: v for k, v in sent.items() if k.lower() in AUTH_HEADERS}
+    if response.status_code == 202:
+        try:
+            build = response.json().get("id", "")
+        except Exception:  # noqa: BLE001 - not JSON: nothing was queued
+            build = ""
+        if isinstance(build, str) and build.startswith("bld-"):
+            httpx.post(f"{URL}/v1/builds/{build}/cancel", headers=auth, timeout=60)
+        return
     for cid in _created_capsules(response):
         if all(cid != c for c, _ in _live):
             _live.append((cid, auth))

@@ -79,6 +79,14 @@ def _sweep(server, headers_list) -> list:
                     c.delete(f"/v1/capsules/{cap['id']}")
             for snap in c.get("/v1/snapshots", params={"type": "snapshot"}).json():
                 c.delete(f"/v1/snapshots/{snap['name']}")
+            # Builds the fuzzer queued (cancelled by the hooks) end with their capsules.
+            for b in c.get("/v1/builds").json():
+                if b["status"] in ("pending", "running"):
+                    c.post(f"/v1/builds/{b['id']}/cancel")
+            deadline = time.monotonic() + 120
+            while any(b["status"] in ("pending", "running") for b in c.get("/v1/builds").json()):
+                assert time.monotonic() < deadline, "fuzzed builds did not end"
+                time.sleep(1)
             left += [x for x in c.get("/v1/capsules").json() if x["status"] not in ("stopped", "error")]
     return left
 

@@ -5,6 +5,7 @@ use crate::auth::{Auth, Principal};
 use crate::error::{json_rejection, ApiError, ApiResult, ErrorBody};
 use crate::service;
 use crate::state::AppState;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::Json;
@@ -386,13 +387,20 @@ pub async fn create(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Most builds returned (newest first; default 50, at most 200).
+    /// Most builds returned (newest first; default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
 }
 
 async fn list_for(st: &AppState, team: Option<&str>, q: ListQuery) -> ApiResult<Vec<BuildView>> {
-    let limit = q.limit.unwrap_or(50).clamp(1, 200);
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit must be between 1 and 200, got {limit}"
+        )));
+    }
     Ok(st
         .db
         .list_builds(team, limit)
@@ -437,8 +445,9 @@ async fn cancel_for(
 pub async fn list(
     State(st): S,
     Auth(who): Auth,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<BuildView>>> {
+    let Query(q) = q.map_err(crate::error::query_rejection)?;
     Ok(Json(list_for(&st, Some(&who.team_id), q).await?))
 }
 
@@ -454,10 +463,13 @@ pub async fn get(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// First line wanted (the `next_offset` of the previous page).
+    #[param(minimum = 0)]
     pub offset: Option<u64>,
-    /// Most lines returned (default 500, at most 5000).
+    /// Most lines returned (default 500).
+    #[param(minimum = 1, maximum = 5000)]
     pub limit: Option<u32>,
 }
 
@@ -479,18 +491,22 @@ pub async fn logs(
     State(st): S,
     Auth(who): Auth,
     Path(id): Path<String>,
-    Query(q): Query<LogsQuery>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
 ) -> ApiResult<Json<BuildLogs>> {
+    let Query(q) = q.map_err(crate::error::query_rejection)?;
     let b = st
         .db
         .get_build(Some(&who.team_id), &id)
         .await
         .map_err(|_| ApiError::not_found(&format!("build {id}")))?;
     let offset = q.offset.unwrap_or(0);
-    let lines = st
-        .db
-        .build_logs(&b.id, offset, q.limit.unwrap_or(500).clamp(1, 5000))
-        .await?;
+    let limit = q.limit.unwrap_or(500);
+    if !(1..=5000).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit must be between 1 and 5000, got {limit}"
+        )));
+    }
+    let lines = st.db.build_logs(&b.id, offset, limit).await?;
     let next_offset = lines.last().map_or(offset, |l| l.seq + 1);
     Ok(Json(BuildLogs {
         logs: lines.into_iter().map(log_view).collect(),
@@ -516,9 +532,10 @@ pub async fn cancel(
 pub async fn admin_list(
     State(st): S,
     Auth(who): Auth,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<BuildView>>> {
     super::admin::platform_admin(&who)?;
+    let Query(q) = q.map_err(crate::error::query_rejection)?;
     Ok(Json(list_for(&st, None, q).await?))
 }
 

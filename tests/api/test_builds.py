@@ -17,6 +17,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import tarfile
 import time
 import uuid
@@ -300,3 +301,49 @@ def test_a_killed_servers_build_is_failed_and_cleaned(start_server):
     # No VMM of the build is left on the host.
     time.sleep(1)
     assert capsule not in os.popen("ps -eo args").read()
+
+
+def test_cli_builds_a_recipe_file(server, tmp_path):
+    """`wrenn template build FILE`: the file's COPY sources are uploaded from its
+    directory, the log is printed as the build runs, the exit code says how it ended."""
+    from conftest import BINARY
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "app.ini").write_text("[app]\nmode=cli\n")
+    recipe = tmp_path / "Wrennfile"
+    recipe.write_text(
+        "# built by the command line\n"
+        "FROM minimal\n"
+        "ENV MODE=cli\n"
+        "COPY conf/ /etc/cliapp/\n"
+        "RUN echo \"mode is $MODE\" && \\\n"
+        "    grep -q mode=cli /etc/cliapp/app.ini\n"
+    )
+    name = "cli-" + uuid.uuid4().hex[:8]
+    env = {**os.environ, "WRENN_BASE_URL": server.url, "WRENN_API_KEY": server.admin_key}
+    r = subprocess.run(
+        [BINARY, "template", "build", str(recipe), "--name", name, "--skip-pre-post"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"template {name} built" in r.stdout
+    out = r.stdout + r.stderr
+    assert "==> step 3/3: RUN echo" in out and "    mode is cli" in out
+    with server.admin() as c:
+        assert name in {t["name"] for t in c.get("/v1/snapshots").json()}
+
+    # A failing step: exit code 1 and the reason.
+    recipe.write_text("FROM minimal\nRUN exit 4\n")
+    r = subprocess.run(
+        [BINARY, "template", "build", str(recipe), "--name", name + "-x", "--skip-pre-post"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 1
+    assert "failed: step 1 (RUN exit 4): exited with code 4" in r.stderr
+    # A bad file is refused before anything is sent, naming the line.
+    recipe.write_text("FROM minimal\n\nRUNN true\n")
+    r = subprocess.run(
+        [BINARY, "template", "build", str(recipe), "--name", name + "-y"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 1 and "line 3: unknown instruction" in r.stderr, r.stderr

@@ -6,6 +6,7 @@ mod doctor;
 mod host_args;
 mod images;
 mod serve;
+mod template;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -39,6 +40,11 @@ enum Cmd {
     Image {
         #[command(subcommand)]
         command: ImageCmd,
+    },
+    /// Template builds on a control plane.
+    Template {
+        #[command(subcommand)]
+        command: TemplateCmd,
     },
     /// Create a capsule, run one command in it, stream its output, destroy it,
     /// and exit with the command's exit code.
@@ -93,6 +99,13 @@ enum ImageCmd {
         #[arg(long = "template")]
         templates: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateCmd {
+    /// Build a template from a recipe file on a control plane (`wrenn serve`),
+    /// following its progress and log; exits non-zero if the build fails.
+    Build(template::BuildArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -191,6 +204,11 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Cmd::Image {
             command: ImageCmd::Build { templates },
         } => images::build(&data, &templates).await.map(|_| 0),
+        Cmd::Template {
+            command: TemplateCmd::Build(args),
+        } => tokio::task::spawn_blocking(move || template::build(args))
+            .await
+            .context("template build")?,
         Cmd::Run(args) => run(data, args).await,
         Cmd::Resume { id, exec } => resume(data, &id, exec).await,
         Cmd::Snapshot {

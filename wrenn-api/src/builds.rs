@@ -345,10 +345,7 @@ async fn run(st: &Arc<AppState>, build: Build) {
             r.log.system(format!("build cancelled: {e}"));
             BuildEnd {
                 status: BuildStatus::Cancelled,
-                error: Some(e),
-                template_id: None,
-                default_user: None,
-                default_env: Map::new(),
+                ..failed(e)
             }
         }
     };
@@ -410,14 +407,8 @@ impl Run {
         self.guest = Some(self.st.guest(&c).await.map_err(service::host_err)?);
         self.capsule = Some(c);
 
-        let mut ctx = Context {
-            env: Vec::new(),
-            user: "root".into(),
-            workdir: "/".into(),
-            user_set: false,
-            workdir_set: false,
-            started: false,
-        };
+        // Steps run as root in `/` until the recipe says otherwise.
+        let mut ctx = root_at("/");
         if !b.skip_pre_post {
             self.log.system("pre-build");
             let cmd = self.st.config.builds.pre_build.clone();

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from wrenn import Capsule
 
-from conftest import ADMIN_KEY
+from conftest import ADMIN_KEY, BINARY
 
 FINAL = {"success", "failed", "cancelled"}
 
@@ -306,8 +306,6 @@ def test_a_killed_servers_build_is_failed_and_cleaned(start_server):
 def test_cli_builds_a_recipe_file(server, tmp_path):
     """`wrenn template build FILE`: the file's COPY sources are uploaded from its
     directory, the log is printed as the build runs, the exit code says how it ended."""
-    from conftest import BINARY
-
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "app.ini").write_text("[app]\nmode=cli\n")
     recipe = tmp_path / "Wrennfile"

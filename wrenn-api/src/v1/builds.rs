@@ -466,7 +466,7 @@ pub async fn get(
 #[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// First line wanted (the `next_offset` of the previous page).
-    #[param(minimum = 0)]
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     pub offset: Option<u64>,
     /// Most lines returned (default 500).
     #[param(minimum = 1, maximum = 5000)]
@@ -500,6 +500,12 @@ pub async fn logs(
         .await
         .map_err(|_| ApiError::not_found(&format!("build {id}")))?;
     let offset = q.offset.unwrap_or(0);
+    if i64::try_from(offset).is_err() {
+        return Err(ApiError::invalid(format!(
+            "offset must be at most {}, got {offset}",
+            i64::MAX
+        )));
+    }
     let limit = q.limit.unwrap_or(500);
     if !(1..=5000).contains(&limit) {
         return Err(ApiError::invalid(format!(

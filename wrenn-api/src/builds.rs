@@ -291,6 +291,8 @@ struct Run {
     deadline: Instant,
     capsule: Option<Capsule>,
     guest: Option<Arc<dyn GuestAgent>>,
+    /// The build's uploaded files, read once at its first `COPY`.
+    files: Option<Arc<Vec<wrenn_db::BuildFile>>>,
 }
 
 async fn run(st: &Arc<AppState>, build: Build) {
@@ -329,6 +331,7 @@ async fn run(st: &Arc<AppState>, build: Build) {
         who,
         capsule: None,
         guest: None,
+        files: None,
     };
     tracing::info!(build = %r.build.id, name = %r.build.name, "build started");
     let result = r.execute().await;
@@ -618,47 +621,44 @@ impl Run {
     /// Copies uploaded files: staged in /tmp through envd, then installed as root and
     /// given to the current user.
     async fn copy(&mut self, srcs: &[String], dst: &str, ctx: &Context) -> Result<(), Stop> {
-        let files = self
-            .st
-            .db
-            .build_files(&self.build.id)
-            .await
-            .map_err(ApiError::from)?;
+        if self.files.is_none() {
+            let loaded = self
+                .st
+                .db
+                .build_files(&self.build.id)
+                .await
+                .map_err(ApiError::from)?;
+            self.files = Some(Arc::new(loaded));
+        }
+        let files = self.files.clone().unwrap_or_default();
         let dst = wrenn_recipe::resolve(&ctx.workdir, dst);
         let into_dir = dst.ends_with('/') || srcs.len() > 1;
+        let dir = dst.trim_end_matches('/');
         let mut plan: Vec<(&wrenn_db::BuildFile, String)> = Vec::new();
         for src in srcs {
-            let s = src.trim_end_matches('/');
-            let exact = files.iter().find(|f| f.path == s);
-            let under: Vec<_> = files
+            let covered: Vec<_> = files
                 .iter()
-                .filter(|f| s.is_empty() || s == "." || f.path.starts_with(&format!("{s}/")))
+                .filter_map(|f| Some((f, wrenn_recipe::copy_relative(src, &f.path)?)))
                 .collect();
-            match (exact, under.is_empty()) {
-                (Some(f), _) => {
+            match covered.iter().find(|(_, rel)| rel.is_empty()) {
+                // The source is one file.
+                Some((f, _)) => {
+                    let s = src.trim_end_matches('/');
                     let name = s.rsplit('/').next().unwrap_or(s);
                     let to = if into_dir {
-                        format!("{}/{name}", dst.trim_end_matches('/'))
+                        format!("{dir}/{name}")
                     } else {
                         dst.clone()
                     };
                     plan.push((f, to));
                 }
-                (None, false) => {
-                    for f in under {
-                        let rel = if s.is_empty() || s == "." {
-                            f.path.as_str()
-                        } else {
-                            &f.path[s.len() + 1..]
-                        };
-                        plan.push((f, format!("{}/{rel}", dst.trim_end_matches('/'))));
-                    }
-                }
-                (None, true) => {
+                None if covered.is_empty() => {
                     return Err(Stop::Failed(format!(
                         "{src} is not among the build's uploaded files"
                     )))
                 }
+                // A directory: its files keep their places under the destination.
+                None => plan.extend(covered.iter().map(|(f, rel)| (*f, format!("{dir}/{rel}")))),
             }
         }
         let guest = self.guest()?;

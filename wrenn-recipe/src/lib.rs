@@ -406,6 +406,22 @@ pub fn parse_file(text: &str) -> Result<RecipeFile, RecipeError> {
     Ok(out)
 }
 
+/// Whether uploaded file `path` is covered by `COPY` source `src`, and where it sits
+/// under it: `Some("")` when it is the source itself, `Some(rel)` when it is at `rel`
+/// inside the source directory (`.` is the whole upload), `None` when not copied.
+pub fn copy_relative<'a>(src: &str, path: &'a str) -> Option<&'a str> {
+    let src = src.trim_end_matches('/');
+    if src.is_empty() || src == "." {
+        return Some(path).filter(|p| !p.is_empty());
+    }
+    if path == src {
+        return Some("");
+    }
+    path.strip_prefix(src)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .filter(|rel| !rel.is_empty())
+}
+
 /// Joins `path` to working directory `cwd` (guest paths, POSIX).
 pub fn resolve(cwd: &str, path: &str) -> String {
     if path.starts_with('/') {

@@ -118,6 +118,17 @@ fn recipe_files() {
 }
 
 #[test]
+fn copy_sources_cover_files_and_directories() {
+    assert_eq!(copy_relative("a.txt", "a.txt"), Some(""));
+    assert_eq!(copy_relative("app/", "app/bin/run.sh"), Some("bin/run.sh"));
+    assert_eq!(copy_relative("app", "app/x"), Some("x"));
+    assert_eq!(copy_relative("app", "apple/x"), None);
+    assert_eq!(copy_relative("app/x", "app"), None);
+    assert_eq!(copy_relative(".", "any/file"), Some("any/file"));
+    assert_eq!(copy_relative("./", "f"), Some("f"));
+}
+
+#[test]
 fn paths_resolve_against_the_workdir() {
     assert_eq!(resolve("/srv/", "a/b"), "/srv/a/b");
     assert_eq!(resolve("/srv", "/etc"), "/etc");

@@ -302,12 +302,9 @@ pub async fn validate(
     for step in &steps {
         if let wrenn_recipe::Step::Copy { srcs, .. } = step {
             for src in srcs {
-                let s = src.trim_end_matches('/');
-                let found = s.is_empty()
-                    || s == "."
-                    || files
-                        .iter()
-                        .any(|f| f.path == s || f.path.starts_with(&format!("{s}/")));
+                let found = files
+                    .iter()
+                    .any(|f| wrenn_recipe::copy_relative(src, &f.path).is_some());
                 if !found {
                     return Err(ApiError::invalid(format!(
                         "recipe: COPY {src}: not in the uploaded archive"
@@ -410,12 +407,22 @@ async fn list_for(st: &AppState, team: Option<&str>, q: ListQuery) -> ApiResult<
         .collect())
 }
 
+/// A build lookup's error: not found (or another team's) names the build; a database
+/// failure stays one.
+fn build_err(id: &str, e: wrenn_db::DbError) -> ApiError {
+    if e.is_not_found() {
+        ApiError::not_found(&format!("build {id}"))
+    } else {
+        e.into()
+    }
+}
+
 async fn get_for(st: &AppState, team: Option<&str>, id: &str) -> ApiResult<BuildView> {
     let b = st
         .db
         .get_build(team, id)
         .await
-        .map_err(|_| ApiError::not_found(&format!("build {id}")))?;
+        .map_err(|e| build_err(id, e))?;
     let logs = st.db.build_logs(&b.id, 0, VIEW_LOG_LINES).await?;
     Ok(view(b, Some(logs)))
 }
@@ -430,10 +437,7 @@ async fn cancel_for(
         .db
         .cancel_build(team, id)
         .await
-        .map_err(|e| match e.is_not_found() {
-            true => ApiError::not_found(&format!("build {id}")),
-            false => e.into(),
-        })?;
+        .map_err(|e| build_err(id, e))?;
     st.audit(who, "template.build.cancel", "build", Some(id), true, None)
         .await;
     Ok(view(b, None))
@@ -498,7 +502,7 @@ pub async fn logs(
         .db
         .get_build(Some(&who.team_id), &id)
         .await
-        .map_err(|_| ApiError::not_found(&format!("build {id}")))?;
+        .map_err(|e| build_err(&id, e))?;
     let offset = q.offset.unwrap_or(0);
     if i64::try_from(offset).is_err() {
         return Err(ApiError::invalid(format!(

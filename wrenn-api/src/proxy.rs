@@ -315,6 +315,9 @@ fn strip_wrenn_credentials(st: &AppState, h: &mut HeaderMap) {
 
 async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, ApiError> {
     strip_wrenn_credentials(st, req.headers_mut());
+    // Watched before the lookup: a kill or pause that comes after the lookup said
+    // "running" ends this request instead of leaving it waiting on a guest that is gone.
+    let mut ended = st.streams.watch(&t.capsule);
     let (id, addr, agent) = resolve(st, &t, req.headers()).await?;
     req.headers_mut().remove(TRAFFIC_TOKEN_HEADER);
     st.metrics.proxied();
@@ -324,14 +327,12 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
     // The pool key names the capsule's epoch: no connection survives a pause.
-    let epoch = st.streams.epoch(&t.capsule);
-    let name = st.proxy_routes.route(&id, epoch, &agent);
+    let name = st.proxy_routes.route(&id, ended.epoch(), &agent);
     let uri: Uri = format!("http://{name}:{}{path}", t.port)
         .parse()
         .map_err(|_| ApiError::invalid("bad request path"))?;
     let upgrade = req.headers().contains_key(header::UPGRADE);
     if upgrade {
-        let ended = st.streams.watch(&t.capsule);
         let conn = Upstream {
             agent: &agent,
             capsule: &id,
@@ -373,7 +374,6 @@ async fn proxy(st: &AppState, t: Target, mut req: Request) -> Result<Response, A
         );
         req = Request::from_parts(parts, Body::new(limited));
     }
-    let mut ended = st.streams.watch(&t.capsule);
     let resp = tokio::select! {
         r = st.proxy.request(req) => r,
         why = ended.wait() => {

@@ -14,8 +14,9 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// Why a capsule's traffic ended.
@@ -40,30 +41,86 @@ impl std::fmt::Display for Reason {
 /// of times its traffic was ended. The proxy's pooled connections are keyed by it, so a
 /// connection to a guest from before a pause is never reused after the resume (a guest
 /// booted afresh from its disk would reset it).
-#[derive(Debug, Default)]
+///
+/// A request watches its capsule before it looks the capsule up, so an end that comes
+/// after the lookup always reaches it; a capsule killed before the watch is remembered
+/// for a while (capsule ids are never reused), so its watch starts out ended.
+#[derive(Debug, Clone, Default)]
 pub struct LiveStreams {
-    signals: Mutex<HashMap<String, watch::Sender<Option<Reason>>>>,
-    epochs: Mutex<HashMap<String, u64>>,
+    inner: Arc<Inner>,
 }
 
+/// What ends a capsule's requests, with the reason.
+type Signal = watch::Sender<Option<Reason>>;
+
+#[derive(Debug)]
+struct Inner {
+    /// Each capsule's signal, numbered so a watcher knows its own.
+    signals: Mutex<HashMap<String, (u64, Signal)>>,
+    next_signal: std::sync::atomic::AtomicU64,
+    epochs: Mutex<HashMap<String, u64>>,
+    killed: moka::sync::Cache<String, ()>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            signals: Mutex::default(),
+            next_signal: std::sync::atomic::AtomicU64::new(0),
+            epochs: Mutex::default(),
+            killed: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(KILLED_REMEMBERED)
+                .build(),
+        }
+    }
+}
+
+/// How long a killed capsule's end is remembered: far longer than any teardown, after
+/// which its row says it is stopped.
+const KILLED_REMEMBERED: Duration = Duration::from_secs(600);
+
 impl LiveStreams {
-    /// The signal a request to `capsule` watches.
+    /// The signal a request to `capsule` watches, and the epoch the request is in.
     pub fn watch(&self, capsule: &str) -> Ended {
-        let rx = match self.signals.lock() {
-            Ok(mut m) => m
-                .entry(capsule.to_string())
-                .or_insert_with(|| watch::channel(None).0)
-                .subscribe(),
+        if self.inner.killed.contains_key(capsule) {
+            let (tx, rx) = watch::channel(Some(Reason::Killed));
+            drop(tx);
+            return Ended {
+                rx,
+                epoch: 0,
+                owner: None,
+            };
+        }
+        // The epoch is read under the signals' lock, which `end` takes after it
+        // moves the epoch on: a watch never pairs an old epoch with a fresh signal.
+        let Ok(mut m) = self.inner.signals.lock() else {
             // A poisoned map: this request is not cut off early (it still ends when
             // the guest's connection does).
-            Err(_) => watch::channel(None).1,
+            return Ended {
+                rx: watch::channel(None).1,
+                epoch: self.epoch(capsule),
+                owner: None,
+            };
         };
-        Ended { rx }
+        let (signal, tx) = m.entry(capsule.to_string()).or_insert_with(|| {
+            let n = self
+                .inner
+                .next_signal
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (n, watch::channel(None).0)
+        });
+        Ended {
+            rx: tx.subscribe(),
+            epoch: self.epoch(capsule),
+            owner: Some((self.inner.clone(), capsule.to_string(), *signal)),
+        }
     }
 
     /// `capsule`'s epoch (0 until its traffic is first ended).
     pub fn epoch(&self, capsule: &str) -> u64 {
-        self.epochs
+        self.inner
+            .epochs
             .lock()
             .ok()
             .and_then(|m| m.get(capsule).copied())
@@ -71,17 +128,25 @@ impl LiveStreams {
     }
 
     /// Ends every request and stream in flight to `capsule` and starts its next epoch
-    /// (a kill is its last: it is forgotten).
+    /// (a kill is its last: it is forgotten, and later watches start out ended).
     pub fn end(&self, capsule: &str, why: Reason) {
-        if let Ok(mut m) = self.epochs.lock() {
+        if why == Reason::Killed {
+            self.inner.killed.insert(capsule.to_string(), ());
+        }
+        if let Ok(mut m) = self.inner.epochs.lock() {
             if why == Reason::Killed {
                 m.remove(capsule);
             } else {
                 *m.entry(capsule.to_string()).or_insert(0) += 1;
             }
         }
-        let sender = self.signals.lock().ok().and_then(|mut m| m.remove(capsule));
-        if let Some(tx) = sender {
+        let sender = self
+            .inner
+            .signals
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(capsule));
+        if let Some((_, tx)) = sender {
             tracing::debug!(
                 capsule,
                 %why,
@@ -94,7 +159,7 @@ impl LiveStreams {
 
     /// Capsules with a signal (for tests and leak checks).
     pub fn len(&self) -> usize {
-        self.signals.lock().map(|m| m.len()).unwrap_or(0)
+        self.inner.signals.lock().map(|m| m.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -102,13 +167,22 @@ impl LiveStreams {
     }
 }
 
-/// A request's view of its capsule's signal.
+/// A request's view of its capsule's signal. The last watcher of a signal that never
+/// fired removes it when dropped.
 #[derive(Debug)]
 pub struct Ended {
     rx: watch::Receiver<Option<Reason>>,
+    epoch: u64,
+    /// Where its signal is kept, and its number.
+    owner: Option<(Arc<Inner>, String, u64)>,
 }
 
 impl Ended {
+    /// The capsule's epoch when the watch began.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// Resolves when the capsule's traffic is ended, with the reason. A signal whose
     /// sender went away without a reason never resolves: nothing ended it.
     pub async fn wait(&mut self) -> Reason {
@@ -121,6 +195,24 @@ impl Ended {
             if self.rx.changed().await.is_err() {
                 return std::future::pending().await;
             }
+        }
+    }
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let Some((inner, capsule, signal)) = self.owner.take() else {
+            return;
+        };
+        let Ok(mut m) = inner.signals.lock() else {
+            return;
+        };
+        // Under the lock no watch can subscribe meanwhile; `self.rx` is still alive,
+        // so a count of one means no one else watches this signal.
+        if m.get(&capsule)
+            .is_some_and(|(n, tx)| *n == signal && tx.receiver_count() <= 1)
+        {
+            m.remove(&capsule);
         }
     }
 }
@@ -331,6 +423,31 @@ mod tests {
         streams.end("cl-a", Reason::Killed);
         assert_eq!(again.wait().await, Reason::Killed);
         assert_eq!(streams.epoch("cl-a"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_watch_after_a_kill_starts_ended_and_watches_leave_nothing_behind() {
+        let streams = LiveStreams::default();
+        // A request that looked its capsule up and gave up leaves no signal.
+        drop(streams.watch("cl-a"));
+        assert!(streams.is_empty());
+        let first = streams.watch("cl-a");
+        let second = streams.watch("cl-a");
+        drop(first);
+        assert_eq!(streams.len(), 1, "another request still watches");
+        drop(second);
+        assert!(streams.is_empty());
+        // A pause moves the epoch on; a watch after it carries the new one.
+        streams.end("cl-a", Reason::Paused);
+        assert_eq!(streams.watch("cl-a").epoch(), 1);
+        // A request that found its capsule running just before the kill, and only
+        // watches after it, is ended at once rather than waiting on a gone guest.
+        streams.end("cl-a", Reason::Killed);
+        let mut late = streams.watch("cl-a");
+        let why = tokio::time::timeout(std::time::Duration::from_secs(1), late.wait()).await;
+        assert_eq!(why.ok(), Some(Reason::Killed));
+        drop(late);
+        assert!(streams.is_empty());
     }
 
     fn tokio_stream_from(

@@ -28,13 +28,16 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wrenn::{CapsuleId, CreateOptions, DataDir, ExecEvent, ExecRequest, Host, HostOptions};
 use wrenn_agent::{LocalAgent, LocalAgentOptions};
 use wrenn_api::{ApiConfig, AppState};
-use wrenn_benches::{median_p99_ms, print_result, print_table, round2, TimedAgent};
+use wrenn_benches::{
+    bench_data_dir, env_num, load_average, median_p99_ms, print_result, print_table, round2,
+    TimedAgent,
+};
 
 const TEMPLATE: &str = "minimal";
 const GET_CLIENTS: usize = 64;
@@ -98,27 +101,6 @@ fn expect(what: &str, want: StatusCode, (got, body): (StatusCode, Bytes)) -> Res
     Ok(body)
 }
 
-/// A data dir of its own: the built images and platform templates linked in, as the
-/// API suites do.
-fn make_data_dir(images: &Path) -> Result<PathBuf> {
-    let dir = PathBuf::from(format!(
-        "/var/lib/wrenn-test/bench-api-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("templates"))
-        .with_context(|| format!("creating {}", dir.display()))?;
-    std::os::unix::fs::symlink(images.join("images"), dir.join("images"))?;
-    for e in std::fs::read_dir(images.join("templates"))?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let rootfs = wrenn_storage::capsnap::template_files::ROOTFS;
-        if e.path().join(rootfs).is_file() && !name.starts_with("snap-") {
-            std::os::unix::fs::symlink(e.path(), dir.join("templates").join(&name))?;
-        }
-    }
-    Ok(dir)
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -148,23 +130,6 @@ fn with_ci((median, lo, hi): (f64, f64, f64)) -> String {
 
 fn median_ms(v: &[Duration]) -> f64 {
     median_p99_ms(&mut v.to_vec()).0
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| {
-            let f: Vec<&str> = s.split_whitespace().take(3).collect();
-            (f.len() == 3).then(|| f.join(" "))
-        })
-        .unwrap_or_else(|| "?".into())
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// `/bin/true` through the capsule's guest agent client: start, then events until
@@ -409,8 +374,8 @@ async fn main() -> Result<()> {
     let rounds = env_num("WRENN_BENCH_ROUNDS", 20) as usize;
     let get_secs = env_num("WRENN_BENCH_GET_SECS", 5);
     let images = DataDir::from_env().root().to_path_buf();
-    let load_before = load();
-    let data = make_data_dir(&images)?;
+    let load_before = load_average();
+    let data = bench_data_dir(&images, "api")?;
     let result = run(&data, rounds, get_secs, &load_before).await;
     let _ = std::fs::remove_dir_all(&data);
     result
@@ -487,7 +452,7 @@ async fn run(data: &Path, rounds: usize, get_secs: u64, load_before: &str) -> Re
     let exec_oh = median_diff_ms(&m.exec_api, &m.exec_direct);
     let rpc_oh = median_diff_ms(&m.rpc_api, &m.rpc_direct);
     let (create_ms, exec_ms) = (create_oh.0, exec_oh.0);
-    let load_after = load();
+    let load_after = load_average();
     print_table(
         "control plane overhead (API server vs capsule manager / guest agent)",
         &[

@@ -44,7 +44,7 @@ use wrenn::{DataDir, FsTemplates, Host, HostOptions};
 use wrenn_agent::{LocalAgent, LocalAgentOptions};
 use wrenn_api::hosts::{HostConn, MonitorConfig};
 use wrenn_api::AppState;
-use wrenn_benches::{median_p99_ms, print_result, print_table, round2, TimedAgent};
+use wrenn_benches::{env_num, median_p99_ms, print_result, print_table, round2, TimedAgent};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
     CapsuleSpec, Endpoint, GuestStream, HostAgent, HostCapsule, HostError, HostErrorKind, HostInfo,
@@ -62,13 +62,6 @@ use wrenn_storage::capsnap::template_files;
 
 const HOSTS: usize = 1000;
 const PLACEMENTS: usize = 20_000;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn data_dir(images: &Path) -> Result<PathBuf> {
     let dir = PathBuf::from(format!(

@@ -67,3 +67,42 @@ pub fn print_result(json: &serde_json::Value) {
 pub fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
+
+/// A number from the environment, or `default`.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The load averages (1, 5, 15 min), for the table.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| {
+            let f: Vec<&str> = s.split_whitespace().take(3).collect();
+            (f.len() == 3).then(|| f.join(" "))
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+/// A data dir of the benchmark's own (`/var/lib/wrenn-test/bench-<tag>-<pid>`): the
+/// built images and platform templates under `images` linked in, as the API suites do.
+pub fn bench_data_dir(images: &Path, tag: &str) -> std::io::Result<PathBuf> {
+    let dir = PathBuf::from(format!(
+        "/var/lib/wrenn-test/bench-{tag}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("templates"))?;
+    std::os::unix::fs::symlink(images.join("images"), dir.join("images"))?;
+    for e in std::fs::read_dir(images.join("templates"))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let rootfs = wrenn_storage::capsnap::template_files::ROOTFS;
+        if e.path().join(rootfs).is_file() && !name.starts_with("snap-") {
+            std::os::unix::fs::symlink(e.path(), dir.join("templates").join(&name))?;
+        }
+    }
+    Ok(dir)
+}

@@ -37,6 +37,10 @@ pub const BUILD_METADATA_KEY: &str = "wrenn.build";
 pub const DEFAULT_ENV_KEY: &str = "default_env";
 pub const DEFAULT_USER_KEY: &str = "default_user";
 pub const DEFAULT_WORKDIR_KEY: &str = "default_workdir";
+/// Build metadata keys: the user and working directory the steps start with (else
+/// root in `/`).
+pub const START_USER_KEY: &str = "start_user";
+pub const START_WORKDIR_KEY: &str = "start_workdir";
 
 /// Lines kept of one output line.
 const MAX_LINE: usize = 4096;
@@ -119,8 +123,22 @@ pub fn spawn_builders(st: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Fails running builds whose worker went silent and destroys their capsules.
+/// How long files uploaded for E2B's template builder, and build requests whose steps
+/// never came, are kept.
+const UPLOADS_KEPT: Duration = Duration::from_secs(24 * 3600);
+
+/// Fails running builds whose worker went silent and destroys their capsules; forgets
+/// old uploads and build requests.
 async fn sweep(st: &AppState) {
+    match st
+        .db
+        .expire_template_uploads(wrenn_db::now() - UPLOADS_KEPT)
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(rows = n, "expired template uploads and build requests"),
+        Err(e) => tracing::warn!(error = %e, "template uploads not expired"),
+    }
     let Ok(stale) = st
         .db
         .stale_builds(wrenn_db::now() - st.config.builds.stale_after)
@@ -410,8 +428,15 @@ impl Run {
         self.guest = Some(self.st.guest(&c).await.map_err(service::host_err)?);
         self.capsule = Some(c);
 
-        // Steps run as root in `/` until the recipe says otherwise.
+        // Steps run as root in `/` (or as the build says) until the recipe says
+        // otherwise.
         let mut ctx = root_at("/");
+        if let Some(user) = b.metadata.get(START_USER_KEY).and_then(Value::as_str) {
+            ctx.user = user.to_string();
+        }
+        if let Some(dir) = b.metadata.get(START_WORKDIR_KEY).and_then(Value::as_str) {
+            ctx.workdir = dir.to_string();
+        }
         if !b.skip_pre_post {
             self.log.system("pre-build");
             let cmd = self.st.config.builds.pre_build.clone();
@@ -540,8 +565,18 @@ impl Run {
 
     async fn step(&mut self, step: &Step, ctx: &mut Context) -> Result<(), Stop> {
         match step {
-            Step::Run { cmd, timeout } => {
-                let code = self.sh(cmd, ctx, *timeout).await?;
+            Step::Run { cmd, timeout, user } => {
+                let code = match user {
+                    Some(u) => {
+                        self.check_user(u).await?;
+                        let as_user = Context {
+                            user: u.clone(),
+                            ..ctx.clone()
+                        };
+                        self.sh(cmd, &as_user, *timeout).await?
+                    }
+                    None => self.sh(cmd, ctx, *timeout).await?,
+                };
                 if code != 0 {
                     let tail: Vec<String> = self.log.tail.iter().cloned().collect();
                     return Err(Stop::Failed(format!(
@@ -572,23 +607,22 @@ impl Run {
                 ctx.workdir_set = true;
             }
             Step::User { name } => {
-                let q = shell_words::quote(name);
-                let code = self
-                    .sh(
-                        &format!("id -u {q} >/dev/null"),
-                        &root_at("/"),
-                        Duration::from_secs(30),
-                    )
-                    .await?;
-                if code != 0 {
-                    return Err(Stop::Failed(format!(
-                        "user {name} does not exist in the capsule"
-                    )));
-                }
+                self.check_user(name).await?;
                 ctx.user = name.clone();
                 ctx.user_set = true;
             }
-            Step::Copy { srcs, dst } => self.copy(srcs, dst, ctx).await?,
+            Step::Copy {
+                srcs,
+                dst,
+                owner,
+                mode,
+            } => {
+                if let Some(o) = owner {
+                    self.check_user(o).await?;
+                }
+                let owner = owner.as_deref().unwrap_or(&ctx.user);
+                self.copy(srcs, dst, &ctx.workdir, owner, *mode).await?
+            }
             Step::Start { cmd } => {
                 // Detached from envd's process table: it keeps running in the template.
                 let script = format!(
@@ -607,6 +641,24 @@ impl Run {
         Ok(())
     }
 
+    /// Fails the step unless user `name` exists in the capsule.
+    async fn check_user(&mut self, name: &str) -> Result<(), Stop> {
+        let q = shell_words::quote(name);
+        let code = self
+            .sh(
+                &format!("id -u {q} >/dev/null"),
+                &root_at("/"),
+                Duration::from_secs(30),
+            )
+            .await?;
+        if code != 0 {
+            return Err(Stop::Failed(format!(
+                "user {name} does not exist in the capsule"
+            )));
+        }
+        Ok(())
+    }
+
     /// Runs a script as root; a non-zero exit fails the step.
     async fn root(&mut self, script: &str) -> Result<(), Stop> {
         match self
@@ -618,9 +670,16 @@ impl Run {
         }
     }
 
-    /// Copies uploaded files: staged in /tmp through envd, then installed as root and
-    /// given to the current user.
-    async fn copy(&mut self, srcs: &[String], dst: &str, ctx: &Context) -> Result<(), Stop> {
+    /// Copies uploaded files: staged in /tmp through envd, then installed as root with
+    /// `mode` (else their own) and given to `owner`.
+    async fn copy(
+        &mut self,
+        srcs: &[String],
+        dst: &str,
+        workdir: &str,
+        owner: &str,
+        mode: Option<u32>,
+    ) -> Result<(), Stop> {
         if self.files.is_none() {
             let loaded = self
                 .st
@@ -631,7 +690,7 @@ impl Run {
             self.files = Some(Arc::new(loaded));
         }
         let files = self.files.clone().unwrap_or_default();
-        let dst = wrenn_recipe::resolve(&ctx.workdir, dst);
+        let dst = wrenn_recipe::resolve(workdir, dst);
         let into_dir = dst.ends_with('/') || srcs.len() > 1;
         let dir = dst.trim_end_matches('/');
         let mut plan: Vec<(&wrenn_db::BuildFile, String)> = Vec::new();
@@ -679,14 +738,14 @@ impl Run {
                 .map_err(|e| Stop::Failed(format!("uploading {}: {e}", f.path)))?;
             script.push_str(&format!(
                 "install -D -m {:o} {} {}\n",
-                f.mode & 0o7777,
+                mode.unwrap_or(f.mode) & 0o7777,
                 shell_words::quote(&staged),
                 shell_words::quote(to)
             ));
-            if ctx.user != "root" {
+            if owner != "root" {
                 script.push_str(&format!(
                     "chown {}: {}\n",
-                    shell_words::quote(&ctx.user),
+                    shell_words::quote(owner),
                     shell_words::quote(to)
                 ));
             }

@@ -190,6 +190,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sandboxes/{id}/snapshots", post(e2b::create_snapshot))
         .route("/snapshots", get(e2b::list_snapshots))
         .route("/templates/{id}", delete(e2b::delete_template))
+        .route("/v3/templates", post(e2b::templates::request_build))
+        .route(
+            "/templates/{id}/files/{hash}",
+            get(e2b::templates::file_upload_link)
+                .put(e2b::templates::upload_files)
+                .layer(DefaultBodyLimit::max(
+                    usize::try_from(state.config.upload_limit).unwrap_or(usize::MAX) + (1 << 20),
+                )),
+        )
+        .route(
+            "/v2/templates/{id}/builds/{build}",
+            post(e2b::templates::start_build),
+        )
+        .route(
+            "/templates/{id}/builds/{build}/status",
+            get(e2b::templates::build_status),
+        )
+        .route("/templates/aliases/{alias}", get(e2b::templates::alias))
         .method_not_allowed_fallback(openapi::method_not_allowed);
     Router::new()
         .merge(v1)

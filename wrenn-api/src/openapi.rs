@@ -120,6 +120,8 @@ impl Modify for CommonErrors {
         e2b::create, e2b::create_v2, e2b::connect, e2b::connect_v2, e2b::resume, e2b::get, e2b::kill, e2b::set_timeout,
         e2b::pause, e2b::list_v2, e2b::list_v1, e2b::metrics, e2b::fork, e2b::update_network,
         e2b::create_snapshot, e2b::list_snapshots, e2b::delete_template,
+        e2b::templates::request_build, e2b::templates::file_upload_link, e2b::templates::upload_files,
+        e2b::templates::start_build, e2b::templates::build_status, e2b::templates::alias,
     ),
     components(schemas(ErrorBody, Health)),
     tags(

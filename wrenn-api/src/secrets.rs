@@ -83,6 +83,44 @@ impl TokenSealer {
     }
 }
 
+/// Signs the short-lived URLs the server hands out for uploads it takes without an API
+/// key (E2B's template files): HMAC-SHA256 under a key derived from the server's secret,
+/// so every control plane of a deployment accepts what another signed.
+pub struct UrlSigner {
+    key: ring::hmac::Key,
+}
+
+impl std::fmt::Debug for UrlSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UrlSigner(<redacted>)")
+    }
+}
+
+impl UrlSigner {
+    pub fn new(server_secret: &[u8]) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"wrenn url signing v1\0");
+        h.update(server_secret);
+        let bytes: [u8; 32] = h.finalize().into();
+        UrlSigner {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes),
+        }
+    }
+
+    /// The signature of `message` (URL-safe base64).
+    pub fn sign(&self, message: &str) -> String {
+        let tag = ring::hmac::sign(&self.key, message.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
+    }
+
+    /// Whether `signature` is this server's for `message` (compared in constant time).
+    pub fn verify(&self, message: &str, signature: &str) -> bool {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(signature)
+            .is_ok_and(|tag| ring::hmac::verify(&self.key, message.as_bytes(), &tag).is_ok())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +140,15 @@ mod tests {
             "legacy-clear"
         );
         assert!(s.open("cl-1", "sealed1:!!").is_err());
+    }
+
+    #[test]
+    fn signed_urls_verify_only_unchanged_and_under_the_same_secret() {
+        let a = UrlSigner::new(b"secret one");
+        let sig = a.sign("team|hash|100");
+        assert!(a.verify("team|hash|100", &sig));
+        assert!(!a.verify("team|hash|101", &sig));
+        assert!(!a.verify("team|hash|100", "not base64 !"));
+        assert!(!UrlSigner::new(b"secret two").verify("team|hash|100", &sig));
     }
 }

@@ -186,6 +186,8 @@ pub struct AppState {
     pub quotas: crate::quota::Quotas,
     /// Seals the envd tokens kept in the database.
     pub tokens: crate::secrets::TokenSealer,
+    /// Signs the upload URLs of E2B template files.
+    pub url_signer: crate::secrets::UrlSigner,
     /// Capsules whose timeout action failed, retried later rather than every tick.
     pub reaper_backoff: crate::lifecycle::ReaperBackoff,
     /// Team roles of user tokens, checked against the database (briefly cached).
@@ -223,6 +225,7 @@ impl AppState {
             config,
             jwt: JwtKeys::new(jwt_secret),
             tokens: crate::secrets::TokenSealer::new(jwt_secret),
+            url_signer: crate::secrets::UrlSigner::new(jwt_secret),
             keys: KeyCache::default(),
             metrics: ServerMetrics::new(),
             activity: Activity::default(),

@@ -224,46 +224,10 @@ impl Db {
         files: Vec<BuildFile>,
     ) -> Result<Build, DbError> {
         let op = "insert build";
-        let id = new_id(prefix::BUILD);
         let mut tx = self.pool().begin().await.map_err(|e| Ctx::op(op).err(e))?;
-        let row = sqlx::query(&format!(
-            "INSERT INTO template_builds (id, team_id, name, base_template, recipe, healthcheck, \
-             vcpus, memory_mb, skip_pre_post, timeout_sec, status, current_step, total_steps, \
-             metadata, created_by, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'pending', 0, $11, $12, $13, $14) \
-             RETURNING {COLS}"
-        ))
-        .bind(&id)
-        .bind(team_id)
-        .bind(&new.name)
-        .bind(&new.base_template)
-        .bind(Value::from(new.recipe.clone()).to_string())
-        .bind(new.healthcheck)
-        .bind(i64::from(new.vcpus))
-        .bind(i64::from(new.memory_mb))
-        .bind(i64::from(new.skip_pre_post))
-        .bind(i64::from(new.timeout_sec))
-        .bind(i64::try_from(new.recipe.len()).unwrap_or(i64::MAX))
-        .bind(Value::Object(new.metadata).to_string())
-        .bind(new.created_by)
-        .bind(to_db(now()))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| Ctx::op(op).missing("team").err(e))?;
-        for f in files {
-            sqlx::query(
-                "INSERT INTO template_build_files (build_id, path, mode, data) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(&id)
-            .bind(f.path)
-            .bind(i64::from(f.mode))
-            .bind(f.data)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| Ctx::op(op).unique("build file").err(e))?;
-        }
+        let row = insert_build_in(&mut tx, &new_id(prefix::BUILD), team_id, new, files).await?;
         tx.commit().await.map_err(|e| Ctx::op(op).err(e))?;
-        one(op, row)
+        Ok(row)
     }
 
     /// Build `id`, of team `team_id` (any team's with `None`).
@@ -526,4 +490,52 @@ impl Db {
             .collect::<R<Vec<_>>>()
             .map_err(|e| DbError::backend("read build files", e))
     }
+}
+
+/// Inserts a pending build with id `id` and its files, in `tx`.
+pub(crate) async fn insert_build_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: &str,
+    team_id: &str,
+    new: NewBuild,
+    files: Vec<BuildFile>,
+) -> Result<Build, DbError> {
+    let op = "insert build";
+    let row = sqlx::query(&format!(
+        "INSERT INTO template_builds (id, team_id, name, base_template, recipe, healthcheck, \
+         vcpus, memory_mb, skip_pre_post, timeout_sec, status, current_step, total_steps, \
+         metadata, created_by, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'pending', 0, $11, $12, $13, $14) \
+         RETURNING {COLS}"
+    ))
+    .bind(id)
+    .bind(team_id)
+    .bind(&new.name)
+    .bind(&new.base_template)
+    .bind(Value::from(new.recipe.clone()).to_string())
+    .bind(new.healthcheck)
+    .bind(i64::from(new.vcpus))
+    .bind(i64::from(new.memory_mb))
+    .bind(i64::from(new.skip_pre_post))
+    .bind(i64::from(new.timeout_sec))
+    .bind(i64::try_from(new.recipe.len()).unwrap_or(i64::MAX))
+    .bind(Value::Object(new.metadata).to_string())
+    .bind(new.created_by)
+    .bind(to_db(now()))
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(|e| Ctx::op(op).missing("team").err(e))?;
+    for f in files {
+        sqlx::query(
+            "INSERT INTO template_build_files (build_id, path, mode, data) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(f.path)
+        .bind(i64::from(f.mode))
+        .bind(f.data)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| Ctx::op(op).unique("build file").err(e))?;
+    }
+    one(op, row)
 }

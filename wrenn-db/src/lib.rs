@@ -31,6 +31,7 @@ mod password;
 mod row;
 pub mod system;
 mod teams;
+mod template_uploads;
 mod templates;
 mod time;
 mod users;
@@ -58,6 +59,7 @@ pub use teams::{
     CreatedInvitation, Invitation, Member, MemberError, MemberRule, Membership, Role, Team,
     TeamWithRole, INVITATION_TOKEN_PREFIX,
 };
+pub use template_uploads::BuildRequest;
 pub use templates::{NewTemplate, Template, TemplateKind};
 pub use time::{now, Timestamp};
 pub use users::User;

@@ -74,6 +74,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0011_template_builds.sql"),
         include_str!("../migrations/postgres/0011_template_builds.sql"),
     ),
+    (
+        12,
+        "template build requests and uploads",
+        include_str!("../migrations/sqlite/0012_template_uploads.sql"),
+        include_str!("../migrations/postgres/0012_template_uploads.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

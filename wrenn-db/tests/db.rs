@@ -30,7 +30,112 @@ on_both_backends!(
     host_refresh_tokens_are_single_use,
     join_tokens_register_up_to_their_limit,
     template_builds_queue_log_and_end,
+    template_build_requests_and_uploads,
 );
+
+/// Builds requested in two phases: a request reserves the id, uploads are the team's
+/// and replaced whole, the steps queue it once under that id; old ones expire.
+async fn template_build_requests_and_uploads(t: &TestDb) {
+    let db = &t.db;
+    let (_, a) = team_of(db, "ua@example.com").await;
+    let (_, b) = team_of(db, "ub@example.com").await;
+    let req = db
+        .insert_build_request(&a.id, "env", 2, 512, None)
+        .await
+        .unwrap();
+    assert!(req.id.starts_with("bld-"));
+    assert_eq!(db.get_build_request(&a.id, &req.id).await.unwrap(), req);
+    assert!(db
+        .get_build_request(&b.id, &req.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    let f = |path: &str, data: &[u8]| BuildFile {
+        path: path.into(),
+        mode: 0o755,
+        data: data.to_vec(),
+    };
+    assert!(!db.template_upload_present(&a.id, "h1").await.unwrap());
+    db.put_template_upload(&a.id, "h1", vec![f("x", b"1"), f("d/y", b"2")])
+        .await
+        .unwrap();
+    db.put_template_upload(&a.id, "h1", vec![f("x", b"one")])
+        .await
+        .unwrap();
+    assert!(db.template_upload_present(&a.id, "h1").await.unwrap());
+    assert!(!db.template_upload_present(&b.id, "h1").await.unwrap());
+    assert_eq!(
+        db.template_upload_files(&a.id, "h1").await.unwrap(),
+        vec![f("x", b"one")]
+    );
+    assert!(db
+        .template_upload_files(&b.id, "h1")
+        .await
+        .unwrap()
+        .is_empty());
+
+    let new = NewBuild {
+        name: "env".into(),
+        base_template: "base".into(),
+        recipe: vec!["COPY h1/x /x".into()],
+        healthcheck: None,
+        vcpus: 2,
+        memory_mb: 512,
+        skip_pre_post: false,
+        timeout_sec: 3600,
+        metadata: Map::new(),
+        created_by: None,
+    };
+    assert!(db
+        .start_build_request(&b.id, &req.id, new.clone(), vec![])
+        .await
+        .unwrap_err()
+        .is_not_found());
+    let build = db
+        .start_build_request(&a.id, &req.id, new.clone(), vec![f("h1/x", b"one")])
+        .await
+        .unwrap();
+    assert_eq!(
+        (build.id.as_str(), build.status),
+        (req.id.as_str(), BuildStatus::Pending)
+    );
+    assert_eq!(
+        db.build_files(&build.id).await.unwrap(),
+        vec![f("h1/x", b"one")]
+    );
+    assert!(db
+        .start_build_request(&a.id, &req.id, new, vec![])
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .get_build_request(&a.id, &req.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    let waiting = db
+        .insert_build_request(&a.id, "other", 1, 256, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.expire_template_uploads(now() - std::time::Duration::from_secs(60))
+            .await
+            .unwrap(),
+        0
+    );
+    let later = now() + std::time::Duration::from_secs(60);
+    assert_eq!(db.expire_template_uploads(later).await.unwrap(), 2);
+    assert!(!db.template_upload_present(&a.id, "h1").await.unwrap());
+    assert!(db
+        .get_build_request(&a.id, &waiting.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    // The queued build keeps its own copy of the files.
+    assert_eq!(db.build_files(&build.id).await.unwrap().len(), 1);
+}
 
 /// Builds: queued with their files, claimed by exactly one of racing workers, logged
 /// in order, cancelled, ended once, seen only by their team.

@@ -3,11 +3,11 @@
 //! A recipe is a base template and ordered steps, one instruction per line:
 //!
 //! ```text
-//! RUN [--timeout=<duration>] <shell command>
+//! RUN [--timeout=<duration>] [--user=<name>] <shell command>
 //! ENV <key>=<value> [<key>=<value> …]
 //! WORKDIR <path>
 //! USER <name>
-//! COPY <src> [<src> …] <dst>
+//! COPY [--chown=<user>] [--chmod=<octal mode>] <src> [<src> …] <dst>
 //! START <shell command>
 //! ```
 //!
@@ -30,8 +30,14 @@ pub const MAX_STEPS: usize = 256;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Step {
-    /// A shell command that must exit 0 within `timeout`.
-    Run { cmd: String, timeout: Duration },
+    /// A shell command that must exit 0 within `timeout`, as `user` when given (else
+    /// as the current user).
+    Run {
+        cmd: String,
+        timeout: Duration,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
     /// Environment of the following steps and of the template's processes.
     Env { vars: Vec<(String, String)> },
     /// Working directory of the following steps and of the template's processes
@@ -39,8 +45,16 @@ pub enum Step {
     Workdir { path: String },
     /// User of the following steps and the template's default user.
     User { name: String },
-    /// Files uploaded with the build, copied into the capsule.
-    Copy { srcs: Vec<String>, dst: String },
+    /// Files uploaded with the build, copied into the capsule, owned by `owner` (else
+    /// the current user) and with permissions `mode` (else as uploaded).
+    Copy {
+        srcs: Vec<String>,
+        dst: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
+    },
     /// A command started in the background that keeps running in the template.
     Start { cmd: String },
 }
@@ -181,9 +195,16 @@ pub fn parse_step(line: usize, text: &str) -> Result<Step, RecipeError> {
     match word.to_ascii_uppercase().as_str() {
         "RUN" => {
             let mut timeout = DEFAULT_STEP_TIMEOUT;
+            let mut user = None;
             let mut cmd = rest;
             while let Some((name, value, after)) = take_option(cmd) {
                 match name {
+                    "user" => {
+                        if !is_user_name(value) {
+                            return Err(err(line, format!("invalid user name {value:?}")));
+                        }
+                        user = Some(value.to_string());
+                    }
                     "timeout" => {
                         timeout = parse_duration(value).map_err(|e| err(line, e))?;
                         if timeout.is_zero() || timeout > MAX_STEP_TIMEOUT {
@@ -206,6 +227,7 @@ pub fn parse_step(line: usize, text: &str) -> Result<Step, RecipeError> {
             Ok(Step::Run {
                 cmd: cmd.to_string(),
                 timeout,
+                user,
             })
         }
         "START" => {
@@ -249,6 +271,33 @@ pub fn parse_step(line: usize, text: &str) -> Result<Step, RecipeError> {
             })
         }
         "COPY" => {
+            let (mut owner, mut mode) = (None, None);
+            let mut rest = rest;
+            while let Some((name, value, after)) = take_option(rest) {
+                match name {
+                    "chown" => {
+                        if !is_user_name(value) {
+                            return Err(err(line, format!("invalid user name {value:?}")));
+                        }
+                        owner = Some(value.to_string());
+                    }
+                    "chmod" => {
+                        mode = Some(
+                            u32::from_str_radix(value, 8)
+                                .ok()
+                                .filter(|m| *m <= 0o7777)
+                                .ok_or_else(|| {
+                                    err(
+                                        line,
+                                        format!("COPY --chmod takes an octal mode, got {value:?}"),
+                                    )
+                                })?,
+                        );
+                    }
+                    other => return Err(err(line, format!("COPY has no option --{other}"))),
+                }
+                rest = after.trim();
+            }
             let mut words =
                 shell_words::split(rest).map_err(|e| err(line, format!("COPY: {e}")))?;
             if words.len() < 2 {
@@ -262,7 +311,12 @@ pub fn parse_step(line: usize, text: &str) -> Result<Step, RecipeError> {
             for s in &words {
                 check_source(line, s)?;
             }
-            Ok(Step::Copy { srcs: words, dst })
+            Ok(Step::Copy {
+                srcs: words,
+                dst,
+                owner,
+                mode,
+            })
         }
         "" => Err(err(line, "empty step")),
         other => Err(err(

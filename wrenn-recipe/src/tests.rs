@@ -6,10 +6,12 @@ fn every_instruction_parses() {
     let steps = parse_steps(&[
         "RUN echo hi",
         "RUN --timeout=2m apt-get install -y jq",
+        "RUN --user=root --timeout=5s id -u",
         "ENV A=1 B=\"two words\"",
         "WORKDIR /srv/app",
         "USER user",
         "COPY app.py conf/ /srv/app/",
+        "COPY --chown=user --chmod=0755 run.sh /usr/local/bin/run",
         "START python3 -m http.server 8000",
     ])
     .unwrap();
@@ -18,11 +20,18 @@ fn every_instruction_parses() {
         vec![
             Step::Run {
                 cmd: "echo hi".into(),
-                timeout: DEFAULT_STEP_TIMEOUT
+                timeout: DEFAULT_STEP_TIMEOUT,
+                user: None,
             },
             Step::Run {
                 cmd: "apt-get install -y jq".into(),
-                timeout: Duration::from_secs(120)
+                timeout: Duration::from_secs(120),
+                user: None,
+            },
+            Step::Run {
+                cmd: "id -u".into(),
+                timeout: Duration::from_secs(5),
+                user: Some("root".into()),
             },
             Step::Env {
                 vars: vec![("A".into(), "1".into()), ("B".into(), "two words".into())]
@@ -35,7 +44,15 @@ fn every_instruction_parses() {
             },
             Step::Copy {
                 srcs: vec!["app.py".into(), "conf/".into()],
-                dst: "/srv/app/".into()
+                dst: "/srv/app/".into(),
+                owner: None,
+                mode: None,
+            },
+            Step::Copy {
+                srcs: vec!["run.sh".into()],
+                dst: "/usr/local/bin/run".into(),
+                owner: Some("user".into()),
+                mode: Some(0o755),
             },
             Step::Start {
                 cmd: "python3 -m http.server 8000".into()
@@ -57,6 +74,14 @@ fn bad_steps_name_their_line() {
     assert!(bad(&["ENV 1A=x"]).message.contains("invalid environment"));
     assert!(bad(&["ENV A"]).message.contains("KEY=value"));
     assert!(bad(&["USER root;rm"]).message.contains("invalid user"));
+    assert!(bad(&["RUN --user=a;b true"])
+        .message
+        .contains("invalid user"));
+    assert!(bad(&["COPY --chmod=999 a /b"]).message.contains("octal"));
+    assert!(bad(&["COPY --chown=x/y a /b"])
+        .message
+        .contains("invalid user"));
+    assert!(bad(&["COPY --owner=x a /b"]).message.contains("no option"));
     assert!(bad(&["COPY onlyone"])
         .message
         .contains("source and a destination"));
@@ -147,6 +172,6 @@ proptest! {
         let cmd = cmd.trim().to_string();
         prop_assume!(!cmd.is_empty());
         let step = parse_step(1, &format!("RUN {cmd}")).unwrap();
-        prop_assert_eq!(step, Step::Run { cmd, timeout: DEFAULT_STEP_TIMEOUT });
+        prop_assert_eq!(step, Step::Run { cmd, timeout: DEFAULT_STEP_TIMEOUT, user: None });
     }
 }

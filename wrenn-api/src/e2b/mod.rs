@@ -20,6 +20,8 @@ use std::time::Duration;
 use utoipa::{IntoParams, ToSchema};
 use wrenn_core::status::CapsuleStatus;
 
+pub mod templates;
+
 type S = State<Arc<AppState>>;
 type R<T> = Result<T, E2bError>;
 

@@ -161,7 +161,7 @@ fn view(b: Build, logs: Option<Vec<wrenn_db::BuildLog>>) -> BuildView {
 }
 
 /// Reads a tar or tar.gz archive of build files.
-fn read_archive(data: &[u8]) -> ApiResult<Vec<BuildFile>> {
+pub(crate) fn read_archive(data: &[u8]) -> ApiResult<Vec<BuildFile>> {
     if data.starts_with(b"PK\x03\x04") {
         return Err(ApiError::invalid(
             "archive: zip is not supported; send a tar or tar.gz archive",
@@ -353,6 +353,12 @@ pub async fn queue(
     files: Vec<BuildFile>,
 ) -> ApiResult<Build> {
     let b = st.db.insert_build(&who.team_id, new, files).await?;
+    queued(st, who, &b).await;
+    Ok(b)
+}
+
+/// Wakes a worker for build `b`, just queued, and audits it.
+pub(crate) async fn queued(st: &AppState, who: &Principal, b: &Build) {
     st.builders.queued();
     st.audit(
         who,
@@ -363,7 +369,6 @@ pub async fn queue(
         Some(serde_json::json!({"name": b.name, "base_template": b.base_template})),
     )
     .await;
-    Ok(b)
 }
 
 #[utoipa::path(post, path = "/v1/builds", tag = "builds",

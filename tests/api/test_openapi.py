@@ -51,6 +51,11 @@ expected-statuses = ["2xx", "400", "401", "403", "404", "409", "413", "429"]
 include-path = "/v1/teams/{id}/members"
 include-method = "POST"
 checks.ensure_resource_availability.enabled = false
+
+# The events stream never ends by itself (tests/api/test_events.py reads it).
+[[operations]]
+include-path = "/v1/events/stream"
+enabled = false
 """
 
 

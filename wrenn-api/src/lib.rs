@@ -14,6 +14,7 @@ pub mod cache;
 pub mod cluster;
 pub mod e2b;
 pub mod error;
+pub mod events;
 pub mod hosts;
 pub mod lifecycle;
 pub mod metrics;
@@ -170,6 +171,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/hosts/{id}/delete-preview",
             get(v1::hosts::delete_preview),
         )
+        .route("/v1/events/stream", get(events::stream))
         .route("/v1/admin/pools", get(v1::admin::pools))
         .route("/v1/admin/audit-logs", get(v1::admin::audit_logs))
         .route("/v1/admin/pools/{template}", put(v1::admin::set_pool))

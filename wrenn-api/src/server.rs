@@ -324,7 +324,13 @@ impl ControlPlane {
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown({
+            let st = state.clone();
+            async move {
+                shutdown.await;
+                st.events.close();
+            }
+        })
         .await;
         builders.abort();
         reaper.abort();

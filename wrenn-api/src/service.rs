@@ -550,12 +550,23 @@ pub(crate) async fn set_status(
     c: &Capsule,
     s: CapsuleStatus,
 ) -> ApiResult<Capsule> {
+    // What the row says before (`c` may be as the caller first read it), for the
+    // state change event.
+    let before = state
+        .db
+        .get_capsule(&c.team_id, c.id.as_str())
+        .await
+        .map_or(c.status, |r| r.status);
     let row = state
         .db
         .set_capsule_status(&c.team_id, c.id.as_str(), s)
         .await;
     state.capsule_cache.invalidate(c.id.as_str());
-    Ok(row?)
+    let row = row?;
+    state
+        .events
+        .state_changed(&c.team_id, c.id.as_str(), before.as_str(), s.as_str());
+    Ok(row)
 }
 
 /// The capsule's envd access token in clear (stored sealed).
@@ -586,7 +597,12 @@ async fn claim(
         .await;
     state.capsule_cache.invalidate(c.id.as_str());
     match row? {
-        Some(row) => Ok(row),
+        Some(row) => {
+            state
+                .events
+                .state_changed(&c.team_id, c.id.as_str(), from.as_str(), to.as_str());
+            Ok(row)
+        }
         None => {
             let now = state
                 .db

@@ -196,6 +196,8 @@ pub struct AppState {
     pub auth_throttle: crate::auth::AuthThrottle,
     /// Template build workers.
     pub builders: crate::builds::Builders,
+    /// Lifecycle events, to `/v1/events/stream` subscribers.
+    pub events: crate::events::EventBus,
 }
 
 impl AppState {
@@ -238,6 +240,7 @@ impl AppState {
             streams: crate::proxy::LiveStreams::default(),
             reaper_backoff: crate::lifecycle::ReaperBackoff::default(),
             builders: crate::builds::Builders::default(),
+            events: crate::events::EventBus::default(),
         }
     }
 
@@ -294,6 +297,16 @@ impl AppState {
         ok: bool,
         metadata: Option<serde_json::Value>,
     ) {
+        let error = metadata
+            .as_ref()
+            .and_then(|m| m.get("error"))
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string);
+        let published = (
+            actor.clone(),
+            actor_name.clone(),
+            resource_id.map(str::to_string),
+        );
         let entry = NewAuditEntry {
             actor,
             actor_name,
@@ -311,6 +324,17 @@ impl AppState {
         if let Err(e) = self.db.insert_audit(team_id, entry).await {
             tracing::error!(error = %wrenn_core::manager::error_chain(&e), action, "audit row not written");
         }
+        let (actor, actor_name, resource_id) = published;
+        self.events.action(
+            team_id,
+            &actor,
+            actor_name.as_deref(),
+            action,
+            resource_type,
+            resource_id.as_deref(),
+            ok,
+            error.as_deref(),
+        );
     }
 
     /// Records an event of the platform (hosts and their credentials), by the system

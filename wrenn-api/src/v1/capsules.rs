@@ -21,7 +21,7 @@ use wrenn_core::status::CapsuleStatus;
 type S = State<Arc<AppState>>;
 
 /// A capsule as the API shows it.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct CapsuleView {
     pub id: String,
     /// pending, starting, running, pausing, paused, resuming, stopping, stopped, missing or error.

@@ -237,7 +237,7 @@ fn run(rt: &tokio::runtime::Runtime, data: &Path, rounds: usize, load_before: &s
     });
     let _ = stop_tx.send(());
     builders.abort();
-    let _ = rt.block_on(tokio::time::timeout(Duration::from_secs(10), server));
+    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), server).await });
     rt.block_on(db.close());
     let m = measured?;
 

@@ -251,7 +251,7 @@ def test_unknown_e2b_routes_raise_the_sdks_typed_errors(e2b_env, server):
             ("GET", "/sandboxes/cl-x/logs"),
             ("GET", "/volumes"),
             ("GET", "/v2/no/such/route"),
-            ("POST", "/v3/templates"),
+            ("POST", "/v3/templates/x/tags"),
             ("GET", "/snapshots/x/y"),
             ("GET", "/templates"),
         ]:

@@ -479,17 +479,22 @@ impl Db {
         .fetch_all(self.pool())
         .await
         .map_err(|e| Ctx::op("read build files").err(e))?;
-        rows.iter()
-            .map(|r| {
-                Ok(BuildFile {
-                    path: text(r, "path")?,
-                    mode: u32_col(r, "mode")?,
-                    data: r.try_get("data")?,
-                })
-            })
-            .collect::<R<Vec<_>>>()
-            .map_err(|e| DbError::backend("read build files", e))
+        files("read build files", &rows)
     }
+}
+
+/// Files from rows of `path`, `mode` and `data`.
+pub(crate) fn files(op: &'static str, rows: &[AnyRow]) -> Result<Vec<BuildFile>, DbError> {
+    rows.iter()
+        .map(|r| {
+            Ok(BuildFile {
+                path: text(r, "path")?,
+                mode: u32_col(r, "mode")?,
+                data: r.try_get("data")?,
+            })
+        })
+        .collect::<R<Vec<_>>>()
+        .map_err(|e| DbError::backend(op, e))
 }
 
 /// Inserts a pending build with id `id` and its files, in `tx`.

@@ -3,13 +3,12 @@
 //! request reserves a build id for a name and size, files arrive under the hash the
 //! client gave them, and the steps come last, which queues the build.
 
-use crate::builds::{insert_build_in, Build, BuildFile, NewBuild};
+use crate::builds::{files, insert_build_in, Build, BuildFile, NewBuild};
 use crate::error::Ctx;
 use crate::id::{new_id, prefix};
 use crate::row::{opt_text, text, ts, u32_col, R};
 use crate::time::{now, to_db, Timestamp};
 use crate::{Db, DbError};
-use sqlx::Row;
 
 /// A build whose steps have not arrived yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,16 +183,7 @@ impl Db {
         .fetch_all(self.pool())
         .await
         .map_err(|e| Ctx::op("read template upload").err(e))?;
-        rows.iter()
-            .map(|r| {
-                Ok(BuildFile {
-                    path: text(r, "path")?,
-                    mode: u32_col(r, "mode")?,
-                    data: r.try_get("data")?,
-                })
-            })
-            .collect::<R<Vec<_>>>()
-            .map_err(|e| DbError::backend("read template upload", e))
+        files("read template upload", &rows)
     }
 
     /// Forgets build requests whose steps never came and uploads older than `before`;

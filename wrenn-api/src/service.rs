@@ -904,7 +904,9 @@ pub async fn destroy(
     state
         .streams
         .end(c.id.as_str(), crate::proxy::EndReason::Killed);
-    let agent = state.agent_of(c)?;
+    let agent = state
+        .agent_of(c)
+        .inspect_err(|_| state.streams.revive(c.id.as_str()))?;
     state.guests.forget(&c.id);
     let result = match agent.destroy(&c.id).await {
         Ok(()) => Ok(()),
@@ -912,6 +914,9 @@ pub async fn destroy(
         Err(e) => Err(e),
     };
     let ok = result.is_ok();
+    if !ok {
+        state.streams.revive(c.id.as_str());
+    }
     if ok {
         set_status(state, c, CapsuleStatus::Stopped).await?;
         state.activity.forget(c.id.as_str());

@@ -157,6 +157,12 @@ impl LiveStreams {
         }
     }
 
+    /// A kill that did not happen (its host refused or could not be reached): later
+    /// requests to `capsule` are served again.
+    pub fn revive(&self, capsule: &str) {
+        self.inner.killed.invalidate(capsule);
+    }
+
     /// Capsules with a signal (for tests and leak checks).
     pub fn len(&self) -> usize {
         self.inner.signals.lock().map(|m| m.len()).unwrap_or(0)
@@ -448,6 +454,11 @@ mod tests {
         assert_eq!(why.ok(), Some(Reason::Killed));
         drop(late);
         assert!(streams.is_empty());
+        // A kill that failed: the capsule is watched afresh.
+        streams.revive("cl-a");
+        let mut again = streams.watch("cl-a");
+        let why = tokio::time::timeout(std::time::Duration::from_millis(50), again.wait()).await;
+        assert!(why.is_err(), "a revived capsule's watch is not ended");
     }
 
     fn tokio_stream_from(

@@ -124,6 +124,7 @@ def test_template_builder_builds_what_a_sandbox_uses(e2b_env, server, tmp_path):
     assert s.reason.step == "2", s.reason
     assert "exited with code 3" in s.reason.message
     assert any("about to fail" in l.message for l in s.reason.log_entries)
+    assert s.reason.log_entries[-1].level == "error", s.reason.log_entries[-1]
 
 
 def test_the_sdk_is_refused_what_cannot_be_built(e2b_env, server, tmp_path):
@@ -201,6 +202,9 @@ def test_uploads_need_a_valid_signed_url_and_a_safe_archive(server):
         assert r.status_code == 400 and "were not uploaded" in r.json()["message"], r.text
         r = c.post(f"/v2/templates/{tid}/builds/{bid}", json={"fromTemplate": "python", "steps": [{"type": "FETCH"}]})
         assert r.status_code == 400 and "unknown step type" in r.json()["message"], r.text
+        run_as = {"type": "RUN", "args": ["id", "root echo"]}
+        r = c.post(f"/v2/templates/{tid}/builds/{bid}", json={"fromTemplate": "python", "steps": [run_as]})
+        assert r.status_code == 400 and "invalid user name" in r.json()["message"], r.text
         # Started once; a second start is a conflict.
         step = {"type": "COPY", "args": ["a.txt", "/tmp/a.txt", "", ""], "filesHash": "abc123"}
         r = c.post(f"/v2/templates/{tid}/builds/{bid}", json={"fromTemplate": "python", "steps": [step]})

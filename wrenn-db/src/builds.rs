@@ -451,23 +451,23 @@ impl Db {
         .fetch_all(self.pool())
         .await
         .map_err(|e| Ctx::op("read build log").err(e))?;
-        rows.iter()
-            .map(|r| {
-                let stream = text(r, "stream")?;
-                Ok(BuildLog {
-                    seq: u64::try_from(int(r, "seq")?).unwrap_or(0),
-                    step: u32_col(r, "step")?,
-                    stream: match stream.as_str() {
-                        "stdout" => LogStream::Stdout,
-                        "stderr" => LogStream::Stderr,
-                        _ => LogStream::System,
-                    },
-                    line: text(r, "line")?,
-                    created_at: ts(r, "created_at")?,
-                })
-            })
-            .collect::<R<Vec<_>>>()
-            .map_err(|e| DbError::backend("read build log", e))
+        log_lines(&rows)
+    }
+
+    /// The last `n` lines of build `id`'s log, in order.
+    pub async fn build_log_tail(&self, id: &str, n: u32) -> Result<Vec<BuildLog>, DbError> {
+        let rows = sqlx::query(
+            "SELECT seq, step, stream, line, created_at FROM template_build_logs \
+             WHERE build_id = $1 ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(id)
+        .bind(i64::from(n))
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| Ctx::op("read build log").err(e))?;
+        let mut lines = log_lines(&rows)?;
+        lines.reverse();
+        Ok(lines)
     }
 
     /// The files uploaded with build `id`.
@@ -543,4 +543,24 @@ pub(crate) async fn insert_build_in(
         .map_err(|e| Ctx::op(op).unique("build file").err(e))?;
     }
     one(op, row)
+}
+
+fn log_lines(rows: &[AnyRow]) -> Result<Vec<BuildLog>, DbError> {
+    rows.iter()
+        .map(|r| {
+            let stream = text(r, "stream")?;
+            Ok(BuildLog {
+                seq: u64::try_from(int(r, "seq")?).unwrap_or(0),
+                step: u32_col(r, "step")?,
+                stream: match stream.as_str() {
+                    "stdout" => LogStream::Stdout,
+                    "stderr" => LogStream::Stderr,
+                    _ => LogStream::System,
+                },
+                line: text(r, "line")?,
+                created_at: ts(r, "created_at")?,
+            })
+        })
+        .collect::<R<Vec<_>>>()
+        .map_err(|e| DbError::backend("read build log", e))
 }

@@ -208,6 +208,11 @@ async fn template_builds_queue_log_and_end(t: &TestDb) {
         ["line 2", "line 3", "line 4"]
     );
     assert_eq!(tail[0].seq, 2);
+    let last = db.build_log_tail(&first.id, 2).await.unwrap();
+    assert_eq!(
+        last.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(),
+        ["line 3", "line 4"]
+    );
 
     // A running build is cancelled by asking its worker; an ended one stays ended.
     let asked = db.cancel_build(Some(&a.id), &second.id).await.unwrap();

@@ -483,10 +483,19 @@ async fn recipe(st: &crate::state::AppState, who: &Principal, b: &TemplateBuildS
                 .map(String::as_str)
                 .filter(|a| !a.is_empty())
         };
+        // A user or mode is one word of the recipe line.
+        let word = |k: usize, what: &str| -> R<Option<&str>> {
+            match arg(k) {
+                Some(a) if a.chars().any(char::is_whitespace) => {
+                    Err(bad(format!("step {n}: invalid {what} {a:?}")))
+                }
+                other => Ok(other),
+            }
+        };
         let line = match step.kind.to_ascii_uppercase().as_str() {
             "RUN" => {
                 let cmd = arg(0).ok_or_else(|| bad(format!("step {n}: RUN needs a command")))?;
-                match arg(1) {
+                match word(1, "user name")? {
                     Some(user) => format!("RUN --timeout={STEP_TIMEOUT} --user={user} {cmd}"),
                     None => format!("RUN --timeout={STEP_TIMEOUT} {cmd}"),
                 }
@@ -546,10 +555,10 @@ async fn recipe(st: &crate::state::AppState, who: &Principal, b: &TemplateBuildS
                 }
                 let sources = copy_sources(hash, src, &uploads[hash])?;
                 let mut opts = String::new();
-                if let Some(user) = arg(2) {
+                if let Some(user) = word(2, "user name")? {
                     opts.push_str(&format!("--chown={user} "));
                 }
-                if let Some(mode) = arg(3) {
+                if let Some(mode) = word(3, "mode")? {
                     opts.push_str(&format!("--chmod={mode} "));
                 }
                 let srcs: Vec<String> = sources.iter().map(|s| q(s)).collect();
@@ -694,16 +703,15 @@ fn step_name(n: u64, client_steps: u64, in_a_step: bool) -> String {
     }
 }
 
-fn entry(l: &wrenn_db::BuildLog, last_failed: bool) -> BuildLogEntry {
+/// A log line as E2B's entry: the builder's line that says how a build failed is an
+/// error, the rest is information.
+fn entry(l: &wrenn_db::BuildLog) -> BuildLogEntry {
+    let failure = l.stream == LogStream::System
+        && (l.line.starts_with("build failed:") || l.line.starts_with("build cancelled:"));
     BuildLogEntry {
         timestamp: l.created_at,
         message: l.line.clone(),
-        level: if last_failed && l.stream == LogStream::System {
-            "error"
-        } else {
-            "info"
-        }
-        .into(),
+        level: if failure { "error" } else { "info" }.into(),
     }
 }
 
@@ -759,18 +767,13 @@ pub async fn build_status(
     } else {
         st.db.build_logs(&b.id, offset, limit).await.map_err(e2b)?
     };
-    let last_seq = lines.last().map(|l| l.seq);
-    let log_entries: Vec<BuildLogEntry> = lines
-        .iter()
-        .map(|l| entry(l, failed && Some(l.seq) == last_seq))
-        .collect();
+    let log_entries: Vec<BuildLogEntry> = lines.iter().map(entry).collect();
     let reason = if failed {
-        let tail = st.db.build_logs(&b.id, 0, u32::MAX).await.map_err(e2b)?;
-        let from = tail.len().saturating_sub(10);
+        let tail = st.db.build_log_tail(&b.id, 10).await.map_err(e2b)?;
         Some(BuildStatusReason {
             message: b.error.clone().unwrap_or_else(|| "the build failed".into()),
             step: failed_step(&b),
-            log_entries: tail[from..].iter().map(|l| entry(l, false)).collect(),
+            log_entries: tail.iter().map(entry).collect(),
         })
     } else {
         None

@@ -1,6 +1,6 @@
 """Tenancy and authentication of every capsule, snapshot, API-key and audit route of
 `/v1` and of every E2B route (`/sandboxes…`, `/v2/sandboxes…`, `/snapshots`,
-`/templates/{id}`).
+`/templates…`).
 
 For each route: no credentials → 401, an API key that was never issued → 401 (and a
 garbage JWT → 401); another team's key or user token on the admin team's capsule,
@@ -184,6 +184,8 @@ E2B_OWNED = [
     Route("POST", "/sandboxes/{cap}/fork", "e2b", "empty"),
     Route("POST", "/sandboxes/{cap}/snapshots", "e2b", "e2b_snapshot"),
     Route("DELETE", "/templates/{snap}", "e2b"),
+    Route("GET", "/templates/aliases/{snap}", "e2b"),
+    Route("GET", "/templates/{snap}/builds/{key}/status", "e2b"),
 ]
 E2B_LISTS = [
     Route("GET", "/sandboxes", "e2b", owned=False),
@@ -191,7 +193,12 @@ E2B_LISTS = [
     Route("GET", "/v2/sandboxes", "e2b", owned=False),
     Route("POST", "/v2/sandboxes", "e2b", "e2b_create", owned=False),
     Route("GET", "/snapshots", "e2b", owned=False),
+    # Whether the caller's own team has uploaded these files, and where to put them.
+    Route("GET", "/templates/{snap}/files/{key}", "e2b", owned=False),
 ]
+# Routes whose credential is a signed URL handed out by an authenticated route
+# (tests/api/test_e2b_templates.py checks forged, other-hash and expired URLs).
+SIGNED = {("PUT", "/templates/{}/files/{}")}
 WS_ROUTES = [
     "/v1/capsules/{cap}/exec/stream",
     "/v1/capsules/{cap}/processes/{pid}/stream",
@@ -218,7 +225,7 @@ def test_route_table_covers_the_router():
             routed.add((method.upper(), norm.sub("{}", m.group(1))))
     assert len(routed) >= 40, routed
     covered = {(r.method, norm.sub("{}", r.path)) for r in ALL_HTTP}
-    covered |= {("GET", norm.sub("{}", p)) for p in WS_ROUTES}
+    covered |= {("GET", norm.sub("{}", p)) for p in WS_ROUTES} | SIGNED
     covered = {(m, p.replace("/processes/" + KEEPER_TAG, "/processes/{}")) for m, p in covered}
     missing = routed - covered
     assert not missing, f"routes without tenancy coverage: {sorted(missing)}"

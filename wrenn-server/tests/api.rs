@@ -498,7 +498,7 @@ async fn e2b_error_shapes_and_key_spellings(t: &TestDb) {
     for (m, path, status) in [
         (Method::GET, "/sandboxes/cl-x/logs", StatusCode::NOT_FOUND),
         (Method::GET, "/volumes", StatusCode::NOT_FOUND),
-        (Method::POST, "/v3/templates", StatusCode::NOT_FOUND),
+        (Method::POST, "/v3/templates/x/tags", StatusCode::NOT_FOUND),
         (Method::GET, "/templates/t/tags", StatusCode::NOT_FOUND),
         (
             Method::GET,

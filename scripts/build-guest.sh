@@ -6,6 +6,8 @@
 # Prints the envd path as its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUSTFLAGS="-C target-feature=+crt-static" \
+# The checkout's path is remapped so that the binaries (whose hashes key the images
+# built from them) are the same from any clone.
+RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix=$PWD=/wrenn" \
   cargo build --profile guest --target x86_64-unknown-linux-gnu -p wrenn-envd -p wrenn-init --bin envd --bin wrenn-init "$@"
 echo "target/x86_64-unknown-linux-gnu/guest/envd"

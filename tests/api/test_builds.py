@@ -345,3 +345,64 @@ def test_cli_builds_a_recipe_file(server, tmp_path):
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 1 and "line 3: unknown instruction" in r.stderr, r.stderr
+
+
+def test_platform_builds(server):
+    """`POST /v1/admin/builds`: a platform admin builds a template that every team may
+    create capsules from; API keys and other users may not."""
+    name = "plat-" + uuid.uuid4().hex[:8]
+    config = {
+        "name": name,
+        "base_template": "minimal",
+        "recipe": ["RUN echo built-for-all > /etc/platform-mark", "ENV MARK=platform"],
+        "skip_pre_post": True,
+    }
+    with server.admin() as c:
+        r = c.post("/v1/admin/builds", json=config)
+        assert r.status_code in (401, 403), r.text
+    with server.client(None, Authorization=f"Bearer {server.other_token}") as o:
+        r = o.post("/v1/admin/builds", json=config)
+        assert r.status_code == 403, r.text
+        assert "platform admins" in r.json()["error"]["message"]
+    with server.admin_user() as a:
+        r = a.post("/v1/admin/builds", json=config)
+        assert r.status_code == 202, r.text
+        b = r.json()
+        assert b["platform"] is True
+        bid = b["id"]
+        deadline = time.monotonic() + 600
+        while b["status"] not in FINAL:
+            assert time.monotonic() < deadline, b
+            time.sleep(1)
+            b = a.get(f"/v1/admin/builds/{bid}").json()
+        assert b["status"] == "success", b
+        # The name is taken now, for platform builds and team builds alike.
+        r = a.post("/v1/admin/builds", json=config)
+        assert r.status_code == 409, r.text
+    with server.admin() as c:
+        r = submit(c, {**config, "skip_pre_post": True})
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "name_reserved"
+        # Listed as a platform template, not as a snapshot of the admin's team.
+        listed = [t for t in c.get("/v1/snapshots").json() if t["name"] == name]
+        assert len(listed) == 1 and listed[0]["platform"] is True, listed
+    # Another team sees it and creates a capsule from it.
+    with server.other() as o:
+        assert name in {t["name"] for t in o.get("/v1/snapshots").json() if t["platform"]}
+        r = o.post("/v1/capsules", json={"template": name, "timeout_sec": 300})
+        assert r.status_code == 201, r.text
+        cid = r.json()["id"]
+        try:
+            deadline = time.monotonic() + 120
+            while o.get(f"/v1/capsules/{cid}").json()["status"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+            r = o.post(
+                f"/v1/capsules/{cid}/exec",
+                json={"cmd": "/bin/sh", "args": ["-c", "cat /etc/platform-mark; echo $WRENN_TEMPLATE_ID"]},
+            )
+            assert r.status_code == 200, r.text
+            out = r.json()["stdout"]
+            assert out == f"built-for-all\n{name}\n", out
+        finally:
+            o.delete(f"/v1/capsules/{cid}")

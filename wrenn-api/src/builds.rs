@@ -41,6 +41,15 @@ pub const DEFAULT_WORKDIR_KEY: &str = "default_workdir";
 /// root in `/`).
 pub const START_USER_KEY: &str = "start_user";
 pub const START_WORKDIR_KEY: &str = "start_workdir";
+/// Build metadata key of a platform build (`true`): the result is saved on the host
+/// under the build's name, a template of every team, instead of as the team's
+/// snapshot template.
+pub const PLATFORM_KEY: &str = "platform";
+
+/// Whether `b` builds a platform template.
+pub fn is_platform(b: &Build) -> bool {
+    b.metadata.get(PLATFORM_KEY).and_then(Value::as_bool) == Some(true)
+}
 
 /// Lines kept of one output line.
 const MAX_LINE: usize = 4096;
@@ -515,11 +524,17 @@ impl Run {
             );
         }
         extra.insert("build_id".into(), Value::String(b.id.clone()));
-        let t = service::snapshot_as(&self.st, &self.who, &c, &b.name, true, extra).await?;
+        let template_id = if is_platform(&b) {
+            service::snapshot_platform(&self.st, &self.who, &c, &b.name, &b.id).await?;
+            None
+        } else {
+            let t = service::snapshot_as(&self.st, &self.who, &c, &b.name, true, extra).await?;
+            Some(t.id)
+        };
         Ok(BuildEnd {
             status: BuildStatus::Success,
             error: None,
-            template_id: Some(t.id),
+            template_id,
             default_user: ctx.user_set.then(|| ctx.user.clone()),
             default_env: env_map,
         })

@@ -136,7 +136,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/builds/{id}", get(v1::builds::get))
         .route("/v1/builds/{id}/logs", get(v1::builds::logs))
         .route("/v1/builds/{id}/cancel", post(v1::builds::cancel))
-        .route("/v1/admin/builds", get(v1::builds::admin_list))
+        .route(
+            "/v1/admin/builds",
+            get(v1::builds::admin_list)
+                .post(v1::builds::admin_create)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    usize::try_from(state.config.upload_limit).unwrap_or(usize::MAX) + (1 << 20),
+                )),
+        )
         .route("/v1/admin/builds/{id}", get(v1::builds::admin_get))
         .route(
             "/v1/admin/builds/{id}/cancel",

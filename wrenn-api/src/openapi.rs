@@ -111,7 +111,7 @@ impl Modify for CommonErrors {
         v1::files::list, v1::files::mkdir, v1::files::remove,
         v1::snapshots::create, v1::snapshots::list, v1::snapshots::delete,
         v1::builds::create, v1::builds::list, v1::builds::get, v1::builds::logs, v1::builds::cancel,
-        v1::builds::admin_list, v1::builds::admin_get, v1::builds::admin_cancel,
+        v1::builds::admin_list, v1::builds::admin_create, v1::builds::admin_get, v1::builds::admin_cancel,
         v1::admin::pools, v1::admin::set_pool, v1::admin::audit_logs, crate::events::stream,
         v1::hosts::list, v1::hosts::get, v1::hosts::delete_preview, v1::hosts::create,
         v1::hosts::new_token, v1::hosts::delete, v1::hosts::tags, v1::hosts::add_tag,

@@ -1071,6 +1071,49 @@ pub async fn snapshot_as(
     Ok(row)
 }
 
+/// Saves capsule `c` (a platform build's) as platform template `name` on its host: the
+/// host's files are the template, as a built-in one's are, so every team may create
+/// capsules from it there. No team's row is written.
+pub async fn snapshot_platform(
+    state: &AppState,
+    who: &Principal,
+    c: &Capsule,
+    name: &str,
+    build_id: &str,
+) -> ApiResult<()> {
+    if c.status != CapsuleStatus::Running {
+        return Err(ApiError::invalid_state(format!(
+            "capsule {} is {}; snapshot needs it running",
+            c.id, c.status
+        )));
+    }
+    wrenn_core::template::TemplateName::parse(name)
+        .map_err(|e| ApiError::invalid(format!("name: {e}")))?;
+    let agent = state.agent_of(c)?;
+    if agent.template(name).await.is_ok() {
+        return Err(ApiError::conflict(
+            "name_reserved",
+            format!("{name} is already a platform template"),
+        ));
+    }
+    let result = agent.snapshot(&c.id, name).await;
+    state
+        .audit(
+            who,
+            "template.platform.create",
+            "template",
+            Some(name),
+            result.is_ok(),
+            Some(serde_json::json!({
+                "capsule": c.id.as_str(),
+                "host": c.host_id.0.as_str(),
+                "build": build_id,
+            })),
+        )
+        .await;
+    result.map(|_| ()).map_err(ApiError::from)
+}
+
 /// The host holding a snapshot template's files (rows from before hosts were recorded
 /// name none: the only host there was).
 fn holder_of(

@@ -3,7 +3,8 @@
 //! Boot: mount the API filesystems, set the hostname, bring up `lo` and `eth0`
 //! (the kernel's `ip=` parameter normally configured `eth0` already; otherwise
 //! the fixed capsule identity is applied with ioctls), write `/etc/resolv.conf`
-//! if absent, then start `/usr/local/bin/envd --port 49983 --sync-clock` and keep it running
+//! if absent, then start `/usr/local/bin/envd --port 49983 --sync-clock --env-file
+//! /run/wrenn/env` and keep it running
 //! (respawn with backoff). Afterwards PID 1 only reaps zombies and waits for a
 //! power-off request: SIGTERM, SIGINT (also Ctrl-Alt-Del), SIGPWR, SIGUSR1,
 //! SIGUSR2, the ACPI power button (QMP `system_powerdown`), or running this
@@ -29,6 +30,8 @@ use sys::{errno_str, log};
 
 const ENVD_PATH: &str = "/usr/local/bin/envd";
 const ENVD_PORT: &str = "49983";
+/// Where envd keeps the environment of the last /init.
+const ENVD_ENV_FILE: &str = "/run/wrenn/env";
 const HOSTNAME: &str = "capsule";
 const RESOLV_CONF: &str = "nameserver 8.8.8.8\nnameserver 8.8.4.4\n";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -130,9 +133,16 @@ impl Service {
         }
         let mut cmd = Command::new(ENVD_PATH);
         // Inside a capsule envd owns the clock: /init carries host time after every boot and restore.
-        cmd.args(["--port", ENVD_PORT, "--sync-clock"])
-            .current_dir("/")
-            .stdin(Stdio::null());
+        // It keeps /init's environment in ENVD_ENV_FILE for services started before it.
+        cmd.args([
+            "--port",
+            ENVD_PORT,
+            "--sync-clock",
+            "--env-file",
+            ENVD_ENV_FILE,
+        ])
+        .current_dir("/")
+        .stdin(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and calls
         // only sigemptyset/sigprocmask/setsid, which are async-signal-safe, on
         // a local sigset. std does not reset the signal mask: without this the

@@ -23,7 +23,11 @@ pub fn source_dir() -> PathBuf {
 
 /// Runs one stage; its output lines drive the spinner and go to a log file.
 /// Returns the last line the command printed on stdout.
-async fn stage(title: &str, log: &Path, mut cmd: tokio::process::Command) -> Result<String> {
+pub(crate) async fn stage(
+    title: &str,
+    log: &Path,
+    mut cmd: tokio::process::Command,
+) -> Result<String> {
     let bar = ProgressBar::new_spinner();
     bar.set_style(
         ProgressStyle::with_template("{spinner} {prefix:.bold} [{elapsed}] {wide_msg}")
@@ -118,7 +122,11 @@ pub async fn build(data: &DataDir, templates: &[String]) -> Result<()> {
         );
     }
     let templates: Vec<String> = if templates.is_empty() {
-        vec!["minimal".into(), "python".into(), "base".into()]
+        ["minimal", "python", "base"]
+            .iter()
+            .chain(crate::recipe_templates::RECIPE_TEMPLATES)
+            .map(|t| t.to_string())
+            .collect()
     } else {
         templates.to_vec()
     };
@@ -147,6 +155,9 @@ pub async fn build(data: &DataDir, templates: &[String]) -> Result<()> {
         .current_dir(&src);
     stage("envd + wrenn-init", &logs.join("guest.log"), guest).await?;
 
+    let (recipes, templates): (Vec<String>, Vec<String>) = templates
+        .into_iter()
+        .partition(|t| crate::recipe_templates::is_recipe_template(t));
     for t in &templates {
         let mut c = script(&src, "images/build-rootfs.sh", data);
         c.arg(t);
@@ -182,7 +193,13 @@ pub async fn build(data: &DataDir, templates: &[String]) -> Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!(wrenn::manager::error_chain(&e)))?;
         bar.set_message("saving");
+        // The snapshot replaces the template's directory: what the image was built
+        // from (`build.json`, which keys the recipe templates built on it) is kept.
+        let stamp = std::fs::read(data.template_dir(t).join("build.json")).ok();
         let saved = caps.snapshot(&info.id, t, true).await;
+        if let (Ok(_), Some(stamp)) = (&saved, stamp) {
+            std::fs::write(data.template_dir(t).join("build.json"), stamp)?;
+        }
         let destroyed = caps.destroy(&info.id).await;
         saved.map_err(|e| anyhow::anyhow!(wrenn::manager::error_chain(&e)))?;
         destroyed.map_err(|e| anyhow::anyhow!(wrenn::manager::error_chain(&e)))?;
@@ -190,6 +207,12 @@ pub async fn build(data: &DataDir, templates: &[String]) -> Result<()> {
         if bar.is_hidden() {
             eprintln!("    snapshot {t}: done");
         }
+    }
+    drop(host);
+    // Recipe templates, by the template build system, from the ones just built.
+    for t in &recipes {
+        eprintln!("==> template {t} (a recipe build)");
+        crate::recipe_templates::build(data, &src, t).await?;
     }
     println!("images ready under {}", data.root().display());
     Ok(())

@@ -5,6 +5,7 @@ mod discovery;
 mod doctor;
 mod host_args;
 mod images;
+mod recipe_templates;
 mod serve;
 mod template;
 
@@ -95,7 +96,8 @@ enum Cmd {
 enum ImageCmd {
     /// Build the kernel (cached by input hash), the guest binaries and template root filesystems.
     Build {
-        /// Template(s) to build; default: minimal and python.
+        /// Template(s) to build; default: minimal, python, base and the recipe templates
+        /// (code-runner-beta).
         #[arg(long = "template")]
         templates: Vec<String>,
     },

@@ -20,8 +20,21 @@ pub struct BuildArgs {
     #[arg(long, env = "WRENN_BASE_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
     /// An API key of the team the template is for.
-    #[arg(long, env = "WRENN_API_KEY", hide_env_values = true)]
-    pub api_key: String,
+    #[arg(
+        long,
+        env = "WRENN_API_KEY",
+        hide_env_values = true,
+        required_unless_present = "token"
+    )]
+    pub api_key: Option<String>,
+    /// A user token (`POST /v1/auth/login`) instead of an API key; `--platform` needs
+    /// a platform admin's.
+    #[arg(long, env = "WRENN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Build a platform template (`POST /v1/admin/builds`): every team may create
+    /// capsules from it.
+    #[arg(long, requires = "token")]
+    pub platform: bool,
     /// vCPUs of the build's capsule.
     #[arg(long)]
     pub vcpus: Option<u32>,
@@ -106,6 +119,15 @@ fn api_error(e: ureq::Error) -> anyhow::Error {
     }
 }
 
+/// The request with the caller's credentials: the token if given, else the API key.
+fn authed(req: ureq::Request, args: &BuildArgs) -> ureq::Request {
+    match (&args.token, &args.api_key) {
+        (Some(token), _) => req.set("Authorization", &format!("Bearer {token}")),
+        (None, Some(key)) => req.set("X-API-Key", key),
+        (None, None) => req,
+    }
+}
+
 /// Runs the command; returns the exit code (0 when the template was built).
 pub fn build(args: BuildArgs) -> Result<u8> {
     let text = std::fs::read_to_string(&args.file)
@@ -143,9 +165,12 @@ pub fn build(args: BuildArgs) -> Result<u8> {
         .timeout(Duration::from_secs(120))
         .build();
     let (content_type, body) = multipart(&config.to_string(), files.as_deref());
-    let queued: Value = agent
-        .post(&format!("{base}/v1/builds"))
-        .set("X-API-Key", &args.api_key)
+    let route = if args.platform {
+        "v1/admin/builds"
+    } else {
+        "v1/builds"
+    };
+    let queued: Value = authed(agent.post(&format!("{base}/{route}")), &args)
         .set("Content-Type", &content_type)
         .send_bytes(&body)
         .map_err(api_error)
@@ -171,10 +196,8 @@ pub fn build(args: BuildArgs) -> Result<u8> {
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut offset = 0u64;
     loop {
-        let page: Value = agent
-            .get(&format!("{base}/v1/builds/{id}/logs"))
+        let page: Value = authed(agent.get(&format!("{base}/v1/builds/{id}/logs")), &args)
             .query("offset", &offset.to_string())
-            .set("X-API-Key", &args.api_key)
             .call()
             .map_err(api_error)
             .context("reading the build's log")?
@@ -193,9 +216,7 @@ pub fn build(args: BuildArgs) -> Result<u8> {
         offset = page["next_offset"].as_u64().unwrap_or(offset);
         let status = page["status"].as_str().unwrap_or_default().to_string();
         if matches!(status.as_str(), "success" | "failed" | "cancelled") && lines.is_empty() {
-            let b: Value = agent
-                .get(&format!("{base}/v1/builds/{id}"))
-                .set("X-API-Key", &args.api_key)
+            let b: Value = authed(agent.get(&format!("{base}/v1/builds/{id}")), &args)
                 .call()
                 .map_err(api_error)?
                 .into_json()?;

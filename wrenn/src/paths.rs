@@ -103,8 +103,14 @@ impl DataDir {
     }
 
     /// The kernel in use: `images/kernels/current` names its hash; without it,
-    /// the most recently built `vmlinux`.
+    /// the most recently built `vmlinux`. The path is the file's real one (snapshots
+    /// record it), so it holds whichever data directory links to `images/`.
     pub fn kernel(&self) -> Option<PathBuf> {
+        let found = self.find_kernel()?;
+        Some(std::fs::canonicalize(&found).unwrap_or(found))
+    }
+
+    fn find_kernel(&self) -> Option<PathBuf> {
         let dir = self.kernels();
         if let Ok(hash) = std::fs::read_to_string(dir.join("current")) {
             let p = dir.join(hash.trim()).join("vmlinux");

@@ -10,7 +10,7 @@ use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use serde_json::Map;
+use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
@@ -111,6 +111,9 @@ pub struct BuildView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_user: Option<String>,
     pub default_env: HashMap<String, String>,
+    /// A platform template's build (`POST /v1/admin/builds`): every team may create
+    /// capsules from what it makes.
+    pub platform: bool,
     pub team_id: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -130,6 +133,7 @@ fn log_view(l: wrenn_db::BuildLog) -> BuildLogView {
 }
 
 fn view(b: Build, logs: Option<Vec<wrenn_db::BuildLog>>) -> BuildView {
+    let platform = crate::builds::is_platform(&b);
     BuildView {
         id: b.id,
         name: b.name,
@@ -153,6 +157,7 @@ fn view(b: Build, logs: Option<Vec<wrenn_db::BuildLog>>) -> BuildView {
             .into_iter()
             .filter_map(|(k, v)| Some((k, v.as_str()?.to_string())))
             .collect(),
+        platform,
         team_id: b.team_id,
         created_at: b.created_at,
         started_at: b.started_at,
@@ -271,6 +276,17 @@ pub async fn validate(
     req: &CreateBuild,
     files: &[BuildFile],
 ) -> ApiResult<NewBuild> {
+    validate_for(st, who, req, files, false).await
+}
+
+/// [`validate`], for a team's template or (`platform`) a platform template.
+async fn validate_for(
+    st: &AppState,
+    who: &Principal,
+    req: &CreateBuild,
+    files: &[BuildFile],
+    platform: bool,
+) -> ApiResult<NewBuild> {
     let name = wrenn_core::template::TemplateName::parse(&req.name)
         .map_err(|e| ApiError::invalid(format!("name: {e}")))?;
     if service::is_team_snapshot_name(name.as_str()) {
@@ -340,7 +356,11 @@ pub async fn validate(
         memory_mb,
         skip_pre_post: req.skip_pre_post,
         timeout_sec,
-        metadata: Map::new(),
+        metadata: if platform {
+            Map::from_iter([(crate::builds::PLATFORM_KEY.to_string(), Value::Bool(true))])
+        } else {
+            Map::new()
+        },
         created_by: who.user.as_ref().map(|u| u.sub.clone()),
     })
 }
@@ -384,6 +404,28 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<BuildView>)> {
     let (body, files) = read_request(&st, req).await?;
     let new = validate(&st, &who, &body, &files).await?;
+    let b = queue(&st, &who, new, files).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(b, None))))
+}
+
+/// Builds a platform template: like `POST /v1/builds`, but what it makes is saved on
+/// the building host under its own name, as the built-in templates are, and every
+/// team may create capsules from it. For platform admins. The build itself (its
+/// capsule, log and row) belongs to the admin's team.
+#[utoipa::path(post, path = "/v1/admin/builds", tag = "builds",
+    request_body(content((CreateBuild = "application/json"), (BuildForm = "multipart/form-data"))),
+    responses((status = 202, body = BuildView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn admin_create(
+    State(st): S,
+    Auth(who): Auth,
+    req: Request,
+) -> ApiResult<(StatusCode, Json<BuildView>)> {
+    super::admin::platform_admin(&who)?;
+    let (body, files) = read_request(&st, req).await?;
+    let new = validate_for(&st, &who, &body, &files, true).await?;
     let b = queue(&st, &who, new, files).await?;
     Ok((StatusCode::ACCEPTED, Json(view(b, None))))
 }

@@ -20,6 +20,12 @@ struct Args {
     /// Set the system clock from the host time sent to /init (inside a capsule).
     #[arg(long)]
     sync_clock: bool,
+    /// Keep the environment variables of the last /init in this file (`KEY=VALUE`
+    /// entries ending in NUL, as /proc/PID/environ), for processes that started
+    /// before it: a snapshot's long-running services pick up the identity of the
+    /// capsule they were restored into.
+    #[arg(long, value_name = "PATH")]
+    env_file: Option<std::path::PathBuf>,
     /// Expose services that listen only on loopback at this address, on the same port
     /// (repeatable). Default: every non-loopback IPv4 address of the up interfaces.
     #[arg(long = "forward-addr", value_name = "IP", value_parser = forward_ip)]
@@ -83,6 +89,7 @@ fn main() -> std::process::ExitCode {
         let state = AppState::new(Config {
             default_user: args.default_user,
             sync_clock: args.sync_clock,
+            env_file: args.env_file,
         });
         serve(listener, state, shutdown_signal()).await
     });

@@ -7,6 +7,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -129,6 +130,11 @@ pub async fn init(
             }
         }
         if let Some(env) = req.env_vars {
+            if let Some(path) = &st.config.env_file {
+                if let Err(e) = write_env_file(path, &env) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the environment file");
+                }
+            }
             d.env_vars = env;
         }
         if let Some(user) = req.default_user.filter(|u| !u.is_empty()) {
@@ -146,6 +152,37 @@ pub async fn init(
         [(header::CACHE_CONTROL, "no-store")],
     )
         .into_response())
+}
+
+/// Writes `env` to `path` as `/proc/PID/environ` is written (`KEY=VALUE` entries, each
+/// ending in NUL, sorted), readable by every user of the guest (whose processes get
+/// these variables anyway), replacing the file atomically.
+fn write_env_file(path: &std::path::Path, env: &HashMap<String, String>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut entries: Vec<_> = env.iter().collect();
+    entries.sort();
+    let mut data = Vec::new();
+    for (k, v) in entries {
+        data.extend_from_slice(k.as_bytes());
+        data.push(b'=');
+        data.extend_from_slice(v.as_bytes());
+        data.push(0);
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&tmp)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    f.write_all(&data)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 /// Cumulative CPU jiffies from `/proc/stat`.
@@ -259,5 +296,27 @@ mod tests {
             Some(1_000_000_002)
         );
         assert_eq!(parse_init_timestamp(&serde_json::json!("yesterday")), None);
+    }
+
+    #[test]
+    fn env_file_is_environ_shaped_and_world_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("envd-env-{}", std::process::id()));
+        let path = dir.join("run/env");
+        let env = HashMap::from([
+            ("B".to_string(), "two words\nand a line".to_string()),
+            ("A".to_string(), "1=one".to_string()),
+        ]);
+        write_env_file(&path, &env).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"A=1=one\0B=two words\nand a line\0"
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
+        // Replaced whole by the next /init.
+        write_env_file(&path, &HashMap::new()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -31,6 +31,8 @@ pub struct Config {
     pub default_user: String,
     /// Set the guest clock from `/init` timestamps (only inside a capsule).
     pub sync_clock: bool,
+    /// Where the environment variables of the last applied `/init` are written.
+    pub env_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -38,6 +40,7 @@ impl Default for Config {
         Config {
             default_user: "user".into(),
             sync_clock: false,
+            env_file: None,
         }
     }
 }

@@ -990,6 +990,7 @@ mod tests {
         AppState::new(super::super::Config {
             default_user: "root".into(),
             sync_clock: false,
+            env_file: None,
         })
     }
 

@@ -33,6 +33,7 @@ pub fn state() -> Arc<AppState> {
     AppState::new(Config {
         default_user: "root".into(),
         sync_clock: false,
+        env_file: None,
     })
 }
 

@@ -345,6 +345,8 @@ def server(request) -> Server:
             # index over the network, which the tests never reach.
             "--build-pre-command", "echo pre-build phase",
             "--build-post-command", "echo post-build phase",
+            # Notification channels: the tests' receivers listen on loopback.
+            "--channels-allow-private-addresses",
         ],
         env=env,
         log_path=os.path.join(data_dir, "serve.log"),

@@ -56,6 +56,22 @@ checks.ensure_resource_availability.enabled = false
 [[operations]]
 include-path = "/v1/events/stream"
 enabled = false
+
+# Channel settings name a receiver that the server resolves (and the test send posts
+# to): generated URLs would send DNS queries and requests off this machine (and the
+# session server accepts loopback receivers). tests/api/test_channels.py covers them.
+[[operations]]
+include-path = "/v1/channels"
+include-method = "POST"
+enabled = false
+
+[[operations]]
+include-path = "/v1/channels/test"
+enabled = false
+
+[[operations]]
+include-path = "/v1/channels/{id}/config"
+enabled = false
 """
 
 

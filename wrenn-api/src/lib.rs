@@ -11,6 +11,7 @@ pub mod agent;
 pub mod auth;
 pub mod builds;
 pub mod cache;
+pub mod channels;
 pub mod cluster;
 pub mod e2b;
 pub mod error;
@@ -148,6 +149,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/admin/builds/{id}/cancel",
             post(v1::builds::admin_cancel),
+        )
+        .route(
+            "/v1/channels",
+            get(v1::channels::list).post(v1::channels::create),
+        )
+        .route("/v1/channels/test", post(v1::channels::test))
+        .route(
+            "/v1/channels/{id}",
+            get(v1::channels::get)
+                .patch(v1::channels::update)
+                .delete(v1::channels::delete),
+        )
+        .route("/v1/channels/{id}/config", put(v1::channels::set_config))
+        .route(
+            "/v1/channels/{id}/deliveries",
+            get(v1::channels::deliveries),
         )
         .route("/v1/hosts", get(v1::hosts::list).post(v1::hosts::create))
         .route("/v1/hosts/register", post(v1::hosts::register))

@@ -309,6 +309,7 @@ impl ControlPlane {
         let monitor = crate::lifecycle::spawn_monitor(state.clone());
         let reaper = crate::lifecycle::spawn_reaper(state.clone());
         let builders = crate::builds::spawn_builders(state.clone());
+        let channels = crate::channels::spawn(state.clone());
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
             .map_err(|source| ServeError::Listen {
@@ -333,6 +334,7 @@ impl ControlPlane {
         })
         .await;
         builders.abort();
+        channels.abort();
         reaper.abort();
         monitor.abort();
         crate::lifecycle::pause_all_running(&state).await;

@@ -128,6 +128,8 @@ pub struct ApiConfig {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Template build workers.
     pub builds: crate::builds::BuildConfig,
+    /// Notification channels: where receivers may be, attempts and their spacing.
+    pub channels: crate::channels::ChannelConfig,
 }
 
 impl Default for ApiConfig {
@@ -149,6 +151,7 @@ impl Default for ApiConfig {
             hash_queue: 32,
             trusted_proxies: Vec::new(),
             builds: crate::builds::BuildConfig::default(),
+            channels: crate::channels::ChannelConfig::default(),
         }
     }
 }
@@ -188,6 +191,8 @@ pub struct AppState {
     pub tokens: crate::secrets::TokenSealer,
     /// Signs the upload URLs of E2B template files.
     pub url_signer: crate::secrets::UrlSigner,
+    /// Seals the settings of notification channels kept in the database.
+    pub channel_sealer: crate::secrets::ConfigSealer,
     /// Capsules whose timeout action failed, retried later rather than every tick.
     pub reaper_backoff: crate::lifecycle::ReaperBackoff,
     /// Team roles of user tokens, checked against the database (briefly cached).
@@ -228,6 +233,7 @@ impl AppState {
             jwt: JwtKeys::new(jwt_secret),
             tokens: crate::secrets::TokenSealer::new(jwt_secret),
             url_signer: crate::secrets::UrlSigner::new(jwt_secret),
+            channel_sealer: crate::secrets::ConfigSealer::new(jwt_secret),
             keys: KeyCache::default(),
             metrics: ServerMetrics::new(),
             activity: Activity::default(),

@@ -14,6 +14,8 @@ pub mod prefix {
     pub const HOST_REFRESH: &str = "hrt-";
     pub const HOST_JOIN: &str = "hjoin-";
     pub const BUILD: &str = "bld-";
+    pub const CHANNEL: &str = "ch-";
+    pub const DELIVERY: &str = "dlv-";
 }
 
 /// A new random id with `prefix`, e.g. `new_id(prefix::USER)` → `usr-0k3…`.

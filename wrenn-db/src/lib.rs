@@ -23,6 +23,7 @@ mod audit;
 mod bootstrap;
 mod builds;
 mod capsules;
+mod channels;
 mod error;
 mod hosts;
 mod id;
@@ -49,6 +50,7 @@ pub use bootstrap::{
 };
 pub use builds::{Build, BuildEnd, BuildFile, BuildLog, BuildStatus, LogStream, NewBuild};
 pub use capsules::{Capsule, NewCapsule, TeamUsage, DEFAULT_DISK_MB};
+pub use channels::{Attempt, Channel, ChannelUpdate, Delivery, DeliveryStatus, NewChannel};
 pub use error::DbError;
 pub use hosts::{
     BadHostToken, BadRefreshToken, Host, HostSpecs, HostStatus, JoinToken, NewHost,

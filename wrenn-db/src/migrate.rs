@@ -80,6 +80,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0012_template_uploads.sql"),
         include_str!("../migrations/postgres/0012_template_uploads.sql"),
     ),
+    (
+        13,
+        "notification channels and their deliveries",
+        include_str!("../migrations/sqlite/0013_channels.sql"),
+        include_str!("../migrations/postgres/0013_channels.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

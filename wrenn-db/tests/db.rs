@@ -31,7 +31,185 @@ on_both_backends!(
     join_tokens_register_up_to_their_limit,
     template_builds_queue_log_and_end,
     template_build_requests_and_uploads,
+    channels_and_their_delivery_outbox,
 );
+
+/// Channels are per team with unique names; an event is queued for the channels that
+/// take its type; a claimed delivery is leased (nobody else takes it), attempts are
+/// counted, a retry comes due later, and deleting the channel takes its deliveries.
+async fn channels_and_their_delivery_outbox(t: &TestDb) {
+    let db = &t.db;
+    let (_, a) = team_of(db, "cha@example.com").await;
+    let (_, b) = team_of(db, "chb@example.com").await;
+    let new = |name: &str, types: &[&str]| NewChannel {
+        id: new_id(prefix::CHANNEL),
+        name: name.into(),
+        provider: "webhook".into(),
+        config: "sealed".into(),
+        event_types: types.iter().map(|s| s.to_string()).collect(),
+        created_by: None,
+    };
+    let paused = db
+        .insert_channel(&a.id, new("ops", &["capsule.paused"]))
+        .await
+        .unwrap();
+    assert!(paused.id.starts_with("ch-"));
+    assert!(db
+        .insert_channel(&a.id, new("ops", &["capsule.paused"]))
+        .await
+        .unwrap_err()
+        .is_conflict());
+    // Names are per team.
+    db.insert_channel(&b.id, new("ops", &["capsule.paused"]))
+        .await
+        .unwrap();
+    let all = db
+        .insert_channel(&a.id, new("all", &["capsule.paused", "capsule.created"]))
+        .await
+        .unwrap();
+    assert!(db
+        .get_channel(&b.id, &paused.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert_eq!(db.list_channels(&a.id).await.unwrap().len(), 2);
+    let renamed = db
+        .update_channel(
+            &a.id,
+            &all.id,
+            ChannelUpdate {
+                name: Some("everything".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(renamed.name, "everything");
+    assert_eq!(renamed.event_types, all.event_types);
+    assert!(db
+        .update_channel(&b.id, &all.id, ChannelUpdate::default())
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    // Queued for the channels that take the type, in the team only.
+    let q = db
+        .queue_deliveries(&a.id, "capsule.created", "{}")
+        .await
+        .unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].channel_id, all.id);
+    let q = db
+        .queue_deliveries(&a.id, "capsule.paused", r#"{"n":2}"#)
+        .await
+        .unwrap();
+    assert_eq!(q.len(), 2);
+
+    // Claims: each delivery once while leased.
+    let lease = std::time::Duration::from_secs(60);
+    let mut claimed = HashSet::new();
+    while let Some((d, c)) = db.claim_delivery(lease).await.unwrap() {
+        assert_eq!(c.id, d.channel_id);
+        assert_eq!(d.status, DeliveryStatus::Pending);
+        assert!(claimed.insert(d.id.clone()), "claimed twice: {}", d.id);
+    }
+    assert_eq!(claimed.len(), 3);
+    // A failed attempt with a retry: pending again, due later (not claimable now).
+    let first = q[0].id.clone();
+    let later = now() + chrono::Duration::seconds(30);
+    let d = db
+        .record_attempt(
+            &first,
+            Attempt {
+                ok: false,
+                status: Some(500),
+                error: Some("the receiver answered 500".into()),
+                retry_at: Some(later),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (d.status, d.attempts, d.last_status),
+        (DeliveryStatus::Pending, 1, Some(500))
+    );
+    assert!(db.claim_delivery(lease).await.unwrap().is_none());
+    // Due now: claimable again; then delivered.
+    db.record_attempt(
+        &first,
+        Attempt {
+            ok: false,
+            status: None,
+            error: Some("timeout".into()),
+            retry_at: Some(now()),
+        },
+    )
+    .await
+    .unwrap();
+    let (again, _) = db.claim_delivery(lease).await.unwrap().expect("due again");
+    assert_eq!((again.id.as_str(), again.attempts), (first.as_str(), 2));
+    let done = db
+        .record_attempt(
+            &first,
+            Attempt {
+                ok: true,
+                status: Some(204),
+                error: None,
+                retry_at: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, DeliveryStatus::Delivered);
+    assert_eq!(done.attempts, 3);
+    assert!(done.delivered_at.is_some());
+    // Out of attempts: failed.
+    let failed = db
+        .record_attempt(
+            &q[1].id,
+            Attempt {
+                ok: false,
+                status: Some(502),
+                error: Some("bad gateway".into()),
+                retry_at: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed.status, DeliveryStatus::Failed);
+
+    let listed = db.list_deliveries(&a.id, &paused.id, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(db
+        .list_deliveries(&b.id, &paused.id, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Finished ones expire; pending ones stay.
+    assert_eq!(
+        db.expire_deliveries(now() + chrono::Duration::seconds(1))
+            .await
+            .unwrap(),
+        2
+    );
+    // Deleting a channel takes its deliveries; another team cannot.
+    assert!(db
+        .delete_channel(&b.id, &all.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    db.delete_channel(&a.id, &all.id).await.unwrap();
+    assert!(db
+        .get_channel(&a.id, &all.id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(db
+        .list_deliveries(&a.id, &all.id, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
 
 /// Builds requested in two phases: a request reserves the id, uploads are the team's
 /// and replaced whole, the steps queue it once under that id; old ones expire.

@@ -113,6 +113,10 @@ pub struct ServeArgs {
     /// capsule destroyed.
     #[arg(long, env = "WRENN_BUILD_HEARTBEAT_TIMEOUT", default_value_t = 60)]
     build_heartbeat_timeout: u64,
+    /// Let notification channels send to loopback, private and link-local addresses
+    /// (by default only public ones: a channel must not reach this network's services).
+    #[arg(long, env = "WRENN_CHANNELS_ALLOW_PRIVATE_ADDRESSES")]
+    channels_allow_private_addresses: bool,
     /// Start even if the database and the data directory were not used together before
     /// (a fresh database for a data directory with capsules, or the database of another
     /// data directory), and pair them from now on.
@@ -274,6 +278,10 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
                     post_build: a.build_post_command.unwrap_or(d.post_build),
                     stale_after: Duration::from_secs(a.build_heartbeat_timeout.max(3)),
                 }
+            },
+            channels: wrenn_api::channels::ChannelConfig {
+                allow_private: a.channels_allow_private_addresses,
+                ..Default::default()
             },
             ..Default::default()
         },

@@ -4,6 +4,7 @@ pub mod account;
 pub mod admin;
 pub mod builds;
 pub mod capsules;
+pub mod channels;
 pub mod files;
 pub mod hosts;
 pub mod snapshots;

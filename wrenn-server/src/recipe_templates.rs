@@ -74,13 +74,19 @@ pub async fn build(data: &DataDir, src: &Path, name: &str) -> Result<()> {
         .clone()
         .with_context(|| format!("{}: no FROM", recipe_file.display()))?;
     let base_stamp = data.template_dir(&base).join("build.json");
-    let base_build = std::fs::read_to_string(&base_stamp).with_context(|| {
+    let base_build = std::fs::read(&base_stamp).with_context(|| {
         format!(
             "{name} starts from template {base}, which is not built ({} is missing; \
              wrenn image build --template {base})",
             base_stamp.display()
         )
     })?;
+    // What the base image was made from (not when: a rebuild of the same is the same).
+    let base_build: serde_json::Value = serde_json::from_slice(&base_build)
+        .with_context(|| format!("reading {}", base_stamp.display()))?;
+    let base_build = ["template", "recipe", "envd_sha256", "init_sha256"]
+        .map(|k| base_build[k].to_string())
+        .join(" ");
     let logs = data.root().join("images/logs");
     // The packages a guest without a package index installs: fetched on the host.
     let wheels = if recipe_dir.join("requirements.txt").is_file() {

@@ -310,6 +310,7 @@ impl ControlPlane {
         let reaper = crate::lifecycle::spawn_reaper(state.clone());
         let builders = crate::builds::spawn_builders(state.clone());
         let channels = crate::channels::spawn(state.clone());
+        let sampler = crate::v1::stats::spawn_sampler(state.clone());
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
             .map_err(|source| ServeError::Listen {
@@ -335,6 +336,7 @@ impl ControlPlane {
         .await;
         builders.abort();
         channels.abort();
+        sampler.abort();
         reaper.abort();
         monitor.abort();
         crate::lifecycle::pause_all_running(&state).await;

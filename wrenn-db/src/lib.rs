@@ -35,6 +35,7 @@ mod teams;
 mod template_uploads;
 mod templates;
 mod time;
+mod usage;
 mod users;
 
 pub use api_keys::{
@@ -64,6 +65,7 @@ pub use teams::{
 pub use template_uploads::BuildRequest;
 pub use templates::{NewTemplate, Template, TemplateKind};
 pub use time::{now, Timestamp};
+pub use usage::{slot_of, DayUsage, Load, Sample, SAMPLE_SECS};
 pub use users::User;
 
 use sqlx::any::AnyPoolOptions;

@@ -86,6 +86,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0013_channels.sql"),
         include_str!("../migrations/postgres/0013_channels.sql"),
     ),
+    (
+        14,
+        "team load samples and daily usage",
+        include_str!("../migrations/sqlite/0014_team_usage.sql"),
+        include_str!("../migrations/postgres/0014_team_usage.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

@@ -32,7 +32,88 @@ on_both_backends!(
     template_builds_queue_log_and_end,
     template_build_requests_and_uploads,
     channels_and_their_delivery_outbox,
+    team_samples_peaks_and_daily_usage,
 );
+
+/// Team load samples: running capsules count vCPUs and memory, paused ones half their
+/// memory; one row per team and slot (a second recorder's is a no-op); peaks and the
+/// daily roll-up come from them, per team.
+async fn team_samples_peaks_and_daily_usage(t: &TestDb) {
+    let db = &t.db;
+    let (_, a) = team_of(db, "sa@example.com").await;
+    let (_, b) = team_of(db, "sb@example.com").await;
+    // a: one running (2 vCPUs, 512 MiB) and one paused (512 MiB); b: one paused.
+    db.insert_capsule(&a.id, new_capsule(CapsuleStatus::Running))
+        .await
+        .unwrap();
+    db.insert_capsule(&a.id, new_capsule(CapsuleStatus::Paused))
+        .await
+        .unwrap();
+    db.insert_capsule(&a.id, new_capsule(CapsuleStatus::Stopped))
+        .await
+        .unwrap();
+    db.insert_capsule(&b.id, new_capsule(CapsuleStatus::Paused))
+        .await
+        .unwrap();
+    let since = now() - chrono::Duration::minutes(1);
+    assert!(db.record_team_samples().await.unwrap() >= 2);
+    // The same slot again: nothing new (unless the clock crossed into the next slot).
+    db.record_team_samples().await.unwrap();
+    let sa = db.team_samples(&a.id, since).await.unwrap();
+    assert!(!sa.is_empty() && sa.len() <= 2, "{sa:?}");
+    let want_a = Load {
+        running_count: 1,
+        vcpus: 2,
+        memory_mb: 512 + 256,
+    };
+    assert_eq!(sa[0].load, want_a);
+    assert_eq!(sa[0].at, slot_of(sa[0].at));
+    let sb = db.team_samples(&b.id, since).await.unwrap();
+    assert_eq!(
+        sb[0].load,
+        Load {
+            running_count: 0,
+            vcpus: 0,
+            memory_mb: 256
+        }
+    );
+    assert_eq!(db.team_peaks(&a.id, since).await.unwrap(), want_a);
+    let (_, c) = team_of(db, "sc@example.com").await;
+    assert_eq!(db.team_peaks(&c.id, since).await.unwrap(), Load::default());
+    assert!(db.team_samples(&c.id, since).await.unwrap().is_empty());
+
+    // Usage: today from the samples, a sample being 10 s.
+    let today = now().date_naive();
+    let usage = db.team_daily_usage(&a.id, today, today).await.unwrap();
+    assert_eq!(usage.len(), 1);
+    let n = sa.len() as f64;
+    assert!(
+        (usage[0].cpu_minutes - n * 2.0 * 10.0 / 60.0).abs() < 1e-3,
+        "{usage:?}"
+    );
+    assert!((usage[0].ram_mb_minutes - n * 768.0 * 10.0 / 60.0).abs() < 1e-3);
+    // A rolled-up day is read back from daily_usage (rolling twice replaces it).
+    assert!(db.roll_up_usage(today).await.unwrap() >= 2);
+    assert!(db.roll_up_usage(today).await.unwrap() >= 2);
+    let yesterday = today.pred_opt().unwrap();
+    assert!(db
+        .team_daily_usage(&a.id, yesterday, yesterday)
+        .await
+        .unwrap()
+        .is_empty());
+    let ub = db.team_daily_usage(&b.id, today, today).await.unwrap();
+    assert_eq!(ub.len(), 1);
+    assert_eq!(ub[0].cpu_minutes, 0.0);
+    // Old samples go.
+    assert_eq!(db.prune_team_samples(since).await.unwrap(), 0);
+    assert!(
+        db.prune_team_samples(now() + chrono::Duration::minutes(1))
+            .await
+            .unwrap()
+            >= 2
+    );
+    assert!(db.team_samples(&a.id, since).await.unwrap().is_empty());
+}
 
 /// Channels are per team with unique names; an event is queued for the channels that
 /// take its type; a claimed delivery is leased (nobody else takes it), attempts are

@@ -317,16 +317,29 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
 /// the one the token was issued with.
 pub async fn token_principal(state: &AppState, token: &str) -> Result<Principal, ApiError> {
     let mut claims = state.jwt.verify(token)?;
-    let role = state
+    let role = match state
         .members
         .role(&state.db, &claims.team_id, &claims.sub)
         .await?
-        .ok_or_else(|| {
-            ApiError::unauthorized(
+    {
+        Some(role) => role,
+        None if state
+            .db
+            .get_user(&claims.sub)
+            .await
+            .is_ok_and(|u| u.disabled) =>
+        {
+            return Err(ApiError::unauthorized(
+                "this token's account is disabled (by a platform admin)",
+            ))
+        }
+        None => {
+            return Err(ApiError::unauthorized(
                 "this token's team membership has ended (removed from the team, or the team \
                  or the account deleted); log in again",
-            )
-        })?;
+            ))
+        }
+    };
     claims.role = role.as_str().to_string();
     Ok(Principal {
         team_id: claims.team_id.clone(),

@@ -197,6 +197,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/events/stream", get(events::stream))
         .route("/v1/admin/pools", get(v1::admin::pools))
+        .route("/v1/admin/teams", get(v1::admin::teams))
+        .route("/v1/admin/users", get(v1::admin::users))
+        .route("/v1/admin/users/{id}/active", put(v1::admin::set_active))
+        .route("/v1/admin/capsules", get(v1::admin::capsules))
+        .route(
+            "/v1/admin/capsules/{id}",
+            get(v1::admin::capsule).delete(v1::admin::destroy_capsule),
+        )
+        .route("/v1/admin/templates", get(v1::admin::templates))
         .route("/v1/admin/audit-logs", get(v1::admin::audit_logs))
         .route("/v1/admin/pools/{template}", put(v1::admin::set_pool))
         .merge(uploads)

@@ -113,6 +113,8 @@ impl Modify for CommonErrors {
         v1::builds::create, v1::builds::list, v1::builds::get, v1::builds::logs, v1::builds::cancel,
         v1::builds::admin_list, v1::builds::admin_create, v1::builds::admin_get, v1::builds::admin_cancel,
         v1::admin::pools, v1::admin::set_pool, v1::admin::audit_logs, crate::events::stream,
+        v1::admin::teams, v1::admin::users, v1::admin::set_active, v1::admin::capsules,
+        v1::admin::capsule, v1::admin::destroy_capsule, v1::admin::templates,
         v1::channels::create, v1::channels::list, v1::channels::get, v1::channels::update,
         v1::channels::set_config, v1::channels::delete, v1::channels::test, v1::channels::deliveries,
         v1::hosts::list, v1::hosts::get, v1::hosts::delete_preview, v1::hosts::create,
@@ -134,6 +136,7 @@ impl Modify for CommonErrors {
         (name = "builds", description = "Template builds from recipes"),
         (name = "channels", description = "Notification channels: lifecycle events to webhooks and chat services (user tokens)"),
         (name = "hosts", description = "Hosts that run capsules (platform admins)"),
+        (name = "admin", description = "Every team's teams, accounts, capsules and templates (platform admins)"),
         (name = "e2b", description = "E2B-compatible API (errors as {code, message})"),
     )
 )]

@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod api_keys;
 mod audit;
 mod bootstrap;
@@ -38,6 +39,7 @@ mod time;
 mod usage;
 mod users;
 
+pub use admin::TeamSummary;
 pub use api_keys::{
     canonical_api_key, e2b_spelling, generate_api_key, hash_api_key, validate_api_key, ApiKey,
     CreatedApiKey, API_KEY_PREFIX, E2B_KEY_PREFIX, LAST_USED_GRANULARITY,

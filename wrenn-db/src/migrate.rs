@@ -92,6 +92,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0014_team_usage.sql"),
         include_str!("../migrations/postgres/0014_team_usage.sql"),
     ),
+    (
+        15,
+        "disabled accounts",
+        include_str!("../migrations/sqlite/0015_user_disabled.sql"),
+        include_str!("../migrations/postgres/0015_user_disabled.sql"),
+    ),
 ];
 
 pub(crate) async fn run(db: &Db) -> Result<(), DbError> {

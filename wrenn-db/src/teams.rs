@@ -288,13 +288,17 @@ impl Db {
 
     /// The user's role in the team, or NotFound if they are not a member.
     pub async fn member_role(&self, team_id: &str, user_id: &str) -> Result<Role, DbError> {
-        let row = sqlx::query("SELECT role FROM memberships WHERE team_id = $1 AND user_id = $2")
-            .bind(team_id)
-            .bind(user_id)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(|e| Ctx::op("get member role").err(e))?
-            .ok_or(DbError::NotFound { what: "membership" })?;
+        // A disabled account is a member of nothing.
+        let row = sqlx::query(
+            "SELECT m.role FROM memberships m JOIN users u ON u.id = m.user_id \
+             WHERE m.team_id = $1 AND m.user_id = $2 AND u.disabled_at IS NULL",
+        )
+        .bind(team_id)
+        .bind(user_id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| Ctx::op("get member role").err(e))?
+        .ok_or(DbError::NotFound { what: "membership" })?;
         role(&row, "role").map_err(|e| DbError::backend("get member role", e))
     }
 

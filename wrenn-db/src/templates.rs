@@ -187,6 +187,20 @@ impl Db {
     }
 
     /// The team's templates by name, optionally of one kind.
+    /// Every team's templates (platform admins), by team and name.
+    pub async fn admin_templates(&self) -> Result<Vec<Template>, DbError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLS} FROM templates ORDER BY team_id, name"
+        ))
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| Ctx::op("list every template").err(e))?;
+        rows.iter()
+            .map(template)
+            .collect::<R<Vec<_>>>()
+            .map_err(|e| DbError::backend("list every template", e))
+    }
+
     pub async fn list_templates(
         &self,
         team_id: &str,

@@ -15,20 +15,24 @@ pub struct User {
     pub name: String,
     pub is_admin: bool,
     pub has_password: bool,
+    /// Disabled by a platform admin: no login, no working token.
+    pub disabled: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
 
-const COLS: &str = "id, email, name, is_admin, password_hash IS NOT NULL AS has_password, \
-                    created_at, updated_at";
+pub(crate) const COLS: &str =
+    "id, email, name, is_admin, password_hash IS NOT NULL AS has_password, \
+                    disabled_at IS NOT NULL AS disabled, created_at, updated_at";
 
-fn user(row: &AnyRow) -> R<User> {
+pub(crate) fn user(row: &AnyRow) -> R<User> {
     Ok(User {
         id: text(row, "id")?,
         email: text(row, "email")?,
         name: text(row, "name")?,
         is_admin: boolean(row, "is_admin")?,
         has_password: boolean(row, "has_password")?,
+        disabled: boolean(row, "disabled")?,
         created_at: ts(row, "created_at")?,
         updated_at: ts(row, "updated_at")?,
     })

@@ -202,6 +202,13 @@ pub async fn login(
         )
     })?;
     attempt.succeeded();
+    if user.disabled {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "account_disabled",
+            "this account is disabled (by a platform admin)",
+        ));
+    }
     let team = st.db.default_team(&user.id).await?.ok_or_else(|| {
         ApiError::new(StatusCode::FORBIDDEN, "no_team", "the account has no team")
     })?;

@@ -34,6 +34,29 @@ pub struct TemplateView {
     pub metadata: HashMap<String, String>,
 }
 
+/// The platform templates (a host's own: built in, or made by platform builds).
+pub async fn platform_views(st: &AppState) -> ApiResult<Vec<TemplateView>> {
+    let any = st.hosts.any().map_err(service::host_err)?;
+    let mut out = Vec::new();
+    for t in any.agent.templates().await.map_err(service::host_err)? {
+        if service::is_team_snapshot_name(&t.name) {
+            continue;
+        }
+        out.push(TemplateView {
+            name: t.name,
+            kind: "base".into(),
+            vcpus: t.vcpus,
+            memory_mb: t.memory_mb,
+            size_bytes: t.size_bytes,
+            created_at: t.created_at.map(chrono::DateTime::from).unwrap_or_default(),
+            platform: true,
+            protected: true,
+            metadata: HashMap::new(),
+        });
+    }
+    Ok(out)
+}
+
 pub fn team_view(t: &wrenn_db::Template) -> TemplateView {
     let mut metadata: HashMap<String, String> = t
         .metadata
@@ -120,23 +143,7 @@ pub async fn list(
         };
     let mut out = Vec::new();
     if kind != Some(wrenn_db::TemplateKind::Snapshot) {
-        let any = st.hosts.any().map_err(service::host_err)?;
-        for t in any.agent.templates().await.map_err(service::host_err)? {
-            if service::is_team_snapshot_name(&t.name) {
-                continue;
-            }
-            out.push(TemplateView {
-                name: t.name,
-                kind: "base".into(),
-                vcpus: t.vcpus,
-                memory_mb: t.memory_mb,
-                size_bytes: t.size_bytes,
-                created_at: t.created_at.map(chrono::DateTime::from).unwrap_or_default(),
-                platform: true,
-                protected: true,
-                metadata: HashMap::new(),
-            });
-        }
+        out.extend(platform_views(&st).await?);
     }
     let team = st.db.list_templates(&who.team_id, kind).await?;
     out.extend(team.iter().map(team_view));

@@ -246,7 +246,7 @@ def test_test_send_and_the_channel_api(server, receiver):
             ({"config": {"url": receiver.url, "token": "x"}}, "unknown field"),
             ({"events": []}, "at least one"),
             ({"events": ["capsule.exploded"]}, "unknown event type"),
-            ({"events": ["host.down"]}, "host events"),
+            ({"events": ["host.exploded"]}, "unknown event type"),
             ({"name": ""}, "name"),
         ]:
             r = u.post("/v1/channels", json={**good, **bad})

@@ -22,6 +22,7 @@ import pytest
 from e2b import Sandbox
 
 from conftest import Agent, _postgres_url, point_sdks_at, wait_host_status
+from test_channels import SECRET, Receiver, make_channel, verify
 
 SPECS = {"arch": "x86_64", "cpu_cores": 2, "memory_mb": 4096, "disk_gb": 20}
 
@@ -32,7 +33,9 @@ def control_plane(start_server):
     srv = start_server("register-cp", args=("--database-url", db_url, "--rate-limit", "0",
                                             "--host-check-interval", "0.5", "--host-timeout", "4",
                                             # Agents renew at 40 s: renewals happen during these tests.
-                                            "--host-cert-lifetime", "60"))
+                                            "--host-cert-lifetime", "60",
+                                            # The channel test's receiver is on loopback.
+                                            "--channels-allow-private-addresses"))
     yield srv
     with srv.admin() as c:
         for cap in c.get("/v1/capsules").json():
@@ -256,3 +259,40 @@ def test_an_agent_renews_its_certificate_and_refused_credentials_are_audited(con
         shutil.rmtree(agent.data_dir, ignore_errors=True)
         with srv.admin_user() as c:
             c.delete(f"/v1/hosts/{host['id']}?force=true")
+
+
+def test_a_team_hears_its_host_go_silent_and_come_back(control_plane):
+    """host.up / host.down of a team-owned host reach that team's channels, signed."""
+    srv = control_plane
+    host, token = create_host(srv, type="byoc", team_id=admin_team(srv))
+    rx = Receiver()
+    agent = Agent("byoc-events", register=(srv.url, token))
+    with srv.admin_user() as u:
+        ch = make_channel(u, rx.url, events=["host.up", "host.down"])
+
+    def of(kind):
+        return [e for e in rx.events(host["id"]) if e["payload"]["type"] == kind]
+
+    try:
+        agent.start()
+        wait_host_status(srv, host["id"], "online")
+        rx.wait(lambda: of("host.up"), what="host.up")
+        agent.kill9()
+        wait_host_status(srv, host["id"], "unreachable")
+        rx.wait(lambda: of("host.down"), what="host.down")
+        agent.register = None
+        agent.start()
+        wait_host_status(srv, host["id"], "online")
+        rx.wait(lambda: len(of("host.up")) >= 2, what="the second host.up")
+        for e in rx.events(host["id"]):
+            verify(e, SECRET)
+            assert e["payload"]["resource"] == {"id": host["id"], "type": "host"}
+        seq = [e["payload"]["type"] for e in sorted(rx.events(host["id"]), key=lambda e: e["payload"]["timestamp"])]
+        assert seq[:3] == ["host.up", "host.down", "host.up"], seq
+    finally:
+        agent.stop()
+        shutil.rmtree(agent.data_dir, ignore_errors=True)
+        rx.close()
+        with srv.admin_user() as u:
+            u.delete(f"/v1/channels/{ch['id']}")
+            u.delete(f"/v1/hosts/{host['id']}?force=true")

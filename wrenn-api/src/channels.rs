@@ -3,7 +3,8 @@
 //!
 //! The dispatcher subscribes to the server's [`EventBus`](crate::events::EventBus) and
 //! turns the events channels care about (`capsule.created`, `.running`, `.paused`,
-//! `.destroyed`, `template.snapshot.created`, `.deleted`) into rows of the deliveries
+//! `.destroyed`, `template.snapshot.created`, `.deleted`, and `host.up` / `host.down`
+//! of the team's own hosts) into rows of the deliveries
 //! outbox, one per subscribed channel. Workers of any server claim due deliveries
 //! (a lease, so two servers never send one at once), send them and record what
 //! happened; a failed attempt is retried with exponential backoff until the attempts
@@ -36,6 +37,8 @@ pub const EVENT_TYPES: &[&str] = &[
     "capsule.destroyed",
     "template.snapshot.created",
     "template.snapshot.deleted",
+    "host.up",
+    "host.down",
 ];
 
 /// How channels are served.
@@ -325,6 +328,8 @@ pub fn channel_events(e: &Event) -> &'static [&'static str] {
         },
         "template.snapshot.create" if ok => &["template.snapshot.created"],
         "template.snapshot.delete" if ok => &["template.snapshot.deleted"],
+        "host.up" => &["host.up"],
+        "host.down" => &["host.down"],
         _ => &[],
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! Events are published by this server as it records them: the audited actions on
 //! capsules (`capsule.create`, `.pause`, `.resume`, `.destroy`) and snapshot templates
-//! (`template.snapshot.create`, `.delete`), and capsule status changes
-//! (`capsule.state.changed`, with `from` and `to`). Each subscriber sees its own team's
+//! (`template.snapshot.create`, `.delete`), capsule status changes
+//! (`capsule.state.changed`, with `from` and `to`), and the team's own (BYOC) hosts
+//! answering or going silent (`host.up`, `host.down`). Each subscriber sees its own team's
 //! only. The bus is this process's: a subscriber sees what the server it is connected
 //! to did (with several control planes, each streams its own).
 
@@ -43,7 +44,7 @@ pub struct EventActor {
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct EventResource {
     pub id: String,
-    /// capsule or snapshot.
+    /// capsule, snapshot or host.
     #[serde(rename = "type")]
     pub kind: String,
 }
@@ -54,7 +55,8 @@ pub struct Event {
     #[serde(skip)]
     pub team_id: String,
     /// connected, capsule.create, capsule.pause, capsule.resume, capsule.destroy,
-    /// capsule.state.changed, template.snapshot.create or template.snapshot.delete.
+    /// capsule.state.changed, template.snapshot.create, template.snapshot.delete,
+    /// host.up or host.down.
     pub event: String,
     /// success or error, for actions.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -164,6 +166,17 @@ impl EventBus {
         });
         e.metadata.insert("from".into(), from.into());
         e.metadata.insert("to".into(), to.into());
+        self.publish(e);
+    }
+
+    /// Publishes `event` (host.up: it answers, first or again; host.down: silent past
+    /// the monitor's timeout) of team `team_id`'s own host `host`.
+    pub fn host_changed(&self, team_id: &str, host: &str, event: &str) {
+        let mut e = Event::new(team_id, event);
+        e.resource = Some(EventResource {
+            id: host.to_string(),
+            kind: "host".into(),
+        });
         self.publish(e);
     }
 

@@ -54,6 +54,8 @@ struct Seen {
     team: Option<String>,
     /// When its report was last written to the `hosts` table.
     recorded: Option<Instant>,
+    /// Whether its team was last told it is up (host.up) rather than down.
+    announced_up: bool,
 }
 
 /// How long an ended placement is counted at most when no report comes.
@@ -138,6 +140,20 @@ impl HostConn {
 
     pub fn unreachable(&self) -> bool {
         self.seen().unreachable
+    }
+
+    /// Records that the host is `up` (it answered) or not (silent past the timeout);
+    /// true when that changes what its team was last told.
+    pub fn announce(&self, up: bool) -> bool {
+        let mut seen = self.seen();
+        let changed = seen.announced_up != up;
+        seen.announced_up = up;
+        changed
+    }
+
+    /// The team that owns the host (team-owned hosts only).
+    pub fn team(&self) -> Option<String> {
+        self.seen().team.clone()
     }
 
     /// Whether its report is due to be written to the `hosts` table (once per

@@ -453,6 +453,7 @@ pub async fn monitor_once(st: &AppState) {
     futures_util::future::join_all(st.hosts.all().into_iter().map(|conn| async move {
         let was_unreachable = conn.unreachable();
         if st.hosts.probe(&conn).await {
+            host_event(st, &conn, true);
             if was_unreachable || conn.record_due(HEARTBEAT_RECORD_PERIOD) {
                 if let Err(e) = record_online(&st.db, &conn).await {
                     tracing::warn!(host = %conn.id, error = %e, "host heartbeat not recorded");
@@ -464,12 +465,24 @@ pub async fn monitor_once(st: &AppState) {
         } else if st.hosts.silent(&conn) {
             tracing::warn!(host = %conn.id, silent_s = st.hosts.config.timeout.as_secs_f64(),
                 "host silent: unreachable, it takes no new capsules until it answers");
+            host_event(st, &conn, false);
             if let Err(e) = st.db.system_host_unreachable(&conn.id).await {
                 tracing::warn!(host = %conn.id, error = %e, "host status not recorded");
             }
         }
     }))
     .await;
+}
+
+/// Tells the team that owns `conn`'s host that it is up (it answered) or down (silent
+/// past the timeout), when that changes what the team was last told. Shared hosts are
+/// the platform's business, not a team's: nothing is published for them.
+fn host_event(st: &AppState, conn: &crate::hosts::HostConn, up: bool) {
+    let Some(team) = conn.team() else { return };
+    if conn.announce(up) {
+        let event = if up { "host.up" } else { "host.down" };
+        st.events.host_changed(&team, &conn.id.0, event);
+    }
 }
 
 /// Runs the host monitor until the task is aborted.

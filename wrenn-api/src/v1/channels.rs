@@ -31,7 +31,8 @@ pub struct CreateChannel {
     #[schema(value_type = Object)]
     pub config: Value,
     /// Event types it receives: capsule.created, capsule.running, capsule.paused,
-    /// capsule.destroyed, template.snapshot.created, template.snapshot.deleted.
+    /// capsule.destroyed, template.snapshot.created, template.snapshot.deleted, host.up,
+    /// host.down (the team's own hosts).
     pub events: Vec<String>,
 }
 
@@ -127,11 +128,6 @@ fn check_events(events: &[String]) -> ApiResult<Vec<String>> {
     }
     let mut out = Vec::new();
     for e in events {
-        if e.starts_with("host.") {
-            return Err(ApiError::invalid(format!(
-                "events: {e}: host events are not sent to team channels by this server"
-            )));
-        }
         if !EVENT_TYPES.contains(&e.as_str()) {
             return Err(ApiError::invalid(format!(
                 "events: unknown event type {e:?} (one of {})",

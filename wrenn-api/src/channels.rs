@@ -23,7 +23,7 @@ use crate::state::AppState;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -692,20 +692,16 @@ pub fn spawn(st: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// The settings of a new or replaced channel config, checked, and what the API shows
-/// of them (with the webhook secret, shown this once).
+/// The settings of a new or replaced channel config, checked (a webhook without a
+/// secret gets one).
 pub async fn prepare(
     st: &AppState,
     provider: Provider,
     config: &Value,
-) -> Result<(Settings, Map<String, Value>), String> {
+) -> Result<Settings, String> {
     let settings = Settings::parse(provider, config)?;
     check_url(&settings.url, &st.config.channels).await?;
-    let mut shown = Map::new();
-    if let Value::Object(m) = settings.redacted() {
-        shown = m;
-    }
-    Ok((settings, shown))
+    Ok(settings)
 }
 
 #[cfg(test)]

@@ -165,6 +165,21 @@ fn view(st: &AppState, c: wrenn_db::Channel, secret: Option<String>) -> ChannelV
     }
 }
 
+/// `config` checked for provider `p`, and sealed for channel `id`.
+async fn sealed_settings(
+    st: &AppState,
+    p: Provider,
+    config: &Value,
+    id: &str,
+) -> ApiResult<(channels::Settings, String)> {
+    let settings = channels::prepare(st, p, config)
+        .await
+        .map_err(ApiError::invalid)?;
+    let clear = serde_json::to_string(&settings).map_err(|e| ApiError::internal(e.to_string()))?;
+    let sealed = st.channel_sealer.seal(id, &clear);
+    Ok((settings, sealed))
+}
+
 fn channel_err(e: wrenn_db::DbError) -> ApiError {
     if e.is_conflict() {
         ApiError::conflict("channel_name_taken", "the team has a channel of that name")
@@ -187,11 +202,8 @@ pub async fn create(
     check_name(&body.name)?;
     let events = check_events(&body.events)?;
     let p = provider(&body.provider)?;
-    let (settings, _) = channels::prepare(&st, p, &body.config)
-        .await
-        .map_err(ApiError::invalid)?;
     let id = wrenn_db::new_id(wrenn_db::prefix::CHANNEL);
-    let clear = serde_json::to_string(&settings).map_err(|e| ApiError::internal(e.to_string()))?;
+    let (settings, sealed) = sealed_settings(&st, p, &body.config, &id).await?;
     let c = st
         .db
         .insert_channel(
@@ -200,7 +212,7 @@ pub async fn create(
                 id: id.clone(),
                 name: body.name.clone(),
                 provider: p.as_str().into(),
-                config: st.channel_sealer.seal(&id, &clear),
+                config: sealed,
                 event_types: events,
                 created_by: who.user.as_ref().map(|u| u.sub.clone()),
             },
@@ -286,17 +298,14 @@ pub async fn set_config(
     let Json(body) = body.map_err(json_rejection)?;
     let old = st.db.get_channel(&who.team_id, &id).await?;
     let p = provider(&old.provider)?;
-    let (settings, _) = channels::prepare(&st, p, &body.config)
-        .await
-        .map_err(ApiError::invalid)?;
-    let clear = serde_json::to_string(&settings).map_err(|e| ApiError::internal(e.to_string()))?;
+    let (settings, sealed) = sealed_settings(&st, p, &body.config, &id).await?;
     let c = st
         .db
         .update_channel(
             &who.team_id,
             &id,
             wrenn_db::ChannelUpdate {
-                config: Some(st.channel_sealer.seal(&id, &clear)),
+                config: Some(sealed),
                 ..Default::default()
             },
         )
@@ -334,7 +343,7 @@ pub async fn test(
     user_only(&who)?;
     let Json(body) = body.map_err(json_rejection)?;
     let p = provider(&body.provider)?;
-    let (settings, _) = channels::prepare(&st, p, &body.config)
+    let settings = channels::prepare(&st, p, &body.config)
         .await
         .map_err(ApiError::invalid)?;
     let payload = serde_json::to_string(&Payload::test(&who.team_id))

@@ -44,14 +44,6 @@ impl Load {
         l
     }
 
-    fn max(self, o: Load) -> Load {
-        Load {
-            running_count: self.running_count.max(o.running_count),
-            vcpus: self.vcpus.max(o.vcpus),
-            memory_mb: self.memory_mb.max(o.memory_mb),
-        }
-    }
-
     fn is_zero(&self) -> bool {
         *self == Load::default()
     }
@@ -203,9 +195,7 @@ impl Db {
                 memory_mb: u64::try_from(int(&row, "m")?).unwrap_or(0),
             })
         };
-        read()
-            .map(|l| l.max(Load::default()))
-            .map_err(|e| DbError::backend(op, e))
+        read().map_err(|e| DbError::backend(op, e))
     }
 
     /// Forgets samples taken before `before`; returns how many.

@@ -969,14 +969,7 @@ pub async fn snapshot_as(
     overwrite: bool,
     extra: Map<String, Value>,
 ) -> ApiResult<wrenn_db::Template> {
-    if c.status != CapsuleStatus::Running {
-        return Err(ApiError::invalid_state(format!(
-            "capsule {} is {}; snapshot needs it running",
-            c.id, c.status
-        )));
-    }
-    let parsed = wrenn_core::template::TemplateName::parse(name)
-        .map_err(|e| ApiError::invalid(format!("name: {e}")))?;
+    let parsed = snapshot_target(c, name)?;
     let agent = state.agent_of(c)?;
     if agent.template(name).await.is_ok() && !is_team_snapshot_name(name) {
         return Err(ApiError::conflict(
@@ -1071,6 +1064,19 @@ pub async fn snapshot_as(
     Ok(row)
 }
 
+/// The template name a snapshot of `c` is saved as, once `c` may be snapshotted
+/// (it runs) and `name` is a template name.
+fn snapshot_target(c: &Capsule, name: &str) -> ApiResult<wrenn_core::template::TemplateName> {
+    if c.status != CapsuleStatus::Running {
+        return Err(ApiError::invalid_state(format!(
+            "capsule {} is {}; snapshot needs it running",
+            c.id, c.status
+        )));
+    }
+    wrenn_core::template::TemplateName::parse(name)
+        .map_err(|e| ApiError::invalid(format!("name: {e}")))
+}
+
 /// Saves capsule `c` (a platform build's) as platform template `name` on its host: the
 /// host's files are the template, as a built-in one's are, so every team may create
 /// capsules from it there. No team's row is written.
@@ -1081,14 +1087,7 @@ pub async fn snapshot_platform(
     name: &str,
     build_id: &str,
 ) -> ApiResult<()> {
-    if c.status != CapsuleStatus::Running {
-        return Err(ApiError::invalid_state(format!(
-            "capsule {} is {}; snapshot needs it running",
-            c.id, c.status
-        )));
-    }
-    wrenn_core::template::TemplateName::parse(name)
-        .map_err(|e| ApiError::invalid(format!("name: {e}")))?;
+    snapshot_target(c, name)?;
     let agent = state.agent_of(c)?;
     if agent.template(name).await.is_ok() {
         return Err(ApiError::conflict(

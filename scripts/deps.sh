@@ -34,9 +34,10 @@ if ((${#qemu_args[@]})); then apt_install "${qemu_args[@]}"; fi
 # ---- 2. other host packages ----------------------------------------------------------
 # nftables, iproute2: capsule networking. debootstrap, debian-archive-keyring, zstd,
 # e2fsprogs: root filesystem builds. libclang-dev: bindgen for userfaultfd-sys.
-# xfsprogs: the disk tests (reflink on XFS). python3 + python3-venv: the test venv.
+# xfsprogs: the disk tests (reflink on XFS). docker-registry: the OCI registry the image
+# tests start. python3 + python3-venv: the test venv.
 host_pkgs=(nftables iproute2 curl ca-certificates debootstrap debian-archive-keyring zstd
-  e2fsprogs xfsprogs libclang-dev)
+  e2fsprogs xfsprogs libclang-dev docker-registry)
 command -v "$py" >/dev/null || { [[ -n "${WRENN_PYTHON:-}" ]] && die "WRENN_PYTHON=$py not found"; host_pkgs+=(python3); }
 apt_install "${host_pkgs[@]}"
 

@@ -100,7 +100,10 @@ pub fn bench_data_dir(images: &Path, tag: &str) -> std::io::Result<PathBuf> {
     for e in std::fs::read_dir(images.join("templates"))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let rootfs = wrenn_storage::capsnap::template_files::ROOTFS;
-        if e.path().join(rootfs).is_file() && !name.starts_with("snap-") {
+        if e.path().join(rootfs).is_file()
+            && !name.starts_with("snap-")
+            && !name.starts_with("img-")
+        {
             std::os::unix::fs::symlink(e.path(), dir.join("templates").join(&name))?;
         }
     }

@@ -159,7 +159,7 @@ def _make_data_dir(tag: str) -> str:
     os.symlink(os.path.join(IMAGES, "images"), os.path.join(d, "images"))
     for t in sorted(os.listdir(os.path.join(IMAGES, "templates"))):
         src = os.path.join(IMAGES, "templates", t)
-        if os.path.isfile(os.path.join(src, "rootfs.img")) and not t.startswith("snap-"):
+        if os.path.isfile(os.path.join(src, "rootfs.img")) and not t.startswith(("snap-", "img-")):
             os.symlink(src, os.path.join(d, "templates", t))
     return d
 
@@ -347,6 +347,8 @@ def server(request) -> Server:
             "--build-post-command", "echo post-build phase",
             # Notification channels: the tests' receivers listen on loopback.
             "--channels-allow-private-addresses",
+            # Template builds' base images: test_oci_images' registry is on loopback.
+            "--registry-allow-private-addresses",
         ],
         env=env,
         log_path=os.path.join(data_dir, "serve.log"),

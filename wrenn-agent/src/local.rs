@@ -13,7 +13,8 @@ use wrenn::{CapsuleError, CreateOptions, Host};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
     guest_error, CapsuleSpec, Endpoint, GuestStream, HostAgent, HostCapsule, HostError,
-    HostErrorKind, HostInfo, HostTemplate, HostVersions, PoolStats, TemplateChunks,
+    HostErrorKind, HostImage, HostInfo, HostTemplate, HostVersions, ImageSpec, PoolStats,
+    TemplateChunks,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, TierSnapshot};
@@ -52,6 +53,8 @@ pub struct LocalAgent {
     id: HostId,
     /// Set by [`HostAgent::drain`]: new capsules are refused.
     draining: std::sync::atomic::AtomicBool,
+    /// Container images made into host templates.
+    images: Arc<wrenn_oci::Importer>,
 }
 
 impl LocalAgent {
@@ -73,12 +76,14 @@ impl LocalAgent {
             accel: host.accel_probe().accel.to_string(),
             instance: wrenn_core::id::random_token(),
         };
+        let images = Arc::new(wrenn_oci::Importer::new(host.data_dir().templates()));
         LocalAgent {
             host,
             sampler,
             versions,
             id: opts.host_id,
             draining: Default::default(),
+            images,
         }
     }
 
@@ -102,12 +107,32 @@ impl LocalAgent {
         self.host.capsules()
     }
 
-    /// A running capsule's guest address on this host, at `port`.
     /// The store of this host's templates (it owns their files).
     fn templates(&self) -> wrenn::FsTemplates {
         wrenn::FsTemplates::new(self.host.data_dir().clone())
     }
 
+    /// The root image an image import takes the guest binaries from: a built-in
+    /// template's (built with the host's envd and init).
+    fn guest_source(&self) -> Result<std::path::PathBuf, HostError> {
+        ["minimal", "base", "python"]
+            .iter()
+            .map(|t| {
+                self.host
+                    .data_dir()
+                    .template_dir(t)
+                    .join(wrenn_oci::ROOTFS)
+            })
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                HostError::new(
+                    HostErrorKind::Unavailable,
+                    "this host has no built-in template to take envd and wrenn-init from (run `wrenn image build`)",
+                )
+            })
+    }
+
+    /// A running capsule's guest address on this host, at `port`.
     fn guest_addr(&self, id: &CapsuleId, port: u16) -> Result<SocketAddr, HostError> {
         let info = self.capsules().get(id).map_err(host_error)?;
         if info.status != CapsuleStatus::Running {
@@ -498,6 +523,27 @@ impl HostAgent for LocalAgent {
             .map_err(host_error)
     }
 
+    async fn inspect_image(&self, spec: ImageSpec) -> Result<HostImage, HostError> {
+        let s = self
+            .images
+            .inspect(&image_request(spec))
+            .await
+            .map_err(image_error)?;
+        Ok(host_image(s, None))
+    }
+
+    async fn import_image(&self, spec: ImageSpec) -> Result<HostImage, HostError> {
+        let source = self.guest_source()?;
+        // An import finishes even if its caller stops waiting (a cancelled build):
+        // its scratch directory is removed and the template is there for next time.
+        let images = self.images.clone();
+        let done = tokio::spawn(async move { images.import(&image_request(spec), &source).await })
+            .await
+            .map_err(|e| HostError::new(HostErrorKind::Internal, format!("image import: {e}")))?
+            .map_err(image_error)?;
+        Ok(host_image(done.summary.clone(), Some(done)))
+    }
+
     async fn drain(&self, draining: bool) -> Result<(), HostError> {
         let was = self
             .draining
@@ -507,6 +553,52 @@ impl HostAgent for LocalAgent {
         }
         Ok(())
     }
+}
+
+fn image_request(spec: ImageSpec) -> wrenn_oci::ImageRequest {
+    let credentials = match (spec.username, spec.password) {
+        (Some(username), Some(password)) => Some(wrenn_oci::Credentials { username, password }),
+        _ => None,
+    };
+    wrenn_oci::ImageRequest {
+        image: spec.image,
+        credentials,
+        policy: wrenn_oci::PullPolicy {
+            allow_private: spec.allow_private,
+        },
+    }
+}
+
+fn image_error(e: wrenn_oci::ImageError) -> HostError {
+    let kind = if e.is_request_error() {
+        HostErrorKind::InvalidArgument
+    } else {
+        tracing::error!(error = %e, "image import failed");
+        HostErrorKind::Internal
+    };
+    HostError::new(kind, e.to_string())
+}
+
+fn host_image(s: wrenn_oci::ImageSummary, done: Option<wrenn_oci::Imported>) -> HostImage {
+    let mut out = HostImage {
+        image: s.image,
+        digest: s.digest,
+        env: s.config.env,
+        working_dir: s.config.working_dir,
+        user: s.config.user,
+        layers: u32::try_from(s.layers).unwrap_or(u32::MAX),
+        layer_bytes: s.layer_bytes,
+        ..Default::default()
+    };
+    if let Some(d) = done {
+        out.template = d.template;
+        out.cached = d.cached;
+        out.unpacked_bytes = d.unpacked_bytes;
+        out.pull_secs = d.pull_secs;
+        out.unpack_secs = d.unpack_secs;
+        out.image_secs = d.image_secs;
+    }
+    out
 }
 
 fn template_name(name: &str) -> Result<TemplateName, HostError> {

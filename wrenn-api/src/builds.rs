@@ -46,6 +46,41 @@ pub const START_WORKDIR_KEY: &str = "start_workdir";
 /// snapshot template.
 pub const PLATFORM_KEY: &str = "platform";
 
+/// Build metadata key of a build from a container image (`true`): its
+/// `base_template` is the image reference.
+pub const BASE_IMAGE_KEY: &str = "base_image";
+/// Build metadata key of the image registry's credentials, sealed.
+pub const REGISTRY_KEY: &str = "registry";
+
+/// Whether `b` starts from a container image.
+pub fn is_image(b: &Build) -> bool {
+    b.metadata.get(BASE_IMAGE_KEY).and_then(Value::as_bool) == Some(true)
+}
+
+/// What the registry credentials of `image` are sealed for: they open for that image
+/// only.
+pub fn registry_aad(image: &str) -> String {
+    format!("registry credentials for {image}")
+}
+
+/// The host request for `image` under this server's policy.
+pub fn image_spec(
+    st: &AppState,
+    image: &str,
+    login: Option<crate::v1::builds::RegistryLogin>,
+) -> wrenn_core::host::ImageSpec {
+    let (username, password) = match login {
+        Some(l) => (Some(l.username), Some(l.password)),
+        None => (None, None),
+    };
+    wrenn_core::host::ImageSpec {
+        image: image.to_string(),
+        username,
+        password,
+        allow_private: st.config.builds.registry_allow_private,
+    }
+}
+
 /// Whether `b` builds a platform template.
 pub fn is_platform(b: &Build) -> bool {
     b.metadata.get(PLATFORM_KEY).and_then(Value::as_bool) == Some(true)
@@ -68,6 +103,8 @@ pub struct BuildConfig {
     /// A running build not heard from for this long is failed by the sweep (its
     /// worker touches it six times as often).
     pub stale_after: Duration,
+    /// Base images may come from registries at private and loopback addresses.
+    pub registry_allow_private: bool,
 }
 
 impl Default for BuildConfig {
@@ -82,6 +119,7 @@ impl Default for BuildConfig {
                          apt-get clean; rm -rf /var/lib/apt/lists/*; fi; true"
                 .into(),
             stale_after: Duration::from_secs(60),
+            registry_allow_private: false,
         }
     }
 }
@@ -309,6 +347,27 @@ impl Context {
     }
 }
 
+/// Where an image's steps start, and what its template keeps: the image's `ENV`,
+/// `WORKDIR` and (a named) `USER`, as a container of it would run.
+fn image_defaults(ctx: &mut Context, img: &wrenn_core::host::HostImage) {
+    for kv in &img.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            ctx.set_env(k.to_string(), v.to_string());
+        }
+    }
+    if img.working_dir.starts_with('/') {
+        ctx.workdir = img.working_dir.clone();
+        ctx.workdir_set = true;
+    }
+    // A user given by number (or user:group) has no name envd could run as: the
+    // capsule's default user stays.
+    let user = img.user.as_str();
+    if !user.is_empty() && !user.contains(':') && !user.chars().all(|c| c.is_ascii_digit()) {
+        ctx.user = user.to_string();
+        ctx.user_set = true;
+    }
+}
+
 /// One build, start to end.
 struct Run {
     st: Arc<AppState>,
@@ -405,6 +464,12 @@ impl Run {
             .transpose()
             .map_err(|e| Stop::Failed(format!("healthcheck: {e}")))?;
 
+        let image = if is_image(&b) {
+            Some(self.import_base().await?)
+        } else {
+            None
+        };
+        self.check_stop().await?;
         self.log
             .system(format!("starting a capsule of {}", b.base_template));
         self.log.flush().await;
@@ -426,6 +491,11 @@ impl Run {
                 envs: HashMap::new(),
                 network: Default::default(),
                 e2b: false,
+                image_base: image.as_ref().map(|(img, host)| service::ImageBase {
+                    image: b.base_template.clone(),
+                    host_template: img.template.clone(),
+                    host: host.clone(),
+                }),
             },
         )
         .await?;
@@ -440,6 +510,9 @@ impl Run {
         // Steps run as root in `/` (or as the build says) until the recipe says
         // otherwise.
         let mut ctx = root_at("/");
+        if let Some((img, _)) = &image {
+            image_defaults(&mut ctx, img);
+        }
         if let Some(user) = b.metadata.get(START_USER_KEY).and_then(Value::as_str) {
             ctx.user = user.to_string();
         }
@@ -538,6 +611,81 @@ impl Run {
             default_user: ctx.user_set.then(|| ctx.user.clone()),
             default_env: env_map,
         })
+    }
+
+    /// Pulls the build's base image on the host that will run the build: the host
+    /// template made of it, and the host.
+    async fn import_base(
+        &mut self,
+    ) -> Result<(wrenn_core::host::HostImage, wrenn_core::scheduler::HostId), Stop> {
+        let b = self.build.clone();
+        let login = match b.metadata.get(REGISTRY_KEY).and_then(Value::as_str) {
+            Some(sealed) => {
+                let clear = self
+                    .st
+                    .channel_sealer
+                    .open(&registry_aad(&b.base_template), sealed)
+                    .map_err(|_| {
+                        Stop::Failed("the registry credentials cannot be opened".into())
+                    })?;
+                Some(
+                    serde_json::from_str::<crate::v1::builds::RegistryLogin>(&clear)
+                        .map_err(|e| Stop::Failed(format!("registry credentials: {e}")))?,
+                )
+            }
+            None => None,
+        };
+        let req = wrenn_core::scheduler::PlacementRequest {
+            team: b.team_id.clone(),
+            template: String::new(),
+            vcpus: u64::from(b.vcpus),
+            memory_mb: u64::from(b.memory_mb),
+            disk_mb: 0,
+            tags: Default::default(),
+        };
+        let host = self
+            .st
+            .hosts
+            .place(&req, None)
+            .await
+            .map_err(|e| Stop::Failed(format!("no host for the build: {}", e.message)))?
+            .host()
+            .clone();
+        self.log
+            .system(format!("pulling {} on host {}", b.base_template, host.id));
+        self.log.flush().await;
+        let spec = image_spec(&self.st, &b.base_template, login);
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let img = match tokio::time::timeout(left, host.agent.import_image(spec)).await {
+            Ok(r) => r.map_err(|e| Stop::Failed(format!("base image: {}", e.message)))?,
+            Err(_) => {
+                return Err(Stop::Cancelled(format!(
+                    "the build exceeded its time limit of {} s while pulling its image",
+                    b.timeout_sec
+                )))
+            }
+        };
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        if img.cached {
+            self.log.system(format!(
+                "image {} ({}) is on the host already",
+                img.image, img.digest
+            ));
+        } else {
+            self.log.system(format!(
+                "pulled {} ({}): {} layers, {:.1} MiB in {:.1} s; applied ({:.1} MiB) in {:.1} s; root image made in {:.1} s",
+                img.image,
+                img.digest,
+                img.layers,
+                mib(img.layer_bytes),
+                img.pull_secs,
+                mib(img.unpacked_bytes),
+                img.unpack_secs,
+                img.image_secs
+            ));
+        }
+        self.log.flush().await;
+        Ok((img, host.id.clone()))
     }
 
     fn guest(&self) -> Result<Arc<dyn GuestAgent>, Stop> {

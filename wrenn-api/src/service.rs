@@ -51,6 +51,20 @@ pub struct CreateParams {
     pub network: NetworkParams,
     /// Made through E2B's API: the guest also sees E2B's identity variables.
     pub e2b: bool,
+    /// Start from a container image a host imported (a build's base) instead of
+    /// `template`.
+    pub image_base: Option<ImageBase>,
+}
+
+/// A container image imported by a host, as a capsule's template.
+#[derive(Clone, Debug)]
+pub struct ImageBase {
+    /// The reference (the capsule's template as the API shows it).
+    pub image: String,
+    /// The host template made of it.
+    pub host_template: String,
+    /// The host that holds it.
+    pub host: wrenn_core::scheduler::HostId,
 }
 
 /// A capsule's network settings as the API sets them.
@@ -169,7 +183,7 @@ pub async fn resolve_template(
     } else {
         name
     };
-    if is_team_snapshot_name(host_name) {
+    if is_private_host_template(host_name) {
         return Err(ApiError::not_found(&format!("template {name}")));
     }
     match any.template(host_name).await {
@@ -190,6 +204,12 @@ pub async fn resolve_template(
 /// Host names of team snapshots; never offered as platform templates.
 pub fn is_team_snapshot_name(name: &str) -> bool {
     name.starts_with("snap-")
+}
+
+/// Host templates no team names: team snapshots, and images the hosts imported for
+/// builds. Never offered as platform templates.
+pub fn is_private_host_template(name: &str) -> bool {
+    is_team_snapshot_name(name) || name.starts_with("img-")
 }
 
 /// Validates user metadata of the Wrenn API: ≤ 20 keys, names like template names,
@@ -251,7 +271,16 @@ async fn envd_access_token(host: &HostConn, id: &CapsuleId) -> Option<String> {
 /// written; if the row cannot be written the capsule is destroyed again.
 pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiResult<Capsule> {
     let started = std::time::Instant::now();
-    let resolved = resolve_template(state, who, p.template.as_deref()).await?;
+    let resolved = match &p.image_base {
+        Some(base) => Resolved {
+            name: base.image.clone(),
+            host_name: base.host_template.clone(),
+            holder: Some(base.host.clone()),
+            snapshot: None,
+            default_env: HashMap::new(),
+        },
+        None => resolve_template(state, who, p.template.as_deref()).await?,
+    };
     let (template, host_template) = (resolved.name.clone(), resolved.host_name.clone());
     let mut labels = HashMap::new();
     labels.insert(TEAM_LABEL.to_string(), who.team_id.clone());
@@ -971,7 +1000,7 @@ pub async fn snapshot_as(
 ) -> ApiResult<wrenn_db::Template> {
     let parsed = snapshot_target(c, name)?;
     let agent = state.agent_of(c)?;
-    if agent.template(name).await.is_ok() && !is_team_snapshot_name(name) {
+    if agent.template(name).await.is_ok() && !is_private_host_template(name) {
         return Err(ApiError::conflict(
             "name_reserved",
             format!("{name} is a platform template"),

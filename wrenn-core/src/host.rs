@@ -184,10 +184,67 @@ pub type GuestStream = Box<dyn GuestIo>;
 pub type TemplateChunks =
     std::pin::Pin<Box<dyn futures_core::Stream<Item = Result<TemplateChunk, HostError>> + Send>>;
 
+/// A container image a host is asked to use as a base ([`HostAgent::inspect_image`],
+/// [`HostAgent::import_image`]).
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct ImageSpec {
+    /// The reference, e.g. `registry.example.com/team/app:1.2`.
+    pub image: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Registries at private and loopback addresses may be used (the operator's
+    /// choice; else only public ones).
+    pub allow_private: bool,
+}
+
+impl Debug for ImageSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageSpec")
+            .field("image", &self.image)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("allow_private", &self.allow_private)
+            .finish()
+    }
+}
+
+/// An image as a host found it in its registry, and (after an import) the host
+/// template made of it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostImage {
+    /// The reference in full.
+    pub image: String,
+    /// Digest of the `linux/amd64` manifest.
+    pub digest: String,
+    /// The image's environment (`KEY=value`), working directory and user.
+    pub env: Vec<String>,
+    pub working_dir: String,
+    pub user: String,
+    pub layers: u32,
+    /// Bytes of the layers as stored (compressed).
+    pub layer_bytes: u64,
+    /// The host template (empty before an import).
+    pub template: String,
+    /// The import found the template made already.
+    pub cached: bool,
+    /// Bytes of the layers uncompressed.
+    pub unpacked_bytes: u64,
+    pub pull_secs: f64,
+    pub unpack_secs: f64,
+    pub image_secs: f64,
+}
+
 fn no_template_copies() -> HostError {
     HostError::new(
         HostErrorKind::Unavailable,
         "this host does not copy templates",
+    )
+}
+
+fn no_images() -> HostError {
+    HostError::new(
+        HostErrorKind::Unavailable,
+        "this host does not import container images",
     )
 }
 
@@ -315,6 +372,20 @@ pub trait HostAgent: Send + Sync + Debug {
 
     /// The warm pools: ready capsules kept per template.
     async fn pools(&self) -> Result<Vec<PoolStats>, HostError>;
+
+    /// Finds a container image in its registry (manifest and configuration only):
+    /// a bad, refused, unreachable or foreign-platform image is `InvalidArgument`.
+    async fn inspect_image(&self, spec: ImageSpec) -> Result<HostImage, HostError> {
+        let _ = spec;
+        Err(no_images())
+    }
+
+    /// Pulls a container image and makes a host template of it (once per image
+    /// digest; later calls find it), which capsules cold-boot.
+    async fn import_image(&self, spec: ImageSpec) -> Result<HostImage, HostError> {
+        let _ = spec;
+        Err(no_images())
+    }
 
     /// Keeps `size` ready capsules of `template` (0 = none).
     async fn set_pool(&self, template: &str, size: usize) -> Result<(), HostError>;

@@ -7,6 +7,7 @@
 //! and `wrenn-envd` (the guest agent client); the `wrenn` crate wires them.
 #![forbid(unsafe_code)]
 
+pub mod addr;
 pub mod diskspace;
 pub mod egress;
 pub mod error;

@@ -13,8 +13,11 @@
 //!
 //! and an optional readiness check, `[--interval=3s] [--timeout=10s]
 //! [--start-period=0s] [--retries=0] (--port=<port> | <shell command>)`. A recipe file
-//! (what `wrenn template build FILE` reads) adds `FROM <template>` and `HEALTHCHECK
-//! <check>` lines, `#` comments and `\` line continuations.
+//! (what `wrenn template build FILE` reads) adds `FROM <template or image>` and
+//! `HEALTHCHECK <check>` lines, `#` comments and `\` line continuations. A `FROM`
+//! naming a registry, tag or digest (`python:3.12`, `ghcr.io/org/app`,
+//! `app@sha256:…`) is a container image ([`is_image_reference`]); a bare name is a
+//! template.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -96,6 +99,12 @@ pub struct Healthcheck {
     /// Failed attempts allowed after the start period; 0 = until the build's time
     /// limit.
     pub retries: u32,
+}
+
+/// Whether a `FROM` names a container image rather than a template: template names
+/// have no `/`, `:` or `@`.
+pub fn is_image_reference(base: &str) -> bool {
+    base.contains(['/', ':', '@'])
 }
 
 /// A recipe file: base template, steps and readiness check.

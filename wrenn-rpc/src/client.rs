@@ -10,8 +10,8 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 use wrenn_core::egress::EgressPolicy;
 use wrenn_core::host::{
-    CapsuleSpec, Endpoint, GuestStream, HostAgent, HostCapsule, HostError, HostErrorKind, HostInfo,
-    HostTemplate, HostVersions, PoolStats,
+    CapsuleSpec, Endpoint, GuestStream, HostAgent, HostCapsule, HostError, HostErrorKind,
+    HostImage, HostInfo, HostTemplate, HostVersions, ImageSpec, PoolStats,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, TierSnapshot};
@@ -450,6 +450,18 @@ impl HostAgent for RemoteAgent {
             .into_iter()
             .map(cv::pool_from)
             .collect())
+    }
+
+    async fn inspect_image(&self, spec: ImageSpec) -> Result<HostImage, HostError> {
+        let msg = cv::image_spec_to(spec);
+        let r = self.client.clone().inspect_image(self.quick(msg)).await;
+        Ok(cv::image_from(r.map_err(err)?.into_inner()))
+    }
+
+    async fn import_image(&self, spec: ImageSpec) -> Result<HostImage, HostError> {
+        let msg = cv::image_spec_to(spec);
+        let r = self.client.clone().import_image(self.lifecycle(msg)).await;
+        Ok(cv::image_from(r.map_err(err)?.into_inner()))
     }
 
     async fn set_pool(&self, template: &str, size: usize) -> Result<(), HostError> {

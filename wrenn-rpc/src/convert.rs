@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::{Code, Status};
 use wrenn_core::egress::{EgressPolicy, EgressPolicyWire};
 use wrenn_core::host::{
-    CapsuleSpec, Endpoint, HostCapsule, HostError, HostErrorKind, HostInfo, HostTemplate,
-    HostVersions, PoolStats,
+    CapsuleSpec, Endpoint, HostCapsule, HostError, HostErrorKind, HostImage, HostInfo,
+    HostTemplate, HostVersions, ImageSpec, PoolStats,
 };
 use wrenn_core::id::CapsuleId;
 use wrenn_core::metrics::{MetricPoint, PendingWindow, TierSnapshot};
@@ -507,5 +507,59 @@ pub fn chunk_from(c: pb::TemplateChunk) -> wrenn_core::template::TemplateChunk {
         file: c.file,
         offset: c.offset,
         data: c.data,
+    }
+}
+
+pub fn image_spec_to(s: ImageSpec) -> pb::ImageRequest {
+    pb::ImageRequest {
+        image: s.image,
+        username: s.username,
+        password: s.password,
+        allow_private: s.allow_private,
+    }
+}
+
+pub fn image_spec_from(r: pb::ImageRequest) -> ImageSpec {
+    ImageSpec {
+        image: r.image,
+        username: r.username,
+        password: r.password,
+        allow_private: r.allow_private,
+    }
+}
+
+pub fn image_to(i: HostImage) -> pb::Image {
+    pb::Image {
+        image: i.image,
+        digest: i.digest,
+        env: i.env,
+        working_dir: i.working_dir,
+        user: i.user,
+        layers: i.layers,
+        layer_bytes: i.layer_bytes,
+        template: i.template,
+        cached: i.cached,
+        unpacked_bytes: i.unpacked_bytes,
+        pull_secs: i.pull_secs,
+        unpack_secs: i.unpack_secs,
+        image_secs: i.image_secs,
+    }
+}
+
+pub fn image_from(i: pb::Image) -> HostImage {
+    HostImage {
+        image: i.image,
+        digest: i.digest,
+        env: i.env,
+        working_dir: i.working_dir,
+        user: i.user,
+        layers: i.layers,
+        layer_bytes: i.layer_bytes,
+        template: i.template,
+        cached: i.cached,
+        unpacked_bytes: i.unpacked_bytes,
+        pull_secs: i.pull_secs,
+        unpack_secs: i.unpack_secs,
+        image_secs: i.image_secs,
     }
 }

@@ -370,6 +370,20 @@ impl Rpc for AgentService {
         })
     }
 
+    async fn inspect_image(&self, req: Request<pb::ImageRequest>) -> Reply<pb::Image> {
+        let spec = cv::image_spec_from(req.into_inner());
+        ok(cv::image_to(
+            self.agent.inspect_image(spec).await.map_err(status)?,
+        ))
+    }
+
+    async fn import_image(&self, req: Request<pb::ImageRequest>) -> Reply<pb::Image> {
+        let spec = cv::image_spec_from(req.into_inner());
+        ok(cv::image_to(
+            self.agent.import_image(spec).await.map_err(status)?,
+        ))
+    }
+
     async fn set_pool(&self, req: Request<pb::SetPoolRequest>) -> Reply<pb::Empty> {
         let r = req.into_inner();
         let size = usize::try_from(r.size).unwrap_or(usize::MAX);

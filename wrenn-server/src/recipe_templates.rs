@@ -265,6 +265,8 @@ async fn build_in(
             // No package manager runs in these recipes, and the guest has no index.
             skip_pre_post: true,
             no_wait: false,
+            registry_username: None,
+            registry_password: None,
         };
         tokio::task::spawn_blocking(move || -> Result<u8> {
             let login: serde_json::Value = ureq::post(&format!("{url}/v1/auth/login"))

@@ -117,6 +117,11 @@ pub struct ServeArgs {
     /// (by default only public ones: a channel must not reach this network's services).
     #[arg(long, env = "WRENN_CHANNELS_ALLOW_PRIVATE_ADDRESSES")]
     channels_allow_private_addresses: bool,
+    /// Let template builds pull container images from registries at loopback, private
+    /// and link-local addresses (by default only public ones). Registries on loopback
+    /// are spoken to over plain HTTP, as container engines do.
+    #[arg(long, env = "WRENN_REGISTRY_ALLOW_PRIVATE_ADDRESSES")]
+    registry_allow_private_addresses: bool,
     /// Start even if the database and the data directory were not used together before
     /// (a fresh database for a data directory with capsules, or the database of another
     /// data directory), and pair them from now on.
@@ -277,6 +282,7 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
                     pre_build: a.build_pre_command.unwrap_or(d.pre_build),
                     post_build: a.build_post_command.unwrap_or(d.post_build),
                     stale_after: Duration::from_secs(a.build_heartbeat_timeout.max(3)),
+                    registry_allow_private: a.registry_allow_private_addresses,
                 }
             },
             channels: wrenn_api::channels::ChannelConfig {

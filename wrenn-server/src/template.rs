@@ -50,6 +50,17 @@ pub struct BuildArgs {
     /// Print the build's id and return once it is queued.
     #[arg(long)]
     pub no_wait: bool,
+    /// Username for the registry of a `FROM` container image.
+    #[arg(long, env = "WRENN_REGISTRY_USERNAME", requires = "registry_password")]
+    pub registry_username: Option<String>,
+    /// Password (or token) for the registry of a `FROM` container image.
+    #[arg(
+        long,
+        env = "WRENN_REGISTRY_PASSWORD",
+        hide_env_values = true,
+        requires = "registry_username"
+    )]
+    pub registry_password: Option<String>,
 }
 
 /// The files `COPY` steps name, as a tar.gz of paths relative to `dir`.
@@ -145,8 +156,15 @@ pub fn build(args: BuildArgs) -> Result<u8> {
         "recipe": recipe.lines,
         "skip_pre_post": args.skip_pre_post,
     });
-    if let Some(base) = &recipe.base {
-        config["base_template"] = json!(base);
+    match &recipe.base {
+        Some(base) if wrenn_recipe::is_image_reference(base) => {
+            config["base_image"] = json!(base);
+        }
+        Some(base) => config["base_template"] = json!(base),
+        None => {}
+    }
+    if let (Some(username), Some(password)) = (&args.registry_username, &args.registry_password) {
+        config["registry"] = json!({"username": username, "password": password});
     }
     if let Some(hc) = &recipe.healthcheck_line {
         config["healthcheck"] = json!(hc);

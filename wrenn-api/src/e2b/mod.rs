@@ -468,6 +468,7 @@ pub async fn create(
             envs: req.env_vars.unwrap_or_default(),
             network,
             e2b: true,
+            image_base: None,
         },
     )
     .await

@@ -15,7 +15,7 @@
 use super::{bad, json, E2bAuth, E2bQuery, R, S};
 use crate::auth::Principal;
 use crate::error::{ApiError, E2bError, E2bErrorBody};
-use crate::v1::builds::{self as builds_api, CreateBuild};
+use crate::v1::builds::{self as builds_api, CreateBuild, RegistryLogin};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{Path, State};
@@ -262,7 +262,9 @@ pub async fn request_build(
     // The name and sizes are checked now, as the builds API checks them.
     let probe = CreateBuild {
         name: name.to_string(),
-        base_template: crate::service::DEFAULT_TEMPLATE.into(),
+        base_template: None,
+        base_image: None,
+        registry: None,
         recipe: Vec::new(),
         healthcheck: None,
         vcpus: Some(req.cpu_count.unwrap_or(DEFAULT_VCPUS)),
@@ -389,9 +391,41 @@ pub async fn upload_files(
     Ok(StatusCode::OK)
 }
 
+/// E2B's `fromImageRegistry`: a general registry's username and password (the cloud
+/// providers' kinds need their SDKs' credentials, which this server does not take).
+fn registry_login(v: &Value) -> R<RegistryLogin> {
+    let field = |k: &str| v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+    match field("type") {
+        Some("registry") => {}
+        Some(other @ ("aws" | "gcp")) => {
+            return Err(bad(format!(
+                "fromImageRegistry: {other} registries are not supported by this server; give a registry's username and password (type registry)"
+            )))
+        }
+        other => {
+            return Err(bad(format!(
+                "fromImageRegistry: unknown type {}",
+                other.unwrap_or("(none)")
+            )))
+        }
+    }
+    match (field("username"), field("password")) {
+        (Some(u), Some(p)) => Ok(RegistryLogin {
+            username: u.to_string(),
+            password: p.to_string(),
+        }),
+        _ => Err(bad(
+            "fromImageRegistry: username and password are both required",
+        )),
+    }
+}
+
 /// A build request turned into a recipe.
 struct Recipe {
     base: String,
+    /// The base is this container image (else `base` is a template).
+    image: Option<String>,
+    registry: Option<RegistryLogin>,
     lines: Vec<String>,
     healthcheck: Option<String>,
     /// The files its `COPY` steps use, each under `<hash>/`.
@@ -452,26 +486,29 @@ fn copy_sources(hash: &str, src: &str, files: &[BuildFile]) -> R<Vec<String>> {
 
 /// The recipe of a build request, and the uploads it needs.
 async fn recipe(st: &crate::state::AppState, who: &Principal, b: &TemplateBuildStart) -> R<Recipe> {
-    if b.from_image_registry.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(bad(
-            "fromImageRegistry: container registries are not supported by this server yet",
-        ));
-    }
-    let base = match (b.from_template.as_deref(), b.from_image.as_deref()) {
-        (Some(t), None) => template_name(t)?.to_string(),
+    let registry = match b.from_image_registry.as_ref().filter(|v| !v.is_null()) {
+        None => None,
+        Some(r) => Some(registry_login(r)?),
+    };
+    let (base, image) = match (b.from_template.as_deref(), b.from_image.as_deref()) {
+        (Some(t), None) => (template_name(t)?.to_string(), None),
         (None, Some(img))
-            if img == E2B_BASE_IMAGE || img.strip_prefix(E2B_BASE_IMAGE).is_some_and(|t| t.starts_with(':')) =>
+            if img == E2B_BASE_IMAGE
+                || img
+                    .strip_prefix(E2B_BASE_IMAGE)
+                    .is_some_and(|t| t.starts_with(':')) =>
         {
-            "base".to_string()
+            ("base".to_string(), None)
         }
-        (None, Some(img)) => {
-            return Err(bad(format!(
-                "fromImage {img}: building from container images is not supported by this server yet; start from a template (fromTemplate, e.g. python) or {E2B_BASE_IMAGE}"
-            )))
-        }
+        (None, Some(img)) => (img.to_string(), Some(img.to_string())),
         (Some(_), Some(_)) => return Err(bad("give fromTemplate or fromImage, not both")),
         (None, None) => return Err(bad("fromTemplate or fromImage is required")),
     };
+    if registry.is_some() && image.is_none() {
+        return Err(bad(
+            "fromImageRegistry: credentials are for a fromImage from a registry",
+        ));
+    }
     let mut lines: Vec<String> = Vec::new();
     let mut uploads: HashMap<String, Vec<BuildFile>> = HashMap::new();
     let q = |s: &str| shell_words::quote(s).into_owned();
@@ -590,6 +627,8 @@ async fn recipe(st: &crate::state::AppState, who: &Principal, b: &TemplateBuildS
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Recipe {
         base,
+        image,
+        registry,
         lines,
         healthcheck,
         files,
@@ -633,7 +672,9 @@ pub async fn start_build(
     let client_steps = start.steps.len();
     let create = CreateBuild {
         name: req.name.clone(),
-        base_template: recipe.base,
+        base_template: recipe.image.is_none().then_some(recipe.base),
+        base_image: recipe.image,
+        registry: recipe.registry,
         recipe: recipe.lines,
         healthcheck: recipe.healthcheck,
         vcpus: Some(req.vcpus),

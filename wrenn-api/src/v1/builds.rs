@@ -33,9 +33,18 @@ pub struct CreateBuild {
     /// The template it makes (an existing one of the team is replaced when the build
     /// succeeds).
     pub name: String,
-    /// The template it starts from.
-    #[serde(default = "default_base")]
-    pub base_template: String,
+    /// The template it starts from (default `minimal`; not with `base_image`).
+    #[serde(default)]
+    pub base_template: Option<String>,
+    /// A container image it starts from instead of a template: `registry/name:tag` or
+    /// `name@sha256:…`, pulled for linux/amd64. Its layers become the root
+    /// filesystem (Wrenn's init, envd and the `user` account are added); its `ENV`,
+    /// `WORKDIR` and `USER` are where the steps start and the template's defaults.
+    #[serde(default)]
+    pub base_image: Option<String>,
+    /// Credentials of `base_image`'s registry (kept sealed until the build pulls).
+    #[serde(default)]
+    pub registry: Option<RegistryLogin>,
     /// The steps, one instruction each: `RUN [--timeout=<dur>] <sh>`, `ENV K=V…`,
     /// `WORKDIR <path>`, `USER <name>`, `COPY <src…> <dst>`, `START <sh>`.
     #[serde(default)]
@@ -55,8 +64,21 @@ pub struct CreateBuild {
     pub timeout_sec: Option<u32>,
 }
 
-fn default_base() -> String {
-    "minimal".into()
+/// A registry's username and password (or token).
+#[derive(Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryLogin {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryLogin")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Multipart form of `POST /v1/builds`: the JSON `config`, and the files its `COPY`
@@ -85,7 +107,11 @@ pub struct BuildLogView {
 pub struct BuildView {
     pub id: String,
     pub name: String,
+    /// The template it starts from, or the image (`base_image`).
     pub base_template: String,
+    /// The container image it starts from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_image: Option<String>,
     pub recipe: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<String>,
@@ -134,10 +160,12 @@ fn log_view(l: wrenn_db::BuildLog) -> BuildLogView {
 
 fn view(b: Build, logs: Option<Vec<wrenn_db::BuildLog>>) -> BuildView {
     let platform = crate::builds::is_platform(&b);
+    let base_image = crate::builds::is_image(&b).then(|| b.base_template.clone());
     BuildView {
         id: b.id,
         name: b.name,
         base_template: b.base_template,
+        base_image,
         recipe: b.recipe,
         healthcheck: b.healthcheck,
         vcpus: b.vcpus,
@@ -289,9 +317,9 @@ async fn validate_for(
 ) -> ApiResult<NewBuild> {
     let name = wrenn_core::template::TemplateName::parse(&req.name)
         .map_err(|e| ApiError::invalid(format!("name: {e}")))?;
-    if service::is_team_snapshot_name(name.as_str()) {
+    if service::is_private_host_template(name.as_str()) {
         return Err(ApiError::invalid(format!(
-            "name: {name} is reserved (snap- names are the hosts' own)"
+            "name: {name} is reserved (snap- and img- names are the hosts' own)"
         )));
     }
     let any = st.hosts.any().map_err(service::host_err)?;
@@ -301,14 +329,57 @@ async fn validate_for(
             format!("{name} is a platform template"),
         ));
     }
-    service::resolve_template(st, who, Some(&req.base_template))
-        .await
-        .map_err(|e| match e.status {
-            StatusCode::NOT_FOUND => {
-                ApiError::not_found(&format!("base template {}", req.base_template))
+    let mut metadata = Map::new();
+    if platform {
+        metadata.insert(crate::builds::PLATFORM_KEY.to_string(), Value::Bool(true));
+    }
+    let base = match (req.base_template.as_deref(), req.base_image.as_deref()) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "give base_template or base_image, not both",
+            ))
+        }
+        (_, Some(image)) => {
+            let login = req.registry.as_ref();
+            if login.is_some_and(|l| l.username.is_empty() || l.password.is_empty()) {
+                return Err(ApiError::invalid(
+                    "registry: username and password are both required",
+                ));
             }
-            _ => e,
-        })?;
+            let found = inspect_image(st, image, login).await?;
+            tracing::debug!(image = %found.image, digest = %found.digest, "base image found");
+            metadata.insert(crate::builds::BASE_IMAGE_KEY.into(), Value::Bool(true));
+            if let Some(l) = login {
+                let clear =
+                    serde_json::to_string(l).map_err(|e| ApiError::internal(e.to_string()))?;
+                metadata.insert(
+                    crate::builds::REGISTRY_KEY.into(),
+                    Value::String(
+                        st.channel_sealer
+                            .seal(&crate::builds::registry_aad(image), &clear),
+                    ),
+                );
+            }
+            image.to_string()
+        }
+        (template, None) => {
+            if req.registry.is_some() {
+                return Err(ApiError::invalid(
+                    "registry: credentials are for a base_image",
+                ));
+            }
+            let template = template.unwrap_or(service::DEFAULT_TEMPLATE);
+            service::resolve_template(st, who, Some(template))
+                .await
+                .map_err(|e| match e.status {
+                    StatusCode::NOT_FOUND => {
+                        ApiError::not_found(&format!("base template {template}"))
+                    }
+                    _ => e,
+                })?;
+            template.to_string()
+        }
+    };
     let steps = wrenn_recipe::parse_steps(&req.recipe)
         .map_err(|e| ApiError::invalid(format!("recipe {e}")))?;
     if let Some(hc) = &req.healthcheck {
@@ -349,20 +420,36 @@ async fn validate_for(
     }
     Ok(NewBuild {
         name: name.to_string(),
-        base_template: req.base_template.clone(),
+        base_template: base,
         recipe: req.recipe.clone(),
         healthcheck: req.healthcheck.clone(),
         vcpus,
         memory_mb,
         skip_pre_post: req.skip_pre_post,
         timeout_sec,
-        metadata: if platform {
-            Map::from_iter([(crate::builds::PLATFORM_KEY.to_string(), Value::Bool(true))])
-        } else {
-            Map::new()
-        },
+        metadata,
         created_by: who.user.as_ref().map(|u| u.sub.clone()),
     })
+}
+
+/// Finds a base image in its registry, through a host (the control plane reaches no
+/// registry itself): a bad, refused, unreachable or foreign image is a 400 naming it.
+async fn inspect_image(
+    st: &AppState,
+    image: &str,
+    login: Option<&RegistryLogin>,
+) -> ApiResult<wrenn_core::host::HostImage> {
+    let any = st.hosts.any().map_err(service::host_err)?;
+    let spec = crate::builds::image_spec(st, image, login.cloned());
+    any.agent
+        .inspect_image(spec)
+        .await
+        .map_err(|e| match e.kind {
+            wrenn_core::host::HostErrorKind::InvalidArgument => {
+                ApiError::invalid(format!("base_image: {}", e.message))
+            }
+            _ => service::host_err(e),
+        })
 }
 
 /// Queues a validated build and wakes a worker.

@@ -196,6 +196,7 @@ pub async fn create(
                 private_ports: false,
             },
             e2b: false,
+            image_base: None,
         },
     )
     .await?;

@@ -39,7 +39,7 @@ pub async fn platform_views(st: &AppState) -> ApiResult<Vec<TemplateView>> {
     let any = st.hosts.any().map_err(service::host_err)?;
     let mut out = Vec::new();
     for t in any.agent.templates().await.map_err(service::host_err)? {
-        if service::is_team_snapshot_name(&t.name) {
+        if service::is_private_host_template(&t.name) {
             continue;
         }
         out.push(TemplateView {
@@ -169,7 +169,7 @@ pub async fn delete(
                 Ok(h) => h.agent.template(&name).await.is_ok(),
                 Err(_) => false,
             };
-            if platform && !service::is_team_snapshot_name(&name) {
+            if platform && !service::is_private_host_template(&name) {
                 return Err(ApiError::forbidden(format!(
                     "{name} is a protected platform template"
                 )));

@@ -406,3 +406,57 @@ def test_platform_builds(server):
             assert out == f"built-for-all\n{name}\n", out
         finally:
             o.delete(f"/v1/capsules/{cid}")
+
+
+def test_disk_only_result(wrenn_env, server):
+    """A build that saves the disk alone: flattened and sparse, no memory; capsules boot
+    it fresh, at any size, with the recipe's files, environment, user and directory."""
+    name = "disk-only-" + uuid.uuid4().hex[:6]
+    templates = os.path.join(server.data_dir, "templates")
+
+    def disk_only_dirs() -> set[str]:
+        return {d for d in os.listdir(templates)
+                if d.startswith("snap-") and not os.path.exists(os.path.join(templates, d, "snapshot"))}
+
+    with server.client(server.admin_key) as c:
+        for extra, needle in (
+            ({"recipe": ["START sleep 100"]}, "START needs result snapshot"),
+            ({"recipe": ["RUN true"], "healthcheck": "--port=80"}, "no running services"),
+            ({"recipe": ["RUN true"], "result": "memory"}, "result must be snapshot or disk"),
+        ):
+            r = submit(c, {"name": name, "result": "disk", **extra})
+            assert r.status_code == 400, r.text
+            assert needle in r.json()["error"]["message"], r.text
+        before = disk_only_dirs()
+        config = {
+            "name": name, "base_template": "minimal", "result": "disk", "skip_pre_post": True,
+            "recipe": [
+                "RUN echo on disk > /srv-file",
+                "RUN echo in memory > /run/build-marker",
+                "RUN mkdir -p /srv/work && chown user /srv/work",
+                "ENV STAGE=disk",
+                "USER user",
+                "WORKDIR /srv/work",
+                "RUN echo $STAGE-$(whoami) > made.txt",
+            ],
+        }
+        b = wait_build(c, submit(c, config).json()["id"])
+        assert b["status"] == "success", (b.get("error"), log_text(b)[-2000:])
+        assert b["result"] == "disk"
+        assert f"saving template {name} (disk only)" in log_text(b)
+        assert build_capsules(c, b["id"]) == []
+    made = disk_only_dirs() - before
+    assert len(made) == 1, made
+    rootfs = os.path.join(templates, made.pop(), "rootfs.img")
+    st = os.stat(rootfs)
+    assert st.st_blocks * 512 < st.st_size / 2, (st.st_blocks * 512, st.st_size)
+
+    cap = Capsule.create(template=name, vcpus=2, memory_mb=768, wait=True)
+    try:
+        out = cap.commands.run('cat /srv-file; echo "$STAGE"; whoami; pwd; cat made.txt; nproc').stdout
+        assert out == "on disk\ndisk\nuser\n/srv/work\ndisk-user\n2\n", out
+        # Booted fresh: what the build left in memory (/run is a tmpfs) is gone.
+        assert cap.commands.run("stat -f -c %T /run; cat /run/build-marker || echo fresh").stdout == (
+            "tmpfs\nfresh\n")
+    finally:
+        cap.destroy()

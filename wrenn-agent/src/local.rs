@@ -385,6 +385,14 @@ impl HostAgent for LocalAgent {
         self.template(name).await
     }
 
+    async fn snapshot_disk(&self, id: &CapsuleId, name: &str) -> Result<HostTemplate, HostError> {
+        self.capsules()
+            .snapshot_disk(id, name, false)
+            .await
+            .map_err(host_error)?;
+        self.template(name).await
+    }
+
     async fn templates(&self) -> Result<Vec<HostTemplate>, HostError> {
         let mut out: Vec<HostTemplate> = self
             .capsules()

@@ -52,6 +52,20 @@ pub const BASE_IMAGE_KEY: &str = "base_image";
 /// Build metadata key of the image registry's credentials, sealed.
 pub const REGISTRY_KEY: &str = "registry";
 
+/// Build metadata key of what the build saves: [`RESULT_DISK`] for a disk-only
+/// template (else a snapshot template).
+pub const RESULT_KEY: &str = "result";
+pub const RESULT_DISK: &str = "disk";
+
+/// `snapshot` or `disk`: what build `b` saves.
+pub fn result_kind(b: &Build) -> &'static str {
+    if b.metadata.get(RESULT_KEY).and_then(Value::as_str) == Some(RESULT_DISK) {
+        RESULT_DISK
+    } else {
+        "snapshot"
+    }
+}
+
 /// Whether `b` starts from a container image.
 pub fn is_image(b: &Build) -> bool {
     b.metadata.get(BASE_IMAGE_KEY).and_then(Value::as_bool) == Some(true)
@@ -578,7 +592,15 @@ impl Run {
             self.log
                 .system("no start command: the template is saved without running services");
         }
-        self.log.system(format!("saving template {}", b.name));
+        self.log.system(format!(
+            "saving template {} ({})",
+            b.name,
+            if result_kind(&b) == RESULT_DISK {
+                "disk only"
+            } else {
+                "memory and disk"
+            }
+        ));
         self.log.flush().await;
         let env_map: Map<String, Value> = ctx
             .env
@@ -597,11 +619,16 @@ impl Run {
             );
         }
         extra.insert("build_id".into(), Value::String(b.id.clone()));
+        let disk_only = result_kind(&b) == RESULT_DISK;
+        if disk_only {
+            extra.insert(RESULT_KEY.into(), Value::String(RESULT_DISK.into()));
+        }
         let template_id = if is_platform(&b) {
-            service::snapshot_platform(&self.st, &self.who, &c, &b.name, &b.id).await?;
+            service::snapshot_platform(&self.st, &self.who, &c, &b.name, &b.id, disk_only).await?;
             None
         } else {
-            let t = service::snapshot_as(&self.st, &self.who, &c, &b.name, true, extra).await?;
+            let t = service::snapshot_as(&self.st, &self.who, &c, &b.name, true, extra, disk_only)
+                .await?;
             Some(t.id)
         };
         Ok(BuildEnd {

@@ -136,6 +136,9 @@ pub struct Resolved {
     pub snapshot: Option<(String, Vec<wrenn_core::scheduler::HostId>)>,
     /// Environment a built template gives its capsules (theirs override it).
     pub default_env: HashMap<String, String>,
+    /// Host labels a built template gives its capsules: its default user and
+    /// directory, which a cold boot (a disk-only template) gives envd.
+    pub labels: HashMap<String, String>,
 }
 
 /// Validates a template name and finds it: a snapshot of the caller's team first, then a
@@ -166,12 +169,28 @@ pub async fn resolve_template(
                         .collect()
                 })
                 .unwrap_or_default();
+            let labels = [
+                (crate::builds::DEFAULT_USER_KEY, spec::DEFAULT_USER_LABEL),
+                (
+                    crate::builds::DEFAULT_WORKDIR_KEY,
+                    spec::DEFAULT_WORKDIR_LABEL,
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(key, label)| {
+                Some((
+                    label.to_string(),
+                    t.metadata.get(key)?.as_str()?.to_string(),
+                ))
+            })
+            .collect();
             return Ok(Resolved {
                 name: name.to_string(),
                 host_name: host.to_string(),
                 holder: t.host_id,
                 snapshot: Some((t.id, copies)),
                 default_env,
+                labels,
             });
         }
         Err(e) if e.is_not_found() => {}
@@ -193,6 +212,7 @@ pub async fn resolve_template(
             holder: None,
             snapshot: None,
             default_env: HashMap::new(),
+            labels: HashMap::new(),
         }),
         Err(e) if e.kind == HostErrorKind::NotFound => {
             Err(ApiError::not_found(&format!("template {name}")))
@@ -278,25 +298,27 @@ pub async fn create(state: &AppState, who: &Principal, p: CreateParams) -> ApiRe
             holder: Some(base.host.clone()),
             snapshot: None,
             default_env: HashMap::new(),
+            labels: HashMap::new(),
         },
         None => resolve_template(state, who, p.template.as_deref()).await?,
     };
     let (template, host_template) = (resolved.name.clone(), resolved.host_name.clone());
-    let mut labels = HashMap::new();
+    let mut labels = resolved.labels.clone();
     labels.insert(TEAM_LABEL.to_string(), who.team_id.clone());
     labels.insert(spec::TEMPLATE_ID_LABEL.to_string(), template.clone());
     if p.e2b {
         labels.insert(spec::E2B_LABEL.to_string(), "1".to_string());
     }
     // A pre-booted template restores with the sizes it was saved with: other sizes
-    // of a platform template boot it instead; a team snapshot always keeps its own.
+    // of a platform template boot it instead; a team snapshot keeps its own.
     let (mut vcpus, mut memory_mb, mut cold_boot) = (p.vcpus, p.memory_mb, false);
     let probe = match &resolved.holder {
         Some(h) => state.hosts.get(h)?,
         None => state.hosts.any()?,
     };
     let host_tpl = probe.agent.template(&host_template).await.ok();
-    if is_team_snapshot_name(&host_template) {
+    if is_team_snapshot_name(&host_template) && host_tpl.as_ref().is_none_or(|t| t.snapshot) {
+        // A disk-only team template has no memory to restore: it boots at any size.
         (vcpus, memory_mb) = (None, None);
     } else if let Some(t) = &host_tpl {
         let differs = |want: Option<u32>, have: Option<u32>| want.is_some() && want != have;
@@ -985,11 +1007,11 @@ pub async fn snapshot_with(
     name: &str,
     overwrite: bool,
 ) -> ApiResult<wrenn_db::Template> {
-    snapshot_as(state, who, c, name, overwrite, Map::new()).await
+    snapshot_as(state, who, c, name, overwrite, Map::new(), false).await
 }
 
 /// [`snapshot_with`], the template row also carrying `extra` metadata (a built
-/// template's defaults).
+/// template's defaults); `disk_only` saves the disk alone (capsules cold-boot it).
 pub async fn snapshot_as(
     state: &AppState,
     who: &Principal,
@@ -997,6 +1019,7 @@ pub async fn snapshot_as(
     name: &str,
     overwrite: bool,
     extra: Map<String, Value>,
+    disk_only: bool,
 ) -> ApiResult<wrenn_db::Template> {
     let parsed = snapshot_target(c, name)?;
     let agent = state.agent_of(c)?;
@@ -1025,7 +1048,11 @@ pub async fn snapshot_as(
         )
         .await?;
     let host_name = format!("snap-{}", wrenn_core::id::base36(rand::random::<u128>()));
-    let result = agent.snapshot(&c.id, &host_name).await;
+    let result = if disk_only {
+        agent.snapshot_disk(&c.id, &host_name).await
+    } else {
+        agent.snapshot(&c.id, &host_name).await
+    };
     let ht = match result {
         Ok(t) => t,
         Err(e) => {
@@ -1108,13 +1135,15 @@ fn snapshot_target(c: &Capsule, name: &str) -> ApiResult<wrenn_core::template::T
 
 /// Saves capsule `c` (a platform build's) as platform template `name` on its host: the
 /// host's files are the template, as a built-in one's are, so every team may create
-/// capsules from it there. No team's row is written.
+/// capsules from it there. No team's row is written. `disk_only` as for
+/// [`snapshot_as`].
 pub async fn snapshot_platform(
     state: &AppState,
     who: &Principal,
     c: &Capsule,
     name: &str,
     build_id: &str,
+    disk_only: bool,
 ) -> ApiResult<()> {
     snapshot_target(c, name)?;
     let agent = state.agent_of(c)?;
@@ -1124,7 +1153,11 @@ pub async fn snapshot_platform(
             format!("{name} is already a platform template"),
         ));
     }
-    let result = agent.snapshot(&c.id, name).await;
+    let result = if disk_only {
+        agent.snapshot_disk(&c.id, name).await
+    } else {
+        agent.snapshot(&c.id, name).await
+    };
     state
         .audit(
             who,

@@ -294,6 +294,16 @@ pub trait HostAgent: Send + Sync + Debug {
     /// Saves a running capsule as snapshot template `name`; the capsule keeps running.
     async fn snapshot(&self, id: &CapsuleId, name: &str) -> Result<HostTemplate, HostError>;
 
+    /// Saves a running capsule's disk as template `name`, flattened, with no memory
+    /// snapshot (capsules cold-boot it); the capsule keeps running.
+    async fn snapshot_disk(&self, id: &CapsuleId, name: &str) -> Result<HostTemplate, HostError> {
+        let _ = (id, name);
+        Err(HostError::new(
+            HostErrorKind::Unavailable,
+            "this host does not save disk-only templates",
+        ))
+    }
+
     async fn templates(&self) -> Result<Vec<HostTemplate>, HostError>;
 
     async fn template(&self, name: &str) -> Result<HostTemplate, HostError>;

@@ -184,6 +184,15 @@ pub trait SnapshotStore: Send + Sync + Debug {
         overwrite: bool,
     ) -> Result<(), SnapshotError>;
 
+    /// Saves `disk` (its full content, flattened and sparse) as template `name` with
+    /// no memory snapshot: capsules cold-boot it. The VM must be stopped.
+    async fn write_disk_template(
+        &self,
+        name: &TemplateName,
+        disk: &CowDisk,
+        overwrite: bool,
+    ) -> Result<(), SnapshotError>;
+
     /// Opens template `name`'s snapshot, if it has one.
     async fn open_template(&self, name: &TemplateName)
         -> Result<Option<Restorable>, SnapshotError>;

@@ -136,8 +136,20 @@ impl CreateOptions {
 pub const TEMPLATE_ID_LABEL: &str = "wrenn.template_id";
 /// Label set on capsules made through E2B's API: their guests also see E2B's names.
 pub const E2B_LABEL: &str = "wrenn.e2b";
+/// Labels naming the user and directory commands run as and in by default, given to
+/// envd when the capsule boots (a restored snapshot keeps its own).
+pub const DEFAULT_USER_LABEL: &str = "wrenn.default_user";
+pub const DEFAULT_WORKDIR_LABEL: &str = "wrenn.default_workdir";
 
 impl CapsuleSpec {
+    /// The default user and working directory its labels name, for a boot.
+    pub fn guest_defaults(&self) -> (Option<String>, Option<String>) {
+        (
+            self.metadata.get(DEFAULT_USER_LABEL).cloned(),
+            self.metadata.get(DEFAULT_WORKDIR_LABEL).cloned(),
+        )
+    }
+
     /// The environment every process in capsule `id` starts with: the caller's
     /// variables, and the capsule's identity, which they cannot override.
     pub fn guest_env(&self, id: &CapsuleId) -> HashMap<String, String> {

@@ -809,6 +809,23 @@ impl SnapshotStore for FakeSnapshots {
         Ok(())
     }
 
+    async fn write_disk_template(
+        &self,
+        name: &TemplateName,
+        _disk: &CowDisk,
+        overwrite: bool,
+    ) -> Result<(), SnapshotError> {
+        let mut t = lock(&self.0.templates);
+        if t.contains_key(name.as_str()) && !overwrite {
+            return Err(SnapshotError::NameTaken {
+                name: name.to_string(),
+            });
+        }
+        // No memory: the template cold-boots, so there is nothing to restore.
+        t.remove(name.as_str());
+        Ok(())
+    }
+
     async fn open_template(
         &self,
         name: &TemplateName,

@@ -254,6 +254,17 @@ impl HostAgent for RemoteAgent {
         let msg = pb::SnapshotRequest {
             id: id.to_string(),
             name: name.to_string(),
+            disk_only: false,
+        };
+        let r = self.client.clone().snapshot(self.lifecycle(msg)).await;
+        Ok(cv::template_from(r.map_err(err)?.into_inner()))
+    }
+
+    async fn snapshot_disk(&self, id: &CapsuleId, name: &str) -> Result<HostTemplate, HostError> {
+        let msg = pb::SnapshotRequest {
+            id: id.to_string(),
+            name: name.to_string(),
+            disk_only: true,
         };
         let r = self.client.clone().snapshot(self.lifecycle(msg)).await;
         Ok(cv::template_from(r.map_err(err)?.into_inner()))

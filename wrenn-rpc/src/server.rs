@@ -181,9 +181,12 @@ impl Rpc for AgentService {
     async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Reply<pb::Template> {
         let r = req.into_inner();
         let id = capsule_id(&r.id).map_err(status)?;
-        ok(cv::template_to(
-            self.agent.snapshot(&id, &r.name).await.map_err(status)?,
-        ))
+        let saved = if r.disk_only {
+            self.agent.snapshot_disk(&id, &r.name).await
+        } else {
+            self.agent.snapshot(&id, &r.name).await
+        };
+        ok(cv::template_to(saved.map_err(status)?))
     }
 
     async fn templates(&self, _: Request<pb::Empty>) -> Reply<pb::TemplateList> {

@@ -265,6 +265,7 @@ async fn build_in(
             // No package manager runs in these recipes, and the guest has no index.
             skip_pre_post: true,
             no_wait: false,
+            disk_only: false,
             registry_username: None,
             registry_password: None,
         };

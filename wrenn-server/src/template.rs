@@ -50,6 +50,10 @@ pub struct BuildArgs {
     /// Print the build's id and return once it is queued.
     #[arg(long)]
     pub no_wait: bool,
+    /// Save the disk only (flattened, sparse; capsules boot it fresh) instead of a
+    /// memory snapshot. Recipes with `START` or `HEALTHCHECK` need the snapshot.
+    #[arg(long)]
+    pub disk_only: bool,
     /// Username for the registry of a `FROM` container image.
     #[arg(long, env = "WRENN_REGISTRY_USERNAME", requires = "registry_password")]
     pub registry_username: Option<String>,
@@ -162,6 +166,9 @@ pub fn build(args: BuildArgs) -> Result<u8> {
         }
         Some(base) => config["base_template"] = json!(base),
         None => {}
+    }
+    if args.disk_only {
+        config["result"] = json!("disk");
     }
     if let (Some(username), Some(password)) = (&args.registry_username, &args.registry_password) {
         config["registry"] = json!({"username": username, "password": password});

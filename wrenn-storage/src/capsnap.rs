@@ -564,6 +564,37 @@ impl SnapshotStore for FsSnapshotStore {
         result
     }
 
+    async fn write_disk_template(
+        &self,
+        name: &TemplateName,
+        disk: &CowDisk,
+        overwrite: bool,
+    ) -> Result<(), SnapshotError> {
+        let dest = self.templates.join(name.as_str());
+        if dest.join(TEMPLATE_ROOTFS).exists() && !overwrite {
+            return Err(SnapshotError::NameTaken {
+                name: name.to_string(),
+            });
+        }
+        let stage = self
+            .templates
+            .join(format!(".{}.new-{:08x}", name.as_str(), rand_u32()));
+        std::fs::create_dir_all(&stage).map_err(io_err("create", &stage))?;
+        let result = async {
+            self.disks
+                .flatten(disk, &stage.join(TEMPLATE_ROOTFS))
+                .await
+                .map_err(disk_err)?;
+            let (templates, name, stage) = (self.templates.clone(), name.clone(), stage.clone());
+            blocking(move || publish_template_blocking(&templates, &name, &stage)).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&stage);
+        }
+        result
+    }
+
     async fn open_template(
         &self,
         name: &TemplateName,

@@ -271,6 +271,7 @@ pub async fn request_build(
         memory_mb: Some(req.memory_mb.unwrap_or(DEFAULT_MEMORY_MB)),
         skip_pre_post: false,
         timeout_sec: Some(BUILD_TIMEOUT_SEC),
+        result: None,
     };
     let checked = builds_api::validate(&st, &who, &probe, &[])
         .await
@@ -681,6 +682,7 @@ pub async fn start_build(
         memory_mb: Some(req.memory_mb),
         skip_pre_post: false,
         timeout_sec: Some(BUILD_TIMEOUT_SEC),
+        result: None,
     };
     let mut new = builds_api::validate(&st, &who, &create, &recipe.files)
         .await

@@ -62,6 +62,11 @@ pub struct CreateBuild {
     /// Time limit of the whole build (default 1800 s); past it the build is cancelled.
     #[schema(minimum = 1, maximum = 21600)]
     pub timeout_sec: Option<u32>,
+    /// What the build saves: `snapshot` (default; memory and disk, so a create
+    /// restores it with its start commands running) or `disk` (the disk alone,
+    /// flattened and sparse: capsules boot it fresh; no `START` or readiness check).
+    #[serde(default)]
+    pub result: Option<String>,
 }
 
 /// A registry's username and password (or token).
@@ -140,6 +145,8 @@ pub struct BuildView {
     /// A platform template's build (`POST /v1/admin/builds`): every team may create
     /// capsules from what it makes.
     pub platform: bool,
+    /// `snapshot` or `disk` (see the request).
+    pub result: String,
     pub team_id: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -161,6 +168,7 @@ fn log_view(l: wrenn_db::BuildLog) -> BuildLogView {
 fn view(b: Build, logs: Option<Vec<wrenn_db::BuildLog>>) -> BuildView {
     let platform = crate::builds::is_platform(&b);
     let base_image = crate::builds::is_image(&b).then(|| b.base_template.clone());
+    let result = crate::builds::result_kind(&b).to_string();
     BuildView {
         id: b.id,
         name: b.name,
@@ -186,6 +194,7 @@ fn view(b: Build, logs: Option<Vec<wrenn_db::BuildLog>>) -> BuildView {
             .filter_map(|(k, v)| Some((k, v.as_str()?.to_string())))
             .collect(),
         platform,
+        result,
         team_id: b.team_id,
         created_at: b.created_at,
         started_at: b.started_at,
@@ -382,6 +391,33 @@ async fn validate_for(
     };
     let steps = wrenn_recipe::parse_steps(&req.recipe)
         .map_err(|e| ApiError::invalid(format!("recipe {e}")))?;
+    match req.result.as_deref() {
+        None | Some("snapshot") => {}
+        Some("disk") => {
+            if steps
+                .iter()
+                .any(|s| matches!(s, wrenn_recipe::Step::Start { .. }))
+            {
+                return Err(ApiError::invalid(
+                    "recipe: START needs result snapshot (a disk-only template keeps no running services)",
+                ));
+            }
+            if req.healthcheck.is_some() {
+                return Err(ApiError::invalid(
+                    "healthcheck: a disk-only template keeps no running services to check",
+                ));
+            }
+            metadata.insert(
+                crate::builds::RESULT_KEY.into(),
+                Value::String(crate::builds::RESULT_DISK.into()),
+            );
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "result must be snapshot or disk, got {other:?}"
+            )))
+        }
+    }
     if let Some(hc) = &req.healthcheck {
         wrenn_recipe::parse_healthcheck(hc)
             .map_err(|e| ApiError::invalid(format!("healthcheck: {e}")))?;

@@ -13,6 +13,8 @@ pub(super) enum Command {
     Snapshot {
         name: TemplateName,
         overwrite: bool,
+        /// The disk only (flattened), no memory: the template cold-boots.
+        disk_only: bool,
         reply: oneshot::Sender<Result<(), CapsuleError>>,
     },
     Fork(oneshot::Sender<Result<ForkState, CapsuleError>>),
@@ -154,9 +156,10 @@ pub(super) async fn run(
             Some(Command::Snapshot {
                 name,
                 overwrite,
+                disk_only,
                 reply,
             }) => {
-                let r = snapshot(&ctx, &entry, &res, &name, overwrite).await;
+                let r = snapshot(&ctx, &entry, &res, &name, overwrite, disk_only).await;
                 let _ = reply.send(r);
             }
             Some(Command::Fork(reply)) => {

@@ -159,12 +159,13 @@ impl Ctx {
         };
         ready?;
         tracing::debug!(capsule = %record.id, "agent ready");
+        let (default_user, default_workdir) = record.spec.guest_defaults();
         init_agent
             .init(&GuestInit {
                 access_token: Some(record.access_token.clone()),
                 env_vars: record.spec.guest_env(&record.id),
-                default_user: None,
-                default_workdir: None,
+                default_user,
+                default_workdir,
                 timestamp: Some(SystemTime::now()),
                 entropy: Some(fresh_entropy()),
             })

@@ -630,18 +630,48 @@ impl Capsules {
         name: &str,
         overwrite: bool,
     ) -> Result<(), CapsuleError> {
+        self.save_template(id, name, overwrite, false).await
+    }
+
+    /// Saves a running capsule's disk as template `name`: flattened and sparse, with
+    /// no memory snapshot, so capsules cold-boot it. The guest syncs first and is
+    /// stopped while its disk is copied; then it runs on.
+    pub async fn snapshot_disk(
+        &self,
+        id: &CapsuleId,
+        name: &str,
+        overwrite: bool,
+    ) -> Result<(), CapsuleError> {
+        self.save_template(id, name, overwrite, true).await
+    }
+
+    async fn save_template(
+        &self,
+        id: &CapsuleId,
+        name: &str,
+        overwrite: bool,
+        disk_only: bool,
+    ) -> Result<(), CapsuleError> {
         let name = TemplateName::parse(name).map_err(crate::spec::InvalidSpec::from)?;
-        // A flattened disk and the whole memory, at most.
+        // A flattened disk and (unless disk-only) the whole memory, at most.
         let need = self
             .entry(id)
             .ok()
             .and_then(|e| e.snapshot())
-            .map(|r| (r.spec.disk_mb << 20) + (u64::from(r.spec.memory_mb) << 20))
+            .map(|r| {
+                let memory = if disk_only {
+                    0
+                } else {
+                    u64::from(r.spec.memory_mb) << 20
+                };
+                (r.spec.disk_mb << 20) + memory
+            })
             .unwrap_or(0);
         let _space = self.reserve_space("snapshot the capsule", need)?;
         self.ask(id, |reply| Command::Snapshot {
             name,
             overwrite,
+            disk_only,
             reply,
         })
         .await

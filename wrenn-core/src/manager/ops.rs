@@ -299,6 +299,7 @@ pub(super) async fn snapshot(
     res: &Resources,
     name: &TemplateName,
     overwrite: bool,
+    disk_only: bool,
 ) -> Result<(), CapsuleError> {
     let rec = entry.snapshot().ok_or(CapsuleError::ShuttingDown)?;
     let (Some(vmm), Some(disk), CapsuleStatus::Running) =
@@ -306,6 +307,20 @@ pub(super) async fn snapshot(
     else {
         return Err(invalid(&rec, "snapshot", "running"));
     };
+    if disk_only {
+        // The guest's page cache on the disk, then the VM stopped while it is copied.
+        guest_sync(entry, Duration::from_secs(60)).await?;
+        vmm.pause().await?;
+        let written = ctx
+            .parts
+            .snapshots
+            .write_disk_template(name, disk, overwrite)
+            .await;
+        vmm.resume().await?;
+        written?;
+        tracing::info!(capsule = %rec.id, template = %name, "disk-only template written");
+        return Ok(());
+    }
     let scratch = scratch_dir(ctx, &rec, "snapshot").await?;
     let result = async {
         let saved = freeze(vmm.as_ref(), &scratch).await?;

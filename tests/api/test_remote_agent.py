@@ -17,6 +17,8 @@ import pytest
 from e2b import Sandbox
 
 from conftest import BINARY, Agent, point_sdks_at
+from test_builds import log_text, wait_build
+from test_oci_images import PASSWORD, USER, registry  # noqa: F401 - the registry fixture
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,8 @@ def deployment(start_server):
     agent = Agent("agent")
     agent.start()
     srv = start_server("cp", args=("--agent", agent.url, "--min-idle-timeout", "1",
-                                   "--rate-limit", "0"))
+                                   "--rate-limit", "0", "--registry-allow-private-addresses",
+                                   "--build-pre-command", "true", "--build-post-command", "true"))
     yield agent, srv
     with srv.admin() as c:
         for cap in c.get("/v1/capsules").json():
@@ -160,3 +163,30 @@ def wait_for_status(c, cid: str, status: str, timeout: float = 60) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"{cid} is {last}, not {status}, after {timeout}s")
+
+
+def test_an_image_build_runs_on_the_agent(deployment, registry):  # noqa: F811
+    """The control plane reaches no registry: the agent inspects and imports the image
+    (over gRPC) and saves the disk-only result in its own data directory."""
+    agent, srv = deployment
+    image = f"{registry.host}/test/min:1"
+    with srv.admin() as c:
+        r = c.post("/v1/builds", json={
+            "name": "remote-image", "base_image": image, "result": "disk", "skip_pre_post": True,
+            "registry": {"username": USER, "password": PASSWORD},
+            "recipe": ["RUN echo built on the agent > /opt/app/remote.txt"]})
+        assert r.status_code == 202, r.text
+        b = wait_build(c, r.json()["id"])
+        assert b["status"] == "success", (b.get("error"), log_text(b)[-2000:])
+        assert f"pulled {image}" in log_text(b)
+    listing = lambda d: os.listdir(os.path.join(d, "templates"))  # noqa: E731
+    assert [t for t in listing(agent.data_dir) if t.startswith("img-")]
+    assert not [t for t in listing(srv.data_dir) if t.startswith(("img-", "snap-"))]
+    with srv.admin() as c:
+        r = c.post("/v1/capsules", json={"template": "remote-image"})
+        assert r.status_code == 201, r.text
+        cid = r.json()["id"]
+        r = c.post(f"/v1/capsules/{cid}/exec",
+                   json={"cmd": "/bin/sh", "args": ["-c", "cat /opt/app/remote.txt /opt/app/hello.txt"]})
+        assert r.json()["stdout"] == "built on the agent\nhello from layer 2\n", r.text
+        assert c.delete(f"/v1/capsules/{cid}").status_code == 204

@@ -76,3 +76,46 @@ def test_graceful_stop_pauses_running_capsules(server):
         assert out["stdout"] == "before-restart\nsleeper-alive\n", out
         assert c.delete(f"/v1/capsules/{cid}").status_code == 204
     assert not _vmm_running(cid)
+
+
+def test_a_snapshot_interrupted_before_its_row_is_removed_at_restart(server):
+    """A server killed between writing a snapshot template's files and its row leaves
+    a host template no row names: the next start removes it once it is older than the
+    grace a control plane may still be writing its row in (10 min), and keeps younger
+    ones and every template a row names."""
+    import os
+    import shutil
+    import uuid
+
+    templates = os.path.join(server.data_dir, "templates")
+    name = "kept-" + uuid.uuid4().hex[:6]
+    with server.admin() as c:
+        cid = _create(c)
+        r = c.post("/v1/snapshots", json={"sandbox_id": cid, "name": name})
+        assert r.status_code == 201, r.text
+        assert c.delete(f"/v1/capsules/{cid}").status_code == 204
+    before = {d for d in os.listdir(templates) if d.startswith("snap-")}
+    # The state a kill -9 leaves: the files of a snapshot, no row. One an hour old, one
+    # just written.
+    source = os.path.join(templates, sorted(before)[0])
+    old, new = "snap-orphan" + uuid.uuid4().hex[:8], "snap-fresh" + uuid.uuid4().hex[:8]
+    for orphan in (old, new):
+        subprocess.run(["cp", "-a", "--sparse=always", source, os.path.join(templates, orphan)], check=True)
+    hour_ago = time.time() - 3600
+    os.utime(os.path.join(templates, old, "rootfs.img"), (hour_ago, hour_ago))
+
+    server.stop(signal.SIGKILL)
+    server.start()
+    left = {d for d in os.listdir(templates) if d.startswith("snap-")}
+    assert old not in left, "an orphan snapshot template outlived the restart"
+    assert new in left and before <= left
+    with open(server.log_path) as f:
+        said = [line for line in f if old in line]
+    assert any("no row names" in line for line in said), said
+    shutil.rmtree(os.path.join(templates, new))
+    with server.admin() as c:
+        # The snapshot a row names still works.
+        r = c.post("/v1/capsules", json={"template": name})
+        assert r.status_code == 201, r.text
+        assert c.delete(f"/v1/capsules/{r.json()['id']}").status_code == 204
+        assert c.delete(f"/v1/snapshots/{name}").status_code == 204

@@ -22,7 +22,16 @@ pub struct ReconcileReport {
     /// Paused capsules no row knows (`wrenn run --keep`, another database's): left
     /// untouched on the host with their snapshots, reported, never destroyed.
     pub quarantined: Vec<String>,
+    /// Team snapshot templates on the host that no row names, older than
+    /// [`ORPHAN_TEMPLATE_AGE`] (a snapshot interrupted between its files and its row):
+    /// removed.
+    pub orphan_templates_removed: usize,
 }
+
+/// How old a team snapshot template no row names must be before a reconciliation
+/// removes it: a younger one may be a snapshot whose row a control plane is about to
+/// write.
+pub const ORPHAN_TEMPLATE_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Makes the database and every host agree at start-up: every live row gets its host's
 /// status (or `stopped` when the host has no such capsule); running capsules no live
@@ -39,6 +48,7 @@ pub async fn reconcile(st: &AppState) -> Result<ReconcileReport, String> {
                 total.lost += r.lost;
                 total.orphans_destroyed += r.orphans_destroyed;
                 total.quarantined.extend(r.quarantined);
+                total.orphan_templates_removed += r.orphan_templates_removed;
             }
             Err(e) if hosts.len() > 1 => {
                 tracing::warn!(host = %host.id, error = %e,
@@ -197,8 +207,44 @@ pub async fn reconcile_with(
             Err(e) => tracing::error!(capsule = %id, error = %e, "orphan capsule not destroyed"),
         }
     }
+    report.orphan_templates_removed = remove_orphan_templates(st, conn).await;
     tracing::info!(host = %conn.id, ?report, "reconciled database with host");
     Ok(report)
+}
+
+/// Removes the host's team snapshot templates that no template row names and that are
+/// older than [`ORPHAN_TEMPLATE_AGE`]; how many.
+async fn remove_orphan_templates(st: &AppState, conn: &HostConn) -> usize {
+    let agent = conn.agent.as_ref();
+    let (Ok(on_host), Ok(rows)) = (agent.templates().await, st.db.admin_templates().await) else {
+        return 0;
+    };
+    let named: std::collections::HashSet<&str> = rows
+        .iter()
+        .filter_map(|t| t.metadata.get(crate::service::HOST_TEMPLATE_KEY)?.as_str())
+        .collect();
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for t in on_host {
+        if !crate::service::is_team_snapshot_name(&t.name) || named.contains(t.name.as_str()) {
+            continue;
+        }
+        let old = t
+            .created_at
+            .and_then(|c| now.duration_since(c).ok())
+            .is_some_and(|age| age >= ORPHAN_TEMPLATE_AGE);
+        if !old {
+            continue;
+        }
+        tracing::warn!(host = %conn.id, template = %t.name,
+            "snapshot template no row names (its snapshot was interrupted before the row was written): removing it");
+        match agent.delete_template(&t.name).await {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::error!(host = %conn.id, template = %t.name, error = %e,
+                "orphan snapshot template not removed"),
+        }
+    }
+    removed
 }
 
 /// Runs `check` on every host at once, so a slow or dead agent delays no other host's

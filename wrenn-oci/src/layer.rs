@@ -71,11 +71,93 @@ impl<R: Read> Read for Counting<R> {
 
 /// Applies the layer read from `src` (compressed as `compression`) to the tree at
 /// `root`.
-pub fn apply(src: impl Read, compression: Compression, root: &Path) -> io::Result<LayerStats> {
+///
+/// A compressed layer is decompressed on a thread of its own, a chunk ahead of the
+/// entries being written, so decompression and the filesystem's work overlap.
+pub fn apply(
+    src: impl Read + Send,
+    compression: Compression,
+    root: &Path,
+) -> io::Result<LayerStats> {
     match compression {
         Compression::None => apply_tar(src, root),
-        Compression::Gzip => apply_tar(flate2::read::MultiGzDecoder::new(src), root),
-        Compression::Zstd => apply_tar(zstd::stream::read::Decoder::new(src)?, root),
+        Compression::Gzip => ahead(flate2::read::MultiGzDecoder::new(src), root),
+        Compression::Zstd => ahead(zstd::stream::read::Decoder::new(src)?, root),
+    }
+}
+
+/// Chunks of decompressed data in flight between the two threads (of [`CHUNK`]).
+const CHUNKS_AHEAD: usize = 8;
+const CHUNK: usize = 1 << 20;
+
+/// Applies the tar stream `src` yields, reading it on another thread.
+fn ahead(mut src: impl Read + Send, root: &Path) -> io::Result<LayerStats> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(CHUNKS_AHEAD);
+    std::thread::scope(|scope| {
+        scope.spawn(move || loop {
+            let mut buf = vec![0u8; CHUNK];
+            let mut filled = 0;
+            let r = loop {
+                match src.read(&mut buf[filled..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        filled += n;
+                        if filled == buf.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            buf.truncate(filled);
+            let last = filled == 0;
+            let sent = match r {
+                Ok(()) if last => break,
+                Ok(()) => tx.send(Ok(buf)),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    break;
+                }
+            };
+            // The applying side stopped (an error): nothing more to read for.
+            if sent.is_err() {
+                break;
+            }
+        });
+        apply_tar(
+            Chunks {
+                rx,
+                cur: Vec::new(),
+                pos: 0,
+            },
+            root,
+        )
+    })
+}
+
+/// A reader over the chunks another thread sends.
+struct Chunks {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for Chunks {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.cur = chunk?;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
@@ -418,6 +500,16 @@ mod tests {
         let layer = tar_of(&[("a", 'l', "b"), ("b", 'l', "a"), ("a/file", 'f', "x")]);
         let e = apply(&layer[..], Compression::None, root).unwrap_err();
         assert!(e.to_string().contains("symbolic links"), "{e}");
+    }
+
+    #[test]
+    fn a_corrupt_compressed_layer_is_an_error() {
+        let t = tempfile::tempdir().unwrap();
+        let mut bad = gz(&tar_of(&[("a", 'f', "x")]));
+        let n = bad.len();
+        bad[n / 2..].fill(0xff);
+        assert!(apply(&bad[..], Compression::Gzip, t.path()).is_err());
+        assert!(apply(&b"not compressed at all"[..], Compression::Zstd, t.path()).is_err());
     }
 
     #[test]

@@ -52,8 +52,11 @@ pub struct CreateBuild {
     /// Readiness check of the start commands: `[--interval=3s] [--timeout=10s]
     /// [--start-period=0s] [--retries=0] (--port=<port> | <sh>)`.
     pub healthcheck: Option<String>,
+    /// vCPUs of the build's capsule, and so of a snapshot result (default: the base
+    /// template's, so the build's capsule restores from its snapshot; else 1).
     #[schema(minimum = 1, maximum = 8)]
     pub vcpus: Option<u32>,
+    /// Memory of the build's capsule in MiB (default: the base template's, else 1024).
     #[schema(minimum = 128, maximum = 16384)]
     pub memory_mb: Option<u32>,
     /// Skip the pre-build (package index update) and post-build (cleanup) phases.
@@ -342,6 +345,7 @@ async fn validate_for(
     if platform {
         metadata.insert(crate::builds::PLATFORM_KEY.to_string(), Value::Bool(true));
     }
+    let mut base_sizes: (Option<u32>, Option<u32>) = (None, None);
     let base = match (req.base_template.as_deref(), req.base_image.as_deref()) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
@@ -378,14 +382,24 @@ async fn validate_for(
                 ));
             }
             let template = template.unwrap_or(service::DEFAULT_TEMPLATE);
-            service::resolve_template(st, who, Some(template))
+            let resolved = service::resolve_template(st, who, Some(template))
                 .await
                 .map_err(|e| match e.status {
-                    StatusCode::NOT_FOUND => {
-                        ApiError::not_found(&format!("base template {template}"))
-                    }
+                    StatusCode::NOT_FOUND => ApiError::not_found(&format!(
+                        "base template {template} (a container image is `base_image`, e.g. {template}:latest)"
+                    )),
                     _ => e,
                 })?;
+            // The base's own sizes: a build's capsule of them restores its snapshot
+            // instead of booting.
+            let holder = match &resolved.holder {
+                Some(h) => st.hosts.get(h).ok(),
+                None => None,
+            };
+            let probe = holder.unwrap_or_else(|| any.clone());
+            if let Ok(t) = probe.agent.template(&resolved.host_name).await {
+                base_sizes = (t.vcpus, t.memory_mb);
+            }
             template.to_string()
         }
     };
@@ -436,13 +450,13 @@ async fn validate_for(
             }
         }
     }
-    let vcpus = req.vcpus.unwrap_or(1);
+    let vcpus = req.vcpus.or(base_sizes.0).unwrap_or(1);
     if !(1..=8).contains(&vcpus) {
         return Err(ApiError::invalid(format!(
             "vcpus must be between 1 and 8, got {vcpus}"
         )));
     }
-    let memory_mb = req.memory_mb.unwrap_or(1024);
+    let memory_mb = req.memory_mb.or(base_sizes.1).unwrap_or(1024);
     if !(128..=16384).contains(&memory_mb) {
         return Err(ApiError::invalid(format!(
             "memory_mb must be between 128 and 16384, got {memory_mb}"

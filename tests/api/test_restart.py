@@ -82,7 +82,8 @@ def test_a_snapshot_interrupted_before_its_row_is_removed_at_restart(server):
     """A server killed between writing a snapshot template's files and its row leaves
     a host template no row names: the next start removes it once it is older than the
     grace a control plane may still be writing its row in (10 min), and keeps younger
-    ones and every template a row names."""
+    ones and every template a row names. A write killed before it finished leaves its
+    staging directory, which the next start removes."""
     import os
     import shutil
     import uuid
@@ -103,11 +104,17 @@ def test_a_snapshot_interrupted_before_its_row_is_removed_at_restart(server):
         subprocess.run(["cp", "-a", "--sparse=always", source, os.path.join(templates, orphan)], check=True)
     hour_ago = time.time() - 3600
     os.utime(os.path.join(templates, old, "rootfs.img"), (hour_ago, hour_ago))
+    # And a template write that never finished (its staging directory).
+    stage = os.path.join(templates, f".{old}.new-0badf00d")
+    os.makedirs(os.path.join(stage, "snapshot"))
+    with open(os.path.join(stage, "rootfs.img"), "wb") as f:
+        f.truncate(1 << 20)
 
     server.stop(signal.SIGKILL)
     server.start()
     left = {d for d in os.listdir(templates) if d.startswith("snap-")}
     assert old not in left, "an orphan snapshot template outlived the restart"
+    assert not os.path.exists(stage), "an unfinished template write outlived the restart"
     assert new in left and before <= left
     with open(server.log_path) as f:
         said = [line for line in f if old in line]

@@ -141,6 +141,27 @@ impl FsSnapshotStore {
     }
 
     /// Merge generations when a pause would make this many (default 8).
+    /// Removes the staging directories of template writes a killed process left in
+    /// the templates directory (`.<name>.new-<hex>`); how many. For the start-up
+    /// sweep, while no template is being written.
+    pub fn remove_unfinished_templates(&self) -> usize {
+        let Ok(rd) = std::fs::read_dir(&self.templates) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".new-") {
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => removed += 1,
+                    Err(err) => tracing::warn!(dir = %e.path().display(), error = %err,
+                        "unfinished template write not removed"),
+                }
+            }
+        }
+        removed
+    }
+
     pub fn with_generation_cap(mut self, cap: usize) -> Self {
         self.generation_cap = cap.max(1);
         self

@@ -143,6 +143,15 @@ impl Host {
         } else {
             tracing::warn!("VMMs run without the jail (same user as wrenn, host mount namespace)");
         }
+        // Templates are flattened from paused VMs, whose QEMU keeps its disk open.
+        let snapshots = Arc::new(
+            FsSnapshotStore::new(
+                data.snapshots(),
+                data.templates(),
+                Arc::new(Qcow2Store::new().force_share(true)),
+            )
+            .with_generation_cap(opts.generation_cap),
+        );
         let parts = HostParts {
             vmm: Arc::new(QemuVmm::new(qemu)),
             net: Arc::new(NetnsNetwork::new({
@@ -157,15 +166,7 @@ impl Host {
             templates: Arc::new(FsTemplates::new(data.clone())),
             guests: Arc::new(EnvdConnector::default()),
             state: Arc::new(FsStateStore::new(data.clone())),
-            snapshots: Arc::new(
-                // Templates are flattened from paused VMs, whose QEMU keeps its disk open.
-                FsSnapshotStore::new(
-                    data.snapshots(),
-                    data.templates(),
-                    Arc::new(Qcow2Store::new().force_share(true)),
-                )
-                .with_generation_cap(opts.generation_cap),
-            ),
+            snapshots: snapshots.clone(),
         };
         let config = ManagerConfig {
             limits: opts.limits,
@@ -182,6 +183,10 @@ impl Host {
             let groups = cgroups.sweep();
             if groups > 0 {
                 tracing::info!(groups, "removed the cgroups of VMMs that are gone");
+            }
+            let stages = snapshots.remove_unfinished_templates();
+            if stages > 0 {
+                tracing::info!(stages, "removed unfinished template writes");
             }
             report
         } else {

@@ -487,6 +487,22 @@ impl Hosts {
             .ok_or_else(|| unavailable("no host is connected to this control plane"))
     }
 
+    /// A host that may work for `team` (a platform host or one of the team's own),
+    /// preferring reachable ones: what is sent to it (registry credentials) never
+    /// reaches another team's host.
+    pub fn any_for(&self, team: &str) -> Result<Arc<HostConn>, HostError> {
+        let all: Vec<Arc<HostConn>> = self
+            .all()
+            .into_iter()
+            .filter(|c| c.team().is_none_or(|t| t == team))
+            .collect();
+        all.iter()
+            .find(|c| !c.unreachable())
+            .or(all.first())
+            .cloned()
+            .ok_or_else(|| unavailable("no host this team may use is connected"))
+    }
+
     /// Picks the host for a new capsule, among `only` when given (the hosts holding
     /// the template), and counts the capsule against it until a report asked after
     /// the returned [`Placement`] is dropped arrives.

@@ -162,6 +162,29 @@ impl FsSnapshotStore {
         removed
     }
 
+    /// Flattens `disk` (its VM stopped) into the staged template `stage` and puts it in
+    /// place of template `name`; a failure removes the stage.
+    async fn publish_with_disk(
+        &self,
+        stage: PathBuf,
+        name: &TemplateName,
+        disk: &CowDisk,
+    ) -> Result<(), SnapshotError> {
+        let result = async {
+            self.disks
+                .flatten(disk, &stage.join(TEMPLATE_ROOTFS))
+                .await
+                .map_err(disk_err)?;
+            let (templates, name, stage) = (self.templates.clone(), name.clone(), stage.clone());
+            blocking(move || publish_template_blocking(&templates, &name, &stage)).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&stage);
+        }
+        result
+    }
+
     pub fn with_generation_cap(mut self, cap: usize) -> Self {
         self.generation_cap = cap.max(1);
         self
@@ -569,20 +592,7 @@ impl SnapshotStore for FsSnapshotStore {
             stage_template_blocking(&templates, &name2, &meta2, &saved, overwrite)
         })
         .await?;
-        let result = async {
-            // Disk: flattened to a standalone raw image (the VM is stopped).
-            self.disks
-                .flatten(disk, &stage.join(TEMPLATE_ROOTFS))
-                .await
-                .map_err(disk_err)?;
-            let (templates, name, stage) = (self.templates.clone(), name.clone(), stage.clone());
-            blocking(move || publish_template_blocking(&templates, &name, &stage)).await
-        }
-        .await;
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&stage);
-        }
-        result
+        self.publish_with_disk(stage, name, disk).await
     }
 
     async fn write_disk_template(
@@ -601,19 +611,7 @@ impl SnapshotStore for FsSnapshotStore {
             .templates
             .join(format!(".{}.new-{:08x}", name.as_str(), rand_u32()));
         std::fs::create_dir_all(&stage).map_err(io_err("create", &stage))?;
-        let result = async {
-            self.disks
-                .flatten(disk, &stage.join(TEMPLATE_ROOTFS))
-                .await
-                .map_err(disk_err)?;
-            let (templates, name, stage) = (self.templates.clone(), name.clone(), stage.clone());
-            blocking(move || publish_template_blocking(&templates, &name, &stage)).await
-        }
-        .await;
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&stage);
-        }
-        result
+        self.publish_with_disk(stage, name, disk).await
     }
 
     async fn open_template(

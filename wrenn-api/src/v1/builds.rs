@@ -359,7 +359,7 @@ async fn validate_for(
                     "registry: username and password are both required",
                 ));
             }
-            let found = inspect_image(st, image, login).await?;
+            let found = inspect_image(st, who, image, login).await?;
             tracing::debug!(image = %found.image, digest = %found.digest, "base image found");
             metadata.insert(crate::builds::BASE_IMAGE_KEY.into(), Value::Bool(true));
             if let Some(l) = login {
@@ -486,10 +486,11 @@ async fn validate_for(
 /// registry itself): a bad, refused, unreachable or foreign image is a 400 naming it.
 async fn inspect_image(
     st: &AppState,
+    who: &Principal,
     image: &str,
     login: Option<&RegistryLogin>,
 ) -> ApiResult<wrenn_core::host::HostImage> {
-    let any = st.hosts.any().map_err(service::host_err)?;
+    let any = st.hosts.any_for(&who.team_id).map_err(service::host_err)?;
     let spec = crate::builds::image_spec(st, image, login.cloned());
     any.agent
         .inspect_image(spec)

@@ -104,8 +104,14 @@ def test_a_snapshot_interrupted_before_its_row_is_removed_at_restart(server):
         subprocess.run(["cp", "-a", "--sparse=always", source, os.path.join(templates, orphan)], check=True)
     hour_ago = time.time() - 3600
     os.utime(os.path.join(templates, old, "rootfs.img"), (hour_ago, hour_ago))
-    # And a template write that never finished (its staging directory).
-    stage = os.path.join(templates, f".{old}.new-0badf00d")
+    # And a template write that never finished: its staging directory, named by the
+    # writer's pid (a process that is gone).
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stage = os.path.join(templates, f".{old}.new-{gone.pid}-0badf00d")
+    # A live writer's is left alone (this test's own process stands in for it).
+    live = os.path.join(templates, f".{old}.new-{os.getpid()}-0badf00d")
+    os.makedirs(live)
     os.makedirs(os.path.join(stage, "snapshot"))
     with open(os.path.join(stage, "rootfs.img"), "wb") as f:
         f.truncate(1 << 20)
@@ -115,6 +121,8 @@ def test_a_snapshot_interrupted_before_its_row_is_removed_at_restart(server):
     left = {d for d in os.listdir(templates) if d.startswith("snap-")}
     assert old not in left, "an orphan snapshot template outlived the restart"
     assert not os.path.exists(stage), "an unfinished template write outlived the restart"
+    assert os.path.isdir(live), "a live process's template write was removed"
+    os.rmdir(live)
     assert new in left and before <= left
     with open(server.log_path) as f:
         said = [line for line in f if old in line]

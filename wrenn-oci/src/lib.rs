@@ -25,7 +25,8 @@ use std::time::Instant;
 pub const TEMPLATE_PREFIX: &str = "img-";
 /// File of an image template describing where it came from.
 pub const IMAGE_META: &str = "image.json";
-/// Prefix of an import's scratch directory under the templates directory.
+/// Prefix of an import's scratch directory under the templates directory
+/// (`.img-<pid>-<random>`).
 const STAGING_PREFIX: &str = ".img-";
 
 /// Why an image cannot be used. Every variant but [`ImageError::Io`] and
@@ -114,12 +115,17 @@ pub struct Importer {
 }
 
 impl Importer {
-    /// An importer writing to `templates` (scratch directories an earlier process
-    /// left are removed).
+    /// An importer writing to `templates` (scratch directories of imports whose
+    /// process is gone are removed).
     pub fn new(templates: PathBuf) -> Self {
         if let Ok(rd) = std::fs::read_dir(&templates) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let writer = name
+                    .strip_prefix(STAGING_PREFIX)
+                    .and_then(|rest| rest.split_once('-'))
+                    .and_then(|(pid, _)| pid.parse::<u32>().ok());
+                if writer.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
                     tracing::info!(dir = %e.path().display(), "removing an unfinished image import");
                     let _ = std::fs::remove_dir_all(e.path());
                 }
@@ -152,7 +158,8 @@ impl Importer {
         let inspected = reg.inspect().await?;
         let summary = summary(&inspected);
         let staging = self.templates.join(format!(
-            "{STAGING_PREFIX}{}",
+            "{STAGING_PREFIX}{}-{}",
+            std::process::id(),
             wrenn_core::id::random_token()
         ));
         std::fs::create_dir_all(&staging)

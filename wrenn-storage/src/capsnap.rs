@@ -141,9 +141,9 @@ impl FsSnapshotStore {
     }
 
     /// Merge generations when a pause would make this many (default 8).
-    /// Removes the staging directories of template writes a killed process left in
-    /// the templates directory (`.<name>.new-<hex>`); how many. For the start-up
-    /// sweep, while no template is being written.
+    /// Removes the staging directories of template writes whose process is gone
+    /// (killed mid-write) from the templates directory; how many. Writes of live
+    /// processes sharing the directory are left alone.
     pub fn remove_unfinished_templates(&self) -> usize {
         let Ok(rd) = std::fs::read_dir(&self.templates) else {
             return 0;
@@ -151,7 +151,9 @@ impl FsSnapshotStore {
         let mut removed = 0;
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.contains(".new-") {
+            let gone =
+                stage_writer(&name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            if gone {
                 match std::fs::remove_dir_all(e.path()) {
                     Ok(()) => removed += 1,
                     Err(err) => tracing::warn!(dir = %e.path().display(), error = %err,
@@ -607,9 +609,7 @@ impl SnapshotStore for FsSnapshotStore {
                 name: name.to_string(),
             });
         }
-        let stage = self
-            .templates
-            .join(format!(".{}.new-{:08x}", name.as_str(), rand_u32()));
+        let stage = self.templates.join(stage_name(name));
         std::fs::create_dir_all(&stage).map_err(io_err("create", &stage))?;
         self.publish_with_disk(stage, name, disk).await
     }
@@ -662,7 +662,7 @@ fn stage_template_blocking(
         });
     }
     std::fs::create_dir_all(templates).map_err(io_err("create", templates))?;
-    let stage = templates.join(format!(".{}.new-{:08x}", name.as_str(), rand_u32()));
+    let stage = templates.join(stage_name(name));
     let snap = stage.join(TEMPLATE_SNAPSHOT);
     std::fs::create_dir_all(&snap).map_err(io_err("create", &snap))?;
     let result = (|| {
@@ -731,10 +731,41 @@ fn publish_template_blocking(
     sync_dir(templates)
 }
 
+/// The staging directory of a write of template `name`: `.<name>.new-<pid>-<hex>`, so
+/// a sweep can tell the writes of processes that are gone.
+fn stage_name(name: &TemplateName) -> String {
+    format!(
+        ".{}.new-{}-{:08x}",
+        name.as_str(),
+        std::process::id(),
+        rand_u32()
+    )
+}
+
+/// The writer of staging directory `name`, if it is one ([`stage_name`]).
+fn stage_writer(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, tail) = rest.rsplit_once(".new-")?;
+    tail.split_once('-')?.0.parse().ok()
+}
+
 fn rand_u32() -> u32 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     t ^ std::process::id().rotate_left(16)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn staging_directories_name_their_writer() {
+        let name = wrenn_core::template::TemplateName::parse("my.tpl-1").unwrap();
+        let stage = super::stage_name(&name);
+        assert_eq!(super::stage_writer(&stage), Some(std::process::id()));
+        for other in ["my.tpl-1", ".my.tpl-1.new-0badf00d", ".img-12-x", "snap-x"] {
+            assert_eq!(super::stage_writer(other), None, "{other}");
+        }
+    }
 }

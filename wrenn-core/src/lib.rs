@@ -19,6 +19,7 @@ pub mod manager;
 pub mod memory;
 pub mod metrics;
 pub mod net;
+pub mod process;
 pub mod record;
 pub mod scheduler;
 pub mod snapshot;

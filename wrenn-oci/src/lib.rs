@@ -125,7 +125,7 @@ impl Importer {
                     .strip_prefix(STAGING_PREFIX)
                     .and_then(|rest| rest.split_once('-'))
                     .and_then(|(pid, _)| pid.parse::<u32>().ok());
-                if writer.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                if writer.is_some_and(|pid| !wrenn_core::process::runs(pid)) {
                     tracing::info!(dir = %e.path().display(), "removing an unfinished image import");
                     let _ = std::fs::remove_dir_all(e.path());
                 }

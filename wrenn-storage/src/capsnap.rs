@@ -151,8 +151,7 @@ impl FsSnapshotStore {
         let mut removed = 0;
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let gone =
-                stage_writer(&name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            let gone = stage_writer(&name).is_some_and(|pid| !wrenn_core::process::runs(pid));
             if gone {
                 match std::fs::remove_dir_all(e.path()) {
                     Ok(()) => removed += 1,

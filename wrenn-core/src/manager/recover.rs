@@ -36,7 +36,7 @@ impl Capsules {
                         && !r.pooled
                         && r.slot.is_some()
                         && r.disk.is_some()
-                        && r.vmm_pid.is_some_and(process_runs) =>
+                        && r.vmm_pid.is_some_and(crate::process::runs) =>
                 {
                     if let Some(slot) = &r.slot {
                         parts.net.adopt(slot);
@@ -214,14 +214,4 @@ impl Capsules {
         }
         Ok(out)
     }
-}
-
-/// Whether process `pid` runs (exists and is not a zombie).
-fn process_runs(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // The state follows the parenthesised command name.
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
 }

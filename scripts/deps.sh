@@ -35,9 +35,11 @@ if ((${#qemu_args[@]})); then apt_install "${qemu_args[@]}"; fi
 # nftables, iproute2: capsule networking. debootstrap, debian-archive-keyring, zstd,
 # e2fsprogs: root filesystem builds. libclang-dev: bindgen for userfaultfd-sys.
 # xfsprogs: the disk tests (reflink on XFS). docker-registry: the OCI registry the image
-# tests start. python3 + python3-venv: the test venv.
+# tests start. chromium: the dashboard's browser tests (driven by Playwright from the
+# venv, with Debian's browser). python3 + python3-venv: the test venv. Node.js and npm
+# (for the dashboard's build) are the machine's own: see scripts/dashboard.sh.
 host_pkgs=(nftables iproute2 curl ca-certificates debootstrap debian-archive-keyring zstd
-  e2fsprogs xfsprogs libclang-dev docker-registry)
+  e2fsprogs xfsprogs libclang-dev docker-registry chromium)
 command -v "$py" >/dev/null || { [[ -n "${WRENN_PYTHON:-}" ]] && die "WRENN_PYTHON=$py not found"; host_pkgs+=(python3); }
 apt_install "${host_pkgs[@]}"
 
@@ -83,14 +85,15 @@ need_tool ip iproute2
 need_tool debootstrap debootstrap
 need_tool mkfs.ext4 e2fsprogs
 need_tool zstd zstd
+need_tool chromium chromium
 ((${#missing[@]} == 0)) || die "missing after install: ${missing[*]}"
 
 qemu_v=$(qemu-system-x86_64 --version | sed -n '1s/.*version \([0-9][0-9.]*\).*/\1/p')
 img_v=$(qemu-img --version | sed -n '1s/.*version \([0-9][0-9.]*\).*/\1/p')
 [[ -n "$qemu_v" && -n "$img_v" ]] || die "qemu-system-x86_64 or qemu-img does not run"
 printf '%s\n7.2\n' "$qemu_v" | sort -V -C -r || die "QEMU $qemu_v is older than 7.2 (microvm with virtio-mmio migration)"
-"$venv/bin/python" -c 'import e2b, wrenn, pytest' 2>/dev/null \
-  || die "the venv $venv cannot import e2b, wrenn and pytest"
+"$venv/bin/python" -c 'import e2b, wrenn, pytest, playwright.sync_api' 2>/dev/null \
+  || die "the venv $venv cannot import e2b, wrenn, pytest and playwright"
 
-say "ready in $(elapsed $((SECONDS - t0))): QEMU $qemu_v (qemu-img $img_v), nft, ip, debootstrap;" \
+say "ready in $(elapsed $((SECONDS - t0))): QEMU $qemu_v (qemu-img $img_v), nft, ip, debootstrap, $(chromium --version 2>/dev/null | head -1);" \
   "Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())') venv $venv"

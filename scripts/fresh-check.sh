@@ -98,12 +98,12 @@ check() {
   removed=$(comm -23 "$before" <(packages "$root"))
   [[ -z "$removed" ]] || bad+=("packages removed: $(echo $removed)")
   ! grep -q '^Remove:' "$root/var/log/apt/history.log" 2>/dev/null || bad+=("apt history has a Remove: line")
-  for tool in qemu-system-x86_64 qemu-img nft ip debootstrap; do
+  for tool in qemu-system-x86_64 qemu-img nft ip debootstrap chromium; do
     in_chroot "$root" sh -c "command -v $tool" >/dev/null || bad+=("$tool missing")
   done
   in_chroot "$root" qemu-img --version >/dev/null 2>&1 || bad+=("qemu-img does not run")
   in_chroot "$root" qemu-system-x86_64 --version >/dev/null 2>&1 || bad+=("qemu-system-x86_64 does not run")
-  in_chroot "$root" /opt/wrenn/.venv/bin/python -c 'import e2b, wrenn, pytest' || bad+=("venv cannot import e2b, wrenn, pytest")
+  in_chroot "$root" /opt/wrenn/.venv/bin/python -c 'import e2b, wrenn, pytest, playwright.sync_api' || bad+=("venv cannot import e2b, wrenn, pytest, playwright")
   if in_chroot "$root" /usr/bin/python3 -c 'import e2b' 2>/dev/null; then bad+=("e2b was installed into the system Python"); fi
   [[ -z "$(ls -A "$root"/usr/local/lib/python3*/dist-packages 2>/dev/null)" ]] || bad+=("files in the system Python's dist-packages")
   if ((${#bad[@]})); then

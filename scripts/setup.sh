@@ -30,6 +30,7 @@ run_demo() {
 
 step "packages and Python venv (scripts/deps.sh)" ./scripts/deps.sh
 step "guest kernel, binaries and images (scripts/images.sh; the kernel takes ~8 min once)" ./scripts/images.sh
+step "web dashboard (scripts/dashboard.sh; embedded in the release build)" ./scripts/dashboard.sh
 step "wrenn release build" cargo build --release -p wrenn-server
 step "install /usr/local/bin/wrenn" install -m 0755 target/release/wrenn /usr/local/bin/wrenn
 step "wrenn doctor" wrenn doctor

@@ -17,6 +17,8 @@ free_disk() { df -h --output=avail "$1" | tail -1 | tr -d ' '; }
 say "free disk: $(free_disk .) for the build, $(free_disk /var/lib) for capsule data"
 say "fresh-machine check (scripts/fresh-check.sh)"
 ./scripts/fresh-check.sh
+say "the web dashboard (scripts/dashboard.sh; served by the servers the tests start)"
+./scripts/dashboard.sh
 say "guest binaries and images"
 ./scripts/images.sh
 say "PostgreSQL for the wrenn-db tests"

@@ -40,6 +40,11 @@ use std::sync::Arc;
 /// The envd protocol version the guests of this build speak.
 pub const ENVD_VERSION: &str = wrenn_envd::ENVD_VERSION;
 
+/// Whether this binary serves the web dashboard at `/` (it was built before the binary).
+pub fn dashboard_built() -> bool {
+    wrenn_dashboard::built()
+}
+
 /// The whole HTTP surface.
 pub fn router(state: Arc<AppState>) -> Router {
     use v1::{account, capsules, files, snapshots, ws};
@@ -247,6 +252,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(v1)
         .merge(e2b)
+        .merge(wrenn_dashboard::router())
         .route("/health", get(openapi::health))
         .route("/metrics", get(metrics::serve))
         .route("/openapi.json", get(openapi::spec))

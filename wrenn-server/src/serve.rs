@@ -339,6 +339,14 @@ pub async fn serve(data_dir: std::path::PathBuf, a: ServeArgs) -> Result<u8> {
                 println!("Sign-up is closed (invitations only); --signup open opens it");
             }
             println!("wrenn serve listening on http://{addr}");
+            if wrenn_api::dashboard_built() {
+                println!("  dashboard: http://{addr}/");
+            } else {
+                println!(
+                    "  dashboard: not built into this binary (./scripts/dashboard.sh, then \
+                     rebuild wrenn); / says so"
+                );
+            }
         })
         .await;
     // The control plane paused what it knows; the host pauses anything else still running.

@@ -314,6 +314,8 @@ pub async fn set_active(
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AdminCapsuleView {
     pub team_id: String,
+    /// The host it runs (or is paused) on.
+    pub host_id: String,
     #[serde(flatten)]
     pub capsule: super::capsules::CapsuleView,
 }
@@ -329,6 +331,7 @@ pub async fn capsules(State(st): S, Auth(who): Auth) -> ApiResult<Json<Vec<Admin
         rows.iter()
             .map(|c| AdminCapsuleView {
                 team_id: c.team_id.clone(),
+                host_id: c.host_id.to_string(),
                 capsule: super::capsules::CapsuleView::of(&st, c),
             })
             .collect(),
@@ -348,6 +351,7 @@ pub async fn capsule(
     let c = st.db.system_get_capsule(&id).await?;
     Ok(Json(AdminCapsuleView {
         team_id: c.team_id.clone(),
+        host_id: c.host_id.to_string(),
         capsule: super::capsules::CapsuleView::of(&st, &c),
     }))
 }

@@ -407,6 +407,81 @@ def test_keyboard_only(server, browser):
     assert page.evaluate("() => document.activeElement.closest('dialog') !== null")
     page.keyboard.press("Escape")
     dialog.wait_for(state="hidden")
+    # Again, and this time create the capsule from the keyboard.
+    page.get_by_role("button", name="New capsule").focus()
+    page.keyboard.press("Enter")
+    dialog.wait_for()
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.textContent.trim()") == "Create":
+            break
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r"#/capsules/cl-"))
+    cid = page.url.rsplit("/", 1)[1]
+    try:
+        _status(page, "running")
+        # The capsule's tabs are reachable and switch with the keyboard too.
+        page.get_by_role("tab", name="Files").focus()
+        page.keyboard.press("Enter")
+        page.get_by_role("button", name="Upload files").or_(page.get_by_label("Upload files")).first.wait_for(state="attached")
+    finally:
+        token = _login_token(server, email)
+        with server.client(None, Authorization=f"Bearer {token}") as api:
+            api.delete(f"/v1/capsules/{cid}")
+    ctx.close()
+
+
+@pytest.mark.timeout(300)
+def test_template_build_and_snapshot_from_the_console(server, browser):
+    """A recipe build started in the console shows its log as it runs; a snapshot taken
+    from a capsule's page is listed with the templates and deleted there."""
+    email = f"builder-{uuid.uuid4().hex[:8]}@example.com"
+    ctx, page = _page(browser, server)
+    _sign_up(page, email, "Builder")
+    page.get_by_role("link", name="Templates", exact=True).click()
+    page.get_by_text("No builds yet.").wait_for()
+    name = "console-" + uuid.uuid4().hex[:8]
+    page.get_by_role("button", name="New build").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Name").fill(name)
+    dialog.get_by_label("Recipe (RUN, ENV, WORKDIR, USER, START; one per line)").fill(
+        "RUN echo built-in-the-console\nRUN echo second-step >&2"
+    )
+    dialog.get_by_role("button", name="Build").click()
+    log = page.get_by_role("region", name="Build log")
+    log.get_by_text("built-in-the-console", exact=True).wait_for(timeout=240_000)
+    log.get_by_text("second-step", exact=True).wait_for(timeout=120_000)
+    log.get_by_text("success", exact=True).wait_for(timeout=120_000)
+    templates = page.get_by_role("table", name="Templates and snapshots")
+    templates.get_by_role("cell", name=name, exact=True).wait_for()
+    _shot(page, "build-log", server)
+    page.get_by_role("button", name=f"Delete template {name}").click()
+    templates.get_by_role("cell", name=name, exact=True).wait_for(state="detached")
+
+    # A snapshot of a capsule, from its page.
+    token = _login_token(server, email)
+    with server.client(None, Authorization=f"Bearer {token}") as api:
+        r = api.post("/v1/capsules", json={"template": "minimal"})
+        assert r.status_code == 201, r.text
+        cid = r.json()["id"]
+        try:
+            page.goto(f"/#/capsules/{cid}")
+            _status(page, "running")
+            page.get_by_role("button", name="Snapshot").click()
+            notice = page.get_by_role("status").filter(has_text="Snapshot")
+            notice.wait_for(timeout=120_000)
+            snap = re.search(r"Snapshot (\S+) created", notice.inner_text()).group(1)
+            # The page shows the capsule as the API has it after the snapshot.
+            _status(page, api.get(f"/v1/capsules/{cid}").json()["status"])
+            assert snap in {t["name"] for t in api.get("/v1/snapshots").json()}
+            page.get_by_role("link", name="Templates", exact=True).click()
+            page.get_by_role("button", name=f"Delete template {snap}").click()
+            page.get_by_role("table", name="Templates and snapshots").get_by_role(
+                "cell", name=snap, exact=True
+            ).wait_for(state="detached")
+            assert snap not in {t["name"] for t in api.get("/v1/snapshots").json()}
+        finally:
+            api.delete(f"/v1/capsules/{cid}")
     ctx.close()
 
 

@@ -290,6 +290,19 @@ def test_console_end_to_end(server, browser, tmp_path):
     page.locator("tr[data-action='capsule.create']").first.wait_for(state="detached")
     assert page.locator("tr[data-action='api_key.create']").count() == 1
     _shot(page, "audit", server)
+    # Paging: 60 more key entries, 50 to a page, the rest behind "Older entries".
+    with server.client(None, Authorization=f"Bearer {token}") as api:
+        for i in range(30):
+            r = api.post("/v1/api-keys", json={"name": f"paging {i}"})
+            assert r.status_code == 201, r.text
+            assert api.delete(f"/v1/api-keys/{r.json()['id']}").status_code == 204
+    page.get_by_role("button", name="Apply").click()
+    rows = page.get_by_role("table", name="Audit log").locator("tbody tr")
+    page.get_by_role("button", name="Older entries").wait_for()
+    assert rows.count() == 50
+    page.get_by_role("button", name="Older entries").click()
+    page.wait_for_function("() => document.querySelectorAll('table[aria-label=\"Audit log\"] tbody tr').length == 62")
+    assert page.get_by_role("button", name="Older entries").count() == 0
 
     # The other pages render, in both themes, and on a phone.
     for link, heading in (("Templates", "Templates"), ("Usage", "Usage"), ("Team", None)):

@@ -34,6 +34,11 @@ pub fn built() -> bool {
     Assets::get("index.html").is_some()
 }
 
+/// The names of the embedded files (`index.html`, `assets/index-….js`, …).
+pub fn files() -> Vec<String> {
+    Assets::iter().map(|n| n.into_owned()).collect()
+}
+
 /// The console's routes: `/`, `/assets/{path}` and each other top-level file of the build.
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     let mut r = Router::new()

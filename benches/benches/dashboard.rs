@@ -43,8 +43,16 @@ fn main() -> Result<()> {
     let base = format!("http://{addr}");
 
     // What the first page loads, as sent with gzip.
-    let index = get(&format!("{base}/"))?;
-    let index = String::from_utf8(index.0).context("index.html is not UTF-8")?;
+    let (index, encoding) = get(&format!("{base}/"))?;
+    let index = if encoding.as_deref() == Some("gzip") {
+        let mut out = String::new();
+        flate2::read::GzDecoder::new(&index[..])
+            .read_to_string(&mut out)
+            .context("index.html")?;
+        out
+    } else {
+        String::from_utf8(index).context("index.html is not UTF-8")?
+    };
     let mut first = 0usize;
     let mut files = Vec::new();
     for url in referenced(&index) {

@@ -77,11 +77,32 @@ def browser():
         b.close()
 
 
+# The pages a test opened, for a screenshot of each when it fails.
+_OPEN: list = []
+
+
+@pytest.fixture(autouse=True)
+def _screenshots_of_failures(request):
+    failed = request.session.testsfailed
+    _OPEN.clear()
+    yield
+    if request.session.testsfailed > failed:
+        for i, page in enumerate(_OPEN):
+            try:
+                path = os.path.join(SHOTS, f"FAILED-{request.node.name}-{i}.png")
+                page.screenshot(path=path, full_page=True)
+                print(f"screenshot of the failure: {path}")
+            except Exception:  # noqa: BLE001 - the page may be gone with its context
+                pass
+    _OPEN.clear()
+
+
 def _page(browser, server, **kw):
     ctx = browser.new_context(base_url=server.url, accept_downloads=True, **kw)
     ctx.set_default_timeout(60_000)
     page = ctx.new_page()
     page.on("dialog", lambda d: d.accept())
+    _OPEN.append(page)
     return ctx, page
 
 
@@ -173,6 +194,11 @@ def test_console_end_to_end(server, browser, tmp_path):
     _sign_up(page, email, "Console Person")
     page.get_by_text("No capsules yet.").wait_for()
     _shot(page, "capsules-empty", server)
+    # Signed in, the first page is the capsule list, with its data from the API.
+    page.reload()
+    page.get_by_text("No capsules yet.").wait_for()
+    listed_ms = page.evaluate("() => performance.getEntriesByName('wrenn:capsules')[0].startTime")
+    print(f"\ndashboard signed-in first page ({server.backend}): capsule list shown after {listed_ms:.0f} ms")
     assert _unnamed(page) == []
 
     # Create a capsule in the dialog; its page shows it running.
@@ -229,6 +255,7 @@ def test_console_end_to_end(server, browser, tmp_path):
 
     # Files: upload with progress, see it listed, download it, make and delete a folder.
     page.get_by_role("tab", name="Files").click()
+    page.get_by_role("table", name="Files in /home/user").wait_for()
     page.get_by_label("Path").fill("/tmp")
     page.get_by_role("button", name="Open", exact=True).click()
     page.get_by_role("table", name="Files in /tmp").or_(page.get_by_text("This folder is empty.")).wait_for()

@@ -255,6 +255,15 @@ pub async fn run(data: &DataDir) -> Result<u8> {
             r.ok("warm pools", list.join(", "));
         }
     }
+    if wrenn_api::dashboard_built() {
+        r.ok("dashboard", "built in: wrenn serve serves it at /");
+    } else {
+        r.warn(
+            "dashboard",
+            "not built into this binary (the API works; / says how to build it): \
+             ./scripts/dashboard.sh, then rebuild wrenn",
+        );
+    }
     println!();
     if r.problems == 0 {
         println!("all checks passed");

@@ -23,10 +23,10 @@ use tower_http::compression::CompressionLayer;
 struct Assets;
 
 /// What every console page is sent with: no framing by other sites, no sniffing, and
-/// scripts, styles and connections only from this origin (the terminal's WebSocket and
-/// xterm.js's inline styles included).
+/// scripts, styles and connections only from this origin ('self' covers the terminal's
+/// WebSocket; xterm.js needs inline styles).
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
-                   img-src 'self' data: blob:; connect-src 'self' ws: wss:; \
+                   img-src 'self' data: blob:; connect-src 'self'; \
                    frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 /// Whether this binary carries the console (it was built before the binary was).

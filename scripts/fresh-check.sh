@@ -110,7 +110,7 @@ check() {
     say "FAIL $name: ${bad[*]}"
     return 1
   fi
-  say "ok   $name: QEMU $(pkg_in "$root" qemu-system-x86), qemu-utils $(pkg_in "$root" qemu-utils), no package removed, venv imports e2b, wrenn, pytest"
+  say "ok   $name: QEMU $(pkg_in "$root" qemu-system-x86), qemu-utils $(pkg_in "$root" qemu-utils), no package removed, chromium present, venv imports e2b, wrenn, pytest, playwright"
 }
 pkg_in() { chroot "$1" dpkg-query -W -f='${Version}' "$2" 2>/dev/null || echo none; }
 

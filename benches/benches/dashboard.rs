@@ -115,10 +115,7 @@ fn main() -> Result<()> {
             ),
             (
                 "interactive".into(),
-                format!(
-                    "{:.0} ms median, {:.0} ms p99 (goal <= 1000)",
-                    tti, tti_p99
-                ),
+                format!("{:.0} ms median, {:.0} ms p99 (goal <= 1000)", tti, tti_p99),
             ),
             ("load event".into(), format!("{load:.0} ms median")),
         ],

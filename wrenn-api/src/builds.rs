@@ -960,11 +960,13 @@ impl Run {
             timeout: Some(limit),
             ..Default::default()
         };
+        // Taken before the request leaves: the guest's timer starts later, so a command
+        // it killed at `limit` has always run `limit` by this clock.
+        let started = Instant::now();
         let mut stream = guest
             .exec(&req)
             .await
             .map_err(|e| Stop::Failed(format!("could not run it: {e}")))?;
-        let started = Instant::now();
         let (mut out, mut err) = (Lines::default(), Lines::default());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let code = loop {

@@ -117,10 +117,12 @@ fn qemu_tagged(id: &str) -> bool {
 }
 
 fn crash_and_sweep(kill_when_running: bool) {
+    let log = tempfile::NamedTempFile::new().expect("log file");
     let mut child = Command::new(WRENN)
         .args(["run", "--", "sleep", "1000"])
+        .env("WRENN_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().expect("log file"))
         .spawn()
         .expect("spawn wrenn run");
     let pid = child.id();
@@ -136,9 +138,17 @@ fn crash_and_sweep(kill_when_running: bool) {
         if let Some(f) = ready {
             break f;
         }
+        let log = || std::fs::read_to_string(log.path()).unwrap_or_default();
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "wrenn run ended ({status}) before its capsule ran:\n{}",
+                log()
+            );
+        }
         assert!(
             Instant::now() < deadline,
-            "wrenn run never created its capsule"
+            "wrenn run never created its capsule:\n{}",
+            log()
         );
         std::thread::sleep(Duration::from_millis(if kill_when_running {
             100

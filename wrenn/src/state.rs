@@ -190,9 +190,18 @@ impl StateStore for FsStateStore {
                     .any(|w| w.starts_with(dir.as_os_str().as_encoded_bytes()) && w.ends_with(b"/"))
             })
         };
+        // A capsule another live process created after the caller listed the records
+        // is that process's, not an orphan: its record is read again before a kill.
+        let me = std::process::id();
+        let owned_elsewhere = |id: &CapsuleId| {
+            std::fs::read(self.dir(id).join(STATE_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<CapsuleRecord>(&b).ok())
+                .is_some_and(|r| r.owner.pid != me && self.owner_alive(&r.owner))
+        };
         let mut killed = 0;
         for (pid, id) in tagged_vmms() {
-            if keep.contains(&id) || !ours(pid, &id) {
+            if keep.contains(&id) || !ours(pid, &id) || owned_elsewhere(&id) {
                 continue;
             }
             let Ok(p) = i32::try_from(pid) else { continue };
@@ -207,7 +216,7 @@ impl StateStore for FsStateStore {
             for _ in 0..50 {
                 if tagged_vmms()
                     .iter()
-                    .all(|(pid, id)| keep.contains(id) || !ours(*pid, id))
+                    .all(|(pid, id)| keep.contains(id) || !ours(*pid, id) || owned_elsewhere(id))
                 {
                     break;
                 }

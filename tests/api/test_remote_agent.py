@@ -114,7 +114,8 @@ def test_capsules_outlive_an_agent_killed_with_kill_9(deployment):
         r = c.post(f"/v1/capsules/{running}/exec",
                    json={"cmd": "sh", "args": ["-c", "echo alive > /dev/shm/mark; sleep 10000 >/dev/null 2>&1 & echo $! > /dev/shm/pid"]})
         assert r.status_code == 200, r.text
-        vmm_pid = json.load(open(os.path.join(agent.data_dir, "capsules", running, "state.json")))["vmm_pid"]
+        state = json.load(open(os.path.join(agent.data_dir, "capsules", running, "state.json")))
+        vmm_pid, slot = state["vmm_pid"], state["slot"]["index"]
         r = c.post("/v1/capsules", json={"template": "minimal"})
         assert r.status_code == 201, r.text
         paused = r.json()["id"]
@@ -130,6 +131,10 @@ def test_capsules_outlive_an_agent_killed_with_kill_9(deployment):
         # ... and the restarted agent takes it over: the same VM, still running.
         assert "took over running capsule" in agent.log_text(), agent.tail(60)
         wait_for_status(c, running, "running")
+        # Its network slot is the new agent's (machine-wide), so no other process's
+        # sweep takes it for a dead process's leftover.
+        with open(f"/run/wrenn/net/slot-{slot}") as f:
+            assert int(f.read().split()[0]) == agent.proc.pid
         r = c.post(f"/v1/capsules/{running}/exec",
                    json={"cmd": "sh", "args": ["-c", "cat /dev/shm/mark; kill -0 $(cat /dev/shm/pid) && echo sleeping"]})
         assert r.status_code == 200, r.text

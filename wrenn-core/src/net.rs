@@ -87,6 +87,8 @@ pub trait Network: Send + Sync + Debug {
 
     /// Marks a slot found on disk (e.g. from a capsule's state file) as in use so
     /// `allocate` will not hand it out; used when adopting capsules after a restart.
+    /// A slot whose owner process died becomes this process's (other processes
+    /// sharing the machine's slots then leave it alone).
     fn adopt(&self, slot: &NetSlot);
 
     /// Removes every `wrenn-` namespace, link and rule not held by a live slot of

@@ -539,6 +539,12 @@ impl Network for NetnsNetwork {
     fn adopt(&self, slot: &NetSlot) {
         self.used().insert(slot.index.0);
         owner::register(slot.index.0);
+        // A slot whose owner died (its capsule taken over after a restart) is this
+        // process's from now on: the sweeps of other processes, which know only their
+        // own capsules, leave it alone. A live owner's slot stays that owner's.
+        if let Err(e) = owner::claim(slot.index.0) {
+            warn!(slot = %slot.index, error = %e, "Cannot record this process as the slot's owner");
+        }
     }
 
     async fn sweep(&self, keep: &[SlotIndex]) -> Result<usize, NetError> {

@@ -117,13 +117,11 @@ pub fn claim(index: u32) -> std::io::Result<bool> {
         Holder::Dead | Holder::Nobody => {
             let (pid, start) = me();
             // Written whole, then renamed: a reader never sees half a file.
-            let tmp = PathBuf::from(OWNER_DIR).join(format!(".slot-{index}.{pid}"));
-            let written = std::fs::write(&tmp, format!("{pid} {start}\n"))
-                .and_then(|()| std::fs::rename(&tmp, owner_file(index)));
-            if written.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            written.map(|()| true)
+            wrenn_core::fsutil::write_atomic(
+                &owner_file(index),
+                format!("{pid} {start}\n").as_bytes(),
+            )?;
+            Ok(true)
         }
     }
 }

@@ -125,6 +125,7 @@ fn crash_and_sweep(kill_when_running: bool) {
         .stderr(log.reopen().expect("log file"))
         .spawn()
         .expect("spawn wrenn run");
+    let read_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
     let pid = child.id();
     // Generous: the other tests of this file boot their guests at the same time, all
     // under TCG on few cores here.
@@ -138,17 +139,16 @@ fn crash_and_sweep(kill_when_running: bool) {
         if let Some(f) = ready {
             break f;
         }
-        let log = || std::fs::read_to_string(log.path()).unwrap_or_default();
         if let Ok(Some(status)) = child.try_wait() {
             panic!(
                 "wrenn run ended ({status}) before its capsule ran:\n{}",
-                log()
+                read_log()
             );
         }
         assert!(
             Instant::now() < deadline,
             "wrenn run never created its capsule:\n{}",
-            log()
+            read_log()
         );
         std::thread::sleep(Duration::from_millis(if kill_when_running {
             100

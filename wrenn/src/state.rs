@@ -70,6 +70,13 @@ pub fn tagged_vmms() -> Vec<(u32, CapsuleId)> {
 /// progress (its record follows within milliseconds), not a leftover.
 const RECORD_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The record in capsule directory `dir`, if it has a readable one.
+fn read_record(dir: &Path) -> Option<CapsuleRecord> {
+    std::fs::read(dir.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
 fn recently_created(dir: &Path) -> bool {
     std::fs::metadata(dir)
         .and_then(|m| m.modified())
@@ -156,9 +163,7 @@ impl StateStore for FsStateStore {
             else {
                 continue;
             };
-            let rec = std::fs::read(e.path().join(STATE_FILE))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<CapsuleRecord>(&b).ok());
+            let rec = read_record(&e.path());
             if rec.is_none() && recently_created(&e.path()) {
                 // Another process is creating it and has not written its record yet.
                 continue;
@@ -194,12 +199,10 @@ impl StateStore for FsStateStore {
         // is that process's, not an orphan: its record is read again before a kill.
         let me = std::process::id();
         let owned_elsewhere = |id: &CapsuleId| {
-            std::fs::read(self.dir(id).join(STATE_FILE))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<CapsuleRecord>(&b).ok())
+            read_record(&self.dir(id))
                 .is_some_and(|r| r.owner.pid != me && self.owner_alive(&r.owner))
         };
-        let mut killed = 0;
+        let mut killed = Vec::new();
         for (pid, id) in tagged_vmms() {
             if keep.contains(&id) || !ours(pid, &id) || owned_elsewhere(&id) {
                 continue;
@@ -208,21 +211,18 @@ impl StateStore for FsStateStore {
             tracing::info!(pid, capsule = %id, "killing orphaned VMM");
             let _ = kill(Pid::from_raw(-p), Signal::SIGKILL);
             if kill(Pid::from_raw(p), Signal::SIGKILL).is_ok() {
-                killed += 1;
+                killed.push(pid);
             }
         }
-        if killed > 0 {
+        if !killed.is_empty() {
             // Let the kernel tear the processes down before their taps and files go.
             for _ in 0..50 {
-                if tagged_vmms()
-                    .iter()
-                    .all(|(pid, id)| keep.contains(id) || !ours(*pid, id) || owned_elsewhere(id))
-                {
+                if tagged_vmms().iter().all(|(pid, _)| !killed.contains(pid)) {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         }
-        killed
+        killed.len()
     }
 }

@@ -41,6 +41,8 @@ const PAGE: usize = 4096;
 pub const LOCK_DIR: &str = "/run/wrenn/jail-uids";
 /// How long a sealed memory image no VMM uses is kept.
 const IMAGE_IDLE: Duration = Duration::from_secs(600);
+/// How long sealing a memory image's copy waits out page references.
+const SEAL_PATIENCE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
@@ -408,14 +410,53 @@ impl SealedImage {
             }
             pos = hole;
         }
-        let seals =
-            libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
-        // SAFETY: F_ADD_SEALS takes an integer argument on an fd we own.
-        if unsafe { libc::fcntl(dst.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        seal(&dst, SEAL_PATIENCE)?;
         let id = FileId::of(&dst.metadata()?);
         Ok(SealedImage { fd: dst.into(), id })
+    }
+}
+
+/// Seals a memfd against writes, resizes and further seals.
+///
+/// The kernel grants the write seal only when no page of the file carries a
+/// reference besides its mappings: one being migrated or compacted, or one
+/// spliced into a pipe. It waits about 150 ms for such references to go, then
+/// fails with `EBUSY`. They are transient, and nothing else holds this new
+/// memfd, so sealing is tried again, backing off, until `patience` has passed.
+fn seal(file: &std::fs::File, patience: Duration) -> io::Result<()> {
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(10);
+    let mut attempt: u32 = 0;
+    loop {
+        attempt += 1;
+        // SAFETY: F_ADD_SEALS takes an integer argument on an fd we own.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } == 0 {
+            if attempt > 1 {
+                tracing::info!(attempt, "memory image sealed once its pages were released");
+            }
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(e);
+        }
+        if start.elapsed() >= patience {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "the memory image's copy could not be sealed: its pages stayed \
+                     referenced for {:.1} s ({attempt} attempts)",
+                    start.elapsed().as_secs_f64()
+                ),
+            ));
+        }
+        tracing::debug!(
+            attempt,
+            "memory image pages still referenced; sealing again"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
 }
 
@@ -808,6 +849,66 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A memfd of one written page, and a pipe holding a reference to that
+    /// page (spliced, not copied), as a page under migration would.
+    fn memfd_with_a_referenced_page() -> (std::fs::File, OwnedFd, OwnedFd) {
+        use std::os::unix::fs::FileExt;
+        // SAFETY: a static NUL-terminated name; the returned fd is owned below.
+        let raw = unsafe {
+            libc::memfd_create(
+                c"seal-test".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        assert!(raw >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: `raw` is a new fd that nothing else owns.
+        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        file.write_all_at(&[7u8; PAGE], 0).expect("write");
+        let (rx, tx) = nix::unistd::pipe().expect("pipe");
+        let mut off: libc::loff_t = 0;
+        // SAFETY: valid fds we own, a valid offset pointer, a null output offset
+        // (pipes have none).
+        let n = unsafe {
+            libc::splice(
+                file.as_raw_fd(),
+                &mut off,
+                tx.as_raw_fd(),
+                std::ptr::null_mut(),
+                PAGE,
+                0,
+            )
+        };
+        assert_eq!(n, PAGE as isize, "splice: {}", io::Error::last_os_error());
+        (file, rx, tx)
+    }
+
+    #[test]
+    fn sealing_waits_until_a_page_reference_is_released() {
+        let (file, rx, _tx) = memfd_with_a_referenced_page();
+        // The kernel alone gives up after ~150 ms; the pipe lets go after 600.
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(600));
+            let mut buf = [0u8; PAGE];
+            nix::unistd::read(rx.as_raw_fd(), &mut buf).expect("drain")
+        });
+        seal(&file, Duration::from_secs(20)).expect("sealed once released");
+        assert_eq!(reader.join().expect("reader"), PAGE);
+        // SAFETY: F_GET_SEALS on an fd we own.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        assert_eq!(seals & libc::F_SEAL_WRITE, libc::F_SEAL_WRITE);
+        use std::os::unix::fs::FileExt;
+        let e = file.write_at(b"x", 0).expect_err("sealed against writes");
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    }
+
+    #[test]
+    fn sealing_gives_up_on_a_reference_that_stays() {
+        let (file, _rx, _tx) = memfd_with_a_referenced_page();
+        let e = seal(&file, Duration::from_millis(300)).expect_err("still referenced");
+        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy, "{e}");
+        assert!(e.to_string().contains("could not be sealed"), "{e}");
+    }
 
     #[test]
     fn ranges_parse() {

@@ -886,12 +886,18 @@ mod tests {
     #[test]
     fn sealing_waits_until_a_page_reference_is_released() {
         let (file, rx, _tx) = memfd_with_a_referenced_page();
-        // The kernel alone gives up after ~150 ms; the pipe lets go after 600.
+        // One attempt is refused: the kernel gives up after ~150 ms.
+        let e = seal(&file, Duration::ZERO).expect_err("refused while referenced");
+        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy, "{e}");
+        // The pipe lets go 500 ms after the patient attempt starts.
+        let (go, started) = std::sync::mpsc::channel::<()>();
         let reader = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(600));
+            started.recv().expect("started");
+            std::thread::sleep(Duration::from_millis(500));
             let mut buf = [0u8; PAGE];
             nix::unistd::read(rx.as_raw_fd(), &mut buf).expect("drain")
         });
+        go.send(()).expect("go");
         seal(&file, Duration::from_secs(20)).expect("sealed once released");
         assert_eq!(reader.join().expect("reader"), PAGE);
         // SAFETY: F_GET_SEALS on an fd we own.

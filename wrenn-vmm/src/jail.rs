@@ -365,19 +365,7 @@ impl SealedImage {
         use std::os::unix::fs::FileExt;
         let src = std::fs::File::open(path)?;
         let len = src.metadata()?.len();
-        // SAFETY: a static NUL-terminated name; the returned fd is owned below.
-        let raw = unsafe {
-            libc::memfd_create(
-                c"wrenn-memory".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let dst = std::fs::File::from(fd);
+        let dst = sealable_memfd(c"wrenn-memory")?;
         dst.set_len(len)?;
         let mut buf = vec![0u8; 1 << 20];
         let mut pos: u64 = 0;
@@ -414,6 +402,19 @@ impl SealedImage {
         let id = FileId::of(&dst.metadata()?);
         Ok(SealedImage { fd: dst.into(), id })
     }
+}
+
+/// A new, empty memfd that can be sealed.
+fn sealable_memfd(name: &std::ffi::CStr) -> io::Result<std::fs::File> {
+    // SAFETY: a NUL-terminated name that outlives the call; the returned fd is
+    // owned below.
+    let raw =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new fd that nothing else owns.
+    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) }))
 }
 
 /// Seals a memfd against writes, resizes and further seals.
@@ -854,16 +855,7 @@ mod tests {
     /// page (spliced, not copied), as a page under migration would.
     fn memfd_with_a_referenced_page() -> (std::fs::File, OwnedFd, OwnedFd) {
         use std::os::unix::fs::FileExt;
-        // SAFETY: a static NUL-terminated name; the returned fd is owned below.
-        let raw = unsafe {
-            libc::memfd_create(
-                c"seal-test".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        assert!(raw >= 0, "memfd_create: {}", io::Error::last_os_error());
-        // SAFETY: `raw` is a new fd that nothing else owns.
-        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        let file = sealable_memfd(c"seal-test").expect("memfd_create");
         file.write_all_at(&[7u8; PAGE], 0).expect("write");
         let (rx, tx) = nix::unistd::pipe().expect("pipe");
         let mut off: libc::loff_t = 0;
